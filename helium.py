@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import jax
@@ -191,6 +192,108 @@ def dot_product_attention(q, k, v, mask):
     return jnp.einsum("bhts,bhsd->bhtd", probs, v)
 
 
+# Flash attention: the same math as dot_product_attention for a whole causal sequence, as a Pallas
+# TPU kernel that never materialises the [T, S] score matrix. Each grid step takes one block of
+# queries and one block of keys, and keeps a running max `m`, normaliser `l` and unnormalised
+# output `acc` (online softmax, FlashAttention-2). Blocks entirely in the future, or entirely
+# outside the sliding window, are skipped. The kernel runs in interpret mode off TPU (tests, CPU).
+# The backward pass recomputes attention with the reference above (simple and exact, O(T*S) memory
+# per layer under remat); a fused backward kernel is future work.
+
+FLASH_BLOCK_Q = 128      # queries per grid step (multiple of 8 on TPU)
+FLASH_BLOCK_K = 128      # keys per grid step (multiple of 128 on TPU: the lane width)
+_STAT_LANES = 128        # running max / sum are stored lane-replicated, as TPU layouts want
+
+
+def _flash_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, context, scale):
+    from jax.experimental import pallas as pl
+    block_q, block_k = q_ref.shape[1], k_ref.shape[1]
+    qi, ki = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(ki == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    q_first, k_first = qi * block_q, ki * block_k
+    # Deltas q - k inside this block span [q_first - k_last, q_last - k_first].
+    visible = q_first + block_q - 1 - k_first >= 0
+    if context is not None:
+        visible = visible & (q_first - (k_first + block_k - 1) < context)
+
+    @pl.when(visible)
+    def _body():
+        q, k, v = q_ref[0], k_ref[0], v_ref[0]                      # [bq, Dh], [bk, Dh], [bk, Dh]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        delta = (q_first + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+                 - k_first - jax.lax.broadcasted_iota(jnp.int32, s.shape, 1))
+        mask = delta >= 0
+        if context is not None:
+            mask = mask & (delta < context)
+        m_prev, l_prev = m_ref[:, :1], l_ref[:, :1]                   # [bq, 1]
+        m_next = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1, keepdims=True))
+        safe_m = jnp.where(m_next == -jnp.inf, 0.0, m_next)          # rows with nothing visible yet
+        p = jnp.where(mask, jnp.exp(s - safe_m), 0.0)                # [bq, bk]
+        alpha = jnp.exp(jnp.where(m_prev == -jnp.inf, -jnp.inf, m_prev - safe_m))
+        l_ref[...] = jnp.broadcast_to(alpha * l_prev + p.sum(axis=1, keepdims=True), l_ref.shape)
+        m_ref[...] = jnp.broadcast_to(m_next, m_ref.shape)
+        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+    @pl.when(ki == pl.num_programs(2) - 1)
+    def _finish():
+        o_ref[0] = (acc_ref[...] / l_ref[:, :1]).astype(o_ref.dtype)
+
+
+def _flash_forward(q, k, v, context, block_q, block_k, interpret):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+    B, H, T, Dh = q.shape
+    pad = (-T) % math.lcm(block_q, block_k)           # padded keys sit in every real query's future
+    qkv = [jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B * H, T + pad, Dh) for a in (q, k, v)]
+    Tp = T + pad
+    kernel = partial(_flash_kernel, context=context, scale=1.0 / math.sqrt(Dh))
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((B * H, Tp, Dh), q.dtype),
+        grid=(B * H, Tp // block_q, Tp // block_k),                # key blocks last: the reduction axis
+        in_specs=[pl.BlockSpec((1, block_q, Dh), lambda b, i, j: (b, i, 0)),
+                  pl.BlockSpec((1, block_k, Dh), lambda b, i, j: (b, j, 0)),
+                  pl.BlockSpec((1, block_k, Dh), lambda b, i, j: (b, j, 0))],
+        out_specs=pl.BlockSpec((1, block_q, Dh), lambda b, i, j: (b, i, 0)),
+        scratch_shapes=[pltpu.VMEM((block_q, _STAT_LANES), jnp.float32),
+                        pltpu.VMEM((block_q, _STAT_LANES), jnp.float32),
+                        pltpu.VMEM((block_q, Dh), jnp.float32)],
+        interpret=interpret,
+    )(*qkv)
+    return out.reshape(B, H, Tp, Dh)[:, :, :T]
+
+
+def _reference_causal(q, k, v, context):
+    pos = jnp.arange(q.shape[2])
+    return dot_product_attention(q, k, v, attention_mask(pos, pos, True, context))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def flash_attention(q, k, v, context=None, block_q=FLASH_BLOCK_Q, block_k=FLASH_BLOCK_K, interpret=None):
+    """Causal (optionally sliding-window) attention over a whole sequence; q, k, v [B, H, T, Dh]."""
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    return _flash_forward(q, k, v, context, block_q, block_k, interpret)
+
+
+def _flash_fwd(q, k, v, context, block_q, block_k, interpret):
+    return flash_attention(q, k, v, context, block_q, block_k, interpret), (q, k, v)
+
+
+def _flash_bwd(context, block_q, block_k, interpret, residuals, d_out):
+    _, vjp = jax.vjp(lambda q, k, v: _reference_causal(q, k, v, context), *residuals)
+    return vjp(d_out)
+
+
+flash_attention.defvjp(_flash_fwd, _flash_bwd)
+
+
 def ring_positions(offset, T: int, capacity: int):
     """Absolute position held by each cache slot after writing T steps at `offset`; -1 if empty."""
     last = offset + T - 1
@@ -208,8 +311,12 @@ def ring_write(cache, k, v, offset):
     return {"k": new_k, "v": new_v}, ring_positions(offset, T, C)
 
 
-def self_attention(p, cfg: TransformerConfig, x, offset, cache=None):
-    """x [B, T, D] at absolute positions offset..offset+T-1 -> ([B, T, D], new cache or None)."""
+def self_attention(p, cfg: TransformerConfig, x, offset, cache=None, attention: str = "xla"):
+    """x [B, T, D] at absolute positions offset..offset+T-1 -> ([B, T, D], new cache or None).
+
+    attention="flash" runs whole-sequence causal attention through the Pallas kernel (training on
+    TPU); streaming steps always use the plain path, whose cost is one query row per step anyway.
+    """
     B, T, D = x.shape
     H, Dh = cfg.num_heads, cfg.head_dim
     qkv = linear(x, p["in_proj"]).reshape(B, T, 3, H, Dh)          # [B, T, (3 H Dh)] unpacked
@@ -224,8 +331,10 @@ def self_attention(p, cfg: TransformerConfig, x, offset, cache=None):
     else:
         cache, pos_k = ring_write(cache, k, v, offset)
         k, v = cache["k"], cache["v"]
-    mask = attention_mask(pos_q, pos_k, cfg.causal, cfg.context)
-    out = dot_product_attention(q, k, v, mask)                     # [B, H, T, Dh]
+    if attention == "flash" and cache is None and cfg.causal:
+        out = flash_attention(q, k, v, cfg.context)                # offset only moved RoPE: masks are relative
+    else:
+        out = dot_product_attention(q, k, v, attention_mask(pos_q, pos_k, cfg.causal, cfg.context))
     out = jnp.moveaxis(out, 1, 2).reshape(B, T, D)
     return linear(out, p["out_proj"]), cache
 
@@ -249,8 +358,8 @@ def mlp(p, cfg: TransformerConfig, x):
 # ----------------------------------------------------------------------------------------------
 # One layer: pre-norm attention then pre-norm MLP, each added back through an optional LayerScale.
 
-def layer(p, cfg: TransformerConfig, x, offset, cache=None):
-    update, cache = self_attention(p["attn"], cfg, norm(p["norm1"], cfg.norm, x), offset, cache)
+def layer(p, cfg: TransformerConfig, x, offset, cache=None, attention: str = "xla"):
+    update, cache = self_attention(p["attn"], cfg, norm(p["norm1"], cfg.norm, x), offset, cache, attention)
     if "layer_scale_1" in p:
         update = p["layer_scale_1"] * update
     x = x.astype(update.dtype) + update
@@ -287,7 +396,7 @@ def select_step_weights(layers, cfg: TransformerConfig, steps):
 # use: train.py uses it to all-gather FSDP shards and merge LoRA adapters one layer at a time.
 
 def transformer(params, cfg: TransformerConfig, x, offset=0, cache=None,
-                layer_hook: Callable | None = None, remat: bool = False):
+                layer_hook: Callable | None = None, remat: bool = False, attention: str = "xla"):
     """x [B, T, D] -> (y [B, T, D], new cache). `cache` is None (whole sequence) or from init_cache."""
     offset = jnp.asarray(offset, jnp.int32)
     if cfg.positional_embedding in ("sin", "sin_rope"):
@@ -297,7 +406,7 @@ def transformer(params, cfg: TransformerConfig, x, offset=0, cache=None,
         p, c = layer_inputs
         if layer_hook is not None:
             p = layer_hook(p)
-        h, c = layer(p, cfg, h, offset, c)
+        h, c = layer(p, cfg, h, offset, c, attention)
         return h, c
 
     if remat:
