@@ -135,3 +135,38 @@ def test_bad_checkpoints_are_named(tmp_path):
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(convert.CheckpointError, match="junk.safetensors"):
         convert.load_safetensors(junk)
+
+
+# ================================================================================================
+# train.py
+#
+# Fixtures: testdata/make_train_fixtures.py (moshi-finetune's own interleaver; the official moshi
+# package for the exported checkpoint). Budget: tiny models, short windows, < 5 min on 2 cores.
+
+import json  # noqa: E402
+
+import train  # noqa: E402
+
+
+def _train_spm():
+    import sentencepiece
+    return sentencepiece.SentencePieceProcessor(model_file=os.path.join(TESTDATA, "train_spm.model"))
+
+
+def test_train_interleaver_matches_moshi_finetune():
+    """Text rows and audio validity for every window, as moshi-finetune's InterleavedTokenizer made them."""
+    sp = _train_spm()
+    with open(os.path.join(TESTDATA, "train_interleaver.json")) as f:
+        fixture = json.load(f)
+    for word, pieces in fixture["pieces"].items():
+        assert train.tokenize_word(sp, word) == pieces
+    for case in fixture["cases"]:
+        frames = round(case["window_sec"] * train.FRAME_RATE)
+        alignments = sorted([(w, s, e, spk) for w, (s, e), spk in case["alignments"]], key=lambda a: a[1])
+        wav = np.zeros((2, round(case["file_sec"] * train.SAMPLE_RATE)), np.float32)
+        _, real_frames = train.cut_windows(wav, frames)
+        assert len(real_frames) == len(case["text"]), case["name"]
+        for w, real in enumerate(real_frames):
+            assert (np.arange(frames) < real).astype(int).tolist() == case["audio_valid"][w], case["name"]
+            got = train.window_text(sp, alignments, w, frames, int(real))
+            assert got.tolist() == case["text"][w], (case["name"], w)
