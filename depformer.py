@@ -1,0 +1,217 @@
+"""depformer.py: the depth transformer, which turns one temporal step into a frame of tokens.
+
+Moshi models 17 token streams per 80 ms frame (text + 8 codebooks of Moshi's voice + 8 of the
+user's). The big temporal transformer ("Helium", moshi.py) runs once per frame and summarises the
+past in one vector h. The depformer then writes the frame one codebook at a time, each conditioned
+on h and on the codebook just before it:
+
+    step 0:  in_0 = W_0 h + E_text[text token]     -> logits of audio codebook 0
+    step c:  in_c = W_c h + E_{c-1}[codebook c-1]  -> logits of audio codebook c
+
+A small causal transformer runs along this codebook axis (no positional embedding, no context
+limit: a frame has only dep_q = 8 steps), with its own attention and MLP weights at every step
+(`weights_per_step`, optionally shared through a schedule, see helium.select_step_weights). Each
+step ends in its own output head. The text token of step 0 is the one the temporal transformer has
+just chosen for this frame, so text leads and audio follows.
+
+Two ways to run it, as everywhere in this repo:
+  forward()   teacher-forced, all codebooks of all frames at once (training): [B*T frames, dep_q steps]
+  generate()  codebook by codebook with a KV cache of dep_q slots, sampling as it goes (generation)
+
+It imports helium only. `python depformer.py` checks the two against each other on random weights.
+Reference: kyutai-labs/moshi `moshi/models/lm.py` (forward_depformer*, LMGen.depformer_step),
+`lm_utils.py` (ScaledEmbedding), `utils/sampling.py` (moshi 0.2.13).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import helium
+
+ZERO_TOKEN = -1          # embeds to an exact zero vector ("no input here")
+
+
+@dataclass(frozen=True)
+class DepformerConfig:
+    num_steps: int                       # dep_q: codebooks written per frame
+    in_dim: int                          # width of the temporal transformer's output h
+    card: int                            # audio vocabulary; embeddings have card + 1 rows (+ initial token)
+    text_card: int                       # text vocabulary; text embedding has text_card + 1 rows
+    transformer: helium.TransformerConfig
+    multi_linear: bool = True            # one input projection W_c per step (else one shared W)
+    low_rank: int | None = None          # embeddings of width r, then a learned r -> d_model map
+    norm: str | None = None              # optional norm before each output head
+
+    @property
+    def dim(self) -> int:
+        return self.transformer.d_model
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        """Which weight set each step uses (identity unless the transformer has a schedule)."""
+        return self.transformer.weights_per_step_schedule or tuple(range(self.num_steps))
+
+    @property
+    def num_input_projs(self) -> int:
+        return (max(self.schedule) + 1) if self.multi_linear else 1
+
+    def input_proj_index(self, step: int) -> int:
+        return self.schedule[step] if self.multi_linear else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings, Kyutai style: token -1 gives an exact zero vector, any other negative token is clamped
+# to row 0 (so -2, "not generated yet", is *not* zero). A low-rank table is zero-masked first, then
+# mapped up to the model width. moshi.py embeds its 17 input streams with the same function.
+
+def embed(table, tokens, low_rank=None):
+    """table [V, E], tokens [...] int -> [..., E] (or [..., D] through low_rank [D, E])."""
+    rows = jnp.take(table, jnp.maximum(tokens, 0), axis=0)
+    rows = jnp.where((tokens == ZERO_TOKEN)[..., None], jnp.zeros((), rows.dtype), rows)
+    return rows if low_rank is None else helium.linear(rows, low_rank)
+
+
+def step_token_embedding(params, cfg: DepformerConfig, tokens, step: int):
+    """What step `step` conditions on: the text token at step 0, else audio codebook step-1."""
+    if step == 0:
+        return embed(params["text_emb"], tokens, params.get("text_emb_low_rank"))
+    low_rank = params["emb_low_rank"][step - 1] if "emb_low_rank" in params else None
+    return embed(params["emb"][step - 1], tokens, low_rank)
+
+
+def output_head(params, cfg: DepformerConfig, y, step: int):
+    """y [..., Dd] at one step -> logits [..., card]."""
+    if cfg.norm is not None:
+        y = helium.norm(jax.tree.map(lambda a: a[step], params["norms"]), cfg.norm, y)
+    return helium.linear(y, params["linears"][step])
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher-forced pass (training): every frame's dep_q steps in one batch of B*T short sequences.
+
+def forward(params, cfg: DepformerConfig, h, tokens, layer_hook: Callable | None = None, remat: bool = False):
+    """h [B, T, D] temporal outputs; tokens [B, T, K] the token each step conditions on
+    (text, then audio codebooks 0..K-2 of the same frame) -> logits [B, T, K, card]."""
+    B, T, _ = h.shape
+    K = cfg.num_steps
+    steps = tuple(range(K))
+    w_in = params["input_proj"][np.asarray([cfg.input_proj_index(c) for c in steps])]    # [K, Dd, D]
+    x = jnp.einsum("btd,ked->btke", h, w_in)                                              # [B, T, K, Dd]
+    x = x + jnp.stack([step_token_embedding(params, cfg, tokens[:, :, c], c) for c in steps], axis=2)
+    layers = helium.select_step_weights(params["transformer"], cfg.transformer, steps)
+    y, _ = helium.transformer(layers, cfg.transformer, x.reshape(B * T, K, -1),
+                              layer_hook=layer_hook, remat=remat)                         # [B*T, K, Dd]
+    y = y.reshape(B, T, K, -1)
+    return jnp.stack([output_head(params, cfg, y[:, :, c], c) for c in steps], axis=2)   # [B, T, K, card]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, as Kyutai's `sample_token`: softmax(logits / temp), keep the top k, draw one. Drawing
+# from the renormalised top k is a categorical over the top-k logits, which is what we do. Greedy
+# (or temp <= 0) takes the argmax; ties go to the lowest index, as torch.argmax does.
+
+def sample_token(logits, key, temp: float, top_k: int, greedy: bool = False):
+    """logits [..., V] -> tokens [...] int32."""
+    logits = logits.astype(jnp.float32)
+    if greedy or temp <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temp
+    if 0 < top_k < logits.shape[-1]:
+        top_logits, top_index = jax.lax.top_k(logits, top_k)                   # [..., k]
+        choice = jax.random.categorical(key, top_logits, axis=-1)
+        return jnp.take_along_axis(top_index, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: one frame, codebook by codebook. The KV cache lives for one frame only (dep_q
+# slots, step c at position c), so the depformer's memory never grows.
+
+def step(params, cfg: DepformerConfig, cache, h, token, c: int):
+    """Step c of a frame: h [B, D], token [B] (text for c = 0, else codebook c-1) -> (cache, logits [B, card])."""
+    x = helium.linear(h, params["input_proj"][cfg.input_proj_index(c)])          # [B, Dd]
+    x = x + step_token_embedding(params, cfg, token, c)
+    layers = helium.select_step_weights(params["transformer"], cfg.transformer, (c,))
+    cache, y = helium.step(layers, cfg.transformer, cache, x[:, None])            # [B, 1, Dd]
+    return cache, output_head(params, cfg, y[:, 0], c)
+
+
+def generate(params, cfg: DepformerConfig, h, text_token, key, sample: Callable,
+             forced=None, forced_mask=None):
+    """Write one frame of audio codebooks.
+
+    h [B, D] (the temporal output of this frame), text_token [B] (its text token), key (PRNG key),
+    sample(logits [B, card], key) -> [B]. Where forced_mask [B, K] is True, the next step is
+    conditioned on forced [B, K] instead of the sampled token (teacher forcing, as PersonaPlex does
+    for tokens it was given); the *sampled* tokens are returned all the same.
+    Returns (tokens [B, K] int32, logits [B, K, card]).
+    """
+    B, K = h.shape[0], cfg.num_steps
+    cache = helium.init_cache(cfg.transformer, B, h.dtype, capacity=K)
+    prev, tokens, logits = text_token, [], []
+    for c, k in enumerate(jax.random.split(key, K)):
+        cache, step_logits = step(params, cfg, cache, h, prev, c)
+        token = sample(step_logits, k)
+        tokens.append(token)
+        logits.append(step_logits)
+        prev = token if forced is None else jnp.where(forced_mask[:, c], forced[:, c], token)
+    return jnp.stack(tokens, axis=1), jnp.stack(logits, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Init: truncated normal with std 1/sqrt(fan_in), as Kyutai's `_init_weights` (embeddings: 1/sqrt(width)).
+
+def init(key, cfg: DepformerConfig, dtype=jnp.float32):
+    K, Dd, D = cfg.num_steps, cfg.dim, cfg.in_dim
+    width = cfg.low_rank or Dd
+    k = jax.random.split(key, 7)
+    dense = helium.dense_init
+    params = {"input_proj": dense(k[0], (cfg.num_input_projs, Dd, D), dtype),
+              "text_emb": dense(k[1], (cfg.text_card + 1, width), dtype),
+              "emb": dense(k[2], (K - 1, cfg.card + 1, width), dtype),
+              "transformer": helium.init(k[3], cfg.transformer, dtype),
+              "linears": dense(k[4], (K, cfg.card, Dd), dtype)}
+    if cfg.low_rank:
+        params["text_emb_low_rank"] = dense(k[5], (Dd, width), dtype)
+        params["emb_low_rank"] = dense(k[6], (K - 1, Dd, width), dtype)
+    if cfg.norm is not None:
+        params["norms"] = jax.tree.map(lambda a: jnp.stack([a] * K), helium.init_norm(cfg.norm, Dd, dtype))
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo: the teacher-forced pass and the step-by-step pass agree when generation is forced to
+# follow the same tokens.
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Runs a random-weight self-check.")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    tcfg = helium.TransformerConfig(32, 4, 2, int(4.125 * 32), positional_embedding="none",
+                                    weights_per_step=8)
+    cfg = DepformerConfig(num_steps=8, in_dim=64, card=128, text_card=100, transformer=tcfg)
+    key = jax.random.key(args.seed)
+    params = init(key, cfg)
+    B = 3
+    h = jax.random.normal(jax.random.key(1), (B, 1, 64))
+    tokens = jax.random.randint(jax.random.key(2), (B, 1, 8), 0, 100)
+    full = forward(params, cfg, h, tokens)[:, 0]                                  # [B, K, card]
+    forced = jnp.concatenate([tokens[:, 0, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
+    greedy = lambda logits, k: sample_token(logits, k, 0.8, 250, greedy=True)
+    _, stepped = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key, greedy, forced, jnp.ones((B, 8), bool))
+    err = float(jnp.max(jnp.abs(stepped - full)) / jnp.max(jnp.abs(full)))
+    print(f"{cfg.num_steps} codebooks, batch {B}: teacher-forced pass vs codebook-by-codebook "
+          f"generation, max rel. error {err:.2e}")
+    sampled, _ = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key,
+                          lambda logits, k: sample_token(logits, k, 0.8, 250))
+    print(f"a sampled frame (random weights): {np.asarray(sampled[0]).tolist()}")
+
+
+if __name__ == "__main__":
+    main()

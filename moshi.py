@@ -1,0 +1,453 @@
+"""moshi.py: the Moshi language model, for training (forward) and for talking (gen_step).
+
+Moshi reads and writes 1 + n_q token streams at 12.5 frames per second:
+
+    stream 0          text (Moshi's inner monologue, a SentencePiece token or PAD per frame)
+    streams 1..8      Moshi's voice, 8 Mimi codebooks           } together n_q = 16 audio streams;
+    streams 9..16     the user's voice, 8 Mimi codebooks        } the first dep_q = 8 are generated
+
+Each frame, the 17 tokens are embedded and *summed* into one vector, the temporal transformer
+(Helium, 32 layers, helium.py) runs one step, its normalised output h gives the text logits, and
+the depformer (depformer.py) writes the dep_q audio codebooks one by one from h.
+
+Streams are *delayed*: stream k at time t holds the token of frame t - delays[k]. Moshi's acoustic
+codebooks lag one frame behind text and the semantic codebook, so the model decides what to say
+before how it sounds. Position 0 of every stream is an "initial" token (text_card for text, card for
+audio), and so is every position a delay leaves empty. In this file:
+
+    LMConfig, presets ........ the model's hyper-parameters (Kyutai's lm kwargs)
+    init ..................... random params
+    embed_frames, temporal ... tokens -> h and text logits (shared by training and generation)
+    delay / undelay .......... the stream shifts
+    forward .................. training: codes [B, 17, T] -> aligned logits + masks (= LMModel.forward)
+    init_gen_state, gen_step . streaming generation, one frame per call (= LMGen.step, + forcing)
+
+`python moshi.py` runs a tiny random model: forward, then generation forced to follow the same
+tokens, and checks that the two give the same logits.
+Reference: kyutai-labs/moshi `moshi/models/lm.py`, `lm_utils.py`, `loaders.py` (moshi 0.2.13) and
+NVIDIA/personaplex `moshi/models/lm.py` (its LMGen, for forced tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import depformer
+import helium
+
+ZERO_TOKEN = depformer.ZERO_TOKEN    # -1: embeds to zeros; as a target, masked out of the loss
+UNGENERATED = -2                     # "nothing here": a slot not yet written, or a token not forced
+TEXT_PAD = 3                         # Kyutai's text padding token (existing_text_padding_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config. Field names and defaults are those of Kyutai's `LMModel(**lm_kwargs)` and the
+# StreamingTransformer it builds (so a config.json maps onto it key for key, see
+# convert.lm_config); the moshiko preset below spells out Kyutai's `_lm_kwargs`. The depformer
+# inherits the main transformer's settings unless a `depformer_*` field says otherwise; that
+# inheritance is resolved when a config.json is read, so the fields here are explicit.
+
+@dataclass(frozen=True)
+class LMConfig:
+    delays: tuple[int, ...] = (0,) * 9
+    n_q: int = 8                          # audio streams in
+    dep_q: int = 8                        # audio streams out (the first dep_q of the n_q)
+    card: int = 1024                      # audio vocabulary
+    text_card: int = 32000                # text vocabulary (the initial text token is text_card)
+    text_card_out: int | None = None      # text logits width if not text_card
+    dim: int = 128
+    num_heads: int = 8
+    num_layers: int = 2
+    hidden_scale: float = 4
+    norm: str = "layer_norm"
+    causal: bool = True
+    context: int | None = None
+    positional_embedding: str = "sin"
+    max_period: float = 10_000
+    gating: str = "none"
+    layer_scale: float | None = None
+    depformer_dim: int = 256
+    depformer_dim_feedforward: int | None = None   # None: hidden_scale * depformer_dim
+    depformer_num_heads: int = 8
+    depformer_num_layers: int = 2
+    depformer_multi_linear: bool = False
+    depformer_weights_per_step: bool = False
+    depformer_weights_per_step_schedule: tuple[int, ...] | None = None
+    depformer_low_rank_embeddings: int | None = None
+    depformer_pos_emb: str = "sin"
+    depformer_norm: str | None = None
+    depformer_max_period: float = 10_000
+    depformer_gating: str = "none"
+    depformer_layer_scale: float | None = None
+    existing_text_padding_id: int = 3
+    existing_text_end_padding_id: int = 0
+    extra_heads_num_heads: int = 0        # STT's voice-activity heads: loaded and saved, not used here
+    extra_heads_dim: int = 6
+
+    def __post_init__(self):
+        if len(self.delays) != self.n_q + 1:
+            raise ValueError(f"LMConfig: {len(self.delays)} delays for {self.n_q + 1} streams (text + n_q={self.n_q})")
+        if not 0 <= self.dep_q <= self.n_q:
+            raise ValueError(f"LMConfig: dep_q={self.dep_q} must be within 0..n_q={self.n_q}")
+        if min(self.delays) < 0:
+            raise ValueError(f"LMConfig: negative delay in {self.delays}")
+        sched = self.depformer_weights_per_step_schedule
+        if sched is not None and len(sched) != self.dep_q:
+            raise ValueError(f"LMConfig: depformer_weights_per_step_schedule has {len(sched)} entries, dep_q={self.dep_q}")
+
+    @property
+    def num_streams(self) -> int:
+        return self.n_q + 1
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    @property
+    def temporal(self) -> helium.TransformerConfig:
+        """The main ("temporal") transformer."""
+        return helium.TransformerConfig(
+            d_model=self.dim, num_heads=self.num_heads, num_layers=self.num_layers,
+            dim_feedforward=int(self.hidden_scale * self.dim), causal=self.causal, context=self.context,
+            norm=self.norm, gating=self.gating, positional_embedding=self.positional_embedding,
+            max_period=self.max_period, layer_scale=self.layer_scale)
+
+    @property
+    def depformer(self) -> depformer.DepformerConfig:
+        """The depth transformer, with its helium config under `.transformer`. No context limit."""
+        ff = self.depformer_dim_feedforward or int(self.hidden_scale * self.depformer_dim)
+        tcfg = helium.TransformerConfig(
+            d_model=self.depformer_dim, num_heads=self.depformer_num_heads,
+            num_layers=self.depformer_num_layers, dim_feedforward=ff, causal=self.causal, context=None,
+            norm=self.norm, gating=self.depformer_gating, positional_embedding=self.depformer_pos_emb,
+            max_period=self.depformer_max_period, layer_scale=self.depformer_layer_scale,
+            weights_per_step=self.dep_q if self.depformer_weights_per_step else 0,
+            weights_per_step_schedule=self.depformer_weights_per_step_schedule)
+        return depformer.DepformerConfig(
+            num_steps=self.dep_q, in_dim=self.dim, card=self.card, text_card=self.text_card,
+            transformer=tcfg, multi_linear=self.depformer_multi_linear,
+            low_rank=self.depformer_low_rank_embeddings, norm=self.depformer_norm)
+
+    def initial_tokens(self) -> np.ndarray:
+        """[1 + n_q]: what every stream holds before its first frame."""
+        return np.asarray([self.text_card] + [self.card] * self.n_q, np.int32)
+
+
+# Kyutai's `_lm_kwargs` (loaders.py), identical to configs/moshi_7b_202409.json: moshiko and moshika.
+MOSHIKO = LMConfig(
+    delays=(0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1), n_q=16, dep_q=8, card=2048,
+    text_card=32000, dim=4096, num_heads=32, num_layers=32, hidden_scale=4.125, norm="rms_norm_f32",
+    context=3000, positional_embedding="rope", max_period=10_000, gating="silu",
+    depformer_dim=1024, depformer_dim_feedforward=int(4.125 * 1024), depformer_num_heads=16,
+    depformer_num_layers=6, depformer_multi_linear=True, depformer_weights_per_step=True,
+    depformer_pos_emb="none", depformer_max_period=10_000, depformer_gating="silu")
+# NVIDIA's PersonaPlex: moshiko whose depformer also writes the user's 8 codebooks.
+PERSONAPLEX = dataclasses.replace(MOSHIKO, dep_q=16)
+# Tiny models of the same shape, for tests and demos.
+TINY = dataclasses.replace(MOSHIKO, card=64, text_card=96, dim=64, num_heads=4, num_layers=2, context=8,
+                           depformer_dim=32, depformer_dim_feedforward=int(4.125 * 32),
+                           depformer_num_heads=2, depformer_num_layers=2)
+TINY_PERSONAPLEX = dataclasses.replace(TINY, dep_q=16)
+PRESETS = {"moshiko": MOSHIKO, "moshika": MOSHIKO, "personaplex": PERSONAPLEX,
+           "tiny": TINY, "tiny_personaplex": TINY_PERSONAPLEX}
+
+
+# ----------------------------------------------------------------------------------------------
+# Params: {"emb" [n_q, card+1, D], "text_emb" [text_card+1, D], "transformer" (helium layers),
+# "out_norm", "text_linear" [text_card_out, D], "depformer" (depformer.py), ["extra_heads"]}.
+
+def init(key, cfg: LMConfig, dtype=jnp.float32):
+    k = jax.random.split(key, 6)
+    D = cfg.dim
+    params = {"emb": helium.dense_init(k[0], (cfg.n_q, cfg.card + 1, D), dtype),
+              "text_emb": helium.dense_init(k[1], (cfg.text_card + 1, D), dtype),
+              "transformer": helium.init(k[2], cfg.temporal, dtype),
+              "out_norm": helium.init_norm(cfg.norm, D, dtype),
+              "text_linear": helium.dense_init(k[3], (cfg.text_card_out or cfg.text_card, D), dtype)}
+    if cfg.dep_q:
+        params["depformer"] = depformer.init(k[4], cfg.depformer, dtype)
+    if cfg.extra_heads_num_heads:
+        params["extra_heads"] = helium.dense_init(k[5], (cfg.extra_heads_num_heads, cfg.extra_heads_dim, D), dtype)
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# One frame in: the audio embeddings summed in stream order, then the text embedding added last
+# (the order Kyutai sums in, which matters in bf16). Then the temporal transformer, the output
+# norm, and the text head. The depformer reads the *normalised* h.
+
+def embed_frames(params, cfg: LMConfig, tokens):
+    """tokens [B, 1 + n_q, T] -> summed embeddings [B, T, D]."""
+    x = depformer.embed(params["emb"][0], tokens[:, 1])
+    for k in range(1, cfg.n_q):
+        x = x + depformer.embed(params["emb"][k], tokens[:, 1 + k])
+    return x + depformer.embed(params["text_emb"], tokens[:, 0])
+
+
+def temporal(params, cfg: LMConfig, x, offset=0, cache=None, **kw):
+    """x [B, T, D] -> (h [B, T, D] after out_norm, text_logits [B, T, text_card], cache)."""
+    h, cache = helium.transformer(params["transformer"], cfg.temporal, x, offset, cache, **kw)
+    h = helium.norm(params["out_norm"], cfg.norm, h)
+    return h, helium.linear(h, params["text_linear"]), cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Delays. delay(): stream k shifted right by delays[k], the gap filled with its initial token.
+# undelay(): per-frame outputs shifted back left, so position t lines up with frame t; the last
+# delays[k] positions have nothing to line up with and are masked.
+
+def delay(codes, delays, initial):
+    """codes [B, K, T] -> delayed [B, K, T]."""
+    T = codes.shape[-1]
+    t = jnp.arange(T)
+    rows = [jnp.where(t < d, initial[k], jnp.roll(codes[:, k], d, axis=-1)) for k, d in enumerate(delays)]
+    return jnp.stack(rows, axis=1)
+
+
+def undelay(values, delays):
+    """values [B, K, T, ...] -> (aligned [B, K, T, ...], valid [B, K, T]); invalid positions hold 0."""
+    B, K, T = values.shape[:3]
+    t = jnp.arange(T)
+    rows, valid = [], []
+    for k, d in enumerate(delays):
+        ok = t < T - d                                                        # [T]
+        row = jnp.roll(values[:, k], -d, axis=1)
+        rows.append(jnp.where(ok.reshape((1, T) + (1,) * (values.ndim - 3)), row, jnp.zeros((), row.dtype)))
+        valid.append(jnp.broadcast_to(ok, (B, T)))
+    return jnp.stack(rows, axis=1), jnp.stack(valid, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training forward, equal to Kyutai's `LMModel.forward`: the delayed streams, preceded by one frame
+# of initial tokens, go through the temporal transformer (position t sees frames < t), and the
+# depformer is teacher-forced on the delayed tokens of position t. Outputs are undelayed so that
+# `logits[:, c, t]` predicts `codes[:, 1 + c, t]` and `text_logits[:, 0, t]` predicts `codes[:, 0, t]`.
+
+def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None, remat: bool = False,
+            attention: str = "xla"):
+    """codes [B, 1 + n_q, T] int -> dict of
+        logits      [B, dep_q, T, card]      (compute dtype; 0 where `mask` is False, Kyutai has NaN)
+        mask        [B, dep_q, T] bool       (False past a delay, or where the target code is -1)
+        text_logits [B, 1, T, text_card]
+        text_mask   [B, 1, T] bool
+    layer_hook / remat go to both transformers (the hook sees one layer's weights, inside the
+    scan; depformer layers arrive with their per-step weights already selected, [dep_q, out, in]).
+    attention ("xla" | "flash") applies to the temporal transformer only.
+    """
+    B, K, T = codes.shape
+    if K != cfg.num_streams:
+        raise ValueError(f"moshi.forward: codes have {K} streams, the config has 1 + n_q = {cfg.num_streams}")
+    codes = codes.astype(jnp.int32)
+    initial = jnp.asarray(cfg.initial_tokens())
+    delayed = delay(codes, cfg.delays, initial)                                  # [B, K, T]
+    inputs = jnp.concatenate([jnp.broadcast_to(initial[None, :, None], (B, K, 1)), delayed[:, :, :-1]], axis=2)
+    h, text_logits, _ = temporal(params, cfg, embed_frames(params, cfg, inputs),
+                                 layer_hook=layer_hook, remat=remat, attention=attention)
+    text_logits, text_mask = undelay(text_logits[:, None], cfg.delays[:1])
+    out = {"text_logits": text_logits, "text_mask": text_mask & (codes[:, :1] != ZERO_TOKEN)}
+    if cfg.dep_q:
+        dep_tokens = jnp.moveaxis(delayed[:, :cfg.dep_q], 1, 2)                   # [B, T, dep_q]
+        logits = depformer.forward(params["depformer"], cfg.depformer, h, dep_tokens,
+                                   layer_hook=layer_hook, remat=remat)           # [B, T, dep_q, card]
+        logits, mask = undelay(jnp.moveaxis(logits, 2, 1), cfg.delays[1:1 + cfg.dep_q])
+        out.update(logits=logits, mask=mask & (codes[:, 1:1 + cfg.dep_q] != ZERO_TOKEN))
+    else:
+        out.update(logits=jnp.zeros((B, 0, T, cfg.card), h.dtype), mask=jnp.zeros((B, 0, T), bool))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming generation. One call = one frame of 80 ms, fixed shapes, one jitted function.
+#
+# The state keeps the temporal KV cache (a ring over `context` frames: constant memory) and a small
+# ring of *delayed* tokens, `tokens` [B, 1 + n_q, max_delay + 3], slot p % size for delayed position
+# p, with a `provided` mask beside it. Call n (n = state["step"]):
+#   1. writes what it is given -- user codes, and any forced text / Moshi codes -- for stream k at
+#      position n + lookahead + delays[k], and marks them provided;
+#   2. runs the temporal transformer on position n (initial tokens where n <= delays[k]);
+#   3. chooses position n + 1: the text token, then the depformer's dep_q codebooks, each sampled
+#      unless provided, in which case the provided token is kept and also conditions the next
+#      codebook (teacher forcing);
+#   4. returns frame n - max_delay, undelayed: [B, 1 + dep_q] = text + Moshi's audio; -1 while
+#      n < max_delay (Kyutai's LMGen returns None then).
+#
+# lookahead = 0 is Kyutai's LMGen exactly: what call n is given is frame n - 1 (the frame given
+# to call 0 is never seen), and a frame's tokens reach the transformer in the call they are given.
+# lookahead = 1 is PersonaPlex's LMGen: call n is given frame n, whose delay-0 tokens are the
+# targets of this very call, so they can teacher-force the depformer; the transformer reads them
+# one call later. PersonaPlex's first `step` call only seeds its cache (its frame is dropped), so
+# our call n does the work of its call n + 1, fed the frame that call n + 1 is fed.
+
+def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
+    if cfg.context is None:
+        raise ValueError("moshi.init_gen_state: streaming needs a finite `context` (the KV ring size)")
+    if lookahead not in (0, 1):
+        raise ValueError(f"moshi.init_gen_state: lookahead must be 0 (Kyutai) or 1 (PersonaPlex), got {lookahead}")
+    dtype = params["text_emb"].dtype
+    shape = (batch_size, cfg.num_streams, cfg.max_delay + 3)
+    return {"kv": helium.init_cache(cfg.temporal, batch_size, dtype),
+            "tokens": jnp.full(shape, UNGENERATED, jnp.int32),
+            "provided": jnp.zeros(shape, bool),
+            "step": jnp.zeros((), jnp.int32),
+            "lookahead": jnp.asarray(lookahead, jnp.int32)}
+
+
+def _write(tokens, provided, streams, values, positions, mask):
+    """Write values [B, S] for the given streams at delayed positions [S] where mask [B, S]."""
+    slots = positions % tokens.shape[-1]
+    old = tokens[:, streams, slots]
+    tokens = tokens.at[:, streams, slots].set(jnp.where(mask, values, old))
+    provided = provided.at[:, streams, slots].set(provided[:, streams, slots] | mask)
+    return tokens, provided
+
+
+def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
+    """Step 1: user codes land on the last n_user audio streams (always, as given); forced text and
+    Moshi codes (entries != -2) on stream 0 and streams 1..M."""
+    tokens, provided = state["tokens"], state["provided"]
+    B = tokens.shape[0]
+    delays = jnp.asarray(cfg.delays, jnp.int32)
+    base = state["step"] + state["lookahead"]
+    groups = []
+    if user_codes is not None and user_codes.shape[1]:
+        first = 1 + cfg.n_q - user_codes.shape[1]
+        groups.append((np.arange(first, 1 + cfg.n_q), user_codes[:, :, 0], None))
+    if text is not None:
+        groups.append((np.arange(1), text.reshape(B, 1), True))
+    if moshi_codes is not None:
+        groups.append((np.arange(1, 1 + moshi_codes.shape[1]), moshi_codes, True))
+    for streams, values, only_forced in groups:
+        values = values.astype(jnp.int32)
+        mask = values != UNGENERATED if only_forced else jnp.ones(values.shape, bool)
+        tokens, provided = _write(tokens, provided, streams, values, base + delays[streams], mask)
+    return tokens, provided
+
+
+def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes):
+    B = state["tokens"].shape[0]
+    n_user = 0 if user_codes is None else user_codes.shape[1]
+    n_moshi = 0 if moshi_codes is None else moshi_codes.shape[1]
+    if user_codes is not None and (user_codes.ndim != 3 or user_codes.shape[0] != B or user_codes.shape[2] != 1):
+        raise ValueError(f"gen_step: user_codes must be [B={B}, n_user, 1], got {user_codes.shape}")
+    if n_user < cfg.n_q - cfg.dep_q or n_user > cfg.n_q:
+        raise ValueError(f"gen_step: {n_user} user codebooks given; this model reads {cfg.n_q - cfg.dep_q} "
+                         f"input-only streams and has n_q={cfg.n_q} audio streams in all")
+    if n_moshi > cfg.dep_q or n_moshi + n_user > cfg.n_q:
+        raise ValueError(f"gen_step: moshi_codes has {n_moshi} codebooks; at most dep_q={cfg.dep_q} "
+                         f"and not overlapping the {n_user} user codebooks")
+    if text is not None and text.shape != (B,):
+        raise ValueError(f"gen_step: text must be [B={B}], got {text.shape}")
+
+
+def _gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, *,
+              greedy=False, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25, return_logits=False):
+    _check_gen_inputs(cfg, state, user_codes, text, moshi_codes)
+    n, size = state["step"], state["tokens"].shape[-1]
+    delays = jnp.asarray(cfg.delays, jnp.int32)
+    tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
+    # 2. the temporal step on position n
+    here = jnp.where(n <= delays, jnp.asarray(cfg.initial_tokens()), tokens[:, :, n % size])   # [B, K]
+    h, text_logits, kv = temporal(params, cfg, embed_frames(params, cfg, here[:, :, None]), n, state["kv"])
+    h, text_logits = h[:, 0], text_logits[:, 0]                                            # [B, D], [B, V]
+    # 3. position n + 1: text, then the depformer, provided tokens winning over sampled ones
+    target, is_given = tokens[:, :, (n + 1) % size], provided[:, :, (n + 1) % size]        # [B, K]
+    text_key, audio_key = jax.random.split(key)
+    sampled = [depformer.sample_token(text_logits, text_key, temp_text, top_k_text, greedy)[:, None]]
+    logits = {"text_logits": text_logits}
+    if cfg.dep_q:
+        text_in = jnp.where(is_given[:, 0], target[:, 0], sampled[0][:, 0])
+        sample = partial(_sample_audio, temp=temp, top_k=top_k, greedy=greedy)
+        audio, logits["audio_logits"] = depformer.generate(
+            params["depformer"], cfg.depformer, h, text_in, audio_key, sample,
+            target[:, 1:1 + cfg.dep_q], is_given[:, 1:1 + cfg.dep_q])
+        sampled.append(audio)
+    gen = slice(0, 1 + cfg.dep_q)
+    chosen = jnp.where(is_given[:, gen], target[:, gen], jnp.concatenate(sampled, axis=1))
+    tokens = tokens.at[:, gen, (n + 1) % size].set(chosen)
+    provided = provided.at[:, :, n % size].set(False)           # slot n is done; it will hold n + size
+    # 4. frame n - max_delay, read back from its delayed positions
+    positions = n + 1 - cfg.max_delay + delays[gen]
+    out = jnp.take_along_axis(tokens[:, gen], (positions % size)[None, :, None], axis=2)[:, :, 0]
+    out = jnp.where(n < cfg.max_delay, ZERO_TOKEN, out)
+    state = dict(state, kv=kv, tokens=tokens, provided=provided, step=n + 1)
+    return (state, out, logits) if return_logits else (state, out)
+
+
+def _sample_audio(logits, key, temp, top_k, greedy):
+    return depformer.sample_token(logits, key, temp, top_k, greedy)
+
+
+gen_step = jax.jit(_gen_step, static_argnames=("cfg", "greedy", "temp", "temp_text", "top_k", "top_k_text",
+                                               "return_logits"), donate_argnames=("state",))
+gen_step.__doc__ = """One frame of streaming generation (jitted; `state` is donated: use the returned one).
+
+    state, out = gen_step(params, cfg, state, user_codes, key, text=None, moshi_codes=None,
+                          greedy=False, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25,
+                          return_logits=False)
+
+    user_codes   int [B, n_user, 1]: the user's Mimi codes, written onto the *last* n_user audio
+                 streams. n_user >= n_q - dep_q (moshiko: 8 -> streams 9..16). A model whose
+                 depformer also writes those streams (PersonaPlex, dep_q = 16) gets them
+                 teacher-forced. None or [B, 0, 1] when there are none.
+    key          PRNG key, split inside (text, then one per codebook).
+    text         int [B] or None: force this frame's text token (-2 = sample it).
+    moshi_codes  int [B, M] or None: force Moshi's codebooks 1..M (-2 = sample), M <= dep_q.
+    out          int32 [B, 1 + dep_q]: text + audio tokens of frame step - max_delay; -1 before.
+    Which frame the inputs belong to depends on the state's lookahead (see init_gen_state).
+    Sampling: softmax(logits / temp), top-k, draw; greedy=True takes the argmax. Settings are
+    static (changing them recompiles). return_logits=True also returns
+    {"text_logits" [B, text_card], "audio_logits" [B, dep_q, card]} of this call.
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo: a tiny random Moshi. Generation forced to follow a token sequence (PersonaPlex's lookahead,
+# so the depformer is teacher-forced too) must reproduce the training forward's logits.
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Runs a tiny random-weight demo.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k.startswith("tiny")])
+    ap.add_argument("--frames", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    cfg = PRESETS[args.preset]
+    params = init(jax.random.key(args.seed), cfg)
+    B, T = 2, args.frames
+    codes = jax.random.randint(jax.random.key(1), (B, cfg.num_streams, T), 0, cfg.card)
+    codes = codes.at[:, 0].set(codes[:, 0] % cfg.text_card)
+    out = jax.jit(lambda p, c: forward(p, cfg, c))(params, codes)
+    state = init_gen_state(params, cfg, B, lookahead=1)
+    n_user = cfg.n_q - cfg.dep_q or 8
+    err, key = 0.0, jax.random.key(2)
+    for n in range(T):
+        frame = codes[:, :, n]
+        state, tokens, logits = gen_step(params, cfg, state, frame[:, -n_user:, None], key, text=frame[:, 0],
+                                         moshi_codes=frame[:, 1:1 + cfg.n_q - n_user], return_logits=True)
+        ref = out["text_logits"][:, 0, n]
+        err = max(err, float(jnp.max(jnp.abs(logits["text_logits"] - ref)) / jnp.max(jnp.abs(ref))))
+        for c in range(cfg.dep_q):
+            t = n - cfg.delays[1 + c]
+            if t >= 0:
+                ref = out["logits"][:, c, t]
+                err = max(err, float(jnp.max(jnp.abs(logits["audio_logits"][:, c] - ref)) / jnp.max(jnp.abs(ref))))
+    print(f"{args.preset}: {cfg.num_streams} streams, {T} frames, batch {B}: training forward vs forced "
+          f"streaming generation, max rel. error of text and audio logits {err:.2e}")
+    state = init_gen_state(params, cfg, B)
+    user = codes[:, -n_user:]
+    frames = []
+    for n in range(T):
+        state, tokens = gen_step(params, cfg, state, user[:, :, n:n + 1], jax.random.key(n))
+        frames.append(np.asarray(tokens[0]))
+    print(f"sampled frames (random weights), text + {cfg.dep_q} codebooks:\n{np.stack(frames)}")
+
+
+if __name__ == "__main__":
+    main()
