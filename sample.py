@@ -1,0 +1,825 @@
+"""sample.py: talk to Moshi. `python sample.py --prompt in.wav` writes Moshi's answer to out.wav.
+
+Moshi is full duplex: every 80 ms it hears one frame of the user and says one frame back, whether
+the user is talking or not. This program plays a wav file as the user, frame by frame, exactly as a
+microphone would:
+
+    1920 samples of the user -> mimi.encode_step -> 8 user codes
+        -> moshi.gen_step -> one text token + 8 audio codes for Moshi (one jitted call)
+        -> mimi.decode_step -> 1920 samples of Moshi's voice
+
+It writes Moshi's voice to out.wav (as long as the input), streams its inner monologue (the text it
+speaks from) to the terminal, and saves that text with frame timestamps to out.json. The loop is
+the one of Kyutai's offline `moshi/run_inference.py`, so with --greedy it gives the same tokens as
+the official package, frame for frame.
+
+PersonaPlex (`--hf-repo nvidia/personaplex-7b-v1`) is Moshi fine-tuned to take a voice prompt and
+a role in text before the conversation: see `persona_prompt` below.
+
+Sections, top to bottom: finding the weights; reading audio (lazily, any rate or channel count);
+loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt; the conversation loop; text
+display and files; main.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+SAMPLE_RATE = 24_000               # Mimi's rate
+FRAME_SIZE = 1920                  # samples per Mimi frame: 80 ms, i.e. 12.5 frames per second
+DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+MOSHI_NAME = "model.safetensors"   # the default file names in a Kyutai repo (config.json may rename)
+MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+TEXT_PAD, TEXT_EPAD = 3, 0         # text ids that mean "no word here": never printed
+
+
+class SampleError(Exception):
+    """Something the user can fix (a missing file, bad audio, a bad flag): printed without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Finding the weights. A Kyutai repo holds the LM, Mimi and the text tokenizer under fixed
+# names; an optional config.json describes the LM and may rename the files (`moshi_name`,
+# `mimi_name`, `tokenizer_name`), exactly like the official `CheckpointInfo.from_hf_repo`. The repo
+# is a Hugging Face id (downloaded once into the standard cache) or a local directory laid out
+# the same way; single files can be given instead.
+
+@dataclass
+class Checkpoint:
+    moshi: str                    # path of the LM's safetensors
+    mimi: str                     # path of Mimi's safetensors
+    tokenizer: str | None         # path of the sentencepiece model
+    config: dict | None           # config.json without the file names (None: the moshiko config)
+    mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any
+
+
+def repo_files(repo: str):
+    """A function `get(name, optional=False) -> path or None` over a local directory or an HF repo."""
+    if os.path.isdir(repo):
+        def get_local(name, optional=False):
+            path = os.path.join(repo, name)
+            if os.path.isfile(path):
+                return path
+            if optional:
+                return None
+            raise SampleError(f"{repo} has no file {name!r} (a Kyutai repo directory holds "
+                              f"{MOSHI_NAME}, {MIMI_NAME} and {TOKENIZER_NAME}, or config.json naming them)")
+        return get_local
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise SampleError(
+            f"the weights come from the Hugging Face repo {repo!r}, but huggingface_hub is not installed.\n"
+            f"  Either `pip install huggingface_hub` (the files are downloaded once, ~16 GB for Moshi),\n"
+            f"  or download the repo yourself and pass --hf-repo DIR,\n"
+            f"  or pass the files: --moshi-weight FILE --mimi-weight FILE --tokenizer FILE.") from None
+
+    def get_hub(name, optional=False):
+        try:
+            return huggingface_hub.hf_hub_download(repo, name)
+        except huggingface_hub.errors.EntryNotFoundError:
+            if optional:
+                return None
+            raise SampleError(f"the Hugging Face repo {repo!r} has no file {name!r}") from None
+        except Exception as e:                       # offline, gated repo, typo in the id, ...
+            raise SampleError(
+                f"could not get {name!r} from the Hugging Face repo {repo!r}:\n  {type(e).__name__}: {e}\n"
+                f"  Check the repo id and your connection (gated repos need `huggingface-cli login`),\n"
+                f"  or pass a local copy with --hf-repo DIR.") from None
+    return get_hub
+
+
+def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=None) -> Checkpoint:
+    """Resolve every file like the official loader; explicit files win over the repo's."""
+    if repo is None and moshi and mimi and tokenizer:
+        get = None                                   # everything given: no need to ask any repo
+    else:
+        get = repo_files(repo or DEFAULT_REPO)
+    raw = _read_json(config, "--config") if config else None
+    if raw is None and get is not None:
+        path = get("config.json", optional=True)
+        raw = _read_json(path, "config.json") if path else None
+    lm_config = dict(raw) if raw is not None else None
+    pop = (lambda key, default: lm_config.pop(key, default)) if lm_config else (lambda key, default: default)
+    names = {"moshi": pop("moshi_name", MOSHI_NAME), "mimi": pop("mimi_name", MIMI_NAME),
+             "tokenizer": pop("tokenizer_name", TOKENIZER_NAME)}
+    mimi_config_name = pop("mimi_config_name", None)
+    model_type = pop("model_type", "moshi")
+    if model_type != "moshi":
+        raise SampleError(f"config.json says model_type={model_type!r}; sample.py runs conversation "
+                          f"models (model_type 'moshi': Moshiko, Moshika, PersonaPlex)")
+    for key in ("lm_gen_config", "tts_config", "stt_config", "model_id", "lora_name"):
+        pop(key, None)
+    given = {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
+    for what, path in given.items():
+        if path is not None and not os.path.isfile(path):
+            raise SampleError(f"--{what}{'-weight' if what != 'tokenizer' else ''}: no such file {path!r}")
+    files = {what: given[what] or get(names[what]) for what in given}
+    mimi_config = None
+    if mimi_config_name:
+        mimi_config = _read_json(get(mimi_config_name), mimi_config_name)
+    return Checkpoint(files["moshi"], files["mimi"], files["tokenizer"], lm_config, mimi_config)
+
+
+def _read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SampleError(f"cannot read {what} ({path}): {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Reading audio. The prompt is read block by block, mixed down to mono and resampled to 24 kHz
+# on the fly, so a conversation of an hour holds a second of input in memory, not an hour.
+# Resampling uses mimi.resample's filter (a Kaiser-windowed sinc cut just below the lower Nyquist
+# rate): output sample j sits at input time t = j * src / dst = j * down / up and is
+# sum_k x[k] h(t - k). Only `up` fractional parts of t exist, so h is tabulated once per phase; t is
+# split into integer and fraction in exact integer arithmetic, so a stream resampled block by block
+# equals the whole file resampled at once.
+
+class Resampler:
+    ZERO_CROSSINGS, ROLLOFF, BETA = 32, 0.945, 12.0  # as mimi.resample
+
+    def __init__(self, src: int, dst: int):
+        g = math.gcd(src, dst)
+        self.up, self.down = dst // g, src // g      # t_j = j * down / up
+        self.cutoff = self.ROLLOFF * min(1.0, dst / src)
+        self.half_width = self.ZERO_CROSSINGS / self.cutoff    # h(tau) = 0 for |tau| > half_width
+        reach = math.ceil(self.half_width)
+        self.offsets = np.arange(-reach, reach + 1)  # taps k = floor(t) + offset
+        self.table = None if self.up > 4096 else self.kernel(np.arange(self.up)[:, None] / self.up - self.offsets)
+        self.buffer = np.zeros(0, np.float32)        # input samples from absolute index `start` on
+        self.start = 0
+        self.received = 0                            # input samples seen
+        self.produced = 0                            # output samples given out
+
+    def kernel(self, tau):
+        u = np.clip(tau / self.half_width, -1.0, 1.0)
+        h = self.cutoff * np.sinc(self.cutoff * tau) * np.i0(self.BETA * np.sqrt(1.0 - u * u)) / np.i0(self.BETA)
+        return np.where(np.abs(tau) > self.half_width, 0.0, h).astype(np.float32)
+
+    def outputs_for(self, n_in: int) -> int:
+        """How many output samples n_in input samples make: every j with t_j < n_in."""
+        return -(-n_in * self.up // self.down)
+
+    def __call__(self, block, final: bool = False):
+        """Feed input samples [n]; returns the output samples now computable [m] (all if final)."""
+        self.buffer = np.concatenate([self.buffer, np.asarray(block, np.float32)])
+        self.received += len(block)
+        last = self.outputs_for(self.received)       # outputs that exist once the input is complete
+        if final:
+            end = last
+        else:                                        # the right-most tap must have arrived
+            right = self.offsets[-1]
+            end = min(last, max(self.produced, -(-(self.received - right) * self.up // self.down)))
+        j = np.arange(self.produced, end)
+        base, frac = (j * self.down) // self.up, ((j * self.down) % self.up) / self.up
+        taps = base[:, None] + self.offsets[None, :]                     # [m, taps] input indices
+        padded = np.concatenate([np.zeros(len(self.offsets), np.float32), self.buffer,
+                                 np.zeros(len(self.offsets), np.float32)])
+        x = padded[np.clip(taps - self.start + len(self.offsets), 0, len(padded) - 1)]
+        x = np.where((taps >= 0) & (taps < self.received), x, np.float32(0))
+        phase = (j * self.down) % self.up
+        weights = self.table[phase] if self.table is not None else self.kernel(frac[:, None] - self.offsets[None, :])
+        out = np.sum(x * weights, axis=1)
+        self.produced = end
+        keep_from = (self.produced * self.down) // self.up + self.offsets[0]   # first tap still needed
+        if keep_from > self.start:
+            self.buffer = self.buffer[keep_from - self.start:]
+            self.start = keep_from
+        return out.astype(np.float32)
+
+
+def audio_info(path):
+    """(sample_rate, frames, channels) of an audio file, or a SampleError saying why not."""
+    import soundfile
+    if not os.path.isfile(path):
+        raise SampleError(f"no such audio file: {path!r}")
+    try:
+        info = soundfile.info(path)
+    except Exception as e:
+        raise SampleError(f"cannot read {path!r} as audio: {e}") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise SampleError(f"{path!r} holds no audio samples")
+    return info.samplerate, info.frames, info.channels
+
+
+def read_blocks(path, sample_rate=SAMPLE_RATE, block_seconds: float = 1.0):
+    """Yield the file as mono float32 blocks at `sample_rate`, reading one block at a time."""
+    import soundfile
+    src, _, _ = audio_info(path)
+    resample = None if src == sample_rate else Resampler(src, sample_rate)
+    blocksize = max(1, int(src * block_seconds))
+    with soundfile.SoundFile(path) as f:
+        while True:
+            block = f.read(blocksize, dtype="float32", always_2d=True)     # [n, channels]
+            final = len(block) < blocksize
+            mono = block.mean(axis=1)
+            out = mono if resample is None else resample(mono, final=final)
+            if len(out):
+                yield out
+            if final:
+                return
+
+
+def resampled_length(path, sample_rate=SAMPLE_RATE) -> int:
+    src, frames, _ = audio_info(path)
+    return frames if src == sample_rate else Resampler(src, sample_rate).outputs_for(frames)
+
+
+def read_audio(path, sample_rate=SAMPLE_RATE):
+    """The whole file, mono float32 at `sample_rate` (for short things like a voice prompt)."""
+    return np.concatenate(list(read_blocks(path, sample_rate)))
+
+
+def frames_of(blocks, num_samples: int, frame_size=FRAME_SIZE):
+    """Cut a stream of blocks into ceil(num_samples / frame_size) frames: the stream is cut at
+    `num_samples`, or continued with silence up to it (--duration), and the last frame zero-padded."""
+    blocks, buf, given = iter(blocks), np.zeros(0, np.float32), 0
+    for _ in range(-(-num_samples // frame_size)):
+        while len(buf) < frame_size:
+            block = next(blocks, None) if given < num_samples else None
+            if block is None:                        # past the end of the file or of --duration
+                block = np.zeros(frame_size - len(buf), np.float32)
+            else:
+                block = block[: num_samples - given]
+                given += len(block)
+            buf = np.concatenate([buf, block])
+        yield buf[:frame_size]
+        buf = buf[frame_size:]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Loudness. PersonaPlex normalises voice prompts to -24 LUFS, the integrated loudness of
+# ITU-R BS.1770-4 (as the pyloudnorm package computes it): K-weight the signal (a +4 dB high shelf
+# at 1.5 kHz modelling the head, then a 38 Hz high-pass), take the mean square over 400 ms blocks
+# every 100 ms, drop blocks under -70 LUFS, then blocks 10 LU under the mean of those left, and
+# report -0.691 + 10 log10(mean square of the kept blocks).
+
+def biquad_coefficients(kind: str, gain_db: float, q: float, fc: float, fs: int):
+    """Audio-EQ-cookbook biquads (R. Bristow-Johnson): returns b [3], a [3] with a[0] = 1."""
+    A, w0 = 10 ** (gain_db / 40), 2 * np.pi * fc / fs
+    alpha, cos = np.sin(w0) / (2 * q), np.cos(w0)
+    if kind == "high_shelf":
+        s = 2 * np.sqrt(A) * alpha
+        b = [A * ((A + 1) + (A - 1) * cos + s), -2 * A * ((A - 1) + (A + 1) * cos), A * ((A + 1) + (A - 1) * cos - s)]
+        a = [(A + 1) - (A - 1) * cos + s, 2 * ((A - 1) - (A + 1) * cos), (A + 1) - (A - 1) * cos - s]
+    elif kind == "high_pass":
+        b = [(1 + cos) / 2, -(1 + cos), (1 + cos) / 2]
+        a = [1 + alpha, -2 * cos, 1 - alpha]
+    else:
+        raise ValueError(kind)
+    return np.asarray(b) / a[0], np.asarray(a) / a[0]
+
+
+def biquad(x, b, a):
+    """y[n] = b0 x[n] + b1 x[n-1] + b2 x[n-2] - a1 y[n-1] - a2 y[n-2] (direct form I, float64)."""
+    y = np.empty(len(x))
+    x1 = x2 = y1 = y2 = 0.0
+    b0, b1, b2, a1, a2 = float(b[0]), float(b[1]), float(b[2]), float(a[1]), float(a[2])
+    for n, xn in enumerate(np.asarray(x, np.float64).tolist()):
+        yn = b0 * xn + b1 * x1 + b2 * x2 - a1 * y1 - a2 * y2
+        x2, x1, y2, y1 = x1, xn, y1, yn
+        y[n] = yn
+    return y
+
+
+def integrated_loudness(x, fs: int) -> float:
+    """BS.1770 integrated loudness of a mono signal, in LUFS (-inf for silence)."""
+    y = biquad(x, *biquad_coefficients("high_shelf", 4.0, 1 / np.sqrt(2), 1500.0, fs))
+    y = biquad(y, *biquad_coefficients("high_pass", 0.0, 0.5, 38.0, fs))
+    block, hop = 0.4 * fs, 0.1 * fs
+    # pyloudnorm rounds the block count, so the last block may run past the end (it is then
+    # a partial sum over a full block's length); we do the same to give the same numbers.
+    count = int(round((len(y) / fs - 0.4) / 0.1)) + 1
+    power = np.array([np.sum(np.square(y[int(i * hop): int(i * hop + block)])) / block for i in range(count)])
+    with np.errstate(divide="ignore"):
+        block_lufs = -0.691 + 10 * np.log10(power)
+        kept = power[block_lufs >= -70.0]
+        if len(kept) == 0:
+            return -math.inf
+        relative_gate = -0.691 + 10 * np.log10(kept.mean()) - 10.0
+        kept = power[(block_lufs > relative_gate) & (block_lufs > -70.0)]
+        return float(-0.691 + 10 * np.log10(kept.mean())) if len(kept) else -math.inf
+
+
+def normalize_loudness(x, fs: int, target_lufs: float = -24.0):
+    loudness = integrated_loudness(x, fs)
+    if not math.isfinite(loudness):
+        raise SampleError("the voice prompt is silent (or shorter than 0.4 s): nothing to normalise")
+    return (x * 10 ** ((target_lufs - loudness) / 20)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The PersonaPlex prompt. PersonaPlex (NVIDIA) is Moshi fine-tuned with a 16-codebook depformer
+# (8 for its own voice, 8 predicting the user) and a prompt played before the conversation, one
+# frame per step, every stream forced:
+#   voice prompt   Moshi's audio = the voice prompt's Mimi codes, text = PAD, user = a 440 Hz sine
+#   0.5 s          Moshi's audio = silence,                     text = PAD, user = sine
+#   text prompt    Moshi's audio = silence, text = "<system> ... <system>" one token per frame, user = sine
+#   0.5 s          as above, text = PAD
+# Then the conversation, the user's real codes forced onto streams 9..16. The sine and silence
+# codes are PersonaPlex's constants for the released Mimi; for any other Mimi (tests) the same
+# recipe is computed: one frame of each encoded from a fresh codec state.
+
+PERSONAPLEX_TEXT_PROMPT = ("You are a wise and friendly teacher. Answer questions or provide advice "
+                           "in a clear and engaging way.")
+SILENCE_CODES = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)   # Mimi codes of an 80 ms silent frame
+SINE_CODES = (430, 1268, 381, 1611, 1095, 1495, 56, 472)        # ... of 80 ms of a 440 Hz sine at 0.5
+PROMPT_SILENCE_FRAMES = 6                                        # int(0.5 s * 12.5 Hz)
+
+
+def wrap_system(text: str) -> str:
+    text = text.strip()
+    if text.startswith("<system>") and text.endswith("<system>"):
+        return text
+    return f"<system> {text} <system>"
+
+
+@dataclass
+class Prompt:
+    """Forced tokens for the frames before the conversation: text [N], moshi_codes [N, 8], user_codes [N, 8]."""
+    text: np.ndarray
+    moshi_codes: np.ndarray
+    user_codes: np.ndarray
+
+    def __len__(self):
+        return len(self.text)
+
+
+def persona_prompt(voice_codes, text_tokens, silence_codes, sine_codes) -> Prompt:
+    """voice_codes [n, 8] or None; text_tokens: the wrapped text prompt's token ids (may be empty)."""
+    silence, sine = np.asarray(silence_codes, np.int32), np.asarray(sine_codes, np.int32)
+    parts = []                                       # (text ids [m], moshi codes [m, 8])
+    if voice_codes is not None and len(voice_codes):
+        parts.append((np.full(len(voice_codes), TEXT_PAD), np.asarray(voice_codes, np.int32)))
+    parts.append((np.full(PROMPT_SILENCE_FRAMES, TEXT_PAD), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1))))
+    if len(text_tokens):
+        parts.append((np.asarray(text_tokens), np.tile(silence, (len(text_tokens), 1))))
+    parts.append((np.full(PROMPT_SILENCE_FRAMES, TEXT_PAD), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1))))
+    text = np.concatenate([t for t, _ in parts]).astype(np.int32)
+    moshi_codes = np.concatenate([c for _, c in parts])
+    return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)))
+
+
+def sine_frame(frame_size=FRAME_SIZE, sample_rate=SAMPLE_RATE):
+    t = np.arange(frame_size) / sample_rate
+    return (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+
+
+def encode_audio(models, wav):
+    """Mono float32 [S] -> Mimi codes int32 [ceil(S / frame_size), K], frame by frame from a fresh state."""
+    import jax.numpy as jnp
+    import mimi
+    F = models.mimi_cfg.frame_size
+    state, codes = mimi.init_state(models.mimi_cfg, 1), []
+    for frame in frames_of([wav], len(wav), F):
+        state, c = mimi.encode_step(models.mimi, models.mimi_cfg, state, jnp.asarray(frame)[None, None],
+                                    num_codebooks=models.codebooks)
+        codes.append(np.asarray(c)[0, :, 0])
+    return np.stack(codes).astype(np.int32)
+
+
+def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> Prompt:
+    import mimi
+    if models.mimi_cfg == mimi.MimiConfig() and models.codebooks == len(SILENCE_CODES):
+        silence, sine = SILENCE_CODES, SINE_CODES
+    else:                                            # not the released Mimi: the same recipe
+        F, sr = models.mimi_cfg.frame_size, models.mimi_cfg.sample_rate
+        silence = encode_audio(models, np.zeros(F, np.float32))[0]
+        sine = encode_audio(models, sine_frame(F, sr))[0]
+    voice_codes = None
+    if voice_prompt:
+        if voice_prompt.endswith(".pt"):
+            raise SampleError(f"{voice_prompt}: PersonaPlex's .pt voice embeddings need torch; give the voice "
+                              f"prompt as audio (a few seconds of the voice, any format soundfile reads)")
+        sr = models.mimi_cfg.sample_rate
+        voice_codes = encode_audio(models, normalize_loudness(read_audio(voice_prompt, sr), sr, -24.0))
+    text_tokens = []
+    if text_prompt.strip():
+        if models.tokenizer is None:
+            raise SampleError("--text-prompt needs a text tokenizer (--tokenizer)")
+        text_tokens = models.tokenizer.encode(wrap_system(text_prompt))
+    return persona_prompt(voice_codes, text_tokens, silence, sine)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The conversation. Per 80 ms frame: encode the user's frame, one LM step, decode Moshi's frame.
+# Each is one jitted call on fixed shapes with its state passed in and out: the LM's KV cache is a
+# ring over `context` frames and Mimi's caches are rings too, so frame 10 000 costs what frame 10
+# costs, in the same memory.
+#
+# Moshiko follows Kyutai's run_inference.py: Kyutai's LMGen never shows the transformer the user
+# frame given to its first call (it reads initial tokens there), so the first frame is given twice.
+# PersonaPlex follows NVIDIA's offline.py: the prompt first, then the user's frames, with the LM
+# state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state). Both return one frame per
+# input frame. Moshi's audio is decoded from codebooks 1..8 (PersonaPlex also predicts the user's
+# 8, which we ignore as it does).
+
+@dataclass(frozen=True)
+class Sampling:
+    greedy: bool = False
+    temp: float = 0.8          # audio (Kyutai's LMGen defaults)
+    temp_text: float = 0.7
+    top_k: int = 250
+    top_k_text: int = 25
+
+
+@dataclass
+class Models:
+    lm: dict
+    lm_cfg: object             # moshi.LMConfig
+    mimi: dict
+    mimi_cfg: object           # mimi.MimiConfig
+    tokenizer: object = None   # sentencepiece.SentencePieceProcessor, or None (tokens shown as <id>)
+
+    @property
+    def codebooks(self) -> int:
+        """Mimi codebooks per voice: half of the LM's audio streams are Moshi's, half the user's."""
+        return self.lm_cfg.n_q // 2
+
+    @property
+    def is_persona(self) -> bool:
+        """PersonaPlex-style: the depformer writes every audio stream, the user's included."""
+        return self.lm_cfg.dep_q == self.lm_cfg.n_q
+
+
+def converse(models: Models, frames, batch_size: int, sampling: Sampling, seed: int, prompt: Prompt | None = None):
+    """Yield, for every input frame [frame_size], (tokens int32 [B, 1 + dep_q], pcm float32 [B, frame_size])
+    as numpy: the text token and audio codes of Moshi's answer frame, and its decoded audio."""
+    import jax
+    import jax.numpy as jnp
+    import mimi
+    import moshi
+    lm_cfg, K, B = models.lm_cfg, models.codebooks, batch_size
+    lm_state = moshi.init_gen_state(models.lm, lm_cfg, B, lookahead=0 if prompt is None else 1)
+    enc_state, dec_state = mimi.init_state(models.mimi_cfg, 1), mimi.init_state(models.mimi_cfg, B)
+    base_key, calls = jax.random.key(seed), 0
+    settings = dataclasses.asdict(sampling)
+
+    def lm_step(user_codes, **forced):
+        nonlocal lm_state, calls
+        key = jax.random.fold_in(base_key, calls)
+        lm_state, out = moshi.gen_step(models.lm, lm_cfg, lm_state, user_codes, key, **forced, **settings)
+        calls += 1
+        return out
+
+    if prompt is not None:        # PersonaPlex's first call only seeds its cache: its frame is dropped
+        for i in range(1, len(prompt)):
+            rows = lambda a: jnp.broadcast_to(jnp.asarray(a[i]), (B,) + a[i].shape)
+            lm_step(rows(prompt.user_codes)[:, :, None], text=rows(prompt.text), moshi_codes=rows(prompt.moshi_codes))
+
+    def dispatch():
+        nonlocal enc_state, dec_state
+        for i, frame in enumerate(frames):
+            # The user is the same in every row: encode once, broadcast the codes.
+            enc_state, codes = mimi.encode_step(models.mimi, models.mimi_cfg, enc_state,
+                                                jnp.asarray(frame)[None, None], num_codebooks=K)   # [1, K, 1]
+            user_codes = jnp.broadcast_to(codes, (B, K, 1))
+            if i == 0 and prompt is None:
+                lm_step(user_codes)
+            tokens = lm_step(user_codes)                                                         # [B, 1 + dep_q]
+            dec_state, pcm = mimi.decode_step(models.mimi, models.mimi_cfg, dec_state, tokens[:, 1:1 + K, None])
+            yield tokens, pcm[:, 0]                                                              # pcm [B, F]
+
+    for tokens, pcm in _one_behind(dispatch()):
+        if (tokens < 0).any():
+            raise RuntimeError(f"internal error: the LM returned no frame ({tokens.tolist()})")
+        yield tokens, pcm
+
+
+def _one_behind(steps):
+    """Bring each step's results to the host only once the next step is queued, so the accelerator
+    never idles while Python prints text and writes audio (JAX dispatches asynchronously)."""
+    import jax
+    pending = None
+    for result in steps:
+        if pending is not None:
+            yield jax.device_get(pending)
+        pending = result
+    if pending is not None:
+        yield jax.device_get(pending)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Text display and output files.
+
+def piece_text(tokenizer, token: int) -> str:
+    """The printable text of a token: sentencepiece's "▁" (a word start) becomes a space."""
+    if tokenizer is None or token >= tokenizer.get_piece_size():
+        return f"<{token}>"
+    return tokenizer.id_to_piece(int(token)).replace("\u2581", " ")
+
+
+class Display:
+    """Moshi's text as it comes, with a progress line, on a terminal; plain text otherwise.
+
+    On a terminal the last line is a live status line, `[ 42%  3.4/8.0 s  61 ms/frame ] words...`,
+    redrawn every frame; finished lines of text scroll up above it. Piped, the text pieces are
+    written as they come and progress goes to stderr every 10%.
+    """
+
+    def __init__(self, total_frames: int, frame_seconds: float, out=None, err=None):
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.live = self.out.isatty()
+        self.total, self.frame_seconds = total_frames, frame_seconds
+        self.width = max(40, os.get_terminal_size(self.out.fileno()).columns - 1) if self.live else 88
+        self.line, self.done, self.reported = "", 0, 0
+        self.started = time.perf_counter()
+
+    def status(self) -> str:
+        pct = 100 * self.done // max(1, self.total)
+        ms = 1000 * (time.perf_counter() - self.started) / max(1, self.done)
+        return f"[{pct:3d}% {self.done * self.frame_seconds:6.1f}/{self.total * self.frame_seconds:.1f} s {ms:5.0f} ms/frame]"
+
+    def frame(self, piece: str | None):
+        self.done += 1
+        if not self.live:
+            if piece:
+                self.out.write(piece)
+                self.out.flush()
+            if 10 * self.done // max(1, self.total) > self.reported:
+                self.reported = 10 * self.done // max(1, self.total)
+                print(f"\n{self.status()}", file=self.err, flush=True)
+            return
+        self.line += piece or ""
+        status = self.status() + " "
+        while len(status) + len(self.line) > self.width and " " in self.line.strip():
+            cut = self.line.rstrip().rfind(" ", 0, self.width - len(status))
+            cut = cut if cut > 0 else len(self.line.rstrip())
+            self.out.write("\r\033[K" + " " * len(status) + self.line[:cut] + "\n")
+            self.line = self.line[cut:]
+        self.out.write("\r\033[K" + status + self.line[-(self.width - len(status)):])
+        self.out.flush()
+
+    def close(self):
+        self.out.write(("\r\033[K" + self.line if self.live else "") + "\n")
+        self.out.flush()
+
+
+class WavWriter:
+    """Streams frames into `path` (through a temp file renamed at the end: an interrupted run leaves
+    no half file), cutting the audio at `num_samples`."""
+
+    def __init__(self, path: str, sample_rate: int, num_samples: int):
+        import soundfile
+        self.path, self.left = path, num_samples
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".wav")
+        os.close(fd)
+        self.file = soundfile.SoundFile(self.tmp, "w", samplerate=sample_rate, channels=1,
+                                        format="WAV", subtype="PCM_16")
+
+    def write(self, pcm):
+        pcm = np.clip(np.asarray(pcm, np.float32)[: self.left], -1.0, 1.0)
+        self.file.write(pcm)
+        self.left -= len(pcm)
+
+    def close(self, keep: bool = True):
+        self.file.close()
+        if keep:
+            _readable(self.tmp)
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def write_json(path: str, obj) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+    _readable(tmp)
+    os.replace(tmp, path)
+
+
+def _readable(path):
+    """mkstemp makes files only their owner can read; give them the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def numbered(path: str, index: int, count: int) -> str:
+    """out.wav -> out-0.wav, out-1.wav, ... when there are several answers (as run_inference.py)."""
+    if count == 1:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-{index}{ext}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Main: load, converse, write.
+
+def tiny_mimi_config(card: int):
+    """A tiny random Mimi with the real frame size (80 ms), for --random-init with a tiny LM."""
+    import mimi
+    return mimi.MimiConfig(dimension=16, n_filters=4, ratios=(8, 6, 5, 4), num_heads=2, num_layers=2,
+                           dim_feedforward=32, context=8, codebook_dim=8, codebook_size=card, num_quantizers=8)
+
+
+def mimi_config_from_kyutai(d: dict):
+    """Kyutai's Mimi config JSON (the `mimi_config_name` file, structured like loaders._mimi_config)
+    -> mimi.MimiConfig. Settings the released Mimi does not use are refused by name."""
+    import mimi
+    try:
+        seanet, quantizer, transformer = d["seanet"], d["quantizer"], d["transformer"]
+        fixed = {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True, "activation": "ELU"}
+        fixed_tr = {"gating": "none", "norm": "layer_norm", "positional_embedding": "rope", "causal": True}
+        bad = [f"seanet.{k}={seanet[k]!r}" for k, v in fixed.items() if k in seanet and seanet[k] != v]
+        bad += [f"transformer.{k}={transformer[k]!r}" for k, v in fixed_tr.items() if k in transformer and transformer[k] != v]
+        if transformer["d_model"] != seanet["dimension"]:
+            bad.append(f"transformer.d_model={transformer['d_model']} != seanet.dimension={seanet['dimension']}")
+        if bad:
+            raise SampleError(f"Mimi config: unsupported settings {', '.join(bad)}")
+        ratios = tuple(int(r) for r in seanet["ratios"])
+        stride = d["sample_rate"] / math.prod(ratios) / d["frame_rate"]  # encoder rate / codec frame rate
+        return mimi.MimiConfig(
+            sample_rate=d["sample_rate"], channels=d["channels"], dimension=seanet["dimension"],
+            n_filters=seanet["n_filters"], ratios=ratios, kernel_size=seanet["kernel_size"],
+            last_kernel_size=seanet["last_kernel_size"], residual_kernel_size=seanet["residual_kernel_size"],
+            n_residual_layers=seanet["n_residual_layers"], dilation_base=seanet["dilation_base"],
+            compress=seanet["compress"], downsample_stride=int(round(stride)),
+            num_heads=transformer["num_heads"], num_layers=transformer["num_layers"],
+            dim_feedforward=transformer["dim_feedforward"], context=transformer["context"],
+            layer_scale=transformer["layer_scale"], max_period=transformer["max_period"],
+            codebook_dim=quantizer["dimension"], codebook_size=quantizer["bins"], num_quantizers=quantizer["n_q"])
+    except (KeyError, TypeError) as e:
+        raise SampleError(f"Mimi config: missing or bad entry {e}") from None
+
+
+def load_tokenizer(path):
+    import sentencepiece
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=path)
+    except Exception as e:
+        raise SampleError(f"cannot load the text tokenizer {path!r}: {e}") from None
+
+
+def load_models(args, log) -> Models:
+    import jax
+    import jax.numpy as jnp
+    import convert
+    import mimi
+    import moshi
+    dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
+    tokenizer = None
+    if args.random_init:
+        log("!" * 88 + f"\n!! --random-init {args.random_init}: RANDOM WEIGHTS. Moshi will babble noise; "
+            f"this is a demo of the pipeline.\n" + "!" * 88)
+        cfg = moshi.PRESETS[args.random_init]
+        lm = jax.jit(moshi.init, static_argnums=(1, 2))(jax.random.key(args.seed), cfg, dtype)
+        if args.mimi_weight:
+            mimi_params, mimi_cfg = _load(convert.load_mimi, args.mimi_weight)
+        else:
+            mimi_cfg = tiny_mimi_config(cfg.card) if args.random_init.startswith("tiny") else mimi.MimiConfig()
+            mimi_params = jax.jit(mimi.init, static_argnums=1)(jax.random.key(args.seed + 1), mimi_cfg)
+        if args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        ckpt = find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
+        log(f"loading Moshi from {ckpt.moshi}")
+        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=ckpt.config, dtype=dtype)
+        log(f"loading Mimi from {ckpt.mimi}")
+        mimi_cfg = mimi_config_from_kyutai(ckpt.mimi_config) if ckpt.mimi_config else None
+        mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
+        tokenizer = load_tokenizer(ckpt.tokenizer)
+    models = Models(lm, cfg, mimi_params, mimi_cfg, tokenizer)
+    if mimi_cfg.codebook_size != cfg.card or mimi_cfg.num_quantizers < models.codebooks:
+        raise SampleError(f"Mimi ({mimi_cfg.num_quantizers} codebooks of {mimi_cfg.codebook_size}) does not fit "
+                          f"the LM ({models.codebooks} codebooks of {cfg.card} per voice)")
+    return models
+
+
+def _load(fn, path, **kw):
+    import convert
+    try:
+        return fn(path, **kw)
+    except (ValueError, OSError) as e:             # convert.CheckpointError is a ValueError
+        raise SampleError(f"cannot load {path}: {e}") from None
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python sample.py --prompt testdata/hello.wav --out out.wav --duration 12")
+    ap.add_argument("--prompt", required=True, help="the user's audio (any format soundfile reads, any rate/channels)")
+    ap.add_argument("--out", default="out.wav", help="Moshi's voice (24 kHz wav); its text goes to the same name .json")
+    g = ap.add_argument_group("weights")
+    g.add_argument("--hf-repo", help=f"Hugging Face repo id or local directory (default {DEFAULT_REPO})")
+    g.add_argument("--moshi-weight", help="the LM's safetensors (overrides the repo's)")
+    g.add_argument("--mimi-weight", help="Mimi's safetensors (overrides the repo's)")
+    g.add_argument("--tokenizer", help="the sentencepiece text tokenizer (overrides the repo's)")
+    g.add_argument("--config", help="an LM config.json (overrides the repo's)")
+    g.add_argument("--random-init", metavar="PRESET", help="random weights, for demos and tests: one of "
+                   "moshiko, moshika, personaplex, tiny, tiny_personaplex")
+    g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the LM's dtype (Mimi runs in fp32)")
+    g = ap.add_argument_group("sampling")
+    g.add_argument("--seed", type=int, default=4242)
+    g.add_argument("--temp", type=float, default=0.8, help="audio temperature")
+    g.add_argument("--temp-text", type=float, default=0.7, help="text temperature")
+    g.add_argument("--top-k", type=int, default=250, help="audio top-k")
+    g.add_argument("--top-k-text", type=int, default=25, help="text top-k")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic)")
+    g.add_argument("--batch-size", type=int, default=1, help="independent answers to the same prompt, "
+                   "in one batch: out-0.wav, out-1.wav, ...")
+    g.add_argument("--duration", type=float, help="seconds of conversation: the prompt is cut, or followed by "
+                   "silence, to this length (default: the prompt's length)")
+    g = ap.add_argument_group("PersonaPlex (models whose depformer writes all 16 audio streams)")
+    g.add_argument("--voice-prompt", help="audio of the voice Moshi should speak with (normalised to -24 LUFS)")
+    g.add_argument("--text-prompt", help=f"the role, wrapped in <system> tags (default: {PERSONAPLEX_TEXT_PROMPT!r})")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error("--batch-size must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        ap.error("--duration must be positive")
+    if args.random_init:
+        import moshi
+        if args.random_init not in moshi.PRESETS:
+            ap.error(f"--random-init: unknown preset {args.random_init!r} (choose from {', '.join(moshi.PRESETS)})")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except SampleError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def run(args):
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    num_samples = resampled_length(args.prompt)            # checks the prompt before loading 16 GB
+    models = load_models(args, log)
+    sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
+    if args.duration is not None:
+        num_samples = int(round(args.duration * sr))
+    prompt = None
+    if models.is_persona:
+        text = PERSONAPLEX_TEXT_PROMPT if args.text_prompt is None else args.text_prompt
+        prompt = build_persona_prompt(models, args.voice_prompt, text)
+        log(f"PersonaPlex prompt: {len(prompt)} frames (voice {args.voice_prompt or 'none'}, text {text!r})")
+    elif args.voice_prompt or args.text_prompt:
+        raise SampleError("--voice-prompt and --text-prompt are for PersonaPlex-style models (dep_q = n_q = 16); "
+                          f"this one has dep_q={models.lm_cfg.dep_q}, n_q={models.lm_cfg.n_q}")
+    B = args.batch_size
+    sampling = Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
+    frames = frames_of(read_blocks(args.prompt, sr), num_samples, F)
+    n_frames = -(-num_samples // F)
+    outs = [numbered(args.out, b, B) for b in range(B)]
+    writers = [WavWriter(path, sr, num_samples) for path in outs]
+    display = Display(n_frames, F / sr)
+    answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": []} for path in outs]
+    log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {B}, "
+        f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
+    started, first_done, ok = time.perf_counter(), None, False
+    try:
+        for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
+            first_done = first_done or time.perf_counter()
+            for b in range(B):
+                writers[b].write(pcm[b])
+                _record(answers[b], models.tokenizer, int(tokens[b, 0]), i, F / sr)
+            token = int(tokens[0, 0])
+            display.frame(None if token in (TEXT_PAD, TEXT_EPAD) else piece_text(models.tokenizer, token))
+        ok = True
+    finally:
+        for w in writers:
+            w.close(keep=ok)
+        display.close()
+    elapsed = time.perf_counter() - started
+    transcript = os.path.splitext(args.out)[0] + ".json"
+    write_json(transcript, {"prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
+                            "frame_seconds": F / sr, "random_init": args.random_init, "answers": answers})
+    steady = (time.perf_counter() - first_done) / max(1, n_frames - 1)
+    print(f"wrote {', '.join(outs)} ({num_samples / sr:.2f} s) and {transcript}. {n_frames} frames in "
+          f"{elapsed:.1f} s (first frame {first_done - started:.1f} s, with compilation), then "
+          f"{1000 * steady:.1f} ms/frame: real-time factor {steady * sr / F:.2f} (below 1 is faster than real time)"
+          + ("  [RANDOM WEIGHTS]" if args.random_init else ""))
+    return answers
+
+
+def _record(answer, tokenizer, token: int, frame: int, frame_seconds: float):
+    answer["text_tokens"].append(token)
+    if token not in (TEXT_PAD, TEXT_EPAD):
+        piece = piece_text(tokenizer, token)
+        answer["pieces"].append({"frame": frame, "time": round(frame * frame_seconds, 3), "token": token, "piece": piece})
+        answer["text"] += piece
+
+
+if __name__ == "__main__":
+    main()
