@@ -184,12 +184,16 @@ def attention_mask(pos_q, pos_k, causal: bool, context: int | None):
 
 def dot_product_attention(q, k, v, mask):
     # q [B, H, T, Dh], k/v [B, H, S, Dh], mask [T, S] -> [B, H, T, Dh]
-    # Scores and softmax in fp32; a fully visible diagonal means no row is ever all-masked.
+    # Scores and softmax in fp32; a fully visible diagonal means no row is ever all-masked. As in
+    # FlashAttention (and torch's CPU kernel), the *unnormalised* weights meet v in v's dtype and
+    # the fp32 sum divides at the end: in bf16 this rounding order is what keeps greedy tokens
+    # equal to Kyutai's (normalising first flips a few tokens).
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bhsd->bhtd", probs, v)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))          # unnormalised, fp32
+    out = jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(weights, axis=-1)[..., None]).astype(v.dtype)
 
 
 # Flash attention: the same math as dot_product_attention for a whole causal sequence, as a Pallas
