@@ -15,6 +15,15 @@ testdata/hello.wav (4.1 s, 24 kHz mono 16-bit) is the README's example prompt, m
 `espeak-ng -v en-us -s 160 "Hello Moshi! How are you today? Tell me about the ocean."`, resampled
 to 24 kHz, trimmed and peak-normalised to 0.7.
 
+PersonaPlex: `PYTHONPATH=<NVIDIA/personaplex checkout>/moshi ~/oracle/bin/python
+testdata/make_sample_fixtures.py personaplex` runs NVIDIA's own offline flow (moshi/offline.py:
+voice prompt normalised to -24 LUFS, 6 silence frames, the <system>-wrapped text prompt, 6 silence
+frames, then the user's frames) with greedy decoding on a tiny PersonaPlex-shaped model (dep_q 16)
+and the same tiny Mimi, and writes sample_personaplex_keys.txt and sample_personaplex_fixture.npz.
+PersonaPlex's silence and 440 Hz sine codes are constants for the released Mimi; for the tiny Mimi
+the script computes them the same way (one frame encoded from a fresh state) and patches them in.
+The fork is only run here, never copied into the repo.
+
 Also recorded: pyloudnorm's integrated loudness (BS.1770) of a few signals, which sample.py's own
 implementation must reproduce (`pip install pyloudnorm` in the fixture environment).
 
@@ -61,6 +70,18 @@ MIMI_CONFIG = {
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"   # the default name: no mimi_name needed
 REPO_CONFIG = dict(LM_CONFIG, mimi_config_name="mimi_config.json")
 
+# The fork is built on an older moshi whose streaming ring KV cache drops the oldest key once the
+# ring is full (a query then sees context - 1 past steps, where 0.2.13 sees context), both in the LM
+# and in Mimi; we follow 0.2.13. The released models only meet this after 4 minutes (the LM's 3000
+# frames) and 10 s (Mimi's 250 steps, where Kyutai's own streaming departs from batch too), so the
+# PersonaPlex fixture keeps both windows unfilled: the LM keeps the released 3000-frame context and
+# Mimi the released 250-step one (same weights as the moshiko fixture's Mimi).
+PERSONA_CONFIG = dict(LM_CONFIG, dep_q=16, context=3000)
+PERSONA_MIMI_CONFIG = dict(MIMI_CONFIG, transformer=dict(MIMI_CONFIG["transformer"], context=250))
+PERSONA_SEED = 2026
+VOICE_SPAN = (12000, 40800)                  # the voice prompt: 1.2 s of hello.wav from 0.5 s
+TEXT_PROMPT = "You enjoy having a good conversation."
+
 CORPUS = """Hello Moshi, how are you today? I am fine, thank you. Tell me about the ocean.
 The ocean covers most of the planet and holds nearly all of its water.
 Waves are made by the wind, and tides by the moon.
@@ -106,6 +127,12 @@ def read_prompt():
 def digest(path) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_voice_prompt(path):
+    """The voice prompt, a slice of hello.wav, as a 16-bit wav (same samples on every machine)."""
+    import soundfile
+    soundfile.write(path, read_prompt()[VOICE_SPAN[0]:VOICE_SPAN[1]], 24000, subtype="PCM_16")
 
 
 def loudness_signals():
@@ -187,6 +214,80 @@ def run_official(repo, wav):
     return tokens, np.stack(user_codes).astype(np.int32), pcm[0].numpy()
 
 
+def run_personaplex():
+    """NVIDIA's offline flow (personaplex moshi/offline.py), greedy, on tiny random weights."""
+    import tempfile
+    import torch
+    import random_weights as rw
+    from moshi.models import loaders, lm as pp_lm
+    from moshi.models.lm import LMGen, LMModel
+    from safetensors.numpy import save_file
+    if not hasattr(LMGen, "step_system_prompts"):
+        sys.exit("`moshi` is not NVIDIA's PersonaPlex fork: put <personaplex>/moshi first on PYTHONPATH")
+    torch.manual_seed(0)
+    kw = {k: v for k, v in PERSONA_CONFIG.items()}
+    model = LMModel(device="cpu", dtype=torch.float32, **kw).eval()
+    spec = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    rw.write_spec(os.path.join(HERE, "sample_personaplex_keys.txt"), spec,
+                  "PersonaPlex LMModel(**PERSONA_CONFIG) state dict: name<TAB>shape")
+    tensors = rw.random_tensors(spec, PERSONA_SEED, lm_overrides())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
+    # PersonaPlex's loader hard-codes the released Mimi's settings: point them at the tiny one.
+    loaders._seanet_kwargs = MIMI_CONFIG["seanet"]
+    loaders._quantizer_kwargs = MIMI_CONFIG["quantizer"]
+    loaders._transformer_kwargs = PERSONA_MIMI_CONFIG["transformer"]
+    out = {"prompt_sha256": np.array(digest(PROMPT))}
+    with tempfile.TemporaryDirectory() as tmp:
+        mimi_spec = rw.read_spec(os.path.join(HERE, "sample_mimi_keys.txt"))
+        save_file(rw.random_tensors(mimi_spec, MIMI_SEED, mimi_overrides()), os.path.join(tmp, MIMI_FILE))
+        mimi = loaders.get_mimi(os.path.join(tmp, MIMI_FILE), "cpu")
+        F = int(mimi.sample_rate / mimi.frame_rate)
+        with torch.no_grad():      # PersonaPlex's constants, recomputed for this Mimi
+            for name, frame in (("SILENCE_TOKENS", np.zeros(F, np.float32)),
+                                ("SINE_TOKENS", pp_lm.create_sinewave(F / 24000, 24000))):
+                with mimi.streaming(1):
+                    codes = mimi.encode(torch.from_numpy(frame)[None, None])[0, :, 0].numpy()
+                setattr(pp_lm, name, codes.astype(np.int64))
+                out[name.lower()] = codes.astype(np.int32)
+        tokenizer_path = os.path.join(tmp, "tok.model")
+        train_tokenizer(tokenizer_path)
+        import sentencepiece
+        from moshi.offline import wrap_with_system_tags
+        sp = sentencepiece.SentencePieceProcessor(tokenizer_path)
+        voice = os.path.join(tmp, "voice.wav")
+        write_voice_prompt(voice)
+        lm_gen = LMGen(model, audio_silence_frame_cnt=int(0.5 * mimi.frame_rate), sample_rate=mimi.sample_rate,
+                       device="cpu", frame_rate=mimi.frame_rate, use_sampling=False)
+        mimi.streaming_forever(1)
+        lm_gen.streaming_forever(1)
+        with torch.no_grad():
+            lm_gen.load_voice_prompt(voice)
+            lm_gen.text_prompt_tokens = sp.encode(wrap_with_system_tags(TEXT_PROMPT))
+            out["text_prompt_tokens"] = np.asarray(lm_gen.text_prompt_tokens, np.int32)
+            mimi.reset_streaming()
+            lm_gen.reset_streaming()
+            lm_gen.step_system_prompts(mimi)
+            mimi.reset_streaming()
+            user = pp_lm.load_audio(PROMPT, mimi.sample_rate)
+            tokens, pcm = [], []
+            for frame in pp_lm._iterate_audio(user, sample_interval_size=F, pad=True):
+                codes = mimi.encode(torch.tensor(frame, dtype=torch.float32)[None])
+                step = lm_gen.step(codes)
+                if step is None:
+                    continue
+                tokens.append(step[0, :, 0].numpy())
+                pcm.append(mimi.decode(step[:, 1:9])[0, 0].numpy())
+    out["tokens"] = np.stack(tokens).astype(np.int32)              # [T, 17]
+    out["pcm_head"] = np.concatenate(pcm)[: DECODED_FRAMES * F]
+    print(f"PersonaPlex offline flow: {len(out['tokens'])} frames, text prompt {len(out['text_prompt_tokens'])} "
+          f"tokens, silence codes {out['silence_tokens'].tolist()}, sine codes {out['sine_tokens'].tolist()}")
+    print("distinct text tokens:", len(np.unique(out["tokens"][:, 0])),
+          "| distinct codes per Moshi stream:", [len(np.unique(c)) for c in out["tokens"][:, 1:9].T])
+    path = os.path.join(HERE, "sample_personaplex_fixture.npz")
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+
+
 def main():
     import tempfile
     import torch
@@ -219,4 +320,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["personaplex"]:
+        sys.path.insert(0, HERE)
+        run_personaplex()
+    else:
+        main()
