@@ -269,6 +269,218 @@ def _layer_slice(tree, i):
 
 
 # ----------------------------------------------------------------------------------------------
+# 3. The LM (moshi.py, depformer.py)
+#
+# Configs: Kyutai ships an LM as a safetensors file plus, except for the first moshiko/moshika
+# repos, a config.json whose keys are `LMModel(**lm_kwargs)` arguments mixed with file names and
+# tool settings. `lm_config` turns that into a moshi.LMConfig, resolving what Kyutai's LMModel
+# resolves: the depformer inherits the main transformer's settings it does not override.
+# Conditioners (Hibiki's quality label, TTS speakers) are not implemented: a config that declares
+# them, or a checkpoint that holds `condition_provider.*` / `fuser.*` tensors, loads with a warning
+# and the conditioning is ignored, so such a model runs unconditioned.
+
+_NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
+                  "lm_gen_config", "tts_config", "stt_config", "model_id")     # files and tool settings
+_DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing")   # unused by Kyutai too
+_UNSUPPORTED_LM_KWARGS = {"demux_second_text_stream": False, "norm_emb": False, "bias_proj": False,
+                          "quantize": False, "lora": False, "kv_repeat": 1, "depformer_kv_repeat": 1,
+                          "cross_attention": False}
+_INHERITED_BY_DEPFORMER = ("num_layers", "gating", "max_period", "layer_scale")
+
+
+def lm_config(config=None):
+    """A Kyutai LM config -> moshi.LMConfig. `config`: None (moshiko, Kyutai's built-in default), a
+    config.json path, its dict, or an LMConfig (returned as is)."""
+    import dataclasses
+    import warnings
+    import moshi
+    if config is None:
+        return moshi.MOSHIKO
+    if isinstance(config, moshi.LMConfig):
+        return config
+    if not isinstance(config, dict):
+        with open(config) as fh:
+            config = json.load(fh)
+    kw = {k: v for k, v in config.items() if k not in _NOT_LM_KWARGS + _DROPPED_LM_KWARGS}
+    if "demux_second_stream" in kw:                                  # Kyutai renamed it
+        kw["demux_second_text_stream"] = kw.pop("demux_second_stream")
+    cond = [k for k in ("conditioners", "fuser") if kw.pop(k, None)]
+    if cond:
+        warnings.warn(f"LM config declares {' and '.join(cond)}: conditioning is not implemented, "
+                      "the model will run unconditioned")
+    for key, plain in _UNSUPPORTED_LM_KWARGS.items():
+        value = kw.pop(key, None)
+        if value not in (plain, None):
+            raise ValueError(f"LM config: {key}={value!r} is not supported (only {plain!r})")
+    ff = kw.get("depformer_dim_feedforward")
+    if isinstance(ff, list):
+        if len(set(ff)) != 1:
+            raise ValueError(f"LM config: per-step depformer_dim_feedforward {ff} is not supported")
+        kw["depformer_dim_feedforward"] = ff[0]
+    defaults = {f.name: f.default for f in dataclasses.fields(moshi.LMConfig)}
+    for name in _INHERITED_BY_DEPFORMER:
+        kw.setdefault("depformer_" + name, kw.get(name, defaults[name]))
+    for name in ("delays", "depformer_weights_per_step_schedule"):
+        if kw.get(name) is not None:
+            kw[name] = tuple(int(v) for v in kw[name])
+    unknown = sorted(set(kw) - set(defaults))
+    if unknown:
+        raise ValueError(f"LM config: unknown keys {unknown}")
+    return moshi.LMConfig(**kw)
+
+
+def lm_config_dict(cfg) -> dict:
+    """moshi.LMConfig -> Kyutai lm kwargs (what a config.json holds; `LMModel(**d)` accepts it)."""
+    import dataclasses
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _norm_keys(prefix: str, kind: str, dim: int) -> dict:
+    if kind.startswith("rms_norm"):
+        return {prefix + "alpha": (1, 1, dim)}
+    return {prefix + "weight": (dim,), prefix + "bias": (dim,)}
+
+
+def _num_depformer_in(cfg) -> int:
+    """Kyutai builds these even when dep_q = 0 (then unused)."""
+    if not cfg.depformer_multi_linear:
+        return 1
+    sched = cfg.depformer_weights_per_step_schedule
+    return max(sched) + 1 if sched else cfg.dep_q
+
+
+def lm_keys(cfg) -> dict:
+    """On-disk {name: shape} of an LM checkpoint (legacy packed attention, as released)."""
+    D, card, text_card = cfg.dim, cfg.card, cfg.text_card
+    keys = {f"emb.{k}.weight": (card + 1, D) for k in range(cfg.n_q)}
+    keys["text_emb.weight"] = (text_card + 1, D)
+    keys["text_linear.weight"] = (cfg.text_card_out or text_card, D)
+    keys.update(transformer_keys("transformer.layers.", cfg.temporal))
+    keys.update(_norm_keys("out_norm.", cfg.norm, D))
+    Dd, rank = cfg.depformer_dim, cfg.depformer_low_rank_embeddings
+    keys.update({f"depformer_in.{i}.weight": (Dd, D) for i in range(_num_depformer_in(cfg))})
+    keys.update({f"extra_heads.{i}.weight": (cfg.extra_heads_dim, D) for i in range(cfg.extra_heads_num_heads)})
+    if not cfg.dep_q:
+        return keys
+    for name, rows in [(f"depformer_emb.{i}.", card + 1) for i in range(cfg.dep_q - 1)] + [("depformer_text_emb.", text_card + 1)]:
+        keys[name + "weight"] = (rows, rank or Dd)
+        if rank:
+            keys[name + "low_rank.weight"] = (Dd, rank)
+    keys.update(transformer_keys("depformer.layers.", cfg.depformer.transformer))
+    if cfg.depformer_norm is not None:
+        for c in range(cfg.dep_q):
+            keys.update(_norm_keys(f"depformer_norms.{c}.", cfg.depformer_norm, Dd))
+    keys.update({f"linears.{c}.weight": (card, Dd) for c in range(cfg.dep_q)})
+    return keys
+
+
+def _get_norm(t, prefix: str, kind: str):
+    if kind.startswith("rms_norm"):
+        return {"alpha": t[prefix + "alpha"].reshape(-1)}
+    return {"weight": t[prefix + "weight"], "bias": t[prefix + "bias"]}
+
+
+def _put_norm(out: dict, prefix: str, kind: str, p: dict):
+    if kind.startswith("rms_norm"):
+        out[prefix + "alpha"] = np.asarray(p["alpha"]).reshape(1, 1, -1)
+    else:
+        out[prefix + "weight"], out[prefix + "bias"] = np.asarray(p["weight"]), np.asarray(p["bias"])
+
+
+def _lm_params(t: dict, cfg, cast) -> dict:
+    """On-disk tensors -> moshi params (see moshi.init for the layout)."""
+    stack = lambda names: cast(np.stack([np.asarray(t[n]) for n in names]))
+    params = {"emb": stack([f"emb.{k}.weight" for k in range(cfg.n_q)]),
+              "text_emb": cast(t["text_emb.weight"]),
+              "transformer": stack_transformer(t, "transformer.layers.", cfg.temporal, cast),
+              "out_norm": {k: cast(v) for k, v in _get_norm(t, "out_norm.", cfg.norm).items()},
+              "text_linear": cast(t["text_linear.weight"])}
+    if cfg.extra_heads_num_heads:
+        params["extra_heads"] = stack([f"extra_heads.{i}.weight" for i in range(cfg.extra_heads_num_heads)])
+    n_in = _num_depformer_in(cfg)
+    dep = {"input_proj": stack([f"depformer_in.{i}.weight" for i in range(n_in)])} if n_in else {}
+    if cfg.dep_q:
+        K = cfg.dep_q
+        dep.update(text_emb=cast(t["depformer_text_emb.weight"]),
+                   emb=stack([f"depformer_emb.{i}.weight" for i in range(K - 1)]),
+                   transformer=stack_transformer(t, "depformer.layers.", cfg.depformer.transformer, cast),
+                   linears=stack([f"linears.{c}.weight" for c in range(K)]))
+        if cfg.depformer_low_rank_embeddings:
+            dep["text_emb_low_rank"] = cast(t["depformer_text_emb.low_rank.weight"])
+            dep["emb_low_rank"] = stack([f"depformer_emb.{i}.low_rank.weight" for i in range(K - 1)])
+        if cfg.depformer_norm is not None:
+            norms = [_get_norm(t, f"depformer_norms.{c}.", cfg.depformer_norm) for c in range(K)]
+            dep["norms"] = {k: cast(np.stack([np.asarray(n[k]) for n in norms])) for k in norms[0]}
+    if dep:
+        params["depformer"] = dep
+    return params
+
+
+def _lm_tensors(params: dict, cfg) -> dict:
+    """moshi params -> on-disk {name: numpy array} (inverse of _lm_params)."""
+    a = np.asarray
+    out = {f"emb.{k}.weight": a(params["emb"][k]) for k in range(cfg.n_q)}
+    out["text_emb.weight"], out["text_linear.weight"] = a(params["text_emb"]), a(params["text_linear"])
+    out.update(unstack_transformer(params["transformer"], "transformer.layers.", cfg.temporal))
+    _put_norm(out, "out_norm.", cfg.norm, params["out_norm"])
+    for i in range(cfg.extra_heads_num_heads):
+        out[f"extra_heads.{i}.weight"] = a(params["extra_heads"][i])
+    dep = params.get("depformer", {})
+    for i in range(_num_depformer_in(cfg)):
+        out[f"depformer_in.{i}.weight"] = a(dep["input_proj"][i])
+    if not cfg.dep_q:
+        return out
+    out["depformer_text_emb.weight"] = a(dep["text_emb"])
+    for i in range(cfg.dep_q - 1):
+        out[f"depformer_emb.{i}.weight"] = a(dep["emb"][i])
+    if cfg.depformer_low_rank_embeddings:
+        out["depformer_text_emb.low_rank.weight"] = a(dep["text_emb_low_rank"])
+        for i in range(cfg.dep_q - 1):
+            out[f"depformer_emb.{i}.low_rank.weight"] = a(dep["emb_low_rank"][i])
+    out.update(unstack_transformer(dep["transformer"], "depformer.layers.", cfg.depformer.transformer))
+    for c in range(cfg.dep_q):
+        if cfg.depformer_norm is not None:
+            _put_norm(out, f"depformer_norms.{c}.", cfg.depformer_norm, {k: v[c] for k, v in dep["norms"].items()})
+        out[f"linears.{c}.weight"] = a(dep["linears"][c])
+    return out
+
+
+def load_lm(path, config=None, dtype=None):
+    """A Kyutai LM checkpoint -> (params, moshi.LMConfig).
+
+    config: None (moshiko's built-in config, like Kyutai's loader without a config.json), a
+    config.json path, its dict, or an LMConfig. dtype: None keeps the file's dtype (bf16 for the
+    released models); jnp.float32 etc. casts. Every attention naming Kyutai's loader accepts is
+    accepted (packed `in_proj_weight` or `in_proj.weight`, and moshi>=0.2's `in_projs.{i}`). Tensors are read one at a time from a
+    memory map; `condition_provider.*` / `fuser.*` tensors are skipped with a warning.
+    """
+    import warnings
+    import jax.numpy as jnp
+    cfg = lm_config(config)
+    f = SafeTensorsFile(path)
+    tensors = {k: f[k] for k in f.keys()}
+    skipped = [k for k in tensors if k.startswith(("condition_provider.", "fuser."))]
+    if skipped:
+        warnings.warn(f"{path}: ignoring {len(skipped)} conditioner tensors (e.g. {skipped[0]!r}); "
+                      "conditioning is not implemented, the model runs unconditioned")
+    tensors = {k.replace(".self_attn.in_proj.weight", ".self_attn.in_proj_weight"): v     # a third naming
+               for k, v in tensors.items() if k not in skipped}
+    dep_sets = cfg.depformer.transformer.num_weight_sets if cfg.dep_q else 1
+    tensors = to_disk_attention_names(tensors, lambda name: dep_sets if name.startswith("depformer.") else 1)
+    check_keys(lm_keys(cfg), {k: v.shape for k, v in tensors.items()}, f"LM checkpoint {path}")
+    cast = lambda x: jnp.asarray(x, dtype=dtype or x.dtype)
+    return _lm_params(tensors, cfg, cast), cfg
+
+
+def save_lm(path, params, cfg) -> None:
+    """moshi params -> a safetensors file in Kyutai's on-disk naming (packed attention), atomically.
+    Kyutai's loaders (PyTorch `get_moshi_lm`, MLX, Rust) read it; dtypes are kept."""
+    tensors = _lm_tensors(params, cfg)
+    check_keys(lm_keys(cfg), {k: v.shape for k, v in tensors.items()}, "save_lm: params")
+    save_safetensors(path, tensors, {"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 def main(argv=None):

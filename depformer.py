@@ -77,19 +77,12 @@ def embed(table, tokens, low_rank=None):
     return rows if low_rank is None else helium.linear(rows, low_rank)
 
 
-def step_token_embedding(params, cfg: DepformerConfig, tokens, step: int):
-    """What step `step` conditions on: the text token at step 0, else audio codebook step-1."""
-    if step == 0:
-        return embed(params["text_emb"], tokens, params.get("text_emb_low_rank"))
-    low_rank = params["emb_low_rank"][step - 1] if "emb_low_rank" in params else None
-    return embed(params["emb"][step - 1], tokens, low_rank)
-
-
-def output_head(params, cfg: DepformerConfig, y, step: int):
-    """y [..., Dd] at one step -> logits [..., card]."""
-    if cfg.norm is not None:
-        y = helium.norm(jax.tree.map(lambda a: a[step], params["norms"]), cfg.norm, y)
-    return helium.linear(y, params["linears"][step])
+def audio_embedding(params, tokens, c):
+    """Codebook c's embedding of tokens [B] (c may be traced): what step c + 1 conditions on."""
+    table = jax.lax.dynamic_index_in_dim(params["emb"], c, keepdims=False)
+    low_rank = (jax.lax.dynamic_index_in_dim(params["emb_low_rank"], c, keepdims=False)
+                if "emb_low_rank" in params else None)
+    return embed(table, tokens, low_rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,12 +96,15 @@ def forward(params, cfg: DepformerConfig, h, tokens, layer_hook: Callable | None
     steps = tuple(range(K))
     w_in = params["input_proj"][np.asarray([cfg.input_proj_index(c) for c in steps])]    # [K, Dd, D]
     x = jnp.einsum("btd,ked->btke", h, w_in)                                              # [B, T, K, Dd]
-    x = x + jnp.stack([step_token_embedding(params, cfg, tokens[:, :, c], c) for c in steps], axis=2)
+    x = x + jnp.stack([embed(params["text_emb"], tokens[:, :, 0], params.get("text_emb_low_rank"))] +
+                      [audio_embedding(params, tokens[:, :, c], c - 1) for c in steps[1:]], axis=2)
     layers = helium.select_step_weights(params["transformer"], cfg.transformer, steps)
     y, _ = helium.transformer(layers, cfg.transformer, x.reshape(B * T, K, -1),
                               layer_hook=layer_hook, remat=remat)                         # [B*T, K, Dd]
     y = y.reshape(B, T, K, -1)
-    return jnp.stack([output_head(params, cfg, y[:, :, c], c) for c in steps], axis=2)   # [B, T, K, card]
+    if cfg.norm is not None:
+        y = helium.norm(params["norms"], cfg.norm, y)                 # per-step norms broadcast over K
+    return jnp.einsum("btkd,kvd->btkv", y, params["linears"])                           # [B, T, K, card]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,15 +127,36 @@ def sample_token(logits, key, temp: float, top_k: int, greedy: bool = False):
 
 # ----------------------------------------------------------------------------------------------
 # Generation: one frame, codebook by codebook. The KV cache lives for one frame only (dep_q
-# slots, step c at position c), so the depformer's memory never grows.
+# slots, step c at position c), so the depformer's memory never grows. Steps 1..K-1 are one
+# lax.scan (they differ only in which weights they index), so a model compiles one step, not K.
 
-def step(params, cfg: DepformerConfig, cache, h, token, c: int):
-    """Step c of a frame: h [B, D], token [B] (text for c = 0, else codebook c-1) -> (cache, logits [B, card])."""
-    x = helium.linear(h, params["input_proj"][cfg.input_proj_index(c)])          # [B, Dd]
-    x = x + step_token_embedding(params, cfg, token, c)
-    layers = helium.select_step_weights(params["transformer"], cfg.transformer, (c,))
-    cache, y = helium.step(layers, cfg.transformer, cache, x[:, None])            # [B, 1, Dd]
-    return cache, output_head(params, cfg, y[:, 0], c)
+def weights_at(params, cfg: DepformerConfig, c):
+    """Step c's slice of everything that differs per step; c may be traced (inside the scan)."""
+    sched = jnp.asarray(cfg.schedule)
+    take = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
+    layers = params["transformer"]
+    if cfg.transformer.weights_per_step:                    # [L, M, out, in] -> [L, 1, out, in]
+        layers = jax.tree.map(lambda a: a, layers)
+        for group, name in helium.PER_STEP:
+            if name in layers[group]:
+                w = jax.lax.dynamic_index_in_dim(layers[group][name], sched[c], axis=1, keepdims=True)
+                layers[group] = dict(layers[group], **{name: w})
+    out = {"input_proj": take(params["input_proj"], sched[c] if cfg.multi_linear else 0),
+           "transformer": layers, "linears": take(params["linears"], c)}
+    if cfg.norm is not None:
+        out["norm"] = jax.tree.map(lambda a: take(a, c), params["norms"])
+    return out
+
+
+def step(params, cfg: DepformerConfig, cache, h, token_embedding, c):
+    """Step c of a frame: h [B, D], the embedded token it conditions on [B, Dd] -> (cache, logits [B, card])."""
+    w = weights_at(params, cfg, c)
+    x = helium.linear(h, w["input_proj"]) + token_embedding                       # [B, Dd]
+    cache, y = helium.step(w["transformer"], cfg.transformer, cache, x[:, None])  # [B, 1, Dd]
+    y = y[:, 0]
+    if cfg.norm is not None:
+        y = helium.norm(w["norm"], cfg.norm, y)
+    return cache, helium.linear(y, w["linears"])
 
 
 def generate(params, cfg: DepformerConfig, h, text_token, key, sample: Callable,
@@ -153,15 +170,27 @@ def generate(params, cfg: DepformerConfig, h, text_token, key, sample: Callable,
     Returns (tokens [B, K] int32, logits [B, K, card]).
     """
     B, K = h.shape[0], cfg.num_steps
+    if forced is None:
+        forced, forced_mask = jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), bool)
+    keys = jax.random.split(key, K)
     cache = helium.init_cache(cfg.transformer, B, h.dtype, capacity=K)
-    prev, tokens, logits = text_token, [], []
-    for c, k in enumerate(jax.random.split(key, K)):
-        cache, step_logits = step(params, cfg, cache, h, prev, c)
-        token = sample(step_logits, k)
-        tokens.append(token)
-        logits.append(step_logits)
-        prev = token if forced is None else jnp.where(forced_mask[:, c], forced[:, c], token)
-    return jnp.stack(tokens, axis=1), jnp.stack(logits, axis=1)
+
+    def one_step(cache, c, token_embedding):
+        cache, logits = step(params, cfg, cache, h, token_embedding, c)
+        token = sample(logits, keys[c])
+        return cache, token, logits, jnp.where(forced_mask[:, c], forced[:, c], token)
+
+    text_in = embed(params["text_emb"], text_token, params.get("text_emb_low_rank"))
+    cache, token, logits, prev = one_step(cache, 0, text_in)
+
+    def body(carry, c):
+        cache, prev = carry
+        cache, token, logits, prev = one_step(cache, c, audio_embedding(params, prev, c - 1))
+        return (cache, prev), (token, logits)
+
+    _, (tokens, all_logits) = jax.lax.scan(body, (cache, prev), jnp.arange(1, K))
+    tokens = jnp.concatenate([token[:, None], jnp.moveaxis(tokens, 0, 1)], axis=1)
+    return tokens, jnp.concatenate([logits[:, None], jnp.moveaxis(all_logits, 0, 1)], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------

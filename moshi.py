@@ -163,6 +163,7 @@ PRESETS = {"moshiko": MOSHIKO, "moshika": MOSHIKO, "personaplex": PERSONAPLEX,
 # Params: {"emb" [n_q, card+1, D], "text_emb" [text_card+1, D], "transformer" (helium layers),
 # "out_norm", "text_linear" [text_card_out, D], "depformer" (depformer.py), ["extra_heads"]}.
 
+@partial(jax.jit, static_argnames=("cfg", "dtype"))        # eager, every random op would compile alone
 def init(key, cfg: LMConfig, dtype=jnp.float32):
     k = jax.random.split(key, 6)
     D = cfg.dim
@@ -282,8 +283,11 @@ def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None,
 # to call 0 is never seen), and a frame's tokens reach the transformer in the call they are given.
 # lookahead = 1 is PersonaPlex's LMGen: call n is given frame n, whose delay-0 tokens are the
 # targets of this very call, so they can teacher-force the depformer; the transformer reads them
-# one call later. PersonaPlex's first `step` call only seeds its cache (its frame is dropped), so
-# our call n does the work of its call n + 1, fed the frame that call n + 1 is fed.
+# one call later. Like PersonaPlex it also teacher-forces initial tokens where a delay leaves the
+# target empty (Kyutai samples those and throws them away; with PersonaPlex's delays, where user
+# codebook 0 follows a delayed one, that changes what is sampled for it in the first frame).
+# PersonaPlex's first `step` call only seeds its cache (its frame is dropped), so our call n does
+# the work of its call n + 1, fed the frame that call n + 1 is fed.
 
 def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
     if cfg.context is None:
@@ -358,6 +362,9 @@ def _gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_co
     h, text_logits = h[:, 0], text_logits[:, 0]                                            # [B, D], [B, V]
     # 3. position n + 1: text, then the depformer, provided tokens winning over sampled ones
     target, is_given = tokens[:, :, (n + 1) % size], provided[:, :, (n + 1) % size]        # [B, K]
+    at_start = (n + 1 <= delays) & (state["lookahead"] == 1)     # PersonaPlex forces initial tokens there
+    target = jnp.where(at_start, jnp.asarray(cfg.initial_tokens()), target)
+    is_given = is_given | at_start
     text_key, audio_key = jax.random.split(key)
     sampled = [depformer.sample_token(text_logits, text_key, temp_text, top_k_text, greedy)[:, None]]
     logits = {"text_logits": text_logits}

@@ -170,3 +170,205 @@ def test_train_interleaver_matches_moshi_finetune():
             assert (np.arange(frames) < real).astype(int).tolist() == case["audio_valid"][w], case["name"]
             got = train.window_text(sp, alignments, w, frames, int(real))
             assert got.tolist() == case["text"][w], (case["name"], w)
+
+
+# ================================================================================================
+# moshi.py, depformer.py and convert.py's LM section
+#
+# Fixtures: testdata/make_lm_fixtures.py runs Kyutai's LMModel / LMGen on three small configs with
+# deterministic random weights (rebuilt here from the key list and seed: no weights committed):
+# a = moshiko-shaped, b = PersonaPlex-shaped (dep_q 16), c = delays up to 4, weight schedule,
+# low-rank embeddings, LayerNorm + sin embedding. Budget: < 4 min on 2 cores.
+
+import importlib.util  # noqa: E402
+import warnings  # noqa: E402
+
+import depformer  # noqa: E402
+import moshi  # noqa: E402
+
+
+def _lm_fixture_module():
+    spec = importlib.util.spec_from_file_location("make_lm_fixtures", os.path.join(TESTDATA, "make_lm_fixtures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LM_FIXTURES = _lm_fixture_module()
+
+
+def _lm_fixture(name, tmp_path, file_dtype=np.float32, dtype=jnp.float32):
+    """(fixture arrays, params, cfg): the fixture checkpoint written to disk and read by convert.load_lm."""
+    d = np.load(LM_FIXTURES.fixture_path(name))
+    spec = [(n, tuple(json.loads(s))) for n, s in zip(d["spec_names"], d["spec_shapes"])]
+    path = tmp_path / f"lm_{name}.safetensors"
+    convert.save_safetensors(path, LM_FIXTURES.checkpoint(spec, file_dtype))
+    params, cfg = convert.load_lm(path, json.loads(str(d["config_json"])), dtype=dtype)
+    return d, params, cfg
+
+
+def _positionwise_rel_err(ours, ref, mask):
+    """max over unmasked positions of |ours - ref|_inf / |ref|_inf, each position's logits on their own."""
+    ours, ref = np.asarray(ours, np.float64)[mask], np.asarray(ref, np.float64)[mask]
+    return float((np.abs(ours - ref).max(-1) / np.abs(ref).max(-1)).max())
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_lm_forward_matches_official(name, tmp_path):
+    """LMModel.forward: logits within 1e-4 at every unmasked position, identical masks."""
+    d, params, cfg = _lm_fixture(name, tmp_path)
+    out = jax.jit(lambda p, c: moshi.forward(p, cfg, c))(params, jnp.asarray(d["codes"]))
+    for key in ("mask", "text_mask"):
+        assert np.array_equal(np.asarray(out[key]), d[key]), key
+    assert not d["mask"].all() and not d["text_mask"].all()       # the fixture does exercise the masks
+    assert _positionwise_rel_err(out["logits"], d["logits"], d["mask"]) < 1e-4
+    assert _positionwise_rel_err(out["text_logits"], d["text_logits"], d["text_mask"]) < 1e-4
+    # where a delay leaves nothing to predict, Kyutai has NaN and we have zeros
+    past_delay = np.isnan(d["logits"]).all(-1)
+    assert past_delay.any() and np.all(np.asarray(out["logits"])[past_delay] == 0)
+
+
+def _greedy_run(params, cfg, user, **kw):
+    B, _, frames = user.shape
+    state, outs = moshi.init_gen_state(params, cfg, B), []
+    for n in range(frames):
+        state, out = moshi.gen_step(params, cfg, state, jnp.asarray(user[:, :, n:n + 1]), jax.random.key(n),
+                                    greedy=True, **kw)
+        outs.append(np.asarray(out))
+    return np.stack(outs, axis=-1), state
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_lm_greedy_generation_matches_official(name, tmp_path):
+    """LMGen(use_sampling=False) fed the same user codes: the same tokens, frame for frame, batch 2,
+    past the wrap of the KV ring (context 6 or 4 < 14 frames)."""
+    d, params, cfg = _lm_fixture(name, tmp_path)
+    tokens, state = _greedy_run(params, cfg, d["gen_user"])
+    assert tokens.shape == d["gen_tokens"].shape
+    assert np.array_equal(tokens, d["gen_tokens"])
+    assert state["kv"]["k"].shape[3] == cfg.context                      # constant memory
+
+
+def test_lm_bf16_checkpoint_matches_official_bf16(tmp_path):
+    """A bf16 file loads as bf16 and greedy tokens equal Kyutai's model run in bf16 (not its fp32 run,
+    which itself differs from its bf16 run after a few frames); dtype=float32 upcasts on request."""
+    d, params, cfg = _lm_fixture("a", tmp_path, file_dtype=convert._BF16, dtype=None)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+    tokens, _ = _greedy_run(params, cfg, d["gen_user"])
+    assert np.array_equal(tokens, d["gen_tokens_bf16"])
+    up, _ = convert.load_lm(tmp_path / "lm_a.safetensors", cfg, dtype=jnp.float32)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(up))
+
+
+@pytest.mark.parametrize("name,lookahead", [("b", 1), ("a", 1), ("c", 1), ("a", 0)])
+def test_lm_forced_generation_reproduces_official_forward(name, lookahead, tmp_path):
+    """Forcing every stream from `codes` (text, Moshi's codebooks, the user's) must make each streaming
+    step see exactly what LMModel.forward saw: the text logits of call n are the forward's text logits
+    of frame n. With PersonaPlex's lookahead the depformer is teacher-forced as well, so every audio
+    logit matches too; and the frames returned are the forced codes."""
+    d, params, cfg = _lm_fixture(name, tmp_path)
+    codes = d["codes"]
+    B, K, T = codes.shape
+    n_user = 8 if cfg.dep_q == cfg.n_q else cfg.n_q - cfg.dep_q         # PersonaPlex: user on 9..16
+    state, returned = moshi.init_gen_state(params, cfg, B, lookahead=lookahead), []
+    for n in range(T):
+        frame = codes[:, :, n - 1 + lookahead] if n - 1 + lookahead >= 0 else np.full((B, K), -2)
+        state, out, logits = moshi.gen_step(
+            params, cfg, state, jnp.asarray(frame[:, K - n_user:, None]), jax.random.key(0),
+            text=jnp.asarray(frame[:, 0]), moshi_codes=jnp.asarray(frame[:, 1:K - n_user]), return_logits=True)
+        returned.append(np.asarray(out))
+        assert rel_err(logits["text_logits"], d["text_logits"][:, 0, n]) < 1e-4, n
+        for c in range(cfg.dep_q if lookahead else 0):
+            t = n - cfg.delays[1 + c]
+            if t >= 0:
+                assert rel_err(logits["audio_logits"][:, c], d["logits"][:, c, t]) < 1e-4, (n, c)
+    returned = np.stack(returned, axis=-1)[:, :, cfg.max_delay:]      # call n returns frame n - max_delay
+    assert np.array_equal(returned, codes[:, :1 + cfg.dep_q, :T - cfg.max_delay])
+
+
+def test_lm_save_load_round_trip_and_namings(tmp_path):
+    """load -> save -> load is lossless and writes Kyutai's on-disk names (the fixture script checks
+    that Kyutai's LMModel loads our file with strict=True); the in-memory naming `in_projs.{i}` and
+    the `in_proj.weight` variant load to the same params; bad keys are named with their shapes."""
+    d, params, cfg = _lm_fixture("c", tmp_path)
+    convert.save_lm(tmp_path / "saved.safetensors", params, cfg)
+    saved = convert.load_safetensors(tmp_path / "saved.safetensors")
+    assert sorted(saved) == sorted(str(n) for n in d["spec_names"])
+    again, cfg2 = convert.load_lm(tmp_path / "saved.safetensors", convert.lm_config_dict(cfg))
+    assert cfg2 == cfg
+    assert jax.tree.structure(again) == jax.tree.structure(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
+    in_memory = {}
+    for k, v in saved.items():
+        for disk, mem in ((".self_attn.in_proj_weight", ".self_attn.in_projs."), (".self_attn.out_proj.weight", ".self_attn.out_projs.")):
+            if k.endswith(disk):
+                M = cfg.depformer.transformer.num_weight_sets if k.startswith("depformer.") else 1
+                in_memory.update({k[:-len(disk)] + f"{mem}{i}.weight": w for i, w in enumerate(np.split(v, M))})
+                break
+        else:
+            in_memory[k] = v
+    convert.save_safetensors(tmp_path / "mem.safetensors", in_memory)
+    variant = {k.replace(".in_proj_weight", ".in_proj.weight"): v for k, v in saved.items()}
+    convert.save_safetensors(tmp_path / "variant.safetensors", variant)
+    for f in ("mem.safetensors", "variant.safetensors"):
+        loaded, _ = convert.load_lm(tmp_path / f, cfg)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))), f
+    bad = dict(saved, **{"linears.0.weight": np.zeros((5, 16), np.float32)})
+    bad.pop("out_norm.weight")
+    convert.save_safetensors(tmp_path / "bad.safetensors", bad)
+    with pytest.raises(convert.CheckpointError, match=r"missing key 'out_norm.weight'.*\n.*linears.0.weight' has shape \(5, 16\), expected \(32, 16\)"):
+        convert.load_lm(tmp_path / "bad.safetensors", cfg)
+
+
+def test_lm_configs_and_7b_footprint():
+    """config.json parsing: Kyutai's moshiko file gives the built-in preset, whose param tree (shapes
+    only, nothing allocated) has Kyutai's 7,687,729,152 parameters in 355 on-disk tensors."""
+    moshiko_json = dict(convert.lm_config_dict(moshi.MOSHIKO), depformer_causal=True, depformer_context=8,
+                        moshi_name="model.safetensors", model_type="moshi")
+    assert convert.lm_config(moshiko_json) == convert.lm_config(None) == moshi.MOSHIKO
+    shapes = jax.eval_shape(lambda: moshi.init(jax.random.key(0), moshi.MOSHIKO, jnp.bfloat16))
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == 7_687_729_152
+    keys = convert.lm_keys(moshi.MOSHIKO)
+    assert len(keys) == 355 and sum(int(np.prod(s)) for s in keys.values()) == 7_687_729_152
+    pp = convert.lm_keys(moshi.PERSONAPLEX)
+    assert pp["depformer.layers.0.self_attn.in_proj_weight"] == (16 * 3 * 1024, 1024) and "linears.15.weight" in pp
+    # Kyutai's depformer inherits main settings it does not override
+    small = convert.lm_config({"delays": [0, 1], "n_q": 1, "dep_q": 1, "num_layers": 3, "gating": "silu",
+                               "depformer_num_heads": 2, "depformer_weights_per_step": True})
+    assert small.depformer_num_layers == 3 and small.depformer_gating == "silu"
+    with pytest.raises(ValueError, match="unknown keys \\['dimm'\\]"):
+        convert.lm_config({"dimm": 3})
+    with pytest.raises(ValueError, match="demux_second_text_stream"):
+        convert.lm_config({"demux_second_stream": True})
+    with pytest.warns(UserWarning, match="conditioners"):
+        convert.lm_config(dict(moshiko_json, conditioners={"description": {}}, fuser={"sum": ["description"]}))
+    with pytest.raises(ValueError, match="3 delays for 2 streams"):
+        moshi.LMConfig(delays=(0, 1, 1), n_q=1, dep_q=1)
+
+
+def test_lm_text_only_model_runs():
+    """dep_q = 0 (Kyutai's STT shape): no depformer; forward gives text logits, generation text only."""
+    cfg = moshi.LMConfig(delays=(0,) * 5, n_q=4, dep_q=0, card=16, text_card=20, dim=16, num_heads=2,
+                         num_layers=1, context=4, depformer_multi_linear=True)
+    params = moshi.init(jax.random.key(0), cfg)
+    out = jax.jit(lambda p, c: moshi.forward(p, cfg, c))(params, jnp.zeros((1, 5, 6), jnp.int32))
+    assert out["text_logits"].shape == (1, 1, 6, 20) and out["logits"].shape == (1, 0, 6, 16)
+    tokens, _ = _greedy_run(params, cfg, np.zeros((1, 4, 3), np.int32))
+    assert tokens.shape == (1, 1, 3) and (tokens >= 0).all()
+    with pytest.raises(ValueError, match="3 user codebooks given; this model reads 4"):
+        moshi.gen_step(params, cfg, moshi.init_gen_state(params, cfg, 1), jnp.zeros((1, 3, 1), jnp.int32),
+                       jax.random.key(0))
+
+
+def test_lm_sampling_is_softmax_top_k():
+    """temp / top-k sampling: never outside the top k, frequencies of softmax(logits / temp) renormalised."""
+    logits = jnp.asarray([2.0, 0.5, 1.0, -1.0, 1.5, 0.0])
+    draws = depformer.sample_token(jnp.broadcast_to(logits, (20000, 6)), jax.random.key(0), temp=0.5, top_k=3)
+    counts = np.bincount(np.asarray(draws), minlength=6) / 20000
+    top = np.asarray([0, 4, 2])
+    expected = np.zeros(6)
+    expected[top] = np.exp(np.asarray(logits)[top] / 0.5) / np.exp(np.asarray(logits)[top] / 0.5).sum()
+    assert counts[[1, 3, 5]].sum() == 0 and np.abs(counts - expected).max() < 0.015
+    assert int(depformer.sample_token(logits, jax.random.key(0), 0.8, 250, greedy=True)) == 0
+
+
