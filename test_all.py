@@ -372,3 +372,219 @@ def test_lm_sampling_is_softmax_top_k():
     assert int(depformer.sample_token(logits, jax.random.key(0), 0.8, 250, greedy=True)) == 0
 
 
+# ================================================================================================
+# sample.py
+#
+# The offline conversation loop on tiny random models in a local repo directory laid out like the
+# Hugging Face ones (config.json, model.safetensors written by convert.save_lm, a Mimi checkpoint
+# and its mimi_config.json, a sentencepiece model trained here). Parity: the tokens of every frame
+# equal those of Kyutai's run_inference.py loop (moshiko-shaped model) and of NVIDIA's PersonaPlex
+# offline.py (voice + text prompt, dep_q 16), both greedy, recorded by
+# testdata/make_sample_fixtures.py. Budget: < 3 min on 2 cores.
+
+import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tracemalloc  # noqa: E402
+
+import soundfile  # noqa: E402
+
+import mimi  # noqa: E402
+import moshi  # noqa: E402
+import sample  # noqa: E402
+
+
+def _sample_fixtures():
+    spec = importlib.util.spec_from_file_location("make_sample_fixtures", os.path.join(TESTDATA, "make_sample_fixtures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SAMPLE_FX = _sample_fixtures()
+
+
+def _random_weights():
+    spec = importlib.util.spec_from_file_location("random_weights", os.path.join(TESTDATA, "random_weights.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_sample_repo(repo, persona: bool):
+    """The fixture's weights rebuilt bit for bit, in Kyutai's on-disk format, with configs and a tokenizer."""
+    fx, rw = SAMPLE_FX, _random_weights()
+    repo.mkdir()
+    if persona:        # already on-disk names in the fork's state dict
+        spec, seed, config, mimi_config = "sample_personaplex_keys.txt", fx.PERSONA_SEED, fx.PERSONA_CONFIG, fx.PERSONA_MIMI_CONFIG
+    else:
+        spec, seed, config, mimi_config = "sample_lm_keys.txt", fx.LM_SEED, fx.LM_CONFIG, fx.MIMI_CONFIG
+    raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, spec)), seed, fx.lm_overrides())
+    convert.save_safetensors(repo / "raw.safetensors", raw)
+    params, cfg = convert.load_lm(repo / "raw.safetensors", config=config)
+    convert.save_lm(repo / "model.safetensors", params, cfg)          # what sample.py reads: our writer's output
+    (repo / "raw.safetensors").unlink()
+    mimi_raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, "sample_mimi_keys.txt")), fx.MIMI_SEED,
+                                 fx.mimi_overrides())
+    convert.save_safetensors(repo / fx.MIMI_FILE, mimi_raw)
+    (repo / "config.json").write_text(json.dumps(dict(config, mimi_config_name="mimi_config.json")))
+    (repo / "mimi_config.json").write_text(json.dumps(mimi_config))
+    fx.train_tokenizer(str(repo / "tokenizer_spm_32k_3.model"))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def sample_repo(tmp_path_factory):
+    return _write_sample_repo(tmp_path_factory.mktemp("sample") / "moshiko-tiny", persona=False)
+
+
+def _sample_models(repo, *extra):
+    args = sample.parse_args(["--prompt", SAMPLE_FX.PROMPT, "--hf-repo", str(repo), "--dtype", "fp32", *extra])
+    return args, sample.load_models(args, lambda msg: None)
+
+
+def _prompt_frames():
+    n = sample.resampled_length(SAMPLE_FX.PROMPT)
+    return sample.frames_of(sample.read_blocks(SAMPLE_FX.PROMPT), n)
+
+
+def _run_converse(models, batch_size=1, prompt=None):
+    steps = list(sample.converse(models, _prompt_frames(), batch_size, sample.Sampling(greedy=True), 0, prompt))
+    return np.stack([t for t, _ in steps], 1), np.concatenate([p for _, p in steps], 1)   # [B, T, K], [B, S]
+
+
+def test_sample_matches_official_run_inference(sample_repo):
+    """Kyutai's run_inference.py loop (greedy): the same text + audio tokens for every frame, the same audio."""
+    ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
+    assert str(ref["prompt_sha256"]) == SAMPLE_FX.digest(SAMPLE_FX.PROMPT), "hello.wav changed: rerun the fixture"
+    _, models = _sample_models(sample_repo)
+    assert models.lm_cfg == moshi.TINY and models.mimi_cfg == sample.tiny_mimi_config(64)
+    tokens, pcm = _run_converse(models)
+    T = len(ref["tokens"])                        # the official loop drops the trailing partial frame,
+    assert tokens.shape == (1, T + 1, 9)          # we pad it: one frame more, the input's length in all
+    np.testing.assert_array_equal(tokens[0, :T], ref["tokens"])
+    assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
+
+
+def test_sample_matches_personaplex_offline(tmp_path):
+    """NVIDIA's PersonaPlex offline.py (greedy): voice prompt at -24 LUFS, silences, <system> text prompt,
+    then the user forced onto streams 9..16: the same 17 tokens for every frame, the same audio."""
+    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_fixture.npz"))
+    repo = _write_sample_repo(tmp_path / "persona-tiny", persona=True)
+    SAMPLE_FX.write_voice_prompt(str(tmp_path / "voice.wav"))
+    args, models = _sample_models(repo, "--voice-prompt", str(tmp_path / "voice.wav"),
+                                  "--text-prompt", SAMPLE_FX.TEXT_PROMPT)
+    assert models.is_persona
+    np.testing.assert_array_equal(models.tokenizer.encode(sample.wrap_system(args.text_prompt)), ref["text_prompt_tokens"])
+    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
+    np.testing.assert_array_equal(prompt.moshi_codes[-1], ref["silence_tokens"])     # the recipe for the
+    np.testing.assert_array_equal(prompt.user_codes[0], ref["sine_tokens"])          # constants
+    tokens, pcm = _run_converse(models, prompt=prompt)
+    np.testing.assert_array_equal(tokens[0], ref["tokens"])
+    assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
+
+
+def _main(*argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        sample.main([str(a) for a in argv])
+    return out.getvalue()
+
+
+def test_sample_cli_end_to_end(sample_repo, tmp_path):
+    """`sample.py --prompt hello.wav`: a wav as long as the input, a transcript; --greedy is reproducible,
+    and --batch-size 2 gives twice the --batch-size 1 answer; the steps compile once for all frames."""
+    ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
+    n_in = soundfile.info(SAMPLE_FX.PROMPT).frames
+    common = ("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--greedy", "--dtype", "fp32")
+    compiled = moshi.gen_step._cache_size()
+    log = _main(*common, "--out", tmp_path / "a.wav")
+    assert moshi.gen_step._cache_size() - compiled <= 1       # 53 steps, one compilation (none if cached)
+    assert "real-time factor" in log
+    _main(*common, "--out", tmp_path / "b.wav")
+    _main(*common, "--out", tmp_path / "c.wav", "--batch-size", 2)
+    a, sr = soundfile.read(tmp_path / "a.wav")
+    assert sr == 24000 and a.shape == (n_in,) and np.abs(a).max() > 0
+    transcript = json.loads((tmp_path / "a.json").read_text())
+    answer = transcript["answers"][0]
+    assert answer["text_tokens"][:len(ref["tokens"])] == ref["tokens"][:, 0].tolist()   # the official text
+    assert answer["text"] == "".join(p["piece"] for p in answer["pieces"]) and answer["pieces"]
+    assert all(p["token"] not in (0, 3) and p["time"] == round(p["frame"] * 0.08, 3) for p in answer["pieces"])
+    assert answer["pieces"][0]["piece"] in log                 # streamed to the terminal
+    assert open(tmp_path / "b.wav", "rb").read() == open(tmp_path / "a.wav", "rb").read()
+    assert json.loads((tmp_path / "b.json").read_text())["answers"] == [dict(answer, wav=str(tmp_path / "b.wav"))]
+    batched = json.loads((tmp_path / "c.json").read_text())["answers"]
+    assert [b["text_tokens"] for b in batched] == [answer["text_tokens"]] * 2
+    for i in range(2):       # a batch of 2 rounds floats differently: equal to the 16-bit sample, +-1
+        assert np.abs(soundfile.read(tmp_path / f"c-{i}.wav")[0] - a).max() <= 1.5 / 32768
+    assert not list(tmp_path.glob(".tmp-*"))                   # atomic writes leave nothing behind
+
+
+def test_sample_cli_duration_and_sampling(sample_repo, tmp_path):
+    """--duration pads with silence or cuts; sampled answers in one batch differ, and the seed repeats them."""
+    common = ("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--dtype", "fp32", "--batch-size", 2,
+              "--duration", 5.0)
+    _main(*common, "--out", tmp_path / "s.wav")
+    _main(*common, "--out", tmp_path / "t.wav")
+    s0, s1, t0 = (soundfile.read(tmp_path / name)[0] for name in ("s-0.wav", "s-1.wav", "t-0.wav"))
+    assert s0.shape == (120000,) and np.array_equal(s0, t0) and not np.array_equal(s0, s1)
+    answers = json.loads((tmp_path / "s.json").read_text())["answers"]
+    assert len(answers[0]["text_tokens"]) == 63 and answers[0]["text_tokens"] != answers[1]["text_tokens"]
+    _main(*common[:-1], 1.0, "--batch-size", 1, "--greedy", "--out", tmp_path / "short.wav")
+    assert soundfile.info(tmp_path / "short.wav").frames == 24000
+
+
+def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
+    """Bad input and missing weights end in one clear line, never a traceback or random weights."""
+    def error_of(*argv):
+        with pytest.raises(SystemExit):
+            sample.main([str(a) for a in argv])
+        return capsys.readouterr().err
+    empty, junk = tmp_path / "empty.wav", tmp_path / "junk.wav"
+    soundfile.write(empty, np.zeros(0, np.float32), 24000)
+    junk.write_text("not audio")
+    assert "holds no audio samples" in error_of("--prompt", empty, "--hf-repo", sample_repo)
+    assert "cannot read" in error_of("--prompt", junk, "--hf-repo", sample_repo)
+    assert "no such audio file" in error_of("--prompt", tmp_path / "missing.wav", "--hf-repo", sample_repo)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)     # as on a machine without it
+    err = error_of("--prompt", SAMPLE_FX.PROMPT)
+    assert "huggingface_hub is not installed" in err and "--hf-repo DIR" in err and "Traceback" not in err
+    (tmp_path / "incomplete").mkdir()
+    assert "has no file 'model.safetensors'" in error_of("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", tmp_path / "incomplete")
+    assert "--voice-prompt and --text-prompt are for PersonaPlex" in error_of(
+        "--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--text-prompt", "hi", "--dtype", "fp32")
+
+
+def test_sample_reads_long_audio_lazily(tmp_path):
+    """Any rate and channel count: mixed down and resampled as mimi.read_audio does, block by block, in
+    memory that does not grow with the file (a minute of 44.1 kHz stereo)."""
+    rng = np.random.default_rng(0)
+    short = (0.3 * rng.standard_normal((30000, 2))).astype(np.float32)
+    soundfile.write(tmp_path / "short.wav", short, 44100, subtype="FLOAT")
+    streamed = np.concatenate(list(sample.read_blocks(str(tmp_path / "short.wav"), block_seconds=0.05)))
+    whole = mimi.mix_down(mimi.read_audio(tmp_path / "short.wav", 24000))[0]
+    assert streamed.shape == whole.shape and np.abs(streamed - whole).max() < 1e-5
+    long_path = tmp_path / "long.wav"
+    with soundfile.SoundFile(long_path, "w", 44100, 2, subtype="PCM_16") as f:
+        for _ in range(60):
+            f.write(0.1 * rng.standard_normal((44100, 2)))
+    n = sample.resampled_length(str(long_path))
+    assert n == 60 * 24000
+    tracemalloc.start()
+    count = sum(1 for _ in sample.frames_of(sample.read_blocks(str(long_path)), n))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == n // 1920 and peak < 5e6            # the file is 21 MB as float32 at 44.1 kHz stereo
+    frames = list(sample.frames_of([np.ones(5000, np.float32)], 4000))      # cut, then the last frame padded
+    assert len(frames) == 3 and frames[2][:4000 - 3840].all() and not frames[2][160:].any()
+
+
+def test_sample_loudness_matches_pyloudnorm():
+    """BS.1770 integrated loudness (PersonaPlex normalises voice prompts to -24 LUFS with pyloudnorm)."""
+    ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
+    for name, x in SAMPLE_FX.loudness_signals():
+        assert abs(sample.integrated_loudness(x, 24000) - float(ref[f"lufs_{name}"])) < 1e-6, name
+    wav = SAMPLE_FX.read_prompt()
+    assert abs(sample.integrated_loudness(sample.normalize_loudness(wav, 24000), 24000) + 24.0) < 1e-4
