@@ -184,22 +184,25 @@ class Resampler:
         else:                                        # the right-most tap must have arrived
             right = self.offsets[-1]
             end = min(last, max(self.produced, -(-(self.received - right) * self.up // self.down)))
-        j = np.arange(self.produced, end)
-        base, frac = (j * self.down) // self.up, ((j * self.down) % self.up) / self.up
-        taps = base[:, None] + self.offsets[None, :]                     # [m, taps] input indices
-        padded = np.concatenate([np.zeros(len(self.offsets), np.float32), self.buffer,
-                                 np.zeros(len(self.offsets), np.float32)])
-        x = padded[np.clip(taps - self.start + len(self.offsets), 0, len(padded) - 1)]
-        x = np.where((taps >= 0) & (taps < self.received), x, np.float32(0))
-        phase = (j * self.down) % self.up
-        weights = self.table[phase] if self.table is not None else self.kernel(frac[:, None] - self.offsets[None, :])
-        out = np.sum(x * weights, axis=1)
+        pad = np.zeros(len(self.offsets), np.float32)
+        padded = np.concatenate([pad, self.buffer, pad])          # taps beyond the buffer read zeros
+        out = np.concatenate([self._compute(j, padded) for j in np.array_split(
+            np.arange(self.produced, end), max(1, -(-(end - self.produced) // 1024)))])
         self.produced = end
         keep_from = (self.produced * self.down) // self.up + self.offsets[0]   # first tap still needed
         if keep_from > self.start:
             self.buffer = self.buffer[keep_from - self.start:]
             self.start = keep_from
         return out.astype(np.float32)
+
+    def _compute(self, j, padded):
+        """Output samples j [m], a thousand at a time. Output j reads inputs floor(t_j) + offsets; the
+        zeros around the buffer stand for the silence before the start and after the end."""
+        base, phase = (j * self.down) // self.up, (j * self.down) % self.up
+        windows = np.lib.stride_tricks.sliding_window_view(padded, len(self.offsets))
+        x = windows[base + self.offsets[0] - self.start + len(self.offsets)]       # [m, taps]
+        weights = self.table[phase] if self.table is not None else self.kernel(phase[:, None] / self.up - self.offsets)
+        return np.einsum("mt,mt->m", x, weights)
 
 
 def audio_info(path):
