@@ -29,14 +29,25 @@ import argparse
 import bisect
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import convert
+import mimi
+import moshi
 
 SAMPLE_RATE = 24_000          # Mimi's sample rate
 FRAME_SIZE = 1920             # samples per Mimi frame: 80 ms
@@ -361,3 +372,912 @@ def local_rows(sharding, global_shape) -> np.ndarray:
 def read_batch(ds: TokenWindows, ids: np.ndarray) -> np.ndarray:
     """window ids [A, b] -> int32 [A, b, 17, T]."""
     return np.stack([np.stack([ds[int(i)] for i in row]) for row in ids])
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The loss, as moshi-finetune defines it: cross-entropy in fp32 on the text stream and on
+# Moshi's dep_q audio codebooks, each averaged with its own weights and then added. Weights: 0 where
+# the model's mask says "no valid target" (IGNORE targets, the delay's edge), `text_padding_weight`
+# on PAD/EPAD text targets, `first_codebook_weight` on the semantic codebook. The averages run over
+# the whole global batch (sums are psum'ed over the mesh), so the loss does not depend on how the
+# batch is split across devices.
+
+def cross_entropy(logits, targets):
+    """logits [..., V] (any float dtype), int targets [...] -> fp32 [...]."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def weighted_ce_sums(logits, targets, mask, weights):
+    """(sum of weight * CE, sum of weight). Masked positions may hold NaN logits (the official
+    forward fills them with NaN): they are replaced before the CE so no NaN reaches the gradient."""
+    logits = jnp.where(mask[..., None], logits, 0)
+    ce = cross_entropy(logits, jnp.where(mask, targets, 0))
+    weights = jnp.where(mask, weights, 0.0)
+    return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def loss_sums(out, codes, text_padding_weight, first_codebook_weight, padding_ids):
+    """moshi.forward output + codes [B, 17, T] -> the four sums the loss is made of."""
+    dep_q = out["logits"].shape[1]
+    text_target, audio_target = codes[:, :1], codes[:, 1:1 + dep_q]           # [B, 1, T], [B, dep_q, T]
+    is_padding = jnp.isin(text_target, jnp.asarray(padding_ids))
+    text_w = jnp.where(is_padding, text_padding_weight, 1.0)
+    audio_w = jnp.ones((dep_q,), jnp.float32).at[0].set(first_codebook_weight)[None, :, None]
+    text_num, text_den = weighted_ce_sums(out["text_logits"], text_target, out["text_mask"], text_w)
+    audio_num, audio_den = weighted_ce_sums(out["logits"], audio_target, out["mask"],
+                                            jnp.broadcast_to(audio_w, audio_target.shape))
+    return jnp.stack([text_num, text_den, audio_num, audio_den])
+
+
+def loss_from_sums(sums):
+    """[4] (possibly psum'ed over devices) -> (loss, text loss, audio loss). An all-ignored stream
+    contributes 0 instead of 0/0."""
+    text = sums[0] / jnp.maximum(sums[1], 1e-9)
+    audio = sums[2] / jnp.maximum(sums[3], 1e-9)
+    return text + audio, text, audio
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA, as in moshi-finetune (moshi/modules/lora.py): every linear weight W [..., out, in] gets
+# A [..., r, in] and B [..., out, r] and acts as W + scaling * B @ A, `scaling` being the plain
+# multiplier (2.0 in their examples, not alpha / r). A starts kaiming-uniform (torch's default for
+# nn.Linear: U(-1/sqrt(in), 1/sqrt(in))), B at zero, so training starts from the base model.
+# Embeddings and norms get none. Only A and B are trained; the base stays frozen in bf16.
+
+def is_layer_stack(tree) -> bool:
+    """A helium layer stack (dict with 'attn' and 'mlp', leaves stacked on a leading layer axis)."""
+    return isinstance(tree, dict) and "attn" in tree and "mlp" in tree
+
+
+def lora_targets(params, path=()):
+    """{path: weight} of every linear weight: matrices in layer stacks, and matrices outside them
+    whose name does not say embedding."""
+    out = {}
+    if is_layer_stack(params):
+        for p, w in _leaves(params, path):
+            if w.ndim >= 3:                                      # [L, (steps,) out, in]
+                out[p] = w
+        return out
+    if isinstance(params, dict):
+        for k, v in params.items():
+            out.update(lora_targets(v, path + (k,)))
+    elif isinstance(params, (list, tuple)):
+        for i, v in enumerate(params):
+            out.update(lora_targets(v, path + (i,)))
+    elif params.ndim >= 2 and not any("emb" in str(k) for k in path):
+        out[path] = params
+    return out
+
+
+def _leaves(tree, path=()):
+    if isinstance(tree, dict):
+        return [x for k, v in tree.items() for x in _leaves(v, path + (k,))]
+    if isinstance(tree, (list, tuple)):
+        return [x for i, v in enumerate(tree) for x in _leaves(v, path + (i,))]
+    return [(path, tree)]
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree[k] if isinstance(tree, list) else tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path, default=None):
+    for k in path:
+        if isinstance(tree, dict):
+            if k not in tree:
+                return default
+        elif not isinstance(tree, (list, tuple)) or k >= len(tree):
+            return default
+        tree = tree[k]
+    return tree
+
+
+def init_lora(key, params, rank: int) -> dict:
+    """A nested dict mirroring params, with {"a", "b"} (fp32) at every LoRA target."""
+    lora = {}
+    targets = lora_targets(params)
+    for k, (path, w) in zip(jax.random.split(key, max(len(targets), 1)), sorted(targets.items(), key=str)):
+        *lead, n_out, n_in = w.shape
+        bound = 1.0 / math.sqrt(n_in)
+        a = jax.random.uniform(k, (*lead, rank, n_in), jnp.float32, -bound, bound)
+        _set(lora, path, {"a": a, "b": jnp.zeros((*lead, n_out, rank), jnp.float32)})
+    return lora
+
+
+def merge_lora(w, ab, scaling: float):
+    """W + scaling * B @ A, computed in fp32 and returned in W's dtype."""
+    delta = jnp.einsum("...or,...ri->...oi", ab["b"].astype(jnp.float32), ab["a"].astype(jnp.float32))
+    return (w.astype(jnp.float32) + scaling * delta).astype(w.dtype)
+
+
+def merged_params(params, lora, scaling: float):
+    """The full weights a LoRA run stands for (what export writes). Host/jit, not sharded code."""
+    out = jax.tree.map(lambda x: x, params)                      # a copy of the containers
+    for path, w in lora_targets(params).items():
+        _set(out, path, merge_lora(w, _get(lora, path), scaling))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Sharding. The mesh has two axes: `dp` (replicas that each see different data) and `fsdp`
+# (devices that split every large weight between them and also see different data). Each weight
+# matrix lives as 1/fsdp of its rows on each fsdp device (fp32 master weights and Adam moments
+# alike); inside the step a layer's full weights are all-gathered just before the layer runs (the
+# `layer_hook` that helium's layer scan calls) and dropped right after, and the backward pass
+# re-gathers them (the layer body is rematerialised, and jax.checkpoint saves no all_gather).
+# The gradient of all_gather is a reduce-scatter, and a weight that is the same on every dp replica
+# gets its gradient summed over dp by autodiff itself (shard_map with check_vma): we add no manual
+# reduction. See jax_anchors.md 2.4 for the double-counting trap this avoids.
+
+AXES = ("dp", "fsdp")
+BATCH_SPEC = P(None, AXES)                # [microbatches, batch, 17, T]: batch split over both axes
+
+
+def parse_mesh(text: str) -> dict:
+    """'dp=4,fsdp=8' -> {'dp': 4, 'fsdp': 8} (a missing axis is 1)."""
+    sizes = {"dp": 1, "fsdp": 1}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh {text!r}: want e.g. dp=4,fsdp=8 (axes dp and fsdp, positive sizes)")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def make_mesh(dp: int, fsdp: int, devices=None):
+    devices = jax.devices() if devices is None else devices
+    if dp * fsdp > len(devices):
+        raise ValueError(f"mesh dp={dp} x fsdp={fsdp} needs {dp * fsdp} devices, {len(devices)} available")
+    # make_mesh gives Explicit axes (jax >= 0.9): inputs are device_put to their specs before use
+    return jax.make_mesh((dp, fsdp), AXES, devices=devices[:dp * fsdp])
+
+
+def leaf_spec(path, shape, fsdp: int, in_layer_stack: bool):
+    """Which axis of a weight is split over fsdp. Layer weights [L, (steps,) out, in]: `out`, the
+    rule the layer hook applies; other matrices: their largest axis that fsdp divides; vectors and
+    scalars are replicated."""
+    if in_layer_stack:
+        if len(shape) < 3:
+            return P()
+        if shape[-2] % fsdp:
+            name = ".".join(map(str, path))
+            raise ValueError(f"fsdp={fsdp} does not divide the output dim {shape[-2]} of {name} {shape}")
+        return P(*([None] * (len(shape) - 2)), "fsdp", None)
+    if len(shape) < 2:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp == 0:
+            return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+    return P()
+
+
+def param_specs(params, fsdp: int, in_layer_stack: bool = False, path=()):
+    """A tree of PartitionSpecs matching params (arrays or ShapeDtypeStructs)."""
+    if isinstance(params, dict):
+        inside = in_layer_stack or is_layer_stack(params)
+        return {k: param_specs(v, fsdp, inside, path + (k,)) for k, v in params.items()}
+    if isinstance(params, (list, tuple)):
+        return type(params)(param_specs(v, fsdp, in_layer_stack, path + (i,)) for i, v in enumerate(params))
+    return leaf_spec(path, params.shape, fsdp, in_layer_stack)
+
+
+def gather(x, spec):
+    """Inside shard_map: the full array from this device's fsdp shard."""
+    for axis, name in enumerate(spec):
+        if name == "fsdp":
+            return jax.lax.all_gather(x, "fsdp", axis=axis, tiled=True)
+    return x
+
+
+def layer_hook(layer, lora_scaling: float = 1.0):
+    """Called by helium's layer scan on one layer's weights: gather them, merge LoRA if present."""
+    lora = layer.get("lora")
+    layer = {k: v for k, v in layer.items() if k != "lora"}
+    layer = jax.tree.map(lambda w: jax.lax.all_gather(w, "fsdp", axis=w.ndim - 2, tiled=True)
+                         if w.ndim >= 2 else w, layer)
+    if lora:
+        for path, ab in _lora_leaves(lora):
+            _set(layer, path, merge_lora(_get(layer, path), ab, lora_scaling))
+    return layer
+
+
+def _lora_leaves(lora, path=()):
+    """[(path, {"a", "b"})] of a LoRA tree."""
+    if isinstance(lora, dict) and set(lora) == {"a", "b"} and not isinstance(lora["a"], dict):
+        return [(path, lora)]
+    if isinstance(lora, dict):
+        return [x for k, v in lora.items() for x in _lora_leaves(v, path + (k,))]
+    return []
+
+
+def model_view(params, specs, lora, lora_scaling: float, dtype):
+    """Inside shard_map: what moshi.forward sees. Weights outside layer stacks are cast to the
+    compute dtype, gathered whole and LoRA-merged here; layer stacks stay sharded (and carry their
+    LoRA under a "lora" key) until the layer hook."""
+    def walk(p, s, l):
+        if is_layer_stack(p):
+            p = jax.tree.map(lambda x: x.astype(dtype), p)
+            return dict(p, lora=l) if l else p
+        if isinstance(p, dict):
+            return {k: walk(v, s[k], (l or {}).get(k)) for k, v in p.items()}
+        if isinstance(p, (list, tuple)):
+            return type(p)(walk(v, s[i], l[i] if isinstance(l, (list, tuple)) else (l or {}).get(i))
+                           for i, v in enumerate(p))
+        w = gather(p.astype(dtype), s)
+        return merge_lora(w, l, lora_scaling) if l else w
+    return walk(params, specs, lora)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The train step. Inside shard_map each device: casts its fp32 shards to the compute dtype,
+# runs moshi.forward on its slice of the batch (layers gathered on use), and differentiates the
+# global loss with respect to its own shards. Micro-batches are a lax.scan that sums gradients
+# (each already reduce-scattered and dp-summed by autodiff). Outside shard_map, under the same jit,
+# optax clips by the global norm and applies AdamW to the sharded fp32 state: element-wise work on
+# shards, plus one all-reduce for the norm that XLA inserts itself.
+
+@dataclass(frozen=True)
+class Hyper:
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    max_steps: int = 100
+    min_lr_ratio: float = 0.0             # the cosine decays to lr * min_lr_ratio at max_steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    max_norm: float = 1.0
+    text_padding_weight: float = 0.5
+    first_codebook_weight: float = 1.0
+    padding_ids: tuple = (TEXT_PADDING_ID, END_OF_PADDING_ID)
+    lora_rank: int = 0                    # 0: full fine-tuning
+    lora_scaling: float = 2.0
+    compute_dtype: str = "bfloat16"
+    remat: bool = True
+
+
+def learning_rate(h: Hyper):
+    """Linear warmup from 0, then cosine decay to lr * min_lr_ratio at max_steps."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, h.lr, max(h.warmup_steps, 0), max(h.max_steps, h.warmup_steps + 1), h.lr * h.min_lr_ratio)
+
+
+def make_optimizer(h: Hyper):
+    # AdamW with decay on every trainable weight, as moshi-finetune (torch AdamW on all params).
+    return optax.chain(optax.clip_by_global_norm(h.max_norm),
+                       optax.adamw(learning_rate(h), h.b1, h.b2, h.eps, weight_decay=h.weight_decay))
+
+
+def local_loss(trainable, frozen, codes, cfg, specs, h: Hyper):
+    """Inside shard_map: (global loss, [loss, text, audio]) for this device's codes [b, 17, T]."""
+    if h.lora_rank:
+        params, lora = frozen, trainable
+    else:
+        params, lora = trainable, None
+    view = model_view(params, specs, lora, h.lora_scaling, jnp.dtype(h.compute_dtype))
+    hook = lambda layer: layer_hook(layer, h.lora_scaling)      # noqa: E731
+    out = moshi.forward(view, cfg, codes, layer_hook=hook, remat=h.remat)
+    sums = loss_sums(out, codes, h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
+    sums = jax.lax.psum(sums, AXES)                              # the whole global batch
+    loss, text, audio = loss_from_sums(sums)
+    return loss, jnp.stack([loss, text, audio])
+
+
+def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, param_specs_tree):
+    """-> jitted step(state, frozen, batch [A, B, 17, T]) -> (state, metrics [loss, text, audio, grad_norm])."""
+    loss_fn = lambda t, f, c: local_loss(t, f, c, cfg, param_specs_tree, h)   # noqa: E731
+
+    def local_grads(trainable, frozen, batch):
+        def micro(acc, codes):
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, codes)
+            return jax.tree.map(jnp.add, acc, grads), metrics
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        grads, metrics = jax.lax.scan(micro, zeros, batch)
+        n = batch.shape[0]
+        return jax.tree.map(lambda g: g / n, grads), metrics.mean(axis=0)
+
+    sharded = jax.shard_map(local_grads, mesh=mesh, in_specs=(trainable_specs, frozen_specs, BATCH_SPEC),
+                            out_specs=(trainable_specs, P()))
+
+    def step(state, frozen, batch):
+        grads, metrics = sharded(state["params"], frozen, batch)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = jnp.concatenate([metrics, optax.tree.norm(grads)[None]])
+        return {"params": params, "opt": opt}, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Checkpoints: plain .npz files, no orbax. Each process writes only the shards its devices hold
+# (one copy of each: replica 0), keyed by leaf name and the shard's start index, so a 7B run on 32
+# hosts writes 32 files of 1/32 of the state each. bfloat16 is stored as its raw uint16 bits and
+# the dtypes go in meta.json. Atomic: everything is written into `step_NNNNNN.tmp/`, fsync'ed, and
+# the directory is renamed once all processes are done; a run killed mid-write leaves only a .tmp
+# directory, which is ignored and removed. Loading assembles each device's slice from whatever
+# pieces overlap it, so a run may even resume on a different mesh.
+
+def _key(path) -> str:
+    return jax.tree_util.keystr(path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def save_checkpoint(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
+    final = os.path.join(ckpt_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(f"ckpt-mkdir-{step}")
+    pieces, leaves = {}, {}
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        name = _key(path)
+        leaves[name] = {"shape": list(x.shape), "dtype": str(x.dtype)}
+        for shard in x.addressable_shards:
+            if shard.replica_id == 0:
+                start = ",".join(str(s.start or 0) for s in shard.index)
+                data = np.asarray(shard.data)
+                pieces[f"{name}@{start}"] = data.view(np.uint16) if data.dtype == jnp.bfloat16 else data
+    with open(os.path.join(tmp, f"process_{jax.process_index():05d}.npz"), "wb") as f:
+        np.savez(f, **pieces)
+        f.flush()
+        os.fsync(f.fileno())
+    _barrier(f"ckpt-written-{step}")
+    if jax.process_index() == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(dict(meta, step=step, leaves=leaves, processes=jax.process_count()), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(f"ckpt-done-{step}")
+    return final
+
+
+def list_checkpoints(ckpt_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first (half-written .tmp directories are not checkpoints)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and not n.endswith(".tmp")
+                   and os.path.exists(os.path.join(ckpt_dir, n, "meta.json")))
+    return [os.path.join(ckpt_dir, n) for n in names]
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path: str, like):
+    """Fill a state shaped and sharded like `like` (a tree of jax arrays) from a checkpoint dir."""
+    meta = read_meta(path)
+    files = [np.load(os.path.join(path, f"process_{p:05d}.npz")) for p in range(meta["processes"])]
+    pieces = {}
+    for f in files:
+        for key in f.files:
+            name, start = key.rsplit("@", 1)
+            pieces.setdefault(name, []).append((tuple(map(int, start.split(","))) if start else (), f, key))
+
+    def restore(path_, x):
+        name = _key(path_)
+        info = meta["leaves"].get(name)
+        if info is None or tuple(info["shape"]) != x.shape:
+            found = None if info is None else tuple(info["shape"])
+            raise ValueError(f"checkpoint {path}: state leaf {name} has shape {x.shape}, checkpoint has {found}")
+        dtype = np.dtype(jnp.dtype(info["dtype"]))
+
+        def read(index):
+            return _assemble(pieces[name], index, x.shape, dtype).astype(x.dtype)
+        return jax.make_array_from_callback(x.shape, x.sharding, read)
+    return jax.tree_util.tree_map_with_path(restore, like)
+
+
+def _assemble(pieces, index, shape, dtype) -> np.ndarray:
+    """The block `index` (a tuple of slices) of a leaf, copied from the saved pieces overlapping it."""
+    want = [range(n)[s] for s, n in zip(index, shape)]
+    out = np.empty([len(r) for r in want], dtype)
+    filled = 0
+    for start, f, key in pieces:
+        data = f[key]
+        data = data.view(dtype) if data.dtype != dtype else data
+        src, dst = [], []
+        for r, s0, n in zip(want, start, data.shape):
+            lo, hi = max(r.start, s0), min(r.stop, s0 + n)
+            if lo >= hi:
+                break
+            src.append(slice(lo - s0, hi - s0))
+            dst.append(slice(lo - r.start, hi - r.start))
+        else:
+            out[tuple(dst)] = data[tuple(src)]
+            filled += out[tuple(dst)].size
+    if filled != out.size:
+        raise ValueError(f"checkpoint is missing part of {pieces[0][2].rsplit('@', 1)[0]} "
+                         f"(a process file lost?)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The training loop: model and state on the mesh, batches in, metrics out, checkpoints, export.
+
+def place(host_tree, shardings, dtype=None):
+    """Host arrays (numpy, possibly memory-mapped) -> global arrays; each process reads only the
+    slices its own devices hold, so a checkpoint is never loaded whole onto one device."""
+    def put(x, s):
+        x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+        target = dtype or x.dtype
+        return jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x[idx]).astype(target))
+    return jax.tree.map(put, host_tree, shardings)
+
+
+def make_batch(ds: TokenWindows, ids: np.ndarray, sharding, window_frames: int):
+    """window ids [A, B] -> int32 global array [A, B, 17, T]; each process reads only its rows."""
+    shape = (*ids.shape, 17, window_frames)
+    return jax.make_array_from_callback(shape, sharding, lambda idx: read_batch(ds, ids[idx[0], idx[1]]))
+
+
+def count_matmul_params(params) -> int:
+    """Weights touched by every frame: matrices, except embedding tables (looked up, not multiplied)."""
+    return sum(int(np.prod(w.shape)) for w in lora_targets(params).values())
+
+
+def flops_per_step(cfg, params, frames: int, window_frames: int) -> float:
+    """Model FLOPs of one step (forward + backward, remat not counted): 6 N per frame for the
+    weights, plus causal attention of the temporal transformer (12 L D T/2 per frame)."""
+    tcfg = cfg.temporal
+    context = min(window_frames, tcfg.context or window_frames)
+    attention = 12 * tcfg.num_layers * tcfg.d_model * context / 2
+    return frames * (6 * count_matmul_params(params) + attention)
+
+
+PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
+               "TPU v6 lite": 918, "TPU v6e": 918, "H100": 989, "H200": 989, "A100": 312}
+
+
+def peak_flops(args) -> float | None:
+    """Peak bf16 FLOP/s of all devices (dense), from --peak-tflops or the device kind; None if unknown."""
+    per_device = args.peak_tflops
+    if per_device is None:
+        kind = jax.devices()[0].device_kind
+        per_device = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
+    return None if per_device is None else per_device * 1e12 * jax.device_count()
+
+
+def lm_config(name: str):
+    if not hasattr(moshi, "PRESETS") or name not in moshi.PRESETS:
+        raise ValueError(f"--config {name!r}: unknown; choose from {sorted(getattr(moshi, 'PRESETS', {}))}")
+    return moshi.PRESETS[name]
+
+
+def checkpoint_files(init_from: str) -> tuple[str, str | dict | None]:
+    """--init-from -> (weights file, config). A folder is a Kyutai repo: its config.json (if any)
+    names the weights (`moshi_name`, default model.safetensors) and describes the model."""
+    if not os.path.isdir(init_from):
+        beside = os.path.join(os.path.dirname(os.path.abspath(init_from)), "config.json")
+        return init_from, (beside if os.path.exists(beside) else None)
+    config_path = os.path.join(init_from, "config.json")
+    config = None
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+    weights = os.path.join(init_from, (config or {}).get("moshi_name", "model.safetensors"))
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"--init-from {init_from}: no {os.path.basename(weights)} in it")
+    return weights, config
+
+
+def load_model(args, key):
+    """-> (cfg, host params or None). --init-from: a Kyutai checkpoint (repo dir or .safetensors),
+    read onto the host (CPU) so that `place` can hand each device its slice."""
+    if not args.init_from:
+        return lm_config(args.config or "tiny"), None
+    weights, config = checkpoint_files(args.init_from)
+    if args.config:
+        config = lm_config(args.config)
+    with jax.default_device(jax.devices("cpu")[0]):
+        params, cfg = convert.load_lm(weights, config=config)
+    return cfg, params
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a run that depends only on (model config, mesh, hyper-parameters): the
+    sharding of every tree and the jitted functions. Cached, so that runs in one process (tests,
+    a resumed run) reuse the compiled step."""
+    specs: dict                 # PartitionSpecs of the model params
+    trainable_specs: dict       # of what the optimizer updates (the params, or the LoRA tree)
+    frozen_specs: dict          # of the frozen base ({} in full fine-tuning)
+    tx: optax.GradientTransformation
+    init_params: object         # key -> params, born sharded (master dtype)
+    init_lora: object           # key -> LoRA tree, replicated
+    init_opt: object            # trainable -> optimizer state, sharded like it
+    step: object                # (state, frozen, batch) -> (state, metrics)
+
+    def shardings(self, mesh, specs):
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+@functools.lru_cache(maxsize=None)
+def make_plan(cfg, mesh, h: Hyper) -> Plan:
+    abstract = jax.eval_shape(lambda k: moshi.init(k, cfg, jnp.float32), jax.random.key(0))
+    specs = param_specs(abstract, mesh.shape["fsdp"])
+    named = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree)   # noqa: E731
+    # a frozen LoRA base needs no fp32 master copy: it is kept in the compute dtype
+    master = jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32
+    init_params = jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=named(specs))
+    make_lora = lambda k: init_lora(k, abstract, h.lora_rank)                      # noqa: E731
+    if h.lora_rank:
+        if cfg.depformer_weights_per_step_schedule is not None:
+            raise NotImplementedError("LoRA with a depformer weights schedule is not supported")
+        lora_specs = jax.tree.map(lambda _: P(), jax.eval_shape(make_lora, jax.random.key(0)))  # small: replicated
+        trainable_specs, frozen_specs = lora_specs, specs
+    else:
+        trainable_specs, frozen_specs = specs, {}
+    tx = make_optimizer(h)
+    return Plan(specs, trainable_specs, frozen_specs, tx, init_params,
+                jax.jit(make_lora, out_shardings=named(trainable_specs)) if h.lora_rank else None,
+                jax.jit(tx.init), make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs))
+
+
+def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
+    """(state, frozen) from model params (sharded, or host arrays to place) and an optional LoRA tree."""
+    if not isinstance(jax.tree.leaves(params)[0], jax.Array):
+        params = place(params, plan.shardings(mesh, plan.specs), jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32)
+    if h.lora_rank:
+        if not isinstance(jax.tree.leaves(lora)[0], jax.Array):
+            lora = place(lora, plan.shardings(mesh, plan.trainable_specs), jnp.float32)
+        trainable, frozen = lora, params
+    else:
+        trainable, frozen = params, {}
+    return {"params": trainable, "opt": plan.init_opt(trainable)}, frozen
+
+
+def build_state(args, h: Hyper, mesh):
+    """-> (cfg, plan, state, frozen): the model (from --init-from or from scratch), sharded."""
+    key_model, key_lora = jax.random.split(jax.random.key(args.seed))
+    cfg, host_params = load_model(args, key_model)
+    plan = make_plan(cfg, mesh, h)
+    if host_params is not None:
+        expected = jax.eval_shape(lambda k: moshi.init(k, cfg), key_model)
+        convert.check_keys({_key(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]},
+                           {_key(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(host_params)[0]},
+                           f"--init-from {args.init_from}")
+        params = host_params
+    else:
+        params = plan.init_params(key_model)
+    lora = plan.init_lora(key_lora) if h.lora_rank else None
+    state, frozen = initial_state(plan, mesh, h, params, lora)
+    return cfg, plan, state, frozen
+
+
+def run_meta(args, h: Hyper, cfg) -> dict:
+    """What a checkpoint must agree on to be resumed, plus what export needs to rebuild the model."""
+    return {"hyper": dataclasses.asdict(h), "config": args.config, "init_from": args.init_from,
+            "lm_config": repr(cfg), "seed": args.seed, "data": os.path.abspath(args.data)}
+
+
+def resume(args, h, cfg, state, ckpt_dir):
+    """-> (state, first step, data position) from the newest complete checkpoint."""
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        print(f"resume: no checkpoint in {ckpt_dir}, starting from scratch")
+        return state, 0, 0
+    meta = read_meta(found[-1])
+    expected = run_meta(args, h, cfg)
+    for k in ("config", "init_from", "lm_config", "seed"):
+        if meta[k] != expected[k]:
+            raise ValueError(f"resume: {found[-1]} was made with {k}={meta[k]!r}, this run has {expected[k]!r}")
+    if meta["hyper"]["lora_rank"] != h.lora_rank:
+        raise ValueError(f"resume: checkpoint has lora_rank={meta['hyper']['lora_rank']}, this run {h.lora_rank}")
+    print(f"resume: {found[-1]} (step {meta['step']}, data position {meta['data_position']})")
+    return load_checkpoint(found[-1], state), meta["step"], meta["data_position"]
+
+
+def progress_line(step, max_steps, m, lr, tokens_per_s, mfu, eta_s) -> str:
+    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+    eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if eta_s is not None else "?"
+    return (f"step {step}/{max_steps} | loss {m[0]:.4f} (text {m[1]:.4f}, audio {m[2]:.4f}) | "
+            f"grad {m[3]:.3f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | MFU {mfu_text} | ETA {eta}")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss went NaN/inf: the message names the step and the windows of the batch."""
+
+
+def train(args) -> list[dict]:
+    """The whole run. Returns the metrics of every step it ran (also in run_dir/metrics.jsonl)."""
+    h = hyper_from_args(args)
+    sizes = parse_mesh(args.mesh) if args.mesh else {"dp": 1, "fsdp": jax.device_count()}
+    mesh = make_mesh(sizes["dp"], sizes["fsdp"])
+    with jax.set_mesh(mesh):
+        return run(args, h, mesh)
+
+
+def run(args, h: Hyper, mesh) -> list[dict]:
+    ds = TokenWindows(args.data)
+    G, A, T = args.batch_size or mesh.size, args.grad_accum, ds.window_frames
+    if G % mesh.size:
+        raise ValueError(f"--batch-size {G} must be a multiple of the mesh size {mesh.size} (dp x fsdp)")
+    cfg, plan, state, frozen = build_state(args, h, mesh)
+    ckpt_dir = os.path.join(args.run_dir, "checkpoints")
+    first, position = 0, 0
+    if args.resume:
+        state, first, position = resume(args, h, cfg, state, ckpt_dir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(args.run_dir, exist_ok=True)
+        shutil.rmtree(os.path.join(ckpt_dir, f"step_{first:06d}.tmp"), ignore_errors=True)
+    batch_sharding = NamedSharding(mesh, BATCH_SPEC)
+    tokens_per_step = A * G * T * (1 + cfg.dep_q)       # moshi-finetune's count: text + Moshi's codebooks
+    flops = flops_per_step(cfg, frozen or state["params"], A * G * T, T)
+    peak = peak_flops(args)
+    lr_at = learning_rate(h)
+    history, times = [], []
+    print(f"train: mesh {dict(mesh.shape)}, {len(ds)} windows of {T} frames, {A} x {G} windows per step, "
+          f"{'LoRA rank %d' % h.lora_rank if h.lora_rank else 'full fine-tuning'}, steps {first}..{h.max_steps}")
+    last = min(h.max_steps, args.stop_at) if args.stop_at else h.max_steps
+    for step in range(first, last):
+        ids = window_ids(len(ds), args.seed, position, A * G).reshape(A, G)
+        t0 = time.perf_counter()
+        state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, T))
+        m = np.asarray(metrics)                          # waits for the step: the loss is checked each step
+        times.append(time.perf_counter() - t0)
+        position += A * G
+        if not np.all(np.isfinite(m[:3])):
+            names = "\n  ".join(ds.name(int(i)) for i in ids.reshape(-1))
+            raise NonFiniteLoss(f"step {step + 1}: loss is {m[0]} (text {m[1]}, audio {m[2]}); the batch "
+                                f"(data position {position - A * G}) held:\n  {names}")
+        rec = {"step": step + 1, "loss": float(m[0]), "text_loss": float(m[1]), "audio_loss": float(m[2]),
+               "grad_norm": float(m[3]), "lr": float(lr_at(step)), "step_time": times[-1]}
+        history.append(rec)
+        steady = np.mean(times[1:]) if len(times) > 1 else times[0]   # the first step also compiles
+        rec["tokens_per_s"] = tokens_per_step / steady
+        mfu = flops / steady / peak if peak else None
+        if is_main:
+            with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if (step + 1) % args.log_every == 0 or step + 1 == h.max_steps:
+                print(progress_line(step + 1, h.max_steps, m, rec["lr"], rec["tokens_per_s"], mfu,
+                                    steady * (h.max_steps - step - 1)), flush=True)
+        if (args.ckpt_every and (step + 1) % args.ckpt_every == 0) or step + 1 == last:
+            meta = dict(run_meta(args, h, cfg), data_position=position)
+            save_checkpoint(ckpt_dir, step + 1, state, meta, args.keep_checkpoints)
+    if args.export and last == h.max_steps and history:
+        export(args.export, cfg, state, frozen, h, args.save_adapters)
+    return history
+
+
+def to_host(tree):
+    """Global arrays -> numpy on this host (all processes take part when there are several)."""
+    def get(x):
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(get, tree)
+
+
+def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = False, dtype="bfloat16") -> str:
+    """Write the trained model in Kyutai's naming: out_dir/model.safetensors (LoRA merged in) and
+    config.json, which the official PyTorch, MLX and Rust stacks and sample.py load like a released
+    checkpoint; with save_adapters, also out_dir/lora.safetensors in moshi-finetune's naming."""
+    trainable = to_host(state["params"])
+    path = os.path.join(out_dir, "model.safetensors")
+    if jax.process_index() != 0:
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    with jax.default_device(jax.devices("cpu")[0]):
+        params = merged_params(to_host(frozen), trainable, h.lora_scaling) if h.lora_rank else trainable
+        convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params), cfg)
+    config = dict(convert.lm_config_dict(cfg), moshi_name="model.safetensors")
+    atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1).encode())
+    if save_adapters and h.lora_rank:
+        tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in lora_tensors(trainable, cfg).items()}
+        convert.save_safetensors(os.path.join(out_dir, "lora.safetensors"), tensors, {"format": "pt"})
+    print(f"export: wrote {path}" + (" and lora.safetensors" if save_adapters and h.lora_rank else ""))
+    return path
+
+
+# moshi-finetune saves LoRA adapters under PyTorch module names (moshi.modules.lora.LoRALinear):
+# `<module>.lora_A.weight` [r, in] and `<module>.lora_B.weight` [out, r]. Our stacked weights map to
+# those modules as follows (layer l, per-step weight set m).
+
+def _kyutai_modules(path, lead: tuple) -> list[tuple[tuple, str]]:
+    """[(index into the stacked weight, module name)] for a LoRA target at `path`."""
+    flat = {("text_linear",): "text_linear", ("extra_heads",): "extra_heads.{0}",
+            ("depformer", "input_proj"): "depformer_in.{0}", ("depformer", "linears"): "linears.{0}"}
+    if path in flat:
+        return [(idx, flat[path].format(*idx)) for idx in np.ndindex(*lead)]
+    stack, inner = ("transformer.layers", path[1:]) if path[0] == "transformer" else ("depformer.layers", path[2:])
+    per_step = len(lead) == 2
+    names = {("attn", "in_proj"): "self_attn.in_projs.{m}", ("attn", "out_proj"): "self_attn.out_projs.{m}",
+             ("mlp", "linear1"): "linear1", ("mlp", "linear2"): "linear2",
+             ("mlp", "linear_in"): "gating.{g}linear_in", ("mlp", "linear_out"): "gating.{g}linear_out"}
+    out = []
+    for idx in np.ndindex(*lead):
+        m = idx[1] if per_step else 0
+        out.append((idx, f"{stack}.{idx[0]}." + names[inner].format(m=m, g=f"{m}." if per_step else "")))
+    return out
+
+
+def lora_tensors(lora, cfg) -> dict:
+    """Our LoRA tree (host arrays) -> {moshi-finetune name: array}."""
+    out = {}
+    for path, ab in _lora_leaves(lora):
+        for idx, module in _kyutai_modules(path, ab["a"].shape[:-2]):
+            out[f"{module}.lora_A.weight"] = np.asarray(ab["a"][idx])
+            out[f"{module}.lora_B.weight"] = np.asarray(ab["b"][idx])
+    return out
+
+
+def lora_from_tensors(tensors: dict, params, rank: int) -> dict:
+    """{moshi-finetune name: array} -> our LoRA tree for `params` (every target must be present)."""
+    lora = {}
+    for path, w in sorted(lora_targets(params).items(), key=str):
+        lead, (n_out, n_in) = w.shape[:-2], w.shape[-2:]
+        a, b = np.zeros((*lead, rank, n_in), np.float32), np.zeros((*lead, n_out, rank), np.float32)
+        for idx, module in _kyutai_modules(path, lead):
+            for name, dst in ((f"{module}.lora_A.weight", a), (f"{module}.lora_B.weight", b)):
+                if name not in tensors:
+                    raise KeyError(f"LoRA adapters: missing {name!r}")
+                dst[idx] = tensors[name]
+        _set(lora, path, {"a": a, "b": b})
+    return lora
+
+
+def export_checkpoint(ckpt: str, out_dir: str, dtype="bfloat16", save_adapters=False) -> str:
+    """Offline export of a saved checkpoint on whatever devices this process has."""
+    meta = read_meta(ckpt)
+    args = argparse.Namespace(**{"config": meta["config"], "init_from": meta["init_from"], "seed": meta["seed"],
+                                 "mesh": None})
+    h = Hyper(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["hyper"].items()})
+    mesh = make_mesh(1, 1)
+    with jax.set_mesh(mesh):
+        cfg, _, state, frozen = build_state(args, h, mesh)
+        state = load_checkpoint(ckpt, state)
+    return export(out_dir, cfg, state, frozen, h, save_adapters, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+def hyper_from_args(args) -> Hyper:
+    return Hyper(lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                 min_lr_ratio=args.min_lr_ratio, b1=args.beta1, b2=args.beta2, eps=args.eps,
+                 weight_decay=args.weight_decay, max_norm=args.max_norm,
+                 text_padding_weight=args.text_padding_weight, first_codebook_weight=args.first_codebook_weight,
+                 lora_rank=args.lora_rank, lora_scaling=args.lora_scaling, compute_dtype=args.dtype,
+                 remat=not args.no_remat)
+
+
+def train_parser():
+    ap = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Subcommands: `train.py prepare --help`, `train.py export --help`.")
+    a = ap.add_argument
+    a("--data", required=True, help="a folder written by `train.py prepare`")
+    a("--run-dir", required=True, help="checkpoints, metrics.jsonl and the export go here")
+    a("--config", help="model preset (from scratch, or to check --init-from against)")
+    a("--init-from", help="Kyutai checkpoint to start from: a repo folder or a .safetensors file")
+    a("--mesh", help="device mesh, e.g. dp=4,fsdp=8 (default: fsdp over all devices)")
+    a("--batch-size", type=int, help="windows per micro-batch, whole mesh (default: one per device)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--max-steps", type=int, default=100, help="length of the run (and of the lr schedule)")
+    a("--stop-at", type=int, help="stop after this step (a job time slice); continue with --resume")
+    a("--lr", type=float, default=1e-4)
+    a("--warmup-steps", type=int, default=5)
+    a("--min-lr-ratio", type=float, default=0.0, help="the cosine ends at lr * this")
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.95)
+    a("--eps", type=float, default=1e-8)
+    a("--weight-decay", type=float, default=0.1)
+    a("--max-norm", type=float, default=1.0, help="gradient clipping (global norm)")
+    a("--text-padding-weight", type=float, default=0.5, help="loss weight of PAD/EPAD text targets")
+    a("--first-codebook-weight", type=float, default=1.0,
+      help="loss weight of the semantic codebook (moshi-finetune's example uses 100)")
+    a("--lora-rank", type=int, default=0, help="0: full fine-tuning; >0: LoRA on every linear layer")
+    a("--lora-scaling", type=float, default=2.0, help="LoRA multiplier: W + scaling * B @ A")
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype (master weights are fp32)")
+    a("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=1)
+    a("--ckpt-every", type=int, default=100)
+    a("--keep-checkpoints", type=int, default=3)
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
+    a("--export", help="after training, write model.safetensors (Kyutai naming, LoRA merged) here")
+    a("--save-adapters", action="store_true", help="with --export and LoRA: also lora.safetensors")
+    a("--peak-tflops", type=float, help="per-device peak for the MFU estimate (default: by device kind)")
+    a("--distributed", action="store_true",
+      help="call jax.distributed.initialize() (multi-host; also automatic when JAX_COORDINATOR_ADDRESS is set)")
+    a("--coordinator-address", help="host:port of process 0 (else auto-detected by jax: TPU pods, SLURM, ...)")
+    a("--num-processes", type=int)
+    a("--process-id", type=int)
+    return ap
+
+
+def prepare_parser():
+    ap = argparse.ArgumentParser(prog="train.py prepare", description=(
+        "Tokenize a moshi-finetune dataset once: Mimi codes of both channels + the text stream."))
+    a = ap.add_argument
+    a("--manifest", required=True, help=".jsonl of {\"path\": wav, \"duration\": seconds}")
+    a("--out", required=True, help="output folder (tokens/*.npy + index.json)")
+    a("--tokenizer", required=True, help="sentencepiece model (tokenizer_spm_32k_3.model)")
+    a("--mimi", required=True, help="Mimi weights (tokenizer-e351c8d8-checkpoint125.safetensors)")
+    a("--duration-sec", type=float, default=10.0, help="window length, as moshi-finetune's duration_sec")
+    a("--encode-batch", type=int, default=8, help="windows per Mimi call")
+    a("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
+    return ap
+
+
+def export_parser():
+    ap = argparse.ArgumentParser(prog="train.py export", description=(
+        "Export a checkpoint to Kyutai's safetensors naming (LoRA merged)."))
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--step", type=int, help="default: the newest checkpoint")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    return ap
+
+
+def maybe_init_distributed(args) -> None:
+    if args.distributed or args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        kw = {k: v for k, v in (("coordinator_address", args.coordinator_address),
+                                ("num_processes", args.num_processes), ("process_id", args.process_id)) if v is not None}
+        jax.distributed.initialize(**kw)
+
+
+def prepare_main(args) -> dict:
+    import sentencepiece
+    if args.duration_sec * FRAME_RATE != round(args.duration_sec * FRAME_RATE):
+        raise ValueError(f"--duration-sec {args.duration_sec}: must be a whole number of 80 ms frames")
+    params, cfg = convert.load_mimi(args.mimi)
+    if cfg.frame_size != FRAME_SIZE or cfg.sample_rate != SAMPLE_RATE:
+        raise ValueError(f"{args.mimi}: a Mimi with {cfg.frame_size}-sample frames at {cfg.sample_rate} Hz; "
+                         f"Moshi needs {FRAME_SIZE} at {SAMPLE_RATE}")
+    sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
+    encode = WindowEncoder(mimi, params, cfg, args.encode_batch)
+    return prepare(args.manifest, args.out, sp, encode, round(args.duration_sec * FRAME_RATE), args.strict,
+                   read_audio=mimi.read_audio, meta={"tokenizer": args.tokenizer, "mimi": args.mimi})
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prepare"]:
+        return prepare_main(prepare_parser().parse_args(argv[1:]))
+    if argv[:1] == ["export"]:
+        args = export_parser().parse_args(argv[1:])
+        found = list_checkpoints(os.path.join(args.run_dir, "checkpoints"))
+        if args.step is not None:
+            found = [c for c in found if c.endswith(f"step_{args.step:06d}")]
+        if not found:
+            raise SystemExit(f"export: no checkpoint{' for step %d' % args.step if args.step else ''} in {args.run_dir}")
+        return export_checkpoint(found[-1], args.out, args.dtype)
+    if argv[:1] == ["train"]:
+        argv = argv[1:]
+    args = train_parser().parse_args(argv)
+    maybe_init_distributed(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -127,13 +127,129 @@ def interleaver_stage(args):
                    "cases": out}, f, indent=1)
 
 
+# ----------------------------------------------------------------------------------------------
+# The exported checkpoint, checked by the official package. Two stages, two venvs:
+#
+#   ~/venv/bin/python testdata/make_train_fixtures.py export      (our code, the project venv)
+#   ~/oracle/bin/python testdata/make_train_fixtures.py official  (Kyutai's moshi 0.2.13)
+#
+# `export`: a tiny moshiko-shaped LM with deterministic random base weights (random_weights.py, from
+# the key list and seed, so the base is never committed), LoRA-trained for a few steps by train.py's
+# own step on a 1-device mesh, then written by train.export: train_export/model.safetensors (LoRA
+# merged, fp32), lora.safetensors (moshi-finetune naming), config.json, and meta.json (key list,
+# seed, LoRA settings, the codes to evaluate). `official`: Kyutai's get_moshi_lm loads
+# model.safetensors with strict key checking and runs LMModel.forward on those codes; it also
+# builds the LoRA model (LoRALinear, unfused) from the base + lora.safetensors, asserts the two
+# agree, and saves both outputs to train_export/official.npz. The test suite then loads the
+# committed export with our convert.load_lm and must reproduce the official logits, rebuilds the
+# merged weights from base + adapters, and runs our training-time LoRA path (layer hook merge).
+
+EXPORT_DIR = os.path.join(HERE, "train_export")
+EXPORT_SEED = 4321
+EXPORT_CONFIG = dict(
+    dim=32, num_heads=2, num_layers=2, hidden_scale=4.125, causal=True, layer_scale=None, context=8,
+    max_period=10000, gating="silu", norm="rms_norm_f32", positional_embedding="rope", text_card=48,
+    existing_text_padding_id=3, n_q=16, dep_q=8, card=32, depformer_dim=16,
+    depformer_dim_feedforward=int(4.125 * 16), depformer_num_heads=2, depformer_num_layers=1,
+    depformer_multi_linear=True, depformer_max_period=10000, depformer_gating="silu",
+    depformer_pos_emb="none", depformer_weights_per_step=True,
+    delays=[0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1])
+EXPORT_LORA = dict(rank=2, scaling=2.0)
+
+
+def export_codes(cfg_dict, B=2, T=10, seed=7):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    codes = np.concatenate([rng.integers(0, cfg_dict["text_card"], (B, 1, T)),
+                            rng.integers(0, cfg_dict["card"], (B, cfg_dict["n_q"], T))], axis=1)
+    codes[0, :, -2:] = -1                                       # some ignored targets
+    return codes.astype(np.int64)
+
+
+def export_stage(args):
+    sys.path.insert(0, os.path.dirname(HERE))
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    import jax
+    import numpy as np
+    import convert
+    import random_weights
+    import train
+    cfg = convert.lm_config(EXPORT_CONFIG)
+    spec = sorted(convert.lm_keys(cfg).items())
+    base = random_weights.random_tensors(spec, EXPORT_SEED)
+    os.makedirs(EXPORT_DIR, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        convert.save_safetensors(os.path.join(tmp, "base.safetensors"), base)
+        params, _ = convert.load_lm(os.path.join(tmp, "base.safetensors"), config=cfg)
+    h = train.Hyper(lr=3e-2, warmup_steps=0, max_steps=4, compute_dtype="float32",
+                    lora_rank=EXPORT_LORA["rank"], lora_scaling=EXPORT_LORA["scaling"])
+    mesh = train.make_mesh(1, 1)
+    codes = export_codes(EXPORT_CONFIG, B=4, T=12, seed=3)
+    with jax.set_mesh(mesh):
+        plan = train.make_plan(cfg, mesh, h)
+        state, frozen = train.initial_state(plan, mesh, h, jax.tree.map(np.asarray, params),
+                                            plan.init_lora(jax.random.key(0)))
+        batch = jax.device_put(codes[None].astype(np.int32), jax.sharding.NamedSharding(mesh, train.BATCH_SPEC))
+        for step in range(h.max_steps):
+            state, metrics = plan.step(state, frozen, batch)
+            print("LoRA step", step + 1, np.asarray(metrics))
+        train.export(EXPORT_DIR, cfg, state, frozen, h, save_adapters=True, dtype="float32")
+    meta = {"seed": EXPORT_SEED, "spec": [[k, list(v)] for k, v in spec], "lora": EXPORT_LORA,
+            "codes": export_codes(EXPORT_CONFIG).tolist(), "made_by": "testdata/make_train_fixtures.py export"}
+    with open(os.path.join(EXPORT_DIR, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def official_stage(args):
+    import numpy as np
+    import torch
+    from moshi.models import loaders
+    import random_weights
+    from safetensors.torch import save_file
+    with open(os.path.join(EXPORT_DIR, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(EXPORT_DIR, "config.json")) as f:
+        lm_kwargs = {k: v for k, v in json.load(f).items() if k != "moshi_name"}
+    codes = torch.tensor(meta["codes"])
+    out = {"codes": codes.numpy()}
+    with torch.no_grad():
+        merged = loaders.get_moshi_lm(os.path.join(EXPORT_DIR, "model.safetensors"), lm_kwargs,
+                                      dtype=torch.float32)            # strict load_state_dict
+        res = merged(codes)
+        out.update(logits=res.logits.numpy(), mask=res.mask.numpy(), text_logits=res.text_logits.numpy(),
+                   text_mask=res.text_mask.numpy())
+        base = random_weights.random_tensors([(k, tuple(s)) for k, s in meta["spec"]], meta["seed"])
+        with tempfile.TemporaryDirectory() as tmp:
+            base_path = os.path.join(tmp, "base.safetensors")
+            save_file({k: torch.from_numpy(v) for k, v in base.items()}, base_path)
+            lora_model = loaders.get_moshi_lm(
+                base_path, dict(lm_kwargs, lora=True, lora_rank=meta["lora"]["rank"],
+                                lora_scaling=meta["lora"]["scaling"]),
+                dtype=torch.float32, lora_weights=os.path.join(EXPORT_DIR, "lora.safetensors"), fuse_lora=False)
+            from safetensors.numpy import load_file
+            expected = {k for k in lora_model.state_dict() if ".lora_" in k}
+            assert expected == set(load_file(os.path.join(EXPORT_DIR, "lora.safetensors"))), "adapter names differ"
+            n_lora = len(expected)
+            res = lora_model(codes)
+        out.update(lora_logits=res.logits.numpy(), lora_text_logits=res.text_logits.numpy())
+    for a, b in (("logits", "lora_logits"), ("text_logits", "lora_text_logits")):
+        m = out["mask" if a == "logits" else "text_mask"][..., None]
+        err = np.abs(np.where(m, out[a] - out[b], 0)).max() / np.abs(np.where(m, out[a], 0)).max()
+        print(f"official: merged export vs LoRALinear base + adapters, {a}: rel. err {err:.2e}")
+        assert err < 1e-5, err
+    print(f"official: the {n_lora} LoRA tensors of the official model are exactly those of lora.safetensors")
+    np.savez(os.path.join(EXPORT_DIR, "official.npz"), **out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("interleaver", help="expected text streams from moshi-finetune's interleaver")
     p.add_argument("--moshi-finetune", required=True, help="a checkout of kyutai-labs/moshi-finetune")
+    sub.add_parser("export", help="(project venv) train a tiny LoRA model and export it with train.py")
+    sub.add_parser("official", help="(oracle venv) load the export in Kyutai's package, save its logits")
     args = ap.parse_args()
-    {"interleaver": interleaver_stage}[args.stage](args)
+    {"interleaver": interleaver_stage, "export": export_stage, "official": official_stage}[args.stage](args)
 
 
 if __name__ == "__main__":
