@@ -172,6 +172,263 @@ def test_train_interleaver_matches_moshi_finetune():
             assert got.tolist() == case["text"][w], (case["name"], w)
 
 
+import dataclasses  # noqa: E402
+import shutil  # noqa: E402
+
+import mimi  # noqa: E402
+import moshi  # noqa: E402
+import soundfile  # noqa: E402
+
+# A small moshiko-shaped model (17 streams, moshiko's delays, weights per depformer step) with 2
+# depformer steps instead of 8: compile time is what these tests spend, and the structure is the same.
+TRAIN_CFG = dataclasses.replace(moshi.TINY, dep_q=2)
+# A Mimi with real 1920-sample frames (so windows are 80 ms frames) but a few hundred parameters.
+TRAIN_MIMI = dataclasses.replace(mimi.MimiConfig.tiny(), ratios=(8, 6, 5, 4), n_filters=2, num_layers=1,
+                                 codebook_size=64, num_quantizers=8)
+TRAIN_SENTENCES = ["hello there how are you doing today", "moshi listens and speaks at the same time",
+                   "once upon a time there was a curious little cat"]
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """XLA's CPU optimisation passes are most of these tests' time and change nothing they check."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def train_dataset(tmp_path_factory, fast_compile):
+    """moshi-finetune's format: 3 stereo wavs (2.2 s) with alignments, plus 3 bad files; prepared
+    into 16-frame windows (2 per file) with a random tiny Mimi."""
+    root = tmp_path_factory.mktemp("train_data")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, sentence in enumerate(TRAIN_SENTENCES):
+        t = np.arange(int(2.2 * train.SAMPLE_RATE)) / train.SAMPLE_RATE
+        wav = np.stack([0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t), 0.1 * rng.standard_normal(t.shape)], 1)
+        soundfile.write(root / f"talk{i}.wav", wav, train.SAMPLE_RATE)
+        words = [[w, [0.1 + 0.25 * j, 0.3 + 0.25 * j], "SPEAKER_MAIN"] for j, w in enumerate(sentence.split())]
+        (root / f"talk{i}.json").write_text(json.dumps({"alignments": words}))
+        lines.append({"path": f"talk{i}.wav", "duration": 2.2})
+    soundfile.write(root / "mono.wav", np.zeros(4800), train.SAMPLE_RATE)
+    (root / "mono.json").write_text(json.dumps({"alignments": []}))
+    soundfile.write(root / "no_alignments.wav", np.zeros((4800, 2)), train.SAMPLE_RATE)
+    (root / "broken.wav").write_bytes(b"RIFF but not really a wav")
+    (root / "broken.json").write_text(json.dumps({"alignments": []}))
+    lines += [{"path": p, "duration": 0.2} for p in ("mono.wav", "no_alignments.wav", "broken.wav")]
+    (root / "data.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    mimi_params = mimi.init(jax.random.key(0), TRAIN_MIMI)
+    encode = train.WindowEncoder(mimi, mimi_params, TRAIN_MIMI, batch_windows=4)
+    index = train.prepare(str(root / "data.jsonl"), str(root / "prepared"), _train_spm(), encode, 16,
+                          read_audio=mimi.read_audio, log=lambda *_: None)
+    return {"root": root, "prepared": str(root / "prepared"), "index": index, "mimi": mimi_params}
+
+
+def test_train_prepare_windows_and_bad_files(train_dataset):
+    """Token arrays: text as the interleaver builds it, Mimi codes of each window encoded on its
+    own (as moshi-finetune does), -1 past the audio; bad files reported by name; the iterator."""
+    root, index = train_dataset["root"], train_dataset["index"]
+    assert [f["windows"] for f in index["files"]] == [2, 2, 2]
+    reasons = {os.path.basename(s["source"]): s["reason"] for s in index["skipped"]}
+    assert "expected stereo" in reasons["mono.wav"] and "no_alignments.json: missing" in reasons["no_alignments.wav"]
+    assert "unreadable audio" in reasons["broken.wav"]
+    with pytest.raises(train.DataError, match="mono.wav"):
+        train.prepare(str(root / "data.jsonl"), str(root / "strict"), _train_spm(),
+                      lambda chunks: np.zeros((len(chunks), 16, 16), np.int32), 16,
+                      strict=True, read_audio=mimi.read_audio, log=lambda *_: None)
+    ds = train.TokenWindows(train_dataset["prepared"])
+    tokens = np.load(os.path.join(train_dataset["prepared"], index["files"][1]["tokens"]))
+    assert tokens.dtype == np.int16 and tokens.shape == (17, 32)
+    wav = mimi.read_audio(root / "talk1.wav")                                         # [2, 52800]
+    alignments = train.read_alignments(str(root / "talk1.json"))
+    for w, real in enumerate([16, 12]):                                                # 2.2 s = 16 + 11.5 frames
+        window = ds[2 + w]
+        assert window.tolist() == tokens[:, 16 * w:16 * (w + 1)].tolist()
+        assert window[0].tolist() == train.window_text(_train_spm(), alignments, w, 16, real).tolist()
+        alone = wav[:, 16 * 1920 * w:16 * 1920 * (w + 1)][:, None]                    # the window, unpadded
+        codes = np.asarray(mimi.encode(train_dataset["mimi"], TRAIN_MIMI, alone, num_codebooks=8))
+        assert np.array_equal(window[1:, :real], codes.reshape(16, -1)[:, :real])
+        assert (window[1:, real:] == -1).all()
+    assert "talk1.wav [1.28-2.56 s]" in ds.name(3)
+    # the shuffled stream: every window once per epoch, resumable from any position
+    ids = train.window_ids(len(ds), seed=5, position=0, count=18)
+    assert sorted(ids[:6]) == list(range(6)) and sorted(ids[6:12]) == list(range(6))
+    assert ids[7:15].tolist() == train.window_ids(len(ds), seed=5, position=7, count=8).tolist()
+    assert ids.tolist() != train.window_ids(len(ds), seed=6, position=0, count=18).tolist()
+
+
+def _train_codes(B, T, seed=0, A=1):
+    rng = np.random.default_rng(seed)
+    codes = np.concatenate([rng.integers(0, TRAIN_CFG.text_card, (A, B, 1, T)),
+                            rng.integers(0, TRAIN_CFG.card, (A, B, 16, T))], axis=2).astype(np.int32)
+    codes[:, ::3, :, -3:] = -1
+    codes[:, :, 0, ::4] = train.TEXT_PADDING_ID
+    return codes
+
+
+def _one_step(dp, fsdp, h, params, lora, codes):
+    mesh = train.make_mesh(dp, fsdp)
+    with jax.set_mesh(mesh):
+        plan = train.make_plan(TRAIN_CFG, mesh, h)
+        state, frozen = train.initial_state(plan, mesh, h, params, lora)
+        batch = jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC))
+        state, metrics = plan.step(state, frozen, batch)
+        return plan, state, np.asarray(metrics)
+
+
+def _max_rel(a_tree, b_tree):
+    return max(rel_err(a, b) for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)))
+
+
+@pytest.mark.parametrize("lora_rank", [0, 3])
+def test_train_sharded_step_matches_one_device(lora_rank, fast_compile):
+    """dp=2 x fsdp=4 on 8 simulated devices: the same loss, gradients and updated params as one
+    device (fp32), each device holding 1/4 of every sharded weight. Full fine-tuning with 2
+    accumulated micro-batches; LoRA with random A and B so that every adapter matters."""
+    # eps=1 makes Adam's first update proportional to the gradient, so the comparison of updated
+    # params is as sharp as the comparison of gradients (with a tiny eps, g / |g| amplifies noise).
+    h = train.Hyper(lr=0.5, eps=1.0, warmup_steps=0, max_steps=10, compute_dtype="float32",
+                    lora_rank=lora_rank, lora_scaling=2.0, first_codebook_weight=100.0)
+    params = jax.tree.map(np.asarray, moshi.init(jax.random.key(0), TRAIN_CFG))
+    lora = None
+    if lora_rank:
+        lora = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
+                            train.init_lora(jax.random.key(1), params, lora_rank))
+    codes = _train_codes(B=8, T=10, A=1 if lora_rank else 2)
+    _, one, m1 = _one_step(1, 1, h, params, lora, codes)
+    plan, eight, m8 = _one_step(2, 4, h, params, lora, codes)
+    assert rel_err(m8[:3], m1[:3]) < 1e-5 and m1[0] > 0
+    assert _max_rel(eight["opt"][1][0].mu, one["opt"][1][0].mu) < 1e-5        # the gradients, via Adam's mu
+    assert _max_rel(eight["params"], one["params"]) < 1e-5
+    before = lora if lora_rank else params
+    assert _max_rel(one["params"], before) > 1e-4                              # the step did change them
+    # every weight matrix is split 4 ways over fsdp (and replicated over dp)
+    for (path, spec), x in zip(jax.tree_util.tree_flatten_with_path(plan.specs, is_leaf=lambda s: isinstance(s, jax.P))[0],
+                               jax.tree.leaves(params)):
+        if "norm" in jax.tree_util.keystr(path):
+            assert spec == jax.P()
+            continue
+        axis = list(spec).index("fsdp")
+        if not lora_rank:
+            leaf = eight["params"]
+            for k in path:
+                leaf = leaf[k.key]
+            expected = x.shape[:axis] + (x.shape[axis] // 4,) + x.shape[axis + 1:]
+            assert all(s.data.shape == expected for s in leaf.addressable_shards), jax.tree_util.keystr(path)
+
+
+def _cli(dataset, run_dir, *extra):
+    return train.main(["--data", dataset["prepared"], "--run-dir", str(run_dir), "--config", "train_test",
+                       "--mesh", "dp=2,fsdp=4", "--batch-size", "8", "--max-steps", "24", "--lr", "3e-3",
+                       "--warmup-steps", "2", "--dtype", "float32", "--log-every", "6", "--ckpt-every", "8",
+                       "--keep-checkpoints", "2", *extra])
+
+
+def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, monkeypatch, capsys):
+    """Through the CLI on dp=2 x fsdp=4: a tiny model overfits 6 windows (loss more than halves);
+    a run stopped after step 12 (and left with a half-written checkpoint, as if killed while saving)
+    resumes to exactly the losses of an uninterrupted run; a NaN stops the run naming the batch."""
+    monkeypatch.setitem(moshi.PRESETS, "train_test", TRAIN_CFG)
+    full = _cli(train_dataset, tmp_path / "full")
+    losses = [r["loss"] for r in full]
+    assert len(losses) == 24 and losses[-1] < 0.5 * losses[0], losses
+    assert "step 24/24 | loss" in capsys.readouterr().out
+    with open(tmp_path / "full" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 25))
+    first = _cli(train_dataset, tmp_path / "resumed", "--stop-at", "12")
+    assert [r["loss"] for r in first] == losses[:12]
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000008", "step_000012"]
+    (ckpts / "step_000016.tmp").mkdir()                                # killed mid-write: ignored
+    (ckpts / "step_000016.tmp" / "process_00000.npz").write_bytes(b"partial")
+    rest = _cli(train_dataset, tmp_path / "resumed", "--resume")
+    assert [r["step"] for r in rest] == list(range(13, 25))
+    np.testing.assert_allclose([r["loss"] for r in rest], losses[12:], rtol=1e-6)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000016", "step_000024"]   # the last 2 kept
+    meta = train.read_meta(str(ckpts / "step_000024"))
+    assert meta["step"] == 24 and meta["data_position"] == 24 * 8
+    # a NaN loss stops the run with the step and the windows of its batch
+    (tmp_path / "nan" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpts / "step_000016", tmp_path / "nan" / "checkpoints" / "step_000016")
+    real_load = train.load_checkpoint
+    monkeypatch.setattr(train, "load_checkpoint", lambda path, like: jax.tree.map(
+        lambda x: x * np.nan if x.dtype == jnp.float32 and x.ndim else x, real_load(path, like)))
+    with pytest.raises(train.NonFiniteLoss, match=r"step 17: loss is nan.*\n.*talk\d\.wav \[[0-9.]+-[0-9.]+ s\]"):
+        _cli(train_dataset, tmp_path / "nan", "--resume")
+
+
+def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
+    """Per-process shards with bf16 kept exact, reassembled on a different mesh; a .tmp directory
+    (a save that never finished) is not a checkpoint."""
+    state = {"w": np.arange(64 * 8, dtype=np.float32).reshape(64, 8),
+             "b": (np.arange(16) / 7).astype(jnp.bfloat16), "step": np.int32(7)}
+    specs = {"w": jax.P("fsdp", None), "b": jax.P("fsdp"), "step": jax.P()}
+    mesh = train.make_mesh(2, 4)
+    placed = train.place(state, jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs))
+    train.save_checkpoint(str(tmp_path), 3, placed, {"data_position": 5}, keep=1)
+    (tmp_path / "step_000004.tmp").mkdir()
+    assert train.list_checkpoints(str(tmp_path)) == [str(tmp_path / "step_000003")]
+    for dp, fsdp, spec in ((1, 1, jax.P()), (4, 2, jax.P(None, "fsdp"))):
+        other = train.make_mesh(dp, fsdp)
+        like = train.place(jax.tree.map(np.zeros_like, state), jax.tree.map(
+            lambda x: jax.sharding.NamedSharding(other, spec if x.ndim == 2 else jax.P()), state))
+        back = train.load_checkpoint(str(tmp_path / "step_000003"), like)
+        assert back["b"].dtype == jnp.bfloat16 and back["w"].sharding == like["w"].sharding
+        assert all(np.array_equal(np.asarray(back[k]), np.asarray(state[k])) for k in state)
+
+
+def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
+    """testdata/train_export was written by train.export from a LoRA run; Kyutai's package loaded it
+    strictly (model.safetensors + config.json) and also ran LoRALinear on base + lora.safetensors.
+    Here: our loader + forward reproduce its logits; base + adapters merge back to the exported
+    weights; and the training-time path (weights gathered over fsdp, LoRA merged in the layer
+    hook) reproduces the official LoRA model's logits."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("random_weights", os.path.join(TESTDATA, "random_weights.py"))
+    random_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(random_weights)
+    folder = os.path.join(TESTDATA, "train_export")
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    official = np.load(os.path.join(folder, "official.npz"))
+    weights, config = train.checkpoint_files(folder)
+    params, cfg = convert.load_lm(weights, config=config, dtype=jnp.float32)
+    codes = jnp.asarray(official["codes"], jnp.int32)
+    out = moshi.forward(params, cfg, codes)
+    for name, mask in (("logits", "mask"), ("text_logits", "text_mask")):
+        assert np.array_equal(np.asarray(out[mask]), official[mask])
+        m = official[mask][..., None]
+        assert rel_err(np.where(m, out[name], 0), np.where(m, official[name], 0)) < 1e-4
+    # base (rebuilt from the key list and seed) + the adapters -> exactly the exported weights
+    base = random_weights.random_tensors([(k, tuple(s)) for k, s in meta["spec"]], meta["seed"])
+    convert.save_safetensors(tmp_path / "base.safetensors", base)
+    base, _ = convert.load_lm(tmp_path / "base.safetensors", config=cfg, dtype=jnp.float32)
+    lora = train.lora_from_tensors(convert.load_safetensors(os.path.join(folder, "lora.safetensors")),
+                                   base, meta["lora"]["rank"])
+    merged = train.merged_params(base, lora, meta["lora"]["scaling"])
+    assert _max_rel(merged, params) < 1e-6 and _max_rel(base, params) > 1e-2
+    # the training-time path on a 2-device fsdp mesh vs the official LoRALinear model
+    mesh = train.make_mesh(1, 2)
+    specs = train.param_specs(base, 2)
+    named = lambda tree: jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), tree)   # noqa: E731
+
+    def local_forward(p, l, c):
+        view = train.model_view(p, specs, l, meta["lora"]["scaling"], jnp.float32)
+        o = moshi.forward(view, cfg, c, layer_hook=lambda layer: train.layer_hook(layer, meta["lora"]["scaling"]))
+        return o["logits"], o["text_logits"]
+    lora_specs = jax.tree.map(lambda _: jax.P(), lora)
+    with jax.set_mesh(mesh):
+        fn = jax.jit(jax.shard_map(local_forward, mesh=mesh, in_specs=(specs, lora_specs, jax.P(train.AXES)),
+                                   out_specs=(jax.P(train.AXES), jax.P(train.AXES))))
+        logits, text_logits = fn(train.place(base, named(specs)), train.place(lora, named(lora_specs)),
+                                 jax.device_put(codes, jax.sharding.NamedSharding(mesh, jax.P(train.AXES))))
+    m, tm = official["mask"][..., None], official["text_mask"][..., None]
+    assert rel_err(np.where(m, logits, 0), np.where(m, official["lora_logits"], 0)) < 1e-4
+    assert rel_err(np.where(tm, text_logits, 0), np.where(tm, official["lora_text_logits"], 0)) < 1e-4
+
+
 # ================================================================================================
 # moshi.py, depformer.py and convert.py's LM section
 #
