@@ -350,45 +350,48 @@ def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes):
         raise ValueError(f"gen_step: text must be [B={B}], got {text.shape}")
 
 
+def _next_position(params, cfg: LMConfig, h, text_logits, target, is_given, key, sampling):
+    """Step 3: choose position n + 1 = [B, 1 + dep_q] (text + audio), given tokens winning over
+    sampled ones and conditioning what follows. Returns (chosen, logits of this call)."""
+    text_key, audio_key = jax.random.split(key)
+    sampled = [depformer.sample_token(text_logits, text_key, sampling["temp_text"], sampling["top_k_text"],
+                                      sampling["greedy"])[:, None]]
+    logits = {"text_logits": text_logits}
+    if cfg.dep_q:
+        text = jnp.where(is_given[:, 0], target[:, 0], sampled[0][:, 0])
+        sample = partial(depformer.sample_token, temp=sampling["temp"], top_k=sampling["top_k"],
+                         greedy=sampling["greedy"])
+        audio, logits["audio_logits"] = depformer.generate(
+            params["depformer"], cfg.depformer, h, text, audio_key, sample,
+            target[:, 1:1 + cfg.dep_q], is_given[:, 1:1 + cfg.dep_q])
+        sampled.append(audio)
+    gen = slice(0, 1 + cfg.dep_q)
+    return jnp.where(is_given[:, gen], target[:, gen], jnp.concatenate(sampled, axis=1)), logits
+
+
 def _gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, *,
               greedy=False, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25, return_logits=False):
     _check_gen_inputs(cfg, state, user_codes, text, moshi_codes)
     n, size = state["step"], state["tokens"].shape[-1]
-    delays = jnp.asarray(cfg.delays, jnp.int32)
+    delays, initial = jnp.asarray(cfg.delays, jnp.int32), jnp.asarray(cfg.initial_tokens())
     tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
     # 2. the temporal step on position n
-    here = jnp.where(n <= delays, jnp.asarray(cfg.initial_tokens()), tokens[:, :, n % size])   # [B, K]
+    here = jnp.where(n <= delays, initial, tokens[:, :, n % size])                       # [B, K]
     h, text_logits, kv = temporal(params, cfg, embed_frames(params, cfg, here[:, :, None]), n, state["kv"])
-    h, text_logits = h[:, 0], text_logits[:, 0]                                            # [B, D], [B, V]
-    # 3. position n + 1: text, then the depformer, provided tokens winning over sampled ones
-    target, is_given = tokens[:, :, (n + 1) % size], provided[:, :, (n + 1) % size]        # [B, K]
+    # 3. position n + 1
+    target, is_given = tokens[:, :, (n + 1) % size], provided[:, :, (n + 1) % size]      # [B, K]
     at_start = (n + 1 <= delays) & (state["lookahead"] == 1)     # PersonaPlex forces initial tokens there
-    target = jnp.where(at_start, jnp.asarray(cfg.initial_tokens()), target)
-    is_given = is_given | at_start
-    text_key, audio_key = jax.random.split(key)
-    sampled = [depformer.sample_token(text_logits, text_key, temp_text, top_k_text, greedy)[:, None]]
-    logits = {"text_logits": text_logits}
-    if cfg.dep_q:
-        text_in = jnp.where(is_given[:, 0], target[:, 0], sampled[0][:, 0])
-        sample = partial(_sample_audio, temp=temp, top_k=top_k, greedy=greedy)
-        audio, logits["audio_logits"] = depformer.generate(
-            params["depformer"], cfg.depformer, h, text_in, audio_key, sample,
-            target[:, 1:1 + cfg.dep_q], is_given[:, 1:1 + cfg.dep_q])
-        sampled.append(audio)
-    gen = slice(0, 1 + cfg.dep_q)
-    chosen = jnp.where(is_given[:, gen], target[:, gen], jnp.concatenate(sampled, axis=1))
-    tokens = tokens.at[:, gen, (n + 1) % size].set(chosen)
+    target, is_given = jnp.where(at_start, initial, target), is_given | at_start
+    sampling = dict(greedy=greedy, temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text)
+    chosen, logits = _next_position(params, cfg, h[:, 0], text_logits[:, 0], target, is_given, key, sampling)
+    tokens = tokens.at[:, :1 + cfg.dep_q, (n + 1) % size].set(chosen)
     provided = provided.at[:, :, n % size].set(False)           # slot n is done; it will hold n + size
     # 4. frame n - max_delay, read back from its delayed positions
-    positions = n + 1 - cfg.max_delay + delays[gen]
-    out = jnp.take_along_axis(tokens[:, gen], (positions % size)[None, :, None], axis=2)[:, :, 0]
+    positions = n + 1 - cfg.max_delay + delays[:1 + cfg.dep_q]
+    out = jnp.take_along_axis(tokens[:, :1 + cfg.dep_q], (positions % size)[None, :, None], axis=2)[:, :, 0]
     out = jnp.where(n < cfg.max_delay, ZERO_TOKEN, out)
     state = dict(state, kv=kv, tokens=tokens, provided=provided, step=n + 1)
     return (state, out, logits) if return_logits else (state, out)
-
-
-def _sample_audio(logits, key, temp, top_k, greedy):
-    return depformer.sample_token(logits, key, temp, top_k, greedy)
 
 
 gen_step = jax.jit(_gen_step, static_argnames=("cfg", "greedy", "temp", "temp_text", "top_k", "top_k_text",
