@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
@@ -59,7 +58,7 @@ class SampleError(Exception):
 class Checkpoint:
     moshi: str                    # path of the LM's safetensors
     mimi: str                     # path of Mimi's safetensors
-    tokenizer: str | None         # path of the sentencepiece model
+    tokenizer: str                # path of the sentencepiece model
     config: dict | None           # config.json without the file names (None: the moshiko config)
     mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any
 
@@ -85,10 +84,15 @@ def repo_files(repo: str):
             f"  or download the repo yourself and pass --hf-repo DIR,\n"
             f"  or pass the files: --moshi-weight FILE --mimi-weight FILE --tokenizer FILE.") from None
 
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError:                              # huggingface_hub < 0.23
+        from huggingface_hub.utils import EntryNotFoundError
+
     def get_hub(name, optional=False):
         try:
             return huggingface_hub.hf_hub_download(repo, name)
-        except huggingface_hub.errors.EntryNotFoundError:
+        except EntryNotFoundError:
             if optional:
                 return None
             raise SampleError(f"the Hugging Face repo {repo!r} has no file {name!r}") from None
@@ -101,35 +105,38 @@ def repo_files(repo: str):
 
 
 def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=None) -> Checkpoint:
-    """Resolve every file like the official loader; explicit files win over the repo's."""
-    if repo is None and moshi and mimi and tokenizer:
-        get = None                                   # everything given: no need to ask any repo
+    """Resolve every file like the official loader; explicit files win over the repo's. With all three
+    files given and no --hf-repo, no repo is consulted (the LM config is --config's, or moshiko's)."""
+    standalone = repo is None and moshi and mimi and tokenizer
+    if standalone:                                   # names in --config are relative to it
+        folder = os.path.dirname(os.path.abspath(config)) if config else os.getcwd()
+        get = lambda name, optional=False: os.path.join(folder, name)
     else:
         get = repo_files(repo or DEFAULT_REPO)
-    raw = _read_json(config, "--config") if config else None
-    if raw is None and get is not None:
+    raw = None
+    if config:
+        raw = _read_json(config, "--config")
+    elif not standalone:
         path = get("config.json", optional=True)
         raw = _read_json(path, "config.json") if path else None
-    lm_config = dict(raw) if raw is not None else None
-    pop = (lambda key, default: lm_config.pop(key, default)) if lm_config else (lambda key, default: default)
-    names = {"moshi": pop("moshi_name", MOSHI_NAME), "mimi": pop("mimi_name", MIMI_NAME),
-             "tokenizer": pop("tokenizer_name", TOKENIZER_NAME)}
-    mimi_config_name = pop("mimi_config_name", None)
-    model_type = pop("model_type", "moshi")
+    lm_config = dict(raw or {})
+    names = {"moshi": lm_config.pop("moshi_name", MOSHI_NAME), "mimi": lm_config.pop("mimi_name", MIMI_NAME),
+             "tokenizer": lm_config.pop("tokenizer_name", TOKENIZER_NAME)}
+    mimi_config_name = lm_config.pop("mimi_config_name", None)
+    model_type = lm_config.pop("model_type", "moshi")
     if model_type != "moshi":
         raise SampleError(f"config.json says model_type={model_type!r}; sample.py runs conversation "
                           f"models (model_type 'moshi': Moshiko, Moshika, PersonaPlex)")
     for key in ("lm_gen_config", "tts_config", "stt_config", "model_id", "lora_name"):
-        pop(key, None)
+        lm_config.pop(key, None)                     # tool settings, not the LM's
     given = {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
     for what, path in given.items():
         if path is not None and not os.path.isfile(path):
-            raise SampleError(f"--{what}{'-weight' if what != 'tokenizer' else ''}: no such file {path!r}")
+            flag = "--tokenizer" if what == "tokenizer" else f"--{what}-weight"
+            raise SampleError(f"{flag}: no such file {path!r}")
     files = {what: given[what] or get(names[what]) for what in given}
-    mimi_config = None
-    if mimi_config_name:
-        mimi_config = _read_json(get(mimi_config_name), mimi_config_name)
-    return Checkpoint(files["moshi"], files["mimi"], files["tokenizer"], lm_config, mimi_config)
+    mimi_config = _read_json(get(mimi_config_name), mimi_config_name) if mimi_config_name else None
+    return Checkpoint(files["moshi"], files["mimi"], files["tokenizer"], lm_config if raw else None, mimi_config)
 
 
 def _read_json(path, what):
@@ -426,6 +433,8 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
 #
 # Moshiko follows Kyutai's run_inference.py: Kyutai's LMGen never shows the transformer the user
 # frame given to its first call (it reads initial tokens there), so the first frame is given twice.
+# One difference, on purpose: run_inference drops a trailing partial frame; we zero-pad it (as
+# PersonaPlex does) and cut Moshi's audio to the input's length, so the answer is exactly as long.
 # PersonaPlex follows NVIDIA's offline.py: the prompt first, then the user's frames, with the LM
 # state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state). Both return one frame per
 # input frame. Moshi's audio is decoded from codebooks 1..8 (PersonaPlex also predicts the user's
@@ -539,16 +548,18 @@ class Display:
         self.live = self.out.isatty()
         self.total, self.frame_seconds = total_frames, frame_seconds
         self.width = max(40, os.get_terminal_size(self.out.fileno()).columns - 1) if self.live else 88
-        self.line, self.done, self.reported = "", 0, 0
-        self.started = time.perf_counter()
+        self.line, self.done, self.reported, self.first = "", 0, 0, 0.0
 
     def status(self) -> str:
         pct = 100 * self.done // max(1, self.total)
-        ms = 1000 * (time.perf_counter() - self.started) / max(1, self.done)
-        return f"[{pct:3d}% {self.done * self.frame_seconds:6.1f}/{self.total * self.frame_seconds:.1f} s {ms:5.0f} ms/frame]"
+        rate = "compiling" if self.done < 2 else \
+            f"{1000 * (time.perf_counter() - self.first) / (self.done - 1):5.0f} ms/frame"
+        return f"[{pct:3d}% {self.done * self.frame_seconds:6.1f}/{self.total * self.frame_seconds:.1f} s {rate}]"
 
     def frame(self, piece: str | None):
         self.done += 1
+        if self.done == 1:
+            self.first = time.perf_counter()        # the rate leaves out the first frame's compilation
         if not self.live:
             if piece:
                 self.out.write(piece)
@@ -684,7 +695,7 @@ def load_models(args, log) -> Models:
         log("!" * 88 + f"\n!! --random-init {args.random_init}: RANDOM WEIGHTS. Moshi will babble noise; "
             f"this is a demo of the pipeline.\n" + "!" * 88)
         cfg = moshi.PRESETS[args.random_init]
-        lm = jax.jit(moshi.init, static_argnums=(1, 2))(jax.random.key(args.seed), cfg, dtype)
+        lm = moshi.init(jax.random.key(args.seed), cfg, dtype)
         if args.mimi_weight:
             mimi_params, mimi_cfg = _load(convert.load_mimi, args.mimi_weight)
         else:
