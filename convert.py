@@ -341,14 +341,6 @@ def _norm_keys(prefix: str, kind: str, dim: int) -> dict:
     return {prefix + "weight": (dim,), prefix + "bias": (dim,)}
 
 
-def _num_depformer_in(cfg) -> int:
-    """Kyutai builds these even when dep_q = 0 (then unused)."""
-    if not cfg.depformer_multi_linear:
-        return 1
-    sched = cfg.depformer_weights_per_step_schedule
-    return max(sched) + 1 if sched else cfg.dep_q
-
-
 def lm_keys(cfg) -> dict:
     """On-disk {name: shape} of an LM checkpoint (legacy packed attention, as released)."""
     D, card, text_card = cfg.dim, cfg.card, cfg.text_card
@@ -358,7 +350,7 @@ def lm_keys(cfg) -> dict:
     keys.update(transformer_keys("transformer.layers.", cfg.temporal))
     keys.update(_norm_keys("out_norm.", cfg.norm, D))
     Dd, rank = cfg.depformer_dim, cfg.depformer_low_rank_embeddings
-    keys.update({f"depformer_in.{i}.weight": (Dd, D) for i in range(_num_depformer_in(cfg))})
+    keys.update({f"depformer_in.{i}.weight": (Dd, D) for i in range(cfg.depformer.num_input_projs)})
     keys.update({f"extra_heads.{i}.weight": (cfg.extra_heads_dim, D) for i in range(cfg.extra_heads_num_heads)})
     if not cfg.dep_q:
         return keys
@@ -397,7 +389,7 @@ def _lm_params(t: dict, cfg, cast) -> dict:
               "text_linear": cast(t["text_linear.weight"])}
     if cfg.extra_heads_num_heads:
         params["extra_heads"] = stack([f"extra_heads.{i}.weight" for i in range(cfg.extra_heads_num_heads)])
-    n_in = _num_depformer_in(cfg)
+    n_in = cfg.depformer.num_input_projs
     dep = {"input_proj": stack([f"depformer_in.{i}.weight" for i in range(n_in)])} if n_in else {}
     if cfg.dep_q:
         K = cfg.dep_q
@@ -426,7 +418,7 @@ def _lm_tensors(params: dict, cfg) -> dict:
     for i in range(cfg.extra_heads_num_heads):
         out[f"extra_heads.{i}.weight"] = a(params["extra_heads"][i])
     dep = params.get("depformer", {})
-    for i in range(_num_depformer_in(cfg)):
+    for i in range(cfg.depformer.num_input_projs):
         out[f"depformer_in.{i}.weight"] = a(dep["input_proj"][i])
     if not cfg.dep_q:
         return out

@@ -59,7 +59,10 @@ class DepformerConfig:
 
     @property
     def num_input_projs(self) -> int:
-        return (max(self.schedule) + 1) if self.multi_linear else 1
+        """Kyutai builds these even with no steps at all (dep_q = 0, then unused)."""
+        if not self.multi_linear:
+            return 1
+        return max(self.schedule) + 1 if self.schedule else 0
 
     def input_proj_index(self, step: int) -> int:
         return self.schedule[step] if self.multi_linear else 0

@@ -174,6 +174,9 @@ def init(key, cfg: LMConfig, dtype=jnp.float32):
               "text_linear": helium.dense_init(k[3], (cfg.text_card_out or cfg.text_card, D), dtype)}
     if cfg.dep_q:
         params["depformer"] = depformer.init(k[4], cfg.depformer, dtype)
+    elif cfg.depformer.num_input_projs:          # no depformer, but Kyutai's checkpoint has its input
+        shape = (cfg.depformer.num_input_projs, cfg.depformer_dim, D)
+        params["depformer"] = {"input_proj": helium.dense_init(k[4], shape, dtype)}
     if cfg.extra_heads_num_heads:
         params["extra_heads"] = helium.dense_init(k[5], (cfg.extra_heads_num_heads, cfg.extra_heads_dim, D), dtype)
     return params

@@ -604,15 +604,20 @@ def test_lm_configs_and_7b_footprint():
         moshi.LMConfig(delays=(0, 1, 1), n_q=1, dep_q=1)
 
 
-def test_lm_text_only_model_runs():
-    """dep_q = 0 (Kyutai's STT shape): no depformer; forward gives text logits, generation text only."""
+def test_lm_text_only_model_runs(tmp_path):
+    """dep_q = 0 (Kyutai's STT shape): no depformer; forward gives text logits, generation text only;
+    the checkpoint round-trips (with the unused `depformer_in` Kyutai builds anyway)."""
     cfg = moshi.LMConfig(delays=(0,) * 5, n_q=4, dep_q=0, card=16, text_card=20, dim=16, num_heads=2,
-                         num_layers=1, context=4, depformer_multi_linear=True)
+                         num_layers=1, context=4, depformer_multi_linear=False)
     params = moshi.init(jax.random.key(0), cfg)
     out = jax.jit(lambda p, c: moshi.forward(p, cfg, c))(params, jnp.zeros((1, 5, 6), jnp.int32))
     assert out["text_logits"].shape == (1, 1, 6, 20) and out["logits"].shape == (1, 0, 6, 16)
     tokens, _ = _greedy_run(params, cfg, np.zeros((1, 4, 3), np.int32))
     assert tokens.shape == (1, 1, 3) and (tokens >= 0).all()
+    convert.save_lm(tmp_path / "stt.safetensors", params, cfg)
+    assert "depformer_in.0.weight" in convert.load_safetensors(tmp_path / "stt.safetensors")
+    again, _ = convert.load_lm(tmp_path / "stt.safetensors", cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
     with pytest.raises(ValueError, match="3 user codebooks given; this model reads 4"):
         moshi.gen_step(params, cfg, moshi.init_gen_state(params, cfg, 1), jnp.zeros((1, 3, 1), jnp.int32),
                        jax.random.key(0))
