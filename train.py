@@ -361,14 +361,6 @@ def window_ids(num_windows: int, seed: int, position: int, count: int) -> np.nda
     return np.asarray(out, np.int64)
 
 
-def local_rows(sharding, global_shape) -> np.ndarray:
-    """Which rows of axis 1 (the batch axis) of a global [A, B, ...] array this process holds."""
-    rows = set()
-    for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
-        rows.update(range(global_shape[1])[index[1]])
-    return np.asarray(sorted(rows))
-
-
 def read_batch(ds: TokenWindows, ids: np.ndarray) -> np.ndarray:
     """window ids [A, b] -> int32 [A, b, 17, T]."""
     return np.stack([np.stack([ds[int(i)] for i in row]) for row in ids])
@@ -427,64 +419,57 @@ def loss_from_sums(sums):
 # Embeddings and norms get none. Only A and B are trained; the base stays frozen in bf16.
 
 def is_layer_stack(tree) -> bool:
-    """A helium layer stack (dict with 'attn' and 'mlp', leaves stacked on a leading layer axis)."""
+    """A helium layer stack: a dict with 'attn' and 'mlp' whose leaves have a leading layer axis."""
     return isinstance(tree, dict) and "attn" in tree and "mlp" in tree
 
 
-def lora_targets(params, path=()):
-    """{path: weight} of every linear weight: matrices in layer stacks, and matrices outside them
-    whose name does not say embedding."""
-    out = {}
-    if is_layer_stack(params):
-        for p, w in _leaves(params, path):
-            if w.ndim >= 3:                                      # [L, (steps,) out, in]
-                out[p] = w
-        return out
-    if isinstance(params, dict):
-        for k, v in params.items():
-            out.update(lora_targets(v, path + (k,)))
-    elif isinstance(params, (list, tuple)):
-        for i, v in enumerate(params):
-            out.update(lora_targets(v, path + (i,)))
-    elif params.ndim >= 2 and not any("emb" in str(k) for k in path):
-        out[path] = params
-    return out
+def is_adapter(tree) -> bool:
+    return isinstance(tree, dict) and set(tree) == {"a", "b"}
 
 
-def _leaves(tree, path=()):
-    if isinstance(tree, dict):
-        return [x for k, v in tree.items() for x in _leaves(v, path + (k,))]
-    if isinstance(tree, (list, tuple)):
-        return [x for i, v in enumerate(tree) for x in _leaves(v, path + (i,))]
-    return [(path, tree)]
+def walk(tree, path=(), stop=is_adapter):
+    """(path, leaf) of a nested dict, depth first; `stop` marks dicts to yield whole."""
+    for k, v in tree.items():
+        if isinstance(v, dict) and not stop(v):
+            yield from walk(v, path + (k,), stop)
+        else:
+            yield path + (k,), v
 
 
-def _set(tree, path, value):
+def get_path(tree, path):
+    for k in path:
+        if not isinstance(tree, dict) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree, path, value):
     for k in path[:-1]:
-        tree = tree[k] if isinstance(tree, list) else tree.setdefault(k, {})
+        tree = tree.setdefault(k, {})
     tree[path[-1]] = value
 
 
-def _get(tree, path, default=None):
-    for k in path:
-        if isinstance(tree, dict):
-            if k not in tree:
-                return default
-        elif not isinstance(tree, (list, tuple)) or k >= len(tree):
-            return default
-        tree = tree[k]
-    return tree
+def lora_targets(params) -> dict:
+    """{path: W} of every linear weight: the matrices of the layer stacks ([L, (steps,) out, in]) and
+    the heads and projections outside them; not embedding tables, not norms."""
+    out = {}
+    for path, w in walk(params):
+        in_stack = any(is_layer_stack(get_path(params, path[:i])) for i in range(len(path)))
+        if (w.ndim >= 3) if in_stack else (w.ndim >= 2 and not any("emb" in k for k in path)):
+            out[path] = w
+    return out
 
 
 def init_lora(key, params, rank: int) -> dict:
     """A nested dict mirroring params, with {"a", "b"} (fp32) at every LoRA target."""
     lora = {}
-    targets = lora_targets(params)
-    for k, (path, w) in zip(jax.random.split(key, max(len(targets), 1)), sorted(targets.items(), key=str)):
+    targets = sorted(lora_targets(params).items())
+    for k, (path, w) in zip(jax.random.split(key, len(targets)), targets):
         *lead, n_out, n_in = w.shape
         bound = 1.0 / math.sqrt(n_in)
         a = jax.random.uniform(k, (*lead, rank, n_in), jnp.float32, -bound, bound)
-        _set(lora, path, {"a": a, "b": jnp.zeros((*lead, n_out, rank), jnp.float32)})
+        set_path(lora, path, {"a": a, "b": jnp.zeros((*lead, n_out, rank), jnp.float32)})
     return lora
 
 
@@ -495,10 +480,10 @@ def merge_lora(w, ab, scaling: float):
 
 
 def merged_params(params, lora, scaling: float):
-    """The full weights a LoRA run stands for (what export writes). Host/jit, not sharded code."""
+    """The full weights a LoRA run stands for (what export writes)."""
     out = jax.tree.map(lambda x: x, params)                      # a copy of the containers
-    for path, w in lora_targets(params).items():
-        _set(out, path, merge_lora(w, _get(lora, path), scaling))
+    for path, ab in walk(lora):
+        set_path(out, path, merge_lora(get_path(params, path), ab, scaling))
     return out
 
 
@@ -537,19 +522,16 @@ def make_mesh(dp: int, fsdp: int, devices=None):
 
 
 def leaf_spec(path, shape, fsdp: int, in_layer_stack: bool):
-    """Which axis of a weight is split over fsdp. Layer weights [L, (steps,) out, in]: `out`, the
-    rule the layer hook applies; other matrices: their largest axis that fsdp divides; vectors and
-    scalars are replicated."""
+    """Which axis of a weight is split over fsdp. Layer weights [L, (steps,) out, in]: `out` (the
+    rule the layer hook applies); other matrices: their largest axis that fsdp divides; vectors,
+    norms and scalars are replicated."""
     if in_layer_stack:
         if len(shape) < 3:
             return P()
         if shape[-2] % fsdp:
-            name = ".".join(map(str, path))
-            raise ValueError(f"fsdp={fsdp} does not divide the output dim {shape[-2]} of {name} {shape}")
+            raise ValueError(f"fsdp={fsdp} does not divide the output dim of {'.'.join(path)} {shape}")
         return P(*([None] * (len(shape) - 2)), "fsdp", None)
-    if len(shape) < 2:
-        return P()
-    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]) if len(shape) >= 2 else ():
         if shape[axis] % fsdp == 0:
             return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
     return P()
@@ -560,13 +542,11 @@ def param_specs(params, fsdp: int, in_layer_stack: bool = False, path=()):
     if isinstance(params, dict):
         inside = in_layer_stack or is_layer_stack(params)
         return {k: param_specs(v, fsdp, inside, path + (k,)) for k, v in params.items()}
-    if isinstance(params, (list, tuple)):
-        return type(params)(param_specs(v, fsdp, in_layer_stack, path + (i,)) for i, v in enumerate(params))
     return leaf_spec(path, params.shape, fsdp, in_layer_stack)
 
 
 def gather(x, spec):
-    """Inside shard_map: the full array from this device's fsdp shard."""
+    """Inside shard_map: the whole weight from this device's fsdp shard."""
     for axis, name in enumerate(spec):
         if name == "fsdp":
             return jax.lax.all_gather(x, "fsdp", axis=axis, tiled=True)
@@ -574,42 +554,30 @@ def gather(x, spec):
 
 
 def layer_hook(layer, lora_scaling: float = 1.0):
-    """Called by helium's layer scan on one layer's weights: gather them, merge LoRA if present."""
+    """Called by helium's layer scan on one layer's weights (leading layer axis gone): gather each
+    matrix over fsdp, then merge its LoRA adapter if the layer carries them (under "lora")."""
     lora = layer.get("lora")
     layer = {k: v for k, v in layer.items() if k != "lora"}
     layer = jax.tree.map(lambda w: jax.lax.all_gather(w, "fsdp", axis=w.ndim - 2, tiled=True)
                          if w.ndim >= 2 else w, layer)
-    if lora:
-        for path, ab in _lora_leaves(lora):
-            _set(layer, path, merge_lora(_get(layer, path), ab, lora_scaling))
+    for path, ab in walk(lora or {}):
+        set_path(layer, path, merge_lora(get_path(layer, path), ab, lora_scaling))
     return layer
 
 
-def _lora_leaves(lora, path=()):
-    """[(path, {"a", "b"})] of a LoRA tree."""
-    if isinstance(lora, dict) and set(lora) == {"a", "b"} and not isinstance(lora["a"], dict):
-        return [(path, lora)]
-    if isinstance(lora, dict):
-        return [x for k, v in lora.items() for x in _lora_leaves(v, path + (k,))]
-    return []
-
-
 def model_view(params, specs, lora, lora_scaling: float, dtype):
-    """Inside shard_map: what moshi.forward sees. Weights outside layer stacks are cast to the
-    compute dtype, gathered whole and LoRA-merged here; layer stacks stay sharded (and carry their
-    LoRA under a "lora" key) until the layer hook."""
-    def walk(p, s, l):
+    """Inside shard_map: the params moshi.forward gets. Weights outside the layer stacks are cast
+    to the compute dtype, gathered whole and LoRA-merged here (embeddings, heads: used once per
+    step); layer stacks are only cast, and carry their adapters under "lora", for the layer hook."""
+    def view(p, s, l):
         if is_layer_stack(p):
             p = jax.tree.map(lambda x: x.astype(dtype), p)
             return dict(p, lora=l) if l else p
         if isinstance(p, dict):
-            return {k: walk(v, s[k], (l or {}).get(k)) for k, v in p.items()}
-        if isinstance(p, (list, tuple)):
-            return type(p)(walk(v, s[i], l[i] if isinstance(l, (list, tuple)) else (l or {}).get(i))
-                           for i, v in enumerate(p))
+            return {k: view(v, s[k], (l or {}).get(k)) for k, v in p.items()}
         w = gather(p.astype(dtype), s)
         return merge_lora(w, l, lora_scaling) if l else w
-    return walk(params, specs, lora)
+    return view(params, specs, lora)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -886,7 +854,7 @@ def checkpoint_files(init_from: str) -> tuple[str, str | dict | None]:
     return weights, config
 
 
-def load_model(args, key):
+def load_model(args):
     """-> (cfg, host params or None). --init-from: a Kyutai checkpoint (repo dir or .safetensors),
     read onto the host (CPU) so that `place` can hand each device its slice."""
     if not args.init_from:
@@ -952,22 +920,20 @@ def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
     return {"params": trainable, "opt": plan.init_opt(trainable)}, frozen
 
 
-def build_state(args, h: Hyper, mesh):
-    """-> (cfg, plan, state, frozen): the model (from --init-from or from scratch), sharded."""
+def build_state(args, h: Hyper, mesh, cfg, host_params=None):
+    """-> (plan, state, frozen): the model (loaded, or from scratch by seed) and LoRA, sharded."""
     key_model, key_lora = jax.random.split(jax.random.key(args.seed))
-    cfg, host_params = load_model(args, key_model)
     plan = make_plan(cfg, mesh, h)
     if host_params is not None:
         expected = jax.eval_shape(lambda k: moshi.init(k, cfg), key_model)
-        convert.check_keys({_key(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]},
-                           {_key(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(host_params)[0]},
-                           f"--init-from {args.init_from}")
+        shapes = lambda tree: {_key(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}  # noqa: E731
+        convert.check_keys(shapes(expected), shapes(host_params), f"--init-from {args.init_from}")
         params = host_params
     else:
         params = plan.init_params(key_model)
     lora = plan.init_lora(key_lora) if h.lora_rank else None
     state, frozen = initial_state(plan, mesh, h, params, lora)
-    return cfg, plan, state, frozen
+    return plan, state, frozen
 
 
 def run_meta(args, h: Hyper, cfg) -> dict:
@@ -1006,62 +972,98 @@ class NonFiniteLoss(RuntimeError):
 
 def train(args) -> list[dict]:
     """The whole run. Returns the metrics of every step it ran (also in run_dir/metrics.jsonl)."""
-    h = hyper_from_args(args)
     sizes = parse_mesh(args.mesh) if args.mesh else {"dp": 1, "fsdp": jax.device_count()}
     mesh = make_mesh(sizes["dp"], sizes["fsdp"])
-    with jax.set_mesh(mesh):
-        return run(args, h, mesh)
-
-
-def run(args, h: Hyper, mesh) -> list[dict]:
     ds = TokenWindows(args.data)
+    cfg, host_params = load_model(args)
+    h = hyper_from_args(args, cfg)
+    if (ds.index["text_padding_id"], ds.index["end_of_padding_id"]) != h.padding_ids:
+        raise DataError(f"{args.data}: prepared with PAD/EPAD ids {ds.index['text_padding_id']}/"
+                        f"{ds.index['end_of_padding_id']}, the model uses {h.padding_ids}")
+    with jax.set_mesh(mesh):
+        plan, state, frozen = build_state(args, h, mesh, cfg, host_params)
+        return run(args, h, mesh, cfg, ds, plan, state, frozen)
+
+
+def start(args, h, cfg, state, ckpt_dir):
+    """-> (state, first step, data position): fresh, or from the newest complete checkpoint.
+    Leftovers of an interrupted save (.tmp) and metrics logged after that checkpoint are dropped."""
+    first, position = 0, 0
+    if args.resume and list_checkpoints(ckpt_dir):
+        path = list_checkpoints(ckpt_dir)[-1]
+        meta, expected = read_meta(path), run_meta(args, h, cfg)
+        for k in ("config", "init_from", "lm_config", "seed"):
+            if meta[k] != expected[k]:
+                raise ValueError(f"resume: {path} was made with {k}={meta[k]!r}, this run has {expected[k]!r}")
+        if meta["hyper"]["lora_rank"] != h.lora_rank:
+            raise ValueError(f"resume: {path} has lora_rank={meta['hyper']['lora_rank']}, this run {h.lora_rank}")
+        print(f"resume: {path} (step {meta['step']}, data position {meta['data_position']})")
+        state, first, position = load_checkpoint(path, state), meta["step"], meta["data_position"]
+    elif args.resume:
+        print(f"resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    if jax.process_index() == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        for name in os.listdir(ckpt_dir):
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+        metrics = os.path.join(args.run_dir, "metrics.jsonl")
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= first]
+            atomic_write_bytes(metrics, "".join(kept).encode())
+    return state, first, position
+
+
+def progress_line(rec, max_steps, mfu, eta_s) -> str:
+    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a (unknown peak: --peak-tflops)"
+    eta = time.strftime("%H:%M:%S", time.gmtime(eta_s))
+    return (f"step {rec['step']}/{max_steps} | loss {rec['loss']:.4f} (text {rec['text_loss']:.4f}, "
+            f"audio {rec['audio_loss']:.4f}) | grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | "
+            f"{rec['tokens_per_s']:,.0f} tok/s | MFU {mfu_text} | ETA {eta}")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss went NaN/inf: the message names the step and the windows of the batch."""
+
+
+def run(args, h: Hyper, mesh, cfg, ds: TokenWindows, plan: Plan, state, frozen) -> list[dict]:
     G, A, T = args.batch_size or mesh.size, args.grad_accum, ds.window_frames
     if G % mesh.size:
         raise ValueError(f"--batch-size {G} must be a multiple of the mesh size {mesh.size} (dp x fsdp)")
-    cfg, plan, state, frozen = build_state(args, h, mesh)
     ckpt_dir = os.path.join(args.run_dir, "checkpoints")
-    first, position = 0, 0
-    if args.resume:
-        state, first, position = resume(args, h, cfg, state, ckpt_dir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(args.run_dir, exist_ok=True)
-        shutil.rmtree(os.path.join(ckpt_dir, f"step_{first:06d}.tmp"), ignore_errors=True)
+    state, first, position = start(args, h, cfg, state, ckpt_dir)
+    last = min(h.max_steps, args.stop_at or h.max_steps)
     batch_sharding = NamedSharding(mesh, BATCH_SPEC)
     tokens_per_step = A * G * T * (1 + cfg.dep_q)       # moshi-finetune's count: text + Moshi's codebooks
-    flops = flops_per_step(cfg, frozen or state["params"], A * G * T, T)
-    peak = peak_flops(args)
-    lr_at = learning_rate(h)
-    history, times = [], []
+    flops, peak, lr_at = flops_per_step(cfg, frozen or state["params"], A * G * T, T), peak_flops(args), learning_rate(h)
     print(f"train: mesh {dict(mesh.shape)}, {len(ds)} windows of {T} frames, {A} x {G} windows per step, "
-          f"{'LoRA rank %d' % h.lora_rank if h.lora_rank else 'full fine-tuning'}, steps {first}..{h.max_steps}")
-    last = min(h.max_steps, args.stop_at) if args.stop_at else h.max_steps
-    for step in range(first, last):
-        ids = window_ids(len(ds), args.seed, position, A * G).reshape(A, G)
+          f"{'LoRA rank %d' % h.lora_rank if h.lora_rank else 'full fine-tuning'}, steps {first + 1}..{last}")
+    history, times = [], []
+    for step in range(first + 1, last + 1):
+        ids = window_ids(len(ds), args.seed, position, A * G).reshape(A, G)    # [A, G] window ids
         t0 = time.perf_counter()
         state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, T))
-        m = np.asarray(metrics)                          # waits for the step: the loss is checked each step
+        m = np.asarray(metrics)                          # waits for the step: each loss is checked
         times.append(time.perf_counter() - t0)
-        position += A * G
         if not np.all(np.isfinite(m[:3])):
             names = "\n  ".join(ds.name(int(i)) for i in ids.reshape(-1))
-            raise NonFiniteLoss(f"step {step + 1}: loss is {m[0]} (text {m[1]}, audio {m[2]}); the batch "
-                                f"(data position {position - A * G}) held:\n  {names}")
-        rec = {"step": step + 1, "loss": float(m[0]), "text_loss": float(m[1]), "audio_loss": float(m[2]),
-               "grad_norm": float(m[3]), "lr": float(lr_at(step)), "step_time": times[-1]}
-        history.append(rec)
+            raise NonFiniteLoss(f"step {step}: loss is {m[0]} (text {m[1]}, audio {m[2]}); the batch "
+                                f"(data position {position}) held:\n  {names}")
+        position += A * G
         steady = np.mean(times[1:]) if len(times) > 1 else times[0]   # the first step also compiles
-        rec["tokens_per_s"] = tokens_per_step / steady
-        mfu = flops / steady / peak if peak else None
-        if is_main:
+        rec = {"step": step, "loss": float(m[0]), "text_loss": float(m[1]), "audio_loss": float(m[2]),
+               "grad_norm": float(m[3]), "lr": float(lr_at(step - 1)), "step_time": times[-1],
+               "tokens_per_s": tokens_per_step / steady}
+        history.append(rec)
+        if jax.process_index() == 0:
             with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            if (step + 1) % args.log_every == 0 or step + 1 == h.max_steps:
-                print(progress_line(step + 1, h.max_steps, m, rec["lr"], rec["tokens_per_s"], mfu,
-                                    steady * (h.max_steps - step - 1)), flush=True)
-        if (args.ckpt_every and (step + 1) % args.ckpt_every == 0) or step + 1 == last:
-            meta = dict(run_meta(args, h, cfg), data_position=position)
-            save_checkpoint(ckpt_dir, step + 1, state, meta, args.keep_checkpoints)
+            if step % args.log_every == 0 or step == last:
+                print(progress_line(rec, h.max_steps, flops / steady / peak if peak else None,
+                                    steady * (h.max_steps - step)), flush=True)
+        if (args.ckpt_every and step % args.ckpt_every == 0) or step == last:
+            save_checkpoint(ckpt_dir, step, state, dict(run_meta(args, h, cfg), data_position=position),
+                            args.keep_checkpoints)
     if args.export and last == h.max_steps and history:
         export(args.export, cfg, state, frozen, h, args.save_adapters)
     return history
@@ -1123,7 +1125,7 @@ def _kyutai_modules(path, lead: tuple) -> list[tuple[tuple, str]]:
 def lora_tensors(lora, cfg) -> dict:
     """Our LoRA tree (host arrays) -> {moshi-finetune name: array}."""
     out = {}
-    for path, ab in _lora_leaves(lora):
+    for path, ab in walk(lora):
         for idx, module in _kyutai_modules(path, ab["a"].shape[:-2]):
             out[f"{module}.lora_A.weight"] = np.asarray(ab["a"][idx])
             out[f"{module}.lora_B.weight"] = np.asarray(ab["b"][idx])
@@ -1133,7 +1135,7 @@ def lora_tensors(lora, cfg) -> dict:
 def lora_from_tensors(tensors: dict, params, rank: int) -> dict:
     """{moshi-finetune name: array} -> our LoRA tree for `params` (every target must be present)."""
     lora = {}
-    for path, w in sorted(lora_targets(params).items(), key=str):
+    for path, w in sorted(lora_targets(params).items()):
         lead, (n_out, n_in) = w.shape[:-2], w.shape[-2:]
         a, b = np.zeros((*lead, rank, n_in), np.float32), np.zeros((*lead, n_out, rank), np.float32)
         for idx, module in _kyutai_modules(path, lead):
@@ -1141,28 +1143,29 @@ def lora_from_tensors(tensors: dict, params, rank: int) -> dict:
                 if name not in tensors:
                     raise KeyError(f"LoRA adapters: missing {name!r}")
                 dst[idx] = tensors[name]
-        _set(lora, path, {"a": a, "b": b})
+        set_path(lora, path, {"a": a, "b": b})
     return lora
 
 
 def export_checkpoint(ckpt: str, out_dir: str, dtype="bfloat16", save_adapters=False) -> str:
-    """Offline export of a saved checkpoint on whatever devices this process has."""
+    """Offline export of a saved checkpoint, on this process's first device."""
     meta = read_meta(ckpt)
-    args = argparse.Namespace(**{"config": meta["config"], "init_from": meta["init_from"], "seed": meta["seed"],
-                                 "mesh": None})
+    args = argparse.Namespace(config=meta["config"], init_from=meta["init_from"], seed=meta["seed"])
     h = Hyper(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["hyper"].items()})
     mesh = make_mesh(1, 1)
+    cfg, host_params = load_model(args)
     with jax.set_mesh(mesh):
-        cfg, _, state, frozen = build_state(args, h, mesh)
+        _, state, frozen = build_state(args, h, mesh, cfg, host_params)
         state = load_checkpoint(ckpt, state)
-    return export(out_dir, cfg, state, frozen, h, save_adapters, dtype)
+        return export(out_dir, cfg, state, frozen, h, save_adapters, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-def hyper_from_args(args) -> Hyper:
-    return Hyper(lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+def hyper_from_args(args, cfg) -> Hyper:
+    return Hyper(padding_ids=(cfg.existing_text_padding_id, cfg.existing_text_end_padding_id),
+                 lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                  min_lr_ratio=args.min_lr_ratio, b1=args.beta1, b2=args.beta2, eps=args.eps,
                  weight_decay=args.weight_decay, max_norm=args.max_norm,
                  text_padding_weight=args.text_padding_weight, first_codebook_weight=args.first_codebook_weight,
@@ -1236,6 +1239,7 @@ def export_parser():
     ap.add_argument("--step", type=int, help="default: the newest checkpoint")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--save-adapters", action="store_true", help="LoRA runs: also lora.safetensors")
     return ap
 
 
@@ -1271,7 +1275,7 @@ def main(argv=None):
             found = [c for c in found if c.endswith(f"step_{args.step:06d}")]
         if not found:
             raise SystemExit(f"export: no checkpoint{' for step %d' % args.step if args.step else ''} in {args.run_dir}")
-        return export_checkpoint(found[-1], args.out, args.dtype)
+        return export_checkpoint(found[-1], args.out, args.dtype, args.save_adapters)
     if argv[:1] == ["train"]:
         argv = argv[1:]
     args = train_parser().parse_args(argv)
@@ -1280,4 +1284,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, convert.CheckpointError, FileNotFoundError, NonFiniteLoss) as e:
+        sys.exit(f"train.py: {e}")
