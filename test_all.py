@@ -338,6 +338,14 @@ def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, mo
     assert "step 24/24 | loss" in capsys.readouterr().out
     with open(tmp_path / "full" / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, 25))
+    # the CLI export writes the checkpoint's weights under Kyutai's names (+ a config.json)
+    train.main(["export", "--run-dir", str(tmp_path / "full"), "--out", str(tmp_path / "export"), "--dtype", "float32"])
+    exported, cfg = convert.load_lm(tmp_path / "export" / "model.safetensors", config=tmp_path / "export" / "config.json")
+    assert cfg == TRAIN_CFG
+    one = jax.sharding.NamedSharding(train.make_mesh(1, 1), jax.P())
+    saved = train.load_checkpoint(str(tmp_path / "full" / "checkpoints" / "step_000024"),
+                                  {"params": jax.tree.map(lambda x: jax.device_put(np.zeros_like(x), one), exported)})
+    assert _max_rel(saved["params"], exported) == 0 and _max_rel(exported, moshi.init(jax.random.key(0), TRAIN_CFG)) > 1e-3
     first = _cli(train_dataset, tmp_path / "resumed", "--stop-at", "12")
     assert [r["loss"] for r in first] == losses[:12]
     ckpts = tmp_path / "resumed" / "checkpoints"
@@ -797,6 +805,9 @@ def test_sample_cli_duration_and_sampling(sample_repo, tmp_path):
     assert len(answers[0]["text_tokens"]) == 63 and answers[0]["text_tokens"] != answers[1]["text_tokens"]
     _main(*common[:-1], 1.0, "--batch-size", 1, "--greedy", "--out", tmp_path / "short.wav")
     assert soundfile.info(tmp_path / "short.wav").frames == 24000
+    log = _main("--prompt", SAMPLE_FX.PROMPT, "--random-init", "tiny", "--dtype", "fp32", "--greedy", "--duration", 1.0,
+                "--out", tmp_path / "random.wav")                  # random weights only when asked, and loudly
+    assert log.count("RANDOM WEIGHTS") == 2 and soundfile.info(tmp_path / "random.wav").frames == 24000
 
 
 def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
