@@ -50,9 +50,10 @@ TEXT_PAD = 3                         # Kyutai's text padding token (existing_tex
 # ----------------------------------------------------------------------------------------------
 # Config. Field names and defaults are those of Kyutai's `LMModel(**lm_kwargs)` and the
 # StreamingTransformer it builds (so a config.json maps onto it key for key, see
-# convert.lm_config); the moshiko preset below spells out Kyutai's `_lm_kwargs`. The depformer
-# inherits the main transformer's settings unless a `depformer_*` field says otherwise; that
-# inheritance is resolved when a config.json is read, so the fields here are explicit.
+# convert.lm_config; where Kyutai has no default -- num_layers, depformer_num_heads, delays to fit
+# n_q -- ours are placeholders); the moshiko preset below spells out Kyutai's `_lm_kwargs`. The
+# depformer inherits the main transformer's settings unless a `depformer_*` field says otherwise;
+# that inheritance is resolved when a config.json is read, so the fields here are explicit.
 
 @dataclass(frozen=True)
 class LMConfig:
