@@ -675,6 +675,32 @@ def mimi_config_from_kyutai(d: dict):
         raise SampleError(f"Mimi config: missing or bad entry {e}") from None
 
 
+def random_params(init, seed: int):
+    """Random params shaped like `init(key)`'s, drawn with numpy: the same tree without compiling the
+    init (which takes XLA minutes on a CPU). Norm gains 1, biases 0, Mimi's layer scales 0.01,
+    codebooks N(0, 0.1^2), other weights N(0, 1/fan_in)."""
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(init, jax.random.key(seed))
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path).split("'")[-2]
+        if name in ("alpha", "weight"):
+            value = np.ones(leaf.shape, np.float32)
+        elif name in ("b", "bias"):
+            value = np.zeros(leaf.shape, np.float32)
+        elif name.startswith("layer_scale"):
+            value = np.full(leaf.shape, 0.01, np.float32)
+        else:
+            conv = name in ("w", "downsample", "upsample")                  # [out, in / groups, kernel]
+            fan_in = math.prod(leaf.shape[-2:]) if conv else leaf.shape[-1]
+            std = 0.1 if name == "codebooks" else 1 / math.sqrt(fan_in)
+            value = std * rng.standard_normal(leaf.shape, np.float32)
+        return jnp.asarray(value, leaf.dtype)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def load_tokenizer(path):
     import sentencepiece
     try:
@@ -695,12 +721,12 @@ def load_models(args, log) -> Models:
         log("!" * 88 + f"\n!! --random-init {args.random_init}: RANDOM WEIGHTS. Moshi will babble noise; "
             f"this is a demo of the pipeline.\n" + "!" * 88)
         cfg = moshi.PRESETS[args.random_init]
-        lm = moshi.init(jax.random.key(args.seed), cfg, dtype)
+        lm = random_params(lambda key: moshi.init(key, cfg, dtype), args.seed)
         if args.mimi_weight:
             mimi_params, mimi_cfg = _load(convert.load_mimi, args.mimi_weight)
         else:
             mimi_cfg = tiny_mimi_config(cfg.card) if args.random_init.startswith("tiny") else mimi.MimiConfig()
-            mimi_params = jax.jit(mimi.init, static_argnums=1)(jax.random.key(args.seed + 1), mimi_cfg)
+            mimi_params = random_params(lambda key: mimi.init(key, mimi_cfg), args.seed + 1)
         if args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer)
     else:
