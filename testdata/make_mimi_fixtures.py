@@ -1,0 +1,201 @@
+"""Fixtures for mimi.py: Kyutai's official Mimi (moshi 0.2.13) on random weights, batch and streaming.
+
+Run with the official package: `~/oracle/bin/python testdata/make_mimi_fixtures.py` (a few minutes on
+2 cores). It writes testdata/mimi_keys.txt (the official state dict's names and shapes, in Kyutai's
+on-disk naming) and testdata/mimi_fixture.npz. The full-size random weights (385 MB) are not saved:
+the test rebuilds them bit for bit from mimi_keys.txt, SEED and `overrides()` below, with numpy alone.
+The test signals are rebuilt the same way (`test_signal`); their sha256 is stored to catch drift.
+
+Everything above `main` must stay importable without torch: test_all.py loads this file for them.
+
+Contents of mimi_fixture.npz:
+  full_*   full-size Mimi, batch 2, 70000 samples (2.9 s, padded to 37 frames by the codec):
+           batch codes for 32 and 8 codebooks, batch decode of the 8 codes, streaming (one 1920-
+           sample frame per call) codes and decode.
+  long_*   full-size Mimi, batch 1, 140 frames (11.2 s): streaming codes and a window of the
+           streaming decode, past the 250-step (10 s) wrap of the KV cache; also the batch codes,
+           which streaming departs from there.
+  tiny_*   a tiny config with a context of 8 steps (wraps after 4 frames), weights stored in full:
+           batch and streaming codes and decodes over 24 frames.
+"""
+import hashlib
+import os
+import sys
+import zlib
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SEED = 1234
+FULL_SAMPLES, FULL_BATCH = 70000, 2
+LONG_FRAMES = 140
+LONG_WINDOW = (120, 140)      # frames of the long streaming decode that are kept
+TINY_FRAMES = 24
+CODEBOOK_STD = 0.18           # random codebook entries: about a quarter of the quantizer input's std
+
+# Kyutai's mimi_config dict for the tiny preset (must equal mimi.MimiConfig.tiny()).
+TINY_KYUTAI_CONFIG = {
+    "sample_rate": 24000, "channels": 1, "frame_rate": 1500.0,
+    "seanet": {"channels": 1, "dimension": 16, "causal": True, "n_filters": 4, "n_residual_layers": 1,
+               "activation": "ELU", "compress": 2, "dilation_base": 2, "disable_norm_outer_blocks": 0,
+               "kernel_size": 7, "residual_kernel_size": 3, "last_kernel_size": 3, "norm": "none",
+               "pad_mode": "constant", "ratios": [4, 2], "true_skip": True},
+    "quantizer": {"dimension": 8, "n_q": 4, "bins": 32, "input_dimension": 16, "output_dimension": 16},
+    "transformer": {"d_model": 16, "num_heads": 2, "num_layers": 2, "causal": True, "layer_scale": 0.01,
+                    "context": 8, "conv_layout": True, "max_period": 10000, "gating": "none",
+                    "norm": "layer_norm", "positional_embedding": "rope", "dim_feedforward": 32,
+                    "input_dimension": 16, "output_dimensions": [16]},
+}
+
+
+def test_signal(batch: int, samples: int, seed: int = 0, sample_rate: int = 24000, noise: float = 0.05):
+    """A chirp with a slow tremolo plus noise, per batch item, quantized to 16 bits -> float32 [B, 1, S].
+
+    16-bit quantization makes it exactly representable, so the same bits come out on any machine
+    (up to a libm ulp in sin that would have to cross a rounding boundary; the sha256 catches that).
+    """
+    rng = np.random.default_rng([seed, 7])
+    t = np.arange(samples) / sample_rate
+    dur = samples / sample_rate
+    out = []
+    for b in range(batch):
+        f0, f1 = 110.0 * (b + 1), 3800.0 / (b + 1)
+        phase = 2 * np.pi * (f0 * t + (f1 - f0) * t * t / (2 * dur))
+        x = 0.5 * np.sin(phase) * (0.6 + 0.4 * np.sin(2 * np.pi * 1.3 * t + b)) + noise * rng.standard_normal(samples)
+        out.append(np.round(np.clip(x, -1, 1) * 32767))
+    pcm = np.stack(out)[:, None].astype(np.int16)
+    return pcm.astype(np.float32) / 32768
+
+
+def signal_digest(wav) -> str:
+    return hashlib.sha256(np.ascontiguousarray(wav, np.float32).tobytes()).hexdigest()
+
+
+def overrides():
+    """random_weights overrides: scales that keep a deep random Mimi numerically alive.
+
+    Transposed convs are scaled by their true fan-in (cin * kernel / stride). Codebooks come from
+    random buffers as in a real checkpoint: `embedding_sum / max(cluster_usage, 1e-5)`, with a few
+    dead entries (usage 0, so the clamp matters and they land far away).
+    """
+    def usage(name, shape, rng):
+        u = rng.uniform(0.8, 1.25, shape)
+        u[rng.random(shape) < 0.01] = 0.0
+        return u
+
+    return {
+        "upsample.*": lambda n, s, rng: rng.standard_normal(s) / np.sqrt(2.0),
+        "*convtr.weight": lambda n, s, rng: rng.standard_normal(s) / np.sqrt(s[0] * 2.0),
+        "*cluster_usage": usage,
+        "*embedding_sum": lambda n, s, rng: CODEBOOK_STD * rng.standard_normal(s),
+        "*_initialized": lambda n, s, rng: np.ones(s),
+        "*layer_scale_*": lambda n, s, rng: 0.2 * rng.standard_normal(s),
+    }
+
+
+def tiny_overrides():
+    # A tiny latent is mostly its bias-driven mean; zero conv biases spread the codes. Larger layer
+    # scales make the transformers matter, so the ring-cache wrap visibly changes codes.
+    o = {"*conv.bias": lambda n, s, rng: np.zeros(s)}
+    o.update(overrides())
+    o["*embedding_sum"] = lambda n, s, rng: 0.4 * rng.standard_normal(s)
+    o["*layer_scale_*"] = lambda n, s, rng: 0.5 + 0.2 * rng.standard_normal(s)
+    return o
+
+
+def to_disk_name(name: str) -> str:
+    return name.replace(".self_attn.in_projs.0.weight", ".self_attn.in_proj_weight").replace(
+        ".self_attn.out_projs.0.weight", ".self_attn.out_proj.weight")
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything below needs torch and the official package.
+
+def build_official(mimi_config, spec_path, overrides_, seed):
+    import torch
+    import random_weights as rw
+    from moshi.models import loaders
+    model = loaders.get_mimi(None, mimi_config, num_codebooks=32 if mimi_config is None else mimi_config["quantizer"]["n_q"])
+    spec = [(to_disk_name(k), tuple(v.shape)) for k, v in model.state_dict().items()]
+    if spec_path:
+        rw.write_spec(spec_path, spec, "Kyutai Mimi (moshi 0.2.13) state dict, on-disk naming: name<TAB>shape")
+    tensors = rw.random_tensors(spec, seed, overrides_)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
+    return model.eval(), tensors
+
+
+def run_batch(model, wav, n_q):
+    import torch
+    model.set_num_codebooks(n_q)
+    with torch.no_grad():
+        codes = model.encode(torch.from_numpy(wav))
+        return codes.numpy().astype(np.int32), model.decode(codes).numpy()
+
+
+def run_stream(model, wav, n_q):
+    import torch
+    model.set_num_codebooks(n_q)
+    F = model.frame_size
+    codes, pcm = [], []
+    with torch.no_grad(), model.streaming(wav.shape[0]):
+        for i in range(wav.shape[-1] // F):
+            codes.append(model.encode(torch.from_numpy(wav[..., i * F:(i + 1) * F])))
+        for c in codes:
+            pcm.append(model.decode(c))
+    return torch.cat(codes, -1).numpy().astype(np.int32), torch.cat(pcm, -1).numpy()
+
+
+def describe(name, codes):
+    flat = codes.transpose(1, 0, 2).reshape(codes.shape[1], -1)
+    distinct = [len(np.unique(row)) for row in flat]
+    print(f"{name}: codes {codes.shape}, distinct values per codebook {distinct}")
+
+
+def main():
+    import torch
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sys.path.insert(0, HERE)
+    out = {}
+
+    model, _ = build_official(None, os.path.join(HERE, "mimi_keys.txt"), overrides(), SEED)
+    wav = test_signal(FULL_BATCH, FULL_SAMPLES, seed=0)
+    out["full_signal_sha256"] = np.array(signal_digest(wav))
+    out["full_codes32"], _ = run_batch(model, wav, 32)
+    out["full_codes8"], out["full_decoded8"] = run_batch(model, wav, 8)
+    F = model.frame_size
+    padded = np.pad(wav, ((0, 0), (0, 0), (0, -wav.shape[-1] % F)))
+    out["full_stream_codes8"], out["full_stream_decoded8"] = run_stream(model, padded, 8)
+    describe("full batch", out["full_codes32"])
+    print("full: stream codes == batch codes:", np.array_equal(out["full_stream_codes8"], out["full_codes8"]),
+          "| decoded rms", float(np.sqrt(np.mean(out["full_decoded8"] ** 2))),
+          "| stream vs batch decode max diff", float(np.abs(out["full_stream_decoded8"] - out["full_decoded8"]).max()))
+
+    long_wav = test_signal(1, LONG_FRAMES * F, seed=1)
+    out["long_signal_sha256"] = np.array(signal_digest(long_wav))
+    out["long_batch_codes8"], _ = run_batch(model, long_wav, 8)
+    out["long_stream_codes8"], long_pcm = run_stream(model, long_wav, 8)
+    a, b = LONG_WINDOW
+    out["long_stream_decoded8_window"] = long_pcm[..., a * F:b * F]
+    differs = (out["long_batch_codes8"] != out["long_stream_codes8"]).any(1)[0]
+    print("long: frames where streaming codes differ from batch codes:", np.nonzero(differs)[0].tolist())
+    del model
+
+    model, tensors = build_official(TINY_KYUTAI_CONFIG, None, tiny_overrides(), SEED)
+    for k, v in tensors.items():
+        out["tiny|" + k] = v
+    tiny_wav = test_signal(2, TINY_FRAMES * model.frame_size, seed=2, noise=0.3)
+    out["tiny_wav"] = tiny_wav
+    out["tiny_codes"], out["tiny_decoded"] = run_batch(model, tiny_wav, 4)
+    out["tiny_stream_codes"], out["tiny_stream_decoded"] = run_stream(model, tiny_wav, 4)
+    describe("tiny batch", out["tiny_codes"])
+    differs = (out["tiny_codes"] != out["tiny_stream_codes"]).any(1)
+    print("tiny: frames where streaming codes differ from batch codes:", [np.nonzero(d)[0].tolist() for d in differs])
+
+    path = os.path.join(HERE, "mimi_fixture.npz")
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
