@@ -804,19 +804,11 @@ def main(argv=None):
 
 def run(args):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    num_samples = resampled_length(args.prompt)            # checks the prompt before loading 16 GB
+    resampled_length(args.prompt)                          # a bad prompt fails before loading 16 GB
     models = load_models(args, log)
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
-    if args.duration is not None:
-        num_samples = int(round(args.duration * sr))
-    prompt = None
-    if models.is_persona:
-        text = PERSONAPLEX_TEXT_PROMPT if args.text_prompt is None else args.text_prompt
-        prompt = build_persona_prompt(models, args.voice_prompt, text)
-        log(f"PersonaPlex prompt: {len(prompt)} frames (voice {args.voice_prompt or 'none'}, text {text!r})")
-    elif args.voice_prompt or args.text_prompt:
-        raise SampleError("--voice-prompt and --text-prompt are for PersonaPlex-style models (dep_q = n_q = 16); "
-                          f"this one has dep_q={models.lm_cfg.dep_q}, n_q={models.lm_cfg.n_q}")
+    num_samples = max(1, int(round(args.duration * sr))) if args.duration else resampled_length(args.prompt, sr)
+    prompt = persona_prompt_for(args, models, log)
     B = args.batch_size
     sampling = Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
     frames = frames_of(read_blocks(args.prompt, sr), num_samples, F)
@@ -827,30 +819,46 @@ def run(args):
     answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": []} for path in outs]
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {B}, "
         f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
-    started, first_done, ok = time.perf_counter(), None, False
+    times, ok = [time.perf_counter()], False               # start, first frame done, last frame done
     try:
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
-            first_done = first_done or time.perf_counter()
             for b in range(B):
                 writers[b].write(pcm[b])
                 _record(answers[b], models.tokenizer, int(tokens[b, 0]), i, F / sr)
             token = int(tokens[0, 0])
             display.frame(None if token in (TEXT_PAD, TEXT_EPAD) else piece_text(models.tokenizer, token))
+            if len(times) == 1:
+                times.append(time.perf_counter())         # the first frame: compilation included
+        times.append(time.perf_counter())
         ok = True
     finally:
         for w in writers:
             w.close(keep=ok)
         display.close()
-    elapsed = time.perf_counter() - started
     transcript = os.path.splitext(args.out)[0] + ".json"
     write_json(transcript, {"prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
                             "frame_seconds": F / sr, "random_init": args.random_init, "answers": answers})
-    steady = (time.perf_counter() - first_done) / max(1, n_frames - 1)
+    start, first, end = times
+    steady = (end - first) / max(1, n_frames - 1)
     print(f"wrote {', '.join(outs)} ({num_samples / sr:.2f} s) and {transcript}. {n_frames} frames in "
-          f"{elapsed:.1f} s (first frame {first_done - started:.1f} s, with compilation), then "
-          f"{1000 * steady:.1f} ms/frame: real-time factor {steady * sr / F:.2f} (below 1 is faster than real time)"
+          f"{end - start:.1f} s (first frame {first - start:.1f} s, with compilation"
+          f"{' and the PersonaPlex prompt' if prompt else ''}), then {1000 * steady:.1f} ms/frame: "
+          f"real-time factor {steady * sr / F:.2f} (below 1 is faster than real time)"
           + ("  [RANDOM WEIGHTS]" if args.random_init else ""))
     return answers
+
+
+def persona_prompt_for(args, models, log):
+    """PersonaPlex's prompt (its default role if none is given), or None for Moshiko-style models."""
+    if not models.is_persona:
+        if args.voice_prompt or args.text_prompt:
+            raise SampleError("--voice-prompt and --text-prompt are for PersonaPlex-style models (dep_q = n_q = 16); "
+                              f"this one has dep_q={models.lm_cfg.dep_q}, n_q={models.lm_cfg.n_q}")
+        return None
+    text = PERSONAPLEX_TEXT_PROMPT if args.text_prompt is None else args.text_prompt
+    prompt = build_persona_prompt(models, args.voice_prompt, text)
+    log(f"PersonaPlex prompt: {len(prompt)} frames (voice {args.voice_prompt or 'none'}, text {text!r})")
+    return prompt
 
 
 def _record(answer, tokenizer, token: int, frame: int, frame_seconds: float):
