@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -732,7 +733,7 @@ def load_models(args, log) -> Models:
     else:
         ckpt = find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
         log(f"loading Moshi from {ckpt.moshi}")
-        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=ckpt.config, dtype=dtype)
+        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=lm_config_for(ckpt, log), dtype=dtype)
         log(f"loading Mimi from {ckpt.mimi}")
         mimi_cfg = mimi_config_from_kyutai(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
@@ -742,6 +743,24 @@ def load_models(args, log) -> Models:
         raise SampleError(f"Mimi ({mimi_cfg.num_quantizers} codebooks of {mimi_cfg.codebook_size}) does not fit "
                           f"the LM ({models.codebooks} codebooks of {cfg.card} per voice)")
     return models
+
+
+def lm_config_for(ckpt: Checkpoint, log):
+    """The LM config: config.json's, or, where the repo has none (or one that does not describe the
+    LM, like PersonaPlex's), Kyutai's built-in moshiko config with as many depformer outputs as the
+    checkpoint has heads (16 for PersonaPlex, whose own loader also ignores config.json)."""
+    import convert
+    import moshi
+    if ckpt.config and "dim" in ckpt.config:
+        return ckpt.config
+    try:
+        heads = sum(1 for k in convert.SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))
+    except (ValueError, OSError) as e:
+        raise SampleError(f"cannot load {ckpt.moshi}: {e}") from None
+    if heads and heads != moshi.MOSHIKO.dep_q:
+        log(f"no LM config: moshiko's, with dep_q={heads} as the checkpoint has {heads} depformer heads")
+        return dataclasses.replace(moshi.MOSHIKO, dep_q=heads)
+    return None
 
 
 def _load(fn, path, **kw):
