@@ -856,6 +856,14 @@ def test_sample_finds_weights_like_checkpoint_info(tmp_path):
     (repo / "config.json").write_text(json.dumps({"model_type": "stt"}))
     with pytest.raises(sample.SampleError, match="model_type='stt'"):
         sample.find_checkpoint(str(repo))
+    # No LM config (moshiko's repo, or PersonaPlex's, whose config.json does not describe the LM):
+    # moshiko's config, with as many depformer outputs as the checkpoint has heads.
+    heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
+    convert.save_safetensors(repo / "persona.safetensors", heads)
+    ckpt = sample.Checkpoint(str(repo / "persona.safetensors"), "", "", {"model_type_note": "not an LM config"})
+    assert sample.lm_config_for(ckpt, lambda msg: None) == moshi.PERSONAPLEX
+    convert.save_safetensors(repo / "moshiko.safetensors", dict(list(heads.items())[:8]))
+    assert sample.lm_config_for(sample.Checkpoint(str(repo / "moshiko.safetensors"), "", "", None), print) is None
 
 
 def test_sample_reads_long_audio_lazily(tmp_path):
