@@ -825,6 +825,28 @@ def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)     # as on a machine without it
     err = error_of("--prompt", SAMPLE_FX.PROMPT)
     assert "huggingface_hub is not installed" in err and "--hf-repo DIR" in err and "Traceback" not in err
+    import types
+    hub, errors = types.ModuleType("huggingface_hub"), types.ModuleType("huggingface_hub.errors")
+    errors.EntryNotFoundError = type("EntryNotFoundError", (Exception,), {})
+    hub.errors = errors
+
+    def offline(repo, name):
+        raise ConnectionError("no network")
+    hub.hf_hub_download = offline
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.errors", errors)
+    err = error_of("--prompt", SAMPLE_FX.PROMPT)
+    assert "could not get 'config.json' from the Hugging Face repo 'kyutai/moshiko-pytorch-bf16'" in err
+    assert "no network" in err and "Traceback" not in err
+
+    def hub_download(repo, name):                              # a repo without config.json, as moshiko's
+        if name == "config.json":
+            raise errors.EntryNotFoundError(name)
+        return f"/cache/{repo}/{name}"
+    hub.hf_hub_download = hub_download
+    ckpt = sample.find_checkpoint("kyutai/moshiko-pytorch-bf16")
+    assert ckpt.config is None and ckpt.moshi == "/cache/kyutai/moshiko-pytorch-bf16/model.safetensors"
+    assert ckpt.tokenizer.endswith("/tokenizer_spm_32k_3.model") and ckpt.mimi.endswith(sample.MIMI_NAME)
     (tmp_path / "incomplete").mkdir()
     assert "has no file 'model.safetensors'" in error_of("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", tmp_path / "incomplete")
     assert "--voice-prompt and --text-prompt are for PersonaPlex" in error_of(
