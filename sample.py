@@ -539,7 +539,7 @@ def piece_text(tokenizer, token: int) -> str:
 class Display:
     """Moshi's text as it comes, with a progress line, on a terminal; plain text otherwise.
 
-    On a terminal the last line is a live status line, `[ 42%  3.4/8.0 s  61 ms/frame ] words...`,
+    On a terminal the last line is a live status line, `[ 42%    3.4/8.0 s    61 ms/frame] words...`,
     redrawn every frame; finished lines of text scroll up above it. Piped, the text pieces are
     written as they come and progress goes to stderr every 10%.
     """
