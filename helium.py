@@ -259,7 +259,8 @@ def _flash_forward(q, k, v, context, block_q, block_k, interpret):
     kernel = partial(_flash_kernel, context=context, scale=1.0 / math.sqrt(Dh))
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((B * H, Tp, Dh), q.dtype),
+        # manual_axis_type: inside shard_map (train.py), the output varies over the same mesh axes as q
+        out_shape=jax.ShapeDtypeStruct((B * H, Tp, Dh), q.dtype, manual_axis_type=jax.typeof(qkv[0]).manual_axis_type),
         grid=(B * H, Tp // block_q, Tp // block_k),                # key blocks last: the reduction axis
         in_specs=[pl.BlockSpec((1, block_q, Dh), lambda b, i, j: (b, i, 0)),
                   pl.BlockSpec((1, block_k, Dh), lambda b, i, j: (b, j, 0)),
