@@ -606,6 +606,7 @@ class Hyper:
     lora_scaling: float = 2.0
     compute_dtype: str = "bfloat16"
     remat: bool = True
+    attention: str = "xla"                # or "flash": helium's Pallas kernel for the temporal transformer
 
 
 def learning_rate(h: Hyper):
@@ -628,7 +629,7 @@ def local_loss(trainable, frozen, codes, cfg, specs, h: Hyper):
         params, lora = trainable, None
     view = model_view(params, specs, lora, h.lora_scaling, jnp.dtype(h.compute_dtype))
     hook = lambda layer: layer_hook(layer, h.lora_scaling)      # noqa: E731
-    out = moshi.forward(view, cfg, codes, layer_hook=hook, remat=h.remat)
+    out = moshi.forward(view, cfg, codes, layer_hook=hook, remat=h.remat, attention=h.attention)
     sums = loss_sums(out, codes, h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
     sums = jax.lax.psum(sums, AXES)                              # the whole global batch
     loss, text, audio = loss_from_sums(sums)
@@ -1170,7 +1171,7 @@ def hyper_from_args(args, cfg) -> Hyper:
                  weight_decay=args.weight_decay, max_norm=args.max_norm,
                  text_padding_weight=args.text_padding_weight, first_codebook_weight=args.first_codebook_weight,
                  lora_rank=args.lora_rank, lora_scaling=args.lora_scaling, compute_dtype=args.dtype,
-                 remat=not args.no_remat)
+                 remat=not args.no_remat, attention=args.attention)
 
 
 def train_parser():
@@ -1202,6 +1203,7 @@ def train_parser():
     a("--lora-scaling", type=float, default=2.0, help="LoRA multiplier: W + scaling * B @ A")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype (master weights are fp32)")
     a("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
+    a("--attention", default="xla", choices=["xla", "flash"], help="temporal attention implementation")
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=1)
     a("--ckpt-every", type=int, default=100)
