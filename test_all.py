@@ -275,7 +275,29 @@ def _one_step(dp, fsdp, h, params, lora, codes):
         state, frozen = train.initial_state(plan, mesh, h, params, lora)
         batch = jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC))
         state, metrics = plan.step(state, frozen, batch)
-        return plan, state, np.asarray(metrics)
+        layer_scans = _layer_scans(jax.make_jaxpr(plan.step)(state, frozen, batch).jaxpr)
+        return plan, state, np.asarray(metrics), layer_scans
+
+
+def _layer_scans(jaxpr):
+    """[(all_gathers, reduce_scatters)] of every scan over layers in a traced step (nested scans)."""
+    def inner(params):
+        for v in params.values():
+            for x in (v if isinstance(v, (tuple, list)) else [v]):
+                x = getattr(x, "jaxpr", x)
+                if hasattr(x, "eqns"):
+                    yield x
+
+    def count(jx, name):
+        return sum((e.primitive.name == name) + sum(count(s, name) for s in inner(e.params)) for e in jx.eqns)
+    found = []
+    for e in jaxpr.eqns:
+        body = e.params["jaxpr"].jaxpr if e.primitive.name == "scan" else None
+        if body is not None and not any(s.primitive.name == "scan" for s in body.eqns):
+            found.append((count(body, "all_gather"), count(body, "reduce_scatter")))
+        for s in inner(e.params):
+            found += _layer_scans(s)
+    return found
 
 
 def _max_rel(a_tree, b_tree):
@@ -298,13 +320,17 @@ def test_train_sharded_step_matches_one_device(lora_rank, fast_compile):
         lora = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
                             train.init_lora(jax.random.key(1), params, lora_rank))
     codes = _train_codes(B=8, T=10, A=1 if lora_rank else 2)
-    _, one, m1 = _one_step(1, 1, h, params, lora, codes)
-    plan, eight, m8 = _one_step(2, 4, h, params, lora, codes)
+    _, one, m1, _ = _one_step(1, 1, h, params, lora, codes)
+    plan, eight, m8, layer_scans = _one_step(2, 4, h, params, lora, codes)
     assert rel_err(m8, m1) < 1e-5 and m1[0] > 0                                 # loss, text, audio, grad norm
     assert _max_rel(eight["opt"][1][0].mu, one["opt"][1][0].mu) < 1e-5        # the gradients, via Adam's mu
     assert _max_rel(eight["params"], one["params"]) < 1e-5
     before = lora if lora_rank else params
     assert _max_rel(one["params"], before) > 1e-4                              # the step did change them
+    # Gather on use, free after: the forward layer scans (temporal, depformer) all-gather each of a
+    # layer's 4 matrices; the backward ones gather them again (remat saved none) and reduce-scatter
+    # their gradients (LoRA: the frozen base gets no gradient, so nothing to scatter).
+    assert sorted(layer_scans) == sorted([(4, 0), (4, 0), (4, 0 if lora_rank else 4), (4, 0 if lora_rank else 4)])
     # every weight matrix is split 4 ways over fsdp (and replicated over dp)
     for (path, spec), x in zip(jax.tree_util.tree_flatten_with_path(plan.specs, is_leaf=lambda s: isinstance(s, jax.P))[0],
                                jax.tree.leaves(params)):
