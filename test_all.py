@@ -201,7 +201,7 @@ def fast_compile():
 @pytest.fixture(scope="module")
 def train_dataset(tmp_path_factory, fast_compile):
     """moshi-finetune's format: 3 stereo wavs (2.2 s) with alignments, plus 3 bad files; prepared
-    into 16-frame windows (2 per file) with a random tiny Mimi."""
+    by the CLI into 16-frame windows (2 per file) with a random tiny Mimi checkpoint."""
     root = tmp_path_factory.mktemp("train_data")
     rng = np.random.default_rng(0)
     lines = []
@@ -219,10 +219,11 @@ def train_dataset(tmp_path_factory, fast_compile):
     (root / "broken.json").write_text(json.dumps({"alignments": []}))
     lines += [{"path": p, "duration": 0.2} for p in ("mono.wav", "no_alignments.wav", "broken.wav")]
     (root / "data.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    mimi_params = mimi.init(jax.random.key(0), TRAIN_MIMI)
-    encode = train.WindowEncoder(mimi, mimi_params, TRAIN_MIMI, batch_windows=4)
-    index = train.prepare(str(root / "data.jsonl"), str(root / "prepared"), _train_spm(), encode, 16,
-                          read_audio=mimi.read_audio, log=lambda *_: None)
+    convert.save_mimi(root / "mimi.safetensors", mimi.init(jax.random.key(0), TRAIN_MIMI), TRAIN_MIMI)
+    index = train.main(["prepare", "--manifest", str(root / "data.jsonl"), "--out", str(root / "prepared"),
+                        "--tokenizer", os.path.join(TESTDATA, "train_spm.model"), "--mimi", str(root / "mimi.safetensors"),
+                        "--duration-sec", "1.28", "--encode-batch", "4"])
+    mimi_params, _ = convert.load_mimi(root / "mimi.safetensors")
     return {"root": root, "prepared": str(root / "prepared"), "index": index, "mimi": mimi_params}
 
 
@@ -945,3 +946,268 @@ def test_sample_loudness_matches_pyloudnorm():
         assert abs(sample.integrated_loudness(x, 24000) - float(ref[f"lufs_{name}"])) < 1e-6, name
     wav = SAMPLE_FX.read_prompt()
     assert abs(sample.integrated_loudness(sample.normalize_loudness(wav, 24000), 24000) + 24.0) < 1e-4
+
+
+# ================================================================================================
+# mimi.py and convert.py's Mimi section
+#
+# Parity fixtures come from testdata/make_mimi_fixtures.py (official moshi 0.2.13): full-size Mimi
+# with every parameter and buffer random (rebuilt here from testdata/mimi_keys.txt and a seed,
+# written in Kyutai's on-disk naming and loaded through convert.load_mimi), on a chirp + noise;
+# and a tiny config whose 8-step KV cache wraps after 4 frames. Budget: < 4 min on 2 cores.
+
+import importlib.util  # noqa: E402
+
+import mimi  # noqa: E402
+
+
+def _load_testdata_module(name):
+    spec = importlib.util.spec_from_file_location(f"_testdata_{name}", os.path.join(TESTDATA, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MIMI_FX = _load_testdata_module("make_mimi_fixtures")       # torch-free above its main()
+RANDOM_WEIGHTS = _load_testdata_module("random_weights")
+
+
+def rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def mimi_ref():
+    return np.load(os.path.join(TESTDATA, "mimi_fixture.npz"))
+
+
+@pytest.fixture(scope="module")
+def full_mimi(tmp_path_factory):
+    """Full-size random Mimi, through a 385 MB safetensors file in Kyutai's on-disk naming."""
+    spec = RANDOM_WEIGHTS.read_spec(os.path.join(TESTDATA, "mimi_keys.txt"))
+    path = tmp_path_factory.mktemp("mimi") / "tokenizer-random.safetensors"
+    convert.save_safetensors(path, RANDOM_WEIGHTS.random_tensors(spec, MIMI_FX.SEED, MIMI_FX.overrides()))
+    params, cfg = convert.load_mimi(path)
+    os.unlink(path)
+    assert cfg == mimi.MimiConfig()
+    return params, cfg
+
+
+def _tiny_checkpoint(ref, path, dtype=np.float32, rename=lambda k: k):
+    tensors = {rename(k.split("|", 1)[1]): ref[k].astype(dtype) for k in ref.files if k.startswith("tiny|")}
+    convert.save_safetensors(path, tensors)
+    return tensors
+
+
+def _stream(params, cfg, wav, num_codebooks):
+    """Frame by frame: encode everything, then decode the codes, as the fixture script does."""
+    F, state, codes, pcm = cfg.frame_size, mimi.init_state(cfg, wav.shape[0]), [], []
+    for i in range(wav.shape[-1] // F):
+        state, c = mimi.encode_step(params, cfg, state, wav[..., i * F:(i + 1) * F], num_codebooks)
+        codes.append(np.asarray(c))
+    for c in codes:
+        state, p = mimi.decode_step(params, cfg, state, c)
+        pcm.append(np.asarray(p))
+    return np.concatenate(codes, -1), np.concatenate(pcm, -1)
+
+
+def test_mimi_full_size_batch_matches_official(full_mimi, mimi_ref):
+    """Codes identical for 32 codebooks (and so for 8, their prefix); decoded audio within 1e-4."""
+    params, cfg = full_mimi
+    wav = MIMI_FX.test_signal(MIMI_FX.FULL_BATCH, MIMI_FX.FULL_SAMPLES, seed=0)      # 70000: not whole frames
+    assert MIMI_FX.signal_digest(wav) == str(mimi_ref["full_signal_sha256"]), "test signal differs from the fixture's"
+    ref32 = mimi_ref["full_codes32"]
+    assert np.array_equal(ref32[:, :8], mimi_ref["full_codes8"])
+    # The fixture is only worth something if the codes are spread over many entries.
+    assert min(len(np.unique(ref32[:, k])) for k in range(32)) >= 20
+    codes = np.asarray(mimi.encode(params, cfg, jnp.asarray(wav), num_codebooks=32))
+    assert codes.dtype == np.int32 and codes.shape == (2, 32, 37)
+    assert np.array_equal(codes, ref32), f"{int((codes != ref32).sum())} codes differ"
+    pcm = mimi.decode(params, cfg, jnp.asarray(mimi_ref["full_codes8"]))
+    assert pcm.shape == (2, 1, 37 * 1920)
+    assert rel_l2(pcm, mimi_ref["full_decoded8"]) < 1e-4
+
+
+def test_mimi_full_size_streaming_matches_official(full_mimi, mimi_ref):
+    """One 80 ms frame per call, 8 codebooks: codes equal Kyutai's streaming codes (which equal its
+    batch codes here, < 10 s); streaming decode equals Kyutai's streaming decode."""
+    params, cfg = full_mimi
+    wav = MIMI_FX.test_signal(MIMI_FX.FULL_BATCH, MIMI_FX.FULL_SAMPLES, seed=0)
+    wav = np.pad(wav, ((0, 0), (0, 0), (0, -wav.shape[-1] % cfg.frame_size)))
+    codes, pcm = _stream(params, cfg, wav, 8)
+    assert np.array_equal(mimi_ref["full_stream_codes8"], mimi_ref["full_codes8"])
+    assert np.array_equal(codes, mimi_ref["full_stream_codes8"])
+    assert rel_l2(pcm, mimi_ref["full_stream_decoded8"]) < 1e-4
+
+
+def test_mimi_full_size_streaming_past_the_cache_wrap(full_mimi, mimi_ref):
+    """11.2 s streamed: past 10 s Kyutai's ring cache (250 slots, 2 steps per call) gives the first
+    step of a frame 249 keys, so its streaming codes depart from its batch codes. Ours equal its
+    streaming codes, and the decode after the wrap matches too."""
+    params, cfg = full_mimi
+    F = cfg.frame_size
+    wav = MIMI_FX.test_signal(1, MIMI_FX.LONG_FRAMES * F, seed=1)
+    assert MIMI_FX.signal_digest(wav) == str(mimi_ref["long_signal_sha256"])
+    state, codes, pcm = mimi.init_state(cfg, 1), [], []
+    for i in range(MIMI_FX.LONG_FRAMES):
+        state, c = mimi.encode_step(params, cfg, state, wav[..., i * F:(i + 1) * F], 8)
+        state, p = mimi.decode_step(params, cfg, state, c)
+        codes.append(np.asarray(c))
+        pcm.append(np.asarray(p))
+    assert state["encoder"]["transformer"]["layers"][0]["k"].shape[2] == 250      # constant memory
+    codes, pcm = np.concatenate(codes, -1), np.concatenate(pcm, -1)
+    ref, batch = mimi_ref["long_stream_codes8"], mimi_ref["long_batch_codes8"]
+    departs = np.nonzero((ref != batch).any(1)[0])[0]
+    assert len(departs) and departs.min() >= 125                # Kyutai's own streaming vs batch
+    assert np.array_equal(codes, ref), f"frames {np.nonzero((codes != ref).any(1)[0])[0].tolist()} differ"
+    a, b = MIMI_FX.LONG_WINDOW
+    assert rel_l2(pcm[..., a * F:b * F], mimi_ref["long_stream_decoded8_window"]) < 1e-4
+
+
+def test_mimi_tiny_matches_official_batch_and_streaming(tmp_path, mimi_ref):
+    """A tiny config whose 8-step context wraps after 4 frames: batch (also cut into 5-frame chunks)
+    equals Kyutai's batch; streaming equals Kyutai's streaming, which departs from its batch."""
+    _tiny_checkpoint(mimi_ref, tmp_path / "tiny.safetensors")
+    cfg = mimi.MimiConfig.tiny()
+    params, _ = convert.load_mimi(tmp_path / "tiny.safetensors", cfg)
+    wav = jnp.asarray(mimi_ref["tiny_wav"])
+    codes = np.asarray(mimi.encode(params, cfg, wav, num_codebooks=4))
+    assert np.array_equal(codes, mimi_ref["tiny_codes"])
+    assert np.array_equal(np.asarray(mimi.encode(params, cfg, wav, 4, chunk_frames=5)), codes)
+    assert rel_l2(mimi.decode(params, cfg, codes), mimi_ref["tiny_decoded"]) < 1e-4
+    assert rel_l2(mimi.decode(params, cfg, codes, chunk_frames=5), mimi_ref["tiny_decoded"]) < 1e-4
+    stream_codes, stream_pcm = _stream(params, cfg, np.asarray(wav), 4)
+    assert not np.array_equal(mimi_ref["tiny_stream_codes"], mimi_ref["tiny_codes"])
+    assert np.array_equal(stream_codes, mimi_ref["tiny_stream_codes"])
+    assert rel_l2(stream_pcm, mimi_ref["tiny_stream_decoded"]) < 1e-4
+
+
+def test_mimi_checkpoint_namings_dtypes_and_errors(tmp_path, mimi_ref):
+    """bf16 files load (as fp32); in-memory attention names and old codebook buffer names load to the
+    same params; save_mimi round-trips exactly and records the config; bad keys are named."""
+    cfg = mimi.MimiConfig.tiny()
+    tensors = _tiny_checkpoint(mimi_ref, tmp_path / "disk.safetensors")
+    disk, _ = convert.load_mimi(tmp_path / "disk.safetensors", cfg)
+
+    import ml_dtypes
+    _tiny_checkpoint(mimi_ref, tmp_path / "bf16.safetensors", dtype=ml_dtypes.bfloat16)
+    bf16, _ = convert.load_mimi(tmp_path / "bf16.safetensors", cfg)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16))
+    same = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+    rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in tensors.items()}
+    convert.save_safetensors(tmp_path / "rounded.safetensors", rounded)   # the same values, as fp32
+    assert same(bf16, convert.load_mimi(tmp_path / "rounded.safetensors", cfg)[0])
+    assert not same(bf16, disk)
+
+    def in_memory(k):
+        return k.replace(".self_attn.in_proj_weight", ".self_attn.in_projs.0.weight").replace(
+            ".self_attn.out_proj.weight", ".self_attn.out_projs.0.weight").replace(
+            "._codebook.cluster_usage", "._codebook.cluster_size").replace(
+            "._codebook.embedding_sum", "._codebook.embed_avg").replace("._codebook._initialized", "._codebook.inited")
+    _tiny_checkpoint(mimi_ref, tmp_path / "memory.safetensors", rename=in_memory)
+    memory, _ = convert.load_mimi(tmp_path / "memory.safetensors", cfg)
+    assert same(memory, disk)
+
+    convert.save_mimi(tmp_path / "saved.safetensors", disk, cfg)
+    again, cfg_again = convert.load_mimi(tmp_path / "saved.safetensors")          # config from the metadata
+    assert cfg_again == cfg and same(again, disk)
+
+    bad = dict(tensors)
+    bad["upsample.convtr.convtr.convtr.weight"] = np.zeros((16, 1, 3), np.float32)
+    del bad["quantizer.rvq_rest.vq.layers.0._codebook.embedding_sum"]
+    bad["extra.weight"] = np.zeros(2, np.float32)
+    convert.save_safetensors(tmp_path / "bad.safetensors", bad)
+    with pytest.raises(convert.CheckpointError) as e:
+        convert.load_mimi(tmp_path / "bad.safetensors", cfg)
+    msg = str(e.value)
+    assert "bad.safetensors" in msg and "unexpected key 'extra.weight'" in msg
+    assert "missing key 'quantizer.rvq_rest.vq.layers.0._codebook.embedding_sum' (expected shape (32, 8))" in msg
+    assert "key 'upsample.convtr.convtr.convtr.weight' has shape (16, 1, 3), expected (16, 1, 4)" in msg
+    with pytest.raises(convert.CheckpointError, match="missing key"):
+        convert.load_mimi(tmp_path / "disk.safetensors")                  # tiny file, default (full) config
+
+
+def test_mimi_api_checks_and_random_init():
+    cfg = mimi.TINY
+    assert (cfg.frame_size, cfg.sample_rate, cfg.frame_rate) == (16, 24000, 1500.0)
+    real = mimi.MimiConfig()
+    assert (real.frame_size, real.frame_rate, real.hop_length) == (1920, 12.5, 960)
+    params = mimi.init(jax.random.key(0), cfg)
+    wav = jnp.zeros((1, 1, 40))
+    assert mimi.encode(params, cfg, wav, num_codebooks=2).shape == (1, 2, 3)
+    assert mimi.decode(params, cfg, jnp.zeros((1, 3, 5), jnp.int32)).shape == (1, 1, 80)
+    state = mimi.init_state(cfg, 1)
+    with pytest.raises(ValueError, match="whole frames of 16 samples, got 20"):
+        mimi.encode_step(params, cfg, state, jnp.zeros((1, 1, 20)))
+    with pytest.raises(ValueError, match="num_codebooks=5"):
+        mimi.encode(params, cfg, wav, num_codebooks=5)
+    with pytest.raises(ValueError, match=r"expected audio \[B, 1, samples>0\]"):
+        mimi.encode(params, cfg, jnp.zeros((1, 2, 40)))
+
+
+def test_mimi_resampler_is_band_limited():
+    """Windowed-sinc polyphase: a 1 kHz tone survives 44.1 -> 24 -> 16 -> 48 kHz; a tone above the
+    new Nyquist is removed (about -100 dB); lengths are ceil(S * out / in)."""
+    t = lambda sr, n: np.arange(n) / sr
+    x = np.sin(2 * np.pi * 1000 * t(44100, 44100)).astype(np.float32)
+    for sr_in, sr_out in ((44100, 24000), (24000, 16000), (16000, 48000), (48000, 24000)):
+        n = len(x)
+        y = mimi.resample(x, sr_in, sr_out)
+        assert y.shape == (-(-n * sr_out // sr_in),)
+        ref = np.sin(2 * np.pi * 1000 * t(sr_out, len(y)))
+        mid = slice(len(y) // 4, 3 * len(y) // 4)                          # away from the edges
+        assert np.abs(y[mid] - ref[mid]).max() < 1e-3, (sr_in, sr_out)
+        x = ref.astype(np.float32)
+    alias = mimi.resample(np.sin(2 * np.pi * 15000 * t(44100, 44100)).astype(np.float32), 44100, 24000)
+    assert np.abs(alias[2000:-2000]).max() < 1e-4
+    stereo = np.stack([x, -x])
+    assert np.array_equal(mimi.resample(stereo, 48000, 24000)[1], -mimi.resample(x, 48000, 24000))
+
+
+def test_mimi_audio_io(tmp_path):
+    import soundfile
+    rng = np.random.default_rng(0)
+    stereo = (0.3 * rng.standard_normal((44100, 2))).astype(np.float32)
+    soundfile.write(tmp_path / "in.wav", stereo, 44100, subtype="FLOAT")
+    wav = mimi.read_audio(tmp_path / "in.wav")
+    assert wav.shape == (2, 24000) and wav.dtype == np.float32
+    assert np.array_equal(mimi.read_audio(tmp_path / "in.wav", None), stereo.T)
+    mono = mimi.mix_down(wav)
+    assert mono.shape == (1, 24000) and np.allclose(mono[0], wav.mean(0))
+    mimi.write_audio(tmp_path / "out.wav", 2 * mono, 24000)                      # clipped, not wrapped
+    back, sr = soundfile.read(tmp_path / "out.wav", dtype="float32")
+    assert sr == 24000 and back.shape == (24000,) and np.abs(back).max() <= 1.0
+    assert np.abs(back - np.clip(2 * mono[0], -1, 1)).max() < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "out.wav"]   # no temp file left
+    soundfile.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 24000)
+    with pytest.raises(mimi.AudioError, match="empty.wav: the file holds no audio"):
+        mimi.read_audio(tmp_path / "empty.wav")
+    (tmp_path / "junk.wav").write_bytes(b"not audio")
+    with pytest.raises(mimi.AudioError, match="junk.wav: cannot read audio"):
+        mimi.read_audio(tmp_path / "junk.wav")
+    with pytest.raises(mimi.AudioError, match="missing.wav: cannot read audio"):
+        mimi.read_audio(tmp_path / "missing.wav")
+
+
+def test_mimi_command_line_round_trip(tmp_path, mimi_ref, capsys):
+    """python mimi.py in.wav out.wav --weights W --codes C: a 32 kHz stereo file in, 24 kHz mono out."""
+    import soundfile
+    cfg = mimi.MimiConfig.tiny()
+    _tiny_checkpoint(mimi_ref, tmp_path / "t.safetensors")
+    params, _ = convert.load_mimi(tmp_path / "t.safetensors", cfg)
+    convert.save_mimi(tmp_path / "tiny.safetensors", params, cfg)      # records the tiny config
+    rng = np.random.default_rng(1)
+    soundfile.write(tmp_path / "in.wav", (0.3 * rng.standard_normal((1000, 2))).astype(np.float32), 32000)
+    mimi.main([str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), "--weights", str(tmp_path / "tiny.safetensors"),
+               "--num-codebooks", "3", "--codes", str(tmp_path / "codes.npy")])
+    out, sr = soundfile.read(tmp_path / "out.wav", dtype="float32")
+    assert sr == 24000 and out.shape == (750,)                               # 1000 samples at 32 kHz
+    codes = np.load(tmp_path / "codes.npy")
+    wav = mimi.mix_down(mimi.read_audio(tmp_path / "in.wav"))[None]
+    assert np.array_equal(codes, np.asarray(mimi.encode(params, cfg, jnp.asarray(wav), 3)))
+    assert codes.shape == (1, 3, 47) and "codes (1, 3, 47)" in capsys.readouterr().out
+    expected = np.asarray(mimi.decode(params, cfg, codes))[0, 0, :750]
+    assert np.abs(out - np.clip(expected, -1, 1)).max() < 1e-4              # 16-bit file
+    with pytest.raises(SystemExit):
+        mimi.main([str(tmp_path / "in.wav"), str(tmp_path / "x.wav")])      # no --weights: usage error
