@@ -395,6 +395,47 @@ def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, mo
         _cli(train_dataset, tmp_path / "nan", "--resume")
 
 
+_TWO_PROCESS_WORKER = """
+import dataclasses, os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_disable_most_optimizations", True)
+import moshi, train
+moshi.PRESETS["train_test"] = dataclasses.replace(moshi.TINY, dep_q=2)
+history = train.main(sys.argv[1:])
+if jax.process_index() == 0:
+    print("LOSSES", [r["loss"] for r in history])
+"""
+
+
+def test_train_two_processes_match_one(train_dataset, tmp_path, monkeypatch):
+    """The same command on 2 processes x 4 devices (jax.distributed, as on 2 hosts) gives the
+    losses of 1 process x 8 devices; each process writes its own checkpoint shards, and one
+    process on another mesh resumes from them exactly."""
+    import socket
+    import subprocess
+    import sys
+    monkeypatch.setitem(moshi.PRESETS, "train_test", TRAIN_CFG)
+    reference = [r["loss"] for r in _cli(train_dataset, tmp_path / "one", "--stop-at", "6")]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = ["--data", train_dataset["prepared"], "--run-dir", str(tmp_path / "two"), "--config", "train_test",
+            "--mesh", "dp=2,fsdp=4", "--batch-size", "8", "--max-steps", "24", "--lr", "3e-3", "--warmup-steps", "2",
+            "--dtype", "float32", "--ckpt-every", "8", "--stop-at", "4",
+            "--coordinator-address", f"localhost:{port}", "--num-processes", "2"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_WORKER, *args, "--process-id", str(i)], cwd=HERE,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    losses = json.loads(outs[0].split("LOSSES")[1].strip().splitlines()[0])
+    np.testing.assert_allclose(losses, reference[:4], rtol=1e-5)
+    ckpt = tmp_path / "two" / "checkpoints" / "step_000004"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "process_00000.npz", "process_00001.npz"]
+    rest = _cli(train_dataset, tmp_path / "two", "--resume", "--stop-at", "6", "--mesh", "dp=1,fsdp=8")
+    np.testing.assert_allclose([r["loss"] for r in rest], reference[4:6], rtol=1e-5)
+
 def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
     """Per-process shards with bf16 kept exact, reassembled on a different mesh; a .tmp directory
     (a save that never finished) is not a checkpoint."""
