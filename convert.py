@@ -269,6 +269,189 @@ def _layer_slice(tree, i):
 
 
 # ----------------------------------------------------------------------------------------------
+# 2. Mimi (mimi.py)
+#
+# Kyutai names SEANet convs by their index in an nn.Sequential: stage i of the encoder holds
+# n_res residual blocks, an ELU and the strided conv; the decoder puts the ELU and the transposed
+# conv first. So with one residual block per stage, a stage is 3 slots and the indices below follow.
+# The quantizer ships EMA buffers, not codebooks: codebook = embedding_sum / max(cluster_usage, 1e-5).
+# Older checkpoints use older buffer names, which Kyutai's loader renames; so do we.
+
+_OLD_CODEBOOK_NAMES = {"inited": "_initialized", "cluster_size": "cluster_usage",
+                       "embed_avg": "embedding_sum", "embed_sum": "embedding_sum"}
+
+
+def _mimi_conv_names(cfg) -> dict:
+    """{Kyutai module name: path into mimi params} for every SEANet conv."""
+    per_stage = cfg.n_residual_layers + 2
+    names = {"encoder.model.0.conv.conv": ("encoder", "conv_in"), "decoder.model.0.conv.conv": ("decoder", "conv_in")}
+    for i in range(len(cfg.ratios)):
+        base = 1 + i * per_stage
+        for j in range(cfg.n_residual_layers):
+            for side, index in (("encoder", base + j), ("decoder", base + 2 + j)):
+                names[f"{side}.model.{index}.block.1.conv.conv"] = (side, "stages", i, "res", j, "conv1")
+                names[f"{side}.model.{index}.block.3.conv.conv"] = (side, "stages", i, "res", j, "conv2")
+        names[f"encoder.model.{base + per_stage - 1}.conv.conv"] = ("encoder", "stages", i, "down")
+        names[f"decoder.model.{base + 1}.convtr.convtr"] = ("decoder", "stages", i, "up")
+    last = 2 + len(cfg.ratios) * per_stage              # after the final ELU
+    names[f"encoder.model.{last}.conv.conv"] = ("encoder", "conv_out")
+    names[f"decoder.model.{last}.conv.conv"] = ("decoder", "conv_out")
+    return names
+
+
+def _at(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _kyutai_conv_shape(spec) -> tuple:
+    # PyTorch: Conv1d (out, in/groups, k); ConvTranspose1d (in, out/groups, k). mimi.py stores
+    # (k, in/groups, out) and (in, k, out/groups): the layouts XLA's CPU kernels read directly.
+    if spec.transposed:
+        return (spec.cin, spec.cout // spec.groups, spec.kernel)
+    return (spec.cout, spec.cin // spec.groups, spec.kernel)
+
+
+def _conv_from_kyutai(w, spec):
+    return w.transpose(0, 2, 1) if spec.transposed else w.transpose(2, 1, 0)
+
+
+def _conv_to_kyutai(w, spec):
+    return w.transpose(0, 2, 1) if spec.transposed else w.transpose(2, 1, 0)
+
+
+def _mimi_rvqs(cfg):
+    return (("rvq_first", "semantic", cfg.num_semantic), ("rvq_rest", "acoustic", cfg.num_quantizers - cfg.num_semantic))
+
+
+def mimi_keys(cfg) -> dict:
+    """On-disk {name: shape} of a Kyutai Mimi checkpoint for a mimi.MimiConfig."""
+    import mimi
+    layouts = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg)}
+    keys = {}
+    for name, path in _mimi_conv_names(cfg).items():
+        spec = _at(layouts[path[0]], path[1:])
+        keys[name + ".weight"], keys[name + ".bias"] = _kyutai_conv_shape(spec), (spec.cout,)
+    keys["downsample.conv.conv.conv.weight"] = _kyutai_conv_shape(mimi.downsample_layout(cfg))
+    keys["upsample.convtr.convtr.convtr.weight"] = _kyutai_conv_shape(mimi.upsample_layout(cfg))
+    D, d, bins = cfg.dimension, cfg.codebook_dim, cfg.codebook_size
+    for rvq, _, n in _mimi_rvqs(cfg):
+        keys[f"quantizer.{rvq}.input_proj.weight"] = (d, D, 1)
+        keys[f"quantizer.{rvq}.output_proj.weight"] = (D, d, 1)
+        for level in range(n):
+            cb = f"quantizer.{rvq}.vq.layers.{level}._codebook."
+            keys.update({cb + "_initialized": (1,), cb + "cluster_usage": (bins,), cb + "embedding_sum": (bins, d)})
+    for side in ("encoder", "decoder"):
+        keys.update(transformer_keys(f"{side}_transformer.transformer.layers.", cfg.transformer))
+    return keys
+
+
+def _mimi_params(t: dict, cfg, cast) -> dict:
+    import jax
+    import mimi
+    f32 = lambda name: np.asarray(t[name], np.float32)
+    is_conv = lambda x: isinstance(x, mimi.Conv)
+    layouts = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg)}
+    params = {side: jax.tree.map(lambda _: {}, layout, is_leaf=is_conv) for side, layout in layouts.items()}
+    for name, path in _mimi_conv_names(cfg).items():
+        spec = _at(layouts[path[0]], path[1:])
+        w = np.ascontiguousarray(_conv_from_kyutai(f32(name + ".weight"), spec))
+        _at(params, path).update(w=cast(w), b=cast(f32(name + ".bias")))
+    down, up = mimi.downsample_layout(cfg), mimi.upsample_layout(cfg)
+    params["downsample"] = cast(np.ascontiguousarray(_conv_from_kyutai(f32("downsample.conv.conv.conv.weight"), down)))
+    params["upsample"] = cast(np.ascontiguousarray(_conv_from_kyutai(f32("upsample.convtr.convtr.convtr.weight"), up)))
+    params["quantizer"] = {}
+    for rvq, ours, n in _mimi_rvqs(cfg):
+        codebooks = []
+        for level in range(n):
+            cb = f"quantizer.{rvq}.vq.layers.{level}._codebook."
+            usage = np.maximum(f32(cb + "cluster_usage"), np.float32(1e-5))      # fp32, as Kyutai
+            codebooks.append(f32(cb + "embedding_sum") / usage[:, None])
+        params["quantizer"][ours] = {"input_proj": cast(f32(f"quantizer.{rvq}.input_proj.weight")[:, :, 0]),
+                                     "output_proj": cast(f32(f"quantizer.{rvq}.output_proj.weight")[:, :, 0]),
+                                     "codebooks": cast(np.stack(codebooks))}
+    for side in ("encoder", "decoder"):     # mimi keeps the layers as a list (see mimi.transformer_step)
+        stacked = stack_transformer(t, f"{side}_transformer.transformer.layers.", cfg.transformer,
+                                    lambda a: np.asarray(a, np.float32))
+        params[f"{side}_transformer"] = [jax.tree.map(lambda a: cast(np.ascontiguousarray(a[i])), stacked)
+                                         for i in range(cfg.num_layers)]
+    return params
+
+
+def _mimi_tensors(params: dict, cfg) -> dict:
+    import jax
+    import mimi
+    a = lambda x: np.asarray(x, np.float32)
+    layouts = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg)}
+    out = {}
+    for name, path in _mimi_conv_names(cfg).items():
+        conv, spec = _at(params, path), _at(layouts[path[0]], path[1:])
+        out[name + ".weight"], out[name + ".bias"] = _conv_to_kyutai(a(conv["w"]), spec), a(conv["b"])
+    out["downsample.conv.conv.conv.weight"] = _conv_to_kyutai(a(params["downsample"]), mimi.downsample_layout(cfg))
+    out["upsample.convtr.convtr.convtr.weight"] = _conv_to_kyutai(a(params["upsample"]), mimi.upsample_layout(cfg))
+    for rvq, ours, n in _mimi_rvqs(cfg):
+        q = params["quantizer"][ours]
+        out[f"quantizer.{rvq}.input_proj.weight"] = a(q["input_proj"])[:, :, None]
+        out[f"quantizer.{rvq}.output_proj.weight"] = a(q["output_proj"])[:, :, None]
+        for level in range(n):       # usage 1 makes embedding_sum the codebook itself, exactly
+            cb = f"quantizer.{rvq}.vq.layers.{level}._codebook."
+            out[cb + "embedding_sum"] = a(q["codebooks"][level])
+            out[cb + "cluster_usage"] = np.ones((cfg.codebook_size,), np.float32)
+            out[cb + "_initialized"] = np.ones((1,), np.float32)
+    for side in ("encoder", "decoder"):
+        stacked = jax.tree.map(lambda *xs: np.stack([a(x) for x in xs]), *params[f"{side}_transformer"])
+        out.update({k: a(v) for k, v in unstack_transformer(
+            stacked, f"{side}_transformer.transformer.layers.", cfg.transformer).items()})
+    return out
+
+
+def _mimi_config_from_metadata(metadata: dict, path):
+    import mimi
+    if "mimi_config" not in metadata:
+        return None
+    try:
+        fields = json.loads(metadata["mimi_config"])
+        return mimi.MimiConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad mimi_config metadata ({e})") from e
+
+
+def load_mimi(path, cfg=None):
+    """A Kyutai Mimi checkpoint -> (params, mimi.MimiConfig). Params are float32 whatever the file
+    holds (fp32 or bf16): Kyutai never runs Mimi in lower precision.
+
+    cfg: None uses the config saved by `save_mimi` if the file has one, else Kyutai's released
+    Mimi. Accepted namings: on-disk `self_attn.in_proj_weight` / `out_proj.weight` and in-memory
+    `self_attn.in_projs.0.weight` / `out_projs.0.weight`; old codebook buffer names
+    (inited, cluster_size, embed_avg, embed_sum). Tensors are read one at a time from a memory map.
+    """
+    import jax.numpy as jnp
+    import mimi
+    f = SafeTensorsFile(path)
+    cfg = cfg or _mimi_config_from_metadata(f.metadata, path) or mimi.MimiConfig()
+    tensors = {}
+    for name in f.keys():
+        head, _, leaf = name.rpartition(".")
+        if head.endswith("._codebook") and leaf in _OLD_CODEBOOK_NAMES:
+            tensors[f"{head}.{_OLD_CODEBOOK_NAMES[leaf]}"] = f[name]
+        else:
+            tensors[name] = f[name]
+    tensors = to_disk_attention_names(tensors, lambda name: 1)
+    check_keys(mimi_keys(cfg), {k: v.shape for k, v in tensors.items()}, f"Mimi checkpoint {path}")
+    return _mimi_params(tensors, cfg, jnp.asarray), cfg
+
+
+def save_mimi(path, params, cfg) -> None:
+    """mimi params -> a safetensors file in Kyutai's on-disk naming (fp32), atomically. Kyutai's
+    `get_mimi` loads it; the config goes into the metadata so `load_mimi(path)` finds it again."""
+    import dataclasses
+    tensors = _mimi_tensors(params, cfg)
+    check_keys(mimi_keys(cfg), {k: v.shape for k, v in tensors.items()}, "save_mimi: params")
+    save_safetensors(path, tensors, {"format": "pt", "mimi_config": json.dumps(dataclasses.asdict(cfg))})
+
+
+# ----------------------------------------------------------------------------------------------
 # 3. The LM (moshi.py, depformer.py)
 #
 # Configs: Kyutai ships an LM as a safetensors file plus, except for the first moshiko/moshika

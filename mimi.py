@@ -13,11 +13,11 @@ order a waveform meets it:
     and back: codebook sums -> depthwise transposed conv 12.5 -> 25 Hz -> decoder transformer
       -> SEANet decoder (transposed convs) -> wav [B, 1, S]
 
-One core per direction serves both batch and streaming use: every conv keeps the tail of its input
+One code path per direction serves batch and streaming use: every conv keeps the tail of its input
 (a transposed conv, the overhang of its output) in an explicit state, and the transformers keep a
 ring KV cache (helium.py). Streaming passes the state from one 80 ms frame to the next; the batch
-functions run the same code over chunks with a fresh state and a KV cache big enough to hold a full
-window behind every chunk, which gives exactly the non-streaming result in constant memory.
+functions run the same steps over 10 s chunks from a fresh state, with a KV cache big enough to
+hold a full window behind every chunk: exactly the non-streaming result, in bounded memory.
 
 Streaming note (Kyutai's behaviour, reproduced exactly): the streaming transformers get 2 steps
 per frame and a ring cache of exactly 250 slots, so once more than 250 steps (10 s) have passed, the
@@ -34,7 +34,6 @@ Reference: kyutai-labs/moshi `moshi/models/compression.py`, `modules/seanet.py`,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
 import os
@@ -431,7 +430,10 @@ def init_state(cfg: MimiConfig, batch_size: int) -> dict:
     return {"encoder": encoder_state(cfg, batch_size), "decoder": decoder_state(cfg, batch_size)}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_codebooks"))
+# The state passed in is donated: its buffers (KV caches above all) are updated in place, not copied.
+# So a state must not be used twice: always continue from the one a step returns.
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_codebooks"), donate_argnames=("enc_state",))
 @_fp32
 def _encode_step(params, cfg: MimiConfig, enc_state, frame, num_codebooks: int):
     _check_wav(cfg, frame, "mimi.encode_step", whole_frames=True)
@@ -440,7 +442,7 @@ def _encode_step(params, cfg: MimiConfig, enc_state, frame, num_codebooks: int):
     return enc_state, quantize(params["quantizer"], cfg, latent, num_codebooks)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("dec_state",))
 @_fp32
 def _decode_step(params, cfg: MimiConfig, dec_state, codes):
     _check_codebooks(cfg, codes.shape[1])
@@ -449,13 +451,19 @@ def _decode_step(params, cfg: MimiConfig, dec_state, codes):
 
 
 def encode_step(params, cfg: MimiConfig, state, frame, num_codebooks: int = 8):
-    """frame [B, channels, n * frame_size] (usually n = 1) -> new state, codes int32 [B, K, n]."""
+    """frame [B, channels, n * frame_size] (usually n = 1) -> new state, codes int32 [B, K, n].
+
+    `state["encoder"]` is consumed (its buffers are reused for the new state); keep the returned one.
+    """
     enc_state, codes = _encode_step(params, cfg, state["encoder"], frame, num_codebooks)
     return dict(state, encoder=enc_state), codes
 
 
 def decode_step(params, cfg: MimiConfig, state, codes):
-    """codes int [B, K, n] -> new state, pcm float32 [B, channels, n * frame_size]."""
+    """codes int [B, K, n] -> new state, pcm float32 [B, channels, n * frame_size].
+
+    `state["decoder"]` is consumed (its buffers are reused for the new state); keep the returned one.
+    """
     dec_state, pcm = _decode_step(params, cfg, state["decoder"], codes)
     return dict(state, decoder=dec_state), pcm
 
@@ -507,41 +515,33 @@ def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
 # ----------------------------------------------------------------------------------------------
 # Random init (for tests and demos; real weights come from convert.load_mimi). Convs get
 # N(0, 1/fan_in) weights and zero biases, the transformers helium's init, codebooks N(0, 0.1^2).
+# All of Mimi's own weights come from one normal draw, cut up: on CPU, XLA compiles the random
+# generator anew for every distinct shape (about a second each), and a codec has dozens.
 
 def init(key, cfg: MimiConfig) -> dict:
-    def conv_params(k, spec: Conv):
-        fan_in = spec.cin // spec.groups * spec.kernel
-        if spec.transposed:          # an output sample sums cin * kernel/stride taps
-            fan_in = spec.cin // spec.groups * max(1, spec.kernel // spec.stride)
-        p = {"w": jax.random.normal(k, spec.weight_shape) / math.sqrt(fan_in)}
-        if spec.bias:
-            p["b"] = jnp.zeros((spec.cout,))
-        return p
-
-    def convs(k, layout):
-        leaves, tree = jax.tree.flatten(layout, is_leaf=_is_conv)
-        return jax.tree.unflatten(tree, [conv_params(ki, c) for ki, c in zip(jax.random.split(k, len(leaves)), leaves)])
-
-    def rvq(k, n):
-        k1, k2, k3 = jax.random.split(k, 3)
-        d, D = cfg.codebook_dim, cfg.dimension
-        return {"input_proj": jax.random.normal(k1, (d, D)) / math.sqrt(D),
-                "output_proj": jax.random.normal(k2, (D, d)) / math.sqrt(d),
-                "codebooks": 0.1 * jax.random.normal(k3, (n, cfg.codebook_size, d))}
-
-    def layers(k):
+    d, D, bins, n_sem = cfg.codebook_dim, cfg.dimension, cfg.codebook_size, cfg.num_semantic
+    convs = {"encoder": encoder_layout(cfg), "decoder": decoder_layout(cfg),
+             "downsample": downsample_layout(cfg), "upsample": upsample_layout(cfg)}
+    specs, tree = jax.tree.flatten(convs, is_leaf=_is_conv)
+    fan_in = [c.cin // c.groups * (max(1, c.kernel // c.stride) if c.transposed else c.kernel) for c in specs]
+    rvq = lambda n: [((d, D), D ** -0.5), ((D, d), d ** -0.5), ((n, bins, d), 0.1)]
+    draws = [(c.weight_shape, f ** -0.5) for c, f in zip(specs, fan_in)] + rvq(n_sem) + rvq(cfg.num_quantizers - n_sem)
+    k_weights, k_enc, k_dec = jax.random.split(key, 3)
+    flat = jax.random.normal(k_weights, (sum(math.prod(shape) for shape, _ in draws),))
+    arrays, offset = [], 0
+    for shape, scale in draws:
+        arrays.append(scale * flat[offset:offset + math.prod(shape)].reshape(shape))
+        offset += math.prod(shape)
+    conv_params = [{"w": w, "b": jnp.zeros((c.cout,))} if c.bias else {"w": w} for c, w in zip(specs, arrays)]
+    params = jax.tree.unflatten(tree, conv_params)
+    params["downsample"], params["upsample"] = params["downsample"]["w"], params["upsample"]["w"]
+    q = arrays[len(specs):]
+    params["quantizer"] = {"semantic": dict(zip(("input_proj", "output_proj", "codebooks"), q[:3])),
+                           "acoustic": dict(zip(("input_proj", "output_proj", "codebooks"), q[3:]))}
+    for name, k in (("encoder_transformer", k_enc), ("decoder_transformer", k_dec)):
         stacked = helium.init(k, cfg.transformer)
-        return [jax.tree.map(lambda a: a[i], stacked) for i in range(cfg.num_layers)]
-
-    k = jax.random.split(key, 8)
-    return {"encoder": convs(k[0], encoder_layout(cfg)),
-            "encoder_transformer": layers(k[1]),
-            "downsample": conv_params(k[2], downsample_layout(cfg))["w"],
-            "quantizer": {"semantic": rvq(k[3], cfg.num_semantic),
-                          "acoustic": rvq(k[4], cfg.num_quantizers - cfg.num_semantic)},
-            "upsample": conv_params(k[5], upsample_layout(cfg))["w"],
-            "decoder_transformer": layers(k[6]),
-            "decoder": convs(k[7], decoder_layout(cfg))}
+        params[name] = [jax.tree.map(lambda a: a[i], stacked) for i in range(cfg.num_layers)]
+    return params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +636,11 @@ def write_audio(path, wav, sample_rate: int) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description="Mimi round trip: audio in (any rate, any channels: resampled to 24 kHz, mixed to mono) "
-                    "-> codes -> audio out.", epilog=__doc__.split("\n\n")[1],
+                    "-> codes -> audio out.",
+        epilog="\n\n".join(__doc__.split("\n\n")[1:3]) + "\n\nexamples:\n"
+               "  python mimi.py talk.wav talk_mimi.wav --weights tokenizer-e351c8d8-checkpoint125.safetensors\n"
+               "  python mimi.py talk.wav out.wav --weights W --num-codebooks 32 --codes codes.npy --stream\n"
+               "  python mimi.py --bench --seconds 10      # speed next to the official PyTorch package",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", nargs="?", help="audio file to encode")
     ap.add_argument("output", nargs="?", help="where to write the decoded audio (24 kHz mono)")
@@ -657,8 +661,11 @@ def main(argv=None):
         ap.error("give INPUT OUTPUT and --weights (or --bench)")
     import convert   # reads Kyutai's checkpoint; imported here so mimi.py needs only helium.py to import
 
-    params, cfg = convert.load_mimi(args.weights)
-    wav = mix_down(read_audio(args.input, cfg.sample_rate))[None]                              # [1, 1, S]
+    try:
+        params, cfg = convert.load_mimi(args.weights)
+        wav = mix_down(read_audio(args.input, cfg.sample_rate))[None]                          # [1, 1, S]
+    except ValueError as e:                      # CheckpointError, AudioError: they name the file
+        sys.exit(f"mimi.py: {e}")
     S = wav.shape[-1]
     t0 = time.perf_counter()
     if args.stream:
