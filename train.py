@@ -202,25 +202,22 @@ def cut_windows(wav: np.ndarray, window_frames: int):
 
 
 class WindowEncoder:
-    """Mimi over batches of windows: [n, 2, S] -> [n, 16, frames], one compiled shape."""
+    """Mimi over batches of windows: [n, 2, S] -> [n, 16, frames]. Both channels of `batch_windows`
+    windows go through one call of the same compiled shape (a short last batch is zero-padded)."""
 
-    def __init__(self, mimi_mod, params, cfg, batch_windows: int, num_codebooks: int = 8):
-        import jax
-        self.batch = batch_windows
-        self.num_codebooks = num_codebooks
-        self._encode = jax.jit(lambda p, x: mimi_mod.encode(p, cfg, x, num_codebooks=num_codebooks))
-        self.params = params
+    def __init__(self, params, cfg, batch_windows: int, num_codebooks: int = 8):
+        self.params, self.cfg, self.batch, self.num_codebooks = params, cfg, batch_windows, num_codebooks
 
     def __call__(self, chunks: np.ndarray) -> np.ndarray:
         n, _, S = chunks.shape
         out = []
         for i in range(0, n, self.batch):
             part = chunks[i:i + self.batch]
-            padded = np.zeros((self.batch, 2, S), np.float32)    # pad the batch: one compiled shape
+            padded = np.zeros((self.batch, 2, S), np.float32)
             padded[:len(part)] = part
-            codes = np.asarray(self._encode(self.params, padded.reshape(self.batch * 2, 1, S)))
-            out.append(codes.reshape(self.batch, 2 * self.num_codebooks, -1)[:len(part)])
-        return np.concatenate(out)                               # [n, 2K, frames]
+            codes = mimi.encode(self.params, self.cfg, padded.reshape(self.batch * 2, 1, S), self.num_codebooks)
+            out.append(np.asarray(codes).reshape(self.batch, 2 * self.num_codebooks, -1)[:len(part)])
+        return np.concatenate(out)                               # [n, 2K, frames]: channel 0's K, then channel 1's
 
 
 def file_tokens(wav, alignments, sp, encode, window_frames: int, pad=TEXT_PADDING_ID,
@@ -833,8 +830,11 @@ def peak_flops(args) -> float | None:
 
 
 def lm_config(name: str):
-    if not hasattr(moshi, "PRESETS") or name not in moshi.PRESETS:
-        raise ValueError(f"--config {name!r}: unknown; choose from {sorted(getattr(moshi, 'PRESETS', {}))}")
+    """--config: a preset name of moshi.PRESETS, or a Kyutai config.json (any architecture)."""
+    if name.endswith(".json"):
+        return convert.lm_config(name)
+    if name not in moshi.PRESETS:
+        raise ValueError(f"--config {name!r}: unknown; choose from {sorted(moshi.PRESETS)} or give a config.json")
     return moshi.PRESETS[name]
 
 
@@ -1181,7 +1181,7 @@ def train_parser():
     a = ap.add_argument
     a("--data", required=True, help="a folder written by `train.py prepare`")
     a("--run-dir", required=True, help="checkpoints, metrics.jsonl and the export go here")
-    a("--config", help="model preset (from scratch, or to check --init-from against)")
+    a("--config", help="model preset or config.json (from scratch; with --init-from, overrides its config)")
     a("--init-from", help="Kyutai checkpoint to start from: a repo folder or a .safetensors file")
     a("--mesh", help="device mesh, e.g. dp=4,fsdp=8 (default: fsdp over all devices)")
     a("--batch-size", type=int, help="windows per micro-batch, whole mesh (default: one per device)")
@@ -1261,7 +1261,7 @@ def prepare_main(args) -> dict:
         raise ValueError(f"{args.mimi}: a Mimi with {cfg.frame_size}-sample frames at {cfg.sample_rate} Hz; "
                          f"Moshi needs {FRAME_SIZE} at {SAMPLE_RATE}")
     sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
-    encode = WindowEncoder(mimi, params, cfg, args.encode_batch)
+    encode = WindowEncoder(params, cfg, args.encode_batch)
     return prepare(args.manifest, args.out, sp, encode, round(args.duration_sec * FRAME_RATE), args.strict,
                    read_audio=mimi.read_audio, meta={"tokenizer": args.tokenizer, "mimi": args.mimi})
 
