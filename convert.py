@@ -115,6 +115,9 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
                 fh.write(a.tobytes())
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                     # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -466,8 +466,8 @@ def init_layer(key, cfg: TransformerConfig, dtype=jnp.float32):
 
 def init(key, cfg: TransformerConfig, dtype=jnp.float32):
     """Stacked layer params: every leaf gets a leading [num_layers] axis."""
-    layers = [init_layer(k, cfg, dtype) for k in jax.random.split(key, cfg.num_layers)]
-    return jax.tree.map(lambda *ls: jnp.stack(ls), *layers)
+    # vmap over the layer keys: one layer is traced, not num_layers of them.
+    return jax.vmap(lambda k: init_layer(k, cfg, dtype))(jax.random.split(key, cfg.num_layers))
 
 
 # ----------------------------------------------------------------------------------------------
