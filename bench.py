@@ -2,6 +2,8 @@
 
     python bench.py                      # every section
     python bench.py --only mimi          # Mimi: encode/decode throughput, streaming latency per 80 ms frame
+    python bench.py --only train         # train.py: one training step (fwd + bwd + AdamW), tokens/s
+    python bench.py --only train --train-config 1b --train-dtype bfloat16 --no-torch   # GPU/TPU: + MFU
 
 Our numbers come from this process. The official ones come from a subprocess running
 `--torch-python` (default ~/oracle/bin/python, a venv with torch and `moshi`); without it, or with
