@@ -865,7 +865,7 @@ def load_model(args):
         config = lm_config(args.config)
     with jax.default_device(jax.devices("cpu")[0]):
         params, cfg = convert.load_lm(weights, config=config)
-    return cfg, params
+        return cfg, jax.tree.map(np.asarray, params)
 
 
 @dataclass(frozen=True)
