@@ -373,6 +373,9 @@ def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, mo
     saved = train.load_checkpoint(str(tmp_path / "full" / "checkpoints" / "step_000024"),
                                   {"params": jax.tree.map(lambda x: jax.device_put(np.zeros_like(x), one), exported)})
     assert _max_rel(saved["params"], exported) == 0 and _max_rel(exported, moshi.init(jax.random.key(0), TRAIN_CFG)) > 1e-3
+    # ... and a run started from that export (a Kyutai repo folder) starts where training ended
+    again = _cli(train_dataset, tmp_path / "from_export", "--init-from", str(tmp_path / "export"), "--stop-at", "1")
+    assert again[0]["loss"] < 1.5 * losses[-1], (again[0]["loss"], losses[-1])
     first = _cli(train_dataset, tmp_path / "resumed", "--stop-at", "12")
     assert [r["loss"] for r in first] == losses[:12]
     ckpts = tmp_path / "resumed" / "checkpoints"
@@ -1185,6 +1188,8 @@ def test_mimi_api_checks_and_random_init():
         mimi.encode(params, cfg, wav, num_codebooks=5)
     with pytest.raises(ValueError, match=r"expected audio \[B, 1, samples>0\]"):
         mimi.encode(params, cfg, jnp.zeros((1, 2, 40)))
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 32\), got values in \[0, 32\]"):
+        mimi.decode(params, cfg, jnp.full((1, 3, 5), 32, jnp.int32).at[0, 0, 0].set(0))
 
 
 def test_mimi_resampler_is_band_limited():
