@@ -786,14 +786,16 @@ def _assemble(pieces, index, shape, dtype) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # 8. The training loop: model and state on the mesh, batches in, metrics out, checkpoints, export.
 
-def place(host_tree, shardings, dtype=None):
-    """Host arrays (numpy, possibly memory-mapped) -> global arrays; each process reads only the
-    slices its own devices hold, so a checkpoint is never loaded whole onto one device."""
+def place(tree, shardings, dtype=None):
+    """Arrays -> global arrays with the given shardings (and dtype). Host arrays (numpy, possibly
+    memory-mapped) are read slice by slice, each process reading only what its own devices hold,
+    so a checkpoint is never loaded whole onto one device; device arrays are resharded."""
     def put(x, s):
-        x = np.asarray(x) if not isinstance(x, np.ndarray) else x
         target = dtype or x.dtype
+        if isinstance(x, jax.Array):
+            return jax.device_put(x.astype(target), s)
         return jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x[idx]).astype(target))
-    return jax.tree.map(put, host_tree, shardings)
+    return jax.tree.map(put, tree, shardings)
 
 
 def make_batch(ds: TokenWindows, ids: np.ndarray, sharding, window_frames: int):
@@ -909,13 +911,11 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
 
 
 def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
-    """(state, frozen) from model params (sharded, or host arrays to place) and an optional LoRA tree."""
-    if not isinstance(jax.tree.leaves(params)[0], jax.Array):
-        params = place(params, plan.shardings(mesh, plan.specs), jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32)
+    """(state, frozen) from model params and an optional LoRA tree, host or device arrays."""
+    master = jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32
+    params = place(params, plan.shardings(mesh, plan.specs), master)
     if h.lora_rank:
-        if not isinstance(jax.tree.leaves(lora)[0], jax.Array):
-            lora = place(lora, plan.shardings(mesh, plan.trainable_specs), jnp.float32)
-        trainable, frozen = lora, params
+        trainable, frozen = place(lora, plan.shardings(mesh, plan.trainable_specs), jnp.float32), params
     else:
         trainable, frozen = params, {}
     return {"params": trainable, "opt": plan.init_opt(trainable)}, frozen
