@@ -1288,5 +1288,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, convert.CheckpointError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, NonFiniteLoss) as e:   # bad input: no traceback
         sys.exit(f"train.py: {e}")
