@@ -502,6 +502,10 @@ def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
     B, K, T = codes.shape
     if T == 0:
         raise ValueError(f"mimi.decode: no frames to decode (codes of shape {tuple(codes.shape)})")
+    if not isinstance(codes, jax.core.Tracer):      # out-of-range codes would silently gather a clamped entry
+        lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
+        if lo < 0 or hi >= cfg.codebook_size:
+            raise ValueError(f"mimi.decode: codes must be in [0, {cfg.codebook_size}), got values in [{lo}, {hi}]")
     chunk = min(chunk_frames, T)
     n_chunks = -(-T // chunk)
     codes = jnp.pad(jnp.asarray(codes, jnp.int32), ((0, 0), (0, 0), (0, n_chunks * chunk - T)))

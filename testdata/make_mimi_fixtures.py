@@ -12,6 +12,8 @@ Contents of mimi_fixture.npz:
   full_*   full-size Mimi, batch 2, 70000 samples (2.9 s, padded to 37 frames by the codec):
            batch codes for 32 and 8 codebooks, batch decode of the 8 codes, streaming (one 1920-
            sample frame per call) codes and decode.
+  *_gaps*  for each code, Kyutai's (2nd-best - best) / best codebook distance: near 0 (a tie up to
+           fp32 rounding) the winner depends on summation order, and the test tolerates a flip.
   long_*   full-size Mimi, batch 1, 140 frames (11.2 s): streaming codes and a window of the
            streaming decode, past the 250-step (10 s) wrap of the KV cache; also the batch codes,
            which streaming departs from there.
@@ -124,25 +126,56 @@ def build_official(mimi_config, spec_path, overrides_, seed):
     return model.eval(), tensors
 
 
+_GAP_LOG = []
+
+
+def record_distance_gaps():
+    """Make Kyutai's codebook lookup also log, per vector, (2nd-best - best) / best distance.
+
+    Where that gap is within fp32 rounding, which entry wins is decided by summation order, not by
+    the model: the test allows a different code there (and in the same RVQ's later levels) only.
+    """
+    import torch
+    from moshi.quantization.core_vq import EuclideanCodebook
+    original = EuclideanCodebook._quantize
+
+    def _quantize(self, x):
+        top2 = torch.cdist(x[None], self.embedding[None], p=2)[0].topk(2, largest=False).values
+        _GAP_LOG.append(((top2[:, 1] - top2[:, 0]) / top2[:, 0].clamp_min(1e-30)).numpy())
+        return original(self, x)
+
+    EuclideanCodebook._quantize = _quantize
+
+
+def _gaps(B: int, K: int) -> np.ndarray:
+    # the last K logged lookups, one per codebook level, each over B * T vectors (b major) -> [B, K, T]
+    gaps = np.stack(_GAP_LOG[-K:]).astype(np.float32)
+    return gaps.reshape(K, B, -1).transpose(1, 0, 2)
+
+
 def run_batch(model, wav, n_q):
+    """-> codes [B, K, T], their distance gaps, decoded audio."""
     import torch
     model.set_num_codebooks(n_q)
     with torch.no_grad():
         codes = model.encode(torch.from_numpy(wav))
-        return codes.numpy().astype(np.int32), model.decode(codes).numpy()
+        gaps = _gaps(wav.shape[0], n_q)
+        return codes.numpy().astype(np.int32), gaps, model.decode(codes).numpy()
 
 
 def run_stream(model, wav, n_q):
+    """One frame per call: -> codes [B, K, T], their distance gaps, the streaming decode of the codes."""
     import torch
     model.set_num_codebooks(n_q)
     F = model.frame_size
-    codes, pcm = [], []
+    codes, gaps, pcm = [], [], []
     with torch.no_grad(), model.streaming(wav.shape[0]):
         for i in range(wav.shape[-1] // F):
             codes.append(model.encode(torch.from_numpy(wav[..., i * F:(i + 1) * F])))
+            gaps.append(_gaps(wav.shape[0], n_q))
         for c in codes:
             pcm.append(model.decode(c))
-    return torch.cat(codes, -1).numpy().astype(np.int32), torch.cat(pcm, -1).numpy()
+    return torch.cat(codes, -1).numpy().astype(np.int32), np.concatenate(gaps, -1), torch.cat(pcm, -1).numpy()
 
 
 def describe(name, codes):
@@ -156,25 +189,27 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     sys.path.insert(0, HERE)
+    record_distance_gaps()
     out = {}
 
     model, _ = build_official(None, os.path.join(HERE, "mimi_keys.txt"), overrides(), SEED)
     wav = test_signal(FULL_BATCH, FULL_SAMPLES, seed=0)
     out["full_signal_sha256"] = np.array(signal_digest(wav))
-    out["full_codes32"], _ = run_batch(model, wav, 32)
-    out["full_codes8"], out["full_decoded8"] = run_batch(model, wav, 8)
+    out["full_codes32"], out["full_gaps32"], _ = run_batch(model, wav, 32)
+    out["full_codes8"], _, out["full_decoded8"] = run_batch(model, wav, 8)
     F = model.frame_size
     padded = np.pad(wav, ((0, 0), (0, 0), (0, -wav.shape[-1] % F)))
-    out["full_stream_codes8"], out["full_stream_decoded8"] = run_stream(model, padded, 8)
+    out["full_stream_codes8"], out["full_stream_gaps8"], out["full_stream_decoded8"] = run_stream(model, padded, 8)
     describe("full batch", out["full_codes32"])
+    print("full: smallest relative distance gaps of the official argmins:", np.sort(out["full_gaps32"].ravel())[:5])
     print("full: stream codes == batch codes:", np.array_equal(out["full_stream_codes8"], out["full_codes8"]),
           "| decoded rms", float(np.sqrt(np.mean(out["full_decoded8"] ** 2))),
           "| stream vs batch decode max diff", float(np.abs(out["full_stream_decoded8"] - out["full_decoded8"]).max()))
 
     long_wav = test_signal(1, LONG_FRAMES * F, seed=1)
     out["long_signal_sha256"] = np.array(signal_digest(long_wav))
-    out["long_batch_codes8"], _ = run_batch(model, long_wav, 8)
-    out["long_stream_codes8"], long_pcm = run_stream(model, long_wav, 8)
+    out["long_batch_codes8"], _, _ = run_batch(model, long_wav, 8)
+    out["long_stream_codes8"], out["long_stream_gaps8"], long_pcm = run_stream(model, long_wav, 8)
     a, b = LONG_WINDOW
     out["long_stream_decoded8_window"] = long_pcm[..., a * F:b * F]
     differs = (out["long_batch_codes8"] != out["long_stream_codes8"]).any(1)[0]
@@ -186,8 +221,8 @@ def main():
         out["tiny|" + k] = v
     tiny_wav = test_signal(2, TINY_FRAMES * model.frame_size, seed=2, noise=0.3)
     out["tiny_wav"] = tiny_wav
-    out["tiny_codes"], out["tiny_decoded"] = run_batch(model, tiny_wav, 4)
-    out["tiny_stream_codes"], out["tiny_stream_decoded"] = run_stream(model, tiny_wav, 4)
+    out["tiny_codes"], out["tiny_gaps"], out["tiny_decoded"] = run_batch(model, tiny_wav, 4)
+    out["tiny_stream_codes"], out["tiny_stream_gaps"], out["tiny_stream_decoded"] = run_stream(model, tiny_wav, 4)
     describe("tiny batch", out["tiny_codes"])
     differs = (out["tiny_codes"] != out["tiny_stream_codes"]).any(1)
     print("tiny: frames where streaming codes differ from batch codes:", [np.nonzero(d)[0].tolist() for d in differs])
