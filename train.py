@@ -550,31 +550,54 @@ def gather(x, spec):
     return x
 
 
+def adapter_specs(lora, fsdp: int):
+    """LoRA adapters are split too: A [.., r, in] along `in`, B [.., out, r] along `out` (at rank 128
+    moshiko's adapters are 0.4 B parameters: worth 1/fsdp of their fp32 + Adam state per device).
+    In layer stacks the hook gathers them by that rule, so fsdp must divide; elsewhere an adapter
+    it does not divide is replicated."""
+    specs = {}
+    for path, ab in walk(lora):
+        in_stack = any(is_layer_stack(get_path(lora, path[:i])) for i in range(len(path)))
+        spec = {}
+        for name, axis in (("a", -1), ("b", -2)):
+            shape = ab[name].shape
+            if shape[axis] % fsdp == 0:
+                spec[name] = P(*[("fsdp" if a == len(shape) + axis else None) for a in range(len(shape))])
+            elif in_stack:
+                raise ValueError(f"fsdp={fsdp} does not divide dim {axis} of LoRA {name.upper()} of "
+                                 f"{'.'.join(path)} {shape}")
+            else:
+                spec[name] = P()
+        set_path(specs, path, spec)
+    return specs
+
+
 def layer_hook(layer, lora_scaling: float = 1.0):
     """Called by helium's layer scan on one layer's weights (leading layer axis gone): gather each
-    matrix over fsdp, then merge its LoRA adapter if the layer carries them (under "lora")."""
+    matrix over fsdp, then its LoRA adapters if the layer carries them (under "lora"), and merge."""
     lora = layer.get("lora")
     layer = {k: v for k, v in layer.items() if k != "lora"}
-    layer = jax.tree.map(lambda w: jax.lax.all_gather(w, "fsdp", axis=w.ndim - 2, tiled=True)
-                         if w.ndim >= 2 else w, layer)
+    gather_rows = lambda w: jax.lax.all_gather(w, "fsdp", axis=w.ndim - 2, tiled=True)   # noqa: E731
+    layer = jax.tree.map(lambda w: gather_rows(w) if w.ndim >= 2 else w, layer)
     for path, ab in walk(lora or {}):
-        set_path(layer, path, merge_lora(get_path(layer, path), ab, lora_scaling))
+        a = jax.lax.all_gather(ab["a"], "fsdp", axis=ab["a"].ndim - 1, tiled=True)         # [.., r, in]
+        set_path(layer, path, merge_lora(get_path(layer, path), {"a": a, "b": gather_rows(ab["b"])}, lora_scaling))
     return layer
 
 
-def model_view(params, specs, lora, lora_scaling: float, dtype):
+def model_view(params, specs, lora, lora_specs, lora_scaling: float, dtype):
     """Inside shard_map: the params moshi.forward gets. Weights outside the layer stacks are cast
     to the compute dtype, gathered whole and LoRA-merged here (embeddings, heads: used once per
     step); layer stacks are only cast, and carry their adapters under "lora", for the layer hook."""
-    def view(p, s, l):
+    def view(p, s, l, ls):
         if is_layer_stack(p):
             p = jax.tree.map(lambda x: x.astype(dtype), p)
             return dict(p, lora=l) if l else p
         if isinstance(p, dict):
-            return {k: view(v, s[k], (l or {}).get(k)) for k, v in p.items()}
+            return {k: view(v, s[k], (l or {}).get(k), (ls or {}).get(k)) for k, v in p.items()}
         w = gather(p.astype(dtype), s)
-        return merge_lora(w, l, lora_scaling) if l else w
-    return view(params, specs, lora)
+        return merge_lora(w, {k: gather(l[k], ls[k]) for k in "ab"}, lora_scaling) if l else w
+    return view(params, specs, lora, lora_specs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,13 +641,13 @@ def make_optimizer(h: Hyper):
                        optax.adamw(learning_rate(h), h.b1, h.b2, h.eps, weight_decay=h.weight_decay))
 
 
-def local_loss(trainable, frozen, codes, cfg, specs, h: Hyper):
+def local_loss(trainable, frozen, codes, cfg, specs, lora_specs, h: Hyper):
     """Inside shard_map: (global loss, [loss, text, audio]) for this device's codes [b, 17, T]."""
     if h.lora_rank:
         params, lora = frozen, trainable
     else:
         params, lora = trainable, None
-    view = model_view(params, specs, lora, h.lora_scaling, jnp.dtype(h.compute_dtype))
+    view = model_view(params, specs, lora, lora_specs, h.lora_scaling, jnp.dtype(h.compute_dtype))
     hook = lambda layer: layer_hook(layer, h.lora_scaling)      # noqa: E731
     out = moshi.forward(view, cfg, codes, layer_hook=hook, remat=h.remat, attention=h.attention)
     sums = loss_sums(out, codes, h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
@@ -635,7 +658,8 @@ def local_loss(trainable, frozen, codes, cfg, specs, h: Hyper):
 
 def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, param_specs_tree):
     """-> jitted step(state, frozen, batch [A, B, 17, T]) -> (state, metrics [loss, text, audio, grad_norm])."""
-    loss_fn = lambda t, f, c: local_loss(t, f, c, cfg, param_specs_tree, h)   # noqa: E731
+    lora_specs = trainable_specs if h.lora_rank else None
+    loss_fn = lambda t, f, c: local_loss(t, f, c, cfg, param_specs_tree, lora_specs, h)   # noqa: E731
 
     def local_grads(trainable, frozen, batch):
         def micro(acc, codes):
@@ -880,7 +904,7 @@ class Plan:
     frozen_specs: dict          # of the frozen base ({} in full fine-tuning)
     tx: optax.GradientTransformation
     init_params: object         # key -> params, born sharded (master dtype)
-    init_lora: object           # key -> LoRA tree, replicated
+    init_lora: object           # key -> LoRA tree, sharded by adapter_specs
     init_opt: object            # trainable -> optimizer state, sharded like it
     step: object                # (state, frozen, batch) -> (state, metrics)
 
@@ -900,8 +924,7 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
     if h.lora_rank:
         if cfg.depformer_weights_per_step_schedule is not None:
             raise NotImplementedError("LoRA with a depformer weights schedule is not supported")
-        lora_specs = jax.tree.map(lambda _: P(), jax.eval_shape(make_lora, jax.random.key(0)))  # small: replicated
-        trainable_specs, frozen_specs = lora_specs, specs
+        trainable_specs, frozen_specs = adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), mesh.shape["fsdp"]), specs
     else:
         trainable_specs, frozen_specs = specs, {}
     tx = make_optimizer(h)
