@@ -340,22 +340,25 @@ def test_train_sharded_step_matches_one_device(lora_rank, fast_compile):
     before = lora if lora_rank else params
     assert _max_rel(one["params"], before) > 1e-4                              # the step did change them
     # Gather on use, free after: the forward layer scans (temporal, depformer) all-gather each of a
-    # layer's 4 matrices; the backward ones gather them again (remat saved none) and reduce-scatter
-    # their gradients (LoRA: the frozen base gets no gradient, so nothing to scatter).
-    assert sorted(layer_scans) == sorted([(4, 0), (4, 0), (4, 0 if lora_rank else 4), (4, 0 if lora_rank else 4)])
-    # every weight matrix is split 4 ways over fsdp (and replicated over dp)
+    # layer's 4 matrices (LoRA: and their 8 adapters); the backward ones gather them again (remat
+    # saved none) and reduce-scatter the gradients (LoRA: of the adapters only, the base is frozen).
+    gathered, scattered = (12, 8) if lora_rank else (4, 4)
+    assert sorted(layer_scans) == sorted([(gathered, 0)] * 2 + [(gathered, scattered)] * 2)
+    # every weight matrix is split 4 ways over fsdp (and replicated over dp); so are LoRA adapters
+    def split_in_four(y, axis):
+        axis %= y.ndim
+        expected = y.shape[:axis] + (y.shape[axis] // 4,) + y.shape[axis + 1:]
+        return all(s.data.shape == expected for s in y.addressable_shards)
+    trained = {jax.tree_util.keystr(p): y for p, y in jax.tree_util.tree_flatten_with_path(eight["params"])[0]}
     for (path, spec), x in zip(jax.tree_util.tree_flatten_with_path(plan.specs, is_leaf=lambda s: isinstance(s, jax.P))[0],
                                jax.tree.leaves(params)):
-        if "norm" in jax.tree_util.keystr(path):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
             assert spec == jax.P()
-            continue
-        axis = list(spec).index("fsdp")
-        if not lora_rank:
-            leaf = eight["params"]
-            for k in path:
-                leaf = leaf[k.key]
-            expected = x.shape[:axis] + (x.shape[axis] // 4,) + x.shape[axis + 1:]
-            assert all(s.data.shape == expected for s in leaf.addressable_shards), jax.tree_util.keystr(path)
+        elif not lora_rank:
+            assert split_in_four(trained[name], list(spec).index("fsdp")), name
+    if lora_rank:
+        assert all(split_in_four(y, -1 if name.endswith("['a']") else -2) for name, y in trained.items())
 
 
 def _cli(dataset, run_dir, *extra):
@@ -506,10 +509,10 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     named = lambda tree: jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), tree)   # noqa: E731
 
     def local_forward(p, l, c):
-        view = train.model_view(p, specs, l, meta["lora"]["scaling"], jnp.float32)
+        view = train.model_view(p, specs, l, lora_specs, meta["lora"]["scaling"], jnp.float32)
         o = moshi.forward(view, cfg, c, layer_hook=lambda layer: train.layer_hook(layer, meta["lora"]["scaling"]))
         return o["logits"], o["text_logits"]
-    lora_specs = jax.tree.map(lambda _: jax.P(), lora)
+    lora_specs = train.adapter_specs(lora, 2)
     with jax.set_mesh(mesh):
         fn = jax.jit(jax.shard_map(local_forward, mesh=mesh, in_specs=(specs, lora_specs, jax.P(train.AXES)),
                                    out_specs=(jax.P(train.AXES), jax.P(train.AXES))))
