@@ -79,6 +79,9 @@ class MimiConfig:
     num_quantizers: int = 32                  # semantic + acoustic
     num_semantic: int = 1
 
+    def __post_init__(self):
+        object.__setattr__(self, "ratios", tuple(self.ratios))     # hashable: configs are static under jit
+
     @classmethod
     def tiny(cls) -> "MimiConfig":
         """A few-thousand-parameter codec with the same structure, for fast tests (context 8)."""
