@@ -6,7 +6,8 @@ the way the math reads. Three parts, top to bottom:
 1. safetensors, read and written by hand: the format is an 8-byte header length, a JSON header
    and raw little-endian tensors. Reading memory-maps the file and hands out one tensor at a time,
    so a 15 GB bf16 checkpoint never sits in RAM twice. Writing is atomic (temp file + rename).
-2. Mimi: `params, cfg = load_mimi(path)`.
+2. Mimi: `params, cfg = load_mimi(path, cfg=None)` (fp32 or bf16 files, both attention namings)
+   and `save_mimi(path, params, cfg)`.
 3. The LM: `params, cfg = load_lm(path, config=None)` and `save_lm(path, params, cfg)`.
 
 `python convert.py inspect FILE` lists a checkpoint's tensors without loading them.
