@@ -481,6 +481,13 @@ def decode_step(params, cfg: MimiConfig, state, codes):
 CHUNK_FRAMES = 125   # 10 s
 
 
+def _batch_capacity(cfg: MimiConfig, chunk: int, n_chunks: int) -> int:
+    # KV slots so that every step of a chunk sees its whole window: the chunk plus the context
+    # before it; a single chunk needs only its own steps.
+    steps = chunk * cfg.downsample_stride
+    return steps if n_chunks == 1 else cfg.context + steps
+
+
 def encode(params, cfg: MimiConfig, wav, num_codebooks: int = 8, chunk_frames: int = CHUNK_FRAMES):
     """wav float32 [B, channels, S] at cfg.sample_rate -> codes int32 [B, K, ceil(S / frame_size)].
 
@@ -492,7 +499,7 @@ def encode(params, cfg: MimiConfig, wav, num_codebooks: int = 8, chunk_frames: i
     chunk = min(chunk_frames, n_frames)
     n_chunks = -(-n_frames // chunk)
     wav = jnp.pad(jnp.asarray(wav, jnp.float32), ((0, 0), (0, 0), (0, n_chunks * chunk * cfg.frame_size - S)))
-    state = encoder_state(cfg, B, capacity=cfg.context + chunk * cfg.downsample_stride)
+    state = encoder_state(cfg, B, capacity=_batch_capacity(cfg, chunk, n_chunks))
     codes, size = [], chunk * cfg.frame_size
     for i in range(n_chunks):
         state, c = _encode_step(params, cfg, state, wav[:, :, i * size:(i + 1) * size], num_codebooks)
@@ -512,7 +519,7 @@ def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
     chunk = min(chunk_frames, T)
     n_chunks = -(-T // chunk)
     codes = jnp.pad(jnp.asarray(codes, jnp.int32), ((0, 0), (0, 0), (0, n_chunks * chunk - T)))
-    state, wav = decoder_state(cfg, B, capacity=cfg.context + chunk * cfg.downsample_stride), []
+    state, wav = decoder_state(cfg, B, capacity=_batch_capacity(cfg, chunk, n_chunks)), []
     for i in range(n_chunks):
         state, pcm = _decode_step(params, cfg, state, codes[:, :, i * chunk:(i + 1) * chunk])
         wav.append(pcm)
