@@ -663,14 +663,13 @@ def main(argv=None):
     ap.add_argument("--codes", help="also save the codes, int32 [1, K, frames], to this .npy file")
     ap.add_argument("--stream", action="store_true", help="run frame by frame (80 ms) through the streaming API")
     ap.add_argument("--bench", action="store_true", help="run `bench.py --only mimi` (extra arguments pass on)")
-    args, rest = ap.parse_known_args(argv)
-    if args.bench:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--bench" in argv and not {"-h", "--help"} & set(argv):    # everything else goes to bench.py
         bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
         if not os.path.exists(bench):
             sys.exit("bench.py is not next to mimi.py")
-        sys.exit(subprocess.call([sys.executable, bench, "--only", "mimi", *rest]))
-    if rest:
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+        sys.exit(subprocess.call([sys.executable, bench, "--only", "mimi", *(a for a in argv if a != "--bench")]))
+    args = ap.parse_args(argv)
     if not (args.input and args.output and args.weights):
         ap.error("give INPUT OUTPUT and --weights (or --bench)")
     import convert   # reads Kyutai's checkpoint; imported here so mimi.py needs only helium.py to import
