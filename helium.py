@@ -388,17 +388,29 @@ def select_step_weights(layers, cfg: TransformerConfig, steps):
         return layers
     sched = cfg.weights_per_step_schedule or tuple(range(cfg.weights_per_step))
     index = np.asarray([sched[s] for s in steps])
-    out = jax.tree.map(lambda a: a, layers)                       # shallow copy of the dicts
+    if isinstance(layers, (list, tuple)):                          # unstacked: [M, out, in] per layer
+        return [_select(p, lambda a: a[index]) for p in layers]
+    return _select(layers, lambda a: a[:, index])
+
+
+def _select(p, take):
+    out = dict(p)
     for group, name in PER_STEP:
         if name in out[group]:
-            out[group] = dict(out[group], **{name: out[group][name][:, index]})
+            out[group] = dict(out[group], **{name: take(out[group][name])})
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# The stack: lax.scan over layers stacked on a leading axis, so a 32-layer model traces and
-# compiles one layer. `layer_hook` is applied to each layer's weights inside the scan, right before
-# use: train.py uses it to all-gather FSDP shards and merge LoRA adapters one layer at a time.
+# The stack. Layers come in one of two layouts, and the same function runs both:
+#   stacked  one dict whose leaves have a leading [num_layers] axis: a lax.scan traces and compiles
+#            one layer, and FSDP shards each leaf once (training, the default everywhere);
+#   unstacked  a list of per-layer dicts: a Python loop reads each layer's weights where they lie.
+#            A scan must slice every layer's weights out of the stack, which XLA does by copying
+#            them; at one token per step that copy costs more than the matmuls. Generation
+#            therefore runs unstacked (3x faster per step on CPU, see unstack_layers).
+# The KV cache follows the layers' layout. `layer_hook` is applied to each layer's weights right
+# before use: train.py uses it to all-gather FSDP shards and merge LoRA adapters one layer at a time.
 
 def transformer(params, cfg: TransformerConfig, x, offset=0, cache=None,
                 layer_hook: Callable | None = None, remat: bool = False, attention: str = "xla"):
@@ -417,17 +429,41 @@ def transformer(params, cfg: TransformerConfig, x, offset=0, cache=None,
     if remat:
         body = jax.checkpoint(body)
     kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-    y, kv = jax.lax.scan(body, x, (params, kv))
+    if isinstance(params, (list, tuple)):
+        y, new_kv = x, []
+        for i, p in enumerate(params):
+            y, c = body(y, (p, None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}))
+            new_kv.append(c)
+        kv = None if kv is None else {"k": [c["k"] for c in new_kv], "v": [c["v"] for c in new_kv]}
+    else:
+        y, kv = jax.lax.scan(body, x, (params, kv))
     if cache is not None:
         cache = dict(kv, offset=cache["offset"] + x.shape[1])
     return y.astype(x.dtype), cache
 
 
-def init_cache(cfg: TransformerConfig, batch_size: int, dtype=jnp.float32, capacity: int | None = None):
-    """Streaming state: ring buffers [L, B, H, C, Dh] and the absolute position of the next step."""
+def unstack_layers(layers) -> list:
+    """Stacked layers -> a list of per-layer dicts (the layout generation runs fastest on)."""
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return [jax.tree.map(lambda a: a[i], layers) for i in range(n)]
+
+
+def stack_layers(layers: list) -> dict:
+    """A list of per-layer dicts -> stacked layers (the layout training and lax.scan use)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+
+def init_cache(cfg: TransformerConfig, batch_size: int, dtype=jnp.float32, capacity: int | None = None,
+               stacked: bool = True):
+    """Streaming state: ring buffers [L, B, H, C, Dh] (or, unstacked, a list of L [B, H, C, Dh])
+    and the absolute position of the next step."""
     C = capacity or cfg.cache_capacity()
-    shape = (cfg.num_layers, batch_size, cfg.num_heads, C, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "offset": jnp.zeros((), jnp.int32)}
+    shape = (batch_size, cfg.num_heads, C, cfg.head_dim)
+    if stacked:
+        zeros = lambda: jnp.zeros((cfg.num_layers,) + shape, dtype)
+    else:
+        zeros = lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+    return {"k": zeros(), "v": zeros(), "offset": jnp.zeros((), jnp.int32)}
 
 
 def step(params, cfg: TransformerConfig, cache, x, **kw):
@@ -513,7 +549,9 @@ def main(argv=None):
         logits, cache = tiny_lm_logits(p, cfg, tok, cache["offset"], cache)
         return cache, logits
 
-    cache = init_cache(cfg.transformer, 1)
+    # Generation runs on unstacked layers (a list), the layout that reads weights in place.
+    params = dict(params, layers=unstack_layers(params["layers"]))
+    cache = init_cache(cfg.transformer, 1, stacked=False)
     streamed = []
     for t in range(T):
         cache, logits = step_fn(params, cache, tokens[:, t:t + 1])
@@ -521,7 +559,7 @@ def main(argv=None):
     streamed = jnp.concatenate(streamed, axis=1)
     err = float(jnp.max(jnp.abs(streamed - full)) / jnp.max(jnp.abs(full)))
     print(f"{T} prompt bytes, sliding window {cfg.transformer.context}, ring cache of "
-          f"{cache['k'].shape[3]} slots: batch vs streaming logits, max rel. error {err:.2e}")
+          f"{cache['k'][0].shape[2]} slots: batch vs streaming logits, max rel. error {err:.2e}")
     out, tok = [], jnp.argmax(streamed[:, -1], -1)[:, None]
     for _ in range(args.steps):
         out.append(int(tok[0, 0]))

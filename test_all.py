@@ -52,12 +52,13 @@ def test_helium_matches_official_transformer(name):
     y, _ = helium.transformer(helium.select_step_weights(params, cfg, steps), cfg, x)
     assert rel_err(y, d[name + "_y"]) < 1e-5
     chunk = 1 if cfg.weights_per_step else 2
-    cache, ys = helium.init_cache(cfg, x.shape[0]), []
-    for t in range(0, T, chunk):
-        p = helium.select_step_weights(params, cfg, tuple(range(t, t + chunk)))
-        cache, yt = helium.step(p, cfg, cache, x[:, t:t + chunk])
-        ys.append(yt)
-    assert rel_err(jnp.concatenate(ys, 1), d[name + "_ys"]) < 1e-5
+    for layers, stacked in ((params, True), (helium.unstack_layers(params), False)):
+        cache, ys = helium.init_cache(cfg, x.shape[0], stacked=stacked), []
+        for t in range(0, T, chunk):
+            p = helium.select_step_weights(layers, cfg, tuple(range(t, t + chunk)))
+            cache, yt = helium.step(p, cfg, cache, x[:, t:t + chunk])
+            ys.append(yt)
+        assert rel_err(jnp.concatenate(ys, 1), d[name + "_ys"]) < 1e-5
     # and the weights survive the trip back to Kyutai's on-disk naming
     back = convert.unstack_transformer(params, "layers.", cfg)
     assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
@@ -76,6 +77,17 @@ def test_helium_streaming_equals_batch_within_window():
         ys.append(yt)
     assert cache["k"].shape[3] == 8                              # constant memory: 8 slots for 21 steps
     assert rel_err(jnp.concatenate(ys, 1), y) < 1e-5
+    # the unstacked layout (generation's) gives the same steps, and round-trips to the stacked one
+    layers = helium.unstack_layers(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(helium.stack_layers(layers)),
+                                                     jax.tree.leaves(params)))
+    step_list = jax.jit(lambda c, xt: helium.step(layers, cfg, c, xt))
+    cache, ys_list = helium.init_cache(cfg, 2, stacked=False), []
+    for t in range(x.shape[1]):
+        cache, yt = step_list(cache, x[:, t:t + 1])
+        ys_list.append(yt)
+    assert len(cache["k"]) == 2 and cache["k"][0].shape == (2, 4, 8, 8)
+    assert rel_err(jnp.concatenate(ys_list, 1), jnp.concatenate(ys, 1)) < 1e-6
 
 
 def test_helium_is_causal():
