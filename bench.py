@@ -305,7 +305,7 @@ def bench_lm(args) -> list[tuple]:
     import moshi
     cfg = dataclasses.replace(moshi.MOSHIKO, **LM_CONFIGS[args.lm_config])
     B = args.lm_batch
-    params = moshi.init(jax.random.key(0), cfg)
+    params = moshi.generation_params(moshi.init(jax.random.key(0), cfg))   # layers as lists, as sample.py runs
     state = moshi.init_gen_state(params, cfg, B)
     user = jnp.zeros((B, cfg.n_q - cfg.dep_q, 1), jnp.int32)
     keys = list(jax.random.split(jax.random.key(1), args.lm_frames + 5))

@@ -139,11 +139,9 @@ def weights_at(params, cfg: DepformerConfig, c):
     take = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
     layers = params["transformer"]
     if cfg.transformer.weights_per_step:                    # [L, M, out, in] -> [L, 1, out, in]
-        layers = jax.tree.map(lambda a: a, layers)
-        for group, name in helium.PER_STEP:
-            if name in layers[group]:
-                w = jax.lax.dynamic_index_in_dim(layers[group][name], sched[c], axis=1, keepdims=True)
-                layers[group] = dict(layers[group], **{name: w})
+        stacked = not isinstance(layers, list)              # (unstacked: [M, out, in] -> [1, out, in])
+        pick = lambda a: jax.lax.dynamic_index_in_dim(a, sched[c], axis=1 if stacked else 0, keepdims=True)
+        layers = helium.map_step_weights(layers, pick) if stacked else [helium.map_step_weights(p, pick) for p in layers]
     out = {"input_proj": take(params["input_proj"], sched[c] if cfg.multi_linear else 0),
            "transformer": layers, "linears": take(params["linears"], c)}
     if cfg.norm is not None:
@@ -176,7 +174,8 @@ def generate(params, cfg: DepformerConfig, h, text_token, key, sample: Callable,
     if forced is None:
         forced, forced_mask = jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), bool)
     keys = jax.random.split(key, K)
-    cache = helium.init_cache(cfg.transformer, B, h.dtype, capacity=K)
+    cache = helium.init_cache(cfg.transformer, B, h.dtype, capacity=K,
+                              stacked=not isinstance(params["transformer"], list))
 
     def one_step(cache, c, token_embedding):
         cache, logits = step(params, cfg, cache, h, token_embedding, c)

@@ -389,11 +389,12 @@ def select_step_weights(layers, cfg: TransformerConfig, steps):
     sched = cfg.weights_per_step_schedule or tuple(range(cfg.weights_per_step))
     index = np.asarray([sched[s] for s in steps])
     if isinstance(layers, (list, tuple)):                          # unstacked: [M, out, in] per layer
-        return [_select(p, lambda a: a[index]) for p in layers]
-    return _select(layers, lambda a: a[:, index])
+        return [map_step_weights(p, lambda a: a[index]) for p in layers]
+    return map_step_weights(layers, lambda a: a[:, index])
 
 
-def _select(p, take):
+def map_step_weights(p, take):
+    """Apply `take` to the per-step weights (PER_STEP) of layer params, stacked or one layer."""
     out = dict(p)
     for group, name in PER_STEP:
         if name in out[group]:

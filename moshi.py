@@ -293,6 +293,16 @@ def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None,
 # PersonaPlex's first `step` call only seeds its cache (its frame is dropped), so our call n does
 # the work of its call n + 1, fed the frame that call n + 1 is fed.
 
+def generation_params(params):
+    """The same weights laid out for gen_step: every layer stack (temporal and depformer) becomes a
+    list of layers, which a step reads in place instead of slicing out of the stack (see helium's
+    note on layouts; about 3x faster per frame on CPU). gen_step takes either layout."""
+    out = dict(params, transformer=helium.unstack_layers(params["transformer"]))
+    if "transformer" in params.get("depformer", {}):
+        out["depformer"] = dict(params["depformer"], transformer=helium.unstack_layers(params["depformer"]["transformer"]))
+    return out
+
+
 def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
     if cfg.context is None:
         raise ValueError("moshi.init_gen_state: streaming needs a finite `context` (the KV ring size)")
@@ -300,7 +310,8 @@ def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
         raise ValueError(f"moshi.init_gen_state: lookahead must be 0 (Kyutai) or 1 (PersonaPlex), got {lookahead}")
     dtype = params["text_emb"].dtype
     shape = (batch_size, cfg.num_streams, cfg.max_delay + 3)
-    return {"kv": helium.init_cache(cfg.temporal, batch_size, dtype),
+    stacked = not isinstance(params["transformer"], list)
+    return {"kv": helium.init_cache(cfg.temporal, batch_size, dtype, stacked=stacked),
             "tokens": jnp.full(shape, UNGENERATED, jnp.int32),
             "provided": jnp.zeros(shape, bool),
             "step": jnp.zeros((), jnp.int32),
