@@ -1,22 +1,29 @@
 """convert.py: Kyutai safetensors checkpoints <-> our param dicts, and model configs.
 
 Everything that knows Kyutai's on-disk key names lives here, so the model files can name things
-the way the math reads. Three parts, top to bottom:
+the way the math reads. Four parts, top to bottom:
 
 1. safetensors, read and written by hand: the format is an 8-byte header length, a JSON header
    and raw little-endian tensors. Reading memory-maps the file and hands out one tensor at a time,
    so a 15 GB bf16 checkpoint never sits in RAM twice. Writing is atomic (temp file + rename).
-2. Mimi: `params, cfg = load_mimi(path, cfg=None)` (fp32 or bf16 files, both attention namings)
-   and `save_mimi(path, params, cfg)`.
+2. Mimi: `params, cfg = load_mimi(path, cfg=None)` (fp32 or bf16 files, both attention namings),
+   `save_mimi(path, params, cfg)`, and `mimi_config(d)` for a repo's Mimi config JSON.
 3. The LM: `params, cfg = load_lm(path, config=None)` and `save_lm(path, params, cfg)`.
+4. Repo files: `ckpt = find_checkpoint(repo)` resolves a Kyutai repo (a Hugging Face id, a local
+   folder, or one .safetensors file) as the official loader does, into the LM, Mimi and tokenizer
+   paths and their configs; `load_lm(ckpt.moshi, lm_config_for(ckpt))` then loads the LM. sample.py's
+   --hf-repo and train.py's --init-from both go through it.
 
 `python convert.py inspect FILE` lists a checkpoint's tensors without loading them.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import re
 import struct
 import tempfile
 
@@ -449,10 +456,40 @@ def load_mimi(path, cfg=None):
 def save_mimi(path, params, cfg) -> None:
     """mimi params -> a safetensors file in Kyutai's on-disk naming (fp32), atomically. Kyutai's
     `get_mimi` loads it; the config goes into the metadata so `load_mimi(path)` finds it again."""
-    import dataclasses
     tensors = _mimi_tensors(params, cfg)
     check_keys(mimi_keys(cfg), {k: v.shape for k, v in tensors.items()}, "save_mimi: params")
     save_safetensors(path, tensors, {"format": "pt", "mimi_config": json.dumps(dataclasses.asdict(cfg))})
+
+
+def mimi_config(d: dict):
+    """Kyutai's Mimi config JSON (a repo's `mimi_config_name` file, structured like
+    loaders._mimi_config) -> mimi.MimiConfig. Settings the released Mimi does not use are refused
+    by name."""
+    import mimi
+    try:
+        seanet, quantizer, transformer = d["seanet"], d["quantizer"], d["transformer"]
+        fixed = {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True, "activation": "ELU"}
+        fixed_tr = {"gating": "none", "norm": "layer_norm", "positional_embedding": "rope", "causal": True}
+        bad = [f"seanet.{k}={seanet[k]!r}" for k, v in fixed.items() if k in seanet and seanet[k] != v]
+        bad += [f"transformer.{k}={transformer[k]!r}" for k, v in fixed_tr.items() if k in transformer and transformer[k] != v]
+        if transformer["d_model"] != seanet["dimension"]:
+            bad.append(f"transformer.d_model={transformer['d_model']} != seanet.dimension={seanet['dimension']}")
+        if bad:
+            raise CheckpointError(f"Mimi config: unsupported settings {', '.join(bad)}")
+        ratios = tuple(int(r) for r in seanet["ratios"])
+        stride = d["sample_rate"] / math.prod(ratios) / d["frame_rate"]  # encoder rate / codec frame rate
+        return mimi.MimiConfig(
+            sample_rate=d["sample_rate"], channels=d["channels"], dimension=seanet["dimension"],
+            n_filters=seanet["n_filters"], ratios=ratios, kernel_size=seanet["kernel_size"],
+            last_kernel_size=seanet["last_kernel_size"], residual_kernel_size=seanet["residual_kernel_size"],
+            n_residual_layers=seanet["n_residual_layers"], dilation_base=seanet["dilation_base"],
+            compress=seanet["compress"], downsample_stride=int(round(stride)),
+            num_heads=transformer["num_heads"], num_layers=transformer["num_layers"],
+            dim_feedforward=transformer["dim_feedforward"], context=transformer["context"],
+            layer_scale=transformer["layer_scale"], max_period=transformer["max_period"],
+            codebook_dim=quantizer["dimension"], codebook_size=quantizer["bins"], num_quantizers=quantizer["n_q"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"Mimi config: missing or bad entry {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +515,6 @@ _INHERITED_BY_DEPFORMER = ("num_layers", "gating", "max_period", "layer_scale")
 def lm_config(config=None):
     """A Kyutai LM config -> moshi.LMConfig. `config`: None (moshiko, Kyutai's built-in default), a
     config.json path, its dict, or an LMConfig (returned as is)."""
-    import dataclasses
     import warnings
     import moshi
     if config is None:
@@ -518,7 +554,6 @@ def lm_config(config=None):
 
 def lm_config_dict(cfg) -> dict:
     """moshi.LMConfig -> Kyutai lm kwargs (what a config.json holds; `LMModel(**d)` accepts it)."""
-    import dataclasses
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
@@ -657,6 +692,151 @@ def save_lm(path, params, cfg) -> None:
     tensors = _lm_tensors(params, cfg)
     check_keys(lm_keys(cfg), {k: v.shape for k, v in tensors.items()}, "save_lm: params")
     save_safetensors(path, tensors, {"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Finding a checkpoint. A Kyutai repo holds the LM, Mimi and the text tokenizer under fixed
+# names; an optional config.json describes the LM and may rename the files (`moshi_name`,
+# `mimi_name`, `tokenizer_name`, `mimi_config_name`), exactly like the official
+# `CheckpointInfo.from_hf_repo`. The repo is a Hugging Face id (downloaded once into the standard
+# cache, when huggingface_hub is installed), a local directory laid out the same way, or a single
+# LM safetensors file (its folder then plays the repo). Single files can replace the repo's.
+
+DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+MOSHI_NAME = "model.safetensors"   # the default file names in a Kyutai repo (config.json may rename)
+MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+# How each argument of find_checkpoint reaches us on a command line, so that an error says what to
+# change: the flags of Kyutai's own scripts (moshi.server, run_tts), which sample.py keeps.
+FLAGS = {"repo": "--hf-repo", "moshi": "--moshi-weight", "mimi": "--mimi-weight", "tokenizer": "--tokenizer",
+         "config": "--config"}
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    moshi: str                    # path of the LM's safetensors
+    mimi: str | None              # path of Mimi's safetensors (None when only the LM was asked for)
+    tokenizer: str | None         # path of the sentencepiece model (idem)
+    config: dict | None           # config.json without the file names (None: there is none)
+    mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any (see mimi_config)
+
+
+def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=None, lm_only=False,
+                    flags=None) -> Checkpoint:
+    """Resolve every file like the official loader; explicit files win over the repo's.
+
+    repo: a Hugging Face id, a local repo directory, or an LM .safetensors file (with the
+    config.json beside it, if any). None means DEFAULT_REPO, except when all the files are given:
+    then no repo is consulted and the LM config is `config`'s, or moshiko's. config: a config.json
+    to use instead of the repo's. lm_only: resolve the LM alone (what training starts from), not
+    Mimi and the tokenizer. flags: {argument: its command-line flag} for the error messages
+    (defaults: FLAGS). Problems raise CheckpointError saying what is missing and how to give it.
+    """
+    flags = dict(FLAGS, **(flags or {}))
+    repo = None if repo is None else os.path.expanduser(repo)      # no Hugging Face id starts with ~
+    if repo is not None and os.path.isfile(repo):         # one LM file: its folder plays the repo
+        moshi, repo = moshi or repo, os.path.dirname(os.path.abspath(repo))
+    standalone = repo is None and moshi and (lm_only or (mimi and tokenizer))
+    if standalone:                                         # names in `config` are relative to it
+        folder = os.path.dirname(os.path.abspath(config)) if config else os.getcwd()
+        get = lambda name, optional=False: os.path.join(folder, name)     # noqa: E731
+    else:
+        get = repo_files(repo or DEFAULT_REPO, flags, lm_only)
+    raw = None
+    if config:
+        raw = _read_json(config, flags["config"])
+    elif not standalone:
+        path = get("config.json", optional=True)
+        raw = _read_json(path, "config.json") if path else None
+    lm_config = dict(raw or {})
+    names = {"moshi": lm_config.pop("moshi_name", MOSHI_NAME), "mimi": lm_config.pop("mimi_name", MIMI_NAME),
+             "tokenizer": lm_config.pop("tokenizer_name", TOKENIZER_NAME)}
+    mimi_config_name = lm_config.pop("mimi_config_name", None)
+    model_type = lm_config.pop("model_type", "moshi")
+    if model_type != "moshi":
+        raise CheckpointError(f"config.json says model_type={model_type!r}; only conversation models run "
+                              f"here (model_type 'moshi': Moshiko, Moshika, PersonaPlex)")
+    for key in ("lm_gen_config", "tts_config", "stt_config", "model_id", "lora_name"):
+        lm_config.pop(key, None)                           # tool settings, not the LM's
+    given = {"moshi": moshi} if lm_only else {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
+    for what, path in given.items():
+        if path is not None and not os.path.isfile(path):
+            raise CheckpointError(f"{flags[what]}: no such file {path!r}")
+    files = {what: given[what] or get(names[what]) for what in given}
+    read_mimi_config = mimi_config_name and not lm_only
+    return Checkpoint(files["moshi"], files.get("mimi"), files.get("tokenizer"), lm_config if raw else None,
+                      _read_json(get(mimi_config_name), mimi_config_name) if read_mimi_config else None)
+
+
+def repo_files(repo: str, flags=FLAGS, lm_only=False):
+    """A function `get(name, optional=False) -> path or None` over a local directory or an HF repo."""
+    if os.path.isdir(repo):
+        holds = MOSHI_NAME if lm_only else f"{MOSHI_NAME}, {MIMI_NAME} and {TOKENIZER_NAME}"
+
+        def get_local(name, optional=False):
+            path = os.path.join(repo, name)
+            if os.path.isfile(path):
+                return path
+            if optional:
+                return None
+            raise CheckpointError(f"{repo} has no file {name!r} (a Kyutai repo directory holds {holds}, "
+                                  f"or config.json naming {'it' if lm_only else 'them'})")
+        return get_local
+    # A Hugging Face id is `name` or `owner/name`: anything else was meant as a local path.
+    if os.path.isabs(repo) or repo.startswith((".", "~")) or repo.count("/") > 1 or repo.endswith(".safetensors"):
+        raise CheckpointError(f"{flags['repo']}: no such file or directory {repo!r}")
+    try:
+        import huggingface_hub
+    except ImportError:
+        files = "." if lm_only else (f",\n  or pass the files: {flags['moshi']} FILE {flags['mimi']} FILE "
+                                     f"{flags['tokenizer']} FILE.")
+        raise CheckpointError(
+            f"the weights come from the Hugging Face repo {repo!r}, but huggingface_hub is not installed.\n"
+            f"  Either `pip install huggingface_hub` (the files are downloaded once, ~16 GB for Moshi),\n"
+            f"  or download the repo yourself and pass {flags['repo']} DIR{files}") from None
+
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError:                              # huggingface_hub < 0.23
+        from huggingface_hub.utils import EntryNotFoundError
+
+    def get_hub(name, optional=False):
+        try:
+            return huggingface_hub.hf_hub_download(repo, name)
+        except EntryNotFoundError:
+            if optional:
+                return None
+            raise CheckpointError(f"the Hugging Face repo {repo!r} has no file {name!r}") from None
+        except Exception as e:                       # offline, gated repo, typo in the id, ...
+            raise CheckpointError(
+                f"could not get {name!r} from the Hugging Face repo {repo!r}:\n  {type(e).__name__}: {e}\n"
+                f"  Check the repo id and your connection (gated repos need `huggingface-cli login`),\n"
+                f"  or pass a local copy with {flags['repo']} DIR.") from None
+    return get_hub
+
+
+def _read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {what} ({path}): {e}") from None
+
+
+def lm_config_for(ckpt: Checkpoint, log=None):
+    """The LM config to load `ckpt.moshi` with (see load_lm): config.json's, or, where the repo has
+    none (or one that does not describe the LM, like PersonaPlex's), Kyutai's built-in moshiko config
+    with as many depformer outputs as the checkpoint has heads (16 for PersonaPlex, whose own loader
+    also ignores config.json). `log(message)`, if given, hears when the heads decide."""
+    import moshi
+    if ckpt.config and "dim" in ckpt.config:
+        return ckpt.config
+    heads = sum(1 for k in SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))
+    if heads and heads != moshi.MOSHIKO.dep_q:
+        if log:
+            log(f"no LM config: moshiko's, with dep_q={heads} as the checkpoint has {heads} depformer heads")
+        return dataclasses.replace(moshi.MOSHIKO, dep_q=heads)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ the official package, frame for frame.
 PersonaPlex (`--hf-repo nvidia/personaplex-7b-v1`) is Moshi fine-tuned to take a voice prompt and
 a role in text before the conversation: see `persona_prompt` below.
 
-Sections, top to bottom: finding the weights; reading audio (lazily, any rate or channel count);
-loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt; the conversation loop; text
-display and files; main.
+Sections, top to bottom: reading audio (lazily, any rate or channel count); loudness (ITU-R
+BS.1770, for voice prompts); the PersonaPlex prompt; the conversation loop; text display and files;
+main. The weights are found as Kyutai's loader finds them, by `convert.find_checkpoint`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -35,12 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import convert
+
 SAMPLE_RATE = 24_000               # Mimi's rate
 FRAME_SIZE = 1920                  # samples per Mimi frame: 80 ms, i.e. 12.5 frames per second
-DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
-MOSHI_NAME = "model.safetensors"   # the default file names in a Kyutai repo (config.json may rename)
-MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
-TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 TEXT_PAD, TEXT_EPAD = 3, 0         # text ids that mean "no word here": never printed
 
 
@@ -49,107 +46,7 @@ class SampleError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Finding the weights. A Kyutai repo holds the LM, Mimi and the text tokenizer under fixed
-# names; an optional config.json describes the LM and may rename the files (`moshi_name`,
-# `mimi_name`, `tokenizer_name`), exactly like the official `CheckpointInfo.from_hf_repo`. The repo
-# is a Hugging Face id (downloaded once into the standard cache) or a local directory laid out
-# the same way; single files can be given instead.
-
-@dataclass
-class Checkpoint:
-    moshi: str                    # path of the LM's safetensors
-    mimi: str                     # path of Mimi's safetensors
-    tokenizer: str                # path of the sentencepiece model
-    config: dict | None           # config.json without the file names (None: the moshiko config)
-    mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any
-
-
-def repo_files(repo: str):
-    """A function `get(name, optional=False) -> path or None` over a local directory or an HF repo."""
-    if os.path.isdir(repo):
-        def get_local(name, optional=False):
-            path = os.path.join(repo, name)
-            if os.path.isfile(path):
-                return path
-            if optional:
-                return None
-            raise SampleError(f"{repo} has no file {name!r} (a Kyutai repo directory holds "
-                              f"{MOSHI_NAME}, {MIMI_NAME} and {TOKENIZER_NAME}, or config.json naming them)")
-        return get_local
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise SampleError(
-            f"the weights come from the Hugging Face repo {repo!r}, but huggingface_hub is not installed.\n"
-            f"  Either `pip install huggingface_hub` (the files are downloaded once, ~16 GB for Moshi),\n"
-            f"  or download the repo yourself and pass --hf-repo DIR,\n"
-            f"  or pass the files: --moshi-weight FILE --mimi-weight FILE --tokenizer FILE.") from None
-
-    try:
-        from huggingface_hub.errors import EntryNotFoundError
-    except ImportError:                              # huggingface_hub < 0.23
-        from huggingface_hub.utils import EntryNotFoundError
-
-    def get_hub(name, optional=False):
-        try:
-            return huggingface_hub.hf_hub_download(repo, name)
-        except EntryNotFoundError:
-            if optional:
-                return None
-            raise SampleError(f"the Hugging Face repo {repo!r} has no file {name!r}") from None
-        except Exception as e:                       # offline, gated repo, typo in the id, ...
-            raise SampleError(
-                f"could not get {name!r} from the Hugging Face repo {repo!r}:\n  {type(e).__name__}: {e}\n"
-                f"  Check the repo id and your connection (gated repos need `huggingface-cli login`),\n"
-                f"  or pass a local copy with --hf-repo DIR.") from None
-    return get_hub
-
-
-def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=None) -> Checkpoint:
-    """Resolve every file like the official loader; explicit files win over the repo's. With all three
-    files given and no --hf-repo, no repo is consulted (the LM config is --config's, or moshiko's)."""
-    standalone = repo is None and moshi and mimi and tokenizer
-    if standalone:                                   # names in --config are relative to it
-        folder = os.path.dirname(os.path.abspath(config)) if config else os.getcwd()
-        get = lambda name, optional=False: os.path.join(folder, name)
-    else:
-        get = repo_files(repo or DEFAULT_REPO)
-    raw = None
-    if config:
-        raw = _read_json(config, "--config")
-    elif not standalone:
-        path = get("config.json", optional=True)
-        raw = _read_json(path, "config.json") if path else None
-    lm_config = dict(raw or {})
-    names = {"moshi": lm_config.pop("moshi_name", MOSHI_NAME), "mimi": lm_config.pop("mimi_name", MIMI_NAME),
-             "tokenizer": lm_config.pop("tokenizer_name", TOKENIZER_NAME)}
-    mimi_config_name = lm_config.pop("mimi_config_name", None)
-    model_type = lm_config.pop("model_type", "moshi")
-    if model_type != "moshi":
-        raise SampleError(f"config.json says model_type={model_type!r}; sample.py runs conversation "
-                          f"models (model_type 'moshi': Moshiko, Moshika, PersonaPlex)")
-    for key in ("lm_gen_config", "tts_config", "stt_config", "model_id", "lora_name"):
-        lm_config.pop(key, None)                     # tool settings, not the LM's
-    given = {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
-    for what, path in given.items():
-        if path is not None and not os.path.isfile(path):
-            flag = "--tokenizer" if what == "tokenizer" else f"--{what}-weight"
-            raise SampleError(f"{flag}: no such file {path!r}")
-    files = {what: given[what] or get(names[what]) for what in given}
-    mimi_config = _read_json(get(mimi_config_name), mimi_config_name) if mimi_config_name else None
-    return Checkpoint(files["moshi"], files["mimi"], files["tokenizer"], lm_config if raw else None, mimi_config)
-
-
-def _read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SampleError(f"cannot read {what} ({path}): {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Reading audio. The prompt is read block by block, mixed down to mono and resampled to 24 kHz
+# 1. Reading audio. The prompt is read block by block, mixed down to mono and resampled to 24 kHz
 # on the fly, so a conversation of an hour holds a second of input in memory, not an hour.
 # Resampling uses mimi.resample's filter (a Kaiser-windowed sinc cut just below the lower Nyquist
 # rate): output sample j sits at input time t = j * src / dst = j * down / up and is
@@ -273,7 +170,7 @@ def frames_of(blocks, num_samples: int, frame_size=FRAME_SIZE):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Loudness. PersonaPlex normalises voice prompts to -24 LUFS, the integrated loudness of
+# 2. Loudness. PersonaPlex normalises voice prompts to -24 LUFS, the integrated loudness of
 # ITU-R BS.1770-4 (as the pyloudnorm package computes it): K-weight the signal (a +4 dB high shelf
 # at 1.5 kHz modelling the head, then a 38 Hz high-pass), take the mean square over 400 ms blocks
 # every 100 ms, drop blocks under -70 LUFS, then blocks 10 LU under the mean of those left, and
@@ -334,7 +231,7 @@ def normalize_loudness(x, fs: int, target_lufs: float = -24.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The PersonaPlex prompt. PersonaPlex (NVIDIA) is Moshi fine-tuned with a 16-codebook depformer
+# 3. The PersonaPlex prompt. PersonaPlex (NVIDIA) is Moshi fine-tuned with a 16-codebook depformer
 # (8 for its own voice, 8 predicting the user) and a prompt played before the conversation, one
 # frame per step, every stream forced:
 #   voice prompt   Moshi's audio = the voice prompt's Mimi codes, text = PAD, user = a 440 Hz sine
@@ -427,7 +324,7 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The conversation. Per 80 ms frame: encode the user's frame, one LM step, decode Moshi's frame.
+# 4. The conversation. Per 80 ms frame: encode the user's frame, one LM step, decode Moshi's frame.
 # Each is one jitted call on fixed shapes with its state passed in and out: the LM's KV cache is a
 # ring over `context` frames and Mimi's caches are rings too, so frame 10 000 costs what frame 10
 # costs, in the same memory.
@@ -527,7 +424,7 @@ def _one_behind(steps):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Text display and output files.
+# 5. Text display and output files.
 
 def piece_text(tokenizer, token: int) -> str:
     """The printable text of a token: sentencepiece's "▁" (a word start) becomes a space."""
@@ -637,43 +534,13 @@ def numbered(path: str, index: int, count: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Main: load, converse, write.
+# 6. Main: load, converse, write.
 
 def tiny_mimi_config(card: int):
     """A tiny random Mimi with the real frame size (80 ms), for --random-init with a tiny LM."""
     import mimi
     return mimi.MimiConfig(dimension=16, n_filters=4, ratios=(8, 6, 5, 4), num_heads=2, num_layers=2,
                            dim_feedforward=32, context=8, codebook_dim=8, codebook_size=card, num_quantizers=8)
-
-
-def mimi_config_from_kyutai(d: dict):
-    """Kyutai's Mimi config JSON (the `mimi_config_name` file, structured like loaders._mimi_config)
-    -> mimi.MimiConfig. Settings the released Mimi does not use are refused by name."""
-    import mimi
-    try:
-        seanet, quantizer, transformer = d["seanet"], d["quantizer"], d["transformer"]
-        fixed = {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True, "activation": "ELU"}
-        fixed_tr = {"gating": "none", "norm": "layer_norm", "positional_embedding": "rope", "causal": True}
-        bad = [f"seanet.{k}={seanet[k]!r}" for k, v in fixed.items() if k in seanet and seanet[k] != v]
-        bad += [f"transformer.{k}={transformer[k]!r}" for k, v in fixed_tr.items() if k in transformer and transformer[k] != v]
-        if transformer["d_model"] != seanet["dimension"]:
-            bad.append(f"transformer.d_model={transformer['d_model']} != seanet.dimension={seanet['dimension']}")
-        if bad:
-            raise SampleError(f"Mimi config: unsupported settings {', '.join(bad)}")
-        ratios = tuple(int(r) for r in seanet["ratios"])
-        stride = d["sample_rate"] / math.prod(ratios) / d["frame_rate"]  # encoder rate / codec frame rate
-        return mimi.MimiConfig(
-            sample_rate=d["sample_rate"], channels=d["channels"], dimension=seanet["dimension"],
-            n_filters=seanet["n_filters"], ratios=ratios, kernel_size=seanet["kernel_size"],
-            last_kernel_size=seanet["last_kernel_size"], residual_kernel_size=seanet["residual_kernel_size"],
-            n_residual_layers=seanet["n_residual_layers"], dilation_base=seanet["dilation_base"],
-            compress=seanet["compress"], downsample_stride=int(round(stride)),
-            num_heads=transformer["num_heads"], num_layers=transformer["num_layers"],
-            dim_feedforward=transformer["dim_feedforward"], context=transformer["context"],
-            layer_scale=transformer["layer_scale"], max_period=transformer["max_period"],
-            codebook_dim=quantizer["dimension"], codebook_size=quantizer["bins"], num_quantizers=quantizer["n_q"])
-    except (KeyError, TypeError) as e:
-        raise SampleError(f"Mimi config: missing or bad entry {e}") from None
 
 
 def random_params(init, seed: int):
@@ -713,7 +580,6 @@ def load_tokenizer(path):
 def load_models(args, log) -> Models:
     import jax
     import jax.numpy as jnp
-    import convert
     import mimi
     import moshi
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
@@ -731,11 +597,11 @@ def load_models(args, log) -> Models:
         if args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer)
     else:
-        ckpt = find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
+        ckpt = convert.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
         log(f"loading Moshi from {ckpt.moshi}")
-        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=lm_config_for(ckpt, log), dtype=dtype)
+        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=convert.lm_config_for(ckpt, log), dtype=dtype)
         log(f"loading Mimi from {ckpt.mimi}")
-        mimi_cfg = mimi_config_from_kyutai(ckpt.mimi_config) if ckpt.mimi_config else None
+        mimi_cfg = convert.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
         tokenizer = load_tokenizer(ckpt.tokenizer)
     models = Models(lm, cfg, mimi_params, mimi_cfg, tokenizer)
@@ -745,26 +611,7 @@ def load_models(args, log) -> Models:
     return models
 
 
-def lm_config_for(ckpt: Checkpoint, log):
-    """The LM config: config.json's, or, where the repo has none (or one that does not describe the
-    LM, like PersonaPlex's), Kyutai's built-in moshiko config with as many depformer outputs as the
-    checkpoint has heads (16 for PersonaPlex, whose own loader also ignores config.json)."""
-    import convert
-    import moshi
-    if ckpt.config and "dim" in ckpt.config:
-        return ckpt.config
-    try:
-        heads = sum(1 for k in convert.SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))
-    except (ValueError, OSError) as e:
-        raise SampleError(f"cannot load {ckpt.moshi}: {e}") from None
-    if heads and heads != moshi.MOSHIKO.dep_q:
-        log(f"no LM config: moshiko's, with dep_q={heads} as the checkpoint has {heads} depformer heads")
-        return dataclasses.replace(moshi.MOSHIKO, dep_q=heads)
-    return None
-
-
 def _load(fn, path, **kw):
-    import convert
     try:
         return fn(path, **kw)
     except (ValueError, OSError) as e:             # convert.CheckpointError is a ValueError
@@ -778,7 +625,7 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", required=True, help="the user's audio (any format soundfile reads, any rate/channels)")
     ap.add_argument("--out", default="out.wav", help="Moshi's voice (24 kHz wav); its text goes to the same name .json")
     g = ap.add_argument_group("weights")
-    g.add_argument("--hf-repo", help=f"Hugging Face repo id or local directory (default {DEFAULT_REPO})")
+    g.add_argument("--hf-repo", help=f"Hugging Face repo id, local directory or LM .safetensors (default {convert.DEFAULT_REPO})")
     g.add_argument("--moshi-weight", help="the LM's safetensors (overrides the repo's)")
     g.add_argument("--mimi-weight", help="Mimi's safetensors (overrides the repo's)")
     g.add_argument("--tokenizer", help="the sentencepiece text tokenizer (overrides the repo's)")
@@ -816,7 +663,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except SampleError as e:
+    except (SampleError, convert.CheckpointError) as e:      # things the user can fix: one line, no traceback
         print(f"sample.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 

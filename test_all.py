@@ -25,6 +25,18 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def _fake_hub(monkeypatch, hf_hub_download):
+    """A stand-in huggingface_hub module (no network here): `hf_hub_download(repo, name) -> path`."""
+    import sys
+    import types
+    hub, errors = types.ModuleType("huggingface_hub"), types.ModuleType("huggingface_hub.errors")
+    errors.EntryNotFoundError = type("EntryNotFoundError", (Exception,), {})
+    hub.errors, hub.hf_hub_download = errors, hf_hub_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.errors", errors)
+    return hub
+
+
 # ================================================================================================
 # helium.py
 
@@ -485,6 +497,29 @@ def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
         assert all(np.array_equal(np.asarray(back[k]), np.asarray(state[k])) for k in state)
 
 
+def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
+    """--init-from is resolved by convert.find_checkpoint, as sample.py's --hf-repo: a .safetensors
+    file (with the config.json beside it), a repo folder holding only the LM, a Hugging Face id (of
+    which only the LM's files are fetched); a path that does not exist is named as such."""
+    import types
+    folder = os.path.join(TESTDATA, "train_export")
+    args = lambda init_from: types.SimpleNamespace(init_from=init_from, config=None)   # noqa: E731
+    cfg_file, params_file = train.load_model(args(os.path.join(folder, "model.safetensors")))
+    cfg_dir, params_dir = train.load_model(args(folder))
+    assert cfg_file == cfg_dir == convert.lm_config(os.path.join(folder, "config.json"))
+    assert _max_rel(params_file, params_dir) == 0
+    fetched = []
+
+    def download(repo, name):
+        fetched.append((repo, name))
+        return os.path.join(folder, name)
+    _fake_hub(monkeypatch, download)
+    cfg_hub, _ = train.load_model(args("someone/moshi-finetune"))
+    assert cfg_hub == cfg_dir and fetched == [("someone/moshi-finetune", n) for n in ("config.json", "model.safetensors")]
+    with pytest.raises(convert.CheckpointError, match="--init-from: no such file or directory .*missing"):
+        train.load_model(args(str(tmp_path / "missing")))
+
+
 def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     """testdata/train_export was written by train.export from a LoRA run; Kyutai's package loaded it
     strictly (model.safetensors + config.json) and also ran LoRALinear on base + lora.safetensors.
@@ -499,8 +534,8 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     official = np.load(os.path.join(folder, "official.npz"))
-    weights, config = train.checkpoint_files(folder)
-    params, cfg = convert.load_lm(weights, config=config, dtype=jnp.float32)
+    ckpt = convert.find_checkpoint(folder, lm_only=True)
+    params, cfg = convert.load_lm(ckpt.moshi, config=convert.lm_config_for(ckpt), dtype=jnp.float32)
     codes = jnp.asarray(official["codes"], jnp.int32)
     out = moshi.forward(params, cfg, codes)
     for name, mask in (("logits", "mask"), ("text_logits", "text_mask")):
@@ -610,6 +645,9 @@ def test_lm_greedy_generation_matches_official(name, tmp_path):
     assert tokens.shape == d["gen_tokens"].shape
     assert np.array_equal(tokens, d["gen_tokens"])
     assert state["kv"]["k"].shape[3] == cfg.context                      # constant memory
+    if name == "c":              # the generation layout (layers as lists) gives the same tokens
+        tokens, state = _greedy_run(moshi.generation_params(params), cfg, d["gen_user"])
+        assert np.array_equal(tokens, d["gen_tokens"]) and isinstance(state["kv"]["k"], list)
 
 
 def test_lm_bf16_checkpoint_matches_official_bf16(tmp_path):
@@ -922,28 +960,22 @@ def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)     # as on a machine without it
     err = error_of("--prompt", SAMPLE_FX.PROMPT)
     assert "huggingface_hub is not installed" in err and "--hf-repo DIR" in err and "Traceback" not in err
-    import types
-    hub, errors = types.ModuleType("huggingface_hub"), types.ModuleType("huggingface_hub.errors")
-    errors.EntryNotFoundError = type("EntryNotFoundError", (Exception,), {})
-    hub.errors = errors
 
     def offline(repo, name):
         raise ConnectionError("no network")
-    hub.hf_hub_download = offline
-    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
-    monkeypatch.setitem(sys.modules, "huggingface_hub.errors", errors)
+    hub = _fake_hub(monkeypatch, offline)
     err = error_of("--prompt", SAMPLE_FX.PROMPT)
     assert "could not get 'config.json' from the Hugging Face repo 'kyutai/moshiko-pytorch-bf16'" in err
     assert "no network" in err and "Traceback" not in err
 
     def hub_download(repo, name):                              # a repo without config.json, as moshiko's
         if name == "config.json":
-            raise errors.EntryNotFoundError(name)
+            raise hub.errors.EntryNotFoundError(name)
         return f"/cache/{repo}/{name}"
     hub.hf_hub_download = hub_download
-    ckpt = sample.find_checkpoint("kyutai/moshiko-pytorch-bf16")
+    ckpt = convert.find_checkpoint("kyutai/moshiko-pytorch-bf16")
     assert ckpt.config is None and ckpt.moshi == "/cache/kyutai/moshiko-pytorch-bf16/model.safetensors"
-    assert ckpt.tokenizer.endswith("/tokenizer_spm_32k_3.model") and ckpt.mimi.endswith(sample.MIMI_NAME)
+    assert ckpt.tokenizer.endswith("/tokenizer_spm_32k_3.model") and ckpt.mimi.endswith(convert.MIMI_NAME)
     (tmp_path / "incomplete").mkdir()
     assert "has no file 'model.safetensors'" in error_of("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", tmp_path / "incomplete")
     assert "--voice-prompt and --text-prompt are for PersonaPlex" in error_of(
@@ -955,34 +987,34 @@ def test_sample_finds_weights_like_checkpoint_info(tmp_path):
     single-file overrides, and files given alone with --config, as the official CheckpointInfo does."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("weights.safetensors", sample.MIMI_NAME, "tok.model", "other.safetensors"):
+    for name in ("weights.safetensors", convert.MIMI_NAME, "tok.model", "other.safetensors"):
         (repo / name).write_bytes(b"x")
     (repo / "mimi.json").write_text(json.dumps(SAMPLE_FX.MIMI_CONFIG))
     (repo / "config.json").write_text(json.dumps(dict(SAMPLE_FX.LM_CONFIG, moshi_name="weights.safetensors",
                                                       tokenizer_name="tok.model", mimi_config_name="mimi.json")))
-    ckpt = sample.find_checkpoint(str(repo))
-    assert (ckpt.moshi, ckpt.mimi, ckpt.tokenizer) == (str(repo / "weights.safetensors"), str(repo / sample.MIMI_NAME),
+    ckpt = convert.find_checkpoint(str(repo))
+    assert (ckpt.moshi, ckpt.mimi, ckpt.tokenizer) == (str(repo / "weights.safetensors"), str(repo / convert.MIMI_NAME),
                                                         str(repo / "tok.model"))
     assert ckpt.config == SAMPLE_FX.LM_CONFIG and ckpt.mimi_config == SAMPLE_FX.MIMI_CONFIG
-    assert sample.mimi_config_from_kyutai(ckpt.mimi_config) == sample.tiny_mimi_config(64)
+    assert convert.mimi_config(ckpt.mimi_config) == sample.tiny_mimi_config(64)
     assert convert.lm_config(ckpt.config) == moshi.TINY
-    assert sample.find_checkpoint(str(repo), moshi=str(repo / "other.safetensors")).moshi == str(repo / "other.safetensors")
-    alone = sample.find_checkpoint(None, str(repo / "other.safetensors"), str(repo / sample.MIMI_NAME),
-                                   str(repo / "tok.model"), config=str(repo / "config.json"))
+    assert convert.find_checkpoint(str(repo), moshi=str(repo / "other.safetensors")).moshi == str(repo / "other.safetensors")
+    alone = convert.find_checkpoint(None, str(repo / "other.safetensors"), str(repo / convert.MIMI_NAME),
+                                    str(repo / "tok.model"), config=str(repo / "config.json"))
     assert alone.moshi == str(repo / "other.safetensors") and alone.mimi_config == SAMPLE_FX.MIMI_CONFIG
-    assert sample.find_checkpoint(None, str(repo / "other.safetensors"), str(repo / sample.MIMI_NAME),
-                                  str(repo / "tok.model")).config is None          # moshiko's config
+    assert convert.find_checkpoint(None, str(repo / "other.safetensors"), str(repo / convert.MIMI_NAME),
+                                   str(repo / "tok.model")).config is None          # moshiko's config
     (repo / "config.json").write_text(json.dumps({"model_type": "stt"}))
-    with pytest.raises(sample.SampleError, match="model_type='stt'"):
-        sample.find_checkpoint(str(repo))
+    with pytest.raises(convert.CheckpointError, match="model_type='stt'"):
+        convert.find_checkpoint(str(repo))
     # No LM config (moshiko's repo, or PersonaPlex's, whose config.json does not describe the LM):
     # moshiko's config, with as many depformer outputs as the checkpoint has heads.
     heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
     convert.save_safetensors(repo / "persona.safetensors", heads)
-    ckpt = sample.Checkpoint(str(repo / "persona.safetensors"), "", "", {"model_type_note": "not an LM config"})
-    assert sample.lm_config_for(ckpt, lambda msg: None) == moshi.PERSONAPLEX
+    ckpt = convert.Checkpoint(str(repo / "persona.safetensors"), "", "", {"model_type_note": "not an LM config"})
+    assert convert.lm_config_for(ckpt, lambda msg: None) == moshi.PERSONAPLEX
     convert.save_safetensors(repo / "moshiko.safetensors", dict(list(heads.items())[:8]))
-    assert sample.lm_config_for(sample.Checkpoint(str(repo / "moshiko.safetensors"), "", "", None), print) is None
+    assert convert.lm_config_for(convert.Checkpoint(str(repo / "moshiko.safetensors"), "", "", None), print) is None
 
 
 def test_sample_reads_long_audio_lazily(tmp_path):

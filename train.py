@@ -864,33 +864,16 @@ def lm_config(name: str):
     return moshi.PRESETS[name]
 
 
-def checkpoint_files(init_from: str) -> tuple[str, str | dict | None]:
-    """--init-from -> (weights file, config). A folder is a Kyutai repo: its config.json (if any)
-    names the weights (`moshi_name`, default model.safetensors) and describes the model."""
-    if not os.path.isdir(init_from):
-        beside = os.path.join(os.path.dirname(os.path.abspath(init_from)), "config.json")
-        return init_from, (beside if os.path.exists(beside) else None)
-    config_path = os.path.join(init_from, "config.json")
-    config = None
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
-    weights = os.path.join(init_from, (config or {}).get("moshi_name", "model.safetensors"))
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"--init-from {init_from}: no {os.path.basename(weights)} in it")
-    return weights, config
-
-
 def load_model(args):
-    """-> (cfg, host params or None). --init-from: a Kyutai checkpoint (repo dir or .safetensors),
+    """-> (cfg, host params or None). --init-from: a Kyutai checkpoint, found as sample.py's --hf-repo
+    finds one (convert.find_checkpoint: a Hugging Face id, a repo folder, or a .safetensors file),
     read onto the host (CPU) so that `place` can hand each device its slice."""
     if not args.init_from:
         return lm_config(args.config or "tiny"), None
-    weights, config = checkpoint_files(args.init_from)
-    if args.config:
-        config = lm_config(args.config)
+    ckpt = convert.find_checkpoint(args.init_from, lm_only=True, flags={"repo": "--init-from"})
+    config = lm_config(args.config) if args.config else convert.lm_config_for(ckpt, print)
     with jax.default_device(jax.devices("cpu")[0]):
-        params, cfg = convert.load_lm(weights, config=config)
+        params, cfg = convert.load_lm(ckpt.moshi, config=config)
         return cfg, jax.tree.map(np.asarray, params)
 
 
@@ -1205,7 +1188,8 @@ def train_parser():
     a("--data", required=True, help="a folder written by `train.py prepare`")
     a("--run-dir", required=True, help="checkpoints, metrics.jsonl and the export go here")
     a("--config", help="model preset or config.json (from scratch; with --init-from, overrides its config)")
-    a("--init-from", help="Kyutai checkpoint to start from: a repo folder or a .safetensors file")
+    a("--init-from", help="Kyutai checkpoint to start from: a Hugging Face repo id (with huggingface_hub "
+      "installed), a local repo folder, or a .safetensors file (with the config.json beside it, if any)")
     a("--mesh", help="device mesh, e.g. dp=4,fsdp=8 (default: fsdp over all devices)")
     a("--batch-size", type=int, help="windows per micro-batch, whole mesh (default: one per device)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
