@@ -24,8 +24,10 @@ per frame and a ring cache of exactly 250 slots, so once more than 250 steps (10
 first step of each frame sees 249 past keys instead of 250. Kyutai's streaming codes therefore
 drift from its batch codes after 10 s; ours match its streaming codes there, not its batch codes.
 
-Also here: audio I/O for the other scripts (`read_audio` resamples with a windowed-sinc polyphase
-filter written in numpy, `mix_down`, `write_audio`), and a command line round trip:
+Also here: audio I/O for the other scripts (`read_blocks` streams a file of any rate and channel
+count through a windowed-sinc polyphase resampler written in numpy, in constant memory;
+`read_audio` joins its blocks; `frames_of` cuts a stream into 80 ms frames; `mix_down`,
+`write_audio`), and a command line round trip:
     python mimi.py in.wav out.wav --weights tokenizer-e351c8d8-checkpoint125.safetensors
 
 Reference: kyutai-labs/moshi `moshi/models/compression.py`, `modules/seanet.py`, `conv.py`,
@@ -559,64 +561,156 @@ def init(key, cfg: MimiConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Audio I/O. Resampling is band-limited interpolation: output sample n sits at input time
-# t = n * sr_in / sr_out, and is the sum of nearby input samples weighted by a lowpass sinc (cut
-# just below the lower of the two Nyquist rates) tapered by a Kaiser window. With sr_out/sr_in =
-# up/down in lowest terms there are only `up` distinct fractional offsets, so each "phase" is one
-# fixed filter applied to a strided view of the input: a polyphase resampler.
+# Audio in and out, for the other scripts. A file is read block by block (a second at a time, so an
+# hour of audio costs the memory of a second), mixed down if asked, and resampled on the fly.
+# Resampling is band-limited interpolation: output sample j sits at input time t_j = j * sr_in /
+# sr_out = j * down / up (up/down in lowest terms) and is sum_k x[k] h(t_j - k), h a lowpass sinc
+# cut just below the lower of the two Nyquist rates, tapered by a Kaiser window. t_j has only `up`
+# distinct fractional parts, so h is tabulated once per "phase": a polyphase resampler. t_j is split
+# into integer and fraction in exact integer arithmetic and each output is the same dot product
+# whenever it is computed, so a file resampled block by block equals the file resampled at once.
 
 class AudioError(ValueError):
     """An audio file that cannot be used: names the file and the problem."""
 
 
+class Resampler:
+    """Streaming resampler: `r(block)` takes input [..., n] and returns the output samples that input
+    completes [..., m] (float32); `r(block, final=True)` also flushes the rest, reading silence past
+    the end. Stopband about -110 dB, passband to 0.94 Nyquist."""
+
+    def __init__(self, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945, beta: float = 12.0):
+        g = math.gcd(sr_in, sr_out)
+        self.up, self.down = sr_out // g, sr_in // g                  # t_j = j * down / up
+        self.cutoff = rolloff * min(1.0, self.up / self.down)         # lowpass edge, a fraction of the input Nyquist
+        self.half_width = zero_crossings / self.cutoff                # h(tau) = 0 for |tau| > half_width
+        self.beta = beta
+        reach = math.ceil(self.half_width)
+        self.taps = np.arange(-reach, reach + 1)                      # output j reads inputs floor(t_j) + taps
+        # one filter per phase [up, taps]; for rates with no small common divisor, per output instead
+        self.table = None if self.up > 4096 else self.kernel(np.arange(self.up)[:, None] / self.up - self.taps)
+        self.buffer = None                                            # input [..., n] from index `start` on
+        self.start = self.received = self.produced = 0                # input index, inputs seen, outputs given
+
+    def kernel(self, tau):
+        """h(tau) in float64: the windowed sinc, zero beyond half_width."""
+        u = np.clip(tau / self.half_width, -1.0, 1.0)
+        h = self.cutoff * np.sinc(self.cutoff * tau) * np.i0(self.beta * np.sqrt(1.0 - u * u)) / np.i0(self.beta)
+        return np.where(np.abs(tau) > self.half_width, 0.0, h)
+
+    def outputs_for(self, n_in: int) -> int:
+        """Outputs with t_j < n_in: ceil(n_in * up / down)."""
+        return -(-n_in * self.up // self.down)
+
+    def __call__(self, block, final: bool = False):
+        block = np.asarray(block, np.float32)
+        self.buffer = block if self.buffer is None else np.concatenate([self.buffer, block], axis=-1)
+        self.received += block.shape[-1]
+        end = self.outputs_for(self.received)                         # every output, once the input is complete
+        if not final:                                                 # those whose right-most tap has arrived
+            end = min(end, max(self.produced, self.outputs_for(self.received - self.taps[-1])))
+        pad = np.zeros(self.buffer.shape[:-1] + (len(self.taps),), np.float32)
+        padded = np.concatenate([pad, self.buffer, pad], axis=-1)    # taps beyond the buffer read silence
+        windows = np.lib.stride_tricks.sliding_window_view(padded, len(self.taps), axis=-1)
+        todo = np.arange(self.produced, end)
+        out = [self._outputs(windows, j) for j in np.array_split(todo, max(1, -(-len(todo) // 1024)))]
+        self.produced = end
+        keep_from = (end * self.down) // self.up + self.taps[0]      # the next output's first tap
+        if keep_from > self.start:
+            self.buffer = self.buffer[..., keep_from - self.start:]
+            self.start = keep_from
+        return np.concatenate(out, axis=-1).astype(np.float32)
+
+    def _outputs(self, windows, j):
+        """Outputs j [m] from windows [..., positions, taps] of the zero-padded buffer -> [..., m]."""
+        base, phase = (j * self.down) // self.up, (j * self.down) % self.up
+        x = windows[..., base + self.taps[0] - self.start + len(self.taps), :]                 # [..., m, taps]
+        h = self.table[phase] if self.table is not None else self.kernel(phase[:, None] / self.up - self.taps)
+        return np.sum(x * h, axis=-1)                                                          # float64
+
+
 def resample(x, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945, beta: float = 12.0):
-    """x [..., S] -> float32 [..., ceil(S * sr_out / sr_in)]. Stopband about -110 dB, passband to 0.94 Nyquist."""
+    """x [..., S] -> float32 [..., ceil(S * sr_out / sr_in)], in one go (Resampler, fed once)."""
     x = np.asarray(x, np.float32)
     if sr_in == sr_out:
         return x
-    g = math.gcd(sr_in, sr_out)
-    up, down = sr_out // g, sr_in // g
-    cutoff = rolloff * min(1.0, up / down)            # lowpass edge as a fraction of the input Nyquist
-    half_width = zero_crossings / cutoff              # filter half length, in input samples
-    J = int(math.ceil(half_width))
-    lead, n_in = x.shape[:-1], x.shape[-1]
-    n_out = -(-n_in * up // down)
-    flat = np.pad(x.reshape(-1, n_in).astype(np.float64), ((0, 0), (J, J + down + 1)))
-    windows = np.lib.stride_tricks.sliding_window_view(flat, 2 * J + 1, axis=-1)  # [C, n_in+down+J+2, 2J+1]
-    taps = np.arange(-J, J + 1)
-    out = np.empty((flat.shape[0], n_out), np.float32)
-    for phase in range(min(up, n_out)):
-        start, frac = divmod(phase * down, up)        # output `phase` sits at input time start + frac/up
-        tau = frac / up - taps                         # distance from each tap to the output point
-        u = np.clip(tau / half_width, -1.0, 1.0)
-        h = cutoff * np.sinc(cutoff * tau) * np.i0(beta * np.sqrt(1.0 - u * u)) / np.i0(beta)
-        h[np.abs(tau) > half_width] = 0.0
-        count = len(range(phase, n_out, up))
-        for b in range(0, count, 1 << 14):            # blocks keep the gathered windows small
-            m = np.arange(b, min(count, b + (1 << 14)))
-            out[:, phase + m * up] = windows[:, start + m * down] @ h
-    return out.reshape(*lead, n_out)
+    return Resampler(sr_in, sr_out, zero_crossings, rolloff, beta)(x, final=True)
+
+
+def audio_info(path) -> tuple[int, int, int]:
+    """(sample_rate, samples, channels) of an audio file, or an AudioError saying why not."""
+    import soundfile as sf
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: cannot read audio (no such audio file)")
+    try:
+        info = sf.info(path)
+    except Exception as e:   # soundfile raises LibsndfileError, RuntimeError, TypeError or OSError
+        raise AudioError(f"{path}: cannot read audio ({e})") from e
+    if info.frames <= 0 or info.channels <= 0 or info.samplerate <= 0:
+        raise AudioError(f"{path}: the file holds no audio samples")
+    return info.samplerate, info.frames, info.channels
+
+
+def resampled_length(path, sample_rate: int = 24000) -> int:
+    """How many samples read_audio / read_blocks give at `sample_rate`, from the header alone."""
+    sr, samples, _ = audio_info(path)
+    return -(-samples * sample_rate // sr)
+
+
+def read_blocks(path, sample_rate: int | None = 24000, mono: bool = False, block_seconds: float = 1.0):
+    """Yield a file as float32 blocks [channels, n] at `sample_rate` (None: the file's), one block
+    of input read at a time. mono: the channels' average [n], taken before resampling (one channel
+    to resample instead of several)."""
+    import soundfile as sf
+    sr, _, _ = audio_info(path)
+    resampler = None if sample_rate in (None, sr) else Resampler(sr, sample_rate)
+    blocksize = max(1, int(sr * block_seconds))
+    try:
+        with sf.SoundFile(os.fspath(path)) as f:
+            while True:
+                block = f.read(blocksize, dtype="float32", always_2d=True).T                  # [channels, n]
+                final = block.shape[1] < blocksize
+                if mono:
+                    block = block.mean(axis=0)
+                if resampler is not None:
+                    block = resampler(block, final=final)
+                if block.shape[-1]:
+                    yield block
+                if final:
+                    return
+    except (RuntimeError, TypeError, OSError) as e:      # a file that breaks off: soundfile's errors
+        raise AudioError(f"{path}: cannot read audio ({e})") from e
 
 
 def read_audio(path, sample_rate: int | None = 24000) -> np.ndarray:
-    """Any file soundfile reads -> float32 [channels, samples], resampled to `sample_rate` (None: keep)."""
-    import soundfile as sf
-    try:
-        data, sr = sf.read(os.fspath(path), dtype="float32", always_2d=True)                   # [S, C]
-    except Exception as e:   # soundfile raises LibsndfileError, RuntimeError, TypeError or OSError
-        raise AudioError(f"{path}: cannot read audio ({e})") from e
-    if data.shape[0] == 0 or data.shape[1] == 0:
-        raise AudioError(f"{path}: the file holds no audio samples")
-    wav = np.ascontiguousarray(data.T)
-    if sample_rate is not None and sr != sample_rate:
-        wav = resample(wav, sr, sample_rate)
-    return wav
+    """Any file soundfile reads -> float32 [channels, samples], resampled to `sample_rate` (None: keep).
+    The blocks of read_blocks, joined: the same samples however the file is read."""
+    return np.concatenate(list(read_blocks(path, sample_rate)), axis=-1)
 
 
 def mix_down(wav) -> np.ndarray:
     """[..., channels, samples] -> [..., 1, samples], the average of the channels."""
     wav = np.asarray(wav, np.float32)
     return wav.mean(axis=-2, keepdims=True)
+
+
+def frames_of(blocks, num_samples: int, frame_size: int = 1920):
+    """Cut a stream of mono blocks [n] into ceil(num_samples / frame_size) frames [frame_size] for
+    encode_step: the stream is cut at `num_samples`, or continued with silence up to it, and the
+    last frame zero-padded (as `encode` pads). 1920 is Mimi's 80 ms frame."""
+    blocks, buf, given = iter(blocks), np.zeros(0, np.float32), 0
+    for _ in range(-(-num_samples // frame_size)):
+        while len(buf) < frame_size:
+            block = next(blocks, None) if given < num_samples else None
+            if block is None:                        # past the end of the stream, or of num_samples
+                block = np.zeros(frame_size - len(buf), np.float32)
+            else:
+                block = block[: num_samples - given]
+                given += len(block)
+            buf = np.concatenate([buf, block])
+        yield buf[:frame_size]
+        buf = buf[frame_size:]
 
 
 def write_audio(path, wav, sample_rate: int) -> None:
@@ -682,12 +776,9 @@ def main(argv=None):
     S = wav.shape[-1]
     t0 = time.perf_counter()
     if args.stream:
-        n = -(-S // cfg.frame_size)
-        frames = np.pad(wav, ((0, 0), (0, 0), (0, n * cfg.frame_size - S)))
         state, codes, out = init_state(cfg, 1), [], []
-        for i in range(n):
-            state, c = encode_step(params, cfg, state, frames[..., i * cfg.frame_size:(i + 1) * cfg.frame_size],
-                                   args.num_codebooks)
+        for frame in frames_of([wav[0, 0]], S, cfg.frame_size):                               # [frame_size]
+            state, c = encode_step(params, cfg, state, frame[None, None], args.num_codebooks)
             state, pcm = decode_step(params, cfg, state, c)
             codes.append(c)
             out.append(pcm)

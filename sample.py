@@ -16,9 +16,10 @@ the official package, frame for frame.
 PersonaPlex (`--hf-repo nvidia/personaplex-7b-v1`) is Moshi fine-tuned to take a voice prompt and
 a role in text before the conversation: see `persona_prompt` below.
 
-Sections, top to bottom: reading audio (lazily, any rate or channel count); loudness (ITU-R
-BS.1770, for voice prompts); the PersonaPlex prompt; the conversation loop; text display and files;
-main. The weights are found as Kyutai's loader finds them, by `convert.find_checkpoint`.
+Sections, top to bottom: loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt; the
+conversation loop; text display and files; main. The weights are found as Kyutai's loader finds
+them, by `convert.find_checkpoint`; the prompt (any rate or channel count) is read lazily by
+`mimi.read_blocks`.
 """
 from __future__ import annotations
 
@@ -46,131 +47,7 @@ class SampleError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Reading audio. The prompt is read block by block, mixed down to mono and resampled to 24 kHz
-# on the fly, so a conversation of an hour holds a second of input in memory, not an hour.
-# Resampling uses mimi.resample's filter (a Kaiser-windowed sinc cut just below the lower Nyquist
-# rate): output sample j sits at input time t = j * src / dst = j * down / up and is
-# sum_k x[k] h(t - k). Only `up` fractional parts of t exist, so h is tabulated once per phase; t is
-# split into integer and fraction in exact integer arithmetic, so a stream resampled block by block
-# equals the whole file resampled at once.
-
-class Resampler:
-    ZERO_CROSSINGS, ROLLOFF, BETA = 32, 0.945, 12.0  # as mimi.resample
-
-    def __init__(self, src: int, dst: int):
-        g = math.gcd(src, dst)
-        self.up, self.down = dst // g, src // g      # t_j = j * down / up
-        self.cutoff = self.ROLLOFF * min(1.0, dst / src)
-        self.half_width = self.ZERO_CROSSINGS / self.cutoff    # h(tau) = 0 for |tau| > half_width
-        reach = math.ceil(self.half_width)
-        self.offsets = np.arange(-reach, reach + 1)  # taps k = floor(t) + offset
-        self.table = None if self.up > 4096 else self.kernel(np.arange(self.up)[:, None] / self.up - self.offsets)
-        self.buffer = np.zeros(0, np.float32)        # input samples from absolute index `start` on
-        self.start = 0
-        self.received = 0                            # input samples seen
-        self.produced = 0                            # output samples given out
-
-    def kernel(self, tau):
-        u = np.clip(tau / self.half_width, -1.0, 1.0)
-        h = self.cutoff * np.sinc(self.cutoff * tau) * np.i0(self.BETA * np.sqrt(1.0 - u * u)) / np.i0(self.BETA)
-        return np.where(np.abs(tau) > self.half_width, 0.0, h).astype(np.float32)
-
-    def outputs_for(self, n_in: int) -> int:
-        """How many output samples n_in input samples make: every j with t_j < n_in."""
-        return -(-n_in * self.up // self.down)
-
-    def __call__(self, block, final: bool = False):
-        """Feed input samples [n]; returns the output samples now computable [m] (all if final)."""
-        self.buffer = np.concatenate([self.buffer, np.asarray(block, np.float32)])
-        self.received += len(block)
-        last = self.outputs_for(self.received)       # outputs that exist once the input is complete
-        if final:
-            end = last
-        else:                                        # the right-most tap must have arrived
-            right = self.offsets[-1]
-            end = min(last, max(self.produced, -(-(self.received - right) * self.up // self.down)))
-        pad = np.zeros(len(self.offsets), np.float32)
-        padded = np.concatenate([pad, self.buffer, pad])          # taps beyond the buffer read zeros
-        out = np.concatenate([self._compute(j, padded) for j in np.array_split(
-            np.arange(self.produced, end), max(1, -(-(end - self.produced) // 1024)))])
-        self.produced = end
-        keep_from = (self.produced * self.down) // self.up + self.offsets[0]   # first tap still needed
-        if keep_from > self.start:
-            self.buffer = self.buffer[keep_from - self.start:]
-            self.start = keep_from
-        return out.astype(np.float32)
-
-    def _compute(self, j, padded):
-        """Output samples j [m], a thousand at a time. Output j reads inputs floor(t_j) + offsets; the
-        zeros around the buffer stand for the silence before the start and after the end."""
-        base, phase = (j * self.down) // self.up, (j * self.down) % self.up
-        windows = np.lib.stride_tricks.sliding_window_view(padded, len(self.offsets))
-        x = windows[base + self.offsets[0] - self.start + len(self.offsets)]       # [m, taps]
-        weights = self.table[phase] if self.table is not None else self.kernel(phase[:, None] / self.up - self.offsets)
-        return np.einsum("mt,mt->m", x, weights)
-
-
-def audio_info(path):
-    """(sample_rate, frames, channels) of an audio file, or a SampleError saying why not."""
-    import soundfile
-    if not os.path.isfile(path):
-        raise SampleError(f"no such audio file: {path!r}")
-    try:
-        info = soundfile.info(path)
-    except Exception as e:
-        raise SampleError(f"cannot read {path!r} as audio: {e}") from None
-    if info.frames <= 0 or info.samplerate <= 0:
-        raise SampleError(f"{path!r} holds no audio samples")
-    return info.samplerate, info.frames, info.channels
-
-
-def read_blocks(path, sample_rate=SAMPLE_RATE, block_seconds: float = 1.0):
-    """Yield the file as mono float32 blocks at `sample_rate`, reading one block at a time."""
-    import soundfile
-    src, _, _ = audio_info(path)
-    resample = None if src == sample_rate else Resampler(src, sample_rate)
-    blocksize = max(1, int(src * block_seconds))
-    with soundfile.SoundFile(path) as f:
-        while True:
-            block = f.read(blocksize, dtype="float32", always_2d=True)     # [n, channels]
-            final = len(block) < blocksize
-            mono = block.mean(axis=1)
-            out = mono if resample is None else resample(mono, final=final)
-            if len(out):
-                yield out
-            if final:
-                return
-
-
-def resampled_length(path, sample_rate=SAMPLE_RATE) -> int:
-    src, frames, _ = audio_info(path)
-    return frames if src == sample_rate else Resampler(src, sample_rate).outputs_for(frames)
-
-
-def read_audio(path, sample_rate=SAMPLE_RATE):
-    """The whole file, mono float32 at `sample_rate` (for short things like a voice prompt)."""
-    return np.concatenate(list(read_blocks(path, sample_rate)))
-
-
-def frames_of(blocks, num_samples: int, frame_size=FRAME_SIZE):
-    """Cut a stream of blocks into ceil(num_samples / frame_size) frames: the stream is cut at
-    `num_samples`, or continued with silence up to it (--duration), and the last frame zero-padded."""
-    blocks, buf, given = iter(blocks), np.zeros(0, np.float32), 0
-    for _ in range(-(-num_samples // frame_size)):
-        while len(buf) < frame_size:
-            block = next(blocks, None) if given < num_samples else None
-            if block is None:                        # past the end of the file or of --duration
-                block = np.zeros(frame_size - len(buf), np.float32)
-            else:
-                block = block[: num_samples - given]
-                given += len(block)
-            buf = np.concatenate([buf, block])
-        yield buf[:frame_size]
-        buf = buf[frame_size:]
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Loudness. PersonaPlex normalises voice prompts to -24 LUFS, the integrated loudness of
+# 1. Loudness. PersonaPlex normalises voice prompts to -24 LUFS, the integrated loudness of
 # ITU-R BS.1770-4 (as the pyloudnorm package computes it): K-weight the signal (a +4 dB high shelf
 # at 1.5 kHz modelling the head, then a 38 Hz high-pass), take the mean square over 400 ms blocks
 # every 100 ms, drop blocks under -70 LUFS, then blocks 10 LU under the mean of those left, and
@@ -231,7 +108,7 @@ def normalize_loudness(x, fs: int, target_lufs: float = -24.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The PersonaPlex prompt. PersonaPlex (NVIDIA) is Moshi fine-tuned with a 16-codebook depformer
+# 2. The PersonaPlex prompt. PersonaPlex (NVIDIA) is Moshi fine-tuned with a 16-codebook depformer
 # (8 for its own voice, 8 predicting the user) and a prompt played before the conversation, one
 # frame per step, every stream forced:
 #   voice prompt   Moshi's audio = the voice prompt's Mimi codes, text = PAD, user = a 440 Hz sine
@@ -293,7 +170,7 @@ def encode_audio(models, wav):
     import mimi
     F = models.mimi_cfg.frame_size
     state, codes = mimi.init_state(models.mimi_cfg, 1), []
-    for frame in frames_of([wav], len(wav), F):
+    for frame in mimi.frames_of([wav], len(wav), F):
         state, c = mimi.encode_step(models.mimi, models.mimi_cfg, state, jnp.asarray(frame)[None, None],
                                     num_codebooks=models.codebooks)
         codes.append(np.asarray(c)[0, :, 0])
@@ -314,7 +191,8 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
             raise SampleError(f"{voice_prompt}: PersonaPlex's .pt voice embeddings need torch; give the voice "
                               f"prompt as audio (a few seconds of the voice, any format soundfile reads)")
         sr = models.mimi_cfg.sample_rate
-        voice_codes = encode_audio(models, normalize_loudness(read_audio(voice_prompt, sr), sr, -24.0))
+        voice = mimi.mix_down(mimi.read_audio(voice_prompt, sr))[0]                    # [S]
+        voice_codes = encode_audio(models, normalize_loudness(voice, sr, -24.0))
     text_tokens = []
     if text_prompt.strip():
         if models.tokenizer is None:
@@ -324,7 +202,7 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The conversation. Per 80 ms frame: encode the user's frame, one LM step, decode Moshi's frame.
+# 3. The conversation. Per 80 ms frame: encode the user's frame, one LM step, decode Moshi's frame.
 # Each is one jitted call on fixed shapes with its state passed in and out: the LM's KV cache is a
 # ring over `context` frames and Mimi's caches are rings too, so frame 10 000 costs what frame 10
 # costs, in the same memory.
@@ -424,7 +302,7 @@ def _one_behind(steps):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Text display and output files.
+# 4. Text display and output files.
 
 def piece_text(tokenizer, token: int) -> str:
     """The printable text of a token: sentencepiece's "▁" (a word start) becomes a space."""
@@ -534,7 +412,7 @@ def numbered(path: str, index: int, count: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Main: load, converse, write.
+# 5. Main: load, converse, write.
 
 def tiny_mimi_config(card: int):
     """A tiny random Mimi with the real frame size (80 ms), for --random-init with a tiny LM."""
@@ -661,23 +539,27 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    import mimi
     try:
         return run(args)
-    except (SampleError, convert.CheckpointError) as e:      # things the user can fix: one line, no traceback
+    except (SampleError, convert.CheckpointError, mimi.AudioError) as e:   # the user can fix: one line, no traceback
         print(f"sample.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
 
 def run(args):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    resampled_length(args.prompt)                          # a bad prompt fails before loading 16 GB
+    import mimi
+    mimi.resampled_length(args.prompt)                     # a bad prompt fails before loading 16 GB
     models = load_models(args, log)
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
-    num_samples = max(1, int(round(args.duration * sr))) if args.duration else resampled_length(args.prompt, sr)
+    num_samples = max(1, int(round(args.duration * sr))) if args.duration else mimi.resampled_length(args.prompt, sr)
     prompt = persona_prompt_for(args, models, log)
     B = args.batch_size
     sampling = Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
-    frames = frames_of(read_blocks(args.prompt, sr), num_samples, F)
+    # The prompt is read block by block, mixed down and resampled on the fly, so a conversation of an
+    # hour holds a second of input in memory, not an hour.
+    frames = mimi.frames_of(mimi.read_blocks(args.prompt, sr, mono=True), num_samples, F)
     n_frames = -(-num_samples // F)
     outs = [numbered(args.out, b, B) for b in range(B)]
     writers = [WavWriter(path, sr, num_samples) for path in outs]

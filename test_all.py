@@ -852,8 +852,8 @@ def _sample_models(repo, *extra):
 
 
 def _prompt_frames():
-    n = sample.resampled_length(SAMPLE_FX.PROMPT)
-    return sample.frames_of(sample.read_blocks(SAMPLE_FX.PROMPT), n)
+    n = mimi.resampled_length(SAMPLE_FX.PROMPT)
+    return mimi.frames_of(mimi.read_blocks(SAMPLE_FX.PROMPT, mono=True), n)
 
 
 def _run_converse(models, batch_size=1, prompt=None):
@@ -1018,26 +1018,27 @@ def test_sample_finds_weights_like_checkpoint_info(tmp_path):
 
 
 def test_sample_reads_long_audio_lazily(tmp_path):
-    """Any rate and channel count: mixed down and resampled as mimi.read_audio does, block by block, in
-    memory that does not grow with the file (a minute of 44.1 kHz stereo)."""
+    """The prompt, of any rate and channel count, through mimi.read_blocks: mixed down and resampled as
+    mimi.read_audio does, block by block, in memory that does not grow with the file (a minute of
+    44.1 kHz stereo)."""
     rng = np.random.default_rng(0)
     short = (0.3 * rng.standard_normal((30000, 2))).astype(np.float32)
     soundfile.write(tmp_path / "short.wav", short, 44100, subtype="FLOAT")
-    streamed = np.concatenate(list(sample.read_blocks(str(tmp_path / "short.wav"), block_seconds=0.05)))
+    streamed = np.concatenate(list(mimi.read_blocks(str(tmp_path / "short.wav"), mono=True, block_seconds=0.05)))
     whole = mimi.mix_down(mimi.read_audio(tmp_path / "short.wav", 24000))[0]
     assert streamed.shape == whole.shape and np.abs(streamed - whole).max() < 1e-5
     long_path = tmp_path / "long.wav"
     with soundfile.SoundFile(long_path, "w", 44100, 2, subtype="PCM_16") as f:
         for _ in range(60):
             f.write(0.1 * rng.standard_normal((44100, 2)))
-    n = sample.resampled_length(str(long_path))
+    n = mimi.resampled_length(str(long_path))
     assert n == 60 * 24000
     tracemalloc.start()
-    count = sum(1 for _ in sample.frames_of(sample.read_blocks(str(long_path)), n))
+    count = sum(1 for _ in mimi.frames_of(mimi.read_blocks(str(long_path), mono=True), n))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert count == n // 1920 and peak < 5e6            # the file is 21 MB as float32 at 44.1 kHz stereo
-    frames = list(sample.frames_of([np.ones(5000, np.float32)], 4000))      # cut, then the last frame padded
+    frames = list(mimi.frames_of([np.ones(5000, np.float32)], 4000))        # cut, then the last frame padded
     assert len(frames) == 3 and frames[2][:4000 - 3840].all() and not frames[2][160:].any()
 
 
@@ -1311,6 +1312,11 @@ def test_mimi_audio_io(tmp_path):
     wav = mimi.read_audio(tmp_path / "in.wav")
     assert wav.shape == (2, 24000) and wav.dtype == np.float32
     assert np.array_equal(mimi.read_audio(tmp_path / "in.wav", None), stereo.T)
+    # read a second at a time, or in 0.05 s blocks: the same samples as the whole file resampled at once
+    assert np.array_equal(wav, mimi.resample(stereo.T, 44100, 24000))
+    blocks = list(mimi.read_blocks(tmp_path / "in.wav", block_seconds=0.05))
+    assert len(blocks) > 10 and np.array_equal(np.concatenate(blocks, axis=-1), wav)
+    assert mimi.resampled_length(tmp_path / "in.wav") == 24000
     mono = mimi.mix_down(wav)
     assert mono.shape == (1, 24000) and np.allclose(mono[0], wav.mean(0))
     mimi.write_audio(tmp_path / "out.wav", 2 * mono, 24000)                      # clipped, not wrapped
