@@ -162,13 +162,14 @@ def test_bad_checkpoints_are_named(tmp_path):
 
 
 # ================================================================================================
-# train.py
+# train.py and data.py
 #
 # Fixtures: testdata/make_train_fixtures.py (moshi-finetune's own interleaver; the official moshi
 # package for the exported checkpoint). Budget: tiny models, short windows, < 5 min on 2 cores.
 
 import json  # noqa: E402
 
+import data  # noqa: E402
 import train  # noqa: E402
 
 
@@ -183,16 +184,16 @@ def test_train_interleaver_matches_moshi_finetune():
     with open(os.path.join(TESTDATA, "train_interleaver.json")) as f:
         fixture = json.load(f)
     for word, pieces in fixture["pieces"].items():
-        assert train.tokenize_word(sp, word) == pieces
+        assert data.tokenize_word(sp, word) == pieces
     for case in fixture["cases"]:
-        frames = round(case["window_sec"] * train.FRAME_RATE)
+        frames = round(case["window_sec"] * data.FRAME_RATE)
         alignments = sorted([(w, s, e, spk) for w, (s, e), spk in case["alignments"]], key=lambda a: a[1])
-        wav = np.zeros((2, round(case["file_sec"] * train.SAMPLE_RATE)), np.float32)
-        _, real_frames = train.cut_windows(wav, frames)
+        wav = np.zeros((2, round(case["file_sec"] * data.SAMPLE_RATE)), np.float32)
+        _, real_frames = data.cut_windows(wav, frames)
         assert len(real_frames) == len(case["text"]), case["name"]
         for w, real in enumerate(real_frames):
             assert (np.arange(frames) < real).astype(int).tolist() == case["audio_valid"][w], case["name"]
-            got = train.window_text(sp, alignments, w, frames, int(real))
+            got = data.window_text(sp, alignments, w, frames, int(real))
             assert got.tolist() == case["text"][w], (case["name"], w)
 
 
@@ -240,15 +241,15 @@ def train_dataset(tmp_path_factory):
     rng = np.random.default_rng(0)
     lines = []
     for i, sentence in enumerate(TRAIN_SENTENCES):
-        t = np.arange(int(2.2 * train.SAMPLE_RATE)) / train.SAMPLE_RATE
+        t = np.arange(int(2.2 * data.SAMPLE_RATE)) / data.SAMPLE_RATE
         wav = np.stack([0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t), 0.1 * rng.standard_normal(t.shape)], 1)
-        soundfile.write(root / f"talk{i}.wav", wav, train.SAMPLE_RATE)
+        soundfile.write(root / f"talk{i}.wav", wav, data.SAMPLE_RATE)
         words = [[w, [0.1 + 0.25 * j, 0.3 + 0.25 * j], "SPEAKER_MAIN"] for j, w in enumerate(sentence.split())]
         (root / f"talk{i}.json").write_text(json.dumps({"alignments": words}))
         lines.append({"path": f"talk{i}.wav", "duration": 2.2})
-    soundfile.write(root / "mono.wav", np.zeros(4800), train.SAMPLE_RATE)
+    soundfile.write(root / "mono.wav", np.zeros(4800), data.SAMPLE_RATE)
     (root / "mono.json").write_text(json.dumps({"alignments": []}))
-    soundfile.write(root / "no_alignments.wav", np.zeros((4800, 2)), train.SAMPLE_RATE)
+    soundfile.write(root / "no_alignments.wav", np.zeros((4800, 2)), data.SAMPLE_RATE)
     (root / "broken.wav").write_bytes(b"RIFF but not really a wav")
     (root / "broken.json").write_text(json.dumps({"alignments": []}))
     lines += [{"path": p, "duration": 0.2} for p in ("mono.wav", "no_alignments.wav", "broken.wav")]
@@ -270,29 +271,29 @@ def test_train_prepare_windows_and_bad_files(train_dataset, fast_compile):
     reasons = {os.path.basename(s["source"]): s["reason"] for s in index["skipped"]}
     assert "expected stereo" in reasons["mono.wav"] and "no_alignments.json: missing" in reasons["no_alignments.wav"]
     assert "unreadable audio" in reasons["broken.wav"]
-    with pytest.raises(train.DataError, match="mono.wav"):
-        train.prepare(str(root / "data.jsonl"), str(root / "strict"), _train_spm(),
+    with pytest.raises(data.DataError, match="mono.wav"):
+        data.prepare(str(root / "data.jsonl"), str(root / "strict"), _train_spm(),
                       lambda chunks: np.zeros((len(chunks), 16, 16), np.int32), 16,
                       strict=True, read_audio=mimi.read_audio, log=lambda *_: None)
-    ds = train.TokenWindows(train_dataset["prepared"])
+    ds = data.TokenWindows(train_dataset["prepared"])
     tokens = np.load(os.path.join(train_dataset["prepared"], index["files"][1]["tokens"]))
     assert tokens.dtype == np.int16 and tokens.shape == (17, 32)
     wav = mimi.read_audio(root / "talk1.wav")                                         # [2, 52800]
-    alignments = train.read_alignments(str(root / "talk1.json"))
+    alignments = data.read_alignments(str(root / "talk1.json"))
     for w, real in enumerate([16, 12]):                                                # 2.2 s = 16 + 11.5 frames
         window = ds[2 + w]
         assert window.tolist() == tokens[:, 16 * w:16 * (w + 1)].tolist()
-        assert window[0].tolist() == train.window_text(_train_spm(), alignments, w, 16, real).tolist()
+        assert window[0].tolist() == data.window_text(_train_spm(), alignments, w, 16, real).tolist()
         alone = wav[:, 16 * 1920 * w:16 * 1920 * (w + 1)][:, None]                    # the window, unpadded
         codes = np.asarray(mimi.encode(train_dataset["mimi"], TRAIN_MIMI, alone, num_codebooks=8))
         assert np.array_equal(window[1:, :real], codes.reshape(16, -1)[:, :real])
         assert (window[1:, real:] == -1).all()
     assert "talk1.wav [1.28-2.56 s]" in ds.name(3)
     # the shuffled stream: every window once per epoch, resumable from any position
-    ids = train.window_ids(len(ds), seed=5, position=0, count=18)
+    ids = data.window_ids(len(ds), seed=5, position=0, count=18)
     assert sorted(ids[:6]) == list(range(6)) and sorted(ids[6:12]) == list(range(6))
-    assert ids[7:15].tolist() == train.window_ids(len(ds), seed=5, position=7, count=8).tolist()
-    assert ids.tolist() != train.window_ids(len(ds), seed=6, position=0, count=18).tolist()
+    assert ids[7:15].tolist() == data.window_ids(len(ds), seed=5, position=7, count=8).tolist()
+    assert ids.tolist() != data.window_ids(len(ds), seed=6, position=0, count=18).tolist()
 
 
 def _train_codes(B, T, seed=0, A=1):
@@ -300,7 +301,7 @@ def _train_codes(B, T, seed=0, A=1):
     codes = np.concatenate([rng.integers(0, TRAIN_CFG.text_card, (A, B, 1, T)),
                             rng.integers(0, TRAIN_CFG.card, (A, B, 16, T))], axis=2).astype(np.int32)
     codes[:, ::3, :, -3:] = -1
-    codes[:, :, 0, ::4] = train.TEXT_PADDING_ID
+    codes[:, :, 0, ::4] = data.TEXT_PADDING_ID
     return codes
 
 

@@ -1,33 +1,28 @@
 """train.py: fine-tune (or train) Moshi on a dp x fsdp mesh, from moshi-finetune's data format.
 
-Two programs in one file, in the order the data meets them:
-
     python train.py prepare --manifest data.jsonl --tokenizer tokenizer_spm_32k_3.model \\
         --mimi tokenizer-e351c8d8-checkpoint125.safetensors --duration-sec 100 --out prepared/
     python train.py --data prepared/ --init-from ~/moshiko-pytorch-bf16 --lora-rank 128 \\
         --mesh dp=4,fsdp=8 --batch-size 32 --max-steps 2000 --run-dir runs/my-run
 
-`prepare` reads moshi-finetune's dataset (a .jsonl manifest of {"path", "duration"}; stereo 24 kHz
-wavs, channel 0 = Moshi, channel 1 = the user; a .json beside each wav with word "alignments"),
-encodes both channels with Mimi once, builds the 12.5 Hz text stream exactly as moshi-finetune's
-interleaver does, and writes one int16 token array [17, frames] per file plus an index. Training
-then never runs the codec: it cuts fixed windows from those arrays, shuffled by seed, and runs the
-step below under `jax.shard_map` on a (dp, fsdp) device mesh, one process per host.
+The data side lives in data.py: `prepare` (run by the first command) encodes moshi-finetune's
+dataset once into token arrays [17, frames] (text, Moshi's 8 codebooks, the user's 8), and
+`data.TokenWindows` / `data.window_ids` cut fixed windows from them in a shuffled, resumable order.
+This file is the training program: each step reads a batch of windows [B, 17, T], runs
+moshi.forward and the loss under `jax.shard_map` on a (dp, fsdp) device mesh, one process per host,
+and updates the weights (or LoRA adapters) with AdamW.
 
 The file reads top to bottom:
-  1. the text stream (moshi-finetune's interleaver)       5. sharding: mesh, specs, gather-on-use
-  2. `prepare`: wavs + alignments -> token arrays          6. the train step (loss, grads, AdamW)
-  3. the window iterator (deterministic, resumable)       7. checkpoints (per-process shards, atomic)
-  4. the loss, and LoRA                                   8. export, the training loop, the CLI
+  1. the loss, and LoRA                                   4. checkpoints (per-process shards, atomic)
+  2. sharding: mesh, specs, gather-on-use                 5. export, the training loop, the CLI
+  3. the train step (loss, grads, AdamW)
 
-Reference: kyutai-labs/moshi-finetune (finetune/data/interleaver.py, loss.py, train.py, args.py).
-Run `python train.py --help` / `python train.py prepare --help`.
+Reference: kyutai-labs/moshi-finetune (finetune/loss.py, train.py, args.py, moshi/modules/lora.py).
+Run `python train.py --help` / `python train.py prepare --help` / `python train.py export --help`.
 """
 from __future__ import annotations
 
 import argparse
-import bisect
-import collections
 import dataclasses
 import functools
 import json
@@ -46,325 +41,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import convert
-import mimi
+import data
 import moshi
 
-SAMPLE_RATE = 24_000          # Mimi's sample rate
-FRAME_SIZE = 1920             # samples per Mimi frame: 80 ms
-FRAME_RATE = SAMPLE_RATE / FRAME_SIZE   # 12.5 Hz, the rate of every token stream
-TEXT_PADDING_ID = 3           # moshiko's text PAD: "nothing said in this frame"
-END_OF_PADDING_ID = 0         # moshiko's EPAD: "a word starts in the next frame"
-IGNORE_ID = -1                # "no token here": zero embedding as input, masked out of the loss
-MAIN_SPEAKER = "SPEAKER_MAIN"
-
-
-class DataError(ValueError):
-    """A bad input file: the message names it and says what is wrong."""
-
 
 # ----------------------------------------------------------------------------------------------
-# 1. The text stream. Moshi's inner monologue is one text token per 80 ms frame, aligned to the
-# audio. moshi-finetune builds it from word timestamps: each word's pieces are written one per
-# frame starting at the word's first frame; frames with nothing to say hold PAD, and the PAD just
-# before a word becomes EPAD so the model learns when a word is coming. A word that starts while
-# the previous one is still being written cuts it short (the new word replaces what was pending).
-
-def tokenize_word(sp, word: str) -> list[int]:
-    """One word's sentencepiece ids, no BOS; a newline inside becomes the newline piece."""
-    lines = word.strip().split("\n")
-    newline = sp.encode("\n")[-1] if len(lines) > 1 else None
-    ids = sp.encode(lines[0])
-    for line in lines[1:]:
-        ids = ids + [newline] + sp.encode(line)
-    return ids
-
-
-def text_stream(words, num_steps: int, pad: int = TEXT_PADDING_ID, epad: int = END_OF_PADDING_ID):
-    """words: [(token_ids, start_sec, end_sec)] sorted by start -> list of `num_steps` ids."""
-    stream = [pad] * num_steps
-    pending = collections.deque()
-    next_word, last_word_end = 0, -1
-    for t in range(num_steps):
-        # every word whose first frame is t (floor(start * 12.5) == t) takes over the pending queue
-        while next_word < len(words) and words[next_word][1] * FRAME_RATE < t + 1:
-            tokens, _, end = words[next_word]
-            pending, last_word_end = collections.deque(tokens), int(end * FRAME_RATE)
-            next_word += 1
-        if pending:
-            if t > 0 and stream[t - 1] == pad:
-                stream[t - 1] = epad
-            stream[t] = pending.popleft()
-        # (between a word's last piece and its end frame moshi-finetune writes "in-word padding",
-        # which for Moshi is PAD itself: nothing to do)
-    return stream
-
-
-def window_words(alignments, start_sec: float, duration_sec: float):
-    """Words that *start* inside [start_sec, start_sec + duration), times made window-relative.
-
-    alignments: [(word, start, end, speaker)] sorted by start. A word that started in the previous
-    window is dropped even if it is still being spoken, as moshi-finetune does.
-    """
-    starts = [a[1] for a in alignments]
-    lo = bisect.bisect_left(starts, start_sec)
-    hi = bisect.bisect_left(starts, start_sec + duration_sec)
-    return [(w, s - start_sec, e - start_sec, spk) for w, s, e, spk in alignments[lo:hi]]
-
-
-def window_text(sp, alignments, window: int, window_frames: int, real_frames: int,
-                pad: int = TEXT_PADDING_ID, epad: int = END_OF_PADDING_ID) -> np.ndarray:
-    """The text row [window_frames] of window `window` of a file, as moshi-finetune builds it.
-
-    `real_frames` is how many frames of audio the window really has (fewer in a file's last window).
-    moshi-finetune passes that frame count where a duration in seconds is expected, so it builds
-    ceil(real_frames * 12.5) steps and cuts them to the window: in a last, partial window the text
-    keeps going as PAD past the end of the audio (and is trained on), and is IGNORE only beyond
-    ceil(real_frames * 12.5) frames. We reproduce that quirk exactly (tested against its code).
-    """
-    duration_sec = window_frames / FRAME_RATE
-    words = window_words(alignments, window * duration_sec, duration_sec)
-    words = [(tokenize_word(sp, w), s, e) for w, s, e, spk in words if spk == MAIN_SPEAKER and s < e]
-    steps = math.ceil(real_frames * FRAME_RATE)
-    row = np.full(window_frames, IGNORE_ID, np.int32)
-    stream = text_stream(words, steps, pad, epad)[:window_frames]
-    row[:len(stream)] = stream
-    return row
-
-
-def read_alignments(json_path: str):
-    """The sidecar .json -> [(word, start, end, speaker)] sorted by start (stable)."""
-    if not os.path.exists(json_path):
-        raise DataError(f"{json_path}: missing alignment file (expected beside the wav)")
-    try:
-        with open(json_path) as f:
-            raw = json.load(f)["alignments"]
-        out = [(str(w), float(ts[0]), float(ts[1]), str(spk)) for w, ts, spk in raw]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{json_path}: not a moshi-finetune alignment file "
-                        f"(want {{\"alignments\": [[word, [start, end], speaker], ...]}}): {e!r}") from e
-    # moshi-finetune binary-searches the list as given; it is only correct when sorted
-    return sorted(out, key=lambda a: a[1])
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. `prepare`: each file of the manifest is cut into consecutive windows of `duration_sec` from
-# t=0 (the last one shorter), exactly as moshi-finetune's loader cuts it; each window is encoded by
-# Mimi *on its own* (fresh codec state, as there), both channels in one batch. Codes past the end
-# of the audio are IGNORE. The result per file: int16 [17, n_windows * window_frames] holding
-# text | Moshi's 8 codebooks | the user's 8 codebooks, one window after the other.
-
-def read_manifest(path: str):
-    """moshi-finetune's .jsonl -> [(wav_path, duration_sec)]; relative paths are taken from the
-    manifest's folder, then from the current directory."""
-    entries = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                wav, duration = item["path"], float(item["duration"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{lineno}: want {{\"path\": ..., \"duration\": ...}}: {e!r}") from e
-            if not os.path.isabs(wav):
-                beside = os.path.join(os.path.dirname(os.path.abspath(path)), wav)
-                wav = beside if os.path.exists(beside) or not os.path.exists(wav) else os.path.abspath(wav)
-            entries.append((wav, duration))
-    return entries
-
-
-def load_stereo(path: str, read_audio) -> np.ndarray:
-    """The wav as float32 [2, samples] at 24 kHz, or DataError naming what is wrong with it."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: audio file not found")
-    try:
-        wav = np.asarray(read_audio(path, sample_rate=SAMPLE_RATE), np.float32)
-    except Exception as e:                                       # noqa: BLE001 - any decoder failure
-        raise DataError(f"{path}: unreadable audio ({type(e).__name__}: {e})") from e
-    if wav.ndim != 2 or wav.shape[0] != 2:
-        raise DataError(f"{path}: expected stereo audio (channel 0 = Moshi, channel 1 = user), "
-                        f"got {wav.shape[0] if wav.ndim == 2 else 1} channel(s)")
-    if wav.shape[1] == 0:
-        raise DataError(f"{path}: empty audio")
-    return wav
-
-
-def cut_windows(wav: np.ndarray, window_frames: int):
-    """[2, S] -> chunks [n, 2, window_samples] (zero-padded) and real frames per window [n]."""
-    window_samples = window_frames * FRAME_SIZE
-    n = -(-wav.shape[1] // window_samples)
-    chunks = np.zeros((n, 2, window_samples), np.float32)
-    for w in range(n):
-        piece = wav[:, w * window_samples:(w + 1) * window_samples]
-        chunks[w, :, :piece.shape[1]] = piece
-    real_samples = np.minimum(wav.shape[1] - np.arange(n) * window_samples, window_samples)
-    return chunks, -(-real_samples // FRAME_SIZE)
-
-
-class WindowEncoder:
-    """Mimi over batches of windows: [n, 2, S] -> [n, 16, frames]. Both channels of `batch_windows`
-    windows go through one call of the same compiled shape (a short last batch is zero-padded)."""
-
-    def __init__(self, params, cfg, batch_windows: int, num_codebooks: int = 8):
-        self.params, self.cfg, self.batch, self.num_codebooks = params, cfg, batch_windows, num_codebooks
-
-    def __call__(self, chunks: np.ndarray) -> np.ndarray:
-        n, _, S = chunks.shape
-        out = []
-        for i in range(0, n, self.batch):
-            part = chunks[i:i + self.batch]
-            padded = np.zeros((self.batch, 2, S), np.float32)
-            padded[:len(part)] = part
-            codes = mimi.encode(self.params, self.cfg, padded.reshape(self.batch * 2, 1, S), self.num_codebooks)
-            out.append(np.asarray(codes).reshape(self.batch, 2 * self.num_codebooks, -1)[:len(part)])
-        return np.concatenate(out)                               # [n, 2K, frames]: channel 0's K, then channel 1's
-
-
-def file_tokens(wav, alignments, sp, encode, window_frames: int, pad=TEXT_PADDING_ID,
-                epad=END_OF_PADDING_ID) -> tuple[np.ndarray, int]:
-    """One file -> (int16 [17, n * window_frames], frames of real audio)."""
-    chunks, real_frames = cut_windows(wav, window_frames)
-    codes = encode(chunks)[..., :window_frames]                  # [n, 16, window_frames]
-    if codes.shape[-1] != window_frames:
-        raise DataError(f"Mimi gave {codes.shape[-1]} frames for a {window_frames}-frame window")
-    rows = []
-    for w, real in enumerate(real_frames):
-        audio = np.where(np.arange(window_frames) < real, codes[w], IGNORE_ID)
-        text = window_text(sp, alignments, w, window_frames, int(real), pad, epad)
-        rows.append(np.concatenate([text[None], audio]))         # [17, window_frames]
-    tokens = np.concatenate(rows, axis=1)
-    if tokens.max() > np.iinfo(np.int16).max:
-        raise DataError(f"token id {tokens.max()} does not fit int16")
-    return tokens.astype(np.int16), int(real_frames.sum())
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict: bool = False,
-            pad=TEXT_PADDING_ID, epad=END_OF_PADDING_ID, read_audio=None, meta: dict | None = None,
-            log=print) -> dict:
-    """Tokenize a whole manifest into out_dir/{tokens/NNNNNN.npy, index.json}; returns the index.
-
-    Bad files (missing .json, not stereo, unreadable) are reported by name and skipped, or, with
-    `strict`, stop the run. The index lists what was skipped and why.
-    """
-    os.makedirs(os.path.join(out_dir, "tokens"), exist_ok=True)
-    files, skipped = [], []
-    entries = read_manifest(manifest)
-    for i, (wav_path, duration) in enumerate(entries):
-        try:
-            alignments = read_alignments(os.path.splitext(wav_path)[0] + ".json")
-            wav = load_stereo(wav_path, read_audio)
-        except DataError as e:
-            if strict:
-                raise
-            log(f"prepare: SKIPPED {e}")
-            skipped.append({"source": wav_path, "reason": str(e)})
-            continue
-        if abs(wav.shape[1] / SAMPLE_RATE - duration) > 1 / FRAME_RATE:
-            log(f"prepare: note: {wav_path} lasts {wav.shape[1] / SAMPLE_RATE:.2f} s, the manifest says "
-                f"{duration:.2f} s; using the audio's length")
-        tokens, real = file_tokens(wav, alignments, sp, encode, window_frames, pad, epad)
-        name = os.path.join("tokens", f"{len(files):06d}.npy")
-        atomic_save_npy(os.path.join(out_dir, name), tokens)
-        files.append({"tokens": name, "source": wav_path, "windows": tokens.shape[1] // window_frames,
-                      "frames": real})
-        log(f"prepare: [{i + 1}/{len(entries)}] {wav_path}: {files[-1]['windows']} windows, {real} frames")
-    if not files:
-        raise DataError(f"{manifest}: no usable file ({len(skipped)} skipped)")
-    index = {"format": "moshi-jax-tokens-v1", "window_frames": window_frames, "frame_rate": FRAME_RATE,
-             "streams": 17, "text_padding_id": pad, "end_of_padding_id": epad, "manifest": manifest,
-             "files": files, "skipped": skipped, **(meta or {})}
-    atomic_write_bytes(os.path.join(out_dir, "index.json"), json.dumps(index, indent=1).encode())
-    return index
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. The window iterator. Every window of every prepared file gets an id; epoch e visits them in
-# the order of a permutation seeded by (seed, e), and the epochs follow each other without a gap.
-# Step s of a run with G windows per step reads positions [s*G, (s+1)*G) of that endless list, so
-# "where we are in the data" is one integer saved in the checkpoint, and each process reads only
-# the rows of the global batch that its own devices hold.
-
-class TokenWindows:
-    """A prepared dataset: `len(ds)` windows; `ds[i]` -> int32 [17, window_frames]."""
-
-    def __init__(self, data_dir: str):
-        path = os.path.join(data_dir, "index.json")
-        try:
-            with open(path) as f:
-                self.index = json.load(f)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a prepared dataset (run `python train.py prepare` first): {e}") from e
-        self.dir = data_dir
-        self.window_frames = int(self.index["window_frames"])
-        self.files = self.index["files"]
-        self.first = np.cumsum([0] + [f["windows"] for f in self.files])   # first window id per file
-        self._arrays = {}
-
-    def __len__(self):
-        return int(self.first[-1])
-
-    def locate(self, i: int) -> tuple[dict, int]:
-        f = int(np.searchsorted(self.first, i, side="right") - 1)
-        return self.files[f], i - int(self.first[f])
-
-    def name(self, i: int) -> str:
-        """A human name for window i: the source file and the seconds it covers."""
-        info, w = self.locate(i)
-        sec = self.window_frames / FRAME_RATE
-        return f"{info['source']} [{w * sec:g}-{(w + 1) * sec:g} s]"
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        info, w = self.locate(i)
-        if info["tokens"] not in self._arrays:
-            path = os.path.join(self.dir, info["tokens"])
-            try:
-                array = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: cannot read prepared tokens ({e})") from e
-            if array.ndim != 2 or array.shape[1] != info["windows"] * self.window_frames:
-                raise DataError(f"{path}: shape {array.shape} does not match the index "
-                                f"({info['windows']} windows of {self.window_frames} frames)")
-            self._arrays[info["tokens"]] = array
-        T = self.window_frames
-        return np.asarray(self._arrays[info["tokens"]][:, w * T:(w + 1) * T], np.int32)
-
-
-def window_ids(num_windows: int, seed: int, position: int, count: int) -> np.ndarray:
-    """Positions [position, position + count) of the endless shuffled stream -> window ids."""
-    out, epoch = [], position // num_windows
-    offset = position % num_windows
-    while len(out) < count:
-        order = np.random.default_rng([seed, epoch]).permutation(num_windows)
-        out.extend(order[offset:offset + count - len(out)].tolist())
-        epoch, offset = epoch + 1, 0
-    return np.asarray(out, np.int64)
-
-
-def read_batch(ds: TokenWindows, ids: np.ndarray) -> np.ndarray:
-    """window ids [A, b] -> int32 [A, b, 17, T]."""
-    return np.stack([np.stack([ds[int(i)] for i in row]) for row in ids])
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. The loss, as moshi-finetune defines it: cross-entropy in fp32 on the text stream and on
+# 1. The loss, as moshi-finetune defines it: cross-entropy in fp32 on the text stream and on
 # Moshi's dep_q audio codebooks, each averaged with its own weights and then added. Weights: 0 where
 # the model's mask says "no valid target" (IGNORE targets, the delay's edge), `text_padding_weight`
 # on PAD/EPAD text targets, `first_codebook_weight` on the semantic codebook. The averages run over
@@ -485,7 +167,7 @@ def merged_params(params, lora, scaling: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Sharding. The mesh has two axes: `dp` (replicas that each see different data) and `fsdp`
+# 2. Sharding. The mesh has two axes: `dp` (replicas that each see different data) and `fsdp`
 # (devices that split every large weight between them and also see different data). Each weight
 # matrix lives as 1/fsdp of its rows on each fsdp device (fp32 master weights and Adam moments
 # alike); inside the step a layer's full weights are all-gathered just before the layer runs (the
@@ -601,7 +283,7 @@ def model_view(params, specs, lora, lora_specs, lora_scaling: float, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The train step. Inside shard_map each device: casts its fp32 shards to the compute dtype,
+# 3. The train step. Inside shard_map each device: casts its fp32 shards to the compute dtype,
 # runs moshi.forward on its slice of the batch (layers gathered on use), and differentiates the
 # global loss with respect to its own shards. Micro-batches are a lax.scan that sums gradients
 # (each already reduce-scattered and dp-summed by autodiff). Outside shard_map, under the same jit,
@@ -621,7 +303,7 @@ class Hyper:
     max_norm: float = 1.0
     text_padding_weight: float = 0.5
     first_codebook_weight: float = 1.0
-    padding_ids: tuple = (TEXT_PADDING_ID, END_OF_PADDING_ID)
+    padding_ids: tuple = (data.TEXT_PADDING_ID, data.END_OF_PADDING_ID)
     lora_rank: int = 0                    # 0: full fine-tuning
     lora_scaling: float = 2.0
     compute_dtype: str = "bfloat16"
@@ -684,7 +366,7 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, para
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Checkpoints: plain .npz files, no orbax. Each process writes only the shards its devices hold
+# 4. Checkpoints: plain .npz files, no orbax. Each process writes only the shards its devices hold
 # (one copy of each: replica 0), keyed by leaf name and the shard's start index, so a 7B run on 32
 # hosts writes 32 files of 1/32 of the state each. bfloat16 is stored as its raw uint16 bits and
 # the dtypes go in meta.json. Atomic: everything is written into `step_NNNNNN.tmp/`, fsync'ed, and
@@ -724,8 +406,8 @@ def save_checkpoint(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> s
         for shard in x.addressable_shards:
             if shard.replica_id == 0:
                 start = ",".join(str(s.start or 0) for s in shard.index)
-                data = np.asarray(shard.data)
-                pieces[f"{name}@{start}"] = data.view(np.uint16) if data.dtype == jnp.bfloat16 else data
+                local = np.asarray(shard.data)
+                pieces[f"{name}@{start}"] = local.view(np.uint16) if local.dtype == jnp.bfloat16 else local
     with open(os.path.join(tmp, f"process_{jax.process_index():05d}.npz"), "wb") as f:
         np.savez(f, **pieces)
         f.flush()
@@ -789,17 +471,17 @@ def _assemble(pieces, index, shape, dtype) -> np.ndarray:
     out = np.empty([len(r) for r in want], dtype)
     filled = 0
     for start, f, key in pieces:
-        data = f[key]
-        data = data.view(dtype) if data.dtype != dtype else data
+        saved = f[key]
+        saved = saved.view(dtype) if saved.dtype != dtype else saved
         src, dst = [], []
-        for r, s0, n in zip(want, start, data.shape):
+        for r, s0, n in zip(want, start, saved.shape):
             lo, hi = max(r.start, s0), min(r.stop, s0 + n)
             if lo >= hi:
                 break
             src.append(slice(lo - s0, hi - s0))
             dst.append(slice(lo - r.start, hi - r.start))
         else:
-            out[tuple(dst)] = data[tuple(src)]
+            out[tuple(dst)] = saved[tuple(src)]
             filled += out[tuple(dst)].size
     if filled != out.size:
         raise ValueError(f"checkpoint is missing part of {pieces[0][2].rsplit('@', 1)[0]} "
@@ -808,7 +490,7 @@ def _assemble(pieces, index, shape, dtype) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. The training loop: model and state on the mesh, batches in, metrics out, checkpoints, export.
+# 5. The training loop: model and state on the mesh, batches in, metrics out, checkpoints, export.
 
 def place(tree, shardings, dtype=None):
     """Arrays -> global arrays with the given shardings (and dtype). Host arrays (numpy, possibly
@@ -822,10 +504,10 @@ def place(tree, shardings, dtype=None):
     return jax.tree.map(put, tree, shardings)
 
 
-def make_batch(ds: TokenWindows, ids: np.ndarray, sharding, window_frames: int):
+def make_batch(ds: data.TokenWindows, ids: np.ndarray, sharding, window_frames: int):
     """window ids [A, B] -> int32 global array [A, B, 17, T]; each process reads only its rows."""
     shape = (*ids.shape, 17, window_frames)
-    return jax.make_array_from_callback(shape, sharding, lambda idx: read_batch(ds, ids[idx[0], idx[1]]))
+    return jax.make_array_from_callback(shape, sharding, lambda idx: data.read_batch(ds, ids[idx[0], idx[1]]))
 
 
 def count_matmul_params(params) -> int:
@@ -981,11 +663,11 @@ def train(args) -> list[dict]:
     """The whole run. Returns the metrics of every step it ran (also in run_dir/metrics.jsonl)."""
     sizes = parse_mesh(args.mesh) if args.mesh else {"dp": 1, "fsdp": jax.device_count()}
     mesh = make_mesh(sizes["dp"], sizes["fsdp"])
-    ds = TokenWindows(args.data)
+    ds = data.TokenWindows(args.data)
     cfg, host_params = load_model(args)
     h = hyper_from_args(args, cfg)
     if (ds.index["text_padding_id"], ds.index["end_of_padding_id"]) != h.padding_ids:
-        raise DataError(f"{args.data}: prepared with PAD/EPAD ids {ds.index['text_padding_id']}/"
+        raise data.DataError(f"{args.data}: prepared with PAD/EPAD ids {ds.index['text_padding_id']}/"
                         f"{ds.index['end_of_padding_id']}, the model uses {h.padding_ids}")
     with jax.set_mesh(mesh):
         plan, state, frozen = build_state(args, h, mesh, cfg, host_params)
@@ -1017,7 +699,7 @@ def start(args, h, cfg, state, ckpt_dir):
         if os.path.exists(metrics):
             with open(metrics) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= first]
-            atomic_write_bytes(metrics, "".join(kept).encode())
+            data.atomic_write_bytes(metrics, "".join(kept).encode())
     return state, first, position
 
 
@@ -1033,7 +715,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss went NaN/inf: the message names the step and the windows of the batch."""
 
 
-def run(args, h: Hyper, mesh, cfg, ds: TokenWindows, plan: Plan, state, frozen) -> list[dict]:
+def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, frozen) -> list[dict]:
     G, A, T = args.batch_size or mesh.size, args.grad_accum, ds.window_frames
     if G % mesh.size:
         raise ValueError(f"--batch-size {G} must be a multiple of the mesh size {mesh.size} (dp x fsdp)")
@@ -1047,7 +729,7 @@ def run(args, h: Hyper, mesh, cfg, ds: TokenWindows, plan: Plan, state, frozen) 
           f"{'LoRA rank %d' % h.lora_rank if h.lora_rank else 'full fine-tuning'}, steps {first + 1}..{last}")
     history, times = [], []
     for step in range(first + 1, last + 1):
-        ids = window_ids(len(ds), args.seed, position, A * G).reshape(A, G)    # [A, G] window ids
+        ids = data.window_ids(len(ds), args.seed, position, A * G).reshape(A, G)    # [A, G] window ids
         t0 = time.perf_counter()
         state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, T))
         m = np.asarray(metrics)                          # waits for the step: each loss is checked
@@ -1099,7 +781,7 @@ def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = Fal
         params = merged_params(to_host(frozen), trainable, h.lora_scaling) if h.lora_rank else trainable
         convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params), cfg)
     config = dict(convert.lm_config_dict(cfg), moshi_name="model.safetensors")
-    atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1).encode())
+    data.atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1).encode())
     if save_adapters and h.lora_rank:
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in lora_tensors(trainable, cfg).items()}
         convert.save_safetensors(os.path.join(out_dir, "lora.safetensors"), tensors, {"format": "pt"})
@@ -1227,20 +909,6 @@ def train_parser():
     return ap
 
 
-def prepare_parser():
-    ap = argparse.ArgumentParser(prog="train.py prepare", description=(
-        "Tokenize a moshi-finetune dataset once: Mimi codes of both channels + the text stream."))
-    a = ap.add_argument
-    a("--manifest", required=True, help=".jsonl of {\"path\": wav, \"duration\": seconds}")
-    a("--out", required=True, help="output folder (tokens/*.npy + index.json)")
-    a("--tokenizer", required=True, help="sentencepiece model (tokenizer_spm_32k_3.model)")
-    a("--mimi", required=True, help="Mimi weights (tokenizer-e351c8d8-checkpoint125.safetensors)")
-    a("--duration-sec", type=float, default=10.0, help="window length, as moshi-finetune's duration_sec")
-    a("--encode-batch", type=int, default=8, help="windows per Mimi call")
-    a("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
-    return ap
-
-
 def export_parser():
     ap = argparse.ArgumentParser(prog="train.py export", description=(
         "Export a checkpoint to Kyutai's safetensors naming (LoRA merged)."))
@@ -1259,24 +927,10 @@ def maybe_init_distributed(args) -> None:
         jax.distributed.initialize(**kw)
 
 
-def prepare_main(args) -> dict:
-    import sentencepiece
-    if args.duration_sec * FRAME_RATE != round(args.duration_sec * FRAME_RATE):
-        raise ValueError(f"--duration-sec {args.duration_sec}: must be a whole number of 80 ms frames")
-    params, cfg = convert.load_mimi(args.mimi)
-    if cfg.frame_size != FRAME_SIZE or cfg.sample_rate != SAMPLE_RATE:
-        raise ValueError(f"{args.mimi}: a Mimi with {cfg.frame_size}-sample frames at {cfg.sample_rate} Hz; "
-                         f"Moshi needs {FRAME_SIZE} at {SAMPLE_RATE}")
-    sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
-    encode = WindowEncoder(params, cfg, args.encode_batch)
-    return prepare(args.manifest, args.out, sp, encode, round(args.duration_sec * FRAME_RATE), args.strict,
-                   read_audio=mimi.read_audio, meta={"tokenizer": args.tokenizer, "mimi": args.mimi})
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["prepare"]:
-        return prepare_main(prepare_parser().parse_args(argv[1:]))
+    if argv[:1] == ["prepare"]:                     # the data side: data.py
+        return data.main(argv[1:], prog="train.py prepare")
     if argv[:1] == ["export"]:
         args = export_parser().parse_args(argv[1:])
         found = list_checkpoints(os.path.join(args.run_dir, "checkpoints"))
