@@ -5,7 +5,8 @@ the way the math reads. Four parts, top to bottom:
 
 1. safetensors, read and written by hand: the format is an 8-byte header length, a JSON header
    and raw little-endian tensors. Reading memory-maps the file and hands out one tensor at a time,
-   so a 15 GB bf16 checkpoint never sits in RAM twice. Writing is atomic (temp file + rename).
+   so a 15 GB bf16 checkpoint never sits in RAM twice. Writing is atomic (temp file + rename), by
+   `atomic_open` / `atomic_path`, which sample.py, train.py and data.py also write their files with.
 2. Mimi: `params, cfg = load_mimi(path, cfg=None)` (fp32 or bf16 files, both attention namings),
    `save_mimi(path, params, cfg)`, and `mimi_config(d)` for a repo's Mimi config JSON.
 3. The LM: `params, cfg = load_lm(path, config=None)` and `save_lm(path, params, cfg)`.
@@ -19,6 +20,7 @@ the way the math reads. Four parts, top to bottom:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -113,16 +115,32 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                      # keep tensor data 8-byte aligned
+    with atomic_open(path) as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for a in arrays:
+            fh.write(a.tobytes())
+
+
+# The files the programs write (checkpoints, token shards, configs, wavs, transcripts) go through
+# these two: the data lands in a temporary file beside the target, is fsync'ed, and is renamed over
+# the target in one step, so a run killed mid-write leaves the old file whole and no half file.
+# (mimi.py, which must import nothing but helium.py, has its own few lines for write_audio.)
+
+@contextlib.contextmanager
+def atomic_path(path, suffix: str = ""):
+    """`with atomic_path(path) as tmp:` a temporary file name beside `path`, for writers that want a
+    name (soundfile, ...). Renamed over `path` when the block ends well, removed if it raises."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".safetensors")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(struct.pack("<Q", len(blob)))
-            fh.write(blob)
-            for a in arrays:
-                fh.write(a.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)                     # mkstemp makes 0600; give the usual mode
@@ -131,6 +149,14 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb", **kwargs):
+    """`with atomic_open(path, "w") as f:` a file object (open()'s arguments) that replaces `path`
+    only once it is completely written."""
+    with atomic_path(path, os.path.splitext(os.fspath(path))[1]) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
 
 
 def check_keys(expected: dict, found: dict, what: str) -> None:

@@ -225,24 +225,6 @@ def file_tokens(wav, alignments, sp, encode, window_frames: int, pad=TEXT_PADDIN
     return tokens.astype(np.int16), int(real_frames.sum())
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict: bool = False,
             pad=TEXT_PADDING_ID, epad=END_OF_PADDING_ID, read_audio=mimi.read_audio, meta: dict | None = None,
             log=print) -> dict:
@@ -269,7 +251,8 @@ def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict:
                 f"{duration:.2f} s; using the audio's length")
         tokens, real = file_tokens(wav, alignments, sp, encode, window_frames, pad, epad)
         name = os.path.join("tokens", f"{len(files):06d}.npy")
-        atomic_save_npy(os.path.join(out_dir, name), tokens)
+        with convert.atomic_open(os.path.join(out_dir, name)) as f:
+            np.save(f, tokens)
         files.append({"tokens": name, "source": wav_path, "windows": tokens.shape[1] // window_frames,
                       "frames": real})
         log(f"prepare: [{i + 1}/{len(entries)}] {wav_path}: {files[-1]['windows']} windows, {real} frames")
@@ -278,7 +261,8 @@ def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict:
     index = {"format": "moshi-jax-tokens-v1", "window_frames": window_frames, "frame_rate": FRAME_RATE,
              "streams": 17, "text_padding_id": pad, "end_of_padding_id": epad, "manifest": manifest,
              "files": files, "skipped": skipped, **(meta or {})}
-    atomic_write_bytes(os.path.join(out_dir, "index.json"), json.dumps(index, indent=1).encode())
+    with convert.atomic_open(os.path.join(out_dir, "index.json"), "w") as f:
+        json.dump(index, f, indent=1)
     return index
 
 

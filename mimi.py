@@ -41,7 +41,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -723,10 +722,11 @@ def write_audio(path, wav, sample_rate: int) -> None:
         wav = wav[None]
     if wav.ndim != 2:
         raise AudioError(f"{path}: expected audio [channels, samples], got shape {wav.shape}")
-    path = os.fspath(path)
-    suffix = os.path.splitext(path)[1] or ".wav"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=suffix)
-    os.close(fd)
+    # Written under a temporary name beside `path`, then renamed: a crash leaves no half file. (The
+    # other scripts use convert.atomic_path; mimi.py imports nothing but helium.py.) soundfile
+    # creates the file itself, so it gets the usual permissions, and reads the format off its suffix.
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}{'' if os.path.splitext(name)[1] else '.wav'}")
     try:
         sf.write(tmp, np.clip(wav, -1.0, 1.0).T, sample_rate)
         os.replace(tmp, path)

@@ -24,12 +24,12 @@ them, by `convert.find_checkpoint`; the prompt (any rate or channel count) is re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -360,47 +360,35 @@ class Display:
 
 
 class WavWriter:
-    """Streams frames into `path` (through a temp file renamed at the end: an interrupted run leaves
-    no half file), cutting the audio at `num_samples`."""
+    """`with WavWriter(path, sample_rate, num_samples) as w: w.write(pcm)` streams frames into a 16-bit
+    wav, cut at `num_samples`. The file appears, whole, only when the block ends well: it is written
+    under a temporary name (convert.atomic_path), so an interrupted run leaves no half file."""
 
     def __init__(self, path: str, sample_rate: int, num_samples: int):
+        self.path, self.sample_rate, self.left = path, sample_rate, num_samples
+
+    def __enter__(self):
         import soundfile
-        self.path, self.left = path, num_samples
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".wav")
-        os.close(fd)
-        self.file = soundfile.SoundFile(self.tmp, "w", samplerate=sample_rate, channels=1,
-                                        format="WAV", subtype="PCM_16")
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with contextlib.ExitStack() as files:          # should opening fail, what was opened is undone
+            tmp = files.enter_context(convert.atomic_path(self.path, ".wav"))
+            self.file = files.enter_context(soundfile.SoundFile(tmp, "w", samplerate=self.sample_rate, channels=1,
+                                                                format="WAV", subtype="PCM_16"))
+            self.files = files.pop_all()
+        return self
 
     def write(self, pcm):
         pcm = np.clip(np.asarray(pcm, np.float32)[: self.left], -1.0, 1.0)
         self.file.write(pcm)
         self.left -= len(pcm)
 
-    def close(self, keep: bool = True):
-        self.file.close()
-        if keep:
-            _readable(self.tmp)
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+    def __exit__(self, *exc):
+        return self.files.__exit__(*exc)              # close the file, then rename it (or remove it)
 
 
 def write_json(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
+    with convert.atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=1)
-    _readable(tmp)
-    os.replace(tmp, path)
-
-
-def _readable(path):
-    """mkstemp makes files only their owner can read; give them the usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def numbered(path: str, index: int, count: int) -> str:
@@ -562,13 +550,14 @@ def run(args):
     frames = mimi.frames_of(mimi.read_blocks(args.prompt, sr, mono=True), num_samples, F)
     n_frames = -(-num_samples // F)
     outs = [numbered(args.out, b, B) for b in range(B)]
-    writers = [WavWriter(path, sr, num_samples) for path in outs]
-    display = Display(n_frames, F / sr)
     answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": []} for path in outs]
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {B}, "
         f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
-    times, ok = [time.perf_counter()], False               # start, first frame done, last frame done
-    try:
+    times = [time.perf_counter()]                         # start, first frame done, last frame done
+    with contextlib.ExitStack() as files:
+        writers = [files.enter_context(WavWriter(path, sr, num_samples)) for path in outs]
+        display = Display(n_frames, F / sr)
+        files.callback(display.close)
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for b in range(B):
                 writers[b].write(pcm[b])
@@ -578,11 +567,6 @@ def run(args):
             if len(times) == 1:
                 times.append(time.perf_counter())         # the first frame: compilation included
         times.append(time.perf_counter())
-        ok = True
-    finally:
-        for w in writers:
-            w.close(keep=ok)
-        display.close()
     transcript = os.path.splitext(args.out)[0] + ".json"
     write_json(transcript, {"prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
                             "frame_seconds": F / sr, "random_init": args.random_init, "answers": answers})

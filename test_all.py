@@ -146,6 +146,30 @@ def test_safetensors_round_trip_and_atomic_write(tmp_path):
     assert all(np.array_equal(back[k], tensors[k]) for k in tensors)
     assert isinstance(back["a"].base, np.memmap) or isinstance(back["a"], np.memmap)   # lazy, not a copy
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]                   # no temp file left
+    assert path.stat().st_mode & 0o777 == _usual_mode()                                # not mkstemp's 0600
+
+
+def _usual_mode():
+    """The permissions open() gives a new file here (0o666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def test_atomic_writes_replace_whole_or_not_at_all(tmp_path):
+    """convert.atomic_open (which sample.py, train.py and data.py write with): an interrupted write
+    leaves the old file and no temporary; a finished one replaces it, with the usual permissions."""
+    target = tmp_path / "f.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with convert.atomic_open(target, "w") as f:
+            f.write("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+    with convert.atomic_open(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+    assert target.stat().st_mode & 0o777 == _usual_mode()
 
 
 def test_bad_checkpoints_are_named(tmp_path):
@@ -927,6 +951,7 @@ def test_sample_cli_end_to_end(sample_repo, tmp_path):
     for i in range(2):       # a batch of 2 rounds floats differently: equal to the 16-bit sample, +-1
         assert np.abs(soundfile.read(tmp_path / f"c-{i}.wav")[0] - a).max() <= 1.5 / 32768
     assert not list(tmp_path.glob(".tmp-*"))                   # atomic writes leave nothing behind
+    assert all((tmp_path / name).stat().st_mode & 0o777 == _usual_mode() for name in ("a.wav", "a.json"))
 
 
 def test_sample_cli_duration_and_sampling(sample_repo, tmp_path):
@@ -1325,6 +1350,7 @@ def test_mimi_audio_io(tmp_path):
     assert sr == 24000 and back.shape == (24000,) and np.abs(back).max() <= 1.0
     assert np.abs(back - np.clip(2 * mono[0], -1, 1)).max() < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "out.wav"]   # no temp file left
+    assert (tmp_path / "out.wav").stat().st_mode & 0o777 == _usual_mode()
     soundfile.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 24000)
     with pytest.raises(mimi.AudioError, match="empty.wav: the file holds no audio"):
         mimi.read_audio(tmp_path / "empty.wav")

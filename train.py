@@ -699,7 +699,8 @@ def start(args, h, cfg, state, ckpt_dir):
         if os.path.exists(metrics):
             with open(metrics) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= first]
-            data.atomic_write_bytes(metrics, "".join(kept).encode())
+            with convert.atomic_open(metrics, "w") as f:
+                f.writelines(kept)
     return state, first, position
 
 
@@ -780,8 +781,8 @@ def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = Fal
     with jax.default_device(jax.devices("cpu")[0]):
         params = merged_params(to_host(frozen), trainable, h.lora_scaling) if h.lora_rank else trainable
         convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params), cfg)
-    config = dict(convert.lm_config_dict(cfg), moshi_name="model.safetensors")
-    data.atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(config, indent=1).encode())
+    with convert.atomic_open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(dict(convert.lm_config_dict(cfg), moshi_name="model.safetensors"), f, indent=1)
     if save_adapters and h.lora_rank:
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in lora_tensors(trainable, cfg).items()}
         convert.save_safetensors(os.path.join(out_dir, "lora.safetensors"), tensors, {"format": "pt"})
