@@ -123,9 +123,18 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
 
 
 # The files the programs write (checkpoints, token shards, configs, wavs, transcripts) go through
-# these two: the data lands in a temporary file beside the target, is fsync'ed, and is renamed over
-# the target in one step, so a run killed mid-write leaves the old file whole and no half file.
+# atomic_path / atomic_open: the data lands in a temporary file beside the target, is fsync'ed, and
+# is renamed over the target in one step, so a run killed mid-write leaves the old file whole.
 # (mimi.py, which must import nothing but helium.py, has its own few lines for write_audio.)
+
+def fsync(path) -> None:
+    """Flush a file, or a directory's list of names, to disk (before a rename relies on it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = ""):
@@ -136,11 +145,7 @@ def atomic_path(path, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)                     # mkstemp makes 0600; give the usual mode

@@ -25,6 +25,15 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def _testdata_module(name):
+    """A script of testdata/ (fixture makers, random_weights.py), imported by its path."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_testdata_{name}", os.path.join(TESTDATA, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _fake_hub(monkeypatch, hf_hub_download):
     """A stand-in huggingface_hub module (no network here): `hf_hub_download(repo, name) -> path`."""
     import sys
@@ -551,10 +560,7 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     Here: our loader + forward reproduce its logits; base + adapters merge back to the exported
     weights; and the training-time path (weights gathered over fsdp, LoRA merged in the layer
     hook) reproduces the official LoRA model's logits."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("random_weights", os.path.join(TESTDATA, "random_weights.py"))
-    random_weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(random_weights)
+    random_weights = _testdata_module("random_weights")
     folder = os.path.join(TESTDATA, "train_export")
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
@@ -603,21 +609,10 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
 # a = moshiko-shaped, b = PersonaPlex-shaped (dep_q 16), c = delays up to 4, weight schedule,
 # low-rank embeddings, LayerNorm + sin embedding. Budget: < 4 min on 2 cores.
 
-import importlib.util  # noqa: E402
-import warnings  # noqa: E402
-
 import depformer  # noqa: E402
 import moshi  # noqa: E402
 
-
-def _lm_fixture_module():
-    spec = importlib.util.spec_from_file_location("make_lm_fixtures", os.path.join(TESTDATA, "make_lm_fixtures.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-LM_FIXTURES = _lm_fixture_module()
+LM_FIXTURES = _testdata_module("make_lm_fixtures")
 
 
 def _lm_fixture(name, tmp_path, file_dtype=np.float32, dtype=jnp.float32):
@@ -814,7 +809,6 @@ def test_lm_sampling_is_softmax_top_k():
 # testdata/make_sample_fixtures.py. Budget: < 3 min on 2 cores.
 
 import contextlib  # noqa: E402
-import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -827,26 +821,12 @@ import moshi  # noqa: E402
 import sample  # noqa: E402
 
 
-def _sample_fixtures():
-    spec = importlib.util.spec_from_file_location("make_sample_fixtures", os.path.join(TESTDATA, "make_sample_fixtures.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SAMPLE_FX = _sample_fixtures()
-
-
-def _random_weights():
-    spec = importlib.util.spec_from_file_location("random_weights", os.path.join(TESTDATA, "random_weights.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SAMPLE_FX = _testdata_module("make_sample_fixtures")
 
 
 def _write_sample_repo(repo, persona: bool):
     """The fixture's weights rebuilt bit for bit, in Kyutai's on-disk format, with configs and a tokenizer."""
-    fx, rw = SAMPLE_FX, _random_weights()
+    fx, rw = SAMPLE_FX, _testdata_module("random_weights")
     repo.mkdir()
     if persona:        # already on-disk names in the fork's state dict
         spec, seed, config, mimi_config = "sample_personaplex_keys.txt", fx.PERSONA_SEED, fx.PERSONA_CONFIG, fx.PERSONA_MIMI_CONFIG
@@ -1085,20 +1065,10 @@ def test_sample_loudness_matches_pyloudnorm():
 # written in Kyutai's on-disk naming and loaded through convert.load_mimi), on a chirp + noise;
 # and a tiny config whose 8-step KV cache wraps after 4 frames. Budget: < 4 min on 2 cores.
 
-import importlib.util  # noqa: E402
-
 import mimi  # noqa: E402
 
-
-def _load_testdata_module(name):
-    spec = importlib.util.spec_from_file_location(f"_testdata_{name}", os.path.join(TESTDATA, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MIMI_FX = _load_testdata_module("make_mimi_fixtures")       # torch-free above its main()
-RANDOM_WEIGHTS = _load_testdata_module("random_weights")
+MIMI_FX = _testdata_module("make_mimi_fixtures")            # torch-free above its main()
+RANDOM_WEIGHTS = _testdata_module("random_weights")
 
 
 MIMI_TIE = 1e-5      # relative codebook-distance gap below which fp32 summation order picks the winner

@@ -378,14 +378,6 @@ def _key(path) -> str:
     return jax.tree_util.keystr(path)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -418,9 +410,9 @@ def save_checkpoint(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> s
             json.dump(dict(meta, step=step, leaves=leaves, processes=jax.process_count()), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        convert.fsync(tmp)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        convert.fsync(ckpt_dir)
         for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(f"ckpt-done-{step}")
@@ -629,34 +621,6 @@ def run_meta(args, h: Hyper, cfg) -> dict:
     """What a checkpoint must agree on to be resumed, plus what export needs to rebuild the model."""
     return {"hyper": dataclasses.asdict(h), "config": args.config, "init_from": args.init_from,
             "lm_config": repr(cfg), "seed": args.seed, "data": os.path.abspath(args.data)}
-
-
-def resume(args, h, cfg, state, ckpt_dir):
-    """-> (state, first step, data position) from the newest complete checkpoint."""
-    found = list_checkpoints(ckpt_dir)
-    if not found:
-        print(f"resume: no checkpoint in {ckpt_dir}, starting from scratch")
-        return state, 0, 0
-    meta = read_meta(found[-1])
-    expected = run_meta(args, h, cfg)
-    for k in ("config", "init_from", "lm_config", "seed"):
-        if meta[k] != expected[k]:
-            raise ValueError(f"resume: {found[-1]} was made with {k}={meta[k]!r}, this run has {expected[k]!r}")
-    if meta["hyper"]["lora_rank"] != h.lora_rank:
-        raise ValueError(f"resume: checkpoint has lora_rank={meta['hyper']['lora_rank']}, this run {h.lora_rank}")
-    print(f"resume: {found[-1]} (step {meta['step']}, data position {meta['data_position']})")
-    return load_checkpoint(found[-1], state), meta["step"], meta["data_position"]
-
-
-def progress_line(step, max_steps, m, lr, tokens_per_s, mfu, eta_s) -> str:
-    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-    eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if eta_s is not None else "?"
-    return (f"step {step}/{max_steps} | loss {m[0]:.4f} (text {m[1]:.4f}, audio {m[2]:.4f}) | "
-            f"grad {m[3]:.3f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | MFU {mfu_text} | ETA {eta}")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss went NaN/inf: the message names the step and the windows of the batch."""
 
 
 def train(args) -> list[dict]:
