@@ -28,14 +28,17 @@ import os
 import re
 import struct
 import tempfile
+import warnings
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes                        # ships with jax; it gives numpy a bfloat16
 import numpy as np
 
-try:                                    # ml_dtypes ships with jax; it gives numpy a bfloat16
-    import ml_dtypes
-    _BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:                     # pragma: no cover - jax always brings it
-    _BF16 = None
+import mimi
+import moshi
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -242,8 +245,11 @@ def to_disk_attention_names(tensors: dict, num_weight_sets) -> dict:
     return out
 
 
-def stack_transformer(tensors: dict, prefix: str, cfg, cast) -> dict:
-    """Checkpoint tensors (on-disk names) -> helium's stacked layer params. `cast(np_array) -> array`."""
+def stack_transformer(tensors: dict, prefix: str, cfg, cast, stacked: bool = True):
+    """Checkpoint tensors (on-disk names) -> helium's stacked layer params. `cast(np_array) -> array`.
+
+    stacked=False gives helium's unstacked layout instead (a list of layers, the one generation
+    runs on), built layer by layer so that no stacked copy ever exists."""
     D, M = cfg.d_model, cfg.num_weight_sets
     per_step = cfg.weights_per_step > 0
 
@@ -267,9 +273,10 @@ def stack_transformer(tensors: dict, prefix: str, cfg, cast) -> dict:
             p["layer_scale_1"], p["layer_scale_2"] = g("layer_scale_1.scale"), g("layer_scale_2.scale")
         return p
 
+    if not stacked:
+        return [jax.tree.map(lambda x: cast(np.asarray(x)), layer(i)) for i in range(cfg.num_layers)]
     layers = [layer(i) for i in range(cfg.num_layers)]
     # Stack leaf by leaf and cast right away, so only one layer-sized numpy temporary lives at a time.
-    import jax
     return jax.tree.map(lambda *xs: cast(np.stack([np.asarray(x) for x in xs])), *layers)
 
 
@@ -305,6 +312,8 @@ def unstack_transformer(params: dict, prefix: str, cfg) -> dict:
 
 
 def _layer_slice(tree, i):
+    if isinstance(tree, list):                       # unstacked layers: layer i is already apart
+        return jax.tree.map(np.asarray, tree[i])
     if isinstance(tree, dict):
         return {k: _layer_slice(v, i) for k, v in tree.items()}
     return np.asarray(tree[i])
@@ -369,7 +378,6 @@ def _mimi_rvqs(cfg):
 
 def mimi_keys(cfg) -> dict:
     """On-disk {name: shape} of a Kyutai Mimi checkpoint for a mimi.MimiConfig."""
-    import mimi
     layouts = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg)}
     keys = {}
     for name, path in _mimi_conv_names(cfg).items():
@@ -390,8 +398,6 @@ def mimi_keys(cfg) -> dict:
 
 
 def _mimi_params(t: dict, cfg, cast) -> dict:
-    import jax
-    import mimi
     f32 = lambda name: np.asarray(t[name], np.float32)
     is_conv = lambda x: isinstance(x, mimi.Conv)
     layouts = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg)}
@@ -422,8 +428,6 @@ def _mimi_params(t: dict, cfg, cast) -> dict:
 
 
 def _mimi_tensors(params: dict, cfg) -> dict:
-    import jax
-    import mimi
     a = lambda x: np.asarray(x, np.float32)
     layouts = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg)}
     out = {}
@@ -449,7 +453,6 @@ def _mimi_tensors(params: dict, cfg) -> dict:
 
 
 def _mimi_config_from_metadata(metadata: dict, path):
-    import mimi
     if "mimi_config" not in metadata:
         return None
     try:
@@ -468,8 +471,6 @@ def load_mimi(path, cfg=None):
     `self_attn.in_projs.0.weight` / `out_projs.0.weight`; old codebook buffer names
     (inited, cluster_size, embed_avg, embed_sum). Tensors are read one at a time from a memory map.
     """
-    import jax.numpy as jnp
-    import mimi
     f = SafeTensorsFile(path)
     cfg = cfg or _mimi_config_from_metadata(f.metadata, path) or mimi.MimiConfig()
     tensors = {}
@@ -496,7 +497,6 @@ def mimi_config(d: dict):
     """Kyutai's Mimi config JSON (a repo's `mimi_config_name` file, structured like
     loaders._mimi_config) -> mimi.MimiConfig. Settings the released Mimi does not use are refused
     by name."""
-    import mimi
     try:
         seanet, quantizer, transformer = d["seanet"], d["quantizer"], d["transformer"]
         fixed = {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True, "activation": "ELU"}
@@ -546,8 +546,6 @@ _INHERITED_BY_DEPFORMER = ("num_layers", "gating", "max_period", "layer_scale")
 def lm_config(config=None):
     """A Kyutai LM config -> moshi.LMConfig. `config`: None (moshiko, Kyutai's built-in default), a
     config.json path, its dict, or an LMConfig (returned as is)."""
-    import warnings
-    import moshi
     if config is None:
         return moshi.MOSHIKO
     if isinstance(config, moshi.LMConfig):
@@ -632,12 +630,13 @@ def _put_norm(out: dict, prefix: str, kind: str, p: dict):
         out[prefix + "weight"], out[prefix + "bias"] = np.asarray(p["weight"]), np.asarray(p["bias"])
 
 
-def _lm_params(t: dict, cfg, cast) -> dict:
-    """On-disk tensors -> moshi params (see moshi.init for the layout)."""
+def _lm_params(t: dict, cfg, cast, stacked: bool = True) -> dict:
+    """On-disk tensors -> moshi params (see moshi.init for the layout; stacked=False: the layer
+    stacks as lists, see moshi.generation_params)."""
     stack = lambda names: cast(np.stack([np.asarray(t[n]) for n in names]))
     params = {"emb": stack([f"emb.{k}.weight" for k in range(cfg.n_q)]),
               "text_emb": cast(t["text_emb.weight"]),
-              "transformer": stack_transformer(t, "transformer.layers.", cfg.temporal, cast),
+              "transformer": stack_transformer(t, "transformer.layers.", cfg.temporal, cast, stacked),
               "out_norm": {k: cast(v) for k, v in _get_norm(t, "out_norm.", cfg.norm).items()},
               "text_linear": cast(t["text_linear.weight"])}
     if cfg.extra_heads_num_heads:
@@ -648,7 +647,7 @@ def _lm_params(t: dict, cfg, cast) -> dict:
         K = cfg.dep_q
         dep.update(text_emb=cast(t["depformer_text_emb.weight"]),
                    emb=stack([f"depformer_emb.{i}.weight" for i in range(K - 1)]),
-                   transformer=stack_transformer(t, "depformer.layers.", cfg.depformer.transformer, cast),
+                   transformer=stack_transformer(t, "depformer.layers.", cfg.depformer.transformer, cast, stacked),
                    linears=stack([f"linears.{c}.weight" for c in range(K)]))
         if cfg.depformer_low_rank_embeddings:
             dep["text_emb_low_rank"] = cast(t["depformer_text_emb.low_rank.weight"])
@@ -690,7 +689,7 @@ def _lm_tensors(params: dict, cfg) -> dict:
     return out
 
 
-def load_lm(path, config=None, dtype=None):
+def load_lm(path, config=None, dtype=None, stacked: bool = True):
     """A Kyutai LM checkpoint -> (params, moshi.LMConfig).
 
     config: None (moshiko's built-in config, like Kyutai's loader without a config.json), a
@@ -698,9 +697,9 @@ def load_lm(path, config=None, dtype=None):
     released models); jnp.float32 etc. casts. Every attention naming Kyutai's loader accepts is
     accepted (packed `in_proj_weight` or `in_proj.weight`, and moshi>=0.2's `in_projs.{i}`). Tensors are read one at a time from a
     memory map; `condition_provider.*` / `fuser.*` tensors are skipped with a warning.
+    stacked=False returns the generation layout (see moshi.generation_params) without ever
+    holding the stacked copy: what sample.py loads a 7B model with.
     """
-    import warnings
-    import jax.numpy as jnp
     cfg = lm_config(config)
     f = SafeTensorsFile(path)
     tensors = {k: f[k] for k in f.keys()}
@@ -714,7 +713,7 @@ def load_lm(path, config=None, dtype=None):
     tensors = to_disk_attention_names(tensors, lambda name: dep_sets if name.startswith("depformer.") else 1)
     check_keys(lm_keys(cfg), {k: v.shape for k, v in tensors.items()}, f"LM checkpoint {path}")
     cast = lambda x: jnp.asarray(x, dtype=dtype or x.dtype)
-    return _lm_params(tensors, cfg, cast), cfg
+    return _lm_params(tensors, cfg, cast, stacked), cfg
 
 
 def save_lm(path, params, cfg) -> None:
@@ -859,7 +858,6 @@ def lm_config_for(ckpt: Checkpoint, log=None):
     none (or one that does not describe the LM, like PersonaPlex's), Kyutai's built-in moshiko config
     with as many depformer outputs as the checkpoint has heads (16 for PersonaPlex, whose own loader
     also ignores config.json). `log(message)`, if given, hears when the heads decide."""
-    import moshi
     if ckpt.config and "dim" in ckpt.config:
         return ckpt.config
     heads = sum(1 for k in SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))

@@ -70,12 +70,11 @@ def text_stream(words, num_steps: int, pad: int = TEXT_PADDING_ID, epad: int = E
     """words: [(token_ids, start_sec, end_sec)] sorted by start -> list of `num_steps` ids."""
     stream = [pad] * num_steps
     pending = collections.deque()
-    next_word, last_word_end = 0, -1
+    next_word = 0
     for t in range(num_steps):
         # every word whose first frame is t (floor(start * 12.5) == t) takes over the pending queue
         while next_word < len(words) and words[next_word][1] * FRAME_RATE < t + 1:
-            tokens, _, end = words[next_word]
-            pending, last_word_end = collections.deque(tokens), int(end * FRAME_RATE)
+            pending = collections.deque(words[next_word][0])
             next_word += 1
         if pending:
             if t > 0 and stream[t - 1] == pad:

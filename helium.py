@@ -17,7 +17,6 @@ Reference: kyutai-labs/moshi `moshi/modules/transformer.py`, `rope.py`, `gating.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial

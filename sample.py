@@ -33,9 +33,15 @@ import sys
 import time
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import sentencepiece
+import soundfile
 
 import convert
+import mimi
+import moshi
 
 SAMPLE_RATE = 24_000               # Mimi's rate
 FRAME_SIZE = 1920                  # samples per Mimi frame: 80 ms, i.e. 12.5 frames per second
@@ -166,8 +172,6 @@ def sine_frame(frame_size=FRAME_SIZE, sample_rate=SAMPLE_RATE):
 
 def encode_audio(models, wav):
     """Mono float32 [S] -> Mimi codes int32 [ceil(S / frame_size), K], frame by frame from a fresh state."""
-    import jax.numpy as jnp
-    import mimi
     F = models.mimi_cfg.frame_size
     state, codes = mimi.init_state(models.mimi_cfg, 1), []
     for frame in mimi.frames_of([wav], len(wav), F):
@@ -178,7 +182,6 @@ def encode_audio(models, wav):
 
 
 def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> Prompt:
-    import mimi
     if models.mimi_cfg == mimi.MimiConfig() and models.codebooks == len(SILENCE_CODES):
         silence, sine = SILENCE_CODES, SINE_CODES
     else:                                            # not the released Mimi: the same recipe
@@ -247,10 +250,6 @@ class Models:
 def converse(models: Models, frames, batch_size: int, sampling: Sampling, seed: int, prompt: Prompt | None = None):
     """Yield, for every input frame [frame_size], (tokens int32 [B, 1 + dep_q], pcm float32 [B, frame_size])
     as numpy: the text token and audio codes of Moshi's answer frame, and its decoded audio."""
-    import jax
-    import jax.numpy as jnp
-    import mimi
-    import moshi
     lm_cfg, K, B = models.lm_cfg, models.codebooks, batch_size
     lm_state = moshi.init_gen_state(models.lm, lm_cfg, B, lookahead=0 if prompt is None else 1)
     enc_state, dec_state = mimi.init_state(models.mimi_cfg, 1), mimi.init_state(models.mimi_cfg, B)
@@ -291,7 +290,6 @@ def converse(models: Models, frames, batch_size: int, sampling: Sampling, seed: 
 def _one_behind(steps):
     """Bring each step's results to the host only once the next step is queued, so the accelerator
     never idles while Python prints text and writes audio (JAX dispatches asynchronously)."""
-    import jax
     pending = None
     for result in steps:
         if pending is not None:
@@ -368,7 +366,6 @@ class WavWriter:
         self.path, self.sample_rate, self.left = path, sample_rate, num_samples
 
     def __enter__(self):
-        import soundfile
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with contextlib.ExitStack() as files:          # should opening fail, what was opened is undone
             tmp = files.enter_context(convert.atomic_path(self.path, ".wav"))
@@ -404,7 +401,6 @@ def numbered(path: str, index: int, count: int) -> str:
 
 def tiny_mimi_config(card: int):
     """A tiny random Mimi with the real frame size (80 ms), for --random-init with a tiny LM."""
-    import mimi
     return mimi.MimiConfig(dimension=16, n_filters=4, ratios=(8, 6, 5, 4), num_heads=2, num_layers=2,
                            dim_feedforward=32, context=8, codebook_dim=8, codebook_size=card, num_quantizers=8)
 
@@ -413,8 +409,6 @@ def random_params(init, seed: int):
     """Random params shaped like `init(key)`'s, drawn with numpy: the same tree without compiling the
     init (which takes XLA minutes on a CPU). Norm gains 1, biases 0, Mimi's layer scales 0.01,
     codebooks N(0, 0.1^2), other weights N(0, 1/fan_in)."""
-    import jax
-    import jax.numpy as jnp
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(init, jax.random.key(seed))
 
@@ -436,7 +430,6 @@ def random_params(init, seed: int):
 
 
 def load_tokenizer(path):
-    import sentencepiece
     try:
         return sentencepiece.SentencePieceProcessor(model_file=path)
     except Exception as e:
@@ -444,17 +437,13 @@ def load_tokenizer(path):
 
 
 def load_models(args, log) -> Models:
-    import jax
-    import jax.numpy as jnp
-    import mimi
-    import moshi
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
     tokenizer = None
     if args.random_init:
         log("!" * 88 + f"\n!! --random-init {args.random_init}: RANDOM WEIGHTS. Moshi will babble noise; "
             f"this is a demo of the pipeline.\n" + "!" * 88)
         cfg = moshi.PRESETS[args.random_init]
-        lm = random_params(lambda key: moshi.init(key, cfg, dtype), args.seed)
+        lm = moshi.generation_params(random_params(lambda key: moshi.init(key, cfg, dtype), args.seed))
         if args.mimi_weight:
             mimi_params, mimi_cfg = _load(convert.load_mimi, args.mimi_weight)
         else:
@@ -465,7 +454,9 @@ def load_models(args, log) -> Models:
     else:
         ckpt = convert.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
         log(f"loading Moshi from {ckpt.moshi}")
-        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=convert.lm_config_for(ckpt, log), dtype=dtype)
+        # stacked=False: the layers come as lists, the layout gen_step reads in place (moshi.generation_params)
+        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=convert.lm_config_for(ckpt, log), dtype=dtype,
+                        stacked=False)
         log(f"loading Mimi from {ckpt.mimi}")
         mimi_cfg = convert.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
@@ -519,7 +510,6 @@ def parse_args(argv=None):
     if args.duration is not None and args.duration <= 0:
         ap.error("--duration must be positive")
     if args.random_init:
-        import moshi
         if args.random_init not in moshi.PRESETS:
             ap.error(f"--random-init: unknown preset {args.random_init!r} (choose from {', '.join(moshi.PRESETS)})")
     return args
@@ -527,7 +517,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import mimi
     try:
         return run(args)
     except (SampleError, convert.CheckpointError, mimi.AudioError) as e:   # the user can fix: one line, no traceback
@@ -537,7 +526,6 @@ def main(argv=None):
 
 def run(args):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    import mimi
     mimi.resampled_length(args.prompt)                     # a bad prompt fails before loading 16 GB
     models = load_models(args, log)
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size

@@ -734,6 +734,15 @@ def test_lm_save_load_round_trip_and_namings(tmp_path):
     for f in ("mem.safetensors", "variant.safetensors"):
         loaded, _ = convert.load_lm(tmp_path / f, cfg)
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))), f
+    # the generation layout loads directly (layers as lists) and saves back to the same file
+    listed, _ = convert.load_lm(tmp_path / "saved.safetensors", cfg, stacked=False)
+    expected = moshi.generation_params(params)
+    assert isinstance(listed["transformer"], list) and isinstance(listed["depformer"]["transformer"], list)
+    assert jax.tree.structure(listed) == jax.tree.structure(expected)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(listed), jax.tree.leaves(expected)))
+    convert.save_lm(tmp_path / "from_list.safetensors", listed, cfg)
+    from_list = convert.load_safetensors(tmp_path / "from_list.safetensors")
+    assert sorted(from_list) == sorted(saved) and all(np.array_equal(from_list[k], saved[k]) for k in saved)
     bad = dict(saved, **{"linears.0.weight": np.zeros((5, 16), np.float32)})
     bad.pop("out_norm.weight")
     convert.save_safetensors(tmp_path / "bad.safetensors", bad)
