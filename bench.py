@@ -4,6 +4,7 @@
     python bench.py --only mimi          # Mimi: encode/decode throughput, streaming latency per 80 ms frame
     python bench.py --only train         # train.py: one training step (fwd + bwd + AdamW), tokens/s
     python bench.py --only train --train-config 1b --train-dtype bfloat16 --no-torch   # GPU/TPU: + MFU
+    python bench.py --only conversation  # a 10-minute conversation: time per frame and memory, start vs end
 
 Our numbers come from this process. The official ones come from a subprocess running
 `--torch-python` (default ~/oracle/bin/python, a venv with torch and `moshi`); without it, or with
@@ -338,8 +339,45 @@ def bench_lm(args) -> list[tuple]:
     return rows
 
 
-BENCHES = {"mimi": bench_mimi, "lm": bench_lm, "train": bench_train}
-SECTIONS = ("mimi", "lm", "train")
+# ----------------------------------------------------------------------------------------------
+# A long conversation through sample.py's loop (Mimi encode -> gen_step -> Mimi decode, frame by
+# frame): time per frame and resident memory at the start and at the end must not grow. Tiny random
+# models with short contexts, so that both ring caches wrap many times; the input is made on the fly.
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def bench_conversation(args) -> list[tuple]:
+    import jax
+    import mimi
+    import moshi
+    import sample
+    cfg = moshi.TINY
+    lm = moshi.generation_params(sample.random_params(lambda key: moshi.init(key, cfg), 0))
+    mimi_cfg = sample.tiny_mimi_config(cfg.card)
+    models = sample.Models(lm, cfg, sample.random_params(lambda key: mimi.init(key, mimi_cfg), 1), mimi_cfg)
+    n = int(args.minutes * 60 * 12.5)
+    rng = np.random.default_rng(0)
+    frames = (0.1 * rng.standard_normal(1920).astype(np.float32) for _ in range(n))
+    times, rss, last = [], {}, time.perf_counter()
+    for i, _ in enumerate(sample.converse(models, frames, 1, sample.Sampling(), seed=0)):
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        if i in (500, n - 1):
+            rss[i] = _rss_mb()
+    window = min(500, n // 4)
+    first, final = 1000 * np.median(times[10:10 + window]), 1000 * np.median(times[-window:])
+    what = f"conversation, {args.minutes:g} min ({n} frames) through sample.py's loop, tiny random models"
+    return [(f"{what}: ms per frame, frames 10-{10 + window} / last {window}", f"{first:.2f} / {final:.2f}", "-", None),
+            (f"  resident memory at frame 500 / at the end (MB, {jax.default_backend()})",
+             f"{rss.get(500, float('nan')):.0f} / {rss[n - 1]:.0f}", "-", None)]
+
+
+BENCHES = {"mimi": bench_mimi, "lm": bench_lm, "train": bench_train, "conversation": bench_conversation}
+SECTIONS = ("mimi", "lm", "train", "conversation")
 
 
 def main(argv=None):
@@ -363,6 +401,7 @@ def main(argv=None):
     ap.add_argument("--train-dtype", default="float32", choices=["float32", "bfloat16"], help="train: compute dtype")
     ap.add_argument("--train-no-remat", action="store_true", help="train: keep activations (no per-layer remat)")
     ap.add_argument("--peak-tflops", type=float, help="train: per-device peak for MFU (default: by device kind)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="conversation: length of the input")
     args = ap.parse_args(argv)
     import jax
     print(f"# bench.py on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
