@@ -89,7 +89,9 @@ def linear(x, w):
 
 # ----------------------------------------------------------------------------------------------
 # Norms. Moshi's LM uses RMSNorm computed in fp32 with eps 1e-8 *added after* the mean; Mimi uses
-# torch's LayerNorm (eps 1e-5).
+# torch's LayerNorm (eps 1e-5). The dtypes follow torch's: plain "rms_norm" is a chain of ops, each
+# rounded to the input's dtype; torch's LayerNorm kernel computes in fp32 for a bf16 input and
+# rounds once at the end, so both LayerNorms do (they differ in eps only).
 
 def rms_norm(x, alpha, eps: float, fp32: bool):
     dtype = x.dtype
@@ -98,13 +100,12 @@ def rms_norm(x, alpha, eps: float, fp32: bool):
     return (xf * (alpha.astype(var.dtype) * jax.lax.rsqrt(var))).astype(dtype)
 
 
-def layer_norm(x, weight, bias, eps: float, fp32: bool):
-    dtype = x.dtype
-    xf = x.astype(jnp.float32) if fp32 else x
+def layer_norm(x, weight, bias, eps: float):
+    xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    return (y * weight.astype(y.dtype) + bias.astype(y.dtype)).astype(dtype)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def norm(p, kind: str, x):
@@ -113,9 +114,9 @@ def norm(p, kind: str, x):
     if kind == "rms_norm":
         return rms_norm(x, p["alpha"], 1e-5, fp32=False)
     if kind == "layer_norm":
-        return layer_norm(x, p["weight"], p["bias"], 1e-5, fp32=False)
+        return layer_norm(x, p["weight"], p["bias"], 1e-5)
     if kind == "layer_norm_f32":
-        return layer_norm(x, p["weight"], p["bias"], 1e-8, fp32=True)
+        return layer_norm(x, p["weight"], p["bias"], 1e-8)
     raise ValueError(f"unknown norm {kind!r}")
 
 

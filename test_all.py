@@ -85,6 +85,20 @@ def test_helium_matches_official_transformer(name):
     assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
 
 
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm", "rms_norm_f32"])
+def test_helium_bf16_norms_round_like_torch(kind):
+    """A bf16 norm gives Kyutai's bf16 result: torch's LayerNorm works in fp32 and rounds once, plain
+    RMSNorm rounds after every op, rms_norm_f32 works in fp32 (at most 1% of values one ulp off)."""
+    d = np.load(os.path.join(TESTDATA, "helium_fixture.npz"))
+    prefix = f"norm_bf16_{kind}"
+    p = {k.split("|")[1]: jnp.asarray(d[k].reshape(-1), jnp.bfloat16) for k in d.files if k.startswith(prefix + "|")}
+    y = helium.norm(p, kind, jnp.asarray(d["norm_bf16_x"], jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    y, ref = np.asarray(y, np.float32), d[prefix + "_y"]
+    ulp = np.exp2(np.floor(np.log2(np.abs(ref) + 1e-30)) - 7)             # bf16 keeps 8 significant bits
+    assert np.all(np.abs(y - ref) <= ulp) and np.mean(y != ref) <= 0.01
+
+
 def test_helium_streaming_equals_batch_within_window():
     """One step at a time through a ring cache equals the sliding-window batch pass, past the wrap."""
     cfg = helium.TransformerConfig(32, 4, 2, 128, context=8)
