@@ -9,8 +9,8 @@
 Our numbers come from this process. The official ones come from a subprocess running
 `--torch-python` (default ~/oracle/bin/python, a venv with torch and `moshi`); without it, or with
 --no-torch, only our column is printed. Both sides use random weights of the real shapes (speed does
-not depend on the values) unless --mimi-weights is given. One function per component: bench_mimi,
-and later bench_lm / bench_train; each returns rows for the markdown table printed at the end.
+not depend on the values) unless --mimi-weights is given. One function per section (bench_mimi,
+bench_lm, bench_train, bench_conversation); each returns rows for the markdown table printed at the end.
 """
 from __future__ import annotations
 

@@ -534,7 +534,7 @@ def mimi_config(d: dict):
 # them, or a checkpoint that holds `condition_provider.*` / `fuser.*` tensors, loads with a warning
 # and the conditioning is ignored, so such a model runs unconditioned.
 
-_NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
+_NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type", "version",
                   "lm_gen_config", "tts_config", "stt_config", "model_id")     # files and tool settings
 _DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing")   # unused by Kyutai too
 _UNSUPPORTED_LM_KWARGS = {"demux_second_text_stream": False, "norm_emb": False, "bias_proj": False,
@@ -783,10 +783,10 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
              "tokenizer": lm_config.pop("tokenizer_name", TOKENIZER_NAME)}
     mimi_config_name = lm_config.pop("mimi_config_name", None)
     model_type = lm_config.pop("model_type", "moshi")
-    if model_type != "moshi":
+    if model_type not in CONVERSATION_MODEL_TYPES:
         raise CheckpointError(f"config.json says model_type={model_type!r}; only conversation models run "
-                              f"here (model_type 'moshi': Moshiko, Moshika, PersonaPlex)")
-    for key in ("lm_gen_config", "tts_config", "stt_config", "model_id", "lora_name"):
+                              f"here (model_type 'moshi': Moshiko, Moshika; 'personaplex': PersonaPlex)")
+    for key in ("lm_gen_config", "tts_config", "stt_config", "model_id", "lora_name", "version"):
         lm_config.pop(key, None)                           # tool settings, not the LM's
     given = {"moshi": moshi} if lm_only else {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
     for what, path in given.items():
@@ -796,6 +796,11 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     read_mimi_config = mimi_config_name and not lm_only
     return Checkpoint(files["moshi"], files.get("mimi"), files.get("tokenizer"), lm_config if raw else None,
                       _read_json(get(mimi_config_name), mimi_config_name) if read_mimi_config else None)
+
+
+# Kyutai's repos say "moshi"; NVIDIA's PersonaPlex repo ships only {"model_type": "personaplex",
+# "version": "7b-v1"} (no LM settings: lm_config_for reads the architecture off the checkpoint).
+CONVERSATION_MODEL_TYPES = ("moshi", "personaplex")
 
 
 def repo_files(repo: str, flags=FLAGS, lm_only=False):

@@ -414,7 +414,8 @@ def _fp32(fn):
 
 def _check_codebooks(cfg: MimiConfig, num_codebooks: int):
     if not cfg.num_semantic <= num_codebooks <= cfg.num_quantizers:
-        raise ValueError(f"num_codebooks={num_codebooks}: must be in [{cfg.num_semantic}, {cfg.num_quantizers}]")
+        raise ValueError(f"num_codebooks={num_codebooks}: this Mimi has {cfg.num_quantizers} codebooks, "
+                         f"use {cfg.num_semantic} to {cfg.num_quantizers}")
 
 
 def _check_wav(cfg: MimiConfig, wav, what: str, whole_frames: bool):
@@ -770,6 +771,7 @@ def main(argv=None):
 
     try:
         params, cfg = convert.load_mimi(args.weights)
+        _check_codebooks(cfg, args.num_codebooks)
         wav = mix_down(read_audio(args.input, cfg.sample_rate))[None]                          # [1, 1, S]
     except ValueError as e:                      # CheckpointError, AudioError: they name the file
         sys.exit(f"mimi.py: {e}")

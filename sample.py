@@ -576,6 +576,9 @@ def persona_prompt_for(args, models, log):
                               f"this one has dep_q={models.lm_cfg.dep_q}, n_q={models.lm_cfg.n_q}")
         return None
     text = PERSONAPLEX_TEXT_PROMPT if args.text_prompt is None else args.text_prompt
+    if args.text_prompt is None and models.tokenizer is None:       # --random-init demos have no tokenizer
+        log("no text tokenizer: PersonaPlex's default role is left out of the prompt (give --tokenizer)")
+        text = ""
     prompt = build_persona_prompt(models, args.voice_prompt, text)
     log(f"PersonaPlex prompt: {len(prompt)} frames (voice {args.voice_prompt or 'none'}, text {text!r})")
     return prompt

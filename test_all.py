@@ -568,6 +568,45 @@ def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
         train.load_model(args(str(tmp_path / "missing")))
 
 
+def test_lora_adapts_exactly_kyutais_linear_layers():
+    """LoRA goes where Kyutai's replace_all_linear_with_lora puts it (every nn.Linear: per-step and
+    multi-linear depformer weights, low-rank embedding projections, extra heads), under the same
+    module names (testdata/lora_names.json, from the official package)."""
+    with open(os.path.join(TESTDATA, "lora_names.json")) as f:
+        cases = json.load(f)
+    for name, case in cases.items():
+        cfg = convert.lm_config(case["config"])
+        params = jax.eval_shape(lambda: moshi.init(jax.random.key(0), cfg))
+        modules = [m for path, w in train.lora_targets(params).items()
+                   for _, m in train._kyutai_modules(path, w.shape[:-2])]
+        assert sorted(modules) == case["modules"], name
+
+
+def test_train_joins_hosts_when_a_launcher_started_it(monkeypatch):
+    """Several processes started by srun / mpirun / a TPU pod join up; one process does not."""
+    assert train.multi_process_launcher({}) is None
+    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) is None     # salloc, no srun
+    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"})
+    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert train.multi_process_launcher({"OMPI_COMM_WORLD_SIZE": "8"})
+    assert train.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
+    assert train.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0"}) is None
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    args = train.train_parser().parse_args(["--data", "d", "--run-dir", "r"])
+    train.maybe_init_distributed(args)
+    assert calls == []
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    train.maybe_init_distributed(args)
+    assert calls == [{}]
+    train.maybe_init_distributed(train.train_parser().parse_args(["--data", "d", "--run-dir", "r", "--coordinator-address",
+                                                   "h:1", "--num-processes", "2", "--process-id", "1"]))
+    assert calls[1] == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+
+
 def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     """testdata/train_export was written by train.export from a LoRA run; Kyutai's package loaded it
     strictly (model.safetensors + config.json) and also ran LoRALinear on base + lora.safetensors.
@@ -1038,9 +1077,12 @@ def test_sample_finds_weights_like_checkpoint_info(tmp_path):
         convert.find_checkpoint(str(repo))
     # No LM config (moshiko's repo, or PersonaPlex's, whose config.json does not describe the LM):
     # moshiko's config, with as many depformer outputs as the checkpoint has heads.
+    # PersonaPlex's config.json is exactly this (nvidia/personaplex-7b-v1).
     heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
-    convert.save_safetensors(repo / "persona.safetensors", heads)
-    ckpt = convert.Checkpoint(str(repo / "persona.safetensors"), "", "", {"model_type_note": "not an LM config"})
+    convert.save_safetensors(repo / convert.MOSHI_NAME, heads)
+    (repo / "config.json").write_text(json.dumps({"model_type": "personaplex", "version": "7b-v1"}))
+    ckpt = convert.find_checkpoint(str(repo), lm_only=True)
+    assert ckpt.moshi == str(repo / convert.MOSHI_NAME)
     assert convert.lm_config_for(ckpt, lambda msg: None) == moshi.PERSONAPLEX
     convert.save_safetensors(repo / "moshiko.safetensors", dict(list(heads.items())[:8]))
     assert convert.lm_config_for(convert.Checkpoint(str(repo / "moshiko.safetensors"), "", "", None), print) is None

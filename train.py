@@ -129,13 +129,17 @@ def set_path(tree, path, value):
     tree[path[-1]] = value
 
 
+EMBEDDING_TABLES = ("emb", "text_emb")       # lookups, not matmuls: no LoRA (as in Kyutai)
+
+
 def lora_targets(params) -> dict:
-    """{path: W} of every linear weight: the matrices of the layer stacks ([L, (steps,) out, in]) and
-    the heads and projections outside them; not embedding tables, not norms."""
+    """{path: W} of every linear weight, as Kyutai's LoRA replaces every nn.Linear: the matrices of
+    the layer stacks ([L, (steps,) out, in]) and the heads and projections outside them (the
+    depformer's low-rank embedding projections included); not embedding tables, not norms."""
     out = {}
     for path, w in walk(params):
         in_stack = any(is_layer_stack(get_path(params, path[:i])) for i in range(len(path)))
-        if (w.ndim >= 3) if in_stack else (w.ndim >= 2 and not any("emb" in k for k in path)):
+        if (w.ndim >= 3) if in_stack else (w.ndim >= 2 and path[-1] not in EMBEDDING_TABLES):
             out[path] = w
     return out
 
@@ -761,7 +765,9 @@ def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = Fal
 def _kyutai_modules(path, lead: tuple) -> list[tuple[tuple, str]]:
     """[(index into the stacked weight, module name)] for a LoRA target at `path`."""
     flat = {("text_linear",): "text_linear", ("extra_heads",): "extra_heads.{0}",
-            ("depformer", "input_proj"): "depformer_in.{0}", ("depformer", "linears"): "linears.{0}"}
+            ("depformer", "input_proj"): "depformer_in.{0}", ("depformer", "linears"): "linears.{0}",
+            ("depformer", "text_emb_low_rank"): "depformer_text_emb.low_rank",
+            ("depformer", "emb_low_rank"): "depformer_emb.{0}.low_rank"}
     if path in flat:
         return [(idx, flat[path].format(*idx)) for idx in np.ndindex(*lead)]
     stack, inner = ("transformer.layers", path[1:]) if path[0] == "transformer" else ("depformer.layers", path[2:])
@@ -867,7 +873,8 @@ def train_parser():
     a("--save-adapters", action="store_true", help="with --export and LoRA: also lora.safetensors")
     a("--peak-tflops", type=float, help="per-device peak for the MFU estimate (default: by device kind)")
     a("--distributed", action="store_true",
-      help="call jax.distributed.initialize() (multi-host; also automatic when JAX_COORDINATOR_ADDRESS is set)")
+      help="call jax.distributed.initialize() (multi-host; automatic under srun, mpirun, TPU pod "
+           "environments, or when JAX_COORDINATOR_ADDRESS is set)")
     a("--coordinator-address", help="host:port of process 0 (else auto-detected by jax: TPU pods, SLURM, ...)")
     a("--num-processes", type=int)
     a("--process-id", type=int)
@@ -885,10 +892,30 @@ def export_parser():
     return ap
 
 
+def multi_process_launcher(env=os.environ) -> str | None:
+    """The launcher that started this program as one of several processes, if any: then
+    jax.distributed.initialize() finds the others by itself (its cluster auto-detection)."""
+    count = lambda names: max([len([h for h in env.get(n, "").split(",") if h]) for n in names])   # noqa: E731
+    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "Slurm (srun)"                    # not a bare `python` inside salloc: that is one process
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI (mpirun)"
+    if count(("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "a multi-host TPU slice"
+    return None
+
+
 def maybe_init_distributed(args) -> None:
-    if args.distributed or args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    """One process per host: join them before any JAX computation. Explicit flags win; otherwise a
+    known launcher (Slurm, Open MPI, TPU pod environments) is detected. (On a Cloud TPU VM pod slice
+    started by hand, libtpu already joins the hosts; --distributed adds JAX's coordination service.)"""
+    explicit = args.distributed or args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    launcher = None if explicit else multi_process_launcher()
+    if explicit or launcher:
         kw = {k: v for k, v in (("coordinator_address", args.coordinator_address),
                                 ("num_processes", args.num_processes), ("process_id", args.process_id)) if v is not None}
+        if launcher:
+            print(f"started by {launcher}: jax.distributed.initialize()", flush=True)
         jax.distributed.initialize(**kw)
 
 

@@ -14,6 +14,7 @@ reports how many frames a window has. Output: train_interleaver.json with, for e
 alignments, the file length and window length, and the text and audio-validity rows it produced.
 
 Stage `export` / `official` (see the end of this file): the exported-checkpoint parity fixture.
+Stage `lora-names` (oracle venv): which modules Kyutai's LoRA adapts (-> lora_names.json).
 """
 import argparse
 import importlib.util
@@ -241,6 +242,36 @@ def official_stage(args):
     np.savez(os.path.join(EXPORT_DIR, "official.npz"), **out)
 
 
+# Stage `lora-names` (oracle venv): the modules Kyutai's LoRA (replace_all_linear_with_lora, which
+# moshi-finetune calls) gives adapters, for configs with every kind of linear layer: per-step and
+# multi-linear depformer weights, low-rank embedding projections, extra heads.
+LORA_NAME_CONFIGS = {
+    "low_rank_per_step": dict(delays=[0, 1, 2, 4, 0, 3, 1], n_q=6, dep_q=3, card=32, text_card=48, dim=16,
+                              num_layers=2, num_heads=2, hidden_scale=1, context=4, depformer_dim=16,
+                              depformer_multi_linear=True, depformer_weights_per_step=True,
+                              depformer_low_rank_embeddings=8, depformer_num_heads=1, depformer_num_layers=1, gating="silu",
+                              extra_heads_num_heads=2, extra_heads_dim=5),
+    "moshiko_like": dict(delays=[0] + [0, 1, 1, 1] * 2, n_q=8, dep_q=4, card=32, text_card=48, dim=16,
+                         num_layers=2, num_heads=2, hidden_scale=4.125, context=4, depformer_dim=16,
+                         depformer_multi_linear=True, depformer_weights_per_step=True, depformer_num_heads=1,
+                         depformer_num_layers=2, depformer_dim_feedforward=int(4.125 * 16), gating="silu"),
+}
+
+
+def lora_names_stage(args):
+    from moshi.models import lm
+    from moshi.modules.lora import replace_all_linear_with_lora
+    out = {}
+    for name, kwargs in LORA_NAME_CONFIGS.items():
+        model = lm.LMModel(**kwargs)
+        replace_all_linear_with_lora(model, 2, 1.0)
+        modules = sorted(k[:-len(".lora_A.weight")] for k in model.state_dict() if k.endswith(".lora_A.weight"))
+        out[name] = {"config": kwargs, "modules": modules}
+        print(f"lora-names: {name}: {len(modules)} LoRA modules")
+    with open(os.path.join(HERE, "lora_names.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="stage", required=True)
@@ -248,8 +279,10 @@ def main():
     p.add_argument("--moshi-finetune", required=True, help="a checkout of kyutai-labs/moshi-finetune")
     sub.add_parser("export", help="(project venv) train a tiny LoRA model and export it with train.py")
     sub.add_parser("official", help="(oracle venv) load the export in Kyutai's package, save its logits")
+    sub.add_parser("lora-names", help="(oracle venv) the modules Kyutai's LoRA adapts, for a few configs")
     args = ap.parse_args()
-    {"interleaver": interleaver_stage, "export": export_stage, "official": official_stage}[args.stage](args)
+    {"interleaver": interleaver_stage, "export": export_stage, "official": official_stage,
+     "lora-names": lora_names_stage}[args.stage](args)
 
 
 if __name__ == "__main__":
