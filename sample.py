@@ -538,7 +538,7 @@ def run(args):
     frames = mimi.frames_of(mimi.read_blocks(args.prompt, sr, mono=True), num_samples, F)
     n_frames = -(-num_samples // F)
     outs = [numbered(args.out, b, B) for b in range(B)]
-    answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": []} for path in outs]
+    answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": [], "audio_tokens": []} for path in outs]
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {B}, "
         f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
     times = [time.perf_counter()]                         # start, first frame done, last frame done
@@ -549,7 +549,7 @@ def run(args):
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for b in range(B):
                 writers[b].write(pcm[b])
-                _record(answers[b], models.tokenizer, int(tokens[b, 0]), i, F / sr)
+                _record(answers[b], models.tokenizer, tokens[b, :1 + models.codebooks], i, F / sr)
             token = int(tokens[0, 0])
             display.frame(None if token in (TEXT_PAD, TEXT_EPAD) else piece_text(models.tokenizer, token))
             if len(times) == 1:
@@ -584,8 +584,11 @@ def persona_prompt_for(args, models, log):
     return prompt
 
 
-def _record(answer, tokenizer, token: int, frame: int, frame_seconds: float):
+def _record(answer, tokenizer, tokens, frame: int, frame_seconds: float):
+    """tokens [1 + codebooks]: this frame's text token and the audio codes of Moshi's voice."""
+    token = int(tokens[0])
     answer["text_tokens"].append(token)
+    answer["audio_tokens"].append([int(t) for t in tokens[1:]])
     if token not in (TEXT_PAD, TEXT_EPAD):
         piece = piece_text(tokenizer, token)
         answer["pieces"].append({"frame": frame, "time": round(frame * frame_seconds, 3), "token": token, "piece": piece})

@@ -990,6 +990,8 @@ def test_sample_cli_end_to_end(sample_repo, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["answers"] == [dict(answer, wav=str(tmp_path / "b.wav"))]
     batched = json.loads((tmp_path / "c.json").read_text())["answers"]
     assert [b["text_tokens"] for b in batched] == [answer["text_tokens"]] * 2
+    assert answer["audio_tokens"][:len(ref["tokens"])] == ref["tokens"][:, 1:].tolist()   # Moshi's voice, the official
+    assert [b["audio_tokens"] for b in batched] == [answer["audio_tokens"]] * 2
     for i in range(2):       # a batch of 2 rounds floats differently: equal to the 16-bit sample, +-1
         assert np.abs(soundfile.read(tmp_path / f"c-{i}.wav")[0] - a).max() <= 1.5 / 32768
     assert not list(tmp_path.glob(".tmp-*"))                   # atomic writes leave nothing behind
