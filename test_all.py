@@ -4,17 +4,31 @@ Parity tests compare against outputs of Kyutai's official `moshi` 0.2.13 package
 testdata/ by the `testdata/make_*_fixtures.py` scripts (which need torch; these tests do not).
 Tolerances: fp32 relative error <= 1e-4 on activations/logits; exact equality on tokens and codes.
 """
+import contextlib
+import dataclasses
+import io
+import json
 import os
+import shutil
+import sys
+import tracemalloc
 
 import numpy as np
 import pytest
+import soundfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")   # before jax starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import convert  # noqa: E402
+import data  # noqa: E402
+import depformer  # noqa: E402
 import helium  # noqa: E402
+import mimi  # noqa: E402
+import moshi  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTDATA = os.path.join(HERE, "testdata")
@@ -214,11 +228,6 @@ def test_bad_checkpoints_are_named(tmp_path):
 # Fixtures: testdata/make_train_fixtures.py (moshi-finetune's own interleaver; the official moshi
 # package for the exported checkpoint). Budget: tiny models, short windows, < 5 min on 2 cores.
 
-import json  # noqa: E402
-
-import data  # noqa: E402
-import train  # noqa: E402
-
 
 def _train_spm():
     import sentencepiece
@@ -243,14 +252,6 @@ def test_train_interleaver_matches_moshi_finetune():
             got = data.window_text(sp, alignments, w, frames, int(real))
             assert got.tolist() == case["text"][w], (case["name"], w)
 
-
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import shutil  # noqa: E402
-
-import mimi  # noqa: E402
-import moshi  # noqa: E402
-import soundfile  # noqa: E402
 
 # A small moshiko-shaped model (17 streams, moshiko's delays, weights per depformer step) with 2
 # depformer steps instead of 8: compile time is what these tests spend, and the structure is the same.
@@ -662,8 +663,6 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
 # a = moshiko-shaped, b = PersonaPlex-shaped (dep_q 16), c = delays up to 4, weight schedule,
 # low-rank embeddings, LayerNorm + sin embedding. Budget: < 4 min on 2 cores.
 
-import depformer  # noqa: E402
-import moshi  # noqa: E402
 
 LM_FIXTURES = _testdata_module("make_lm_fixtures")
 
@@ -871,18 +870,6 @@ def test_lm_sampling_is_softmax_top_k():
 # equal those of Kyutai's run_inference.py loop (moshiko-shaped model) and of NVIDIA's PersonaPlex
 # offline.py (voice + text prompt, dep_q 16), both greedy, recorded by
 # testdata/make_sample_fixtures.py. Budget: < 3 min on 2 cores.
-
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import tracemalloc  # noqa: E402
-
-import soundfile  # noqa: E402
-
-import mimi  # noqa: E402
-import moshi  # noqa: E402
-import sample  # noqa: E402
 
 
 SAMPLE_FX = _testdata_module("make_sample_fixtures")
@@ -1134,7 +1121,6 @@ def test_sample_loudness_matches_pyloudnorm():
 # written in Kyutai's on-disk naming and loaded through convert.load_mimi), on a chirp + noise;
 # and a tiny config whose 8-step KV cache wraps after 4 frames. Budget: < 4 min on 2 cores.
 
-import mimi  # noqa: E402
 
 MIMI_FX = _testdata_module("make_mimi_fixtures")            # torch-free above its main()
 RANDOM_WEIGHTS = _testdata_module("random_weights")

@@ -23,7 +23,6 @@ Contents of mimi_fixture.npz:
 import hashlib
 import os
 import sys
-import zlib
 
 import numpy as np
 
