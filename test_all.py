@@ -635,6 +635,21 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
                                    base, meta["lora"]["rank"])
     merged = train.merged_params(base, lora, meta["lora"]["scaling"])
     assert _max_rel(merged, params) < 1e-6 and _max_rel(base, params) > 1e-2
+    # today's train.export writes what the official package loaded strictly: the same files, tensor
+    # names, shapes, dtypes and config.json (so a change to export cannot silently break that)
+    h = train.Hyper(lora_rank=meta["lora"]["rank"], lora_scaling=meta["lora"]["scaling"])
+    train.export(str(tmp_path / "again"), cfg, {"params": jax.tree.map(jnp.asarray, lora)}, base, h,
+                 save_adapters=True, dtype="float32")
+    for name in ("model.safetensors", "lora.safetensors"):
+        ours, theirs = (convert.SafeTensorsFile(os.path.join(d, name)) for d in (tmp_path / "again", folder))
+        assert sorted(ours.keys()) == sorted(theirs.keys()), name
+        assert all(ours.shape(k) == theirs.shape(k) and ours.dtype_name(k) == theirs.dtype_name(k)
+                   for k in theirs.keys()), name
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(jax.tree.leaves(convert.load_lm(tmp_path / "again" / "model.safetensors",
+                                                                                     cfg, jnp.float32)[0]),
+                                                    jax.tree.leaves(params)))
+    with open(tmp_path / "again" / "config.json") as f, open(os.path.join(folder, "config.json")) as g:
+        assert json.load(f) == json.load(g)
     # the training-time path on a 2-device fsdp mesh vs the official LoRALinear model
     mesh = train.make_mesh(1, 2)
     specs = train.param_specs(base, 2)
@@ -964,7 +979,7 @@ def test_sample_cli_end_to_end(sample_repo, tmp_path):
     compiled = moshi.gen_step._cache_size()
     log = _main(*common, "--out", tmp_path / "a.wav")
     assert moshi.gen_step._cache_size() - compiled <= 1       # 53 steps, one compilation (none if cached)
-    assert "real-time factor" in log
+    assert "real-time factor" in log and "[100%" in log          # the progress display reached the end
     _main(*common, "--out", tmp_path / "b.wav")
     _main(*common, "--out", tmp_path / "c.wav", "--batch-size", 2)
     a, sr = soundfile.read(tmp_path / "a.wav")
