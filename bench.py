@@ -306,7 +306,7 @@ def bench_lm(args) -> list[tuple]:
     import moshi
     cfg = dataclasses.replace(moshi.MOSHIKO, **LM_CONFIGS[args.lm_config])
     B = args.lm_batch
-    params = moshi.generation_params(moshi.init(jax.random.key(0), cfg), cfg)   # layers as lists, as sample.py runs
+    params = moshi.generation_params(moshi.init(jax.random.key(0), cfg))   # layers as lists, as sample.py runs
     state = moshi.init_gen_state(params, cfg, B)
     user = jnp.zeros((B, cfg.n_q - cfg.dep_q, 1), jnp.int32)
     keys = list(jax.random.split(jax.random.key(1), args.lm_frames + 5))
@@ -355,7 +355,7 @@ def bench_conversation(args) -> list[tuple]:
     import moshi
     import sample
     cfg = moshi.TINY
-    lm = moshi.generation_params(sample.random_params(lambda key: moshi.init(key, cfg), 0), cfg)
+    lm = moshi.generation_params(sample.random_params(lambda key: moshi.init(key, cfg), 0))
     mimi_cfg = sample.tiny_mimi_config(cfg.card)
     models = sample.Models(lm, cfg, sample.random_params(lambda key: mimi.init(key, mimi_cfg), 1), mimi_cfg)
     n = int(args.minutes * 60 * 12.5)

@@ -697,8 +697,8 @@ def load_lm(path, config=None, dtype=None, stacked: bool = True):
     released models); jnp.float32 etc. casts. Every attention naming Kyutai's loader accepts is
     accepted (packed `in_proj_weight` or `in_proj.weight`, and moshi>=0.2's `in_projs.{i}`). Tensors are read one at a time from a
     memory map; `condition_provider.*` / `fuser.*` tensors are skipped with a warning.
-    stacked=False returns the layer stacks as lists of layers without ever holding the stacked
-    copy: what sample.py loads a 7B model with (then moshi.generation_params splits the depformer).
+    stacked=False returns the generation layout (see moshi.generation_params) without ever
+    holding the stacked copy: what sample.py loads a 7B model with.
     """
     cfg = lm_config(config)
     f = SafeTensorsFile(path)

@@ -293,16 +293,13 @@ def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None,
 # PersonaPlex's first `step` call only seeds its cache (its frame is dropped), so our call n does
 # the work of its call n + 1, fed the frame that call n + 1 is fed.
 
-def generation_params(params, cfg: LMConfig):
-    """The same weights laid out for gen_step: the temporal layer stack becomes a list of layers,
-    which a step reads in place instead of slicing out of the stack (see helium's note on layouts;
-    about 3x faster per frame on CPU), and the depformer's weights are split per step
-    (depformer.generation_layout). Accepts the stacked layout or convert.load_lm(stacked=False)'s.
-    gen_step takes either this or the training layout."""
-    layers = params["transformer"]
-    out = dict(params, transformer=layers if isinstance(layers, list) else helium.unstack_layers(layers))
-    if cfg.dep_q and "steps" not in params["depformer"]:
-        out["depformer"] = depformer.generation_layout(params["depformer"], cfg.depformer)
+def generation_params(params):
+    """The same weights laid out for gen_step: every layer stack (temporal and depformer) becomes a
+    list of layers, which a step reads in place instead of slicing out of the stack (see helium's
+    note on layouts; about 3x faster per frame on CPU). gen_step takes either layout."""
+    out = dict(params, transformer=helium.unstack_layers(params["transformer"]))
+    if "transformer" in params.get("depformer", {}):
+        out["depformer"] = dict(params["depformer"], transformer=helium.unstack_layers(params["depformer"]["transformer"]))
     return out
 
 

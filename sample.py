@@ -443,7 +443,7 @@ def load_models(args, log) -> Models:
         log("!" * 88 + f"\n!! --random-init {args.random_init}: RANDOM WEIGHTS. Moshi will babble noise; "
             f"this is a demo of the pipeline.\n" + "!" * 88)
         cfg = moshi.PRESETS[args.random_init]
-        lm = moshi.generation_params(random_params(lambda key: moshi.init(key, cfg, dtype), args.seed), cfg)
+        lm = moshi.generation_params(random_params(lambda key: moshi.init(key, cfg, dtype), args.seed))
         if args.mimi_weight:
             mimi_params, mimi_cfg = _load(convert.load_mimi, args.mimi_weight)
         else:
@@ -454,11 +454,9 @@ def load_models(args, log) -> Models:
     else:
         ckpt = convert.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
         log(f"loading Moshi from {ckpt.moshi}")
-        # stacked=False: the layers come as lists (no stacked copy is ever made), then the depformer's
-        # per-step weights are split per step: the layout gen_step reads in place (moshi.generation_params)
+        # stacked=False: the layers come as lists, the layout gen_step reads in place (moshi.generation_params)
         lm, cfg = _load(convert.load_lm, ckpt.moshi, config=convert.lm_config_for(ckpt, log), dtype=dtype,
                         stacked=False)
-        lm = moshi.generation_params(lm, cfg)
         log(f"loading Mimi from {ckpt.mimi}")
         mimi_cfg = convert.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)

@@ -733,7 +733,7 @@ def test_lm_greedy_generation_matches_official(name, tmp_path):
     assert np.array_equal(tokens, d["gen_tokens"])
     assert state["kv"]["k"].shape[3] == cfg.context                      # constant memory
     if name == "c":              # the generation layout (layers as lists) gives the same tokens
-        tokens, state = _greedy_run(moshi.generation_params(params, cfg), cfg, d["gen_user"])
+        tokens, state = _greedy_run(moshi.generation_params(params), cfg, d["gen_user"])
         assert np.array_equal(tokens, d["gen_tokens"]) and isinstance(state["kv"]["k"], list)
 
 
@@ -801,11 +801,9 @@ def test_lm_save_load_round_trip_and_namings(tmp_path):
     for f in ("mem.safetensors", "variant.safetensors"):
         loaded, _ = convert.load_lm(tmp_path / f, cfg)
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))), f
-    # the unstacked layout loads directly (layers as lists) and saves back to the same file
+    # the generation layout loads directly (layers as lists) and saves back to the same file
     listed, _ = convert.load_lm(tmp_path / "saved.safetensors", cfg, stacked=False)
-    expected = dict(params, transformer=helium.unstack_layers(params["transformer"]),
-                    depformer=dict(params["depformer"],
-                                   transformer=helium.unstack_layers(params["depformer"]["transformer"])))
+    expected = moshi.generation_params(params)
     assert isinstance(listed["transformer"], list) and isinstance(listed["depformer"]["transformer"], list)
     assert jax.tree.structure(listed) == jax.tree.structure(expected)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(listed), jax.tree.leaves(expected)))
