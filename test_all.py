@@ -583,6 +583,38 @@ def test_lora_adapts_exactly_kyutais_linear_layers():
         assert sorted(modules) == case["modules"], name
 
 
+def test_train_lora_with_a_depformer_weight_schedule(fast_compile):
+    """Depformer steps that share a weight set (schedule [0, 1, 1]) share its adapters: one LoRA
+    step on fsdp=2 gives the loss of the merged weights, and the adapters' gradient (via Adam's mu)
+    that plain autodiff through train.merged_params gives."""
+    with open(os.path.join(TESTDATA, "lora_names.json")) as f:
+        cfg = convert.lm_config(json.load(f)["schedule"]["config"])
+    h = train.Hyper(lr=0.5, eps=1.0, warmup_steps=0, max_steps=10, max_norm=1e9, compute_dtype="float32",
+                    lora_rank=2, lora_scaling=2.0)
+    params = jax.tree.map(np.asarray, moshi.init(jax.random.key(0), cfg))
+    lora = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
+                        train.init_lora(jax.random.key(1), params, h.lora_rank))
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([rng.integers(0, cfg.text_card, (1, 4, 1, 8)),
+                            rng.integers(0, cfg.card, (1, 4, cfg.n_q, 8))], axis=2).astype(np.int32)
+
+    def loss_of(adapters):
+        out = moshi.forward(train.merged_params(params, adapters, h.lora_scaling), cfg, codes[0])
+        sums = train.loss_sums(out, codes[0], h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
+        return train.loss_from_sums(sums)[0]
+    loss, grad = jax.value_and_grad(loss_of)(lora)
+    mesh = train.make_mesh(1, 2)
+    with jax.set_mesh(mesh):
+        plan = train.make_plan(cfg, mesh, h)
+        state, frozen = train.initial_state(plan, mesh, h, params, lora)
+        batch = jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC))
+        state, metrics = plan.step(state, frozen, batch)
+    assert rel_err(np.asarray(metrics)[0], loss) < 1e-5
+    mu = jax.tree.map(lambda m: np.asarray(m) / (1 - h.b1), state["opt"][1][0].mu)
+    assert _max_rel(mu, grad) < 1e-5
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grad["depformer"]["transformer"]))   # all in play
+
+
 def test_train_joins_hosts_when_a_launcher_started_it(monkeypatch):
     """Several processes started by srun / mpirun / a TPU pod join up; one process does not."""
     assert train.multi_process_launcher({}) is None

@@ -139,7 +139,8 @@ def lora_targets(params) -> dict:
     out = {}
     for path, w in walk(params):
         in_stack = any(is_layer_stack(get_path(params, path[:i])) for i in range(len(path)))
-        if (w.ndim >= 3) if in_stack else (w.ndim >= 2 and path[-1] not in EMBEDDING_TABLES):
+        is_norm = any("norm" in k for k in path)           # the depformer's per-step norms are 2-D too
+        if (w.ndim >= 3) if in_stack else (w.ndim >= 2 and path[-1] not in EMBEDDING_TABLES and not is_norm):
             out[path] = w
     return out
 
@@ -271,6 +272,19 @@ def layer_hook(layer, lora_scaling: float = 1.0):
     return layer
 
 
+def lora_by_step(lora, cfg):
+    """With a depformer weight schedule, depformer.forward picks each step's weight set
+    (helium.select_step_weights) before the layer hook merges LoRA into it: pick the adapters of
+    the depformer's layers the same way, [L, sets, ...] -> [L, steps, ...]. A set shared by several
+    steps gets the sum of their gradients, through the indexing, as its weights do."""
+    schedule = cfg.depformer_weights_per_step_schedule
+    stack = (lora or {}).get("depformer", {}).get("transformer")
+    if schedule is None or stack is None:
+        return lora
+    pick = np.asarray(schedule)
+    return dict(lora, depformer=dict(lora["depformer"], transformer=jax.tree.map(lambda a: a[:, pick], stack)))
+
+
 def model_view(params, specs, lora, lora_specs, lora_scaling: float, dtype):
     """Inside shard_map: the params moshi.forward gets. Weights outside the layer stacks are cast
     to the compute dtype, gathered whole and LoRA-merged here (embeddings, heads: used once per
@@ -333,7 +347,7 @@ def local_loss(trainable, frozen, codes, cfg, specs, lora_specs, h: Hyper):
         params, lora = frozen, trainable
     else:
         params, lora = trainable, None
-    view = model_view(params, specs, lora, lora_specs, h.lora_scaling, jnp.dtype(h.compute_dtype))
+    view = model_view(params, specs, lora_by_step(lora, cfg), lora_specs, h.lora_scaling, jnp.dtype(h.compute_dtype))
     hook = lambda layer: layer_hook(layer, h.lora_scaling)      # noqa: E731
     out = moshi.forward(view, cfg, codes, layer_hook=hook, remat=h.remat, attention=h.attention)
     sums = loss_sums(out, codes, h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
@@ -583,8 +597,6 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
     init_params = jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=named(specs))
     make_lora = lambda k: init_lora(k, abstract, h.lora_rank)                      # noqa: E731
     if h.lora_rank:
-        if cfg.depformer_weights_per_step_schedule is not None:
-            raise NotImplementedError("LoRA with a depformer weights schedule is not supported")
         trainable_specs, frozen_specs = adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), mesh.shape["fsdp"]), specs
     else:
         trainable_specs, frozen_specs = specs, {}
@@ -941,5 +953,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, NotImplementedError, NonFiniteLoss) as e:   # bad input: no traceback
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:   # bad input: no traceback
         sys.exit(f"train.py: {e}")
