@@ -201,15 +201,37 @@ def dot_product_attention(q, k, v, mask):
 # queries and one block of keys, and keeps a running max `m`, normaliser `l` and unnormalised
 # output `acc` (online softmax, FlashAttention-2). Blocks entirely in the future, or entirely
 # outside the sliding window, are skipped. The kernel runs in interpret mode off TPU (tests, CPU).
-# The backward pass recomputes attention with the reference above (simple and exact, O(T*S) memory
-# per layer under remat); a fused backward kernel is future work.
+# The backward pass is two more kernels (FlashAttention-2's): one walks the query blocks for each
+# key block and accumulates dK, dV; the other walks the key blocks for each query block and
+# accumulates dQ. Both rebuild the attention weights of a block from the forward's per-row
+# log-sum-exp, so no [T, S] matrix exists in either direction.
 
 FLASH_BLOCK_Q = 128      # queries per grid step (multiple of 8 on TPU)
 FLASH_BLOCK_K = 128      # keys per grid step (multiple of 128 on TPU: the lane width)
 _STAT_LANES = 128        # running max / sum are stored lane-replicated, as TPU layouts want
 
 
-def _flash_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, context, scale):
+def _visible(q_first, k_first, block_q, block_k, context):
+    """Does any (query, key) pair of these two blocks attend? Deltas q - k span
+    [q_first - k_last, q_last - k_first]."""
+    visible = q_first + block_q - 1 - k_first >= 0
+    if context is not None:
+        visible = visible & (q_first - (k_first + block_k - 1) < context)
+    return visible
+
+
+def _block_scores(q, k, q_first, k_first, scale, context):
+    """Scores [bq, bk] (fp32) of a query block against a key block, and which pairs attend."""
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    delta = (q_first + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+             - k_first - jax.lax.broadcasted_iota(jnp.int32, s.shape, 1))
+    mask = delta >= 0
+    if context is not None:
+        mask = mask & (delta < context)
+    return s, mask
+
+
+def _flash_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, context, scale):
     from jax.experimental import pallas as pl
     block_q, block_k = q_ref.shape[1], k_ref.shape[1]
     qi, ki = pl.program_id(1), pl.program_id(2)
@@ -221,20 +243,11 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, context,
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     q_first, k_first = qi * block_q, ki * block_k
-    # Deltas q - k inside this block span [q_first - k_last, q_last - k_first].
-    visible = q_first + block_q - 1 - k_first >= 0
-    if context is not None:
-        visible = visible & (q_first - (k_first + block_k - 1) < context)
 
-    @pl.when(visible)
+    @pl.when(_visible(q_first, k_first, block_q, block_k, context))
     def _body():
         q, k, v = q_ref[0], k_ref[0], v_ref[0]                      # [bq, Dh], [bk, Dh], [bk, Dh]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        delta = (q_first + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
-                 - k_first - jax.lax.broadcasted_iota(jnp.int32, s.shape, 1))
-        mask = delta >= 0
-        if context is not None:
-            mask = mask & (delta < context)
+        s, mask = _block_scores(q, k, q_first, k_first, scale, context)
         m_prev, l_prev = m_ref[:, :1], l_ref[:, :1]                   # [bq, 1]
         m_next = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1, keepdims=True))
         safe_m = jnp.where(m_next == -jnp.inf, 0.0, m_next)          # rows with nothing visible yet
@@ -247,31 +260,132 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, context,
     @pl.when(ki == pl.num_programs(2) - 1)
     def _finish():
         o_ref[0] = (acc_ref[...] / l_ref[:, :1]).astype(o_ref.dtype)
+        lse_ref[0] = m_ref[...] + jnp.log(l_ref[...])               # what the backward rebuilds p from
+
+
+def _flash_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, dk_acc, dv_acc,
+                      *, context, scale):
+    """Grid (BH, key blocks, query blocks): dK, dV of one key block, summed over the query blocks."""
+    from jax.experimental import pallas as pl
+    block_q, block_k = q_ref.shape[1], k_ref.shape[1]
+    ki, qi = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(qi == 0)
+    def _init():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    q_first, k_first = qi * block_q, ki * block_k
+
+    @pl.when(_visible(q_first, k_first, block_q, block_k, context))
+    def _body():
+        q, k, v, do = q_ref[0], k_ref[0], v_ref[0], do_ref[0]
+        s, mask = _block_scores(q, k, q_first, k_first, scale, context)
+        p = jnp.where(mask, jnp.exp(s - lse_ref[0][:, :1]), 0.0)               # [bq, bk]: softmax weights
+        dv_acc[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)   # p^T dO
+        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - d_ref[0][:, :1])                                           # softmax backward
+        dk_acc[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                                   preferred_element_type=jnp.float32)   # dS^T q
+
+    @pl.when(qi == pl.num_programs(2) - 1)
+    def _finish():
+        dk_ref[0] = dk_acc[...].astype(dk_ref.dtype)
+        dv_ref[0] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dq_acc, *, context, scale):
+    """Grid (BH, query blocks, key blocks): dQ of one query block, summed over the key blocks."""
+    from jax.experimental import pallas as pl
+    block_q, block_k = q_ref.shape[1], k_ref.shape[1]
+    qi, ki = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(ki == 0)
+    def _init():
+        dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
+
+    q_first, k_first = qi * block_q, ki * block_k
+
+    @pl.when(_visible(q_first, k_first, block_q, block_k, context))
+    def _body():
+        q, k, v, do = q_ref[0], k_ref[0], v_ref[0], do_ref[0]
+        s, mask = _block_scores(q, k, q_first, k_first, scale, context)
+        p = jnp.where(mask, jnp.exp(s - lse_ref[0][:, :1]), 0.0)
+        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - d_ref[0][:, :1])
+        dq_acc[...] += scale * jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    @pl.when(ki == pl.num_programs(2) - 1)
+    def _finish():
+        dq_ref[0] = dq_acc[...].astype(dq_ref.dtype)
+
+
+def _flat(a, pad):
+    # [B, H, T, X] -> [B * H, T + pad, X]: padded rows sit in every real query's future
+    B, H, T, X = a.shape
+    return jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B * H, T + pad, X)
+
+
+def _flash_call(kernel, inputs, outputs, grid, in_blocks, out_blocks, scratch, interpret):
+    """pallas_call over [BH, Tp, X] arrays. A block is (rows, index_map) over grid (b, i, j)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+    spec = lambda a, rows, index: pl.BlockSpec((1, rows, a.shape[-1]), index)   # noqa: E731
+    # manual_axis_type: inside shard_map (train.py), the outputs vary over the same mesh axes as q
+    axes = jax.typeof(inputs[0]).manual_axis_type
+    return pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=axes) for shape, dtype in outputs],
+        grid=grid,
+        in_specs=[spec(a, *b) for a, b in zip(inputs, in_blocks)],
+        out_specs=[pl.BlockSpec((1, rows, shape[-1]), index) for (shape, _), (rows, index) in zip(outputs, out_blocks)],
+        scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+        interpret=interpret,
+    )(*inputs)
 
 
 def _flash_forward(q, k, v, context, block_q, block_k, interpret):
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import tpu as pltpu
+    """-> out [B, H, T, Dh] and the per-row log-sum-exp [BH, Tp, lanes] the backward needs."""
     B, H, T, Dh = q.shape
-    pad = (-T) % math.lcm(block_q, block_k)           # padded keys sit in every real query's future
-    qkv = [jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B * H, T + pad, Dh) for a in (q, k, v)]
+    pad = (-T) % math.lcm(block_q, block_k)
     Tp = T + pad
-    kernel = partial(_flash_kernel, context=context, scale=1.0 / math.sqrt(Dh))
-    out = pl.pallas_call(
-        kernel,
-        # manual_axis_type: inside shard_map (train.py), the output varies over the same mesh axes as q
-        out_shape=jax.ShapeDtypeStruct((B * H, Tp, Dh), q.dtype, manual_axis_type=jax.typeof(qkv[0]).manual_axis_type),
-        grid=(B * H, Tp // block_q, Tp // block_k),                # key blocks last: the reduction axis
-        in_specs=[pl.BlockSpec((1, block_q, Dh), lambda b, i, j: (b, i, 0)),
-                  pl.BlockSpec((1, block_k, Dh), lambda b, i, j: (b, j, 0)),
-                  pl.BlockSpec((1, block_k, Dh), lambda b, i, j: (b, j, 0))],
-        out_specs=pl.BlockSpec((1, block_q, Dh), lambda b, i, j: (b, i, 0)),
-        scratch_shapes=[pltpu.VMEM((block_q, _STAT_LANES), jnp.float32),
-                        pltpu.VMEM((block_q, _STAT_LANES), jnp.float32),
-                        pltpu.VMEM((block_q, Dh), jnp.float32)],
-        interpret=interpret,
-    )(*qkv)
-    return out.reshape(B, H, Tp, Dh)[:, :, :T]
+    by_q = lambda b, i, j: (b, i, 0)                                # noqa: E731   block i of the queries
+    by_k = lambda b, i, j: (b, j, 0)                                # noqa: E731   block j of the keys
+    out, lse = _flash_call(
+        partial(_flash_kernel, context=context, scale=1.0 / math.sqrt(Dh)),
+        [_flat(a, pad) for a in (q, k, v)],
+        [((B * H, Tp, Dh), q.dtype), ((B * H, Tp, _STAT_LANES), jnp.float32)],
+        (B * H, Tp // block_q, Tp // block_k),                      # key blocks last: the reduction axis
+        [(block_q, by_q), (block_k, by_k), (block_k, by_k)], [(block_q, by_q), (block_q, by_q)],
+        [(block_q, _STAT_LANES), (block_q, _STAT_LANES), (block_q, Dh)], interpret)
+    return out.reshape(B, H, Tp, Dh)[:, :, :T], lse
+
+
+def _flash_backward(q, k, v, out, lse, d_out, context, block_q, block_k, interpret):
+    B, H, T, Dh = q.shape
+    pad = (-T) % math.lcm(block_q, block_k)
+    Tp = T + pad
+    # D = rowsum(dO * O), the softmax backward's correction term, lane-replicated like lse
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    inputs = [_flat(a, pad) for a in (q, k, v, d_out)] + [lse, _flat(jnp.broadcast_to(delta, (B, H, T, _STAT_LANES)), pad)]
+    scale = 1.0 / math.sqrt(Dh)
+    # dK, dV: grid (b, key block i, query block j); dQ: grid (b, query block i, key block j)
+    q_of_j, k_of_i = (lambda b, i, j: (b, j, 0)), (lambda b, i, j: (b, i, 0))
+    dk, dv = _flash_call(
+        partial(_flash_dkv_kernel, context=context, scale=scale), inputs,
+        [((B * H, Tp, Dh), k.dtype), ((B * H, Tp, Dh), v.dtype)], (B * H, Tp // block_k, Tp // block_q),
+        [(block_q, q_of_j), (block_k, k_of_i), (block_k, k_of_i), (block_q, q_of_j), (block_q, q_of_j),
+         (block_q, q_of_j)],
+        [(block_k, k_of_i), (block_k, k_of_i)], [(block_k, Dh), (block_k, Dh)], interpret)
+    q_of_i, k_of_j = (lambda b, i, j: (b, i, 0)), (lambda b, i, j: (b, j, 0))
+    (dq,) = _flash_call(
+        partial(_flash_dq_kernel, context=context, scale=scale), inputs,
+        [((B * H, Tp, Dh), q.dtype)], (B * H, Tp // block_q, Tp // block_k),
+        [(block_q, q_of_i), (block_k, k_of_j), (block_k, k_of_j), (block_q, q_of_i), (block_q, q_of_i),
+         (block_q, q_of_i)],
+        [(block_q, q_of_i)], [(block_q, Dh)], interpret)
+    return tuple(g.reshape(B, H, Tp, Dh)[:, :, :T] for g in (dq, dk, dv))
 
 
 def _reference_causal(q, k, v, context):
@@ -282,18 +396,20 @@ def _reference_causal(q, k, v, context):
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def flash_attention(q, k, v, context=None, block_q=FLASH_BLOCK_Q, block_k=FLASH_BLOCK_K, interpret=None):
     """Causal (optionally sliding-window) attention over a whole sequence; q, k, v [B, H, T, Dh]."""
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    return _flash_forward(q, k, v, context, block_q, block_k, interpret)
+    return _flash_forward(q, k, v, context, block_q, block_k, _interpret(interpret))[0]
+
+
+def _interpret(interpret):
+    return jax.default_backend() != "tpu" if interpret is None else interpret
 
 
 def _flash_fwd(q, k, v, context, block_q, block_k, interpret):
-    return flash_attention(q, k, v, context, block_q, block_k, interpret), (q, k, v)
+    out, lse = _flash_forward(q, k, v, context, block_q, block_k, _interpret(interpret))
+    return out, (q, k, v, out, lse)
 
 
 def _flash_bwd(context, block_q, block_k, interpret, residuals, d_out):
-    _, vjp = jax.vjp(lambda q, k, v: _reference_causal(q, k, v, context), *residuals)
-    return vjp(d_out)
+    return _flash_backward(*residuals, d_out, context, block_q, block_k, _interpret(interpret))
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)

@@ -152,7 +152,7 @@ def test_helium_is_causal():
 
 @pytest.mark.parametrize("context", [None, 50])
 def test_flash_attention_kernel_matches_reference(context):
-    """The Pallas kernel (interpret mode on CPU) against the plain attention, values and gradients,
+    """The Pallas kernels (interpret mode on CPU) against the plain attention, values and gradients,
     with a length that is not a multiple of the blocks and a window that skips whole blocks."""
     cfg = helium.TransformerConfig(64, 2, 1, 128, context=context)
     params = helium.init(jax.random.key(0), cfg)
@@ -166,6 +166,13 @@ def test_flash_attention_kernel_matches_reference(context):
     q, k, v = (jax.random.normal(kk, (1, 2, 200, 64)) for kk in jax.random.split(jax.random.key(2), 3))
     small_blocks = helium.flash_attention(q, k, v, context, 64, 128)
     assert rel_err(small_blocks, helium._reference_causal(q, k, v, context)) < 1e-5
+    # the backward kernels (dK/dV over query blocks, dQ over key blocks) with many small blocks
+    w = jax.random.normal(jax.random.key(3), (2, 3, 37, 16))
+    q, k, v = (jax.random.normal(kk, (2, 3, 37, 16)) for kk in jax.random.split(jax.random.key(4), 3))
+    window = None if context is None else 9
+    flash = jax.grad(lambda *qkv: jnp.sum(w * helium.flash_attention(*qkv, window, 8, 16)), (0, 1, 2))(q, k, v)
+    plain = jax.grad(lambda *qkv: jnp.sum(w * helium._reference_causal(*qkv, window)), (0, 1, 2))(q, k, v)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(flash, plain))
 
 
 # ================================================================================================
@@ -567,6 +574,24 @@ def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
     assert cfg_hub == cfg_dir and fetched == [("someone/moshi-finetune", n) for n in ("config.json", "model.safetensors")]
     with pytest.raises(convert.CheckpointError, match="--init-from: no such file or directory .*missing"):
         train.load_model(args(str(tmp_path / "missing")))
+
+
+def test_train_step_with_flash_attention_matches_xla(fast_compile):
+    """--attention flash inside the sharded step (dp=2 x fsdp=2): the loss and gradients of XLA's
+    attention, through the Pallas forward and backward kernels (interpret mode here)."""
+    codes = _train_codes(B=4, T=10, A=1)
+    results = []
+    for attention in ("xla", "flash"):
+        h = train.Hyper(lr=0.5, eps=1.0, warmup_steps=0, max_steps=10, max_norm=1e9, compute_dtype="float32",
+                        attention=attention)
+        mesh = train.make_mesh(2, 2)
+        with jax.set_mesh(mesh):
+            plan = train.make_plan(TRAIN_CFG, mesh, h)
+            state, frozen = train.initial_state(plan, mesh, h, jax.tree.map(np.asarray, moshi.init(jax.random.key(0), TRAIN_CFG)))
+            state, metrics = plan.step(state, frozen, jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC)))
+        results.append((np.asarray(metrics), state["opt"][1][0].mu))
+    (m_xla, mu_xla), (m_flash, mu_flash) = results
+    assert rel_err(m_flash, m_xla) < 1e-5 and _max_rel(mu_flash, mu_xla) < 1e-5
 
 
 def test_lora_adapts_exactly_kyutais_linear_layers():
