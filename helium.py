@@ -341,6 +341,8 @@ def _flash_call(kernel, inputs, outputs, grid, in_blocks, out_blocks, scratch, i
         in_specs=[spec(a, *b) for a, b in zip(inputs, in_blocks)],
         out_specs=[pl.BlockSpec((1, rows, shape[-1]), index) for (shape, _), (rows, index) in zip(outputs, out_blocks)],
         scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+        # the last grid axis is each kernel's reduction; the others may split over a chip's cores
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
     )(*inputs)
 

@@ -627,7 +627,7 @@ def test_train_lora_with_a_depformer_weight_schedule(fast_compile):
         out = moshi.forward(train.merged_params(params, adapters, h.lora_scaling), cfg, codes[0])
         sums = train.loss_sums(out, codes[0], h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
         return train.loss_from_sums(sums)[0]
-    loss, grad = jax.value_and_grad(loss_of)(lora)
+    loss, grad = jax.jit(jax.value_and_grad(loss_of))(lora)
     mesh = train.make_mesh(1, 2)
     with jax.set_mesh(mesh):
         plan = train.make_plan(cfg, mesh, h)
@@ -644,20 +644,25 @@ def test_train_joins_hosts_when_a_launcher_started_it(monkeypatch):
     """Several processes started by srun / mpirun / a TPU pod join up; one process does not."""
     assert train.multi_process_launcher({}) is None
     assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) is None     # salloc, no srun
-    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"})
-    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
-    assert train.multi_process_launcher({"OMPI_COMM_WORLD_SIZE": "8"})
+    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) is None  # sbatch
+    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
+                                         "SLURM_STEP_NUM_TASKS": "4"})
+    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1"}) is None
+    mpirun = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_MCA_orte_hnp_uri": "1234.0;tcp://10.0.0.1:5000"}
+    assert train.multi_process_launcher(mpirun)
+    assert train.multi_process_launcher({"OMPI_COMM_WORLD_SIZE": "8"}) is None      # Open MPI 5: JAX cannot tell
     assert train.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
     assert train.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0"}) is None
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES",
                 "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     args = train.train_parser().parse_args(["--data", "d", "--run-dir", "r"])
     train.maybe_init_distributed(args)
     assert calls == []
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    for name, value in dict(mpirun, OMPI_COMM_WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
     train.maybe_init_distributed(args)
     assert calls == [{}]
     train.maybe_init_distributed(train.train_parser().parse_args(["--data", "d", "--run-dir", "r", "--coordinator-address",

@@ -908,10 +908,10 @@ def multi_process_launcher(env=os.environ) -> str | None:
     """The launcher that started this program as one of several processes, if any: then
     jax.distributed.initialize() finds the others by itself (its cluster auto-detection)."""
     count = lambda names: max([len([h for h in env.get(n, "").split(",") if h]) for n in names])   # noqa: E731
-    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return "Slurm (srun)"                    # not a bare `python` inside salloc: that is one process
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        return "Open MPI (mpirun)"
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return "Slurm (srun)"        # a job step of several tasks: not sbatch's script, not salloc's shell
+    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI (mpirun)"   # Open MPI <= 4, what JAX detects; with 5, pass --coordinator-address
     if count(("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return "a multi-host TPU slice"
     return None
