@@ -263,6 +263,16 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *,
         lse_ref[0] = m_ref[...] + jnp.log(l_ref[...])               # what the backward rebuilds p from
 
 
+def _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale, context):
+    """What both backward kernels need of a (query block, key block) pair: the attention weights p
+    [bq, bk], rebuilt from the forward's log-sum-exp, and dS = p * (dO v^T - D), the gradient
+    that reaches the scores through the softmax (D = rowsum(dO * O))."""
+    s, mask = _block_scores(q_ref[0], k_ref[0], q_first, k_first, scale, context)
+    p = jnp.where(mask, jnp.exp(s - lse_ref[0][:, :1]), 0.0)
+    dp = jax.lax.dot_general(do_ref[0], v_ref[0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return p, p * (dp - d_ref[0][:, :1])
+
+
 def _flash_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, dk_acc, dv_acc,
                       *, context, scale):
     """Grid (BH, key blocks, query blocks): dK, dV of one key block, summed over the query blocks."""
@@ -279,13 +289,10 @@ def _flash_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dk_ref, dv_re
 
     @pl.when(_visible(q_first, k_first, block_q, block_k, context))
     def _body():
-        q, k, v, do = q_ref[0], k_ref[0], v_ref[0], do_ref[0]
-        s, mask = _block_scores(q, k, q_first, k_first, scale, context)
-        p = jnp.where(mask, jnp.exp(s - lse_ref[0][:, :1]), 0.0)               # [bq, bk]: softmax weights
+        q, do = q_ref[0], do_ref[0]
+        p, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale, context)
         dv_acc[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32)   # p^T dO
-        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - d_ref[0][:, :1])                                           # softmax backward
         dk_acc[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                                    preferred_element_type=jnp.float32)   # dS^T q
 
@@ -309,11 +316,8 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dq_acc
 
     @pl.when(_visible(q_first, k_first, block_q, block_k, context))
     def _body():
-        q, k, v, do = q_ref[0], k_ref[0], v_ref[0], do_ref[0]
-        s, mask = _block_scores(q, k, q_first, k_first, scale, context)
-        p = jnp.where(mask, jnp.exp(s - lse_ref[0][:, :1]), 0.0)
-        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - d_ref[0][:, :1])
+        k = k_ref[0]
+        _, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale, context)
         dq_acc[...] += scale * jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(ki == pl.num_programs(2) - 1)
