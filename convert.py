@@ -364,11 +364,9 @@ def _kyutai_conv_shape(spec) -> tuple:
     return (spec.cout, spec.cin // spec.groups, spec.kernel)
 
 
-def _conv_from_kyutai(w, spec):
-    return w.transpose(0, 2, 1) if spec.transposed else w.transpose(2, 1, 0)
-
-
-def _conv_to_kyutai(w, spec):
+def _swap_conv_layout(w, spec):
+    """PyTorch's conv weight layout <-> mimi.py's (above). Each swap is its own inverse, so the
+    same function loads and saves."""
     return w.transpose(0, 2, 1) if spec.transposed else w.transpose(2, 1, 0)
 
 
@@ -404,11 +402,11 @@ def _mimi_params(t: dict, cfg, cast) -> dict:
     params = {side: jax.tree.map(lambda _: {}, layout, is_leaf=is_conv) for side, layout in layouts.items()}
     for name, path in _mimi_conv_names(cfg).items():
         spec = _at(layouts[path[0]], path[1:])
-        w = np.ascontiguousarray(_conv_from_kyutai(f32(name + ".weight"), spec))
+        w = np.ascontiguousarray(_swap_conv_layout(f32(name + ".weight"), spec))
         _at(params, path).update(w=cast(w), b=cast(f32(name + ".bias")))
     down, up = mimi.downsample_layout(cfg), mimi.upsample_layout(cfg)
-    params["downsample"] = cast(np.ascontiguousarray(_conv_from_kyutai(f32("downsample.conv.conv.conv.weight"), down)))
-    params["upsample"] = cast(np.ascontiguousarray(_conv_from_kyutai(f32("upsample.convtr.convtr.convtr.weight"), up)))
+    params["downsample"] = cast(np.ascontiguousarray(_swap_conv_layout(f32("downsample.conv.conv.conv.weight"), down)))
+    params["upsample"] = cast(np.ascontiguousarray(_swap_conv_layout(f32("upsample.convtr.convtr.convtr.weight"), up)))
     params["quantizer"] = {}
     for rvq, ours, n in _mimi_rvqs(cfg):
         codebooks = []
@@ -433,9 +431,9 @@ def _mimi_tensors(params: dict, cfg) -> dict:
     out = {}
     for name, path in _mimi_conv_names(cfg).items():
         conv, spec = _at(params, path), _at(layouts[path[0]], path[1:])
-        out[name + ".weight"], out[name + ".bias"] = _conv_to_kyutai(a(conv["w"]), spec), a(conv["b"])
-    out["downsample.conv.conv.conv.weight"] = _conv_to_kyutai(a(params["downsample"]), mimi.downsample_layout(cfg))
-    out["upsample.convtr.convtr.convtr.weight"] = _conv_to_kyutai(a(params["upsample"]), mimi.upsample_layout(cfg))
+        out[name + ".weight"], out[name + ".bias"] = _swap_conv_layout(a(conv["w"]), spec), a(conv["b"])
+    out["downsample.conv.conv.conv.weight"] = _swap_conv_layout(a(params["downsample"]), mimi.downsample_layout(cfg))
+    out["upsample.convtr.convtr.convtr.weight"] = _swap_conv_layout(a(params["upsample"]), mimi.upsample_layout(cfg))
     for rvq, ours, n in _mimi_rvqs(cfg):
         q = params["quantizer"][ours]
         out[f"quantizer.{rvq}.input_proj.weight"] = a(q["input_proj"])[:, :, None]
@@ -786,8 +784,8 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     if model_type not in CONVERSATION_MODEL_TYPES:
         raise CheckpointError(f"config.json says model_type={model_type!r}; only conversation models run "
                               f"here (model_type 'moshi': Moshiko, Moshika; 'personaplex': PersonaPlex)")
-    for key in ("lm_gen_config", "tts_config", "stt_config", "model_id", "lora_name", "version"):
-        lm_config.pop(key, None)                           # tool settings, not the LM's
+    for key in _NOT_LM_KWARGS:
+        lm_config.pop(key, None)                           # file names and tool settings, not the LM's
     given = {"moshi": moshi} if lm_only else {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
     for what, path in given.items():
         if path is not None and not os.path.isfile(path):

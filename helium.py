@@ -335,15 +335,15 @@ def _flash_call(kernel, inputs, outputs, grid, in_blocks, out_blocks, scratch, i
     """pallas_call over [BH, Tp, X] arrays. A block is (rows, index_map) over grid (b, i, j)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
-    spec = lambda a, rows, index: pl.BlockSpec((1, rows, a.shape[-1]), index)   # noqa: E731
+    spec = lambda shape, rows, index: pl.BlockSpec((1, rows, shape[-1]), index)   # noqa: E731
     # manual_axis_type: inside shard_map (train.py), the outputs vary over the same mesh axes as q
     axes = jax.typeof(inputs[0]).manual_axis_type
     return pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=axes) for shape, dtype in outputs],
         grid=grid,
-        in_specs=[spec(a, *b) for a, b in zip(inputs, in_blocks)],
-        out_specs=[pl.BlockSpec((1, rows, shape[-1]), index) for (shape, _), (rows, index) in zip(outputs, out_blocks)],
+        in_specs=[spec(a.shape, *block) for a, block in zip(inputs, in_blocks)],
+        out_specs=[spec(shape, *block) for (shape, _), block in zip(outputs, out_blocks)],
         scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
         # the last grid axis is each kernel's reduction; the others may split over a chip's cores
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
