@@ -2,9 +2,11 @@
 
 Run with the official package: `~/oracle/bin/python testdata/make_mimi_fixtures.py` (a few minutes on
 2 cores). It writes testdata/mimi_keys.txt (the official state dict's names and shapes, in Kyutai's
-on-disk naming) and testdata/mimi_fixture.npz. The full-size random weights (385 MB) are not saved:
-the test rebuilds them bit for bit from mimi_keys.txt, SEED and `overrides()` below, with numpy alone.
-The test signals are rebuilt the same way (`test_signal`); their sha256 is stored to catch drift.
+on-disk naming) and testdata/mimi_fixture.npz. `--only tiny` (seconds) rebuilds just the tiny_* and
+tiny|* entries and keeps every other entry of the existing npz as it is. The full-size random weights
+(385 MB) are not saved: the test rebuilds them bit for bit from mimi_keys.txt, SEED and `overrides()`
+below, with numpy alone. The test signals are rebuilt the same way (`test_signal`); their sha256 is
+stored to catch drift.
 
 Everything above `main` must stay importable without torch: test_all.py loads this file for them.
 
@@ -17,9 +19,17 @@ Contents of mimi_fixture.npz:
   long_*   full-size Mimi, batch 1, 140 frames (11.2 s): streaming codes and a window of the
            streaming decode, past the 250-step (10 s) wrap of the KV cache; also the batch codes,
            which streaming departs from there.
-  tiny_*   a tiny config with a context of 8 steps (wraps after 4 frames), weights stored in full:
-           batch and streaming codes and decodes over 24 frames.
+  tiny|*   the tiny Mimi's random weights (Kyutai's on-disk names), stored in full. The tiny config
+           is the project's one tiny Mimi, TINY_KYUTAI_CONFIG = make_sample_fixtures.MIMI_CONFIG
+           (sample.tiny_mimi_config(64)): the real 80 ms frame (ratios 8 6 5 4, 12.5 Hz), dimension
+           16, 4 filters, 2 heads, 2 layers, feedforward 32, 8 codebooks of 64 entries (dim 8) and a
+           transformer context of 8 steps: 2 steps per frame, so the ring KV cache wraps after 4 frames.
+  tiny_*   on it, batch 2, 24 frames (24 x 1920 samples, chirp + strong noise): tiny_wav, batch codes
+           for all 8 codebooks with their gaps and decode, and streaming (one frame per call) codes,
+           gaps and decode. Past frame 4 Kyutai's streaming codes depart from its batch codes.
 """
+import argparse
+import copy
 import hashlib
 import os
 import sys
@@ -34,19 +44,21 @@ LONG_WINDOW = (120, 140)      # frames of the long streaming decode that are kep
 TINY_FRAMES = 24
 CODEBOOK_STD = 0.18           # random codebook entries: about a quarter of the quantizer input's std
 
-# Kyutai's mimi_config dict for the tiny preset (must equal mimi.MimiConfig.tiny()).
-TINY_KYUTAI_CONFIG = {
-    "sample_rate": 24000, "channels": 1, "frame_rate": 1500.0,
-    "seanet": {"channels": 1, "dimension": 16, "causal": True, "n_filters": 4, "n_residual_layers": 1,
-               "activation": "ELU", "compress": 2, "dilation_base": 2, "disable_norm_outer_blocks": 0,
-               "kernel_size": 7, "residual_kernel_size": 3, "last_kernel_size": 3, "norm": "none",
-               "pad_mode": "constant", "ratios": [4, 2], "true_skip": True},
-    "quantizer": {"dimension": 8, "n_q": 4, "bins": 32, "input_dimension": 16, "output_dimension": 16},
-    "transformer": {"d_model": 16, "num_heads": 2, "num_layers": 2, "causal": True, "layer_scale": 0.01,
-                    "context": 8, "conv_layout": True, "max_period": 10000, "gating": "none",
-                    "norm": "layer_norm", "positional_embedding": "rope", "dim_feedforward": 32,
-                    "input_dimension": 16, "output_dimensions": [16]},
-}
+
+def _sibling(name):
+    """Another script of testdata/, imported by its path (this file is itself imported that way)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_testdata_{name}", os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The one tiny Mimi config, written once in make_sample_fixtures.py (MIMI_CONFIG, Kyutai's mimi_config
+# dict for sample.tiny_mimi_config(64)): the real 80 ms frame (ratios 8 6 5 4, 12.5 Hz), tiny widths,
+# 8 codebooks of 64 entries, a transformer context of 8 steps (2 per frame: the ring wraps after 4 frames).
+TINY_KYUTAI_CONFIG = copy.deepcopy(_sibling("make_sample_fixtures").MIMI_CONFIG)
+TINY_CODEBOOKS = TINY_KYUTAI_CONFIG["quantizer"]["n_q"]       # 8: the tiny runs use every codebook
 
 
 def test_signal(batch: int, samples: int, seed: int = 0, sample_rate: int = 24000, noise: float = 0.05):
@@ -183,14 +195,11 @@ def describe(name, codes):
     print(f"{name}: codes {codes.shape}, distinct values per codebook {distinct}")
 
 
-def main():
-    import torch
-    torch.manual_seed(0)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    sys.path.insert(0, HERE)
-    record_distance_gaps()
-    out = {}
+def is_tiny(key: str) -> bool:
+    return key.startswith("tiny_") or key.startswith("tiny|")
 
+
+def make_full(out):
     model, _ = build_official(None, os.path.join(HERE, "mimi_keys.txt"), overrides(), SEED)
     wav = test_signal(FULL_BATCH, FULL_SAMPLES, seed=0)
     out["full_signal_sha256"] = np.array(signal_digest(wav))
@@ -213,20 +222,46 @@ def main():
     out["long_stream_decoded8_window"] = long_pcm[..., a * F:b * F]
     differs = (out["long_batch_codes8"] != out["long_stream_codes8"]).any(1)[0]
     print("long: frames where streaming codes differ from batch codes:", np.nonzero(differs)[0].tolist())
-    del model
 
+
+def make_tiny(out):
     model, tensors = build_official(TINY_KYUTAI_CONFIG, None, tiny_overrides(), SEED)
     for k, v in tensors.items():
         out["tiny|" + k] = v
     tiny_wav = test_signal(2, TINY_FRAMES * model.frame_size, seed=2, noise=0.3)
     out["tiny_wav"] = tiny_wav
-    out["tiny_codes"], out["tiny_gaps"], out["tiny_decoded"] = run_batch(model, tiny_wav, 4)
-    out["tiny_stream_codes"], out["tiny_stream_gaps"], out["tiny_stream_decoded"] = run_stream(model, tiny_wav, 4)
+    out["tiny_codes"], out["tiny_gaps"], out["tiny_decoded"] = run_batch(model, tiny_wav, TINY_CODEBOOKS)
+    out["tiny_stream_codes"], out["tiny_stream_gaps"], out["tiny_stream_decoded"] = run_stream(
+        model, tiny_wav, TINY_CODEBOOKS)
     describe("tiny batch", out["tiny_codes"])
+    describe("tiny stream", out["tiny_stream_codes"])
+    print("tiny: smallest relative distance gaps of the official argmins:", np.sort(out["tiny_gaps"].ravel())[:5])
     differs = (out["tiny_codes"] != out["tiny_stream_codes"]).any(1)
     print("tiny: frames where streaming codes differ from batch codes:", [np.nonzero(d)[0].tolist() for d in differs])
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    print("tiny: rms of input", rms(tiny_wav), "| batch decode", rms(out["tiny_decoded"]),
+          "| stream decode", rms(out["tiny_stream_decoded"]))
 
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["tiny"], help="regenerate only these entries; every other entry "
+                        "of the existing mimi_fixture.npz is kept as it is (and mimi_keys.txt is not rewritten)")
+    args = parser.parse_args(argv)
+    import torch
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sys.path.insert(0, HERE)
+    record_distance_gaps()
     path = os.path.join(HERE, "mimi_fixture.npz")
+    out = {}
+    if args.only == "tiny":
+        with np.load(path) as old:
+            out = {k: old[k] for k in old.files if not is_tiny(k)}
+        print(f"kept {len(out)} non-tiny entries of {path}")
+    else:
+        make_full(out)
+    make_tiny(out)
     np.savez_compressed(path, **out)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
 
