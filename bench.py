@@ -113,11 +113,11 @@ def bench_mimi(args) -> list[tuple]:
     jax.block_until_ready(mimi.decode(params, cfg, codes))
     dec = _timed(lambda: jax.block_until_ready(mimi.decode(params, cfg, codes)), args.reps)
 
-    state, frame, steps = mimi.init_state(cfg, 1), wav[:1, :, :F], []
+    enc, dec, frame, steps = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), wav[:1, :, :F], []
     for i in range(args.frames + 3):                                                     # 3 warm-up frames
         t0 = time.perf_counter()
-        state, c = mimi.encode_step(params, cfg, state, frame, 8)
-        state, pcm = mimi.decode_step(params, cfg, state, c)
+        enc, c = mimi.encode_step(params, cfg, enc, frame, 8)
+        dec, pcm = mimi.decode_step(params, cfg, dec, c)
         jax.block_until_ready(pcm)
         steps.append(time.perf_counter() - t0)
     ours = {"encode": enc, "decode": dec, "step": steps[3:]}
@@ -251,8 +251,6 @@ def bench_train(args) -> list[tuple]:
 LM_CONFIGS = {   # moshiko's layout (17 streams, delays, vocabularies 32000 / 2048), narrower and shallower
     "small": dict(dim=512, num_heads=8, num_layers=6, context=256, depformer_dim=256, depformer_num_heads=4,
                   depformer_num_layers=2, depformer_dim_feedforward=int(4.125 * 256)),
-    "tiny": dict(dim=64, num_heads=4, num_layers=2, context=8, depformer_dim=32, depformer_num_heads=2,
-                 depformer_num_layers=2, depformer_dim_feedforward=int(4.125 * 32), card=64, text_card=96),
 }
 
 _LM_OFFICIAL = r"""
@@ -304,7 +302,7 @@ def bench_lm(args) -> list[tuple]:
     import jax
     import jax.numpy as jnp
     import moshi
-    cfg = dataclasses.replace(moshi.MOSHIKO, **LM_CONFIGS[args.lm_config])
+    cfg = moshi.TINY if args.lm_config == "tiny" else dataclasses.replace(moshi.MOSHIKO, **LM_CONFIGS[args.lm_config])
     B = args.lm_batch
     params = moshi.generation_params(moshi.init(jax.random.key(0), cfg))   # layers as lists, as sample.py runs
     state = moshi.init_gen_state(params, cfg, B)
@@ -355,14 +353,13 @@ def bench_conversation(args) -> list[tuple]:
     import moshi
     import sample
     cfg = moshi.TINY
-    lm = moshi.generation_params(sample.random_params(lambda key: moshi.init(key, cfg), 0))
-    mimi_cfg = sample.tiny_mimi_config(cfg.card)
-    models = sample.Models(lm, cfg, sample.random_params(lambda key: mimi.init(key, mimi_cfg), 1), mimi_cfg)
+    lm = moshi.generation_params(moshi.init(jax.random.key(0), cfg))
+    models = sample.Models(lm, cfg, mimi.init(jax.random.key(1), mimi.TINY), mimi.TINY)
     n = int(args.minutes * 60 * 12.5)
     rng = np.random.default_rng(0)
     frames = (0.1 * rng.standard_normal(1920).astype(np.float32) for _ in range(n))
     times, rss, last = [], {}, time.perf_counter()
-    for i, _ in enumerate(sample.converse(models, frames, 1, sample.Sampling(), seed=0)):
+    for i, _ in enumerate(sample.converse(models, frames, 1, moshi.Sampling(), seed=0)):
         now = time.perf_counter()
         times.append(now - last)
         last = now
@@ -392,7 +389,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=10.0, help="Mimi: audio length per batch item")
     ap.add_argument("--batch", type=int, default=1, help="Mimi: batch size of encode/decode")
     ap.add_argument("--frames", type=int, default=50, help="Mimi: streaming frames timed")
-    ap.add_argument("--lm-config", default="small", choices=sorted(LM_CONFIGS), help="lm: model size")
+    ap.add_argument("--lm-config", default="small", choices=sorted(LM_CONFIGS) + ["tiny"], help="lm: model size")
     ap.add_argument("--lm-batch", type=int, default=1, help="lm: conversations generated at once")
     ap.add_argument("--lm-frames", type=int, default=50, help="lm: frames timed")
     ap.add_argument("--train-config", default="small", choices=sorted(TRAIN_CONFIGS), help="train: model size")

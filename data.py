@@ -34,14 +34,11 @@ import sys
 import numpy as np
 
 import convert
+import depformer
 import mimi
+import moshi
 
-SAMPLE_RATE = 24_000          # Mimi's sample rate
-FRAME_SIZE = 1920             # samples per Mimi frame: 80 ms
-FRAME_RATE = SAMPLE_RATE / FRAME_SIZE   # 12.5 Hz, the rate of every token stream
-TEXT_PADDING_ID = 3           # moshiko's text PAD: "nothing said in this frame"
-END_OF_PADDING_ID = 0         # moshiko's EPAD: "a word starts in the next frame"
-IGNORE_ID = -1                # "no token here": zero embedding as input, masked out of the loss
+CODEC = mimi.MimiConfig()     # moshi-finetune's data is at the released Mimi's rates: 24 kHz, 80 ms frames
 MAIN_SPEAKER = "SPEAKER_MAIN"
 
 
@@ -66,14 +63,15 @@ def tokenize_word(sp, word: str) -> list[int]:
     return ids
 
 
-def text_stream(words, num_steps: int, pad: int = TEXT_PADDING_ID, epad: int = END_OF_PADDING_ID):
-    """words: [(token_ids, start_sec, end_sec)] sorted by start -> list of `num_steps` ids."""
+def text_stream(words, num_steps: int, pad: int, epad: int):
+    """words: [(token_ids, start_sec, end_sec)] sorted by start -> list of `num_steps` ids.
+    pad, epad: the LM's text ids for "nothing said here" and "a word starts in the next frame"."""
     stream = [pad] * num_steps
     pending = collections.deque()
     next_word = 0
     for t in range(num_steps):
         # every word whose first frame is t (floor(start * 12.5) == t) takes over the pending queue
-        while next_word < len(words) and words[next_word][1] * FRAME_RATE < t + 1:
+        while next_word < len(words) and words[next_word][1] * CODEC.frame_rate < t + 1:
             pending = collections.deque(words[next_word][0])
             next_word += 1
         if pending:
@@ -98,7 +96,7 @@ def window_words(alignments, start_sec: float, duration_sec: float):
 
 
 def window_text(sp, alignments, window: int, window_frames: int, real_frames: int,
-                pad: int = TEXT_PADDING_ID, epad: int = END_OF_PADDING_ID) -> np.ndarray:
+                lm_cfg=moshi.MOSHIKO) -> np.ndarray:
     """The text row [window_frames] of window `window` of a file, as moshi-finetune builds it.
 
     `real_frames` is how many frames of audio the window really has (fewer in a file's last window).
@@ -107,13 +105,13 @@ def window_text(sp, alignments, window: int, window_frames: int, real_frames: in
     keeps going as PAD past the end of the audio (and is trained on), and is IGNORE only beyond
     ceil(real_frames * 12.5) frames. We reproduce that quirk exactly (tested against its code).
     """
-    duration_sec = window_frames / FRAME_RATE
+    duration_sec = window_frames / CODEC.frame_rate
     words = window_words(alignments, window * duration_sec, duration_sec)
     words = [(tokenize_word(sp, w), s, e) for w, s, e, spk in words if spk == MAIN_SPEAKER and s < e]
-    steps = math.ceil(real_frames * FRAME_RATE)
-    row = np.full(window_frames, IGNORE_ID, np.int32)
-    stream = text_stream(words, steps, pad, epad)[:window_frames]
-    row[:len(stream)] = stream
+    steps = math.ceil(real_frames * CODEC.frame_rate)
+    row = np.full(window_frames, depformer.ZERO_TOKEN, np.int32)
+    stream = text_stream(words, steps, lm_cfg.existing_text_padding_id, lm_cfg.existing_text_end_padding_id)
+    row[:len(stream)] = stream[:window_frames]
     return row
 
 
@@ -164,7 +162,7 @@ def load_stereo(path: str, read_audio=mimi.read_audio) -> np.ndarray:
     if not os.path.exists(path):
         raise DataError(f"{path}: audio file not found")
     try:
-        wav = np.asarray(read_audio(path, sample_rate=SAMPLE_RATE), np.float32)
+        wav = np.asarray(read_audio(path, sample_rate=CODEC.sample_rate), np.float32)
     except Exception as e:                                       # noqa: BLE001 - any decoder failure
         raise DataError(f"{path}: unreadable audio ({type(e).__name__}: {e})") from e
     if wav.ndim != 2 or wav.shape[0] != 2:
@@ -177,14 +175,14 @@ def load_stereo(path: str, read_audio=mimi.read_audio) -> np.ndarray:
 
 def cut_windows(wav: np.ndarray, window_frames: int):
     """[2, S] -> chunks [n, 2, window_samples] (zero-padded) and real frames per window [n]."""
-    window_samples = window_frames * FRAME_SIZE
+    window_samples = window_frames * CODEC.frame_size
     n = -(-wav.shape[1] // window_samples)
     chunks = np.zeros((n, 2, window_samples), np.float32)
     for w in range(n):
         piece = wav[:, w * window_samples:(w + 1) * window_samples]
         chunks[w, :, :piece.shape[1]] = piece
     real_samples = np.minimum(wav.shape[1] - np.arange(n) * window_samples, window_samples)
-    return chunks, -(-real_samples // FRAME_SIZE)
+    return chunks, -(-real_samples // CODEC.frame_size)
 
 
 class WindowEncoder:
@@ -206,8 +204,7 @@ class WindowEncoder:
         return np.concatenate(out)                               # [n, 2K, frames]: channel 0's K, then channel 1's
 
 
-def file_tokens(wav, alignments, sp, encode, window_frames: int, pad=TEXT_PADDING_ID,
-                epad=END_OF_PADDING_ID) -> tuple[np.ndarray, int]:
+def file_tokens(wav, alignments, sp, encode, window_frames: int, lm_cfg) -> tuple[np.ndarray, int]:
     """One file -> (int16 [17, n * window_frames], frames of real audio)."""
     chunks, real_frames = cut_windows(wav, window_frames)
     codes = encode(chunks)[..., :window_frames]                  # [n, 16, window_frames]
@@ -215,8 +212,8 @@ def file_tokens(wav, alignments, sp, encode, window_frames: int, pad=TEXT_PADDIN
         raise DataError(f"Mimi gave {codes.shape[-1]} frames for a {window_frames}-frame window")
     rows = []
     for w, real in enumerate(real_frames):
-        audio = np.where(np.arange(window_frames) < real, codes[w], IGNORE_ID)
-        text = window_text(sp, alignments, w, window_frames, int(real), pad, epad)
+        audio = np.where(np.arange(window_frames) < real, codes[w], depformer.ZERO_TOKEN)
+        text = window_text(sp, alignments, w, window_frames, int(real), lm_cfg)
         rows.append(np.concatenate([text[None], audio]))         # [17, window_frames]
     tokens = np.concatenate(rows, axis=1)
     if tokens.max() > np.iinfo(np.int16).max:
@@ -225,7 +222,7 @@ def file_tokens(wav, alignments, sp, encode, window_frames: int, pad=TEXT_PADDIN
 
 
 def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict: bool = False,
-            pad=TEXT_PADDING_ID, epad=END_OF_PADDING_ID, read_audio=mimi.read_audio, meta: dict | None = None,
+            lm_cfg=moshi.MOSHIKO, read_audio=mimi.read_audio, meta: dict | None = None,
             log=print) -> dict:
     """Tokenize a whole manifest into out_dir/{tokens/NNNNNN.npy, index.json}; returns the index.
 
@@ -245,10 +242,10 @@ def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict:
             log(f"prepare: SKIPPED {e}")
             skipped.append({"source": wav_path, "reason": str(e)})
             continue
-        if abs(wav.shape[1] / SAMPLE_RATE - duration) > 1 / FRAME_RATE:
-            log(f"prepare: note: {wav_path} lasts {wav.shape[1] / SAMPLE_RATE:.2f} s, the manifest says "
+        if abs(wav.shape[1] / CODEC.sample_rate - duration) > 1 / CODEC.frame_rate:
+            log(f"prepare: note: {wav_path} lasts {wav.shape[1] / CODEC.sample_rate:.2f} s, the manifest says "
                 f"{duration:.2f} s; using the audio's length")
-        tokens, real = file_tokens(wav, alignments, sp, encode, window_frames, pad, epad)
+        tokens, real = file_tokens(wav, alignments, sp, encode, window_frames, lm_cfg)
         name = os.path.join("tokens", f"{len(files):06d}.npy")
         with convert.atomic_open(os.path.join(out_dir, name)) as f:
             np.save(f, tokens)
@@ -257,8 +254,9 @@ def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict:
         log(f"prepare: [{i + 1}/{len(entries)}] {wav_path}: {files[-1]['windows']} windows, {real} frames")
     if not files:
         raise DataError(f"{manifest}: no usable file ({len(skipped)} skipped)")
-    index = {"format": "moshi-jax-tokens-v1", "window_frames": window_frames, "frame_rate": FRAME_RATE,
-             "streams": 17, "text_padding_id": pad, "end_of_padding_id": epad, "manifest": manifest,
+    index = {"format": "moshi-jax-tokens-v1", "window_frames": window_frames, "frame_rate": CODEC.frame_rate,
+             "streams": lm_cfg.num_streams, "text_padding_id": lm_cfg.existing_text_padding_id,
+             "end_of_padding_id": lm_cfg.existing_text_end_padding_id, "manifest": manifest,
              "files": files, "skipped": skipped, **(meta or {})}
     with convert.atomic_open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(index, f, indent=1)
@@ -298,7 +296,7 @@ class TokenWindows:
     def name(self, i: int) -> str:
         """A human name for window i: the source file and the seconds it covers."""
         info, w = self.locate(i)
-        sec = self.window_frames / FRAME_RATE
+        sec = self.window_frames / CODEC.frame_rate
         return f"{info['source']} [{w * sec:g}-{(w + 1) * sec:g} s]"
 
     def __getitem__(self, i: int) -> np.ndarray:
@@ -352,15 +350,15 @@ def prepare_parser(prog="data.py"):
 
 def prepare_main(args) -> dict:
     import sentencepiece
-    if args.duration_sec * FRAME_RATE != round(args.duration_sec * FRAME_RATE):
+    if args.duration_sec * CODEC.frame_rate != round(args.duration_sec * CODEC.frame_rate):
         raise ValueError(f"--duration-sec {args.duration_sec}: must be a whole number of 80 ms frames")
     params, cfg = convert.load_mimi(args.mimi)
-    if cfg.frame_size != FRAME_SIZE or cfg.sample_rate != SAMPLE_RATE:
+    if cfg.frame_size != CODEC.frame_size or cfg.sample_rate != CODEC.sample_rate:
         raise ValueError(f"{args.mimi}: a Mimi with {cfg.frame_size}-sample frames at {cfg.sample_rate} Hz; "
-                         f"Moshi needs {FRAME_SIZE} at {SAMPLE_RATE}")
+                         f"Moshi needs {CODEC.frame_size} at {CODEC.sample_rate}")
     sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
     encode = WindowEncoder(params, cfg, args.encode_batch)
-    return prepare(args.manifest, args.out, sp, encode, round(args.duration_sec * FRAME_RATE), args.strict,
+    return prepare(args.manifest, args.out, sp, encode, round(args.duration_sec * CODEC.frame_rate), args.strict,
                    meta={"tokenizer": args.tokenizer, "mimi": args.mimi})
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 import helium
 
-ZERO_TOKEN = -1          # embeds to an exact zero vector ("no input here")
+ZERO_TOKEN = -1          # "no token here": embeds to an exact zero vector; as a target, masked out of the loss
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def forward(params, cfg: DepformerConfig, h, tokens, layer_hook: Callable | None
     x = x + jnp.stack([embed(params["text_emb"], tokens[:, :, 0], params.get("text_emb_low_rank"))] +
                       [audio_embedding(params, tokens[:, :, c], c - 1) for c in steps[1:]], axis=2)
     layers = helium.select_step_weights(params["transformer"], cfg.transformer, steps)
-    y, _ = helium.transformer(layers, cfg.transformer, x.reshape(B * T, K, -1),
+    _, y = helium.transformer(layers, cfg.transformer, x.reshape(B * T, K, -1),
                               layer_hook=layer_hook, remat=remat)                         # [B*T, K, Dd]
     y = y.reshape(B, T, K, -1)
     if cfg.norm is not None:

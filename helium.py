@@ -7,10 +7,12 @@ weights per codebook step). This file is that transformer in pure JAX, in the or
 
     norms -> RoPE -> attention (+ ring KV cache) -> MLPs -> one layer -> the layer stack (lax.scan)
 
-It imports no other project file, so it can be copied alone. Params are nested dicts of arrays with
-the layers stacked on a leading axis; weights keep PyTorch's (out, in) layout so the checkpoint
-conversion is a rename. Run `python helium.py` for a tiny LM: batch forward, then token-by-token
-streaming through the KV cache, checked against each other.
+It imports no other project file, so it can be copied alone (flash.py, the Pallas kernels, is used
+only when a config asks for attention="flash"). Params are nested dicts of arrays with the layers
+stacked on a leading axis, or listed; weights keep PyTorch's (out, in) layout so the checkpoint
+conversion is a rename. Every streaming function returns `(state, out)`. Run `python helium.py`
+for a tiny LM: batch forward, then token-by-token streaming through the KV cache, checked against
+each other.
 
 Reference: kyutai-labs/moshi `moshi/modules/transformer.py`, `rope.py`, `gating.py` (moshi 0.2.13).
 """
@@ -19,12 +21,15 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+SUPPORTED = {"norm": ("rms_norm_f32", "rms_norm", "layer_norm"), "gating": ("silu", "none"),
+             "positional_embedding": ("rope", "sin", "none"), "attention": ("xla", "flash")}
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,22 @@ class TransformerConfig:
     dim_feedforward: int                  # GELU MLP width; the gated MLP derives its own (see gating_hidden)
     causal: bool = True
     context: int | None = None            # sliding window: a query sees keys with 0 <= q - k < context
-    norm: str = "rms_norm_f32"            # rms_norm_f32 | rms_norm | layer_norm | layer_norm_f32
-    gating: str = "silu"                  # silu | gelu | ... (gated MLP) or "none" (plain GELU MLP)
-    positional_embedding: str = "rope"    # rope (interleaved) | rope_concat | sin | sin_rope | none
+    norm: str = "rms_norm_f32"            # rms_norm_f32 | rms_norm | layer_norm
+    gating: str = "silu"                  # silu (gated MLP) | none (plain GELU MLP)
+    positional_embedding: str = "rope"    # rope (interleaved) | sin | none
     max_period: float = 10_000.0
     layer_scale: float | None = None      # LayerScale init value; None = no layer scale
     weights_per_step: int = 0             # >0: step t of a sequence uses its own projections (depformer)
     weights_per_step_schedule: tuple[int, ...] | None = None   # step t uses weights schedule[t]
+    attention: str = "xla"                # xla | flash (flash.py's Pallas kernels: whole causal sequences)
+
+    def __post_init__(self):
+        # Kyutai's transformer has more options (other gatings, norms, RoPE layouts); no released
+        # model uses them, so they are refused by name rather than carried untested.
+        for name, allowed in SUPPORTED.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"transformer config: {name}={getattr(self, name)!r} is not supported "
+                                 f"(only {', '.join(allowed)}: what Kyutai's released models use)")
 
     @property
     def head_dim(self) -> int:
@@ -62,10 +76,6 @@ class TransformerConfig:
         if self.weights_per_step_schedule is not None:
             return max(self.weights_per_step_schedule) + 1
         return self.weights_per_step
-
-    @property
-    def uses_rope(self) -> bool:
-        return self.positional_embedding in ("rope", "sin_rope", "rope_concat")
 
     def cache_capacity(self) -> int:
         """Ring KV cache size, as Kyutai sizes it: the context, or one slot per weight step."""
@@ -91,7 +101,7 @@ def linear(x, w):
 # Norms. Moshi's LM uses RMSNorm computed in fp32 with eps 1e-8 *added after* the mean; Mimi uses
 # torch's LayerNorm (eps 1e-5). The dtypes follow torch's: plain "rms_norm" is a chain of ops, each
 # rounded to the input's dtype; torch's LayerNorm kernel computes in fp32 for a bf16 input and
-# rounds once at the end, so both LayerNorms do (they differ in eps only).
+# rounds once at the end, and so does ours.
 
 def rms_norm(x, alpha, eps: float, fp32: bool):
     dtype = x.dtype
@@ -113,11 +123,7 @@ def norm(p, kind: str, x):
         return rms_norm(x, p["alpha"], 1e-8, fp32=True)
     if kind == "rms_norm":
         return rms_norm(x, p["alpha"], 1e-5, fp32=False)
-    if kind == "layer_norm":
-        return layer_norm(x, p["weight"], p["bias"], 1e-5)
-    if kind == "layer_norm_f32":
-        return layer_norm(x, p["weight"], p["bias"], 1e-8)
-    raise ValueError(f"unknown norm {kind!r}")
+    return layer_norm(x, p["weight"], p["bias"], 1e-5)
 
 
 def init_norm(kind: str, dim: int, dtype=jnp.float32):
@@ -128,8 +134,8 @@ def init_norm(kind: str, dim: int, dtype=jnp.float32):
 
 # ----------------------------------------------------------------------------------------------
 # Positions. RoPE rotates pairs of q/k channels by an angle that grows with the position; Kyutai's
-# "rope" pairs channels (2i, 2i+1) ("interleaved"), "rope_concat" pairs i with i + Dh/2. Angles are
-# computed in fp32 whatever the model dtype, exactly as the reference does.
+# "rope" pairs channels (2i, 2i+1) ("interleaved"). Angles are computed in fp32 whatever the model
+# dtype, exactly as the reference does.
 
 def rope_angles(positions, head_dim: int, max_period: float):
     # positions [T] (int) -> cos, sin [T, Dh/2] in fp32
@@ -139,20 +145,14 @@ def rope_angles(positions, head_dim: int, max_period: float):
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x, cos, sin, interleave: bool = True):
+def apply_rope(x, cos, sin):
     # x [B, H, T, Dh]; cos, sin [T, Dh/2]
-    dtype = x.dtype
     B, H, T, Dh = x.shape
-    if interleave:
-        pairs = x.reshape(B, H, T, Dh // 2, 2).astype(jnp.float32)
-        xr, xi = pairs[..., 0], pairs[..., 1]
-    else:
-        xr, xi = x[..., : Dh // 2].astype(jnp.float32), x[..., Dh // 2:].astype(jnp.float32)
-    out_r = (xr * cos - xi * sin).astype(dtype)
-    out_i = (xr * sin + xi * cos).astype(dtype)
-    if interleave:
-        return jnp.stack([out_r, out_i], axis=-1).reshape(B, H, T, Dh)
-    return jnp.concatenate([out_r, out_i], axis=-1)
+    pairs = x.reshape(B, H, T, Dh // 2, 2).astype(jnp.float32)
+    xr, xi = pairs[..., 0], pairs[..., 1]
+    out_r = (xr * cos - xi * sin).astype(x.dtype)
+    out_i = (xr * sin + xi * cos).astype(x.dtype)
+    return jnp.stack([out_r, out_i], axis=-1).reshape(B, H, T, Dh)
 
 
 def sin_embedding(positions, dim: int, max_period: float, dtype):
@@ -196,231 +196,6 @@ def dot_product_attention(q, k, v, mask):
     return (out / jnp.sum(weights, axis=-1)[..., None]).astype(v.dtype)
 
 
-# Flash attention: the same math as dot_product_attention for a whole causal sequence, as a Pallas
-# TPU kernel that never materialises the [T, S] score matrix. Each grid step takes one block of
-# queries and one block of keys, and keeps a running max `m`, normaliser `l` and unnormalised
-# output `acc` (online softmax, FlashAttention-2). Blocks entirely in the future, or entirely
-# outside the sliding window, are skipped. The kernel runs in interpret mode off TPU (tests, CPU).
-# The backward pass is two more kernels (FlashAttention-2's): one walks the query blocks for each
-# key block and accumulates dK, dV; the other walks the key blocks for each query block and
-# accumulates dQ. Both rebuild the attention weights of a block from the forward's per-row
-# log-sum-exp, so no [T, S] matrix exists in either direction.
-
-FLASH_BLOCK_Q = 128      # queries per grid step (multiple of 8 on TPU)
-FLASH_BLOCK_K = 128      # keys per grid step (multiple of 128 on TPU: the lane width)
-_STAT_LANES = 128        # running max / sum are stored lane-replicated, as TPU layouts want
-
-
-def _visible(q_first, k_first, block_q, block_k, context):
-    """Does any (query, key) pair of these two blocks attend? Deltas q - k span
-    [q_first - k_last, q_last - k_first]."""
-    visible = q_first + block_q - 1 - k_first >= 0
-    if context is not None:
-        visible = visible & (q_first - (k_first + block_k - 1) < context)
-    return visible
-
-
-def _block_scores(q, k, q_first, k_first, scale, context):
-    """Scores [bq, bk] (fp32) of a query block against a key block, and which pairs attend."""
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-    delta = (q_first + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
-             - k_first - jax.lax.broadcasted_iota(jnp.int32, s.shape, 1))
-    mask = delta >= 0
-    if context is not None:
-        mask = mask & (delta < context)
-    return s, mask
-
-
-def _flash_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, context, scale):
-    from jax.experimental import pallas as pl
-    block_q, block_k = q_ref.shape[1], k_ref.shape[1]
-    qi, ki = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(ki == 0)
-    def _init():
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-    q_first, k_first = qi * block_q, ki * block_k
-
-    @pl.when(_visible(q_first, k_first, block_q, block_k, context))
-    def _body():
-        q, k, v = q_ref[0], k_ref[0], v_ref[0]                      # [bq, Dh], [bk, Dh], [bk, Dh]
-        s, mask = _block_scores(q, k, q_first, k_first, scale, context)
-        m_prev, l_prev = m_ref[:, :1], l_ref[:, :1]                   # [bq, 1]
-        m_next = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1, keepdims=True))
-        safe_m = jnp.where(m_next == -jnp.inf, 0.0, m_next)          # rows with nothing visible yet
-        p = jnp.where(mask, jnp.exp(s - safe_m), 0.0)                # [bq, bk]
-        alpha = jnp.exp(jnp.where(m_prev == -jnp.inf, -jnp.inf, m_prev - safe_m))
-        l_ref[...] = jnp.broadcast_to(alpha * l_prev + p.sum(axis=1, keepdims=True), l_ref.shape)
-        m_ref[...] = jnp.broadcast_to(m_next, m_ref.shape)
-        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-
-    @pl.when(ki == pl.num_programs(2) - 1)
-    def _finish():
-        o_ref[0] = (acc_ref[...] / l_ref[:, :1]).astype(o_ref.dtype)
-        lse_ref[0] = m_ref[...] + jnp.log(l_ref[...])               # what the backward rebuilds p from
-
-
-def _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale, context):
-    """What both backward kernels need of a (query block, key block) pair: the attention weights p
-    [bq, bk], rebuilt from the forward's log-sum-exp, and dS = p * (dO v^T - D), the gradient
-    that reaches the scores through the softmax (D = rowsum(dO * O))."""
-    s, mask = _block_scores(q_ref[0], k_ref[0], q_first, k_first, scale, context)
-    p = jnp.where(mask, jnp.exp(s - lse_ref[0][:, :1]), 0.0)
-    dp = jax.lax.dot_general(do_ref[0], v_ref[0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return p, p * (dp - d_ref[0][:, :1])
-
-
-def _flash_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, dk_acc, dv_acc,
-                      *, context, scale):
-    """Grid (BH, key blocks, query blocks): dK, dV of one key block, summed over the query blocks."""
-    from jax.experimental import pallas as pl
-    block_q, block_k = q_ref.shape[1], k_ref.shape[1]
-    ki, qi = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(qi == 0)
-    def _init():
-        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
-        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
-
-    q_first, k_first = qi * block_q, ki * block_k
-
-    @pl.when(_visible(q_first, k_first, block_q, block_k, context))
-    def _body():
-        q, do = q_ref[0], do_ref[0]
-        p, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale, context)
-        dv_acc[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)   # p^T dO
-        dk_acc[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                                   preferred_element_type=jnp.float32)   # dS^T q
-
-    @pl.when(qi == pl.num_programs(2) - 1)
-    def _finish():
-        dk_ref[0] = dk_acc[...].astype(dk_ref.dtype)
-        dv_ref[0] = dv_acc[...].astype(dv_ref.dtype)
-
-
-def _flash_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dq_acc, *, context, scale):
-    """Grid (BH, query blocks, key blocks): dQ of one query block, summed over the key blocks."""
-    from jax.experimental import pallas as pl
-    block_q, block_k = q_ref.shape[1], k_ref.shape[1]
-    qi, ki = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(ki == 0)
-    def _init():
-        dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
-
-    q_first, k_first = qi * block_q, ki * block_k
-
-    @pl.when(_visible(q_first, k_first, block_q, block_k, context))
-    def _body():
-        k = k_ref[0]
-        _, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale, context)
-        dq_acc[...] += scale * jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-
-    @pl.when(ki == pl.num_programs(2) - 1)
-    def _finish():
-        dq_ref[0] = dq_acc[...].astype(dq_ref.dtype)
-
-
-def _flat(a, pad):
-    # [B, H, T, X] -> [B * H, T + pad, X]: padded rows sit in every real query's future
-    B, H, T, X = a.shape
-    return jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B * H, T + pad, X)
-
-
-def _flash_call(kernel, inputs, outputs, grid, in_blocks, out_blocks, scratch, interpret):
-    """pallas_call over [BH, Tp, X] arrays. A block is (rows, index_map) over grid (b, i, j)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import tpu as pltpu
-    spec = lambda shape, rows, index: pl.BlockSpec((1, rows, shape[-1]), index)   # noqa: E731
-    # manual_axis_type: inside shard_map (train.py), the outputs vary over the same mesh axes as q
-    axes = jax.typeof(inputs[0]).manual_axis_type
-    return pl.pallas_call(
-        kernel,
-        out_shape=[jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=axes) for shape, dtype in outputs],
-        grid=grid,
-        in_specs=[spec(a.shape, *block) for a, block in zip(inputs, in_blocks)],
-        out_specs=[spec(shape, *block) for (shape, _), block in zip(outputs, out_blocks)],
-        scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
-        # the last grid axis is each kernel's reduction; the others may split over a chip's cores
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-    )(*inputs)
-
-
-def _flash_forward(q, k, v, context, block_q, block_k, interpret):
-    """-> out [B, H, T, Dh] and the per-row log-sum-exp [BH, Tp, lanes] the backward needs."""
-    B, H, T, Dh = q.shape
-    pad = (-T) % math.lcm(block_q, block_k)
-    Tp = T + pad
-    by_q = lambda b, i, j: (b, i, 0)                                # noqa: E731   block i of the queries
-    by_k = lambda b, i, j: (b, j, 0)                                # noqa: E731   block j of the keys
-    out, lse = _flash_call(
-        partial(_flash_kernel, context=context, scale=1.0 / math.sqrt(Dh)),
-        [_flat(a, pad) for a in (q, k, v)],
-        [((B * H, Tp, Dh), q.dtype), ((B * H, Tp, _STAT_LANES), jnp.float32)],
-        (B * H, Tp // block_q, Tp // block_k),                      # key blocks last: the reduction axis
-        [(block_q, by_q), (block_k, by_k), (block_k, by_k)], [(block_q, by_q), (block_q, by_q)],
-        [(block_q, _STAT_LANES), (block_q, _STAT_LANES), (block_q, Dh)], interpret)
-    return out.reshape(B, H, Tp, Dh)[:, :, :T], lse
-
-
-def _flash_backward(q, k, v, out, lse, d_out, context, block_q, block_k, interpret):
-    B, H, T, Dh = q.shape
-    pad = (-T) % math.lcm(block_q, block_k)
-    Tp = T + pad
-    # D = rowsum(dO * O), the softmax backward's correction term, lane-replicated like lse
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    inputs = [_flat(a, pad) for a in (q, k, v, d_out)] + [lse, _flat(jnp.broadcast_to(delta, (B, H, T, _STAT_LANES)), pad)]
-    scale = 1.0 / math.sqrt(Dh)
-    # dK, dV: grid (b, key block i, query block j); dQ: grid (b, query block i, key block j)
-    q_of_j, k_of_i = (lambda b, i, j: (b, j, 0)), (lambda b, i, j: (b, i, 0))
-    dk, dv = _flash_call(
-        partial(_flash_dkv_kernel, context=context, scale=scale), inputs,
-        [((B * H, Tp, Dh), k.dtype), ((B * H, Tp, Dh), v.dtype)], (B * H, Tp // block_k, Tp // block_q),
-        [(block_q, q_of_j), (block_k, k_of_i), (block_k, k_of_i), (block_q, q_of_j), (block_q, q_of_j),
-         (block_q, q_of_j)],
-        [(block_k, k_of_i), (block_k, k_of_i)], [(block_k, Dh), (block_k, Dh)], interpret)
-    q_of_i, k_of_j = (lambda b, i, j: (b, i, 0)), (lambda b, i, j: (b, j, 0))
-    (dq,) = _flash_call(
-        partial(_flash_dq_kernel, context=context, scale=scale), inputs,
-        [((B * H, Tp, Dh), q.dtype)], (B * H, Tp // block_q, Tp // block_k),
-        [(block_q, q_of_i), (block_k, k_of_j), (block_k, k_of_j), (block_q, q_of_i), (block_q, q_of_i),
-         (block_q, q_of_i)],
-        [(block_q, q_of_i)], [(block_q, Dh)], interpret)
-    return tuple(g.reshape(B, H, Tp, Dh)[:, :, :T] for g in (dq, dk, dv))
-
-
-def _reference_causal(q, k, v, context):
-    pos = jnp.arange(q.shape[2])
-    return dot_product_attention(q, k, v, attention_mask(pos, pos, True, context))
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def flash_attention(q, k, v, context=None, block_q=FLASH_BLOCK_Q, block_k=FLASH_BLOCK_K, interpret=None):
-    """Causal (optionally sliding-window) attention over a whole sequence; q, k, v [B, H, T, Dh]."""
-    return _flash_forward(q, k, v, context, block_q, block_k, _interpret(interpret))[0]
-
-
-def _interpret(interpret):
-    return jax.default_backend() != "tpu" if interpret is None else interpret
-
-
-def _flash_fwd(q, k, v, context, block_q, block_k, interpret):
-    out, lse = _flash_forward(q, k, v, context, block_q, block_k, _interpret(interpret))
-    return out, (q, k, v, out, lse)
-
-
-def _flash_bwd(context, block_q, block_k, interpret, residuals, d_out):
-    return _flash_backward(*residuals, d_out, context, block_q, block_k, _interpret(interpret))
-
-
-flash_attention.defvjp(_flash_fwd, _flash_bwd)
-
-
 def ring_positions(offset, T: int, capacity: int):
     """Absolute position held by each cache slot after writing T steps at `offset`; -1 if empty."""
     last = offset + T - 1
@@ -438,62 +213,67 @@ def ring_write(cache, k, v, offset):
     return {"k": new_k, "v": new_v}, ring_positions(offset, T, C)
 
 
-def self_attention(p, cfg: TransformerConfig, x, offset, cache=None, attention: str = "xla"):
-    """x [B, T, D] at absolute positions offset..offset+T-1 -> ([B, T, D], new cache or None).
-
-    attention="flash" runs whole-sequence causal attention through the Pallas kernel (training on
-    TPU); streaming steps always use the plain path, whose cost is one query row per step anyway.
-    """
+def self_attention(p, cfg: TransformerConfig, x, offset, cache=None):
+    """x [B, T, D] at absolute positions offset..offset+T-1 -> (new cache or None, [B, T, D])."""
     B, T, D = x.shape
     H, Dh = cfg.num_heads, cfg.head_dim
     qkv = linear(x, p["in_proj"]).reshape(B, T, 3, H, Dh)          # [B, T, (3 H Dh)] unpacked
     q, k, v = (jnp.moveaxis(qkv[:, :, i], 1, 2) for i in range(3))  # each [B, H, T, Dh]
     pos_q = offset + jnp.arange(T)
-    if cfg.uses_rope:
+    if cfg.positional_embedding == "rope":
         cos, sin = rope_angles(pos_q, Dh, cfg.max_period)
-        interleave = cfg.positional_embedding != "rope_concat"
-        q, k = apply_rope(q, cos, sin, interleave), apply_rope(k, cos, sin, interleave)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is None:
         pos_k = pos_q
     else:
         cache, pos_k = ring_write(cache, k, v, offset)
         k, v = cache["k"], cache["v"]
-    if attention == "flash" and cache is None and cfg.causal:
-        out = flash_attention(q, k, v, cfg.context)                # offset only moved RoPE: masks are relative
+    if cfg.attention == "flash":
+        out = _flash_attention(q, k, v, cfg, cache)
     else:
         out = dot_product_attention(q, k, v, attention_mask(pos_q, pos_k, cfg.causal, cfg.context))
     out = jnp.moveaxis(out, 1, 2).reshape(B, T, D)
-    return linear(out, p["out_proj"]), cache
+    return cache, linear(out, p["out_proj"])
+
+
+def _flash_attention(q, k, v, cfg: TransformerConfig, cache):
+    """flash.py's Pallas kernels: whole causal sequences only (training). A streaming step attends
+    one query row per step, for which the plain path is already cheap."""
+    if cache is not None or not cfg.causal:
+        raise ValueError("attention='flash' runs whole causal sequences (training); streaming and "
+                         "non-causal transformers use attention='xla'")
+    try:
+        import flash
+    except ImportError as e:
+        raise ImportError("attention='flash' needs flash.py (the Pallas kernels) beside helium.py") from e
+    return flash.flash_attention(q, k, v, cfg.context)          # offset only moved RoPE: masks are relative
 
 
 # ----------------------------------------------------------------------------------------------
 # MLPs. Helium and the depformer use a SiLU-gated MLP whose packed `linear_in` holds [gate | up];
 # Mimi uses a plain GELU MLP (exact erf GELU, no biases).
 
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-               "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh}
-
-
 def mlp(p, cfg: TransformerConfig, x):
     if cfg.gating == "none":
         return linear(jax.nn.gelu(linear(x, p["linear1"]), approximate=False), p["linear2"])
     h = linear(x, p["linear_in"])                                  # [B, T, 2 * hidden]
     gate, up = jnp.split(h, 2, axis=-1)
-    return linear(ACTIVATIONS[cfg.gating](gate) * up, p["linear_out"])
+    return linear(jax.nn.silu(gate) * up, p["linear_out"])
 
 
 # ----------------------------------------------------------------------------------------------
 # One layer: pre-norm attention then pre-norm MLP, each added back through an optional LayerScale.
 
-def layer(p, cfg: TransformerConfig, x, offset, cache=None, attention: str = "xla"):
-    update, cache = self_attention(p["attn"], cfg, norm(p["norm1"], cfg.norm, x), offset, cache, attention)
+def layer(p, cfg: TransformerConfig, x, offset, cache=None):
+    """x [B, T, D] -> (new cache or None, [B, T, D])."""
+    cache, update = self_attention(p["attn"], cfg, norm(p["norm1"], cfg.norm, x), offset, cache)
     if "layer_scale_1" in p:
         update = p["layer_scale_1"] * update
     x = x.astype(update.dtype) + update
     update = mlp(p["mlp"], cfg, norm(p["norm2"], cfg.norm, x))
     if "layer_scale_2" in p:
         update = p["layer_scale_2"] * update
-    return x.astype(update.dtype) + update, cache
+    return cache, x.astype(update.dtype) + update
 
 
 # Weights that differ per step when cfg.weights_per_step (norms and layer scales are shared).
@@ -536,17 +316,17 @@ def map_step_weights(p, take):
 # before use: train.py uses it to all-gather FSDP shards and merge LoRA adapters one layer at a time.
 
 def transformer(params, cfg: TransformerConfig, x, offset=0, cache=None,
-                layer_hook: Callable | None = None, remat: bool = False, attention: str = "xla"):
-    """x [B, T, D] -> (y [B, T, D], new cache). `cache` is None (whole sequence) or from init_cache."""
+                layer_hook: Callable | None = None, remat: bool = False):
+    """x [B, T, D] -> (new cache, y [B, T, D]). `cache` is None (whole sequence) or from init_cache."""
     offset = jnp.asarray(offset, jnp.int32)
-    if cfg.positional_embedding in ("sin", "sin_rope"):
+    if cfg.positional_embedding == "sin":
         x = x + sin_embedding(offset + jnp.arange(x.shape[1]), x.shape[-1], cfg.max_period, x.dtype)
 
     def body(h, layer_inputs):
         p, c = layer_inputs
         if layer_hook is not None:
             p = layer_hook(p)
-        h, c = layer(p, cfg, h, offset, c, attention)
+        c, h = layer(p, cfg, h, offset, c)
         return h, c
 
     if remat:
@@ -562,18 +342,13 @@ def transformer(params, cfg: TransformerConfig, x, offset=0, cache=None,
         y, kv = jax.lax.scan(body, x, (params, kv))
     if cache is not None:
         cache = dict(kv, offset=cache["offset"] + x.shape[1])
-    return y.astype(x.dtype), cache
+    return cache, y.astype(x.dtype)
 
 
 def unstack_layers(layers) -> list:
     """Stacked layers -> a list of per-layer dicts (the layout generation runs fastest on)."""
     n = jax.tree.leaves(layers)[0].shape[0]
     return [jax.tree.map(lambda a: a[i], layers) for i in range(n)]
-
-
-def stack_layers(layers: list) -> dict:
-    """A list of per-layer dicts -> stacked layers (the layout training and lax.scan use)."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, dtype=jnp.float32, capacity: int | None = None,
@@ -589,10 +364,9 @@ def init_cache(cfg: TransformerConfig, batch_size: int, dtype=jnp.float32, capac
     return {"k": zeros(), "v": zeros(), "offset": jnp.zeros((), jnp.int32)}
 
 
-def step(params, cfg: TransformerConfig, cache, x, **kw):
+def step(params, cfg: TransformerConfig, cache, x):
     """Streaming call: x [B, T, D] continues the sequence held in `cache` -> (new cache, y)."""
-    y, cache = transformer(params, cfg, x, offset=cache["offset"], cache=cache, **kw)
-    return cache, y
+    return transformer(params, cfg, x, offset=cache["offset"], cache=cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -649,9 +423,10 @@ def init_tiny_lm(key, cfg: TinyLMConfig):
 
 
 def tiny_lm_logits(params, cfg: TinyLMConfig, tokens, offset=0, cache=None):
+    """tokens [B, T] -> (cache, logits [B, T, vocab])."""
     x = params["emb"][tokens]                                      # [B, T, D]
-    h, cache = transformer(params["layers"], cfg.transformer, x, offset, cache)
-    return linear(norm(params["out_norm"], cfg.transformer.norm, h), params["head"]), cache
+    cache, h = transformer(params["layers"], cfg.transformer, x, offset, cache)
+    return cache, linear(norm(params["out_norm"], cfg.transformer.norm, h), params["head"])
 
 
 def main(argv=None):
@@ -665,12 +440,8 @@ def main(argv=None):
     params = init_tiny_lm(jax.random.key(args.seed), cfg)
     tokens = jnp.asarray([list(args.text.encode())], jnp.int32)    # [1, T]
     T = tokens.shape[1]
-    full, _ = jax.jit(lambda p, t: tiny_lm_logits(p, cfg, t))(params, tokens)
-
-    @jax.jit
-    def step_fn(p, cache, tok):
-        logits, cache = tiny_lm_logits(p, cfg, tok, cache["offset"], cache)
-        return cache, logits
+    _, full = jax.jit(lambda p, t: tiny_lm_logits(p, cfg, t))(params, tokens)
+    step_fn = jax.jit(lambda p, cache, tok: tiny_lm_logits(p, cfg, tok, cache["offset"], cache))
 
     # Generation runs on unstacked layers (a list), the layout that reads weights in place.
     params = dict(params, layers=unstack_layers(params["layers"]))

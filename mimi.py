@@ -15,9 +15,10 @@ order a waveform meets it:
 
 One code path per direction serves batch and streaming use: every conv keeps the tail of its input
 (a transposed conv, the overhang of its output) in an explicit state, and the transformers keep a
-ring KV cache (helium.py). Streaming passes the state from one 80 ms frame to the next; the batch
-functions run the same steps over 10 s chunks from a fresh state, with a KV cache big enough to
-hold a full window behind every chunk: exactly the non-streaming result, in bounded memory.
+ring KV cache (helium.py). Streaming passes each direction's state from one 80 ms frame to the
+next (`encoder_state` / `decoder_state`, `(state, out) = encode_step / decode_step(...)`); the
+batch functions run the same steps over 10 s chunks from a fresh state, with a KV cache big enough
+to hold a full window behind every chunk: exactly the non-streaming result, in bounded memory.
 
 Streaming note (Kyutai's behaviour, reproduced exactly): the streaming transformers get 2 steps
 per frame and a ring cache of exactly 250 slots, so once more than 250 steps (10 s) have passed, the
@@ -27,11 +28,12 @@ drift from its batch codes after 10 s; ours match its streaming codes there, not
 Also here: audio I/O for the other scripts (`read_blocks` streams a file of any rate and channel
 count through a windowed-sinc polyphase resampler written in numpy, in constant memory;
 `read_audio` joins its blocks; `frames_of` cuts a stream into 80 ms frames; `mix_down`,
-`write_audio`), and a command line round trip:
-    python mimi.py in.wav out.wav --weights tokenizer-e351c8d8-checkpoint125.safetensors
+`write_audio`). It imports helium.py only. `python mimi.py` runs a random tiny codec, batch vs
+streaming; Kyutai's weights load with `convert.load_mimi`, and `python convert.py mimi in.wav
+out.wav --weights tokenizer-e351c8d8-checkpoint125.safetensors` round-trips a file through them.
 
 Reference: kyutai-labs/moshi `moshi/models/compression.py`, `modules/seanet.py`, `conv.py`,
-`resample.py`, `quantization/` (moshi 0.2.13). Weights load with `convert.load_mimi`.
+`resample.py`, `quantization/` (moshi 0.2.13).
 """
 from __future__ import annotations
 
@@ -39,9 +41,6 @@ import argparse
 import functools
 import math
 import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 
 import jax
@@ -83,12 +82,6 @@ class MimiConfig:
     def __post_init__(self):
         object.__setattr__(self, "ratios", tuple(self.ratios))     # hashable: configs are static under jit
 
-    @classmethod
-    def tiny(cls) -> "MimiConfig":
-        """A few-thousand-parameter codec with the same structure, for fast tests (context 8)."""
-        return cls(dimension=16, n_filters=4, ratios=(4, 2), num_heads=2, num_layers=2, dim_feedforward=32,
-                   context=8, codebook_dim=8, codebook_size=32, num_quantizers=4)
-
     @property
     def hop_length(self) -> int:
         """Samples per encoder step (960: the SEANet runs at 25 Hz)."""
@@ -111,7 +104,10 @@ class MimiConfig:
             gating="none", positional_embedding="rope", max_period=self.max_period, layer_scale=self.layer_scale)
 
 
-TINY = MimiConfig.tiny()
+# A codec of a few thousand parameters with the real structure and 80 ms frames, for tests and
+# demos (its 8-step KV ring wraps after 4 frames); it fits moshi.TINY's 64-entry codebooks.
+TINY = MimiConfig(dimension=16, n_filters=4, num_heads=2, num_layers=2, dim_feedforward=32, context=8,
+                  codebook_dim=8, codebook_size=64, num_quantizers=8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +128,8 @@ class Conv:
     @property
     def weight_shape(self) -> tuple:
         # Ours, chosen so no weight is ever re-laid-out at run time (see "Causal convolutions"):
-        # conv (k, in/groups, out) ("WIO"); transposed conv (in, k, out/groups).
+        # conv (k, in/groups, out) ("WIO"); transposed conv (in, k, out/groups). The only grouped
+        # convs are the depthwise upsampler (groups = channels).
         if self.transposed:
             return (self.cin, self.kernel, self.cout // self.groups)
         return (self.kernel, self.cin // self.groups, self.cout)
@@ -194,16 +191,16 @@ def _is_conv(x) -> bool:
 # (convert.py transposes PyTorch's once at load): with PyTorch's (out, in, k), XLA re-lays out every
 # weight on every call, which made a streaming frame 5x slower.
 
-def conv1d(p, spec: Conv, x, history):
-    # x [B, T, Cin], history [B, (k-1)*d+1-s, Cin] -> y [B, T/s, Cout], new history
+def conv1d(p, spec: Conv, history, x):
+    # history [B, (k-1)*d+1-s, Cin] -> new history, y [B, T/s, Cout]
     x = jnp.concatenate([history, x], axis=1)
     new_history = x[:, x.shape[1] - history.shape[1]:]
     y = jax.lax.conv_general_dilated(x, p["w"], (spec.stride,), "VALID", rhs_dilation=(spec.dilation,),
-                                     dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=spec.groups)
-    return (y + p["b"] if spec.bias else y), new_history
+                                     dimension_numbers=("NWC", "WIO", "NWC"))
+    return new_history, (y + p["b"] if spec.bias else y)
 
 
-def conv_transpose1d(p, spec: Conv, x, overhang):
+def conv_transpose1d(p, spec: Conv, overhang, x):
     """Causal transposed conv: input step t paints `kernel` output samples from t * stride on.
 
     Written as one matmul plus an overlap-add of ceil(k/s) shifted copies (XLA's CPU backend has no
@@ -211,66 +208,61 @@ def conv_transpose1d(p, spec: Conv, x, overhang):
     are held back as `overhang` and added to the next call's output, exactly Kyutai's `partial`.
     """
     B, T, _ = x.shape
-    s, g = spec.stride, spec.groups
-    n = -(-spec.kernel // s)                                        # output strides one input step touches
-    w = p["w"]                                                      # [Cin, k, Cout/g]
+    s, n = spec.stride, -(-spec.kernel // spec.stride)             # n: output strides one input step touches
+    w = p["w"]                                                      # [Cin, k, Cout/groups]
     if n * s != spec.kernel:
         w = jnp.pad(w, ((0, 0), (0, n * s - spec.kernel), (0, 0)))
-    if g == 1:                                                      # a plain matmul: no weight relayout
+    if spec.groups == 1:                                            # a plain matmul: no weight relayout
         y = x @ w.reshape(spec.cin, n * s * spec.cout)
-    elif g == spec.cin == spec.cout:                                # depthwise: a broadcast product
+    else:                                                           # depthwise: a broadcast product
         y = x[:, :, None, :] * w[:, :, 0].T
-    else:
-        y = jnp.einsum("btgi,giko->btkgo", x.reshape(B, T, g, spec.cin // g), w.reshape(g, spec.cin // g, n * s, -1))
     y = y.reshape(B, T, n, s, spec.cout)                            # [B, T, n, s, Cout]
     full = sum(jnp.pad(y[:, :, m], ((0, 0), (m, n - 1 - m), (0, 0), (0, 0))) for m in range(n))
     full = full.reshape(B, (T + n - 1) * s, spec.cout)              # every touched sample, bias-free
     full = full.at[:, :overhang.shape[1]].add(overhang)
     out, overhang = full[:, :T * s], full[:, T * s:]
-    return (out + p["b"] if spec.bias else out), overhang
-
-
-def elu(x):
-    return jax.nn.elu(x)
+    return overhang, (out + p["b"] if spec.bias else out)
 
 
 # ----------------------------------------------------------------------------------------------
 # SEANet. A residual block is x + conv1x1(elu(conv_k(elu(x)))); the identity skip keeps it causal.
 
-def resblock(p, spec, x, state):
-    h, s1 = conv1d(p["conv1"], spec["conv1"], elu(x), state["conv1"])
-    h, s2 = conv1d(p["conv2"], spec["conv2"], elu(h), state["conv2"])
-    return x + h, {"conv1": s1, "conv2": s2}
+def resblock(p, spec, state, x):
+    s1, h = conv1d(p["conv1"], spec["conv1"], state["conv1"], jax.nn.elu(x))
+    s2, h = conv1d(p["conv2"], spec["conv2"], state["conv2"], jax.nn.elu(h))
+    return {"conv1": s1, "conv2": s2}, x + h
 
 
-def seanet_encoder(p, spec, x, state):
-    # x [B, S, channels] -> [B, S / hop_length, dimension]
+def resblocks(p, spec, state, x):
+    new = []
+    for pr, lr, sr in zip(p, spec, state):
+        sr, x = resblock(pr, lr, sr, x)
+        new.append(sr)
+    return new, x
+
+
+def seanet_encoder(p, spec, state, x):
+    # x [B, S, channels] -> (new state, [B, S / hop_length, dimension])
     new = {"stages": []}
-    x, new["conv_in"] = conv1d(p["conv_in"], spec["conv_in"], x, state["conv_in"])
+    new["conv_in"], x = conv1d(p["conv_in"], spec["conv_in"], state["conv_in"], x)
     for ps, ls, ss in zip(p["stages"], spec["stages"], state["stages"]):
-        res = []
-        for pr, lr, sr in zip(ps["res"], ls["res"], ss["res"]):
-            x, st = resblock(pr, lr, x, sr)
-            res.append(st)
-        x, down = conv1d(ps["down"], ls["down"], elu(x), ss["down"])
+        res, x = resblocks(ps["res"], ls["res"], ss["res"], x)
+        down, x = conv1d(ps["down"], ls["down"], ss["down"], jax.nn.elu(x))
         new["stages"].append({"res": res, "down": down})
-    x, new["conv_out"] = conv1d(p["conv_out"], spec["conv_out"], elu(x), state["conv_out"])
-    return x, new
+    new["conv_out"], x = conv1d(p["conv_out"], spec["conv_out"], state["conv_out"], jax.nn.elu(x))
+    return new, x
 
 
-def seanet_decoder(p, spec, x, state):
-    # x [B, T, dimension] -> [B, T * hop_length, channels]; no final activation, no clipping
+def seanet_decoder(p, spec, state, x):
+    # x [B, T, dimension] -> (new state, [B, T * hop_length, channels]); no final activation, no clipping
     new = {"stages": []}
-    x, new["conv_in"] = conv1d(p["conv_in"], spec["conv_in"], x, state["conv_in"])
+    new["conv_in"], x = conv1d(p["conv_in"], spec["conv_in"], state["conv_in"], x)
     for ps, ls, ss in zip(p["stages"], spec["stages"], state["stages"]):
-        x, up = conv_transpose1d(ps["up"], ls["up"], elu(x), ss["up"])
-        res = []
-        for pr, lr, sr in zip(ps["res"], ls["res"], ss["res"]):
-            x, st = resblock(pr, lr, x, sr)
-            res.append(st)
+        up, x = conv_transpose1d(ps["up"], ls["up"], ss["up"], jax.nn.elu(x))
+        res, x = resblocks(ps["res"], ls["res"], ss["res"], x)
         new["stages"].append({"up": up, "res": res})
-    x, new["conv_out"] = conv1d(p["conv_out"], spec["conv_out"], elu(x), state["conv_out"])
-    return x, new
+    new["conv_out"], x = conv1d(p["conv_out"], spec["conv_out"], state["conv_out"], jax.nn.elu(x))
+    return new, x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,16 +270,16 @@ def seanet_decoder(p, spec, x, state):
 # frame (Kyutai's pad_mode="replicate"), so the state remembers whether the stream has started.
 # Up: a depthwise transposed conv.
 
-def downsample(w, cfg: MimiConfig, x, state):
-    # x [B, 2T, D] -> [B, T, D]
+def downsample(w, cfg: MimiConfig, state, x):
+    # x [B, 2T, D] -> (new state, [B, T, D])
     history = jnp.where(state["first"][:, None, None], x[:, :1], state["history"])
-    y, history = conv1d({"w": w}, downsample_layout(cfg), x, history)
-    return y, {"history": history, "first": jnp.zeros_like(state["first"])}
+    history, y = conv1d({"w": w}, downsample_layout(cfg), history, x)
+    return {"history": history, "first": jnp.zeros_like(state["first"])}, y
 
 
-def upsample(w, cfg: MimiConfig, x, overhang):
-    # x [B, T, D] -> [B, 2T, D]
-    return conv_transpose1d({"w": w}, upsample_layout(cfg), x, overhang)
+def upsample(w, cfg: MimiConfig, overhang, x):
+    # x [B, T, D] -> (new overhang, [B, 2T, D])
+    return conv_transpose1d({"w": w}, upsample_layout(cfg), overhang, x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,60 +338,44 @@ def dequantize(p, cfg: MimiConfig, codes):
 
 
 # ----------------------------------------------------------------------------------------------
-# The transformers: helium layers (LayerNorm, interleaved RoPE, LayerScale, GELU MLP, 250-step
-# window, ring KV cache), applied one by one from a list. helium's own stack stores layers stacked
-# and runs them in a lax.scan, which slices (copies) every layer's weights on each call: for a
-# 2-step streaming call on CPU that copy costs as much as the layer itself.
-
-def transformer_cache(cfg: MimiConfig, batch_size: int, capacity: int | None = None) -> dict:
-    tc = cfg.transformer
-    shape = (batch_size, tc.num_heads, capacity or tc.cache_capacity(), tc.head_dim)
-    return {"layers": [{"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in range(tc.num_layers)],
-            "offset": jnp.zeros((), jnp.int32)}
-
-
-def transformer_step(layers, cfg: MimiConfig, cache, x):
-    # x [B, T, D] continues the sequence in `cache` -> new cache, [B, T, D]
-    new = []
-    for p, c in zip(layers, cache["layers"]):
-        x, c = helium.layer(p, cfg.transformer, x, cache["offset"], c)
-        new.append(c)
-    return {"layers": new, "offset": cache["offset"] + x.shape[1]}, x
-
-
-# ----------------------------------------------------------------------------------------------
 # The two directions, one chunk at a time with explicit state. A chunk is any whole number of
-# frames; the state carries conv tails, the transformer's ring KV cache and its position.
+# frames; the state carries conv tails, the transformer's ring KV cache and its position. The
+# transformers are helium layers (LayerNorm, interleaved RoPE, LayerScale, GELU MLP, 250-step
+# window) kept as a list, the layout a streaming step reads in place (see helium's stack).
+
+def _conv_states(layout, batch_size: int):
+    return jax.tree.map(lambda c: jnp.zeros(c.state_shape(batch_size)), layout, is_leaf=_is_conv)
+
 
 def encoder_state(cfg: MimiConfig, batch_size: int, capacity: int | None = None) -> dict:
-    conv_states = jax.tree.map(lambda c: jnp.zeros(c.state_shape(batch_size)), encoder_layout(cfg), is_leaf=_is_conv)
-    return {"seanet": conv_states,
-            "transformer": transformer_cache(cfg, batch_size, capacity),
+    """Streaming state of the encoder (KV cache of `capacity` slots, default the context)."""
+    return {"seanet": _conv_states(encoder_layout(cfg), batch_size),
+            "transformer": helium.init_cache(cfg.transformer, batch_size, capacity=capacity, stacked=False),
             "downsample": {"history": jnp.zeros(downsample_layout(cfg).state_shape(batch_size)),
                            "first": jnp.ones((batch_size,), bool)}}
 
 
 def decoder_state(cfg: MimiConfig, batch_size: int, capacity: int | None = None) -> dict:
-    conv_states = jax.tree.map(lambda c: jnp.zeros(c.state_shape(batch_size)), decoder_layout(cfg), is_leaf=_is_conv)
+    """Streaming state of the decoder (KV cache of `capacity` slots, default the context)."""
     return {"upsample": jnp.zeros(upsample_layout(cfg).state_shape(batch_size)),
-            "transformer": transformer_cache(cfg, batch_size, capacity),
-            "seanet": conv_states}
+            "transformer": helium.init_cache(cfg.transformer, batch_size, capacity=capacity, stacked=False),
+            "seanet": _conv_states(decoder_layout(cfg), batch_size)}
 
 
 def encode_chunk(params, cfg: MimiConfig, state, wav):
     # wav [B, n * frame_size, channels] -> new state, latent [B, n, D] at 12.5 Hz (before quantization)
-    x, seanet = seanet_encoder(params["encoder"], encoder_layout(cfg), wav, state["seanet"])    # [B, 2n, D]
-    cache, x = transformer_step(params["encoder_transformer"], cfg, state["transformer"], x)
-    x, down = downsample(params["downsample"], cfg, x, state["downsample"])                    # [B, n, D]
+    seanet, x = seanet_encoder(params["encoder"], encoder_layout(cfg), state["seanet"], wav)     # [B, 2n, D]
+    cache, x = helium.step(params["encoder_transformer"], cfg.transformer, state["transformer"], x)
+    down, x = downsample(params["downsample"], cfg, state["downsample"], x)                     # [B, n, D]
     return {"seanet": seanet, "transformer": cache, "downsample": down}, x
 
 
 def decode_chunk(params, cfg: MimiConfig, state, codes):
     # codes [B, K, n] -> new state, wav [B, n * frame_size, channels]
     x = dequantize(params["quantizer"], cfg, codes)                                            # [B, n, D]
-    x, up = upsample(params["upsample"], cfg, x, state["upsample"])                             # [B, 2n, D]
-    cache, x = transformer_step(params["decoder_transformer"], cfg, state["transformer"], x)
-    wav, seanet = seanet_decoder(params["decoder"], decoder_layout(cfg), x, state["seanet"])
+    up, x = upsample(params["upsample"], cfg, state["upsample"], x)                             # [B, 2n, D]
+    cache, x = helium.step(params["decoder_transformer"], cfg.transformer, state["transformer"], x)
+    seanet, wav = seanet_decoder(params["decoder"], decoder_layout(cfg), state["seanet"], x)
     return {"upsample": up, "transformer": cache, "seanet": seanet}, wav
 
 
@@ -427,50 +403,28 @@ def _check_wav(cfg: MimiConfig, wav, what: str, whole_frames: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Streaming API: one state for both directions (they are independent), fixed shapes, constant
-# memory. The KV caches have exactly `context` slots, like Kyutai's, so the results are Kyutai's
-# streaming results (see the note at the top about streams longer than 10 s).
+# Streaming API: fixed shapes, constant memory. The KV caches have exactly `context` slots, like
+# Kyutai's, so the results are Kyutai's streaming results (see the note at the top about streams
+# longer than 10 s). The state passed in is donated: its buffers (KV caches above all) are updated
+# in place, not copied, so a state must not be used twice: always continue from the one returned.
 
-def init_state(cfg: MimiConfig, batch_size: int) -> dict:
-    return {"encoder": encoder_state(cfg, batch_size), "decoder": decoder_state(cfg, batch_size)}
-
-
-# The state passed in is donated: its buffers (KV caches above all) are updated in place, not copied.
-# So a state must not be used twice: always continue from the one a step returns.
-
-@functools.partial(jax.jit, static_argnames=("cfg", "num_codebooks"), donate_argnames=("enc_state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "num_codebooks"), donate_argnames=("state",))
 @_fp32
-def _encode_step(params, cfg: MimiConfig, enc_state, frame, num_codebooks: int):
+def encode_step(params, cfg: MimiConfig, state, frame, num_codebooks: int = 8):
+    """frame [B, channels, n * frame_size] (usually n = 1) -> (new encoder state, codes int32 [B, K, n])."""
     _check_wav(cfg, frame, "mimi.encode_step", whole_frames=True)
     _check_codebooks(cfg, num_codebooks)
-    enc_state, latent = encode_chunk(params, cfg, enc_state, frame.astype(jnp.float32).transpose(0, 2, 1))
-    return enc_state, quantize(params["quantizer"], cfg, latent, num_codebooks)
+    state, latent = encode_chunk(params, cfg, state, frame.astype(jnp.float32).transpose(0, 2, 1))
+    return state, quantize(params["quantizer"], cfg, latent, num_codebooks)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("dec_state",))
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
 @_fp32
-def _decode_step(params, cfg: MimiConfig, dec_state, codes):
-    _check_codebooks(cfg, codes.shape[1])
-    dec_state, wav = decode_chunk(params, cfg, dec_state, codes.astype(jnp.int32))
-    return dec_state, wav.transpose(0, 2, 1)
-
-
-def encode_step(params, cfg: MimiConfig, state, frame, num_codebooks: int = 8):
-    """frame [B, channels, n * frame_size] (usually n = 1) -> new state, codes int32 [B, K, n].
-
-    `state["encoder"]` is consumed (its buffers are reused for the new state); keep the returned one.
-    """
-    enc_state, codes = _encode_step(params, cfg, state["encoder"], frame, num_codebooks)
-    return dict(state, encoder=enc_state), codes
-
-
 def decode_step(params, cfg: MimiConfig, state, codes):
-    """codes int [B, K, n] -> new state, pcm float32 [B, channels, n * frame_size].
-
-    `state["decoder"]` is consumed (its buffers are reused for the new state); keep the returned one.
-    """
-    dec_state, pcm = _decode_step(params, cfg, state["decoder"], codes)
-    return dict(state, decoder=dec_state), pcm
+    """codes int [B, K, n] -> (new decoder state, pcm float32 [B, channels, n * frame_size])."""
+    _check_codebooks(cfg, codes.shape[1])
+    state, wav = decode_chunk(params, cfg, state, codes.astype(jnp.int32))
+    return state, wav.transpose(0, 2, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,7 +458,7 @@ def encode(params, cfg: MimiConfig, wav, num_codebooks: int = 8, chunk_frames: i
     state = encoder_state(cfg, B, capacity=_batch_capacity(cfg, chunk, n_chunks))
     codes, size = [], chunk * cfg.frame_size
     for i in range(n_chunks):
-        state, c = _encode_step(params, cfg, state, wav[:, :, i * size:(i + 1) * size], num_codebooks)
+        state, c = encode_step(params, cfg, state, wav[:, :, i * size:(i + 1) * size], num_codebooks)
         codes.append(c)
     return jnp.concatenate(codes, axis=-1)[:, :, :n_frames]
 
@@ -523,7 +477,7 @@ def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
     codes = jnp.pad(jnp.asarray(codes, jnp.int32), ((0, 0), (0, 0), (0, n_chunks * chunk - T)))
     state, wav = decoder_state(cfg, B, capacity=_batch_capacity(cfg, chunk, n_chunks)), []
     for i in range(n_chunks):
-        state, pcm = _decode_step(params, cfg, state, codes[:, :, i * chunk:(i + 1) * chunk])
+        state, pcm = decode_step(params, cfg, state, codes[:, :, i * chunk:(i + 1) * chunk])
         wav.append(pcm)
     return jnp.concatenate(wav, axis=-1)[:, :, :T * cfg.frame_size]
 
@@ -555,8 +509,7 @@ def init(key, cfg: MimiConfig) -> dict:
     params["quantizer"] = {"semantic": dict(zip(("input_proj", "output_proj", "codebooks"), q[:3])),
                            "acoustic": dict(zip(("input_proj", "output_proj", "codebooks"), q[3:]))}
     for name, k in (("encoder_transformer", k_enc), ("decoder_transformer", k_dec)):
-        stacked = helium.init(k, cfg.transformer)
-        params[name] = [jax.tree.map(lambda a: a[i], stacked) for i in range(cfg.num_layers)]
+        params[name] = helium.unstack_layers(helium.init(k, cfg.transformer))
     return params
 
 
@@ -740,61 +693,36 @@ def write_audio(path, wav, sample_rate: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: a round trip through the codec.
+# Demo: a random codec (random weights: the sound is noise; the codec's arithmetic is not). Batch
+# and 80 ms streaming must give the same codes and audio while the stream is shorter than the
+# 10 s window. Real weights: `python convert.py mimi in.wav out.wav --weights W`.
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description="Mimi round trip: audio in (any rate, any channels: resampled to 24 kHz, mixed to mono) "
-                    "-> codes -> audio out.",
-        epilog="\n\n".join(__doc__.split("\n\n")[1:3]) + "\n\nexamples:\n"
-               "  python mimi.py talk.wav talk_mimi.wav --weights tokenizer-e351c8d8-checkpoint125.safetensors\n"
-               "  python mimi.py talk.wav out.wav --weights W --num-codebooks 32 --codes codes.npy --stream\n"
-               "  python mimi.py --bench --seconds 10      # speed next to the official PyTorch package",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", nargs="?", help="audio file to encode")
-    ap.add_argument("output", nargs="?", help="where to write the decoded audio (24 kHz mono)")
-    ap.add_argument("--weights", help="Mimi checkpoint, e.g. tokenizer-e351c8d8-checkpoint125.safetensors")
-    ap.add_argument("--num-codebooks", type=int, default=8, help="codebooks to use (1-32; Moshi uses 8)")
-    ap.add_argument("--codes", help="also save the codes, int32 [1, K, frames], to this .npy file")
-    ap.add_argument("--stream", action="store_true", help="run frame by frame (80 ms) through the streaming API")
-    ap.add_argument("--bench", action="store_true", help="run `bench.py --only mimi` (extra arguments pass on)")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--bench" in argv and not {"-h", "--help"} & set(argv):    # everything else goes to bench.py
-        bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
-        if not os.path.exists(bench):
-            sys.exit("bench.py is not next to mimi.py")
-        sys.exit(subprocess.call([sys.executable, bench, "--only", "mimi", *(a for a in argv if a != "--bench")]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Runs a random-weight self-check.",
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:4]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the released Mimi's size (default: the tiny config)")
+    ap.add_argument("--frames", type=int, help="80 ms frames of noise to encode (default: one window)")
+    ap.add_argument("--num-codebooks", type=int, default=8)
     args = ap.parse_args(argv)
-    if not (args.input and args.output and args.weights):
-        ap.error("give INPUT OUTPUT and --weights (or --bench)")
-    import convert   # reads Kyutai's checkpoint; imported here so mimi.py needs only helium.py to import
-
-    try:
-        params, cfg = convert.load_mimi(args.weights)
-        _check_codebooks(cfg, args.num_codebooks)
-        wav = mix_down(read_audio(args.input, cfg.sample_rate))[None]                          # [1, 1, S]
-    except ValueError as e:                      # CheckpointError, AudioError: they name the file
-        sys.exit(f"mimi.py: {e}")
-    S = wav.shape[-1]
-    t0 = time.perf_counter()
-    if args.stream:
-        state, codes, out = init_state(cfg, 1), [], []
-        for frame in frames_of([wav[0, 0]], S, cfg.frame_size):                               # [frame_size]
-            state, c = encode_step(params, cfg, state, frame[None, None], args.num_codebooks)
-            state, pcm = decode_step(params, cfg, state, c)
-            codes.append(c)
-            out.append(pcm)
-        codes, out = jnp.concatenate(codes, -1), jnp.concatenate(out, -1)
-    else:
-        codes = encode(params, cfg, jnp.asarray(wav), args.num_codebooks)
-        out = decode(params, cfg, codes)
-    out = np.asarray(out)[0, :, :S]
-    elapsed = time.perf_counter() - t0
-    if args.codes:
-        np.save(args.codes, np.asarray(codes, np.int32))
-    write_audio(args.output, out, cfg.sample_rate)
-    print(f"{S / cfg.sample_rate:.2f} s of audio -> codes {tuple(codes.shape)} -> {args.output} "
-          f"({elapsed:.1f} s including compilation{', streaming' if args.stream else ''})")
+    cfg = MimiConfig() if args.full else TINY
+    _check_codebooks(cfg, args.num_codebooks)
+    params = init(jax.random.key(0), cfg)
+    F, frames = cfg.frame_size, args.frames or cfg.context // cfg.downsample_stride
+    wav = 0.1 * jax.random.normal(jax.random.key(1), (2, 1, frames * F))                   # [B, 1, S]
+    codes = encode(params, cfg, wav, args.num_codebooks)                                    # [B, K, frames]
+    pcm = decode(params, cfg, codes)
+    enc, dec, stream_codes, stream_pcm = encoder_state(cfg, 2), decoder_state(cfg, 2), [], []
+    for t in range(frames):
+        enc, c = encode_step(params, cfg, enc, wav[:, :, t * F:(t + 1) * F], args.num_codebooks)
+        dec, p = decode_step(params, cfg, dec, c)
+        stream_codes.append(c)
+        stream_pcm.append(p)
+    same = bool(jnp.array_equal(jnp.concatenate(stream_codes, -1), codes))
+    err = float(jnp.linalg.norm(jnp.concatenate(stream_pcm, -1) - pcm) / jnp.linalg.norm(pcm))
+    print(f"{'released' if args.full else 'tiny'} Mimi, random weights: {frames} frames -> codes {tuple(codes.shape)}; "
+          f"streaming vs batch: codes {'identical' if same else 'differ'}, audio rel. L2 {err:.1e}"
+          + ("" if frames <= cfg.context // cfg.downsample_stride else " (past one window they differ: see the top)"))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ audio), and so is every position a delay leaves empty. In this file:
     embed_frames, temporal ... tokens -> h and text logits (shared by training and generation)
     delay / undelay .......... the stream shifts
     forward .................. training: codes [B, 17, T] -> aligned logits + masks (= LMModel.forward)
-    init_gen_state, gen_step . streaming generation, one frame per call (= LMGen.step, + forcing)
+    Sampling, init_gen_state,
+    gen_step ................. streaming generation, one frame per call (= LMGen.step, + forcing)
 
 `python moshi.py` runs a tiny random model: forward, then generation forced to follow the same
 tokens, and checks that the two give the same logits.
@@ -42,9 +43,7 @@ import numpy as np
 import depformer
 import helium
 
-ZERO_TOKEN = depformer.ZERO_TOKEN    # -1: embeds to zeros; as a target, masked out of the loss
 UNGENERATED = -2                     # "nothing here": a slot not yet written, or a token not forced
-TEXT_PAD = 3                         # Kyutai's text padding token (existing_text_padding_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +101,7 @@ class LMConfig:
         sched = self.depformer_weights_per_step_schedule
         if sched is not None and len(sched) != self.dep_q:
             raise ValueError(f"LMConfig: depformer_weights_per_step_schedule has {len(sched)} entries, dep_q={self.dep_q}")
+        self.temporal, self.depformer                 # noqa: B018  their configs refuse unsupported options
 
     @property
     def num_streams(self) -> int:
@@ -196,11 +196,12 @@ def embed_frames(params, cfg: LMConfig, tokens):
     return x + depformer.embed(params["text_emb"], tokens[:, 0])
 
 
-def temporal(params, cfg: LMConfig, x, offset=0, cache=None, **kw):
-    """x [B, T, D] -> (h [B, T, D] after out_norm, text_logits [B, T, text_card], cache)."""
-    h, cache = helium.transformer(params["transformer"], cfg.temporal, x, offset, cache, **kw)
+def temporal(params, cfg: LMConfig, x, offset=0, cache=None, attention: str = "xla", **kw):
+    """x [B, T, D] -> (cache, h [B, T, D] after out_norm, text_logits [B, T, text_card])."""
+    tcfg = dataclasses.replace(cfg.temporal, attention=attention)
+    cache, h = helium.transformer(params["transformer"], tcfg, x, offset, cache, **kw)
     h = helium.norm(params["out_norm"], cfg.norm, h)
-    return h, helium.linear(h, params["text_linear"]), cache
+    return cache, h, helium.linear(h, params["text_linear"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,16 +254,16 @@ def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None,
     initial = jnp.asarray(cfg.initial_tokens())
     delayed = delay(codes, cfg.delays, initial)                                  # [B, K, T]
     inputs = jnp.concatenate([jnp.broadcast_to(initial[None, :, None], (B, K, 1)), delayed[:, :, :-1]], axis=2)
-    h, text_logits, _ = temporal(params, cfg, embed_frames(params, cfg, inputs),
-                                 layer_hook=layer_hook, remat=remat, attention=attention)
+    _, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, inputs), attention=attention,
+                                 layer_hook=layer_hook, remat=remat)
     text_logits, text_mask = undelay(text_logits[:, None], cfg.delays[:1])
-    out = {"text_logits": text_logits, "text_mask": text_mask & (codes[:, :1] != ZERO_TOKEN)}
+    out = {"text_logits": text_logits, "text_mask": text_mask & (codes[:, :1] != depformer.ZERO_TOKEN)}
     if cfg.dep_q:
         dep_tokens = jnp.moveaxis(delayed[:, :cfg.dep_q], 1, 2)                   # [B, T, dep_q]
         logits = depformer.forward(params["depformer"], cfg.depformer, h, dep_tokens,
                                    layer_hook=layer_hook, remat=remat)           # [B, T, dep_q, card]
         logits, mask = undelay(jnp.moveaxis(logits, 2, 1), cfg.delays[1:1 + cfg.dep_q])
-        out.update(logits=logits, mask=mask & (codes[:, 1:1 + cfg.dep_q] != ZERO_TOKEN))
+        out.update(logits=logits, mask=mask & (codes[:, 1:1 + cfg.dep_q] != depformer.ZERO_TOKEN))
     else:
         out.update(logits=jnp.zeros((B, 0, T, cfg.card), h.dtype), mask=jnp.zeros((B, 0, T), bool))
     return out
@@ -318,34 +319,26 @@ def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
             "lookahead": jnp.asarray(lookahead, jnp.int32)}
 
 
-def _write(tokens, provided, streams, values, positions, mask):
-    """Write values [B, S] for the given streams at delayed positions [S] where mask [B, S]."""
-    slots = positions % tokens.shape[-1]
-    old = tokens[:, streams, slots]
-    tokens = tokens.at[:, streams, slots].set(jnp.where(mask, values, old))
-    provided = provided.at[:, streams, slots].set(provided[:, streams, slots] | mask)
-    return tokens, provided
-
-
 def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
     """Step 1: user codes land on the last n_user audio streams (always, as given); forced text and
-    Moshi codes (entries != -2) on stream 0 and streams 1..M."""
+    Moshi codes (entries != -2) on stream 0 and streams 1..M; each at its delayed position."""
     tokens, provided = state["tokens"], state["provided"]
     B = tokens.shape[0]
     delays = jnp.asarray(cfg.delays, jnp.int32)
-    base = state["step"] + state["lookahead"]
     groups = []
     if user_codes is not None and user_codes.shape[1]:
         first = 1 + cfg.n_q - user_codes.shape[1]
-        groups.append((np.arange(first, 1 + cfg.n_q), user_codes[:, :, 0], None))
+        groups.append((np.arange(first, 1 + cfg.n_q), user_codes[:, :, 0], False))
     if text is not None:
         groups.append((np.arange(1), text.reshape(B, 1), True))
     if moshi_codes is not None:
         groups.append((np.arange(1, 1 + moshi_codes.shape[1]), moshi_codes, True))
-    for streams, values, only_forced in groups:
+    for streams, values, only_forced in groups:                      # values [B, S] for streams [S]
         values = values.astype(jnp.int32)
         mask = values != UNGENERATED if only_forced else jnp.ones(values.shape, bool)
-        tokens, provided = _write(tokens, provided, streams, values, base + delays[streams], mask)
+        slots = (state["step"] + state["lookahead"] + delays[streams]) % tokens.shape[-1]
+        tokens = tokens.at[:, streams, slots].set(jnp.where(mask, values, tokens[:, streams, slots]))
+        provided = provided.at[:, streams, slots].set(provided[:, streams, slots] | mask)
     return tokens, provided
 
 
@@ -365,71 +358,69 @@ def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes):
         raise ValueError(f"gen_step: text must be [B={B}], got {text.shape}")
 
 
-def _next_position(params, cfg: LMConfig, h, text_logits, target, is_given, key, sampling):
-    """Step 3: choose position n + 1 = [B, 1 + dep_q] (text + audio), given tokens winning over
-    sampled ones and conditioning what follows. Returns (chosen, logits of this call)."""
-    text_key, audio_key = jax.random.split(key)
-    sampled = [depformer.sample_token(text_logits, text_key, sampling["temp_text"], sampling["top_k_text"],
-                                      sampling["greedy"])[:, None]]
-    logits = {"text_logits": text_logits}
-    if cfg.dep_q:
-        text = jnp.where(is_given[:, 0], target[:, 0], sampled[0][:, 0])
-        sample = partial(depformer.sample_token, temp=sampling["temp"], top_k=sampling["top_k"],
-                         greedy=sampling["greedy"])
-        audio, logits["audio_logits"] = depformer.generate(
-            params["depformer"], cfg.depformer, h, text, audio_key, sample,
-            target[:, 1:1 + cfg.dep_q], is_given[:, 1:1 + cfg.dep_q])
-        sampled.append(audio)
-    gen = slice(0, 1 + cfg.dep_q)
-    return jnp.where(is_given[:, gen], target[:, gen], jnp.concatenate(sampled, axis=1)), logits
+@dataclass(frozen=True)
+class Sampling:
+    """How gen_step picks a token: softmax(logits / temp), keep the top k, draw one; greedy takes the
+    argmax. The defaults are Kyutai's LMGen's."""
+    greedy: bool = False
+    temp: float = 0.8            # audio codebooks
+    temp_text: float = 0.7
+    top_k: int = 250
+    top_k_text: int = 25
 
 
-def _gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, *,
-              greedy=False, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25, return_logits=False):
-    _check_gen_inputs(cfg, state, user_codes, text, moshi_codes)
-    n, size = state["step"], state["tokens"].shape[-1]
-    delays, initial = jnp.asarray(cfg.delays, jnp.int32), jnp.asarray(cfg.initial_tokens())
-    tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
-    # 2. the temporal step on position n
-    here = jnp.where(n <= delays, initial, tokens[:, :, n % size])                       # [B, K]
-    h, text_logits, kv = temporal(params, cfg, embed_frames(params, cfg, here[:, :, None]), n, state["kv"])
-    # 3. position n + 1
-    target, is_given = tokens[:, :, (n + 1) % size], provided[:, :, (n + 1) % size]      # [B, K]
-    at_start = (n + 1 <= delays) & (state["lookahead"] == 1)     # PersonaPlex forces initial tokens there
-    target, is_given = jnp.where(at_start, initial, target), is_given | at_start
-    sampling = dict(greedy=greedy, temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text)
-    chosen, logits = _next_position(params, cfg, h[:, 0], text_logits[:, 0], target, is_given, key, sampling)
-    tokens = tokens.at[:, :1 + cfg.dep_q, (n + 1) % size].set(chosen)
-    provided = provided.at[:, :, n % size].set(False)           # slot n is done; it will hold n + size
-    # 4. frame n - max_delay, read back from its delayed positions
-    positions = n + 1 - cfg.max_delay + delays[:1 + cfg.dep_q]
-    out = jnp.take_along_axis(tokens[:, :1 + cfg.dep_q], (positions % size)[None, :, None], axis=2)[:, :, 0]
-    out = jnp.where(n < cfg.max_delay, ZERO_TOKEN, out)
-    state = dict(state, kv=kv, tokens=tokens, provided=provided, step=n + 1)
-    return (state, out, logits) if return_logits else (state, out)
-
-
-gen_step = jax.jit(_gen_step, static_argnames=("cfg", "greedy", "temp", "temp_text", "top_k", "top_k_text",
-                                               "return_logits"), donate_argnames=("state",))
-gen_step.__doc__ = """One frame of streaming generation (jitted; `state` is donated: use the returned one).
-
-    state, out = gen_step(params, cfg, state, user_codes, key, text=None, moshi_codes=None,
-                          greedy=False, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25,
-                          return_logits=False)
+@partial(jax.jit, static_argnames=("cfg", "sampling", "return_logits"), donate_argnames=("state",))
+def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, *,
+             sampling: Sampling = Sampling(), return_logits: bool = False):
+    """One frame of streaming generation: (state, out) = gen_step(...). `state` is donated (its KV
+    cache is updated in place): always continue from the returned one.
 
     user_codes   int [B, n_user, 1]: the user's Mimi codes, written onto the *last* n_user audio
                  streams. n_user >= n_q - dep_q (moshiko: 8 -> streams 9..16). A model whose
                  depformer also writes those streams (PersonaPlex, dep_q = 16) gets them
                  teacher-forced. None or [B, 0, 1] when there are none.
-    key          PRNG key, split inside (text, then one per codebook).
+    key          the conversation's PRNG key: call n draws from fold_in(key, n) (text, then one
+                 key per codebook), so the same key may be passed to every call.
     text         int [B] or None: force this frame's text token (-2 = sample it).
     moshi_codes  int [B, M] or None: force Moshi's codebooks 1..M (-2 = sample), M <= dep_q.
+    sampling     a Sampling (static: changing it recompiles).
     out          int32 [B, 1 + dep_q]: text + audio tokens of frame step - max_delay; -1 before.
     Which frame the inputs belong to depends on the state's lookahead (see init_gen_state).
-    Sampling: softmax(logits / temp), top-k, draw; greedy=True takes the argmax. Settings are
-    static (changing them recompiles). return_logits=True also returns
-    {"text_logits" [B, text_card], "audio_logits" [B, dep_q, card]} of this call.
+    return_logits=True also returns {"text_logits" [B, text_card], "audio_logits" [B, dep_q, card]}.
     """
+    _check_gen_inputs(cfg, state, user_codes, text, moshi_codes)
+    n, size = state["step"], state["tokens"].shape[-1]
+    delays, initial = jnp.asarray(cfg.delays, jnp.int32), jnp.asarray(cfg.initial_tokens())
+    gen = slice(0, 1 + cfg.dep_q)                                     # the streams this model writes
+    # 1. what this call is given, at its delayed positions
+    tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
+    # 2. the temporal step on position n
+    here = jnp.where(n <= delays, initial, tokens[:, :, n % size])                            # [B, K]
+    kv, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, here[:, :, None]), n, state["kv"])
+    h, text_logits = h[:, 0], text_logits[:, 0]
+    # 3. position n + 1: the text token, then the depformer's codebooks; a given token wins over
+    # the sampled one and conditions the next codebook (the sampled ones are what logits report)
+    target, given = tokens[:, :, (n + 1) % size], provided[:, :, (n + 1) % size]              # [B, K]
+    at_start = (n + 1 <= delays) & (state["lookahead"] == 1)     # PersonaPlex forces initial tokens there
+    target, given = jnp.where(at_start, initial, target), given | at_start
+    text_key, audio_key = jax.random.split(jax.random.fold_in(key, n))
+    sample = partial(depformer.sample_token, greedy=sampling.greedy)
+    chosen = [jnp.where(given[:, 0], target[:, 0], sample(text_logits, text_key, sampling.temp_text,
+                                                            sampling.top_k_text))[:, None]]
+    logits = {"text_logits": text_logits}
+    if cfg.dep_q:
+        audio, logits["audio_logits"] = depformer.generate(
+            params["depformer"], cfg.depformer, h, chosen[0][:, 0], audio_key,
+            partial(sample, temp=sampling.temp, top_k=sampling.top_k), target[:, 1:gen.stop], given[:, 1:gen.stop])
+        chosen.append(jnp.where(given[:, 1:gen.stop], target[:, 1:gen.stop], audio))
+    tokens = tokens.at[:, gen, (n + 1) % size].set(jnp.concatenate(chosen, axis=1))
+    provided = provided.at[:, :, n % size].set(False)           # slot n is done; it will hold n + size
+    # 4. frame n - max_delay, read back from its delayed positions
+    positions = n + 1 - cfg.max_delay + delays[gen]
+    out = jnp.take_along_axis(tokens[:, gen], (positions % size)[None, :, None], axis=2)[:, :, 0]
+    out = jnp.where(n < cfg.max_delay, depformer.ZERO_TOKEN, out)
+    state = dict(state, kv=kv, tokens=tokens, provided=provided, step=n + 1)
+    return (state, out, logits) if return_logits else (state, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,7 +460,7 @@ def main(argv=None):
     user = codes[:, -n_user:]
     frames = []
     for n in range(T):
-        state, tokens = gen_step(params, cfg, state, user[:, :, n:n + 1], jax.random.key(n))
+        state, tokens = gen_step(params, cfg, state, user[:, :, n:n + 1], key)
         frames.append(np.asarray(tokens[0]))
     print(f"sampled frames (random weights), text + {cfg.dep_q} codebooks:\n{np.stack(frames)}")
 

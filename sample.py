@@ -43,10 +43,6 @@ import convert
 import mimi
 import moshi
 
-SAMPLE_RATE = 24_000               # Mimi's rate
-FRAME_SIZE = 1920                  # samples per Mimi frame: 80 ms, i.e. 12.5 frames per second
-TEXT_PAD, TEXT_EPAD = 3, 0         # text ids that mean "no word here": never printed
-
 
 class SampleError(Exception):
     """Something the user can fix (a missing file, bad audio, a bad flag): printed without a traceback."""
@@ -150,30 +146,31 @@ class Prompt:
         return len(self.text)
 
 
-def persona_prompt(voice_codes, text_tokens, silence_codes, sine_codes) -> Prompt:
-    """voice_codes [n, 8] or None; text_tokens: the wrapped text prompt's token ids (may be empty)."""
+def persona_prompt(voice_codes, text_tokens, silence_codes, sine_codes, pad: int) -> Prompt:
+    """voice_codes [n, 8] or None; text_tokens: the wrapped text prompt's token ids (may be empty);
+    pad: the LM's text padding id."""
     silence, sine = np.asarray(silence_codes, np.int32), np.asarray(sine_codes, np.int32)
     parts = []                                       # (text ids [m], moshi codes [m, 8])
     if voice_codes is not None and len(voice_codes):
-        parts.append((np.full(len(voice_codes), TEXT_PAD), np.asarray(voice_codes, np.int32)))
-    parts.append((np.full(PROMPT_SILENCE_FRAMES, TEXT_PAD), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1))))
+        parts.append((np.full(len(voice_codes), pad), np.asarray(voice_codes, np.int32)))
+    parts.append((np.full(PROMPT_SILENCE_FRAMES, pad), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1))))
     if len(text_tokens):
         parts.append((np.asarray(text_tokens), np.tile(silence, (len(text_tokens), 1))))
-    parts.append((np.full(PROMPT_SILENCE_FRAMES, TEXT_PAD), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1))))
+    parts.append((np.full(PROMPT_SILENCE_FRAMES, pad), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1))))
     text = np.concatenate([t for t, _ in parts]).astype(np.int32)
     moshi_codes = np.concatenate([c for _, c in parts])
     return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)))
 
 
-def sine_frame(frame_size=FRAME_SIZE, sample_rate=SAMPLE_RATE):
-    t = np.arange(frame_size) / sample_rate
+def sine_frame(mimi_cfg):
+    t = np.arange(mimi_cfg.frame_size) / mimi_cfg.sample_rate
     return (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
 
 
 def encode_audio(models, wav):
     """Mono float32 [S] -> Mimi codes int32 [ceil(S / frame_size), K], frame by frame from a fresh state."""
     F = models.mimi_cfg.frame_size
-    state, codes = mimi.init_state(models.mimi_cfg, 1), []
+    state, codes = mimi.encoder_state(models.mimi_cfg, 1), []
     for frame in mimi.frames_of([wav], len(wav), F):
         state, c = mimi.encode_step(models.mimi, models.mimi_cfg, state, jnp.asarray(frame)[None, None],
                                     num_codebooks=models.codebooks)
@@ -185,9 +182,8 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
     if models.mimi_cfg == mimi.MimiConfig() and models.codebooks == len(SILENCE_CODES):
         silence, sine = SILENCE_CODES, SINE_CODES
     else:                                            # not the released Mimi: the same recipe
-        F, sr = models.mimi_cfg.frame_size, models.mimi_cfg.sample_rate
-        silence = encode_audio(models, np.zeros(F, np.float32))[0]
-        sine = encode_audio(models, sine_frame(F, sr))[0]
+        silence = encode_audio(models, np.zeros(models.mimi_cfg.frame_size, np.float32))[0]
+        sine = encode_audio(models, sine_frame(models.mimi_cfg))[0]
     voice_codes = None
     if voice_prompt:
         if voice_prompt.endswith(".pt"):
@@ -201,7 +197,7 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
         if models.tokenizer is None:
             raise SampleError("--text-prompt needs a text tokenizer (--tokenizer)")
         text_tokens = models.tokenizer.encode(wrap_system(text_prompt))
-    return persona_prompt(voice_codes, text_tokens, silence, sine)
+    return persona_prompt(voice_codes, text_tokens, silence, sine, models.lm_cfg.existing_text_padding_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,15 +214,6 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
 # state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state). Both return one frame per
 # input frame. Moshi's audio is decoded from codebooks 1..8 (PersonaPlex also predicts the user's
 # 8, which we ignore as it does).
-
-@dataclass(frozen=True)
-class Sampling:
-    greedy: bool = False
-    temp: float = 0.8          # audio (Kyutai's LMGen defaults)
-    temp_text: float = 0.7
-    top_k: int = 250
-    top_k_text: int = 25
-
 
 @dataclass
 class Models:
@@ -246,57 +233,46 @@ class Models:
         """PersonaPlex-style: the depformer writes every audio stream, the user's included."""
         return self.lm_cfg.dep_q == self.lm_cfg.n_q
 
+    def is_word(self, token: int) -> bool:
+        """Whether a text token says something (not PAD / EPAD, which are never printed)."""
+        return token not in (self.lm_cfg.existing_text_padding_id, self.lm_cfg.existing_text_end_padding_id)
 
-def converse(models: Models, frames, batch_size: int, sampling: Sampling, seed: int, prompt: Prompt | None = None):
+
+def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, seed: int,
+             prompt: Prompt | None = None):
     """Yield, for every input frame [frame_size], (tokens int32 [B, 1 + dep_q], pcm float32 [B, frame_size])
     as numpy: the text token and audio codes of Moshi's answer frame, and its decoded audio."""
-    lm_cfg, K, B = models.lm_cfg, models.codebooks, batch_size
-    lm_state = moshi.init_gen_state(models.lm, lm_cfg, B, lookahead=0 if prompt is None else 1)
-    enc_state, dec_state = mimi.init_state(models.mimi_cfg, 1), mimi.init_state(models.mimi_cfg, B)
-    base_key, calls = jax.random.key(seed), 0
-    settings = dataclasses.asdict(sampling)
-
-    def lm_step(user_codes, **forced):
-        nonlocal lm_state, calls
-        key = jax.random.fold_in(base_key, calls)
-        lm_state, out = moshi.gen_step(models.lm, lm_cfg, lm_state, user_codes, key, **forced, **settings)
-        calls += 1
-        return out
-
+    lm, lm_cfg, K, B = models.lm, models.lm_cfg, models.codebooks, batch_size
+    key = jax.random.key(seed)                     # gen_step folds in its step: one key per conversation
+    lm_state = moshi.init_gen_state(lm, lm_cfg, B, lookahead=0 if prompt is None else 1)
+    enc_state = mimi.encoder_state(models.mimi_cfg, 1)       # the user is the same in every row:
+    dec_state = mimi.decoder_state(models.mimi_cfg, B)       # encoded once, Moshi decoded per row
+    rows = lambda a: jnp.broadcast_to(jnp.asarray(a), (B,) + np.shape(a))           # noqa: E731
     if prompt is not None:        # PersonaPlex's first call only seeds its cache: its frame is dropped
         for i in range(1, len(prompt)):
-            rows = lambda a: jnp.broadcast_to(jnp.asarray(a[i]), (B,) + a[i].shape)
-            lm_step(rows(prompt.user_codes)[:, :, None], text=rows(prompt.text), moshi_codes=rows(prompt.moshi_codes))
-
-    def dispatch():
-        nonlocal enc_state, dec_state
-        for i, frame in enumerate(frames):
-            # The user is the same in every row: encode once, broadcast the codes.
-            enc_state, codes = mimi.encode_step(models.mimi, models.mimi_cfg, enc_state,
-                                                jnp.asarray(frame)[None, None], num_codebooks=K)   # [1, K, 1]
-            user_codes = jnp.broadcast_to(codes, (B, K, 1))
-            if i == 0 and prompt is None:
-                lm_step(user_codes)
-            tokens = lm_step(user_codes)                                                         # [B, 1 + dep_q]
-            dec_state, pcm = mimi.decode_step(models.mimi, models.mimi_cfg, dec_state, tokens[:, 1:1 + K, None])
-            yield tokens, pcm[:, 0]                                                              # pcm [B, F]
-
-    for tokens, pcm in _one_behind(dispatch()):
-        if (tokens < 0).any():
-            raise RuntimeError(f"internal error: the LM returned no frame ({tokens.tolist()})")
-        yield tokens, pcm
-
-
-def _one_behind(steps):
-    """Bring each step's results to the host only once the next step is queued, so the accelerator
-    never idles while Python prints text and writes audio (JAX dispatches asynchronously)."""
+            lm_state, _ = moshi.gen_step(lm, lm_cfg, lm_state, rows(prompt.user_codes[i])[:, :, None], key,
+                                         text=rows(prompt.text[i]), moshi_codes=rows(prompt.moshi_codes[i]),
+                                         sampling=sampling)
     pending = None
-    for result in steps:
+    for i, frame in enumerate(frames):
+        enc_state, codes = mimi.encode_step(models.mimi, models.mimi_cfg, enc_state, jnp.asarray(frame)[None, None], K)
+        for _ in range(2 if i == 0 and prompt is None else 1):    # Kyutai's LMGen never sees call 0's frame
+            lm_state, tokens = moshi.gen_step(lm, lm_cfg, lm_state, rows(codes[0]), key, sampling=sampling)
+        dec_state, pcm = mimi.decode_step(models.mimi, models.mimi_cfg, dec_state, tokens[:, 1:1 + K, None])
+        # A frame's results come to the host only once the next frame is queued: JAX dispatches
+        # asynchronously, so the accelerator never idles while Python prints text and writes audio.
         if pending is not None:
-            yield jax.device_get(pending)
-        pending = result
+            yield _on_host(*pending)
+        pending = tokens, pcm[:, 0]                                                         # pcm [B, F]
     if pending is not None:
-        yield jax.device_get(pending)
+        yield _on_host(*pending)
+
+
+def _on_host(tokens, pcm):
+    tokens, pcm = jax.device_get((tokens, pcm))
+    if (tokens < 0).any():
+        raise RuntimeError(f"internal error: the LM returned no frame ({tokens.tolist()})")
+    return tokens, pcm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,36 +375,6 @@ def numbered(path: str, index: int, count: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # 5. Main: load, converse, write.
 
-def tiny_mimi_config(card: int):
-    """A tiny random Mimi with the real frame size (80 ms), for --random-init with a tiny LM."""
-    return mimi.MimiConfig(dimension=16, n_filters=4, ratios=(8, 6, 5, 4), num_heads=2, num_layers=2,
-                           dim_feedforward=32, context=8, codebook_dim=8, codebook_size=card, num_quantizers=8)
-
-
-def random_params(init, seed: int):
-    """Random params shaped like `init(key)`'s, drawn with numpy: the same tree without compiling the
-    init (which takes XLA minutes on a CPU). Norm gains 1, biases 0, Mimi's layer scales 0.01,
-    codebooks N(0, 0.1^2), other weights N(0, 1/fan_in)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(init, jax.random.key(seed))
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path).split("'")[-2]
-        if name in ("alpha", "weight"):
-            value = np.ones(leaf.shape, np.float32)
-        elif name in ("b", "bias"):
-            value = np.zeros(leaf.shape, np.float32)
-        elif name.startswith("layer_scale"):
-            value = np.full(leaf.shape, 0.01, np.float32)
-        else:
-            conv = name in ("w", "downsample", "upsample")                  # [out, in / groups, kernel]
-            fan_in = math.prod(leaf.shape[-2:]) if conv else leaf.shape[-1]
-            std = 0.1 if name == "codebooks" else 1 / math.sqrt(fan_in)
-            value = std * rng.standard_normal(leaf.shape, np.float32)
-        return jnp.asarray(value, leaf.dtype)
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def load_tokenizer(path):
     try:
         return sentencepiece.SentencePieceProcessor(model_file=path)
@@ -443,12 +389,12 @@ def load_models(args, log) -> Models:
         log("!" * 88 + f"\n!! --random-init {args.random_init}: RANDOM WEIGHTS. Moshi will babble noise; "
             f"this is a demo of the pipeline.\n" + "!" * 88)
         cfg = moshi.PRESETS[args.random_init]
-        lm = moshi.generation_params(random_params(lambda key: moshi.init(key, cfg, dtype), args.seed))
+        lm = moshi.generation_params(moshi.init(jax.random.key(args.seed), cfg, dtype))
         if args.mimi_weight:
             mimi_params, mimi_cfg = _load(convert.load_mimi, args.mimi_weight)
         else:
-            mimi_cfg = tiny_mimi_config(cfg.card) if args.random_init.startswith("tiny") else mimi.MimiConfig()
-            mimi_params = random_params(lambda key: mimi.init(key, mimi_cfg), args.seed + 1)
+            mimi_cfg = mimi.TINY if args.random_init.startswith("tiny") else mimi.MimiConfig()
+            mimi_params = mimi.init(jax.random.key(args.seed + 1), mimi_cfg)
         if args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer)
     else:
@@ -492,10 +438,11 @@ def parse_args(argv=None):
     g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the LM's dtype (Mimi runs in fp32)")
     g = ap.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=4242)
-    g.add_argument("--temp", type=float, default=0.8, help="audio temperature")
-    g.add_argument("--temp-text", type=float, default=0.7, help="text temperature")
-    g.add_argument("--top-k", type=int, default=250, help="audio top-k")
-    g.add_argument("--top-k-text", type=int, default=25, help="text top-k")
+    default = moshi.Sampling()
+    g.add_argument("--temp", type=float, default=default.temp, help="audio temperature")
+    g.add_argument("--temp-text", type=float, default=default.temp_text, help="text temperature")
+    g.add_argument("--top-k", type=int, default=default.top_k, help="audio top-k")
+    g.add_argument("--top-k-text", type=int, default=default.top_k_text, help="text top-k")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic)")
     g.add_argument("--batch-size", type=int, default=1, help="independent answers to the same prompt, "
                    "in one batch: out-0.wav, out-1.wav, ...")
@@ -532,7 +479,7 @@ def run(args):
     num_samples = max(1, int(round(args.duration * sr))) if args.duration else mimi.resampled_length(args.prompt, sr)
     prompt = persona_prompt_for(args, models, log)
     B = args.batch_size
-    sampling = Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
+    sampling = moshi.Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
     # The prompt is read block by block, mixed down and resampled on the fly, so a conversation of an
     # hour holds a second of input in memory, not an hour.
     frames = mimi.frames_of(mimi.read_blocks(args.prompt, sr, mono=True), num_samples, F)
@@ -549,9 +496,9 @@ def run(args):
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for b in range(B):
                 writers[b].write(pcm[b])
-                _record(answers[b], models.tokenizer, tokens[b, :1 + models.codebooks], i, F / sr)
+                _record(answers[b], models, tokens[b, :1 + models.codebooks], i, F / sr)
             token = int(tokens[0, 0])
-            display.frame(None if token in (TEXT_PAD, TEXT_EPAD) else piece_text(models.tokenizer, token))
+            display.frame(piece_text(models.tokenizer, token) if models.is_word(token) else None)
             if len(times) == 1:
                 times.append(time.perf_counter())         # the first frame: compilation included
         times.append(time.perf_counter())
@@ -584,13 +531,13 @@ def persona_prompt_for(args, models, log):
     return prompt
 
 
-def _record(answer, tokenizer, tokens, frame: int, frame_seconds: float):
+def _record(answer, models: Models, tokens, frame: int, frame_seconds: float):
     """tokens [1 + codebooks]: this frame's text token and the audio codes of Moshi's voice."""
     token = int(tokens[0])
     answer["text_tokens"].append(token)
     answer["audio_tokens"].append([int(t) for t in tokens[1:]])
-    if token not in (TEXT_PAD, TEXT_EPAD):
-        piece = piece_text(tokenizer, token)
+    if models.is_word(token):
+        piece = piece_text(models.tokenizer, token)
         answer["pieces"].append({"frame": frame, "time": round(frame * frame_seconds, 3), "token": token, "piece": piece})
         answer["text"] += piece
 

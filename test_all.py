@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import convert  # noqa: E402
 import data  # noqa: E402
 import depformer  # noqa: E402
+import flash  # noqa: E402
 import helium  # noqa: E402
 import mimi  # noqa: E402
 import moshi  # noqa: E402
@@ -84,7 +85,7 @@ def test_helium_matches_official_transformer(name):
     x = jnp.asarray(d[name + "_x"])
     T = x.shape[1]
     steps = tuple(range(T))
-    y, _ = helium.transformer(helium.select_step_weights(params, cfg, steps), cfg, x)
+    _, y = helium.transformer(helium.select_step_weights(params, cfg, steps), cfg, x)
     assert rel_err(y, d[name + "_y"]) < 1e-5
     chunk = 1 if cfg.weights_per_step else 2
     for layers, stacked in ((params, True), (helium.unstack_layers(params), False)):
@@ -118,7 +119,7 @@ def test_helium_streaming_equals_batch_within_window():
     cfg = helium.TransformerConfig(32, 4, 2, 128, context=8)
     params = helium.init(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (2, 21, 32))
-    y, _ = helium.transformer(params, cfg, x)
+    _, y = helium.transformer(params, cfg, x)
     step = jax.jit(lambda c, xt: helium.step(params, cfg, c, xt))
     cache, ys = helium.init_cache(cfg, 2), []
     for t in range(x.shape[1]):
@@ -128,7 +129,7 @@ def test_helium_streaming_equals_batch_within_window():
     assert rel_err(jnp.concatenate(ys, 1), y) < 1e-5
     # the unstacked layout (generation's) gives the same steps, and round-trips to the stacked one
     layers = helium.unstack_layers(params)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(helium.stack_layers(layers)),
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.tree.map(lambda *xs: jnp.stack(xs), *layers)),
                                                      jax.tree.leaves(params)))
     step_list = jax.jit(lambda c, xt: helium.step(layers, cfg, c, xt))
     cache, ys_list = helium.init_cache(cfg, 2, stacked=False), []
@@ -144,7 +145,7 @@ def test_helium_is_causal():
     cfg = helium.TransformerConfig(16, 2, 2, 64, context=3)
     params = helium.init(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (1, 10, 16))
-    jac = jax.jacobian(lambda x: helium.transformer(params, cfg, x)[0][0, 5].sum())(x)[0]   # [T, D]
+    jac = jax.jacobian(lambda x: helium.transformer(params, cfg, x)[1][0, 5].sum())(x)[0]   # [T, D]
     touched = np.abs(np.asarray(jac)).sum(-1) > 0
     # 2 layers of window 3 reach back 2 * (3 - 1) = 4 steps: inputs 1..5 matter, nothing else.
     assert touched.tolist() == [t in range(1, 6) for t in range(10)]
@@ -157,22 +158,36 @@ def test_flash_attention_kernel_matches_reference(context):
     cfg = helium.TransformerConfig(64, 2, 1, 128, context=context)
     params = helium.init(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (1, 200, 64))
-    loss = lambda p, attention: jnp.sum(jnp.sin(helium.transformer(p, cfg, x, attention=attention)[0]))
-    y_ref, y_flash = (helium.transformer(params, cfg, x, attention=a)[0] for a in ("xla", "flash"))
+    run = lambda p, attention: helium.transformer(p, dataclasses.replace(cfg, attention=attention), x)[1]   # noqa: E731
+    loss = lambda p, attention: jnp.sum(jnp.sin(run(p, attention)))                                    # noqa: E731
+    y_ref, y_flash = (run(params, a) for a in ("xla", "flash"))
     assert rel_err(y_flash, y_ref) < 1e-5
     g_ref, g_flash = (jax.grad(loss)(params, a) for a in ("xla", "flash"))
     for a, b in zip(jax.tree.leaves(g_flash), jax.tree.leaves(g_ref)):
         assert rel_err(a, b) < 1e-4
     q, k, v = (jax.random.normal(kk, (1, 2, 200, 64)) for kk in jax.random.split(jax.random.key(2), 3))
-    small_blocks = helium.flash_attention(q, k, v, context, 64, 128)
-    assert rel_err(small_blocks, helium._reference_causal(q, k, v, context)) < 1e-5
+    small_blocks = flash.flash_attention(q, k, v, context, 64, 128)
+    assert rel_err(small_blocks, flash.reference_attention(q, k, v, context)) < 1e-5
     # the backward kernels (dK/dV over query blocks, dQ over key blocks) with many small blocks
     w = jax.random.normal(jax.random.key(3), (2, 3, 37, 16))
     q, k, v = (jax.random.normal(kk, (2, 3, 37, 16)) for kk in jax.random.split(jax.random.key(4), 3))
     window = None if context is None else 9
-    flash = jax.grad(lambda *qkv: jnp.sum(w * helium.flash_attention(*qkv, window, 8, 16)), (0, 1, 2))(q, k, v)
-    plain = jax.grad(lambda *qkv: jnp.sum(w * helium._reference_causal(*qkv, window)), (0, 1, 2))(q, k, v)
-    assert all(rel_err(a, b) < 1e-5 for a, b in zip(flash, plain))
+    kernel = jax.grad(lambda *qkv: jnp.sum(w * flash.flash_attention(*qkv, window, 8, 16)), (0, 1, 2))(q, k, v)
+    plain = jax.grad(lambda *qkv: jnp.sum(w * flash.reference_attention(*qkv, window)), (0, 1, 2))(q, k, v)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(kernel, plain))
+    # asked for where it cannot run, flash says so instead of quietly running something else
+    flash_cfg = dataclasses.replace(cfg, attention="flash")
+    with pytest.raises(ValueError, match="attention='flash' runs whole causal sequences"):
+        helium.step(params, flash_cfg, helium.init_cache(flash_cfg, 1, capacity=4), x[:, :1])
+
+
+def test_helium_refuses_unsupported_options_by_name():
+    """Kyutai's options that no released model uses are refused by name, also from an LM config."""
+    for field, value in (("gating", "relu"), ("norm", "layer_norm_f32"), ("positional_embedding", "sin_rope")):
+        with pytest.raises(ValueError, match=f"{field}='{value}' is not supported"):
+            helium.TransformerConfig(16, 2, 1, 64, **{field: value})
+    with pytest.raises(ValueError, match="depformer_gating|gating='tanh' is not supported"):
+        moshi.LMConfig(depformer_gating="tanh")
 
 
 # ================================================================================================
@@ -249,9 +264,9 @@ def test_train_interleaver_matches_moshi_finetune():
     for word, pieces in fixture["pieces"].items():
         assert data.tokenize_word(sp, word) == pieces
     for case in fixture["cases"]:
-        frames = round(case["window_sec"] * data.FRAME_RATE)
+        frames = round(case["window_sec"] * data.CODEC.frame_rate)
         alignments = sorted([(w, s, e, spk) for w, (s, e), spk in case["alignments"]], key=lambda a: a[1])
-        wav = np.zeros((2, round(case["file_sec"] * data.SAMPLE_RATE)), np.float32)
+        wav = np.zeros((2, round(case["file_sec"] * data.CODEC.sample_rate)), np.float32)
         _, real_frames = data.cut_windows(wav, frames)
         assert len(real_frames) == len(case["text"]), case["name"]
         for w, real in enumerate(real_frames):
@@ -264,8 +279,7 @@ def test_train_interleaver_matches_moshi_finetune():
 # depformer steps instead of 8: compile time is what these tests spend, and the structure is the same.
 TRAIN_CFG = dataclasses.replace(moshi.TINY, dep_q=2)
 # A Mimi with real 1920-sample frames (so windows are 80 ms frames) but a few hundred parameters.
-TRAIN_MIMI = dataclasses.replace(mimi.MimiConfig.tiny(), ratios=(8, 6, 5, 4), n_filters=2, num_layers=1,
-                                 codebook_size=64, num_quantizers=8)
+TRAIN_MIMI = mimi.TINY
 TRAIN_SENTENCES = ["hello there how are you doing today", "moshi listens and speaks at the same time",
                    "once upon a time there was a curious little cat"]
 
@@ -296,15 +310,15 @@ def train_dataset(tmp_path_factory):
     rng = np.random.default_rng(0)
     lines = []
     for i, sentence in enumerate(TRAIN_SENTENCES):
-        t = np.arange(int(2.2 * data.SAMPLE_RATE)) / data.SAMPLE_RATE
+        t = np.arange(int(2.2 * data.CODEC.sample_rate)) / data.CODEC.sample_rate
         wav = np.stack([0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t), 0.1 * rng.standard_normal(t.shape)], 1)
-        soundfile.write(root / f"talk{i}.wav", wav, data.SAMPLE_RATE)
+        soundfile.write(root / f"talk{i}.wav", wav, data.CODEC.sample_rate)
         words = [[w, [0.1 + 0.25 * j, 0.3 + 0.25 * j], "SPEAKER_MAIN"] for j, w in enumerate(sentence.split())]
         (root / f"talk{i}.json").write_text(json.dumps({"alignments": words}))
         lines.append({"path": f"talk{i}.wav", "duration": 2.2})
-    soundfile.write(root / "mono.wav", np.zeros(4800), data.SAMPLE_RATE)
+    soundfile.write(root / "mono.wav", np.zeros(4800), data.CODEC.sample_rate)
     (root / "mono.json").write_text(json.dumps({"alignments": []}))
-    soundfile.write(root / "no_alignments.wav", np.zeros((4800, 2)), data.SAMPLE_RATE)
+    soundfile.write(root / "no_alignments.wav", np.zeros((4800, 2)), data.CODEC.sample_rate)
     (root / "broken.wav").write_bytes(b"RIFF but not really a wav")
     (root / "broken.json").write_text(json.dumps({"alignments": []}))
     lines += [{"path": p, "duration": 0.2} for p in ("mono.wav", "no_alignments.wav", "broken.wav")]
@@ -356,7 +370,7 @@ def _train_codes(B, T, seed=0, A=1):
     codes = np.concatenate([rng.integers(0, TRAIN_CFG.text_card, (A, B, 1, T)),
                             rng.integers(0, TRAIN_CFG.card, (A, B, 16, T))], axis=2).astype(np.int32)
     codes[:, ::3, :, -3:] = -1
-    codes[:, :, 0, ::4] = data.TEXT_PADDING_ID
+    codes[:, :, 0, ::4] = TRAIN_CFG.existing_text_padding_id
     return codes
 
 
@@ -780,7 +794,7 @@ def _greedy_run(params, cfg, user, **kw):
     state, outs = moshi.init_gen_state(params, cfg, B), []
     for n in range(frames):
         state, out = moshi.gen_step(params, cfg, state, jnp.asarray(user[:, :, n:n + 1]), jax.random.key(n),
-                                    greedy=True, **kw)
+                                    sampling=moshi.Sampling(greedy=True), **kw)
         outs.append(np.asarray(out))
     return np.stack(outs, axis=-1), state
 
@@ -988,7 +1002,7 @@ def _prompt_frames():
 
 
 def _run_converse(models, batch_size=1, prompt=None):
-    steps = list(sample.converse(models, _prompt_frames(), batch_size, sample.Sampling(greedy=True), 0, prompt))
+    steps = list(sample.converse(models, _prompt_frames(), batch_size, moshi.Sampling(greedy=True), 0, prompt))
     return np.stack([t for t, _ in steps], 1), np.concatenate([p for _, p in steps], 1)   # [B, T, K], [B, S]
 
 
@@ -997,7 +1011,7 @@ def test_sample_matches_official_run_inference(sample_repo):
     ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
     assert str(ref["prompt_sha256"]) == SAMPLE_FX.digest(SAMPLE_FX.PROMPT), "hello.wav changed: rerun the fixture"
     _, models = _sample_models(sample_repo)
-    assert models.lm_cfg == moshi.TINY and models.mimi_cfg == sample.tiny_mimi_config(64)
+    assert models.lm_cfg == moshi.TINY and models.mimi_cfg == mimi.TINY
     tokens, pcm = _run_converse(models)
     T = len(ref["tokens"])                        # the official loop drops the trailing partial frame,
     assert tokens.shape == (1, T + 1, 9)          # we pad it: one frame more, the input's length in all
@@ -1130,7 +1144,7 @@ def test_sample_finds_weights_like_checkpoint_info(tmp_path):
     assert (ckpt.moshi, ckpt.mimi, ckpt.tokenizer) == (str(repo / "weights.safetensors"), str(repo / convert.MIMI_NAME),
                                                         str(repo / "tok.model"))
     assert ckpt.config == SAMPLE_FX.LM_CONFIG and ckpt.mimi_config == SAMPLE_FX.MIMI_CONFIG
-    assert convert.mimi_config(ckpt.mimi_config) == sample.tiny_mimi_config(64)
+    assert convert.mimi_config(ckpt.mimi_config) == mimi.TINY
     assert convert.lm_config(ckpt.config) == moshi.TINY
     assert convert.find_checkpoint(str(repo), moshi=str(repo / "other.safetensors")).moshi == str(repo / "other.safetensors")
     alone = convert.find_checkpoint(None, str(repo / "other.safetensors"), str(repo / convert.MIMI_NAME),
@@ -1254,12 +1268,12 @@ def _tiny_checkpoint(ref, path, dtype=np.float32, rename=lambda k: k):
 
 def _stream(params, cfg, wav, num_codebooks):
     """Frame by frame: encode everything, then decode the codes, as the fixture script does."""
-    F, state, codes, pcm = cfg.frame_size, mimi.init_state(cfg, wav.shape[0]), [], []
+    F, enc, dec, codes, pcm = cfg.frame_size, mimi.encoder_state(cfg, wav.shape[0]), mimi.decoder_state(cfg, wav.shape[0]), [], []
     for i in range(wav.shape[-1] // F):
-        state, c = mimi.encode_step(params, cfg, state, wav[..., i * F:(i + 1) * F], num_codebooks)
+        enc, c = mimi.encode_step(params, cfg, enc, wav[..., i * F:(i + 1) * F], num_codebooks)
         codes.append(np.asarray(c))
     for c in codes:
-        state, p = mimi.decode_step(params, cfg, state, c)
+        dec, p = mimi.decode_step(params, cfg, dec, c)
         pcm.append(np.asarray(p))
     return np.concatenate(codes, -1), np.concatenate(pcm, -1)
 
@@ -1301,13 +1315,13 @@ def test_mimi_full_size_streaming_past_the_cache_wrap(full_mimi, mimi_ref):
     F = cfg.frame_size
     wav = MIMI_FX.test_signal(1, MIMI_FX.LONG_FRAMES * F, seed=1)
     assert MIMI_FX.signal_digest(wav) == str(mimi_ref["long_signal_sha256"])
-    state, codes, pcm = mimi.init_state(cfg, 1), [], []
+    enc, dec, codes, pcm = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), [], []
     for i in range(MIMI_FX.LONG_FRAMES):
-        state, c = mimi.encode_step(params, cfg, state, wav[..., i * F:(i + 1) * F], 8)
-        state, p = mimi.decode_step(params, cfg, state, c)
+        enc, c = mimi.encode_step(params, cfg, enc, wav[..., i * F:(i + 1) * F], 8)
+        dec, p = mimi.decode_step(params, cfg, dec, c)
         codes.append(np.asarray(c))
         pcm.append(np.asarray(p))
-    assert state["encoder"]["transformer"]["layers"][0]["k"].shape[2] == 250      # constant memory
+    assert enc["transformer"]["k"][0].shape[2] == dec["transformer"]["k"][0].shape[2] == 250   # constant memory
     codes, pcm = np.concatenate(codes, -1), np.concatenate(pcm, -1)
     ref, batch = mimi_ref["long_stream_codes8"], mimi_ref["long_batch_codes8"]
     departs = np.nonzero((ref != batch).any(1)[0])[0]
@@ -1321,15 +1335,15 @@ def test_mimi_tiny_matches_official_batch_and_streaming(tmp_path, mimi_ref):
     """A tiny config whose 8-step context wraps after 4 frames: batch (also cut into 5-frame chunks)
     equals Kyutai's batch; streaming equals Kyutai's streaming, which departs from its batch."""
     _tiny_checkpoint(mimi_ref, tmp_path / "tiny.safetensors")
-    cfg = mimi.MimiConfig.tiny()
+    cfg = mimi.TINY
     params, _ = convert.load_mimi(tmp_path / "tiny.safetensors", cfg)
     wav = jnp.asarray(mimi_ref["tiny_wav"])
-    codes = np.asarray(mimi.encode(params, cfg, wav, num_codebooks=4))
+    codes = np.asarray(mimi.encode(params, cfg, wav, num_codebooks=8))
     assert_codes_match(codes, mimi_ref["tiny_codes"], mimi_ref["tiny_gaps"], "tiny batch")
-    assert np.array_equal(np.asarray(mimi.encode(params, cfg, wav, 4, chunk_frames=5)), codes)
+    assert np.array_equal(np.asarray(mimi.encode(params, cfg, wav, 8, chunk_frames=5)), codes)
     assert rel_l2(mimi.decode(params, cfg, codes), mimi_ref["tiny_decoded"]) < 1e-4
     assert rel_l2(mimi.decode(params, cfg, codes, chunk_frames=5), mimi_ref["tiny_decoded"]) < 1e-4
-    stream_codes, stream_pcm = _stream(params, cfg, np.asarray(wav), 4)
+    stream_codes, stream_pcm = _stream(params, cfg, np.asarray(wav), 8)
     assert not np.array_equal(mimi_ref["tiny_stream_codes"], mimi_ref["tiny_codes"])
     assert_codes_match(stream_codes, mimi_ref["tiny_stream_codes"], mimi_ref["tiny_stream_gaps"], "tiny streaming")
     assert rel_l2(stream_pcm, mimi_ref["tiny_stream_decoded"]) < 1e-4
@@ -1338,7 +1352,7 @@ def test_mimi_tiny_matches_official_batch_and_streaming(tmp_path, mimi_ref):
 def test_mimi_checkpoint_namings_dtypes_and_errors(tmp_path, mimi_ref):
     """bf16 files load (as fp32); in-memory attention names and old codebook buffer names load to the
     same params; save_mimi round-trips exactly and records the config; bad keys are named."""
-    cfg = mimi.MimiConfig.tiny()
+    cfg = mimi.TINY
     tensors = _tiny_checkpoint(mimi_ref, tmp_path / "disk.safetensors")
     disk, _ = convert.load_mimi(tmp_path / "disk.safetensors", cfg)
 
@@ -1374,7 +1388,7 @@ def test_mimi_checkpoint_namings_dtypes_and_errors(tmp_path, mimi_ref):
         convert.load_mimi(tmp_path / "bad.safetensors", cfg)
     msg = str(e.value)
     assert "bad.safetensors" in msg and "unexpected key 'extra.weight'" in msg
-    assert "missing key 'quantizer.rvq_rest.vq.layers.0._codebook.embedding_sum' (expected shape (32, 8))" in msg
+    assert "missing key 'quantizer.rvq_rest.vq.layers.0._codebook.embedding_sum' (expected shape (64, 8))" in msg
     assert "key 'upsample.convtr.convtr.convtr.weight' has shape (16, 1, 3), expected (16, 1, 4)" in msg
     with pytest.raises(convert.CheckpointError, match="missing key"):
         convert.load_mimi(tmp_path / "disk.safetensors")                  # tiny file, default (full) config
@@ -1393,22 +1407,22 @@ def test_mimi_code_comparison_forgives_only_ties():
 
 def test_mimi_api_checks_and_random_init():
     cfg = mimi.TINY
-    assert (cfg.frame_size, cfg.sample_rate, cfg.frame_rate) == (16, 24000, 1500.0)
+    assert (cfg.frame_size, cfg.sample_rate, cfg.frame_rate) == (1920, 24000, 12.5)
     real = mimi.MimiConfig()
     assert (real.frame_size, real.frame_rate, real.hop_length) == (1920, 12.5, 960)
     params = mimi.init(jax.random.key(0), cfg)
-    wav = jnp.zeros((1, 1, 40))
+    wav = jnp.zeros((1, 1, 4000))
     assert mimi.encode(params, cfg, wav, num_codebooks=2).shape == (1, 2, 3)
-    assert mimi.decode(params, cfg, jnp.zeros((1, 3, 5), jnp.int32)).shape == (1, 1, 80)
-    state = mimi.init_state(cfg, 1)
-    with pytest.raises(ValueError, match="whole frames of 16 samples, got 20"):
-        mimi.encode_step(params, cfg, state, jnp.zeros((1, 1, 20)))
-    with pytest.raises(ValueError, match="num_codebooks=5"):
-        mimi.encode(params, cfg, wav, num_codebooks=5)
+    assert mimi.decode(params, cfg, jnp.zeros((1, 3, 5), jnp.int32)).shape == (1, 1, 5 * 1920)
+    state = mimi.encoder_state(cfg, 1)
+    with pytest.raises(ValueError, match="whole frames of 1920 samples, got 2000"):
+        mimi.encode_step(params, cfg, state, jnp.zeros((1, 1, 2000)))
+    with pytest.raises(ValueError, match="num_codebooks=9"):
+        mimi.encode(params, cfg, wav, num_codebooks=9)
     with pytest.raises(ValueError, match=r"expected audio \[B, 1, samples>0\]"):
         mimi.encode(params, cfg, jnp.zeros((1, 2, 40)))
-    with pytest.raises(ValueError, match=r"codes must be in \[0, 32\), got values in \[0, 32\]"):
-        mimi.decode(params, cfg, jnp.full((1, 3, 5), 32, jnp.int32).at[0, 0, 0].set(0))
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 64\), got values in \[0, 64\]"):
+        mimi.decode(params, cfg, jnp.full((1, 3, 5), 64, jnp.int32).at[0, 0, 0].set(0))
 
 
 def test_mimi_resampler_is_band_limited():
@@ -1464,7 +1478,7 @@ def test_mimi_audio_io(tmp_path):
 def test_mimi_command_line_round_trip(tmp_path, mimi_ref, capsys):
     """python mimi.py in.wav out.wav --weights W --codes C: a 32 kHz stereo file in, 24 kHz mono out."""
     import soundfile
-    cfg = mimi.MimiConfig.tiny()
+    cfg = mimi.TINY
     _tiny_checkpoint(mimi_ref, tmp_path / "t.safetensors")
     params, _ = convert.load_mimi(tmp_path / "t.safetensors", cfg)
     convert.save_mimi(tmp_path / "tiny.safetensors", params, cfg)      # records the tiny config

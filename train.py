@@ -321,7 +321,7 @@ class Hyper:
     max_norm: float = 1.0
     text_padding_weight: float = 0.5
     first_codebook_weight: float = 1.0
-    padding_ids: tuple = (data.TEXT_PADDING_ID, data.END_OF_PADDING_ID)
+    padding_ids: tuple = (moshi.MOSHIKO.existing_text_padding_id, moshi.MOSHIKO.existing_text_end_padding_id)
     lora_rank: int = 0                    # 0: full fine-tuning
     lora_scaling: float = 2.0
     compute_dtype: str = "bfloat16"
