@@ -3,8 +3,9 @@
 Training runs Moshi's temporal transformer on windows of thousands of frames. Plain attention builds
 the [T, T] score matrix; these kernels never do. Each grid step takes one block of queries and one
 block of keys and keeps a running max `m`, normaliser `l` and unnormalised output `acc` (online
-softmax, FlashAttention-2). Blocks entirely in the future, or entirely outside the sliding window,
-are skipped. The backward pass is two more kernels (FlashAttention-2's): one walks the query blocks
+softmax, FlashAttention-2). Each block of queries visits only the band of key blocks it can see
+(not in its future, not past the sliding window), so the cost grows as T x context, not T^2. The
+backward pass is two more kernels (FlashAttention-2's): one walks the query blocks
 for each key block and accumulates dK, dV; the other walks the key blocks for each query block and
 accumulates dQ. Both rebuild a block's attention weights from the forward's per-row log-sum-exp, so
 no [T, S] matrix exists in either direction.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -45,15 +47,54 @@ def reference_attention(q, k, v, context=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# What a (query block, key block) pair sees.
+# Which blocks meet. Every kernel runs on a grid (batch * heads, outer block i, inner step j): the
+# forward and dQ walk key blocks for each query block, dK/dV walk query blocks for each key block.
+# A query block [q0, q1] sees key block [k0, k1] iff some pair has 0 <= q - k < context, i.e.
+# k0 <= q1 and q0 - k1 < context: for each outer block that is a contiguous band of inner blocks
+# [lo, hi]. Step j reads inner block lo + j; steps past the band compute nothing, and their index
+# map repeats the band's last block, so the pipeline copies nothing for them either (consecutive
+# steps reading the same block share one copy). The inner grid axis is as long as the widest band.
 
-def _visible(q_first, k_first, block_q, block_k, context):
-    """Does any (query, key) pair of these two blocks attend? Deltas q - k span
-    [q_first - k_last, q_last - k_first]."""
-    visible = q_first + block_q - 1 - k_first >= 0
-    if context is not None:
-        visible = visible & (q_first - (k_first + block_k - 1) < context)
-    return visible
+@dataclass(frozen=True)
+class _Band:
+    block_q: int
+    block_k: int
+    n_inner: int              # blocks along the inner axis
+    context: int | None
+    keys_inner: bool          # True: outer = query blocks, inner = key blocks
+
+    def span(self, i):
+        """First and last inner block that outer block i meets. (Divisions of non-negative ints
+        only: Mosaic lowers lax.div directly, floor division of signed ints needs the chip's info.)"""
+        bq, bk, c, last = self.block_q, self.block_k, self.context, self.n_inner - 1
+        div = jax.lax.div
+        if self.keys_inner:
+            lo = 0 if c is None else div(jnp.maximum(0, i * bq - c + 1), bk)
+            return lo, jnp.minimum(last, div(i * bq + bq - 1, bk))
+        return div(i * bk, bq), last if c is None else jnp.minimum(last, div(i * bk + bk + c - 2, bq))
+
+    @property
+    def steps(self) -> int:
+        if self.context is None:
+            return self.n_inner
+        outer, inner = (self.block_q, self.block_k) if self.keys_inner else (self.block_k, self.block_q)
+        return min(self.n_inner, (outer + self.context - 2) // inner + 2)
+
+    def inner(self, i, j):
+        """(inner block that grid step (i, j) reads, whether it lies in the band)."""
+        lo, hi = self.span(i)
+        return jnp.minimum(lo + j, hi), lo + j <= hi
+
+    def firsts(self, i, j):
+        """(first query, first key) of the blocks that grid step (i, j) pairs."""
+        block = self.span(i)[0] + j
+        if self.keys_inner:
+            return i * self.block_q, block * self.block_k
+        return block * self.block_q, i * self.block_k
+
+    def index_maps(self):
+        """BlockSpec index maps (b, i, j) -> block of the outer and of the inner arrays."""
+        return (lambda b, i, j: (b, i, 0)), (lambda b, i, j: (b, self.inner(i, j)[0], 0))
 
 
 def _block_scores(q, k, q_first, k_first, scale, context):
@@ -70,22 +111,21 @@ def _block_scores(q, k, q_first, k_first, scale, context):
 # ----------------------------------------------------------------------------------------------
 # Forward: grid (batch * heads, query blocks, key blocks), the key blocks last (the reduction).
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, context, scale):
-    block_q, block_k = q_ref.shape[1], k_ref.shape[1]
-    qi, ki = pl.program_id(1), pl.program_id(2)
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, band, scale):
+    i, j = pl.program_id(1), pl.program_id(2)
 
-    @pl.when(ki == 0)
+    @pl.when(j == 0)
     def _init():
         m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    q_first, k_first = qi * block_q, ki * block_k
+    q_first, k_first = band.firsts(i, j)
 
-    @pl.when(_visible(q_first, k_first, block_q, block_k, context))
+    @pl.when(band.inner(i, j)[1])
     def _body():
         q, k, v = q_ref[0], k_ref[0], v_ref[0]                      # [bq, Dh], [bk, Dh], [bk, Dh]
-        s, mask = _block_scores(q, k, q_first, k_first, scale, context)
+        s, mask = _block_scores(q, k, q_first, k_first, scale, band.context)
         m_prev, l_prev = m_ref[:, :1], l_ref[:, :1]                   # [bq, 1]
         m_next = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, -jnp.inf), axis=1, keepdims=True))
         safe_m = jnp.where(m_next == -jnp.inf, 0.0, m_next)          # rows with nothing visible yet
@@ -95,7 +135,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, 
         m_ref[...] = jnp.broadcast_to(m_next, m_ref.shape)
         acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
-    @pl.when(ki == pl.num_programs(2) - 1)
+    @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
         o_ref[0] = (acc_ref[...] / l_ref[:, :1]).astype(o_ref.dtype)
         lse_ref[0] = m_ref[...] + jnp.log(l_ref[...])               # what the backward rebuilds p from
@@ -114,51 +154,51 @@ def _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k
     return p, p * (dp - d_ref[0][:, :1])
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, context, scale):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, band, scale):
     """Grid (BH, key blocks, query blocks): dK, dV of one key block, summed over the query blocks."""
-    block_q, block_k = q_ref.shape[1], k_ref.shape[1]
-    ki, qi = pl.program_id(1), pl.program_id(2)
+    i, j = pl.program_id(1), pl.program_id(2)
 
-    @pl.when(qi == 0)
+    @pl.when(j == 0)
     def _init():
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    q_first, k_first = qi * block_q, ki * block_k
+    q_first, k_first = band.firsts(i, j)
 
-    @pl.when(_visible(q_first, k_first, block_q, block_k, context))
+    @pl.when(band.inner(i, j)[1])
     def _body():
         q, do = q_ref[0], do_ref[0]
-        p, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale, context)
+        p, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale,
+                                     band.context)
         dv_acc[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32)   # p^T dO
         dk_acc[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                                    preferred_element_type=jnp.float32)   # dS^T q
 
-    @pl.when(qi == pl.num_programs(2) - 1)
+    @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
         dk_ref[0] = dk_acc[...].astype(dk_ref.dtype)
         dv_ref[0] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dq_acc, *, context, scale):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dq_acc, *, band, scale):
     """Grid (BH, query blocks, key blocks): dQ of one query block, summed over the key blocks."""
-    block_q, block_k = q_ref.shape[1], k_ref.shape[1]
-    qi, ki = pl.program_id(1), pl.program_id(2)
+    i, j = pl.program_id(1), pl.program_id(2)
 
-    @pl.when(ki == 0)
+    @pl.when(j == 0)
     def _init():
         dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
 
-    q_first, k_first = qi * block_q, ki * block_k
+    q_first, k_first = band.firsts(i, j)
 
-    @pl.when(_visible(q_first, k_first, block_q, block_k, context))
+    @pl.when(band.inner(i, j)[1])
     def _body():
         k = k_ref[0]
-        _, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale, context)
+        _, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale,
+                                     band.context)
         dq_acc[...] += scale * jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    @pl.when(ki == pl.num_programs(2) - 1)
+    @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
         dq_ref[0] = dq_acc[...].astype(dq_ref.dtype)
 
@@ -195,13 +235,13 @@ def _forward(q, k, v, context, block_q, block_k, interpret):
     B, H, T, Dh = q.shape
     pad = (-T) % math.lcm(block_q, block_k)
     Tp = T + pad
-    by_q = lambda b, i, j: (b, i, 0)                                # noqa: E731   block i of the queries
-    by_k = lambda b, i, j: (b, j, 0)                                # noqa: E731   block j of the keys
+    band = _Band(block_q, block_k, Tp // block_k, context, keys_inner=True)
+    by_q, by_k = band.index_maps()                                  # query block i, key block of step j
     out, lse = _call(
-        partial(_forward_kernel, context=context, scale=1.0 / math.sqrt(Dh)),
+        partial(_forward_kernel, band=band, scale=1.0 / math.sqrt(Dh)),
         [_flat(a, pad) for a in (q, k, v)],
         [((B * H, Tp, Dh), q.dtype), ((B * H, Tp, STAT_LANES), jnp.float32)],
-        (B * H, Tp // block_q, Tp // block_k),
+        (B * H, Tp // block_q, band.steps),
         [(block_q, by_q), (block_k, by_k), (block_k, by_k)], [(block_q, by_q), (block_q, by_q)],
         [(block_q, STAT_LANES), (block_q, STAT_LANES), (block_q, Dh)], interpret)
     return out.reshape(B, H, Tp, Dh)[:, :, :T], lse
@@ -215,20 +255,20 @@ def _backward(q, k, v, out, lse, d_out, context, block_q, block_k, interpret):
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     inputs = [_flat(a, pad) for a in (q, k, v, d_out)] + [lse, _flat(jnp.broadcast_to(delta, (B, H, T, STAT_LANES)), pad)]
     scale = 1.0 / math.sqrt(Dh)
-    # dK, dV: grid (b, key block i, query block j); dQ: grid (b, query block i, key block j)
-    q_of_j, k_of_i = (lambda b, i, j: (b, j, 0)), (lambda b, i, j: (b, i, 0))
+    # dK, dV: grid (b, key block i, query block of step j); dQ: grid (b, query block i, key block of step j)
+    band = _Band(block_q, block_k, Tp // block_q, context, keys_inner=False)
+    k_of_i, q_of_j = band.index_maps()
     dk, dv = _call(
-        partial(_dkv_kernel, context=context, scale=scale), inputs,
-        [((B * H, Tp, Dh), k.dtype), ((B * H, Tp, Dh), v.dtype)], (B * H, Tp // block_k, Tp // block_q),
-        [(block_q, q_of_j), (block_k, k_of_i), (block_k, k_of_i), (block_q, q_of_j), (block_q, q_of_j),
-         (block_q, q_of_j)],
+        partial(_dkv_kernel, band=band, scale=scale), inputs,
+        [((B * H, Tp, Dh), k.dtype), ((B * H, Tp, Dh), v.dtype)], (B * H, Tp // block_k, band.steps),
+        [(block_q, q_of_j), (block_k, k_of_i), (block_k, k_of_i)] + [(block_q, q_of_j)] * 3,
         [(block_k, k_of_i), (block_k, k_of_i)], [(block_k, Dh), (block_k, Dh)], interpret)
-    q_of_i, k_of_j = (lambda b, i, j: (b, i, 0)), (lambda b, i, j: (b, j, 0))
+    band = _Band(block_q, block_k, Tp // block_k, context, keys_inner=True)
+    q_of_i, k_of_j = band.index_maps()
     (dq,) = _call(
-        partial(_dq_kernel, context=context, scale=scale), inputs,
-        [((B * H, Tp, Dh), q.dtype)], (B * H, Tp // block_q, Tp // block_k),
-        [(block_q, q_of_i), (block_k, k_of_j), (block_k, k_of_j), (block_q, q_of_i), (block_q, q_of_i),
-         (block_q, q_of_i)],
+        partial(_dq_kernel, band=band, scale=scale), inputs,
+        [((B * H, Tp, Dh), q.dtype)], (B * H, Tp // block_q, band.steps),
+        [(block_q, q_of_i), (block_k, k_of_j), (block_k, k_of_j)] + [(block_q, q_of_i)] * 3,
         [(block_q, q_of_i)], [(block_q, Dh)], interpret)
     return tuple(g.reshape(B, H, Tp, Dh)[:, :, :T] for g in (dq, dk, dv))
 
