@@ -136,7 +136,7 @@ def sample_token(logits, key, temp: float, top_k: int, greedy: bool = False):
 def weights_at(params, cfg: DepformerConfig, c):
     """Step c's slice of everything that differs per step; c may be traced (inside the scan)."""
     sched = jnp.asarray(cfg.schedule)
-    take = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
+    take = lambda w, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False), w)
     layers = params["transformer"]
     if cfg.transformer.weights_per_step:                    # [L, M, out, in] -> [L, 1, out, in]
         stacked = not isinstance(layers, list)              # (unstacked: [M, out, in] -> [1, out, in])
@@ -145,7 +145,7 @@ def weights_at(params, cfg: DepformerConfig, c):
     out = {"input_proj": take(params["input_proj"], sched[c] if cfg.multi_linear else 0),
            "transformer": layers, "linears": take(params["linears"], c)}
     if cfg.norm is not None:
-        out["norm"] = jax.tree.map(lambda a: take(a, c), params["norms"])
+        out["norm"] = take(params["norms"], c)
     return out
 
 

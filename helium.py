@@ -29,7 +29,7 @@ import numpy as np
 
 
 SUPPORTED = {"norm": ("rms_norm_f32", "rms_norm", "layer_norm"), "gating": ("silu", "none"),
-             "positional_embedding": ("rope", "sin", "none"), "attention": ("xla", "flash")}
+             "positional_embedding": ("rope", "sin", "none"), "attention": ("xla", "flash", "cudnn")}
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class TransformerConfig:
     layer_scale: float | None = None      # LayerScale init value; None = no layer scale
     weights_per_step: int = 0             # >0: step t of a sequence uses its own projections (depformer)
     weights_per_step_schedule: tuple[int, ...] | None = None   # step t uses weights schedule[t]
-    attention: str = "xla"                # xla | flash (flash.py's Pallas kernels: whole causal sequences)
+    attention: str = "xla"                # xla | flash | cudnn: see self_attention
 
     def __post_init__(self):
         # Kyutai's transformer has more options (other gatings, norms, RoPE layouts); no released
@@ -90,11 +90,26 @@ class TransformerConfig:
 # Linear layers. A weight is (out, in) as in PyTorch. A weight with a leading time axis
 # (T, out, in) applies a different matrix at each time step: that is how the depformer gives every
 # codebook its own projections while attending across codebooks.
+# A weight may also be int8, {"int8": [..., out, in], "scale": [..., out]} (quantize_int8): the
+# matmul reads the int8 matrix, converted to the activations' dtype inside the dot, and scales its
+# fp32 output per output channel, so a step reads half the bytes of a bf16 weight.
 
 def linear(x, w):
+    if isinstance(w, dict):
+        y = linear(x, w["int8"].astype(x.dtype))                     # exact: |int8| <= 127 fits bf16
+        return (y.astype(jnp.float32) * w["scale"].astype(jnp.float32)).astype(x.dtype)
     if w.ndim == 3:                                              # per-step weights [T, out, in]
         return jnp.einsum("bti,toi->bto", x, w)
     return jnp.einsum("...i,oi->...o", x, w)
+
+
+def quantize_int8(w) -> dict:
+    """[..., out, in] -> symmetric int8 per output channel: w ~ int8 * scale[..., None], where
+    scale = max |row| / 127 (numpy in, numpy out, so a checkpoint can be quantized on the host)."""
+    w = np.asarray(w, np.float32)
+    scale = np.abs(w).max(axis=-1) / 127.0                                   # [..., out]
+    q = np.round(w / np.where(scale == 0, 1.0, scale)[..., None])
+    return {"int8": q.astype(np.int8), "scale": scale}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,25 +243,44 @@ def self_attention(p, cfg: TransformerConfig, x, offset, cache=None):
     else:
         cache, pos_k = ring_write(cache, k, v, offset)
         k, v = cache["k"], cache["v"]
-    if cfg.attention == "flash":
-        out = _flash_attention(q, k, v, cfg, cache)
-    else:
+    if cfg.attention == "xla":
         out = dot_product_attention(q, k, v, attention_mask(pos_q, pos_k, cfg.causal, cfg.context))
+    else:
+        out = fused_attention(q, k, v, cfg, cache)
     out = jnp.moveaxis(out, 1, 2).reshape(B, T, D)
     return cache, linear(out, p["out_proj"])
 
 
-def _flash_attention(q, k, v, cfg: TransformerConfig, cache):
-    """flash.py's Pallas kernels: whole causal sequences only (training). A streaming step attends
-    one query row per step, for which the plain path is already cheap."""
+# Fused attention for whole causal sequences (training), where the [T, T] scores of the plain path
+# cost the most: "flash" is flash.py's Pallas kernels (TPU), "cudnn" is cuDNN's fused kernel through
+# jax.nn.dot_product_attention (GPU, bf16/fp16), Moshi's window as its local_window_size. A streaming
+# step attends one query row per step, for which the plain path is already cheap. The offset only
+# moved RoPE: the masks are relative. `default_attention` picks by backend and dtype.
+
+def fused_attention(q, k, v, cfg: TransformerConfig, cache=None, implementation: str = "cudnn"):
+    # q, k, v [B, H, T, Dh] -> [B, H, T, Dh]
     if cache is not None or not cfg.causal:
-        raise ValueError("attention='flash' runs whole causal sequences (training); streaming and "
-                         "non-causal transformers use attention='xla'")
-    try:
-        import flash
-    except ImportError as e:
-        raise ImportError("attention='flash' needs flash.py (the Pallas kernels) beside helium.py") from e
-    return flash.flash_attention(q, k, v, cfg.context)          # offset only moved RoPE: masks are relative
+        raise ValueError(f"attention={cfg.attention!r} runs whole causal sequences (training); streaming "
+                         f"and non-causal transformers use attention='xla'")
+    if cfg.attention == "flash":
+        try:
+            import flash
+        except ImportError as e:
+            raise ImportError("attention='flash' needs flash.py (the Pallas kernels) beside helium.py") from e
+        return flash.flash_attention(q, k, v, cfg.context)
+    window = None if cfg.context is None else (cfg.context - 1, 0)           # keys q - context + 1 .. q
+    out = jax.nn.dot_product_attention(*(a.swapaxes(1, 2) for a in (q, k, v)), is_causal=True,
+                                       local_window_size=window, implementation=implementation)
+    return out.swapaxes(1, 2)
+
+
+def default_attention(dtype) -> str:
+    """The fastest attention for training on this backend: Pallas on TPU, cuDNN on GPU (which takes
+    only 16-bit inputs), XLA's own elsewhere."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "flash"
+    return "cudnn" if backend == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,11 +330,12 @@ def select_step_weights(layers, cfg: TransformerConfig, steps):
 
 
 def map_step_weights(p, take):
-    """Apply `take` to the per-step weights (PER_STEP) of layer params, stacked or one layer."""
+    """Apply `take` to the per-step weights (PER_STEP) of layer params, stacked or one layer (an
+    int8 weight's matrix and scales alike)."""
     out = dict(p)
     for group, name in PER_STEP:
         if name in out[group]:
-            out[group] = dict(out[group], **{name: take(out[group][name])})
+            out[group] = dict(out[group], **{name: jax.tree.map(take, out[group][name])})
     return out
 
 

@@ -304,6 +304,24 @@ def generation_params(params):
     return out
 
 
+def quantize_int8(params):
+    """The same model with int8 weights for generation (sample.py --quantize int8): every matrix the
+    temporal and depth transformers multiply by (their layers, the text head, the depformer's input
+    projections and heads) becomes helium.quantize_int8's; embedding tables and norms stay as they
+    are. Runs on the host (numpy out): place the result on the device afterwards."""
+    q = helium.quantize_int8
+
+    def layers(stack):                                  # stacked or a list: per output channel either way
+        return [layers(p) for p in stack] if isinstance(stack, list) else \
+            {k: {n: q(w) for n, w in v.items()} if k in ("attn", "mlp") else v for k, v in stack.items()}
+    out = dict(params, transformer=layers(params["transformer"]), text_linear=q(params["text_linear"]))
+    if "transformer" in params.get("depformer", {}):
+        dep = params["depformer"]
+        out["depformer"] = dict(dep, transformer=layers(dep["transformer"]), input_proj=q(dep["input_proj"]),
+                                linears=q(dep["linears"]))
+    return out
+
+
 def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
     if cfg.context is None:
         raise ValueError("moshi.init_gen_state: streaming needs a finite `context` (the KV ring size)")

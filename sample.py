@@ -383,6 +383,18 @@ def load_tokenizer(path):
 
 
 def load_models(args, log) -> Models:
+    # With --quantize the checkpoint is read and quantized on the host: the bf16 weights never
+    # occupy the accelerator, only their int8 form does (7.7 GB instead of 15.4 for moshiko).
+    with jax.default_device(jax.devices("cpu")[0]) if args.quantize else contextlib.nullcontext():
+        models = _load_models(args, log)
+    if args.quantize:
+        models.lm = jax.device_put(moshi.quantize_int8(models.lm))
+    log(f"LM weights: {sum(x.nbytes for x in jax.tree.leaves(models.lm)) / 1e9:.2f} GB "
+        f"({args.quantize or args.dtype})")
+    return models
+
+
+def _load_models(args, log) -> Models:
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
     tokenizer = None
     if args.random_init:
@@ -436,6 +448,8 @@ def parse_args(argv=None):
     g.add_argument("--random-init", metavar="PRESET", help="random weights, for demos and tests: one of "
                    "moshiko, moshika, personaplex, tiny, tiny_personaplex")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the LM's dtype (Mimi runs in fp32)")
+    g.add_argument("--quantize", choices=("int8",), help="int8 weights for the LM's matrices (per output channel, "
+                   "quantized at load time; embeddings, norms and Mimi stay as they are): half the memory")
     g = ap.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=4242)
     default = moshi.Sampling()

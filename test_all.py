@@ -194,6 +194,37 @@ def test_flash_kernels_visit_only_the_window_and_lower_for_tpu():
     assert lowered.mlir_module().count("tpu_custom_call") == 3            # forward, dK/dV, dQ
 
 
+@pytest.mark.parametrize("context", [None, 7])
+def test_helium_fused_attention_equals_ours(context):
+    """attention='cudnn' is jax.nn.dot_product_attention with Moshi's window as local_window_size:
+    run here with its XLA implementation (cuDNN needs a GPU), it equals our masked attention, values
+    and gradients; on this CPU the default for training is XLA's."""
+    cfg = helium.TransformerConfig(32, 4, 1, 64, context=context, attention="cudnn")
+    q, k, v, w = (jax.random.normal(kk, (2, 4, 23, 8)) for kk in jax.random.split(jax.random.key(0), 4))
+    pos = jnp.arange(23)
+    ours = lambda *qkv: helium.dot_product_attention(*qkv, helium.attention_mask(pos, pos, True, context))  # noqa: E731
+    fused = lambda *qkv: helium.fused_attention(*qkv, cfg, implementation="xla")                              # noqa: E731
+    assert rel_err(fused(q, k, v), ours(q, k, v)) < 1e-5
+    grads = [jax.grad(lambda *qkv: jnp.sum(w * f(*qkv)), (0, 1, 2))(q, k, v) for f in (fused, ours)]
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(*grads))
+    assert helium.default_attention(jnp.bfloat16) == "xla"               # (cpu: neither Pallas nor cuDNN)
+
+
+def test_helium_int8_matmul_equals_dequantized_weights():
+    """An int8 weight (per output channel, symmetric) multiplies like its dequantized matrix: exactly
+    up to fp32 rounding in fp32, and as the bf16 matmul of the dequantized bf16 weight in bf16;
+    per-step weights too; the quantization error itself is at most half a step per entry."""
+    for shape, x_shape in (((48, 32), (3, 5, 32)), ((4, 48, 32), (3, 4, 32))):
+        w = jax.random.normal(jax.random.key(1), shape)
+        x = jax.random.normal(jax.random.key(2), x_shape)
+        q = helium.quantize_int8(w)
+        dequant = q["int8"].astype(np.float32) * q["scale"][..., None]
+        assert q["int8"].dtype == np.int8 and np.abs(dequant - w).max() <= q["scale"].max() / 2 + 1e-7
+        assert rel_err(helium.linear(x, q), helium.linear(x, jnp.asarray(dequant))) < 1e-6
+        x16, ref16 = x.astype(jnp.bfloat16), helium.linear(x.astype(jnp.bfloat16), jnp.asarray(dequant, jnp.bfloat16))
+        assert helium.linear(x16, q).dtype == jnp.bfloat16 and rel_err(helium.linear(x16, q), ref16) < 2e-2
+
+
 def test_helium_refuses_unsupported_options_by_name():
     """Kyutai's options that no released model uses are refused by name, also from an LM config."""
     for field, value in (("gating", "relu"), ("norm", "layer_norm_f32"), ("positional_embedding", "sin_rope")):
