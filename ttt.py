@@ -107,6 +107,10 @@ def _check(ok: bool, field: str, value, expected: str):
         raise ValueError(f"TTT config: {field}={value!r} is invalid (expected {expected})")
 
 
+# For tests and demos on tiny models (moshi.TINY has 2 layers): TTT on the last one, 4-frame chunks.
+TINY = TTTConfig(layers=(1,), chunk_size=4)
+
+
 # ----------------------------------------------------------------------------------------------
 # The MLP's hidden rows, exactly as helium.mlp computes them (so the TTT layer at ΔW = 0 is
 # bit for bit the plain MLP).
@@ -182,7 +186,7 @@ def _check_inputs(x, t, w_in, w_out, conv, proj, chunk_size):
     for name, (got, want) in expect.items():
         if tuple(got) != want:
             raise ValueError(f"ttt: {name} has shape {tuple(got)}, expected {want} (x is {x.shape})")
-    if conv.ndim != 2 or not isinstance(chunk_size, int) or chunk_size < 1:
+    if conv.ndim != 2 or not _is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"ttt: need conv [D, K] and an int chunk_size >= 1, got conv {conv.shape}, "
                          f"chunk_size={chunk_size!r}")
 
@@ -196,11 +200,13 @@ def _check_inputs(x, t, w_in, w_out, conv, proj, chunk_size):
 #   frame  [] int32         frames seen; all rows of a batch advance, and complete chunks, together
 # Every frame outputs H W_downᵀ + η H Sᵀ, the second term in fp32 on its own (never folded into a
 # bf16 copy of W). The frame that completes a chunk still uses the old S, then commits that chunk's
-# ΔW. ΔW is C x D x Hd multiply-adds (23.6 G for Moshi 7B), so it runs under lax.cond only on the
+# ΔW. ΔW is C x D x Hd multiply-adds (11.8 G for Moshi 7B), so it runs under lax.cond only on the
 # completing frame: one compiled program whose other frames skip it, instead of a jnp.where that
 # would compute it every frame. (Under vmap a cond becomes a select and runs both branches: batch
-# rows through the leading axis, not vmap.) The other frames cost the plain MLP plus the D x Hd
-# product with S, which reads the fp32 S: per frame, memory traffic ~3x that of W_down in bf16.
+# rows through the leading axis, not vmap.) The other frames cost the plain MLP plus one D x Hd
+# product with S per row. S is per row and fp32: for Moshi 7B 185 MB per row and TTT layer (0.9 GB
+# for 5 layers), all read every frame, so a frame's MLP weight traffic grows from 3 bf16 D x Hd
+# matrices to 5 at batch 1, and by 2 more per extra row.
 
 def init_state(batch: int, dim: int, hidden: int, *, chunk_size: int, kernel_size: int, dtype=jnp.float32):
     """A fresh conversation: S = 0 and an empty chunk. Call again to reset (per conversation).
@@ -266,9 +272,9 @@ def init_layer(key, dim: int, cfg: TTTConfig, dtype=jnp.float32):
 # Self-check: random weights (a non-zero conv, so the memory is live), a length that is not a
 # multiple of the chunk, the parallel form against the streaming form fed one frame at a time.
 
-def self_check(seed: int = 0, dim: int = 16, hidden: int = 24, chunk: int = 4, frames: int = 11,
-               lr: float = 0.5):
-    cfg = TTTConfig(chunk_size=chunk, lr=lr)
+def self_check(seed: int = 0, dim: int = 16, hidden: int = 24, frames: int = 11, lr: float = 0.5):
+    cfg = TINY
+    chunk = cfg.chunk_size
     k = jax.random.split(jax.random.key(seed), 6)
     w_in = helium.dense_init(k[0], (2 * hidden, dim))
     w_out = helium.dense_init(k[1], (dim, hidden))
