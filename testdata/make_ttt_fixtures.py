@@ -22,6 +22,7 @@ so that a transposed P would show.
 """
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,8 +56,12 @@ def official_module():
             f.write(src)
     open(os.path.join(pkg, "__init__.py"), "w").close()
     sys.path.insert(0, root)
-    return (importlib.import_module("hf_qwen3.modeling_qwen3"),
-            importlib.import_module("hf_qwen3.configuration_qwen3"))
+    try:
+        return (importlib.import_module("hf_qwen3.modeling_qwen3"),
+                importlib.import_module("hf_qwen3.configuration_qwen3"))
+    finally:                                  # the imported modules stay in memory
+        sys.path.remove(root)
+        shutil.rmtree(root)
 
 
 def main():
