@@ -30,6 +30,7 @@ import mimi  # noqa: E402
 import moshi  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
+import ttt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTDATA = os.path.join(HERE, "testdata")
@@ -1540,3 +1541,186 @@ def test_mimi_command_line_round_trip(tmp_path, mimi_ref, capsys):
     assert np.abs(out - np.clip(expected, -1, 1)).max() < 1e-4              # 16-bit file
     with pytest.raises(SystemExit):
         mimi.main([str(tmp_path / "in.wav"), str(tmp_path / "x.wav")])      # no --weights: usage error
+
+
+# ================================================================================================
+# ttt.py
+#
+# Fixtures: testdata/make_ttt_fixtures.py runs the official In-Place TTT MLP (ByteDance-Seed/
+# In-Place-TTT's Qwen3MLP, read from its git mirror at run time) on random fp32 weights: lengths that
+# are and are not multiples of the chunk, one partial chunk, with and without P, the layer's own
+# input as target or a separate one, kernel 5. Budget: < 30 s on 2 cores.
+
+TTT_CASES = ("hidden_proj", "embed_proj", "embed_noproj", "hidden_noproj", "partial_proj")
+
+
+def _ttt_case(name):
+    """A fixture case -> (inputs x, t, weights in ttt's layout, constants, official output, plain MLP)."""
+    d = np.load(os.path.join(TESTDATA, "ttt_fixture.npz"))
+    w = {k.split("|")[1]: jnp.asarray(d[k]) for k in d.files if k.startswith(name + "|")}
+    weights = (jnp.concatenate([w["gate_proj"], w["up_proj"]], 0), w["down_proj"], w["ttt_conv"][:, 0],
+               w.get("ttt_proj"))
+    consts = dict(chunk_size=int(d[name + "_chunk"]), lr=float(d[name + "_lr"]))
+    return (jnp.asarray(d[name + "_x"]), jnp.asarray(d[name + "_t"]), weights, consts,
+            d[name + "_y"], d[name + "_y_plain"])
+
+
+def _ttt_stream(x, t, weights, consts, dtype=jnp.float32):
+    """Feed the streaming form one frame at a time -> (final state, outputs [B, T, D])."""
+    B, T, D = x.shape
+    step = jax.jit(lambda s, xi, ti: ttt.fast_weight_mlp_step(s, xi, ti, *weights, **consts))
+    state = ttt.init_state(B, D, weights[1].shape[1], chunk_size=consts["chunk_size"], kernel_size=5,
+                           dtype=dtype)
+    ys = []
+    for i in range(T):
+        state, y = step(state, x[:, i:i + 1], t[:, i:i + 1])
+        ys.append(y)
+    return state, jnp.concatenate(ys, 1)
+
+
+@pytest.mark.parametrize("name", TTT_CASES)
+def test_ttt_parallel_matches_official_mlp(name):
+    """The parallel (attention) form equals the official weight-form Qwen3MLP on every case."""
+    x, t, weights, consts, y_ref, y_plain = _ttt_case(name)
+    y = jax.jit(lambda x, t: ttt.fast_weight_mlp(x, t, *weights, **consts))(x, t)
+    assert y.shape == y_ref.shape and y.dtype == jnp.float32
+    assert rel_err(y, y_ref) <= 1e-4
+    if x.shape[1] > consts["chunk_size"]:          # the fast weights really act in these cases
+        assert rel_err(y_ref, y_plain) > 0.3
+    else:                                          # one partial chunk never updates: the plain MLP
+        assert rel_err(y, y_plain) <= 1e-6
+
+
+@pytest.mark.parametrize("name", TTT_CASES)
+def test_ttt_streaming_equals_parallel(name):
+    """One frame at a time through the fp32 state equals the parallel form, frame by frame."""
+    x, t, weights, consts, _, _ = _ttt_case(name)
+    state, ys = _ttt_stream(x, t, weights, consts)
+    y = ttt.fast_weight_mlp(x, t, *weights, **consts)
+    assert rel_err(ys, y) <= 1e-5
+    assert int(state["frame"]) == x.shape[1] and state["sum_dw"].dtype == jnp.float32
+
+
+def test_ttt_streaming_commits_on_the_completing_frame():
+    """S stays 0 until the frame that completes a chunk; that frame's output still uses the old S;
+    each batch row keeps its own S; bf16 buffers and inputs stay close to the parallel form."""
+    x, t, weights, consts, _, _ = _ttt_case("hidden_proj")
+    C = consts["chunk_size"]
+    step = jax.jit(lambda s, xi, ti: ttt.fast_weight_mlp_step(s, xi, ti, *weights, **consts))
+    state = ttt.init_state(2, 8, 12, chunk_size=C, kernel_size=5)
+    plain = {"linear_in": weights[0], "linear_out": weights[1]}
+    mlp_cfg = helium.TransformerConfig(8, 1, 1, 16)
+    for i in range(C):
+        assert not np.any(np.asarray(state["sum_dw"]))
+        state, y = step(state, x[:, i:i + 1], t[:, i:i + 1])
+        assert rel_err(y, helium.mlp(plain, mlp_cfg, x[:, i:i + 1])) <= 1e-6   # first chunk: W_down
+    h = ttt.hidden_rows(x[:, :C], weights[0])
+    v = ttt.sequence_targets(t[:, :C], weights[2], weights[3], C)
+    assert rel_err(state["sum_dw"], jnp.einsum("bcd,bch->bdh", v, h)) <= 1e-5
+    assert rel_err(state["sum_dw"][0], state["sum_dw"][1]) > 0.1                 # per-row state
+    xb, tb = x.astype(jnp.bfloat16), t.astype(jnp.bfloat16)
+    wb = tuple(w.astype(jnp.bfloat16) for w in weights)
+    _, ys = _ttt_stream(xb, tb, wb, consts, dtype=jnp.bfloat16)
+    assert ys.dtype == jnp.bfloat16
+    assert rel_err(ys, ttt.fast_weight_mlp(xb, tb, *wb, **consts)) <= 2e-2
+
+
+def test_ttt_step_is_one_program_with_the_update_under_cond():
+    """The step traces once for every frame, and its only chunk-sized product sits in a lax.cond
+    branch: ordinary frames do the three per-frame matmuls (gate/up, W_down, S)."""
+    x, t, weights, consts, _, _ = _ttt_case("embed_proj")
+    traces = []
+
+    def counted(s, xi, ti):
+        traces.append(1)
+        return ttt.fast_weight_mlp_step(s, xi, ti, *weights, **consts)
+    step = jax.jit(counted)
+    state = ttt.init_state(2, 8, 12, chunk_size=consts["chunk_size"], kernel_size=5)
+    for i in range(x.shape[1]):
+        state, _ = step(state, x[:, i:i + 1], t[:, i:i + 1])
+    assert len(traces) == 1
+    jaxpr = jax.make_jaxpr(counted)(state, x[:, :1], t[:, :1]).jaxpr
+    names = [e.primitive.name for e in jaxpr.eqns]
+    assert names.count("dot_general") == 3 and names.count("cond") == 1
+    cond = jaxpr.eqns[names.index("cond")]
+    assert any(e.primitive.name == "dot_general" for e in cond.params["branches"][1].jaxpr.eqns)
+    assert not any(e.primitive.name == "dot_general" for e in cond.params["branches"][0].jaxpr.eqns)
+
+
+def test_ttt_chunk_sees_only_earlier_chunks():
+    """Changing chunk i's target changes no output of chunks <= i (its own ΔW is never applied to
+    it, the conv stays inside it); changing chunk i's input changes no output of chunks < i."""
+    k = jax.random.split(jax.random.key(3), 6)
+    D, Hd, C, T = 8, 12, 3, 11
+    weights = (helium.dense_init(k[0], (2 * Hd, D)), helium.dense_init(k[1], (D, Hd)),
+               jax.random.normal(k[2], (D, 5)), helium.dense_init(k[3], (D, D)))
+    x, t = jax.random.normal(k[4], (1, T, D)), jax.random.normal(k[5], (1, T, D))
+    f = jax.jit(lambda x, t: ttt.fast_weight_mlp(x, t, *weights, chunk_size=C, lr=0.5))
+    y = np.asarray(f(x, t))
+    for i in range(3):
+        frames = slice(i * C, (i + 1) * C)
+        y_t = np.asarray(f(x, t.at[:, frames].add(1.0)))
+        assert np.array_equal(y_t[:, :(i + 1) * C], y[:, :(i + 1) * C])
+        assert not np.allclose(y_t[:, (i + 1) * C:], y[:, (i + 1) * C:])              # later ones move
+        y_x = np.asarray(f(x.at[:, frames].add(1.0), t))
+        assert np.array_equal(y_x[:, :i * C], y[:, :i * C])
+        assert not np.allclose(y_x[:, frames], y[:, frames])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ttt_init_is_the_plain_mlp_and_the_conv_learns(dtype):
+    """init_layer: conv 0, P a small diagonal -> exactly helium's gated MLP, yet d(out)/d(conv) != 0
+    for every channel (through P) while d(out)/d(P) = 0."""
+    cfg = ttt.TTTConfig(chunk_size=4)
+    D, Hd = 16, 24
+    k = jax.random.split(jax.random.key(5), 4)
+    p = ttt.init_layer(k[0], D, cfg, dtype)
+    assert p["conv"].shape == (D, 5) and not np.any(np.asarray(p["conv"], np.float32))
+    proj = np.asarray(p["proj"], np.float32)
+    assert np.array_equal(proj, np.diag(np.diag(proj))) and 0 < np.abs(proj).max() < 0.1
+    assert 0.019 < np.diag(np.asarray(ttt.init_layer(k[0], 4096, cfg)["proj"])).std() < 0.021
+    assert "proj" not in ttt.init_layer(k[0], D, dataclasses.replace(cfg, use_proj=False))
+    mlp = {"linear_in": helium.dense_init(k[1], (2 * Hd, D), dtype),
+           "linear_out": helium.dense_init(k[2], (D, Hd), dtype)}
+    x = jax.random.normal(k[3], (2, 10, D), dtype)
+
+    def ttt_mlp(conv, proj):
+        return ttt.fast_weight_mlp(x, x, mlp["linear_in"], mlp["linear_out"], conv, proj,
+                                   chunk_size=4, lr=cfg.lr)
+    y = ttt_mlp(p["conv"], p["proj"])
+    plain = helium.mlp(mlp, helium.TransformerConfig(D, 1, 1, 32), x)
+    assert y.dtype == dtype and np.array_equal(np.asarray(y, np.float32), np.asarray(plain, np.float32))
+    loss = lambda conv, proj: jnp.sum(ttt_mlp(conv, proj).astype(jnp.float32) * jnp.cos(jnp.arange(D)))
+    g_conv, g_proj = (np.asarray(g, np.float32) for g in jax.grad(loss, argnums=(0, 1))(p["conv"], p["proj"]))
+    assert np.all(np.abs(g_conv).max(axis=1) > 0) and not np.any(g_proj)
+
+
+def test_ttt_config_defaults_and_validation():
+    cfg = ttt.TTTConfig()
+    assert (cfg.layers, cfg.chunk_size, cfg.lr, cfg.target, cfg.kernel_size, cfg.use_proj) == \
+        ((5, 11, 17, 23, 29), 256, 3.0, "hidden", 5, True)
+    assert ttt.every_kth_layer(6, 0, 36) == (0, 6, 12, 18, 24, 30)
+    assert ttt.TTTConfig(layers=[1, 4]).layers == (1, 4) and hash(ttt.TTTConfig(layers=[1, 4]))
+    bad = [("layers", (3, 3)), ("layers", (-1,)), ("layers", (1.5,)), ("layers", (4, 2)), ("layers", 5),
+           ("chunk_size", 0), ("chunk_size", 2.0), ("lr", -1.0), ("lr", float("nan")), ("lr", "3"),
+           ("target", "input_embed"), ("kernel_size", 0), ("use_proj", 1)]
+    for field, value in bad:
+        with pytest.raises(ValueError, match=f"TTT config: {field}="):
+            ttt.TTTConfig(**{field: value})
+    with pytest.raises(ValueError, match="every_kth_layer"):
+        ttt.every_kth_layer(0, 5, 32)
+    cfg.check_num_layers(32)
+    with pytest.raises(ValueError, match="names layer 29, but the transformer has 24 layers"):
+        cfg.check_num_layers(24)
+    x, conv = jnp.zeros((1, 5, 8)), jnp.zeros((8, 5))
+    with pytest.raises(ValueError, match=r"ttt: w_out has shape \(12, 8\), expected \(8, 8\)"):
+        ttt.fast_weight_mlp(x, x, jnp.zeros((16, 8)), jnp.zeros((12, 8)), conv, None, chunk_size=2, lr=1.0)
+
+
+def test_ttt_command_line(capsys):
+    ttt.main([])
+    out = capsys.readouterr().out
+    errors = {line.split(":")[0].strip(): float(line.split()[-1]) for line in out.splitlines()[1:]}
+    assert errors["float32"] <= 1e-5 and errors["bfloat16"] <= 2e-2
+    ttt.main(["--demo"])
+    assert "not there yet" in capsys.readouterr().out
