@@ -301,13 +301,15 @@ def mlp(p, cfg: TransformerConfig, x):
 def layer(p, cfg: TransformerConfig, x, offset, cache=None):
     """x [B, T, D] -> (new cache or None, [B, T, D])."""
     cache, update = self_attention(p["attn"], cfg, norm(p["norm1"], cfg.norm, x), offset, cache)
-    if "layer_scale_1" in p:
-        update = p["layer_scale_1"] * update
-    x = x.astype(update.dtype) + update
-    update = mlp(p["mlp"], cfg, norm(p["norm2"], cfg.norm, x))
-    if "layer_scale_2" in p:
-        update = p["layer_scale_2"] * update
-    return cache, x.astype(update.dtype) + update
+    x = residual(p, 1, x, update)
+    return cache, residual(p, 2, x, mlp(p["mlp"], cfg, norm(p["norm2"], cfg.norm, x)))
+
+
+def residual(p, i: int, x, update):
+    """x + update, through the layer's i-th LayerScale if it has one (Mimi's layers do)."""
+    if f"layer_scale_{i}" in p:
+        update = p[f"layer_scale_{i}"] * update
+    return x.astype(update.dtype) + update
 
 
 # Weights that differ per step when cfg.weights_per_step (norms and layer scales are shared).

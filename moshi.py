@@ -42,6 +42,7 @@ import numpy as np
 
 import depformer
 import helium
+import ttt
 
 UNGENERATED = -2                     # "nothing here": a slot not yet written, or a token not forced
 
@@ -90,6 +91,7 @@ class LMConfig:
     existing_text_end_padding_id: int = 0
     extra_heads_num_heads: int = 0        # STT's voice-activity heads: loaded and saved, not used here
     extra_heads_dim: int = 6
+    ttt: ttt.TTTConfig | None = None      # In-Place TTT on some temporal layers (ttt.py); not Kyutai's
 
     def __post_init__(self):
         if len(self.delays) != self.n_q + 1:
@@ -102,6 +104,10 @@ class LMConfig:
         if sched is not None and len(sched) != self.dep_q:
             raise ValueError(f"LMConfig: depformer_weights_per_step_schedule has {len(sched)} entries, dep_q={self.dep_q}")
         self.temporal, self.depformer                 # noqa: B018  their configs refuse unsupported options
+        if self.ttt is not None:
+            if self.gating != "silu":
+                raise ValueError(f"LMConfig: TTT rewrites a gated MLP's down projection; gating={self.gating!r}")
+            self.ttt.check_num_layers(self.num_layers)
 
     @property
     def num_streams(self) -> int:
@@ -180,6 +186,9 @@ def init(key, cfg: LMConfig, dtype=jnp.float32):
         params["depformer"] = {"input_proj": helium.dense_init(k[4], shape, dtype)}
     if cfg.extra_heads_num_heads:
         params["extra_heads"] = helium.dense_init(k[5], (cfg.extra_heads_num_heads, cfg.extra_heads_dim, D), dtype)
+    if cfg.ttt is not None:                    # one conv (and P) per TTT layer, stacked in layer order
+        keys = jax.random.split(jax.random.fold_in(key, 7), len(cfg.ttt.layers))
+        params["ttt"] = jax.vmap(lambda k: ttt.init_layer(k, D, cfg.ttt, dtype))(keys)
     return params
 
 
@@ -196,12 +205,17 @@ def embed_frames(params, cfg: LMConfig, tokens):
     return x + depformer.embed(params["text_emb"], tokens[:, 0])
 
 
-def temporal(params, cfg: LMConfig, x, offset=0, cache=None, attention: str = "xla", **kw):
-    """x [B, T, D] -> (cache, h [B, T, D] after out_norm, text_logits [B, T, text_card])."""
+def temporal(params, cfg: LMConfig, x, offset=0, cache=None, ttt_states=None, attention: str = "xla", **kw):
+    """x [B, T, D] -> (cache, ttt_states, h [B, T, D] after out_norm, text_logits [B, T, text_card]).
+    With TTT layers (cfg.ttt) ttt_states are their streaming states (None for a whole window)."""
     tcfg = dataclasses.replace(cfg.temporal, attention=attention)
-    cache, h = helium.transformer(params["transformer"], tcfg, x, offset, cache, **kw)
+    if cfg.ttt is None:
+        cache, h = helium.transformer(params["transformer"], tcfg, x, offset, cache, **kw)
+    else:
+        cache, ttt_states, h = ttt.transformer(params["transformer"], params["ttt"], tcfg, cfg.ttt, x, offset,
+                                               cache, ttt_states, **kw)
     h = helium.norm(params["out_norm"], cfg.norm, h)
-    return cache, h, helium.linear(h, params["text_linear"])
+    return cache, ttt_states, h, helium.linear(h, params["text_linear"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,8 +268,8 @@ def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None,
     initial = jnp.asarray(cfg.initial_tokens())
     delayed = delay(codes, cfg.delays, initial)                                  # [B, K, T]
     inputs = jnp.concatenate([jnp.broadcast_to(initial[None, :, None], (B, K, 1)), delayed[:, :, :-1]], axis=2)
-    _, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, inputs), attention=attention,
-                                 layer_hook=layer_hook, remat=remat)
+    _, _, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, inputs), attention=attention,
+                                    layer_hook=layer_hook, remat=remat)
     text_logits, text_mask = undelay(text_logits[:, None], cfg.delays[:1])
     out = {"text_logits": text_logits, "text_mask": text_mask & (codes[:, :1] != depformer.ZERO_TOKEN)}
     if cfg.dep_q:
@@ -299,6 +313,8 @@ def generation_params(params):
     list of layers, which a step reads in place instead of slicing out of the stack (see helium's
     note on layouts; about 3x faster per frame on CPU). gen_step takes either layout."""
     out = dict(params, transformer=helium.unstack_layers(params["transformer"]))
+    if "ttt" in params:
+        out["ttt"] = helium.unstack_layers(params["ttt"])
     if "transformer" in params.get("depformer", {}):
         out["depformer"] = dict(params["depformer"], transformer=helium.unstack_layers(params["depformer"]["transformer"]))
     return out
@@ -330,11 +346,15 @@ def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
     dtype = params["text_emb"].dtype
     shape = (batch_size, cfg.num_streams, cfg.max_delay + 3)
     stacked = not isinstance(params["transformer"], list)
-    return {"kv": helium.init_cache(cfg.temporal, batch_size, dtype, stacked=stacked),
-            "tokens": jnp.full(shape, UNGENERATED, jnp.int32),
-            "provided": jnp.zeros(shape, bool),
-            "step": jnp.zeros((), jnp.int32),
-            "lookahead": jnp.asarray(lookahead, jnp.int32)}
+    state = {"kv": helium.init_cache(cfg.temporal, batch_size, dtype, stacked=stacked),
+             "tokens": jnp.full(shape, UNGENERATED, jnp.int32),
+             "provided": jnp.zeros(shape, bool),
+             "step": jnp.zeros((), jnp.int32),
+             "lookahead": jnp.asarray(lookahead, jnp.int32)}
+    if cfg.ttt is not None:          # per row: S (fp32 D x Hd) and the unfinished chunk, per TTT layer
+        state["ttt"] = [ttt.init_state(batch_size, cfg.dim, cfg.temporal.gating_hidden, chunk_size=cfg.ttt.chunk_size,
+                                       kernel_size=cfg.ttt.kernel_size, dtype=dtype) for _ in cfg.ttt.layers]
+    return state
 
 
 def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
@@ -414,7 +434,8 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
     # 2. the temporal step on position n
     here = jnp.where(n <= delays, initial, tokens[:, :, n % size])                            # [B, K]
-    kv, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, here[:, :, None]), n, state["kv"])
+    kv, ttt_states, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, here[:, :, None]), n,
+                                              state["kv"], state.get("ttt"))
     h, text_logits = h[:, 0], text_logits[:, 0]
     # 3. position n + 1: the text token, then the depformer's codebooks; a given token wins over
     # the sampled one and conditions the next codebook (the sampled ones are what logits report)
@@ -438,6 +459,8 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     out = jnp.take_along_axis(tokens[:, gen], (positions % size)[None, :, None], axis=2)[:, :, 0]
     out = jnp.where(n < cfg.max_delay, depformer.ZERO_TOKEN, out)
     state = dict(state, kv=kv, tokens=tokens, provided=provided, step=n + 1)
+    if ttt_states is not None:
+        state["ttt"] = ttt_states
     return (state, out, logits) if return_logits else (state, out)
 
 

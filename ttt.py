@@ -30,6 +30,7 @@ training rule) and `inference_model/hf_qwen3/modeling_qwen3.py` (the streaming r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -251,6 +252,69 @@ def fast_weight_mlp_step(state, x, t, w_in, w_out, conv, proj, *, chunk_size: in
         state["sum_dw"])
     # The buffers need no clearing: the next chunk overwrites every slot before it completes.
     return {"sum_dw": sum_dw, "h": h_buf, "t": t_buf, "frame": state["frame"] + 1}, y
+
+
+# ----------------------------------------------------------------------------------------------
+# In the model. A TTT layer is a helium layer whose MLP is the fast-weight MLP, built from the same
+# weights (the MLP's linear_in and linear_out) plus the layer's own conv and P; the attention path
+# is untouched. The stack runs each run of plain layers through helium.transformer (scanned or
+# listed, as the params are laid out) and each TTT layer on its own between them.
+
+def layer(p, fast, cfg, tcfg: TTTConfig, x, embed, offset, cache=None, state=None):
+    """x [B, T, D] -> (cache, state, y). state None: the parallel form over a whole window; else the
+    streaming state of one frame. embed [B, T, D]: the summed input embeddings (target "embed")."""
+    cache, update = helium.self_attention(p["attn"], cfg, helium.norm(p["norm1"], cfg.norm, x), offset, cache)
+    x = helium.residual(p, 1, x, update)
+    h = helium.norm(p["norm2"], cfg.norm, x)
+    t = h if tcfg.target == "hidden" else embed.astype(h.dtype)
+    args = (h, t, p["mlp"]["linear_in"], p["mlp"]["linear_out"], fast["conv"], fast.get("proj"))
+    if state is None:
+        update = fast_weight_mlp(*args, chunk_size=tcfg.chunk_size, lr=tcfg.lr)
+    else:
+        state, update = fast_weight_mlp_step(state, *args, chunk_size=tcfg.chunk_size, lr=tcfg.lr)
+    return cache, state, helium.residual(p, 2, x, update)
+
+
+def transformer(layers, fast, cfg, tcfg: TTTConfig, x, offset=0, cache=None, states=None,
+                layer_hook=None, remat=False):
+    """helium.transformer with TTT on layers tcfg.layers: x [B, T, D] -> (cache, states, y).
+    layers and fast (one entry per TTT layer) stacked or listed; cache as helium's; states one
+    streaming state per TTT layer, or None for a whole window. x is also the "embed" target."""
+    offset, embed = jnp.asarray(offset, jnp.int32), x
+    if cfg.positional_embedding == "sin":             # added once here, not again by every run
+        x = x + helium.sin_embedding(offset + jnp.arange(x.shape[1]), x.shape[-1], cfg.max_period, x.dtype)
+        cfg = dataclasses.replace(cfg, positional_embedding="none")
+    kv, new_states, start = [], [], 0
+    for n, i in enumerate(tcfg.layers + (cfg.num_layers,)):
+        if i > start:                                 # the plain layers start..i-1
+            run = None if cache is None else {"k": _take(cache["k"], start, i), "v": _take(cache["v"], start, i),
+                                              "offset": offset}
+            run, x = helium.transformer(_take(layers, start, i), cfg, x, offset, run, layer_hook, remat)
+            kv.append(run)
+        if i == cfg.num_layers:
+            break
+        p = _take(layers, i, i + 1, single=True)
+        one = None if cache is None else {"k": _take(cache["k"], i, i + 1, True), "v": _take(cache["v"], i, i + 1, True)}
+        step = jax.checkpoint(layer, static_argnums=(2, 3)) if remat else layer
+        one, state, x = step(layer_hook(p) if layer_hook else p, _take(fast, n, n + 1, True), cfg, tcfg, x,
+                             embed, offset, one, None if states is None else states[n])
+        kv.append(None if one is None else jax.tree.map(lambda a: [a] if isinstance(cache["k"], list) else a[None], one))
+        new_states.append(state)
+        start = i + 1
+    if cache is not None:
+        cache = {"k": _join([c["k"] for c in kv]), "v": _join([c["v"] for c in kv]), "offset": cache["offset"] + x.shape[1]}
+    return cache, None if states is None else new_states, x
+
+
+def _take(tree, lo, hi, single=False):
+    """Entries lo..hi-1 of a stack (a list, or stacked leaves); single: entry lo itself."""
+    if isinstance(tree, list):
+        return tree[lo] if single else tree[lo:hi]
+    return jax.tree.map(lambda a: a[lo] if single else a[lo:hi], tree)
+
+
+def _join(parts):
+    return sum(parts, []) if isinstance(parts[0], list) else jnp.concatenate(parts)
 
 
 # ----------------------------------------------------------------------------------------------
