@@ -168,8 +168,8 @@ def parse_mesh(text: str) -> dict:
     return sizes
 
 
-def make_mesh(dp: int, fsdp: int, devices=None):
-    devices = jax.devices() if devices is None else devices
+def make_mesh(dp: int, fsdp: int):
+    devices = jax.devices()
     if dp * fsdp > len(devices):
         raise ValueError(f"mesh dp={dp} x fsdp={fsdp} needs {dp * fsdp} devices, {len(devices)} available")
     # make_mesh gives Explicit axes (jax >= 0.9): inputs are device_put to their specs before use
@@ -375,8 +375,8 @@ def _barrier(name: str) -> None:
 
 def save_checkpoint(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
-    tmp = final + ".tmp"
-    if jax.process_index() == 0:
+    tmp, first_process = final + ".tmp", jax.process_index() == 0
+    if first_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(f"ckpt-mkdir-{step}")
@@ -391,7 +391,7 @@ def save_checkpoint(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> s
     with convert.atomic_open(os.path.join(tmp, f"process_{jax.process_index():05d}.npz")) as f:
         np.savez(f, **pieces)
     _barrier(f"ckpt-written-{step}")
-    if jax.process_index() == 0:
+    if first_process:
         with convert.atomic_open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, leaves=leaves, processes=jax.process_count()), f, indent=1)
         convert.fsync(tmp)
@@ -672,9 +672,9 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
                                 f"(data position {position}) held:\n  {names}")
         position += A * G
         steady = np.mean(times[1:]) if len(times) > 1 else times[0]   # the first step also compiles
-        history.append({"step": step, "loss": float(m[0]), "text_loss": float(m[1]),
-                        "audio_loss": float(m[2]), "grad_norm": float(m[3]), "lr": float(lr_at(step - 1)),
-                        "step_time": times[-1], "tokens_per_s": tokens_per_step / steady})
+        losses = dict(zip(("loss", "text_loss", "audio_loss", "grad_norm"), m.tolist()))
+        history.append({"step": step, **losses, "lr": float(lr_at(step - 1)), "step_time": times[-1],
+                        "tokens_per_s": tokens_per_step / steady})
         log_step(args, history[-1], h.max_steps, last, flops / steady / peak if peak else None,
                  steady * (h.max_steps - step))
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == last:
@@ -697,21 +697,21 @@ def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = Fal
     """Write the trained model in Kyutai's naming: out_dir/model.safetensors (LoRA merged in) and
     config.json, which the official PyTorch, MLX and Rust stacks and sample.py load like a released
     checkpoint; with save_adapters, also out_dir/lora.safetensors in moshi-finetune's naming."""
-    trainable = jax.tree.map(to_host, state["params"])
-    path = os.path.join(out_dir, "model.safetensors")
+    trainable, dtype = jax.tree.map(to_host, state["params"]), jnp.dtype(dtype)
+    path, save_adapters = os.path.join(out_dir, "model.safetensors"), save_adapters and h.lora_rank
     if jax.process_index() != 0:
         return path
     os.makedirs(out_dir, exist_ok=True)
     with jax.default_device(jax.devices("cpu")[0]):
         params = (merged_params(jax.tree.map(to_host, frozen), trainable, h.lora_scaling) if h.lora_rank
                   else trainable)
-        convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params), cfg)
+        convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(dtype), params), cfg)
     with convert.atomic_open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(convert.lm_config_dict(cfg), moshi_name="model.safetensors"), f, indent=1)
-    if save_adapters and h.lora_rank:
-        tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in convert.lora_tensors(trainable, cfg).items()}
+    if save_adapters:
+        tensors = {k: v.astype(dtype) for k, v in convert.lora_tensors(trainable, cfg).items()}
         convert.save_safetensors(os.path.join(out_dir, "lora.safetensors"), tensors, {"format": "pt"})
-    print(f"export: wrote {path}" + (" and lora.safetensors" if save_adapters and h.lora_rank else ""))
+    print(f"export: wrote {path}" + (" and lora.safetensors" if save_adapters else ""))
     return path
 
 
@@ -739,29 +739,30 @@ def export_checkpoint(args) -> str:
 # from it, so the two cannot drift apart.
 
 def _hyper_flags(a) -> None:
-    def flag(name, field, **kw):
-        if "action" not in kw:           # (metavar: the flag's name, as argparse would write it)
-            kw.update(type=type(getattr(Hyper, field)), metavar=name[2:].upper().replace("-", "_"))
+    def flag(field, name=None, **kw):                      # --max-steps sets max_steps, ...
+        name = name or "--" + field.replace("_", "-")
+        if "action" not in kw:
+            kw["type"] = type(getattr(Hyper, field))
         a(name, dest=field, default=getattr(Hyper, field), **kw)
-    flag("--max-steps", "max_steps", help="length of the run (and of the lr schedule)")
-    flag("--lr", "lr")
-    flag("--warmup-steps", "warmup_steps")
-    flag("--min-lr-ratio", "min_lr_ratio", help="the cosine ends at lr * this")
-    flag("--beta1", "b1")
-    flag("--beta2", "b2")
-    flag("--eps", "eps")
-    flag("--weight-decay", "weight_decay")
-    flag("--max-norm", "max_norm", help="gradient clipping (global norm)")
-    flag("--text-padding-weight", "text_padding_weight", help="loss weight of PAD/EPAD text targets")
-    flag("--first-codebook-weight", "first_codebook_weight",
+    flag("max_steps", help="length of the run (and of the lr schedule)")
+    flag("lr")
+    flag("warmup_steps")
+    flag("min_lr_ratio", help="the cosine ends at lr * this")
+    flag("b1", "--beta1", metavar="BETA1")
+    flag("b2", "--beta2", metavar="BETA2")
+    flag("eps")
+    flag("weight_decay")
+    flag("max_norm", help="gradient clipping (global norm)")
+    flag("text_padding_weight", help="loss weight of PAD/EPAD text targets")
+    flag("first_codebook_weight",
          help="loss weight of the semantic codebook (moshi-finetune's example uses 100)")
-    flag("--lora-rank", "lora_rank", help="0: full fine-tuning; >0: LoRA on every linear layer")
-    flag("--lora-scaling", "lora_scaling", help="LoRA multiplier: W + scaling * B @ A")
-    flag("--dtype", "compute_dtype", choices=["bfloat16", "float32"],
+    flag("lora_rank", help="0: full fine-tuning; >0: LoRA on every linear layer")
+    flag("lora_scaling", help="LoRA multiplier: W + scaling * B @ A")
+    flag("compute_dtype", "--dtype", choices=["bfloat16", "float32"],
          help="compute dtype (master weights are fp32)")
-    flag("--no-remat", "remat", action="store_false",
+    flag("remat", "--no-remat", action="store_false",
          help="keep activations instead of recomputing each layer")
-    flag("--attention", "attention", choices=["xla", "flash"], help="temporal attention implementation")
+    flag("attention", choices=["xla", "flash"], help="temporal attention implementation")
 
 
 def train_parser():
