@@ -1,16 +1,21 @@
 """convert.py: Kyutai safetensors checkpoints <-> our param dicts, and model configs.
 
 Everything that knows Kyutai's on-disk key names lives here, so the model files can name things
-the way the math reads. Four parts, top to bottom:
+the way the math reads. The parts, top to bottom:
 
 1. safetensors, read and written by hand: the format is an 8-byte header length, a JSON header
    and raw little-endian tensors. Reading memory-maps the file and hands out one tensor at a time,
    so a 15 GB bf16 checkpoint never sits in RAM twice. Writing is atomic (temp file + rename), by
    `atomic_open` / `atomic_path`, which sample.py, train.py and data.py also write their files with.
-2. Mimi: `params, cfg = load_mimi(path, cfg=None)` (fp32 or bf16 files, both attention namings),
-   `save_mimi(path, params, cfg)`, and `mimi_config(d)` for a repo's Mimi config JSON.
-3. The LM: `params, cfg = load_lm(path, config=None)` and `save_lm(path, params, cfg)`.
-4. Repo files: `ckpt = find_checkpoint(repo)` resolves a Kyutai repo (a Hugging Face id, a local
+2. The key mapping: each model's checkpoint is one table of `Row`s, from which the expected keys,
+   loading (`from_disk`) and saving (`to_disk`) are derived; `get_path` / `set_path` / `walk`
+   move about our nested params (train.py's LoRA uses them too).
+3. Mimi: `params, cfg = load_mimi(path, cfg=None)` (fp32 or bf16 files, both attention namings),
+   `save_mimi(path, params, cfg)`, and `mimi_config(d)` for a repo's Mimi config JSON. This part
+   needs only mimi.py and helium.py: copied with them, it loads Mimi's released weights.
+4. The LM: `params, cfg = load_lm(path, config=None)`, `save_lm(path, params, cfg)`, and
+   moshi-finetune's LoRA adapter names. moshi.py is imported only here, where the LM is handled.
+5. Repo files: `ckpt = find_checkpoint(repo)` resolves a Kyutai repo (a Hugging Face id, a local
    folder, or one .safetensors file) as the official loader does, into the LM, Mimi and tokenizer
    paths and their configs; `load_lm(ckpt.moshi, lm_config_for(ckpt))` then loads the LM. sample.py's
    --hf-repo and train.py's --init-from both go through it.
@@ -29,14 +34,13 @@ import re
 import struct
 import tempfile
 import warnings
+from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes                        # ships with jax; it gives numpy a bfloat16
 import numpy as np
 
 import mimi
-import moshi
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -95,12 +99,6 @@ class SafeTensorsFile:
         begin, end = info["data_offsets"]
         buf = self._mmap[self._start + begin: self._start + end]
         return buf.view(dtype).reshape(info["shape"])
-
-
-def load_safetensors(path) -> dict[str, np.ndarray]:
-    """All tensors as memory-mapped numpy views (nothing is read until used)."""
-    f = SafeTensorsFile(path)
-    return {k: f[k] for k in f.keys()}
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -185,52 +183,133 @@ def check_keys(expected: dict, found: dict, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kyutai's StreamingTransformer <-> helium's stacked layers. Shared by Mimi's two transformers, the
-# temporal transformer and the depformer. Kyutai has two namings for attention weights:
-#   on disk (legacy, all released checkpoints): self_attn.in_proj_weight [M*3D, D], out_proj.weight [M*D, D]
-#   in memory (moshi >= 0.2):                   self_attn.in_projs.{i}.weight [3D, D], out_projs.{i}.weight
-# where M is the number of per-step weight sets (1 except in the depformer). Both are accepted; we
-# always write the on-disk one, which every Kyutai stack (PyTorch, MLX, Rust) reads.
+# 2. The key mapping. Our params are nested dicts (and lists of layers); a path is the tuple of
+# keys down to a leaf. Each model's checkpoint is ONE table of rows, one row per on-disk tensor:
+# its name and shape on disk, the leaf of our params it fills, where in that leaf (a leaf may stack
+# layers, per-step weight sets or heads: one row per slice), and how its layout differs here.
 
-def _transformer_layer_keys(prefix: str, cfg) -> dict:
-    """On-disk {name: shape} for one layer of a helium.TransformerConfig."""
-    D, M = cfg.d_model, cfg.num_weight_sets
-    keys = {f"{prefix}self_attn.in_proj_weight": (M * 3 * D, D),
-            f"{prefix}self_attn.out_proj.weight": (M * D, D)}
-    if cfg.norm.startswith("rms_norm"):
-        keys.update({f"{prefix}norm{i}.alpha": (1, 1, D) for i in (1, 2)})
-    else:
-        keys.update({f"{prefix}norm{i}.{w}": (D,) for i in (1, 2) for w in ("weight", "bias")})
-    if cfg.gating == "none":
-        F = cfg.dim_feedforward
-        keys.update({f"{prefix}linear1.weight": (F, D), f"{prefix}linear2.weight": (D, F)})
-    else:
-        Hd = cfg.gating_hidden
-        gates = [f"gating.{i}." for i in range(M)] if cfg.weights_per_step else ["gating."]
-        for g in gates:
-            keys.update({f"{prefix}{g}linear_in.weight": (2 * Hd, D), f"{prefix}{g}linear_out.weight": (D, Hd)})
-    if cfg.layer_scale is not None:
-        keys.update({f"{prefix}layer_scale_{i}.scale": (D,) for i in (1, 2)})
-    return keys
+def get_path(tree, path):
+    """tree[path[0]][path[1]]...: a leaf or subtree of nested dicts and lists."""
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
-def transformer_keys(prefix: str, cfg) -> dict:
-    """On-disk {name: shape} of a whole stack, e.g. prefix 'transformer.layers.'."""
-    keys = {}
-    for layer in range(cfg.num_layers):
-        keys.update(_transformer_layer_keys(f"{prefix}{layer}.", cfg))
-    return keys
+def set_path(tree, path, value) -> None:
+    """tree[path[0]]...[path[-1]] = value, making the dicts on the way."""
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
 
 
-def to_disk_attention_names(tensors: dict, num_weight_sets) -> dict:
-    """Rewrite in-memory `in_projs.{i}` / `out_projs.{i}` names to the packed on-disk form.
+def walk(tree, stop=lambda d: False, path=()):
+    """(path, leaf) of nested dicts, depth first; a dict for which `stop` holds is yielded whole."""
+    for k, v in tree.items():
+        if isinstance(v, dict) and not stop(v):
+            yield from walk(v, stop, path + (k,))
+        else:
+            yield path + (k,), v
 
-    `num_weight_sets(name)` gives M for the layer a key belongs to. Other keys pass through.
-    """
+
+def _as_lists(tree):
+    """Dicts keyed 0..n-1 (set_path's, for layer and stage indices) -> lists."""
+    if not isinstance(tree, dict):
+        return tree
+    tree = {k: _as_lists(v) for k, v in tree.items()}
+    return [tree[i] for i in range(len(tree))] if all(isinstance(k, int) for k in tree) else tree
+
+
+class Row(NamedTuple):
+    """One tensor of a checkpoint, and where and how it lives in our params."""
+    name: str                   # on disk
+    shape: tuple                # on disk
+    path: tuple | None          # the leaf of our params it fills; None: a codebook buffer we do not keep
+    index: tuple = ()           # where in that leaf: () all of it; (i,) or (layer, step) one slice
+    ours: tuple | None = None   # the slice's shape here, where the layouts differ by a reshape
+    axes: tuple | None = None   # or by this axis permutation, its own inverse (Mimi's convs)
+    usage: str | None = None    # a codebook: the cluster_usage buffer that divides embedding_sum
+
+
+def row_keys(rows) -> dict:
+    """{on-disk name: shape}: what check_keys holds a checkpoint to."""
+    return {r.name: r.shape for r in rows}
+
+
+def _to_ours(row: Row, tensors: dict, dtype):
+    read = lambda name: np.asarray(tensors[name], dtype)            # noqa: E731
+    x = read(row.name)
+    if row.usage:
+        x = x / np.maximum(read(row.usage), np.float32(1e-5))[:, None]       # fp32, as Kyutai
+    if row.axes:
+        x = np.ascontiguousarray(x.transpose(row.axes))
+    return x if row.ours is None else x.reshape(row.ours)
+
+
+def _leaf(rows: list, tensors: dict, dtype):
+    if not rows[0].index:
+        return _to_ours(rows[0], tensors, dtype)
+    leaf = None
+    for r in rows:                   # one slice at a time into the stacked leaf
+        x = _to_ours(r, tensors, dtype)
+        if leaf is None:
+            leaf = np.empty(tuple(np.max([q.index for q in rows], axis=0) + 1) + x.shape, x.dtype)
+        leaf[r.index] = x
+    return leaf
+
+
+def from_disk(rows, tensors: dict, what: str, cast=jnp.asarray, dtype=None) -> dict:
+    """On-disk {name: tensor} -> our params. The names and shapes are checked first (check_keys,
+    naming `what`); tensors are read one at a time (as `dtype`, if given), and each leaf, once
+    assembled from its rows, is cast once by `cast(numpy array)`."""
+    check_keys(row_keys(rows), {k: v.shape for k, v in tensors.items()}, what)
+    leaves = {}
+    for r in rows:
+        if r.path is not None:
+            leaves.setdefault(r.path, []).append(r)
+    params = {}
+    for path, group in leaves.items():
+        set_path(params, path, cast(_leaf(group, tensors, dtype)))
+    return _as_lists(params)
+
+
+def to_disk(rows, params, what: str, dtype=None) -> dict:
+    """Our params -> {on-disk name: numpy array} (in `dtype`, if given), shapes checked."""
+    out = {}
+    for r in rows:
+        if r.path is None:       # usage 1 makes embedding_sum the codebook itself, exactly
+            out[r.name] = np.ones(r.shape, np.float32)
+            continue
+        x = np.asarray(get_path(params, r.path)[r.index], dtype)
+        x = x.transpose(r.axes) if r.axes else x
+        out[r.name] = x.reshape(r.shape) if r.ours else x
+    check_keys(row_keys(rows), {k: v.shape for k, v in out.items()}, what)
+    return out
+
+
+# Other namings of the same tensors, renamed to the on-disk one before anything is looked up:
+#   moshi >= 0.2's in-memory attention, self_attn.in_projs.{m}.weight [3D, D] per weight set m
+#     (and out_projs.{m}.weight [D, D]), packed on disk as in_proj_weight [M*3D, D] (out_proj.weight);
+#   the `.in_proj.weight` variant, and older codebook buffer names, which Kyutai's loader renames.
+# M is 1 except in the depformer. We always write the on-disk naming, which every Kyutai stack
+# (PyTorch, MLX, Rust) reads.
+_PACKED = {".self_attn.in_proj_weight": ".self_attn.in_projs.",
+           ".self_attn.out_proj.weight": ".self_attn.out_projs."}
+_RENAMED = {".self_attn.in_proj.weight": ".self_attn.in_proj_weight",
+            "._codebook.inited": "._codebook._initialized",
+            "._codebook.cluster_size": "._codebook.cluster_usage",
+            "._codebook.embed_avg": "._codebook.embedding_sum",
+            "._codebook.embed_sum": "._codebook.embedding_sum"}
+
+
+def to_disk_names(tensors: dict, num_weight_sets=lambda name: 1) -> dict:
+    """{name: tensor} in any naming above -> the on-disk naming. `num_weight_sets(name)` gives M
+    for the layer of a packed key. Nothing is read but the per-step projections, concatenated."""
     out, groups = {}, {}
     for name, value in tensors.items():
-        for mem, disk in ((".self_attn.in_projs.", ".self_attn.in_proj_weight"),
-                          (".self_attn.out_projs.", ".self_attn.out_proj.weight")):
+        for old, new in _RENAMED.items():
+            if name.endswith(old):
+                name = name[:-len(old)] + new
+        for disk, mem in _PACKED.items():
             if mem in name and name.endswith(".weight"):
                 head, tail = name.split(mem)
                 groups.setdefault(head + disk, {})[int(tail.split(".")[0])] = value
@@ -245,97 +324,59 @@ def to_disk_attention_names(tensors: dict, num_weight_sets) -> dict:
     return out
 
 
-def stack_transformer(tensors: dict, prefix: str, cfg, cast, stacked: bool = True):
-    """Checkpoint tensors (on-disk names) -> helium's stacked layer params. `cast(np_array) -> array`.
+def _norm_rows(prefix: str, path: tuple, kind: str, dim: int, index=()) -> list:
+    """RMSNorm's alpha ([1, 1, D] on disk, [D] here), or LayerNorm's weight and bias."""
+    if kind.startswith("rms_norm"):
+        return [Row(prefix + "alpha", (1, 1, dim), path + ("alpha",), index, ours=(dim,))]
+    return [Row(prefix + w, (dim,), path + (w,), index) for w in ("weight", "bias")]
 
-    stacked=False gives helium's unstacked layout instead (a list of layers, the one generation
-    runs on), built layer by layer so that no stacked copy ever exists."""
+
+def transformer_rows(prefix: str, path: tuple, cfg, stacked: bool = True) -> list:
+    """The rows of a helium layer stack (helium.TransformerConfig) at `path` in our params, named
+    `{prefix}{layer}.` on disk: Kyutai's StreamingTransformer, for Mimi's two transformers, the
+    temporal transformer and the depformer. stacked: leaves [L, ...] (the layout lax.scan runs);
+    else a list of per-layer dicts (generation's, and Mimi's), built without a stacked copy."""
     D, M = cfg.d_model, cfg.num_weight_sets
-    per_step = cfg.weights_per_step > 0
+    steps = (M,) if cfg.weights_per_step else ()          # per-step weight sets lead each matrix
+    rows = []
+    for layer in range(cfg.num_layers):
+        at, lead = (path, (layer,)) if stacked else (path + (layer,), ())
 
-    def layer(i):
-        g = lambda k: tensors[f"{prefix}{i}.{k}"]
-        in_proj, out_proj = g("self_attn.in_proj_weight"), g("self_attn.out_proj.weight")
-        if per_step:
-            in_proj, out_proj = in_proj.reshape(M, 3 * D, D), out_proj.reshape(M, D, D)
-        p = {"attn": {"in_proj": in_proj, "out_proj": out_proj}}
-        for n in (1, 2):
-            p[f"norm{n}"] = ({"alpha": g(f"norm{n}.alpha").reshape(D)} if cfg.norm.startswith("rms_norm")
-                             else {"weight": g(f"norm{n}.weight"), "bias": g(f"norm{n}.bias")})
+        def row(name, shape, leaf, index=(), **kw):
+            return Row(f"{prefix}{layer}.{name}", shape, at + leaf, lead + index, **kw)
+        rows += [row("self_attn.in_proj_weight", (M * 3 * D, D), ("attn", "in_proj"),
+                     ours=steps + (3 * D, D)),
+                 row("self_attn.out_proj.weight", (M * D, D), ("attn", "out_proj"), ours=steps + (D, D))]
+        for i in (1, 2):
+            rows += _norm_rows(f"{prefix}{layer}.norm{i}.", at + (f"norm{i}",), cfg.norm, D, lead)
         if cfg.gating == "none":
-            p["mlp"] = {"linear1": g("linear1.weight"), "linear2": g("linear2.weight")}
-        elif per_step:
-            p["mlp"] = {w: np.stack([g(f"gating.{j}.{w}.weight") for j in range(M)])
-                        for w in ("linear_in", "linear_out")}
+            F = cfg.dim_feedforward
+            rows += [row("linear1.weight", (F, D), ("mlp", "linear1")),
+                     row("linear2.weight", (D, F), ("mlp", "linear2"))]
         else:
-            p["mlp"] = {w: g(f"gating.{w}.weight") for w in ("linear_in", "linear_out")}
+            Hd = cfg.gating_hidden
+            for gate, index in [(f"gating.{m}.", (m,)) for m in range(M)] if steps else [("gating.", ())]:
+                rows += [row(gate + "linear_in.weight", (2 * Hd, D), ("mlp", "linear_in"), index),
+                         row(gate + "linear_out.weight", (D, Hd), ("mlp", "linear_out"), index)]
         if cfg.layer_scale is not None:
-            p["layer_scale_1"], p["layer_scale_2"] = g("layer_scale_1.scale"), g("layer_scale_2.scale")
-        return p
-
-    if not stacked:
-        return [jax.tree.map(lambda x: cast(np.asarray(x)), layer(i)) for i in range(cfg.num_layers)]
-    layers = [layer(i) for i in range(cfg.num_layers)]
-    # Stack leaf by leaf and cast right away, so only one layer-sized numpy temporary lives at a time.
-    return jax.tree.map(lambda *xs: cast(np.stack([np.asarray(x) for x in xs])), *layers)
-
-
-def unstack_transformer(params: dict, prefix: str, cfg) -> dict:
-    """helium's stacked layer params -> {on-disk name: numpy array} (inverse of stack_transformer)."""
-    D, M = cfg.d_model, cfg.num_weight_sets
-    per_step = cfg.weights_per_step > 0
-    out = {}
-    for i in range(cfg.num_layers):
-        p = {k: v for k, v in _layer_slice(params, i).items()}
-        pre = f"{prefix}{i}."
-        in_proj, out_proj = p["attn"]["in_proj"], p["attn"]["out_proj"]
-        out[pre + "self_attn.in_proj_weight"] = in_proj.reshape(M * 3 * D, D)
-        out[pre + "self_attn.out_proj.weight"] = out_proj.reshape(M * D, D)
-        for n in (1, 2):
-            if cfg.norm.startswith("rms_norm"):
-                out[pre + f"norm{n}.alpha"] = p[f"norm{n}"]["alpha"].reshape(1, 1, D)
-            else:
-                out[pre + f"norm{n}.weight"] = p[f"norm{n}"]["weight"]
-                out[pre + f"norm{n}.bias"] = p[f"norm{n}"]["bias"]
-        if cfg.gating == "none":
-            out[pre + "linear1.weight"], out[pre + "linear2.weight"] = p["mlp"]["linear1"], p["mlp"]["linear2"]
-        elif per_step:
-            for j in range(M):
-                for w in ("linear_in", "linear_out"):
-                    out[pre + f"gating.{j}.{w}.weight"] = p["mlp"][w][j]
-        else:
-            for w in ("linear_in", "linear_out"):
-                out[pre + f"gating.{w}.weight"] = p["mlp"][w]
-        if cfg.layer_scale is not None:
-            out[pre + "layer_scale_1.scale"], out[pre + "layer_scale_2.scale"] = p["layer_scale_1"], p["layer_scale_2"]
-    return out
-
-
-def _layer_slice(tree, i):
-    if isinstance(tree, list):                       # unstacked layers: layer i is already apart
-        return jax.tree.map(np.asarray, tree[i])
-    if isinstance(tree, dict):
-        return {k: _layer_slice(v, i) for k, v in tree.items()}
-    return np.asarray(tree[i])
+            rows += [row(f"layer_scale_{i}.scale", (D,), (f"layer_scale_{i}",)) for i in (1, 2)]
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Mimi (mimi.py)
+# 3. Mimi (mimi.py)
 #
 # Kyutai names SEANet convs by their index in an nn.Sequential: stage i of the encoder holds
 # n_res residual blocks, an ELU and the strided conv; the decoder puts the ELU and the transposed
 # conv first. So with one residual block per stage, a stage is 3 slots and the indices below follow.
 # The quantizer ships EMA buffers, not codebooks: codebook = embedding_sum / max(cluster_usage, 1e-5).
-# Older checkpoints use older buffer names, which Kyutai's loader renames; so do we.
-
-_OLD_CODEBOOK_NAMES = {"inited": "_initialized", "cluster_size": "cluster_usage",
-                       "embed_avg": "embedding_sum", "embed_sum": "embedding_sum"}
-
 
 def _mimi_conv_names(cfg) -> dict:
-    """{Kyutai module name: path into mimi params} for every SEANet conv."""
+    """{Kyutai module name: path into mimi params (and into mimi's layout)} for every conv."""
     per_stage = cfg.n_residual_layers + 2
-    names = {"encoder.model.0.conv.conv": ("encoder", "conv_in"), "decoder.model.0.conv.conv": ("decoder", "conv_in")}
+    names = {"encoder.model.0.conv.conv": ("encoder", "conv_in"),
+             "decoder.model.0.conv.conv": ("decoder", "conv_in"),
+             "downsample.conv.conv.conv": ("downsample",), "upsample.convtr.convtr.convtr": ("upsample",)}
     for i in range(len(cfg.ratios)):
         base = 1 + i * per_stage
         for j in range(cfg.n_residual_layers):
@@ -350,104 +391,61 @@ def _mimi_conv_names(cfg) -> dict:
     return names
 
 
-def _at(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _kyutai_conv_shape(spec) -> tuple:
-    # PyTorch: Conv1d (out, in/groups, k); ConvTranspose1d (in, out/groups, k). mimi.py stores
-    # (k, in/groups, out) and (in, k, out/groups): the layouts XLA's CPU kernels read directly.
-    if spec.transposed:
-        return (spec.cin, spec.cout // spec.groups, spec.kernel)
-    return (spec.cout, spec.cin // spec.groups, spec.kernel)
-
-
-def _swap_conv_layout(w, spec):
-    """PyTorch's conv weight layout <-> mimi.py's (above). Each swap is its own inverse, so the
-    same function loads and saves."""
-    return w.transpose(0, 2, 1) if spec.transposed else w.transpose(2, 1, 0)
-
-
-def _mimi_rvqs(cfg):
-    return (("rvq_first", "semantic", cfg.num_semantic), ("rvq_rest", "acoustic", cfg.num_quantizers - cfg.num_semantic))
+def _mimi_rows(cfg) -> list:
+    layout = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg),
+              "downsample": mimi.downsample_layout(cfg), "upsample": mimi.upsample_layout(cfg)}
+    rows = []
+    for name, path in _mimi_conv_names(cfg).items():
+        spec = get_path(layout, path)
+        # PyTorch: Conv1d (out, in/groups, k); ConvTranspose1d (in, out/groups, k). mimi.py stores
+        # (k, in/groups, out) and (in, k, out/groups): the layouts XLA's CPU kernels read directly.
+        axes = (0, 2, 1) if spec.transposed else (2, 1, 0)
+        shape = tuple(spec.weight_shape[a] for a in axes)
+        if spec.bias:                  # a conv {"w", "b"}; the resamplers are a bare weight
+            rows += [Row(name + ".weight", shape, path + ("w",), axes=axes),
+                     Row(name + ".bias", (spec.cout,), path + ("b",))]
+        else:
+            rows.append(Row(name + ".weight", shape, path, axes=axes))
+    D, d, bins = cfg.dimension, cfg.codebook_dim, cfg.codebook_size
+    for rvq, ours, n in (("rvq_first", "semantic", cfg.num_semantic),
+                         ("rvq_rest", "acoustic", cfg.num_quantizers - cfg.num_semantic)):
+        q, pre = ("quantizer", ours), f"quantizer.{rvq}."
+        rows += [Row(pre + "input_proj.weight", (d, D, 1), q + ("input_proj",), ours=(d, D)),
+                 Row(pre + "output_proj.weight", (D, d, 1), q + ("output_proj",), ours=(D, d))]
+        for level in range(n):
+            cb = f"{pre}vq.layers.{level}._codebook."
+            rows += [Row(cb + "embedding_sum", (bins, d), q + ("codebooks",), (level,),
+                         usage=cb + "cluster_usage"),
+                     Row(cb + "cluster_usage", (bins,), None), Row(cb + "_initialized", (1,), None)]
+    for side in ("encoder", "decoder"):     # mimi keeps the layers as a list (see mimi.transformer_step)
+        rows += transformer_rows(f"{side}_transformer.transformer.layers.", (f"{side}_transformer",),
+                                 cfg.transformer, stacked=False)
+    return rows
 
 
 def mimi_keys(cfg) -> dict:
     """On-disk {name: shape} of a Kyutai Mimi checkpoint for a mimi.MimiConfig."""
-    layouts = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg)}
-    keys = {}
-    for name, path in _mimi_conv_names(cfg).items():
-        spec = _at(layouts[path[0]], path[1:])
-        keys[name + ".weight"], keys[name + ".bias"] = _kyutai_conv_shape(spec), (spec.cout,)
-    keys["downsample.conv.conv.conv.weight"] = _kyutai_conv_shape(mimi.downsample_layout(cfg))
-    keys["upsample.convtr.convtr.convtr.weight"] = _kyutai_conv_shape(mimi.upsample_layout(cfg))
-    D, d, bins = cfg.dimension, cfg.codebook_dim, cfg.codebook_size
-    for rvq, _, n in _mimi_rvqs(cfg):
-        keys[f"quantizer.{rvq}.input_proj.weight"] = (d, D, 1)
-        keys[f"quantizer.{rvq}.output_proj.weight"] = (D, d, 1)
-        for level in range(n):
-            cb = f"quantizer.{rvq}.vq.layers.{level}._codebook."
-            keys.update({cb + "_initialized": (1,), cb + "cluster_usage": (bins,), cb + "embedding_sum": (bins, d)})
-    for side in ("encoder", "decoder"):
-        keys.update(transformer_keys(f"{side}_transformer.transformer.layers.", cfg.transformer))
-    return keys
+    return row_keys(_mimi_rows(cfg))
 
 
-def _mimi_params(t: dict, cfg, cast) -> dict:
-    f32 = lambda name: np.asarray(t[name], np.float32)
-    is_conv = lambda x: isinstance(x, mimi.Conv)
-    layouts = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg)}
-    params = {side: jax.tree.map(lambda _: {}, layout, is_leaf=is_conv) for side, layout in layouts.items()}
-    for name, path in _mimi_conv_names(cfg).items():
-        spec = _at(layouts[path[0]], path[1:])
-        w = np.ascontiguousarray(_swap_conv_layout(f32(name + ".weight"), spec))
-        _at(params, path).update(w=cast(w), b=cast(f32(name + ".bias")))
-    down, up = mimi.downsample_layout(cfg), mimi.upsample_layout(cfg)
-    params["downsample"] = cast(np.ascontiguousarray(_swap_conv_layout(f32("downsample.conv.conv.conv.weight"), down)))
-    params["upsample"] = cast(np.ascontiguousarray(_swap_conv_layout(f32("upsample.convtr.convtr.convtr.weight"), up)))
-    params["quantizer"] = {}
-    for rvq, ours, n in _mimi_rvqs(cfg):
-        codebooks = []
-        for level in range(n):
-            cb = f"quantizer.{rvq}.vq.layers.{level}._codebook."
-            usage = np.maximum(f32(cb + "cluster_usage"), np.float32(1e-5))      # fp32, as Kyutai
-            codebooks.append(f32(cb + "embedding_sum") / usage[:, None])
-        params["quantizer"][ours] = {"input_proj": cast(f32(f"quantizer.{rvq}.input_proj.weight")[:, :, 0]),
-                                     "output_proj": cast(f32(f"quantizer.{rvq}.output_proj.weight")[:, :, 0]),
-                                     "codebooks": cast(np.stack(codebooks))}
-    for side in ("encoder", "decoder"):     # mimi keeps the layers as a list (see mimi.transformer_step)
-        stacked = stack_transformer(t, f"{side}_transformer.transformer.layers.", cfg.transformer,
-                                    lambda a: np.asarray(a, np.float32))
-        params[f"{side}_transformer"] = [jax.tree.map(lambda a: cast(np.ascontiguousarray(a[i])), stacked)
-                                         for i in range(cfg.num_layers)]
-    return params
+def load_mimi(path, cfg=None):
+    """A Kyutai Mimi checkpoint -> (params, mimi.MimiConfig). Params are float32 whatever the file
+    holds (fp32 or bf16): Kyutai never runs Mimi in lower precision.
+
+    cfg: None uses the config saved by `save_mimi` if the file has one, else Kyutai's released
+    Mimi. Every naming of to_disk_names is accepted. Tensors are read one at a time from a memory map.
+    """
+    f = SafeTensorsFile(path)
+    cfg = cfg or _mimi_config_from_metadata(f.metadata, path) or mimi.MimiConfig()
+    tensors = to_disk_names({k: f[k] for k in f.keys()})
+    return from_disk(_mimi_rows(cfg), tensors, f"Mimi checkpoint {path}", dtype=np.float32), cfg
 
 
-def _mimi_tensors(params: dict, cfg) -> dict:
-    a = lambda x: np.asarray(x, np.float32)
-    layouts = {"encoder": mimi.encoder_layout(cfg), "decoder": mimi.decoder_layout(cfg)}
-    out = {}
-    for name, path in _mimi_conv_names(cfg).items():
-        conv, spec = _at(params, path), _at(layouts[path[0]], path[1:])
-        out[name + ".weight"], out[name + ".bias"] = _swap_conv_layout(a(conv["w"]), spec), a(conv["b"])
-    out["downsample.conv.conv.conv.weight"] = _swap_conv_layout(a(params["downsample"]), mimi.downsample_layout(cfg))
-    out["upsample.convtr.convtr.convtr.weight"] = _swap_conv_layout(a(params["upsample"]), mimi.upsample_layout(cfg))
-    for rvq, ours, n in _mimi_rvqs(cfg):
-        q = params["quantizer"][ours]
-        out[f"quantizer.{rvq}.input_proj.weight"] = a(q["input_proj"])[:, :, None]
-        out[f"quantizer.{rvq}.output_proj.weight"] = a(q["output_proj"])[:, :, None]
-        for level in range(n):       # usage 1 makes embedding_sum the codebook itself, exactly
-            cb = f"quantizer.{rvq}.vq.layers.{level}._codebook."
-            out[cb + "embedding_sum"] = a(q["codebooks"][level])
-            out[cb + "cluster_usage"] = np.ones((cfg.codebook_size,), np.float32)
-            out[cb + "_initialized"] = np.ones((1,), np.float32)
-    for side in ("encoder", "decoder"):
-        stacked = jax.tree.map(lambda *xs: np.stack([a(x) for x in xs]), *params[f"{side}_transformer"])
-        out.update({k: a(v) for k, v in unstack_transformer(
-            stacked, f"{side}_transformer.transformer.layers.", cfg.transformer).items()})
-    return out
+def save_mimi(path, params, cfg) -> None:
+    """mimi params -> a safetensors file in Kyutai's on-disk naming (fp32), atomically. Kyutai's
+    `get_mimi` loads it; the config goes into the metadata so `load_mimi(path)` finds it again."""
+    tensors = to_disk(_mimi_rows(cfg), params, "save_mimi: params", np.float32)
+    save_safetensors(path, tensors, {"format": "pt", "mimi_config": json.dumps(dataclasses.asdict(cfg))})
 
 
 def _mimi_config_from_metadata(metadata: dict, path):
@@ -458,37 +456,6 @@ def _mimi_config_from_metadata(metadata: dict, path):
         return mimi.MimiConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad mimi_config metadata ({e})") from e
-
-
-def load_mimi(path, cfg=None):
-    """A Kyutai Mimi checkpoint -> (params, mimi.MimiConfig). Params are float32 whatever the file
-    holds (fp32 or bf16): Kyutai never runs Mimi in lower precision.
-
-    cfg: None uses the config saved by `save_mimi` if the file has one, else Kyutai's released
-    Mimi. Accepted namings: on-disk `self_attn.in_proj_weight` / `out_proj.weight` and in-memory
-    `self_attn.in_projs.0.weight` / `out_projs.0.weight`; old codebook buffer names
-    (inited, cluster_size, embed_avg, embed_sum). Tensors are read one at a time from a memory map.
-    """
-    f = SafeTensorsFile(path)
-    cfg = cfg or _mimi_config_from_metadata(f.metadata, path) or mimi.MimiConfig()
-    tensors = {}
-    for name in f.keys():
-        head, _, leaf = name.rpartition(".")
-        if head.endswith("._codebook") and leaf in _OLD_CODEBOOK_NAMES:
-            tensors[f"{head}.{_OLD_CODEBOOK_NAMES[leaf]}"] = f[name]
-        else:
-            tensors[name] = f[name]
-    tensors = to_disk_attention_names(tensors, lambda name: 1)
-    check_keys(mimi_keys(cfg), {k: v.shape for k, v in tensors.items()}, f"Mimi checkpoint {path}")
-    return _mimi_params(tensors, cfg, jnp.asarray), cfg
-
-
-def save_mimi(path, params, cfg) -> None:
-    """mimi params -> a safetensors file in Kyutai's on-disk naming (fp32), atomically. Kyutai's
-    `get_mimi` loads it; the config goes into the metadata so `load_mimi(path)` finds it again."""
-    tensors = _mimi_tensors(params, cfg)
-    check_keys(mimi_keys(cfg), {k: v.shape for k, v in tensors.items()}, "save_mimi: params")
-    save_safetensors(path, tensors, {"format": "pt", "mimi_config": json.dumps(dataclasses.asdict(cfg))})
 
 
 def mimi_config(d: dict):
@@ -522,7 +489,8 @@ def mimi_config(d: dict):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The LM (moshi.py, depformer.py)
+# 4. The LM (moshi.py, depformer.py). moshi.py is imported only here, so that Mimi's part works
+# without it.
 #
 # Configs: Kyutai ships an LM as a safetensors file plus, except for the first moshiko/moshika
 # repos, a config.json whose keys are `LMModel(**lm_kwargs)` arguments mixed with file names and
@@ -544,6 +512,7 @@ _INHERITED_BY_DEPFORMER = ("num_layers", "gating", "max_period", "layer_scale")
 def lm_config(config=None):
     """A Kyutai LM config -> moshi.LMConfig. `config`: None (moshiko, Kyutai's built-in default), a
     config.json path, its dict, or an LMConfig (returned as is)."""
+    import moshi
     if config is None:
         return moshi.MOSHIKO
     if isinstance(config, moshi.LMConfig):
@@ -583,108 +552,37 @@ def lm_config_dict(cfg) -> dict:
     """moshi.LMConfig -> Kyutai lm kwargs (what a config.json holds; `LMModel(**d)` accepts it)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
-
-def _norm_keys(prefix: str, kind: str, dim: int) -> dict:
-    if kind.startswith("rms_norm"):
-        return {prefix + "alpha": (1, 1, dim)}
-    return {prefix + "weight": (dim,), prefix + "bias": (dim,)}
+def _lm_rows(cfg, stacked: bool = True) -> list:
+    """The rows of an LM checkpoint (legacy packed attention, as released) for moshi.init's params;
+    stacked=False: the layer stacks as lists (see moshi.generation_params)."""
+    D, Dd, card, text_card, K = cfg.dim, cfg.depformer_dim, cfg.card, cfg.text_card, cfg.dep_q
+    rows = [Row(f"emb.{k}.weight", (card + 1, D), ("emb",), (k,)) for k in range(cfg.n_q)]
+    rows += [Row("text_emb.weight", (text_card + 1, D), ("text_emb",)),
+             Row("text_linear.weight", (cfg.text_card_out or text_card, D), ("text_linear",))]
+    rows += transformer_rows("transformer.layers.", ("transformer",), cfg.temporal, stacked)
+    rows += _norm_rows("out_norm.", ("out_norm",), cfg.norm, D)
+    rows += [Row(f"extra_heads.{i}.weight", (cfg.extra_heads_dim, D), ("extra_heads",), (i,))
+             for i in range(cfg.extra_heads_num_heads)]
+    rows += [Row(f"depformer_in.{i}.weight", (Dd, D), ("depformer", "input_proj"), (i,))
+             for i in range(cfg.depformer.num_input_projs)]
+    if not K:
+        return rows
+    rank = cfg.depformer_low_rank_embeddings
+    tables = [(f"depformer_emb.{i}.", "emb", card + 1, (i,)) for i in range(K - 1)]
+    for name, leaf, n, index in tables + [("depformer_text_emb.", "text_emb", text_card + 1, ())]:
+        rows.append(Row(name + "weight", (n, rank or Dd), ("depformer", leaf), index))
+        if rank:                                  # low-rank tables, projected up to the depformer's width
+            rows.append(Row(name + "low_rank.weight", (Dd, rank), ("depformer", leaf + "_low_rank"), index))
+    rows += transformer_rows("depformer.layers.", ("depformer", "transformer"), cfg.depformer.transformer,
+                             stacked)
+    for c in range(K if cfg.depformer_norm is not None else 0):
+        rows += _norm_rows(f"depformer_norms.{c}.", ("depformer", "norms"), cfg.depformer_norm, Dd, (c,))
+    return rows + [Row(f"linears.{c}.weight", (card, Dd), ("depformer", "linears"), (c,)) for c in range(K)]
 
 
 def lm_keys(cfg) -> dict:
     """On-disk {name: shape} of an LM checkpoint (legacy packed attention, as released)."""
-    D, card, text_card = cfg.dim, cfg.card, cfg.text_card
-    keys = {f"emb.{k}.weight": (card + 1, D) for k in range(cfg.n_q)}
-    keys["text_emb.weight"] = (text_card + 1, D)
-    keys["text_linear.weight"] = (cfg.text_card_out or text_card, D)
-    keys.update(transformer_keys("transformer.layers.", cfg.temporal))
-    keys.update(_norm_keys("out_norm.", cfg.norm, D))
-    Dd, rank = cfg.depformer_dim, cfg.depformer_low_rank_embeddings
-    keys.update({f"depformer_in.{i}.weight": (Dd, D) for i in range(cfg.depformer.num_input_projs)})
-    keys.update({f"extra_heads.{i}.weight": (cfg.extra_heads_dim, D) for i in range(cfg.extra_heads_num_heads)})
-    if not cfg.dep_q:
-        return keys
-    for name, rows in [(f"depformer_emb.{i}.", card + 1) for i in range(cfg.dep_q - 1)] + [("depformer_text_emb.", text_card + 1)]:
-        keys[name + "weight"] = (rows, rank or Dd)
-        if rank:
-            keys[name + "low_rank.weight"] = (Dd, rank)
-    keys.update(transformer_keys("depformer.layers.", cfg.depformer.transformer))
-    if cfg.depformer_norm is not None:
-        for c in range(cfg.dep_q):
-            keys.update(_norm_keys(f"depformer_norms.{c}.", cfg.depformer_norm, Dd))
-    keys.update({f"linears.{c}.weight": (card, Dd) for c in range(cfg.dep_q)})
-    return keys
-
-
-def _get_norm(t, prefix: str, kind: str):
-    if kind.startswith("rms_norm"):
-        return {"alpha": t[prefix + "alpha"].reshape(-1)}
-    return {"weight": t[prefix + "weight"], "bias": t[prefix + "bias"]}
-
-
-def _put_norm(out: dict, prefix: str, kind: str, p: dict):
-    if kind.startswith("rms_norm"):
-        out[prefix + "alpha"] = np.asarray(p["alpha"]).reshape(1, 1, -1)
-    else:
-        out[prefix + "weight"], out[prefix + "bias"] = np.asarray(p["weight"]), np.asarray(p["bias"])
-
-
-def _lm_params(t: dict, cfg, cast, stacked: bool = True) -> dict:
-    """On-disk tensors -> moshi params (see moshi.init for the layout; stacked=False: the layer
-    stacks as lists, see moshi.generation_params)."""
-    stack = lambda names: cast(np.stack([np.asarray(t[n]) for n in names]))
-    params = {"emb": stack([f"emb.{k}.weight" for k in range(cfg.n_q)]),
-              "text_emb": cast(t["text_emb.weight"]),
-              "transformer": stack_transformer(t, "transformer.layers.", cfg.temporal, cast, stacked),
-              "out_norm": {k: cast(v) for k, v in _get_norm(t, "out_norm.", cfg.norm).items()},
-              "text_linear": cast(t["text_linear.weight"])}
-    if cfg.extra_heads_num_heads:
-        params["extra_heads"] = stack([f"extra_heads.{i}.weight" for i in range(cfg.extra_heads_num_heads)])
-    n_in = cfg.depformer.num_input_projs
-    dep = {"input_proj": stack([f"depformer_in.{i}.weight" for i in range(n_in)])} if n_in else {}
-    if cfg.dep_q:
-        K = cfg.dep_q
-        dep.update(text_emb=cast(t["depformer_text_emb.weight"]),
-                   emb=stack([f"depformer_emb.{i}.weight" for i in range(K - 1)]),
-                   transformer=stack_transformer(t, "depformer.layers.", cfg.depformer.transformer, cast, stacked),
-                   linears=stack([f"linears.{c}.weight" for c in range(K)]))
-        if cfg.depformer_low_rank_embeddings:
-            dep["text_emb_low_rank"] = cast(t["depformer_text_emb.low_rank.weight"])
-            dep["emb_low_rank"] = stack([f"depformer_emb.{i}.low_rank.weight" for i in range(K - 1)])
-        if cfg.depformer_norm is not None:
-            norms = [_get_norm(t, f"depformer_norms.{c}.", cfg.depformer_norm) for c in range(K)]
-            dep["norms"] = {k: cast(np.stack([np.asarray(n[k]) for n in norms])) for k in norms[0]}
-    if dep:
-        params["depformer"] = dep
-    return params
-
-
-def _lm_tensors(params: dict, cfg) -> dict:
-    """moshi params -> on-disk {name: numpy array} (inverse of _lm_params)."""
-    a = np.asarray
-    out = {f"emb.{k}.weight": a(params["emb"][k]) for k in range(cfg.n_q)}
-    out["text_emb.weight"], out["text_linear.weight"] = a(params["text_emb"]), a(params["text_linear"])
-    out.update(unstack_transformer(params["transformer"], "transformer.layers.", cfg.temporal))
-    _put_norm(out, "out_norm.", cfg.norm, params["out_norm"])
-    for i in range(cfg.extra_heads_num_heads):
-        out[f"extra_heads.{i}.weight"] = a(params["extra_heads"][i])
-    dep = params.get("depformer", {})
-    for i in range(cfg.depformer.num_input_projs):
-        out[f"depformer_in.{i}.weight"] = a(dep["input_proj"][i])
-    if not cfg.dep_q:
-        return out
-    out["depformer_text_emb.weight"] = a(dep["text_emb"])
-    for i in range(cfg.dep_q - 1):
-        out[f"depformer_emb.{i}.weight"] = a(dep["emb"][i])
-    if cfg.depformer_low_rank_embeddings:
-        out["depformer_text_emb.low_rank.weight"] = a(dep["text_emb_low_rank"])
-        for i in range(cfg.dep_q - 1):
-            out[f"depformer_emb.{i}.low_rank.weight"] = a(dep["emb_low_rank"][i])
-    out.update(unstack_transformer(dep["transformer"], "depformer.layers.", cfg.depformer.transformer))
-    for c in range(cfg.dep_q):
-        if cfg.depformer_norm is not None:
-            _put_norm(out, f"depformer_norms.{c}.", cfg.depformer_norm, {k: v[c] for k, v in dep["norms"].items()})
-        out[f"linears.{c}.weight"] = a(dep["linears"][c])
-    return out
+    return row_keys(_lm_rows(cfg))
 
 
 def load_lm(path, config=None, dtype=None, stacked: bool = True):
@@ -692,38 +590,67 @@ def load_lm(path, config=None, dtype=None, stacked: bool = True):
 
     config: None (moshiko's built-in config, like Kyutai's loader without a config.json), a
     config.json path, its dict, or an LMConfig. dtype: None keeps the file's dtype (bf16 for the
-    released models); jnp.float32 etc. casts. Every attention naming Kyutai's loader accepts is
-    accepted (packed `in_proj_weight` or `in_proj.weight`, and moshi>=0.2's `in_projs.{i}`). Tensors are read one at a time from a
-    memory map; `condition_provider.*` / `fuser.*` tensors are skipped with a warning.
-    stacked=False returns the generation layout (see moshi.generation_params) without ever
+    released models); jnp.float32 etc. casts. Every naming of to_disk_names is accepted. Tensors are
+    read one at a time from a memory map; `condition_provider.*` / `fuser.*` tensors are skipped with
+    a warning. stacked=False returns the generation layout (see moshi.generation_params) without ever
     holding the stacked copy: what sample.py loads a 7B model with.
     """
     cfg = lm_config(config)
     f = SafeTensorsFile(path)
-    tensors = {k: f[k] for k in f.keys()}
-    skipped = [k for k in tensors if k.startswith(("condition_provider.", "fuser."))]
+    skipped = [k for k in f.keys() if k.startswith(("condition_provider.", "fuser."))]
     if skipped:
         warnings.warn(f"{path}: ignoring {len(skipped)} conditioner tensors (e.g. {skipped[0]!r}); "
                       "conditioning is not implemented, the model runs unconditioned")
-    tensors = {k.replace(".self_attn.in_proj.weight", ".self_attn.in_proj_weight"): v     # a third naming
-               for k, v in tensors.items() if k not in skipped}
     dep_sets = cfg.depformer.transformer.num_weight_sets if cfg.dep_q else 1
-    tensors = to_disk_attention_names(tensors, lambda name: dep_sets if name.startswith("depformer.") else 1)
-    check_keys(lm_keys(cfg), {k: v.shape for k, v in tensors.items()}, f"LM checkpoint {path}")
-    cast = lambda x: jnp.asarray(x, dtype=dtype or x.dtype)
-    return _lm_params(tensors, cfg, cast, stacked), cfg
+    tensors = to_disk_names({k: f[k] for k in f.keys() if k not in skipped},
+                            lambda name: dep_sets if name.startswith("depformer.") else 1)
+    cast = lambda x: jnp.asarray(x, dtype=dtype or x.dtype)             # noqa: E731
+    return from_disk(_lm_rows(cfg, stacked), tensors, f"LM checkpoint {path}", cast), cfg
 
 
 def save_lm(path, params, cfg) -> None:
-    """moshi params -> a safetensors file in Kyutai's on-disk naming (packed attention), atomically.
-    Kyutai's loaders (PyTorch `get_moshi_lm`, MLX, Rust) read it; dtypes are kept."""
-    tensors = _lm_tensors(params, cfg)
-    check_keys(lm_keys(cfg), {k: v.shape for k, v in tensors.items()}, "save_lm: params")
-    save_safetensors(path, tensors, {"format": "pt"})
+    """moshi params (either layout) -> a safetensors file in Kyutai's on-disk naming (packed
+    attention), atomically. Kyutai's loaders (PyTorch `get_moshi_lm`, MLX, Rust) read it; dtypes are kept."""
+    rows = _lm_rows(cfg, stacked=not isinstance(params["transformer"], list))
+    save_safetensors(path, to_disk(rows, params, "save_lm: params"), {"format": "pt"})
+
+
+# moshi-finetune saves LoRA adapters under PyTorch module names (moshi.modules.lora.LoRALinear):
+# `<module>.lora_A.weight` [r, in] and `<module>.lora_B.weight` [out, r]. The modules are the LM's
+# linear layers, so the names come from the LM's rows: a row's name less ".weight", except that a
+# packed attention row is the in-memory modules `self_attn.in_projs.{m}` of its M weight sets.
+
+def lora_modules(cfg) -> dict:
+    """{path of a weight in moshi.init's params: [(index into it, module name)]}, for every LM
+    weight (train.lora_targets picks those LoRA adapts)."""
+    out = {}
+    for r in _lm_rows(cfg):
+        packed = [disk for disk in _PACKED if r.name.endswith(disk)]
+        if packed:
+            base = r.name[:-len(packed[0])] + _PACKED[packed[0]]
+            steps = r.ours[:-2]                                       # (M,) with per-step weights, else ()
+            modules = ([(r.index + (m,), f"{base}{m}") for m in range(steps[0])] if steps
+                       else [(r.index, base + "0")])
+        elif r.name.endswith(".weight"):
+            modules = [(r.index, r.name[:-len(".weight")])]
+        else:
+            continue
+        out.setdefault(r.path, []).extend(modules)
+    return out
+
+
+def lora_tensors(lora, cfg) -> dict:
+    """Our LoRA tree ({"a" [.., r, in], "b" [.., out, r]} at each adapted weight's path; host
+    arrays) -> {moshi-finetune name: array}."""
+    modules, out = lora_modules(cfg), {}
+    for path, x in walk(lora):                           # path ends in "a" or "b"
+        for index, module in modules[path[:-1]]:
+            out[f"{module}.lora_{path[-1].upper()}.weight"] = np.asarray(x[index])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Finding a checkpoint. A Kyutai repo holds the LM, Mimi and the text tokenizer under fixed
+# 5. Finding a checkpoint. A Kyutai repo holds the LM, Mimi and the text tokenizer under fixed
 # names; an optional config.json describes the LM and may rename the files (`moshi_name`,
 # `mimi_name`, `tokenizer_name`, `mimi_config_name`), exactly like the official
 # `CheckpointInfo.from_hf_repo`. The repo is a Hugging Face id (downloaded once into the standard
@@ -861,6 +788,7 @@ def lm_config_for(ckpt: Checkpoint, log=None):
     none (or one that does not describe the LM, like PersonaPlex's), Kyutai's built-in moshiko config
     with as many depformer outputs as the checkpoint has heads (16 for PersonaPlex, whose own loader
     also ignores config.json). `log(message)`, if given, hears when the heads decide."""
+    import moshi
     if ckpt.config and "dim" in ckpt.config:
         return ckpt.config
     heads = sum(1 for k in SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))

@@ -80,9 +80,10 @@ def test_helium_matches_official_transformer(name):
     cfg = HELIUM_CONFIGS[name]
     d = np.load(os.path.join(TESTDATA, "helium_fixture.npz"))
     sd = {k.split("|")[1]: d[k] for k in d.files if k.startswith(name + "|")}   # in-memory naming
-    sd = convert.to_disk_attention_names(sd, lambda _: cfg.num_weight_sets)
-    convert.check_keys(convert.transformer_keys("layers.", cfg), {k: v.shape for k, v in sd.items()}, name)
-    params = convert.stack_transformer(sd, "layers.", cfg, jnp.asarray)
+    sd = convert.to_disk_names(sd, lambda _: cfg.num_weight_sets)
+    rows = convert.transformer_rows("layers.", (), cfg)
+    convert.check_keys(convert.row_keys(rows), {k: v.shape for k, v in sd.items()}, name)
+    params = convert.from_disk(rows, sd, name)
     x = jnp.asarray(d[name + "_x"])
     T = x.shape[1]
     steps = tuple(range(T))
@@ -97,7 +98,7 @@ def test_helium_matches_official_transformer(name):
             ys.append(yt)
         assert rel_err(jnp.concatenate(ys, 1), d[name + "_ys"]) < 1e-5
     # and the weights survive the trip back to Kyutai's on-disk naming
-    back = convert.unstack_transformer(params, "layers.", cfg)
+    back = convert.to_disk(rows, params, name)
     assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
 
 
@@ -245,12 +246,18 @@ def test_safetensors_round_trip_and_atomic_write(tmp_path):
                "b": np.ones((2, 5), ml_dtypes.bfloat16), "c": np.arange(3, dtype=np.int64)}
     path = tmp_path / "x.safetensors"
     convert.save_safetensors(path, tensors, {"format": "pt"})
-    back = convert.load_safetensors(path)
+    back = _load_safetensors(path)
     assert {k: (v.dtype, v.shape) for k, v in back.items()} == {k: (v.dtype, v.shape) for k, v in tensors.items()}
     assert all(np.array_equal(back[k], tensors[k]) for k in tensors)
     assert isinstance(back["a"].base, np.memmap) or isinstance(back["a"], np.memmap)   # lazy, not a copy
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]                   # no temp file left
     assert path.stat().st_mode & 0o777 == _usual_mode()                                # not mkstemp's 0600
+
+
+def _load_safetensors(path):
+    """Every tensor of a file, as memory-mapped numpy views (nothing is read until used)."""
+    f = convert.SafeTensorsFile(path)
+    return {k: f[k] for k in f.keys()}
 
 
 def _usual_mode():
@@ -286,7 +293,7 @@ def test_bad_checkpoints_are_named(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(convert.CheckpointError, match="junk.safetensors"):
-        convert.load_safetensors(junk)
+        _load_safetensors(junk)
 
 
 # ================================================================================================
@@ -662,8 +669,7 @@ def test_lora_adapts_exactly_kyutais_linear_layers():
     for name, case in cases.items():
         cfg = convert.lm_config(case["config"])
         params = jax.eval_shape(lambda: moshi.init(jax.random.key(0), cfg))
-        modules = [m for path, w in train.lora_targets(params).items()
-                   for _, m in train._kyutai_modules(path, w.shape[:-2])]
+        modules = [m for path in train.lora_targets(params) for _, m in convert.lora_modules(cfg)[path]]
         assert sorted(modules) == case["modules"], name
 
 
@@ -729,6 +735,18 @@ def test_train_joins_hosts_when_a_launcher_started_it(monkeypatch):
     assert calls[1] == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
 
 
+def _lora_from_tensors(tensors: dict, params, cfg, rank: int) -> dict:
+    """{moshi-finetune name: array} -> our LoRA tree for `params` (every target must be present)."""
+    lora, modules = {}, convert.lora_modules(cfg)
+    for path, w in sorted(train.lora_targets(params).items()):
+        lead, (n_out, n_in) = w.shape[:-2], w.shape[-2:]
+        a, b = np.zeros((*lead, rank, n_in), np.float32), np.zeros((*lead, n_out, rank), np.float32)
+        for idx, module in modules[path]:
+            a[idx], b[idx] = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+        convert.set_path(lora, path, {"a": a, "b": b})
+    return lora
+
+
 def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     """testdata/train_export was written by train.export from a LoRA run; Kyutai's package loaded it
     strictly (model.safetensors + config.json) and also ran LoRALinear on base + lora.safetensors.
@@ -752,8 +770,8 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     base = random_weights.random_tensors([(k, tuple(s)) for k, s in meta["spec"]], meta["seed"])
     convert.save_safetensors(tmp_path / "base.safetensors", base)
     base, _ = convert.load_lm(tmp_path / "base.safetensors", config=cfg, dtype=jnp.float32)
-    lora = train.lora_from_tensors(convert.load_safetensors(os.path.join(folder, "lora.safetensors")),
-                                   base, meta["lora"]["rank"])
+    lora = _lora_from_tensors(_load_safetensors(os.path.join(folder, "lora.safetensors")),
+                              base, cfg, meta["lora"]["rank"])
     merged = train.merged_params(base, lora, meta["lora"]["scaling"])
     assert _max_rel(merged, params) < 1e-6 and _max_rel(base, params) > 1e-2
     # today's train.export writes what the official package loaded strictly: the same files, tensor
@@ -901,7 +919,7 @@ def test_lm_save_load_round_trip_and_namings(tmp_path):
     the `in_proj.weight` variant load to the same params; bad keys are named with their shapes."""
     d, params, cfg = _lm_fixture("c", tmp_path)
     convert.save_lm(tmp_path / "saved.safetensors", params, cfg)
-    saved = convert.load_safetensors(tmp_path / "saved.safetensors")
+    saved = _load_safetensors(tmp_path / "saved.safetensors")
     assert sorted(saved) == sorted(str(n) for n in d["spec_names"])
     again, cfg2 = convert.load_lm(tmp_path / "saved.safetensors", convert.lm_config_dict(cfg))
     assert cfg2 == cfg
@@ -929,7 +947,7 @@ def test_lm_save_load_round_trip_and_namings(tmp_path):
     assert jax.tree.structure(listed) == jax.tree.structure(expected)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(listed), jax.tree.leaves(expected)))
     convert.save_lm(tmp_path / "from_list.safetensors", listed, cfg)
-    from_list = convert.load_safetensors(tmp_path / "from_list.safetensors")
+    from_list = _load_safetensors(tmp_path / "from_list.safetensors")
     assert sorted(from_list) == sorted(saved) and all(np.array_equal(from_list[k], saved[k]) for k in saved)
     bad = dict(saved, **{"linears.0.weight": np.zeros((5, 16), np.float32)})
     bad.pop("out_norm.weight")
@@ -975,7 +993,7 @@ def test_lm_text_only_model_runs(tmp_path):
     tokens, _ = _greedy_run(params, cfg, np.zeros((1, 4, 3), np.int32))
     assert tokens.shape == (1, 1, 3) and (tokens >= 0).all()
     convert.save_lm(tmp_path / "stt.safetensors", params, cfg)
-    assert "depformer_in.0.weight" in convert.load_safetensors(tmp_path / "stt.safetensors")
+    assert "depformer_in.0.weight" in _load_safetensors(tmp_path / "stt.safetensors")
     again, _ = convert.load_lm(tmp_path / "stt.safetensors", cfg)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
     with pytest.raises(ValueError, match="3 user codebooks given; this model reads 4"):

@@ -10,12 +10,8 @@ dataset once into token arrays [17, frames] (text, Moshi's 8 codebooks, the user
 `data.TokenWindows` / `data.window_ids` cut fixed windows from them in a shuffled, resumable order.
 This file is the training program: each step reads a batch of windows [B, 17, T], runs
 moshi.forward and the loss under `jax.shard_map` on a (dp, fsdp) device mesh, one process per host,
-and updates the weights (or LoRA adapters) with AdamW.
-
-The file reads top to bottom:
-  1. the loss, and LoRA                                   4. checkpoints (per-process shards, atomic)
-  2. sharding: mesh, specs, gather-on-use                 5. export, the training loop, the CLI
-  3. the train step (loss, grads, AdamW)
+and updates the weights (or LoRA adapters) with AdamW. The sections, top to bottom: 1. the loss
+and LoRA, 2. sharding, 3. the train step, 4. checkpoints, 5. the training loop, export and the CLI.
 
 Reference: kyutai-labs/moshi-finetune (finetune/loss.py, train.py, args.py, moshi/modules/lora.py).
 Run `python train.py --help` / `python train.py prepare --help` / `python train.py export --help`.
@@ -31,7 +27,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -53,20 +48,14 @@ import moshi
 # the whole global batch (sums are psum'ed over the mesh), so the loss does not depend on how the
 # batch is split across devices.
 
-def cross_entropy(logits, targets):
-    """logits [..., V] (any float dtype), int targets [...] -> fp32 [...]."""
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
-
-
 def weighted_ce_sums(logits, targets, mask, weights):
-    """(sum of weight * CE, sum of weight). Masked positions may hold NaN logits (the official
-    forward fills them with NaN): they are replaced before the CE so no NaN reaches the gradient."""
-    logits = jnp.where(mask[..., None], logits, 0)
-    ce = cross_entropy(logits, jnp.where(mask, targets, 0))
+    """logits [..., V] (any float dtype), int targets, mask, weights [...] -> (sum of weight * CE,
+    sum of weight), in fp32. Masked positions may hold NaN logits (the official forward fills them
+    with NaN): they are replaced before the CE so no NaN reaches the gradient."""
+    logits = jnp.where(mask[..., None], logits, 0).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
     weights = jnp.where(mask, weights, 0.0)
-    return jnp.sum(ce * weights), jnp.sum(weights)
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weights), jnp.sum(weights)
 
 
 def loss_sums(out, codes, text_padding_weight, first_codebook_weight, padding_ids):
@@ -102,31 +91,13 @@ def is_layer_stack(tree) -> bool:
     return isinstance(tree, dict) and "attn" in tree and "mlp" in tree
 
 
-def is_adapter(tree) -> bool:
-    return isinstance(tree, dict) and set(tree) == {"a", "b"}
+def inside_stack(tree, path) -> bool:
+    return any(is_layer_stack(convert.get_path(tree, path[:i])) for i in range(len(path)))
 
 
-def walk(tree, path=(), stop=is_adapter):
-    """(path, leaf) of a nested dict, depth first; `stop` marks dicts to yield whole."""
-    for k, v in tree.items():
-        if isinstance(v, dict) and not stop(v):
-            yield from walk(v, path + (k,), stop)
-        else:
-            yield path + (k,), v
-
-
-def get_path(tree, path):
-    for k in path:
-        if not isinstance(tree, dict) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
-
-
-def set_path(tree, path, value):
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
+def adapters(lora):
+    """(path, {"a", "b"}) of every adapter of a LoRA tree (or of None: none)."""
+    return convert.walk(lora or {}, lambda d: set(d) == {"a", "b"})
 
 
 EMBEDDING_TABLES = ("emb", "text_emb")       # lookups, not matmuls: no LoRA (as in Kyutai)
@@ -137,10 +108,10 @@ def lora_targets(params) -> dict:
     the layer stacks ([L, (steps,) out, in]) and the heads and projections outside them (the
     depformer's low-rank embedding projections included); not embedding tables, not norms."""
     out = {}
-    for path, w in walk(params):
-        in_stack = any(is_layer_stack(get_path(params, path[:i])) for i in range(len(path)))
+    for path, w in convert.walk(params):
         is_norm = any("norm" in k for k in path)           # the depformer's per-step norms are 2-D too
-        if (w.ndim >= 3) if in_stack else (w.ndim >= 2 and path[-1] not in EMBEDDING_TABLES and not is_norm):
+        plain = w.ndim >= 2 and path[-1] not in EMBEDDING_TABLES and not is_norm
+        if (w.ndim >= 3) if inside_stack(params, path) else plain:
             out[path] = w
     return out
 
@@ -153,7 +124,7 @@ def init_lora(key, params, rank: int) -> dict:
         *lead, n_out, n_in = w.shape
         bound = 1.0 / math.sqrt(n_in)
         a = jax.random.uniform(k, (*lead, rank, n_in), jnp.float32, -bound, bound)
-        set_path(lora, path, {"a": a, "b": jnp.zeros((*lead, n_out, rank), jnp.float32)})
+        convert.set_path(lora, path, {"a": a, "b": jnp.zeros((*lead, n_out, rank), jnp.float32)})
     return lora
 
 
@@ -166,8 +137,8 @@ def merge_lora(w, ab, scaling: float):
 def merged_params(params, lora, scaling: float):
     """The full weights a LoRA run stands for (what export writes)."""
     out = jax.tree.map(lambda x: x, params)                      # a copy of the containers
-    for path, ab in walk(lora):
-        set_path(out, path, merge_lora(get_path(params, path), ab, scaling))
+    for path, ab in adapters(lora):
+        convert.set_path(out, path, merge_lora(convert.get_path(params, path), ab, scaling))
     return out
 
 
@@ -197,36 +168,38 @@ def parse_mesh(text: str) -> dict:
     return sizes
 
 
-def make_mesh(dp: int, fsdp: int, devices=None):
-    devices = jax.devices() if devices is None else devices
+def make_mesh(dp: int, fsdp: int):
+    devices = jax.devices()
     if dp * fsdp > len(devices):
         raise ValueError(f"mesh dp={dp} x fsdp={fsdp} needs {dp * fsdp} devices, {len(devices)} available")
     # make_mesh gives Explicit axes (jax >= 0.9): inputs are device_put to their specs before use
     return jax.make_mesh((dp, fsdp), AXES, devices=devices[:dp * fsdp])
 
 
-def leaf_spec(path, shape, fsdp: int, in_layer_stack: bool):
-    """Which axis of a weight is split over fsdp. Layer weights [L, (steps,) out, in]: `out` (the
-    rule the layer hook applies); other matrices: their largest axis that fsdp divides; vectors,
-    norms and scalars are replicated."""
+def split_spec(ndim: int, axis: int):
+    """A PartitionSpec splitting `axis` (negative: from the end) over fsdp."""
+    return P(*[("fsdp" if a == axis % ndim else None) for a in range(ndim)])
+
+
+def param_specs(params, fsdp: int, in_layer_stack: bool = False, path=()):
+    """A tree of PartitionSpecs matching params (arrays or ShapeDtypeStructs): which axis of a
+    weight is split over fsdp. Layer weights [L, (steps,) out, in]: `out` (the rule the layer hook
+    applies); other matrices: their largest axis that fsdp divides; vectors, norms and scalars are
+    replicated."""
+    if isinstance(params, dict):
+        inside = in_layer_stack or is_layer_stack(params)
+        return {k: param_specs(v, fsdp, inside, path + (k,)) for k, v in params.items()}
+    shape = params.shape
     if in_layer_stack:
         if len(shape) < 3:
             return P()
         if shape[-2] % fsdp:
             raise ValueError(f"fsdp={fsdp} does not divide the output dim of {'.'.join(path)} {shape}")
-        return P(*([None] * (len(shape) - 2)), "fsdp", None)
+        return split_spec(len(shape), -2)
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]) if len(shape) >= 2 else ():
         if shape[axis] % fsdp == 0:
-            return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+            return split_spec(len(shape), axis)
     return P()
-
-
-def param_specs(params, fsdp: int, in_layer_stack: bool = False, path=()):
-    """A tree of PartitionSpecs matching params (arrays or ShapeDtypeStructs)."""
-    if isinstance(params, dict):
-        inside = in_layer_stack or is_layer_stack(params)
-        return {k: param_specs(v, fsdp, inside, path + (k,)) for k, v in params.items()}
-    return leaf_spec(path, params.shape, fsdp, in_layer_stack)
 
 
 def gather(x, spec):
@@ -243,19 +216,18 @@ def adapter_specs(lora, fsdp: int):
     In layer stacks the hook gathers them by that rule, so fsdp must divide; elsewhere an adapter
     it does not divide is replicated."""
     specs = {}
-    for path, ab in walk(lora):
-        in_stack = any(is_layer_stack(get_path(lora, path[:i])) for i in range(len(path)))
+    for path, ab in adapters(lora):
         spec = {}
         for name, axis in (("a", -1), ("b", -2)):
             shape = ab[name].shape
             if shape[axis] % fsdp == 0:
-                spec[name] = P(*[("fsdp" if a == len(shape) + axis else None) for a in range(len(shape))])
-            elif in_stack:
+                spec[name] = split_spec(len(shape), axis)
+            elif inside_stack(lora, path):
                 raise ValueError(f"fsdp={fsdp} does not divide dim {axis} of LoRA {name.upper()} of "
                                  f"{'.'.join(path)} {shape}")
             else:
                 spec[name] = P()
-        set_path(specs, path, spec)
+        convert.set_path(specs, path, spec)
     return specs
 
 
@@ -266,9 +238,10 @@ def layer_hook(layer, lora_scaling: float = 1.0):
     layer = {k: v for k, v in layer.items() if k != "lora"}
     gather_rows = lambda w: jax.lax.all_gather(w, "fsdp", axis=w.ndim - 2, tiled=True)   # noqa: E731
     layer = jax.tree.map(lambda w: gather_rows(w) if w.ndim >= 2 else w, layer)
-    for path, ab in walk(lora or {}):
+    for path, ab in adapters(lora):
         a = jax.lax.all_gather(ab["a"], "fsdp", axis=ab["a"].ndim - 1, tiled=True)         # [.., r, in]
-        set_path(layer, path, merge_lora(get_path(layer, path), {"a": a, "b": gather_rows(ab["b"])}, lora_scaling))
+        merged = merge_lora(convert.get_path(layer, path), {"a": a, "b": gather_rows(ab["b"])}, lora_scaling)
+        convert.set_path(layer, path, merged)
     return layer
 
 
@@ -308,10 +281,11 @@ def model_view(params, specs, lora, lora_specs, lora_scaling: float, dtype):
 # optax clips by the global norm and applies AdamW to the sharded fp32 state: element-wise work on
 # shards, plus one all-reduce for the norm that XLA inserts itself.
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Hyper:
+    """The run's settings; the command line's defaults are these (train_parser reads them)."""
     lr: float = 1e-4
-    warmup_steps: int = 0
+    warmup_steps: int = 5
     max_steps: int = 100
     min_lr_ratio: float = 0.0             # the cosine decays to lr * min_lr_ratio at max_steps
     b1: float = 0.9
@@ -321,6 +295,7 @@ class Hyper:
     max_norm: float = 1.0
     text_padding_weight: float = 0.5
     first_codebook_weight: float = 1.0
+    # PAD / EPAD text ids: the LM config's (train() takes the run's); these are moshiko's
     padding_ids: tuple = (moshi.MOSHIKO.existing_text_padding_id, moshi.MOSHIKO.existing_text_end_padding_id)
     lora_rank: int = 0                    # 0: full fine-tuning
     lora_scaling: float = 2.0
@@ -341,25 +316,20 @@ def make_optimizer(h: Hyper):
                        optax.adamw(learning_rate(h), h.b1, h.b2, h.eps, weight_decay=h.weight_decay))
 
 
-def local_loss(trainable, frozen, codes, cfg, specs, lora_specs, h: Hyper):
-    """Inside shard_map: (global loss, [loss, text, audio]) for this device's codes [b, 17, T]."""
-    if h.lora_rank:
-        params, lora = frozen, trainable
-    else:
-        params, lora = trainable, None
-    view = model_view(params, specs, lora_by_step(lora, cfg), lora_specs, h.lora_scaling, jnp.dtype(h.compute_dtype))
-    hook = lambda layer: layer_hook(layer, h.lora_scaling)      # noqa: E731
-    out = moshi.forward(view, cfg, codes, layer_hook=hook, remat=h.remat, attention=h.attention)
-    sums = loss_sums(out, codes, h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
-    sums = jax.lax.psum(sums, AXES)                              # the whole global batch
-    loss, text, audio = loss_from_sums(sums)
-    return loss, jnp.stack([loss, text, audio])
-
-
-def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, param_specs_tree):
+def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, specs):
     """-> jitted step(state, frozen, batch [A, B, 17, T]) -> (state, metrics [loss, text, audio, grad_norm])."""
     lora_specs = trainable_specs if h.lora_rank else None
-    loss_fn = lambda t, f, c: local_loss(t, f, c, cfg, param_specs_tree, lora_specs, h)   # noqa: E731
+
+    def loss_fn(trainable, frozen, codes):
+        """Inside shard_map: (global loss, [loss, text, audio]) for this device's codes [b, 17, T]."""
+        params, lora = (frozen, trainable) if h.lora_rank else (trainable, None)
+        view = model_view(params, specs, lora_by_step(lora, cfg), lora_specs, h.lora_scaling,
+                          jnp.dtype(h.compute_dtype))
+        out = moshi.forward(view, cfg, codes, layer_hook=lambda layer: layer_hook(layer, h.lora_scaling),
+                            remat=h.remat, attention=h.attention)
+        sums = loss_sums(out, codes, h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
+        loss, text, audio = loss_from_sums(jax.lax.psum(sums, AXES))       # over the whole global batch
+        return loss, jnp.stack([loss, text, audio])
 
     def local_grads(trainable, frozen, batch):
         def micro(acc, codes):
@@ -392,8 +362,9 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, para
 # directory, which is ignored and removed. Loading assembles each device's slice from whatever
 # pieces overlap it, so a run may even resume on a different mesh.
 
-def _key(path) -> str:
-    return jax.tree_util.keystr(path)
+def named_leaves(tree) -> list:
+    """[(name, leaf)] of a pytree, named as jax.tree_util.keystr writes paths (the checkpoint keys)."""
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _barrier(name: str) -> None:
@@ -404,30 +375,25 @@ def _barrier(name: str) -> None:
 
 def save_checkpoint(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
-    tmp = final + ".tmp"
-    if jax.process_index() == 0:
+    tmp, first_process = final + ".tmp", jax.process_index() == 0
+    if first_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(f"ckpt-mkdir-{step}")
     pieces, leaves = {}, {}
-    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
-        name = _key(path)
+    for name, x in named_leaves(state):
         leaves[name] = {"shape": list(x.shape), "dtype": str(x.dtype)}
         for shard in x.addressable_shards:
             if shard.replica_id == 0:
                 start = ",".join(str(s.start or 0) for s in shard.index)
                 local = np.asarray(shard.data)
                 pieces[f"{name}@{start}"] = local.view(np.uint16) if local.dtype == jnp.bfloat16 else local
-    with open(os.path.join(tmp, f"process_{jax.process_index():05d}.npz"), "wb") as f:
+    with convert.atomic_open(os.path.join(tmp, f"process_{jax.process_index():05d}.npz")) as f:
         np.savez(f, **pieces)
-        f.flush()
-        os.fsync(f.fileno())
     _barrier(f"ckpt-written-{step}")
-    if jax.process_index() == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
+    if first_process:
+        with convert.atomic_open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, leaves=leaves, processes=jax.process_count()), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
         convert.fsync(tmp)
         os.replace(tmp, final)
         convert.fsync(ckpt_dir)
@@ -454,45 +420,38 @@ def read_meta(path: str) -> dict:
 def load_checkpoint(path: str, like):
     """Fill a state shaped and sharded like `like` (a tree of jax arrays) from a checkpoint dir."""
     meta = read_meta(path)
-    files = [np.load(os.path.join(path, f"process_{p:05d}.npz")) for p in range(meta["processes"])]
     pieces = {}
-    for f in files:
+    for p in range(meta["processes"]):
+        f = np.load(os.path.join(path, f"process_{p:05d}.npz"))
         for key in f.files:
             name, start = key.rsplit("@", 1)
             pieces.setdefault(name, []).append((tuple(map(int, start.split(","))) if start else (), f, key))
 
     def restore(path_, x):
-        name = _key(path_)
+        name = jax.tree_util.keystr(path_)
         info = meta["leaves"].get(name)
         if info is None or tuple(info["shape"]) != x.shape:
             found = None if info is None else tuple(info["shape"])
             raise ValueError(f"checkpoint {path}: state leaf {name} has shape {x.shape}, checkpoint has {found}")
         dtype = np.dtype(jnp.dtype(info["dtype"]))
-
-        def read(index):
-            return _assemble(pieces[name], index, x.shape, dtype).astype(x.dtype)
-        return jax.make_array_from_callback(x.shape, x.sharding, read)
+        return jax.make_array_from_callback(
+            x.shape, x.sharding, lambda index: _assemble(pieces[name], index, x.shape, dtype).astype(x.dtype))
     return jax.tree_util.tree_map_with_path(restore, like)
 
 
 def _assemble(pieces, index, shape, dtype) -> np.ndarray:
     """The block `index` (a tuple of slices) of a leaf, copied from the saved pieces overlapping it."""
     want = [range(n)[s] for s, n in zip(index, shape)]
-    out = np.empty([len(r) for r in want], dtype)
+    begin, end = np.array([r.start for r in want], int), np.array([r.stop for r in want], int)
+    out = np.empty(end - begin, dtype)
     filled = 0
     for start, f, key in pieces:
         saved = f[key]
         saved = saved.view(dtype) if saved.dtype != dtype else saved
-        src, dst = [], []
-        for r, s0, n in zip(want, start, saved.shape):
-            lo, hi = max(r.start, s0), min(r.stop, s0 + n)
-            if lo >= hi:
-                break
-            src.append(slice(lo - s0, hi - s0))
-            dst.append(slice(lo - r.start, hi - r.start))
-        else:
-            out[tuple(dst)] = saved[tuple(src)]
-            filled += out[tuple(dst)].size
+        lo, hi = np.maximum(begin, start), np.minimum(end, np.add(start, saved.shape))      # the overlap
+        if np.all(lo < hi):
+            out[tuple(map(slice, lo - begin, hi - begin))] = saved[tuple(map(slice, lo - start, hi - start))]
+            filled += int(np.prod(hi - lo))
     if filled != out.size:
         raise ValueError(f"checkpoint is missing part of {pieces[0][2].rsplit('@', 1)[0]} "
                          f"(a process file lost?)")
@@ -501,6 +460,10 @@ def _assemble(pieces, index, shape, dtype) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # 5. The training loop: model and state on the mesh, batches in, metrics out, checkpoints, export.
+
+def shardings(mesh, specs):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
 
 def place(tree, shardings, dtype=None):
     """Arrays -> global arrays with the given shardings (and dtype). Host arrays (numpy, possibly
@@ -514,24 +477,21 @@ def place(tree, shardings, dtype=None):
     return jax.tree.map(put, tree, shardings)
 
 
-def make_batch(ds: data.TokenWindows, ids: np.ndarray, sharding, window_frames: int):
-    """window ids [A, B] -> int32 global array [A, B, 17, T]; each process reads only its rows."""
-    shape = (*ids.shape, 17, window_frames)
+def make_batch(ds: data.TokenWindows, ids: np.ndarray, sharding, cfg, window_frames: int):
+    """window ids [A, B] -> int32 global array [A, B, streams, T]; each process reads only its rows."""
+    shape = (*ids.shape, cfg.num_streams, window_frames)
     return jax.make_array_from_callback(shape, sharding, lambda idx: data.read_batch(ds, ids[idx[0], idx[1]]))
 
 
-def count_matmul_params(params) -> int:
-    """Weights touched by every frame: matrices, except embedding tables (looked up, not multiplied)."""
-    return sum(int(np.prod(w.shape)) for w in lora_targets(params).values())
-
-
 def flops_per_step(cfg, params, frames: int, window_frames: int) -> float:
-    """Model FLOPs of one step (forward + backward, remat not counted): 6 N per frame for the
-    weights, plus causal attention of the temporal transformer (12 L D T/2 per frame)."""
+    """Model FLOPs of one step (forward + backward, remat not counted): 6 N per frame for the N
+    weights every frame touches (the matrices: embedding tables are looked up, not multiplied),
+    plus causal attention of the temporal transformer (12 L D T/2 per frame)."""
+    matmul_params = sum(int(np.prod(w.shape)) for w in lora_targets(params).values())
     tcfg = cfg.temporal
     context = min(window_frames, tcfg.context or window_frames)
     attention = 12 * tcfg.num_layers * tcfg.d_model * context / 2
-    return frames * (6 * count_matmul_params(params) + attention)
+    return frames * (6 * matmul_params + attention)
 
 
 PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
@@ -547,90 +507,74 @@ def peak_flops(args) -> float | None:
     return None if per_device is None else per_device * 1e12 * jax.device_count()
 
 
-def lm_config(name: str):
-    """--config: a preset name of moshi.PRESETS, or a Kyutai config.json (any architecture)."""
-    if name.endswith(".json"):
-        return convert.lm_config(name)
-    if name not in moshi.PRESETS:
-        raise ValueError(f"--config {name!r}: unknown; choose from {sorted(moshi.PRESETS)} or give a config.json")
-    return moshi.PRESETS[name]
-
-
 def load_model(args):
-    """-> (cfg, host params or None). --init-from: a Kyutai checkpoint, found as sample.py's --hf-repo
-    finds one (convert.find_checkpoint: a Hugging Face id, a repo folder, or a .safetensors file),
-    read onto the host (CPU) so that `place` can hand each device its slice."""
+    """-> (cfg, host params or None). --config: a preset of moshi.PRESETS or a Kyutai config.json
+    (any architecture). --init-from: a Kyutai checkpoint, found as sample.py's --hf-repo finds one
+    (convert.find_checkpoint), read onto the host (CPU) so that `place` can hand each device its slice."""
+    name = args.config or ("" if args.init_from else "tiny")
+    if name and not name.endswith(".json") and name not in moshi.PRESETS:
+        raise ValueError(f"--config {name!r}: unknown; choose from {sorted(moshi.PRESETS)} "
+                         "or give a config.json")
+    config = name and (convert.lm_config(name) if name.endswith(".json") else moshi.PRESETS[name])
     if not args.init_from:
-        return lm_config(args.config or "tiny"), None
+        return config, None
     ckpt = convert.find_checkpoint(args.init_from, lm_only=True, flags={"repo": "--init-from"})
-    config = lm_config(args.config) if args.config else convert.lm_config_for(ckpt, print)
+    config = config or convert.lm_config_for(ckpt, print)
     with jax.default_device(jax.devices("cpu")[0]):
         params, cfg = convert.load_lm(ckpt.moshi, config=config)
         return cfg, jax.tree.map(np.asarray, params)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything about a run that depends only on (model config, mesh, hyper-parameters): the
     sharding of every tree and the jitted functions. Cached, so that runs in one process (tests,
     a resumed run) reuse the compiled step."""
+    abstract: dict              # the model params' shapes and dtypes (fp32)
     specs: dict                 # PartitionSpecs of the model params
     trainable_specs: dict       # of what the optimizer updates (the params, or the LoRA tree)
-    frozen_specs: dict          # of the frozen base ({} in full fine-tuning)
-    tx: optax.GradientTransformation
+    master: object              # the model params' dtype on the mesh
     init_params: object         # key -> params, born sharded (master dtype)
-    init_lora: object           # key -> LoRA tree, sharded by adapter_specs
+    init_lora: object           # key -> LoRA tree, sharded by adapter_specs (None: full fine-tuning)
     init_opt: object            # trainable -> optimizer state, sharded like it
     step: object                # (state, frozen, batch) -> (state, metrics)
-
-    def shardings(self, mesh, specs):
-        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 
 @functools.lru_cache(maxsize=None)
 def make_plan(cfg, mesh, h: Hyper) -> Plan:
     abstract = jax.eval_shape(lambda k: moshi.init(k, cfg, jnp.float32), jax.random.key(0))
     specs = param_specs(abstract, mesh.shape["fsdp"])
-    named = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree)   # noqa: E731
     # a frozen LoRA base needs no fp32 master copy: it is kept in the compute dtype
     master = jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32
-    init_params = jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=named(specs))
     make_lora = lambda k: init_lora(k, abstract, h.lora_rank)                      # noqa: E731
-    if h.lora_rank:
-        trainable_specs, frozen_specs = adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), mesh.shape["fsdp"]), specs
-    else:
-        trainable_specs, frozen_specs = specs, {}
+    trainable_specs = (adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), mesh.shape["fsdp"])
+                       if h.lora_rank else specs)
     tx = make_optimizer(h)
-    return Plan(specs, trainable_specs, frozen_specs, tx, init_params,
-                jax.jit(make_lora, out_shardings=named(trainable_specs)) if h.lora_rank else None,
-                jax.jit(tx.init), make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs))
+    step = make_train_step(cfg, mesh, h, tx, trainable_specs, specs if h.lora_rank else {}, specs)
+    return Plan(abstract, specs, trainable_specs, master,
+                jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=shardings(mesh, specs)),
+                jax.jit(make_lora, out_shardings=shardings(mesh, trainable_specs)) if h.lora_rank else None,
+                jax.jit(tx.init), step)
 
 
 def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
     """(state, frozen) from model params and an optional LoRA tree, host or device arrays."""
-    master = jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32
-    params = place(params, plan.shardings(mesh, plan.specs), master)
-    if h.lora_rank:
-        trainable, frozen = place(lora, plan.shardings(mesh, plan.trainable_specs), jnp.float32), params
-    else:
-        trainable, frozen = params, {}
-    return {"params": trainable, "opt": plan.init_opt(trainable)}, frozen
+    params = place(params, shardings(mesh, plan.specs), plan.master)
+    trainable = place(lora, shardings(mesh, plan.trainable_specs), jnp.float32) if h.lora_rank else params
+    return {"params": trainable, "opt": plan.init_opt(trainable)}, (params if h.lora_rank else {})
 
 
 def build_state(args, h: Hyper, mesh, cfg, host_params=None):
     """-> (plan, state, frozen): the model (loaded, or from scratch by seed) and LoRA, sharded."""
     key_model, key_lora = jax.random.split(jax.random.key(args.seed))
     plan = make_plan(cfg, mesh, h)
-    if host_params is not None:
-        expected = jax.eval_shape(lambda k: moshi.init(k, cfg), key_model)
-        shapes = lambda tree: {_key(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}  # noqa: E731
-        convert.check_keys(shapes(expected), shapes(host_params), f"--init-from {args.init_from}")
-        params = host_params
+    if host_params is None:
+        host_params = plan.init_params(key_model)
     else:
-        params = plan.init_params(key_model)
+        shapes = lambda tree: {name: x.shape for name, x in named_leaves(tree)}      # noqa: E731
+        convert.check_keys(shapes(plan.abstract), shapes(host_params), f"--init-from {args.init_from}")
     lora = plan.init_lora(key_lora) if h.lora_rank else None
-    state, frozen = initial_state(plan, mesh, h, params, lora)
-    return plan, state, frozen
+    return (plan, *initial_state(plan, mesh, h, host_params, lora))
 
 
 def run_meta(args, h: Hyper, cfg) -> dict:
@@ -645,31 +589,33 @@ def train(args) -> list[dict]:
     mesh = make_mesh(sizes["dp"], sizes["fsdp"])
     ds = data.TokenWindows(args.data)
     cfg, host_params = load_model(args)
-    h = hyper_from_args(args, cfg)
+    h = Hyper(padding_ids=(cfg.existing_text_padding_id, cfg.existing_text_end_padding_id),
+              **{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyper) if f.name != "padding_ids"})
     if (ds.index["text_padding_id"], ds.index["end_of_padding_id"]) != h.padding_ids:
         raise data.DataError(f"{args.data}: prepared with PAD/EPAD ids {ds.index['text_padding_id']}/"
-                        f"{ds.index['end_of_padding_id']}, the model uses {h.padding_ids}")
+                             f"{ds.index['end_of_padding_id']}, the model uses {h.padding_ids}")
     with jax.set_mesh(mesh):
         plan, state, frozen = build_state(args, h, mesh, cfg, host_params)
         return run(args, h, mesh, cfg, ds, plan, state, frozen)
 
 
 def start(args, h, cfg, state, ckpt_dir):
-    """-> (state, first step, data position): fresh, or from the newest complete checkpoint.
-    Leftovers of an interrupted save (.tmp) and metrics logged after that checkpoint are dropped."""
-    first, position = 0, 0
-    if args.resume and list_checkpoints(ckpt_dir):
-        path = list_checkpoints(ckpt_dir)[-1]
-        meta, expected = read_meta(path), run_meta(args, h, cfg)
-        for k in ("config", "init_from", "lm_config", "seed"):
-            if meta[k] != expected[k]:
-                raise ValueError(f"resume: {path} was made with {k}={meta[k]!r}, this run has {expected[k]!r}")
-        if meta["hyper"]["lora_rank"] != h.lora_rank:
-            raise ValueError(f"resume: {path} has lora_rank={meta['hyper']['lora_rank']}, this run {h.lora_rank}")
-        print(f"resume: {path} (step {meta['step']}, data position {meta['data_position']})")
-        state, first, position = load_checkpoint(path, state), meta["step"], meta["data_position"]
-    elif args.resume:
+    """-> (state, first step, data position): fresh, or from the newest complete checkpoint (made
+    by the same model, seed and kind of training). Leftovers of an interrupted save (.tmp) and
+    metrics logged after that checkpoint are dropped."""
+    found, first, position = list_checkpoints(ckpt_dir) if args.resume else [], 0, 0
+    if args.resume and not found:
         print(f"resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    if found:
+        meta = read_meta(found[-1])
+        made = dict(meta, lora_rank=meta["hyper"]["lora_rank"])
+        this = dict(run_meta(args, h, cfg), lora_rank=h.lora_rank)
+        for k in ("config", "init_from", "lm_config", "seed", "lora_rank"):
+            if made[k] != this[k]:
+                raise ValueError(f"resume: {found[-1]} was made with {k}={made[k]!r}, "
+                                 f"this run has {this[k]!r}")
+        print(f"resume: {found[-1]} (step {meta['step']}, data position {meta['data_position']})")
+        state, first, position = load_checkpoint(found[-1], state), meta["step"], meta["data_position"]
     if jax.process_index() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
         for name in os.listdir(ckpt_dir):
@@ -684,16 +630,22 @@ def start(args, h, cfg, state, ckpt_dir):
     return state, first, position
 
 
-def progress_line(rec, max_steps, mfu, eta_s) -> str:
-    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a (unknown peak: --peak-tflops)"
-    eta = time.strftime("%H:%M:%S", time.gmtime(eta_s))
-    return (f"step {rec['step']}/{max_steps} | loss {rec['loss']:.4f} (text {rec['text_loss']:.4f}, "
-            f"audio {rec['audio_loss']:.4f}) | grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | "
-            f"{rec['tokens_per_s']:,.0f} tok/s | MFU {mfu_text} | ETA {eta}")
-
-
 class NonFiniteLoss(RuntimeError):
     """The loss went NaN/inf: the message names the step and the windows of the batch."""
+
+
+def log_step(args, rec: dict, max_steps: int, last: int, mfu, eta_s) -> None:
+    """metrics.jsonl gets every step; the console every --log-every steps and the last one."""
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if rec["step"] % args.log_every == 0 or rec["step"] == last:
+        mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a (unknown peak: --peak-tflops)"
+        print(f"step {rec['step']}/{max_steps} | loss {rec['loss']:.4f} (text {rec['text_loss']:.4f}, "
+              f"audio {rec['audio_loss']:.4f}) | grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | "
+              f"{rec['tokens_per_s']:,.0f} tok/s | MFU {mfu_text} | ETA "
+              f"{time.strftime('%H:%M:%S', time.gmtime(eta_s))}", flush=True)
 
 
 def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, frozen) -> list[dict]:
@@ -703,16 +655,15 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
     ckpt_dir = os.path.join(args.run_dir, "checkpoints")
     state, first, position = start(args, h, cfg, state, ckpt_dir)
     last = min(h.max_steps, args.stop_at or h.max_steps)
-    batch_sharding = NamedSharding(mesh, BATCH_SPEC)
     tokens_per_step = A * G * T * (1 + cfg.dep_q)       # moshi-finetune's count: text + Moshi's codebooks
     flops, peak, lr_at = flops_per_step(cfg, frozen or state["params"], A * G * T, T), peak_flops(args), learning_rate(h)
     print(f"train: mesh {dict(mesh.shape)}, {len(ds)} windows of {T} frames, {A} x {G} windows per step, "
           f"{'LoRA rank %d' % h.lora_rank if h.lora_rank else 'full fine-tuning'}, steps {first + 1}..{last}")
-    history, times = [], []
+    history, times, batch_sharding = [], [], NamedSharding(mesh, BATCH_SPEC)
     for step in range(first + 1, last + 1):
         ids = data.window_ids(len(ds), args.seed, position, A * G).reshape(A, G)    # [A, G] window ids
         t0 = time.perf_counter()
-        state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, T))
+        state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, cfg, T))
         m = np.asarray(metrics)                          # waits for the step: each loss is checked
         times.append(time.perf_counter() - t0)
         if not np.all(np.isfinite(m[:3])):
@@ -721,16 +672,11 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
                                 f"(data position {position}) held:\n  {names}")
         position += A * G
         steady = np.mean(times[1:]) if len(times) > 1 else times[0]   # the first step also compiles
-        rec = {"step": step, "loss": float(m[0]), "text_loss": float(m[1]), "audio_loss": float(m[2]),
-               "grad_norm": float(m[3]), "lr": float(lr_at(step - 1)), "step_time": times[-1],
-               "tokens_per_s": tokens_per_step / steady}
-        history.append(rec)
-        if jax.process_index() == 0:
-            with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if step % args.log_every == 0 or step == last:
-                print(progress_line(rec, h.max_steps, flops / steady / peak if peak else None,
-                                    steady * (h.max_steps - step)), flush=True)
+        losses = dict(zip(("loss", "text_loss", "audio_loss", "grad_norm"), m.tolist()))
+        history.append({"step": step, **losses, "lr": float(lr_at(step - 1)), "step_time": times[-1],
+                        "tokens_per_s": tokens_per_step / steady})
+        log_step(args, history[-1], h.max_steps, last, flops / steady / peak if peak else None,
+                 steady * (h.max_steps - step))
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == last:
             save_checkpoint(ckpt_dir, step, state, dict(run_meta(args, h, cfg), data_position=position),
                             args.keep_checkpoints)
@@ -739,110 +685,84 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
     return history
 
 
-def to_host(tree):
-    """Global arrays -> numpy on this host (all processes take part when there are several)."""
-    def get(x):
-        if x.is_fully_addressable:
-            return np.asarray(x)
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return jax.tree.map(get, tree)
+def to_host(x):
+    """A global array -> numpy on this host (all processes take part when there are several)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = False, dtype="bfloat16") -> str:
     """Write the trained model in Kyutai's naming: out_dir/model.safetensors (LoRA merged in) and
     config.json, which the official PyTorch, MLX and Rust stacks and sample.py load like a released
     checkpoint; with save_adapters, also out_dir/lora.safetensors in moshi-finetune's naming."""
-    trainable = to_host(state["params"])
-    path = os.path.join(out_dir, "model.safetensors")
+    trainable, dtype = jax.tree.map(to_host, state["params"]), jnp.dtype(dtype)
+    path, save_adapters = os.path.join(out_dir, "model.safetensors"), save_adapters and h.lora_rank
     if jax.process_index() != 0:
         return path
     os.makedirs(out_dir, exist_ok=True)
     with jax.default_device(jax.devices("cpu")[0]):
-        params = merged_params(to_host(frozen), trainable, h.lora_scaling) if h.lora_rank else trainable
-        convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params), cfg)
+        params = (merged_params(jax.tree.map(to_host, frozen), trainable, h.lora_scaling) if h.lora_rank
+                  else trainable)
+        convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(dtype), params), cfg)
     with convert.atomic_open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(convert.lm_config_dict(cfg), moshi_name="model.safetensors"), f, indent=1)
-    if save_adapters and h.lora_rank:
-        tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in lora_tensors(trainable, cfg).items()}
+    if save_adapters:
+        tensors = {k: v.astype(dtype) for k, v in convert.lora_tensors(trainable, cfg).items()}
         convert.save_safetensors(os.path.join(out_dir, "lora.safetensors"), tensors, {"format": "pt"})
-    print(f"export: wrote {path}" + (" and lora.safetensors" if save_adapters and h.lora_rank else ""))
+    print(f"export: wrote {path}" + (" and lora.safetensors" if save_adapters else ""))
     return path
 
 
-# moshi-finetune saves LoRA adapters under PyTorch module names (moshi.modules.lora.LoRALinear):
-# `<module>.lora_A.weight` [r, in] and `<module>.lora_B.weight` [out, r]. Our stacked weights map to
-# those modules as follows (layer l, per-step weight set m).
-
-def _kyutai_modules(path, lead: tuple) -> list[tuple[tuple, str]]:
-    """[(index into the stacked weight, module name)] for a LoRA target at `path`."""
-    flat = {("text_linear",): "text_linear", ("extra_heads",): "extra_heads.{0}",
-            ("depformer", "input_proj"): "depformer_in.{0}", ("depformer", "linears"): "linears.{0}",
-            ("depformer", "text_emb_low_rank"): "depformer_text_emb.low_rank",
-            ("depformer", "emb_low_rank"): "depformer_emb.{0}.low_rank"}
-    if path in flat:
-        return [(idx, flat[path].format(*idx)) for idx in np.ndindex(*lead)]
-    stack, inner = ("transformer.layers", path[1:]) if path[0] == "transformer" else ("depformer.layers", path[2:])
-    per_step = len(lead) == 2
-    names = {("attn", "in_proj"): "self_attn.in_projs.{m}", ("attn", "out_proj"): "self_attn.out_projs.{m}",
-             ("mlp", "linear1"): "linear1", ("mlp", "linear2"): "linear2",
-             ("mlp", "linear_in"): "gating.{g}linear_in", ("mlp", "linear_out"): "gating.{g}linear_out"}
-    out = []
-    for idx in np.ndindex(*lead):
-        m = idx[1] if per_step else 0
-        out.append((idx, f"{stack}.{idx[0]}." + names[inner].format(m=m, g=f"{m}." if per_step else "")))
-    return out
-
-
-def lora_tensors(lora, cfg) -> dict:
-    """Our LoRA tree (host arrays) -> {moshi-finetune name: array}."""
-    out = {}
-    for path, ab in walk(lora):
-        for idx, module in _kyutai_modules(path, ab["a"].shape[:-2]):
-            out[f"{module}.lora_A.weight"] = np.asarray(ab["a"][idx])
-            out[f"{module}.lora_B.weight"] = np.asarray(ab["b"][idx])
-    return out
-
-
-def lora_from_tensors(tensors: dict, params, rank: int) -> dict:
-    """{moshi-finetune name: array} -> our LoRA tree for `params` (every target must be present)."""
-    lora = {}
-    for path, w in sorted(lora_targets(params).items()):
-        lead, (n_out, n_in) = w.shape[:-2], w.shape[-2:]
-        a, b = np.zeros((*lead, rank, n_in), np.float32), np.zeros((*lead, n_out, rank), np.float32)
-        for idx, module in _kyutai_modules(path, lead):
-            for name, dst in ((f"{module}.lora_A.weight", a), (f"{module}.lora_B.weight", b)):
-                if name not in tensors:
-                    raise KeyError(f"LoRA adapters: missing {name!r}")
-                dst[idx] = tensors[name]
-        set_path(lora, path, {"a": a, "b": b})
-    return lora
-
-
-def export_checkpoint(ckpt: str, out_dir: str, dtype="bfloat16", save_adapters=False) -> str:
-    """Offline export of a saved checkpoint, on this process's first device."""
-    meta = read_meta(ckpt)
-    args = argparse.Namespace(config=meta["config"], init_from=meta["init_from"], seed=meta["seed"])
+def export_checkpoint(args) -> str:
+    """`train.py export`: a saved checkpoint (the newest, or --step's), on this process's first device."""
+    found = list_checkpoints(os.path.join(args.run_dir, "checkpoints"))
+    if args.step is not None:
+        found = [c for c in found if c.endswith(f"step_{args.step:06d}")]
+    if not found:
+        which = f" for step {args.step}" if args.step else ""
+        raise SystemExit(f"export: no checkpoint{which} in {args.run_dir}")
+    meta = read_meta(found[-1])
+    run_args = argparse.Namespace(config=meta["config"], init_from=meta["init_from"], seed=meta["seed"])
     h = Hyper(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["hyper"].items()})
     mesh = make_mesh(1, 1)
-    cfg, host_params = load_model(args)
+    cfg, host_params = load_model(run_args)
     with jax.set_mesh(mesh):
-        _, state, frozen = build_state(args, h, mesh, cfg, host_params)
-        state = load_checkpoint(ckpt, state)
-        return export(out_dir, cfg, state, frozen, h, save_adapters, dtype)
+        _, state, frozen = build_state(run_args, h, mesh, cfg, host_params)
+        state = load_checkpoint(found[-1], state)
+        return export(args.out, cfg, state, frozen, h, args.save_adapters, args.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line.
+# Command line. A flag that sets a Hyper field is named after it (its dest) and takes its default
+# from it, so the two cannot drift apart.
 
-def hyper_from_args(args, cfg) -> Hyper:
-    return Hyper(padding_ids=(cfg.existing_text_padding_id, cfg.existing_text_end_padding_id),
-                 lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
-                 min_lr_ratio=args.min_lr_ratio, b1=args.beta1, b2=args.beta2, eps=args.eps,
-                 weight_decay=args.weight_decay, max_norm=args.max_norm,
-                 text_padding_weight=args.text_padding_weight, first_codebook_weight=args.first_codebook_weight,
-                 lora_rank=args.lora_rank, lora_scaling=args.lora_scaling, compute_dtype=args.dtype,
-                 remat=not args.no_remat, attention=args.attention)
+def _hyper_flags(a) -> None:
+    def flag(field, name=None, **kw):                      # --max-steps sets max_steps, ...
+        name = name or "--" + field.replace("_", "-")
+        if "action" not in kw:
+            kw["type"] = type(getattr(Hyper, field))
+        a(name, dest=field, default=getattr(Hyper, field), **kw)
+    flag("max_steps", help="length of the run (and of the lr schedule)")
+    flag("lr")
+    flag("warmup_steps")
+    flag("min_lr_ratio", help="the cosine ends at lr * this")
+    flag("b1", "--beta1", metavar="BETA1")
+    flag("b2", "--beta2", metavar="BETA2")
+    flag("eps")
+    flag("weight_decay")
+    flag("max_norm", help="gradient clipping (global norm)")
+    flag("text_padding_weight", help="loss weight of PAD/EPAD text targets")
+    flag("first_codebook_weight",
+         help="loss weight of the semantic codebook (moshi-finetune's example uses 100)")
+    flag("lora_rank", help="0: full fine-tuning; >0: LoRA on every linear layer")
+    flag("lora_scaling", help="LoRA multiplier: W + scaling * B @ A")
+    flag("compute_dtype", "--dtype", choices=["bfloat16", "float32"],
+         help="compute dtype (master weights are fp32)")
+    flag("remat", "--no-remat", action="store_false",
+         help="keep activations instead of recomputing each layer")
+    flag("attention", choices=["xla", "flash"], help="temporal attention implementation")
 
 
 def train_parser():
@@ -858,24 +778,8 @@ def train_parser():
     a("--mesh", help="device mesh, e.g. dp=4,fsdp=8 (default: fsdp over all devices)")
     a("--batch-size", type=int, help="windows per micro-batch, whole mesh (default: one per device)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--max-steps", type=int, default=100, help="length of the run (and of the lr schedule)")
     a("--stop-at", type=int, help="stop after this step (a job time slice); continue with --resume")
-    a("--lr", type=float, default=1e-4)
-    a("--warmup-steps", type=int, default=5)
-    a("--min-lr-ratio", type=float, default=0.0, help="the cosine ends at lr * this")
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
-    a("--eps", type=float, default=1e-8)
-    a("--weight-decay", type=float, default=0.1)
-    a("--max-norm", type=float, default=1.0, help="gradient clipping (global norm)")
-    a("--text-padding-weight", type=float, default=0.5, help="loss weight of PAD/EPAD text targets")
-    a("--first-codebook-weight", type=float, default=1.0,
-      help="loss weight of the semantic codebook (moshi-finetune's example uses 100)")
-    a("--lora-rank", type=int, default=0, help="0: full fine-tuning; >0: LoRA on every linear layer")
-    a("--lora-scaling", type=float, default=2.0, help="LoRA multiplier: W + scaling * B @ A")
-    a("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype (master weights are fp32)")
-    a("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
-    a("--attention", default="xla", choices=["xla", "flash"], help="temporal attention implementation")
+    _hyper_flags(a)
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=1)
     a("--ckpt-every", type=int, default=100)
@@ -936,13 +840,7 @@ def main(argv=None):
     if argv[:1] == ["prepare"]:                     # the data side: data.py
         return data.main(argv[1:], prog="train.py prepare")
     if argv[:1] == ["export"]:
-        args = export_parser().parse_args(argv[1:])
-        found = list_checkpoints(os.path.join(args.run_dir, "checkpoints"))
-        if args.step is not None:
-            found = [c for c in found if c.endswith(f"step_{args.step:06d}")]
-        if not found:
-            raise SystemExit(f"export: no checkpoint{' for step %d' % args.step if args.step else ''} in {args.run_dir}")
-        return export_checkpoint(found[-1], args.out, args.dtype, args.save_adapters)
+        return export_checkpoint(export_parser().parse_args(argv[1:]))
     if argv[:1] == ["train"]:
         argv = argv[1:]
     args = train_parser().parse_args(argv)

@@ -151,7 +151,7 @@ def disk_names(state_dict, dep_q):
     sys.path.append(os.path.dirname(HERE))          # convert.py, *after* the official moshi package
     import convert
     tensors = {k: v.numpy() for k, v in state_dict.items()}
-    return convert.to_disk_attention_names(tensors, lambda name: dep_q if name.startswith("depformer.") else 1)
+    return convert.to_disk_names(tensors, lambda name: dep_q if name.startswith("depformer.") else 1)
 
 
 def build_repo(repo):
