@@ -545,12 +545,18 @@ def lm_config(config=None):
     unknown = sorted(set(kw) - set(defaults))
     if unknown:
         raise ValueError(f"LM config: unknown keys {unknown}")
+    if kw.get("ttt") is not None:                        # ours, not Kyutai's: {"layers": [...], ...}
+        kw["ttt"] = moshi.ttt.TTTConfig(**kw["ttt"])
     return moshi.LMConfig(**kw)
 
 
 def lm_config_dict(cfg) -> dict:
-    """moshi.LMConfig -> Kyutai lm kwargs (what a config.json holds; `LMModel(**d)` accepts it)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    """moshi.LMConfig -> Kyutai lm kwargs (what a config.json holds; `LMModel(**d)` accepts it, unless
+    the model has TTT layers: then a "ttt" entry holds their ttt.TTTConfig, which only we read)."""
+    d = dataclasses.asdict(cfg)
+    if d["ttt"] is None:
+        del d["ttt"]
+    return json.loads(json.dumps(d))                  # tuples -> lists, at any depth
 
 def _lm_rows(cfg, stacked: bool = True) -> list:
     """The rows of an LM checkpoint (legacy packed attention, as released) for moshi.init's params;
@@ -560,6 +566,7 @@ def _lm_rows(cfg, stacked: bool = True) -> list:
     rows += [Row("text_emb.weight", (text_card + 1, D), ("text_emb",)),
              Row("text_linear.weight", (cfg.text_card_out or text_card, D), ("text_linear",))]
     rows += transformer_rows("transformer.layers.", ("transformer",), cfg.temporal, stacked)
+    rows += _ttt_rows(cfg, stacked)
     rows += _norm_rows("out_norm.", ("out_norm",), cfg.norm, D)
     rows += [Row(f"extra_heads.{i}.weight", (cfg.extra_heads_dim, D), ("extra_heads",), (i,))
              for i in range(cfg.extra_heads_num_heads)]
@@ -578,6 +585,21 @@ def _lm_rows(cfg, stacked: bool = True) -> list:
     for c in range(K if cfg.depformer_norm is not None else 0):
         rows += _norm_rows(f"depformer_norms.{c}.", ("depformer", "norms"), cfg.depformer_norm, Dd, (c,))
     return rows + [Row(f"linears.{c}.weight", (card, Dd), ("depformer", "linears"), (c,)) for c in range(K)]
+
+
+def _ttt_rows(cfg, stacked: bool) -> list:
+    """TTT layers' own weights (ours: no Kyutai checkpoint has them), named after the official
+    In-Place TTT modules inside the layer's MLP (Kyutai's `gating`): the depthwise conv as torch's
+    Conv1d weight [D, 1, K], and P."""
+    rows, D = [], cfg.dim
+    for n, layer in enumerate(cfg.ttt.layers if cfg.ttt else ()):
+        at, index = (("ttt",), (n,)) if stacked else (("ttt", n), ())
+        pre = f"transformer.layers.{layer}.gating."
+        rows.append(Row(pre + "ttt_conv.weight", (D, 1, cfg.ttt.kernel_size), at + ("conv",), index,
+                        ours=(D, cfg.ttt.kernel_size)))
+        if cfg.ttt.use_proj:
+            rows.append(Row(pre + "ttt_proj.weight", (D, D), at + ("proj",), index))
+    return rows
 
 
 def lm_keys(cfg) -> dict:
