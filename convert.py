@@ -15,12 +15,10 @@ the way the math reads. The parts, top to bottom:
    needs only mimi.py and helium.py: copied with them, it loads Mimi's released weights.
 4. The LM: `params, cfg = load_lm(path, config=None)`, `save_lm(path, params, cfg)`, and
    moshi-finetune's LoRA adapter names. moshi.py is imported only here, where the LM is handled.
-5. Repo files: `ckpt = find_checkpoint(repo)` resolves a Kyutai repo (a Hugging Face id, a local
-   folder, or one .safetensors file) as the official loader does, into the LM, Mimi and tokenizer
-   paths and their configs; `load_lm(ckpt.moshi, lm_config_for(ckpt))` then loads the LM. sample.py's
-   --hf-repo and train.py's --init-from both go through it.
 
-`python convert.py inspect FILE` lists a checkpoint's tensors without loading them.
+Which files make up a model (a Hugging Face repo, a folder) is repo.py's business.
+`python convert.py inspect FILE` lists a checkpoint's tensors without loading them;
+`python convert.py mimi IN OUT --weights W` round-trips audio through a Mimi checkpoint.
 """
 from __future__ import annotations
 
@@ -30,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import struct
 import tempfile
 import warnings
@@ -77,6 +74,10 @@ class SafeTensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self.header = header
         self._start = 8 + n
+        end = self._start + max((info["data_offsets"][1] for info in header.values()), default=0)
+        if os.path.getsize(self.path) < end:
+            raise CheckpointError(f"{self.path}: truncated ({os.path.getsize(self.path):,} bytes, the header "
+                                  f"describes {end:,}): an interrupted download or copy?")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if header else None
 
     def keys(self):
@@ -140,9 +141,11 @@ def fsync(path) -> None:
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = ""):
     """`with atomic_path(path) as tmp:` a temporary file name beside `path`, for writers that want a
-    name (soundfile, ...). Renamed over `path` when the block ends well, removed if it raises."""
+    name (soundfile, ...). Renamed over `path` when the block ends well, removed if it raises. The
+    name carries our process id, so that remove_stale_temps can tell a killed run's leftovers."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=suffix)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=suffix)
     os.close(fd)
     try:
         yield tmp
@@ -163,6 +166,45 @@ def atomic_open(path, mode: str = "wb", **kwargs):
     only once it is completely written."""
     with atomic_path(path, os.path.splitext(os.fspath(path))[1]) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written: found before any work is done."""
+
+
+def check_writable(path, what: str) -> None:
+    """Fail now, not after the work: `path` must not be a folder, and its folder must exist and be
+    writable (the atomic writers create their temporary file there)."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise OutputError(f"{what} {path} is a folder, not a file name")
+    if not os.path.isdir(folder):
+        raise OutputError(f"{what} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise OutputError(f"{what} {path}: not writable here (permissions)")
+
+
+def remove_stale_temps(folder) -> list:
+    """Remove the temporary files (".tmp-<pid>-...") that a run killed mid-write left in `folder`:
+    those whose process is gone. Returns their names."""
+    removed = []
+    for name in os.listdir(folder or "."):
+        pid = name.split("-")[1] if name.startswith(".tmp-") and name.count("-") >= 2 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                      # someone else's live process
+        pass
+    return True
 
 
 def check_keys(expected: dict, found: dict, what: str) -> None:
@@ -458,32 +500,30 @@ def _mimi_config_from_metadata(metadata: dict, path):
         raise CheckpointError(f"{path}: bad mimi_config metadata ({e})") from e
 
 
+# Kyutai's Mimi config JSON (loaders._mimi_config's structure) -> MimiConfig fields; the settings
+# the released Mimi fixes are checked, the others are refused by name.
+_MIMI_FIELDS = {"seanet": ("dimension", "n_filters", "kernel_size", "last_kernel_size", "residual_kernel_size",
+                           "n_residual_layers", "dilation_base", "compress"),
+                "transformer": ("num_heads", "num_layers", "dim_feedforward", "context", "layer_scale", "max_period")}
+_MIMI_FIXED = {"seanet": {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True, "activation": "ELU"},
+               "transformer": {"gating": "none", "norm": "layer_norm", "positional_embedding": "rope", "causal": True}}
+
+
 def mimi_config(d: dict):
-    """Kyutai's Mimi config JSON (a repo's `mimi_config_name` file, structured like
-    loaders._mimi_config) -> mimi.MimiConfig. Settings the released Mimi does not use are refused
-    by name."""
+    """A repo's Mimi config JSON (its `mimi_config_name` file) -> mimi.MimiConfig."""
     try:
-        seanet, quantizer, transformer = d["seanet"], d["quantizer"], d["transformer"]
-        fixed = {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True, "activation": "ELU"}
-        fixed_tr = {"gating": "none", "norm": "layer_norm", "positional_embedding": "rope", "causal": True}
-        bad = [f"seanet.{k}={seanet[k]!r}" for k, v in fixed.items() if k in seanet and seanet[k] != v]
-        bad += [f"transformer.{k}={transformer[k]!r}" for k, v in fixed_tr.items() if k in transformer and transformer[k] != v]
-        if transformer["d_model"] != seanet["dimension"]:
-            bad.append(f"transformer.d_model={transformer['d_model']} != seanet.dimension={seanet['dimension']}")
+        bad = [f"{part}.{k}={d[part][k]!r}" for part, fixed in _MIMI_FIXED.items()
+               for k, v in fixed.items() if d[part].get(k, v) != v]
+        if d["transformer"]["d_model"] != d["seanet"]["dimension"]:
+            bad.append(f"transformer.d_model={d['transformer']['d_model']} != seanet.dimension")
         if bad:
             raise CheckpointError(f"Mimi config: unsupported settings {', '.join(bad)}")
-        ratios = tuple(int(r) for r in seanet["ratios"])
-        stride = d["sample_rate"] / math.prod(ratios) / d["frame_rate"]  # encoder rate / codec frame rate
-        return mimi.MimiConfig(
-            sample_rate=d["sample_rate"], channels=d["channels"], dimension=seanet["dimension"],
-            n_filters=seanet["n_filters"], ratios=ratios, kernel_size=seanet["kernel_size"],
-            last_kernel_size=seanet["last_kernel_size"], residual_kernel_size=seanet["residual_kernel_size"],
-            n_residual_layers=seanet["n_residual_layers"], dilation_base=seanet["dilation_base"],
-            compress=seanet["compress"], downsample_stride=int(round(stride)),
-            num_heads=transformer["num_heads"], num_layers=transformer["num_layers"],
-            dim_feedforward=transformer["dim_feedforward"], context=transformer["context"],
-            layer_scale=transformer["layer_scale"], max_period=transformer["max_period"],
-            codebook_dim=quantizer["dimension"], codebook_size=quantizer["bins"], num_quantizers=quantizer["n_q"])
+        kw = {k: d[part][k] for part, names in _MIMI_FIELDS.items() for k in names}
+        ratios, q = tuple(int(r) for r in d["seanet"]["ratios"]), d["quantizer"]
+        stride = d["sample_rate"] / math.prod(ratios) / d["frame_rate"]      # encoder rate / codec frame rate
+        return mimi.MimiConfig(**kw, sample_rate=d["sample_rate"], channels=d["channels"], ratios=ratios,
+                               downsample_stride=int(round(stride)), codebook_dim=q["dimension"],
+                               codebook_size=q["bins"], num_quantizers=q["n_q"])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"Mimi config: missing or bad entry {e}") from None
 
@@ -500,7 +540,7 @@ def mimi_config(d: dict):
 # them, or a checkpoint that holds `condition_provider.*` / `fuser.*` tensors, loads with a warning
 # and the conditioning is ignored, so such a model runs unconditioned.
 
-_NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type", "version",
+NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type", "version",
                   "lm_gen_config", "tts_config", "stt_config", "model_id")     # files and tool settings
 _DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing")   # unused by Kyutai too
 _UNSUPPORTED_LM_KWARGS = {"demux_second_text_stream": False, "norm_emb": False, "bias_proj": False,
@@ -520,7 +560,7 @@ def lm_config(config=None):
     if not isinstance(config, dict):
         with open(config) as fh:
             config = json.load(fh)
-    kw = {k: v for k, v in config.items() if k not in _NOT_LM_KWARGS + _DROPPED_LM_KWARGS}
+    kw = {k: v for k, v in config.items() if k not in NOT_LM_KWARGS + _DROPPED_LM_KWARGS}
     if "demux_second_stream" in kw:                                  # Kyutai renamed it
         kw["demux_second_text_stream"] = kw.pop("demux_second_stream")
     cond = [k for k in ("conditioners", "fuser") if kw.pop(k, None)]
@@ -672,157 +712,43 @@ def lora_tensors(lora, cfg) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Finding a checkpoint. A Kyutai repo holds the LM, Mimi and the text tokenizer under fixed
-# names; an optional config.json describes the LM and may rename the files (`moshi_name`,
-# `mimi_name`, `tokenizer_name`, `mimi_config_name`), exactly like the official
-# `CheckpointInfo.from_hf_repo`. The repo is a Hugging Face id (downloaded once into the standard
-# cache, when huggingface_hub is installed), a local directory laid out the same way, or a single
-# LM safetensors file (its folder then plays the repo). Single files can replace the repo's.
+# Command line: inspect a checkpoint; round-trip audio through Mimi's released weights (mimi.py
+# itself imports nothing but helium.py, so its real-weights command lives here).
 
-DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
-MOSHI_NAME = "model.safetensors"   # the default file names in a Kyutai repo (config.json may rename)
-MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
-TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
-# How each argument of find_checkpoint reaches us on a command line, so that an error says what to
-# change: the flags of Kyutai's own scripts (moshi.server, run_tts), which sample.py keeps.
-FLAGS = {"repo": "--hf-repo", "moshi": "--moshi-weight", "mimi": "--mimi-weight", "tokenizer": "--tokenizer",
-         "config": "--config"}
+def inspect(path) -> None:
+    f = SafeTensorsFile(path)
+    for k in f.keys():
+        print(f"{k}\t{f.shape(k)}\t{f.dtype_name(k)}")
+    print(f"# {len(f.keys())} tensors, {sum(math.prod(f.shape(k)) for k in f.keys()):,} elements")
 
 
-@dataclasses.dataclass
-class Checkpoint:
-    moshi: str                    # path of the LM's safetensors
-    mimi: str | None              # path of Mimi's safetensors (None when only the LM was asked for)
-    tokenizer: str | None         # path of the sentencepiece model (idem)
-    config: dict | None           # config.json without the file names (None: there is none)
-    mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any (see mimi_config)
-
-
-def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=None, lm_only=False,
-                    flags=None) -> Checkpoint:
-    """Resolve every file like the official loader; explicit files win over the repo's.
-
-    repo: a Hugging Face id, a local repo directory, or an LM .safetensors file (with the
-    config.json beside it, if any). None means DEFAULT_REPO, except when all the files are given:
-    then no repo is consulted and the LM config is `config`'s, or moshiko's. config: a config.json
-    to use instead of the repo's. lm_only: resolve the LM alone (what training starts from), not
-    Mimi and the tokenizer. flags: {argument: its command-line flag} for the error messages
-    (defaults: FLAGS). Problems raise CheckpointError saying what is missing and how to give it.
-    """
-    flags = dict(FLAGS, **(flags or {}))
-    repo = None if repo is None else os.path.expanduser(repo)      # no Hugging Face id starts with ~
-    if repo is not None and os.path.isfile(repo):         # one LM file: its folder plays the repo
-        moshi, repo = moshi or repo, os.path.dirname(os.path.abspath(repo))
-    standalone = repo is None and moshi and (lm_only or (mimi and tokenizer))
-    if standalone:                                         # names in `config` are relative to it
-        folder = os.path.dirname(os.path.abspath(config)) if config else os.getcwd()
-        get = lambda name, optional=False: os.path.join(folder, name)     # noqa: E731
+def mimi_round_trip(args) -> None:
+    """audio in (any rate and channels: resampled to 24 kHz, mixed to mono) -> codes -> audio out."""
+    for path, what in ((args.output, "output"), (args.codes, "--codes")):
+        if path:
+            check_writable(path, what)                     # before an hour of audio is encoded
+    params, cfg = load_mimi(args.weights)
+    mimi._check_codebooks(cfg, args.num_codebooks)
+    wav = mimi.mix_down(mimi.read_audio(args.input, cfg.sample_rate))[None]               # [1, 1, S]
+    S, K = wav.shape[-1], args.num_codebooks
+    if args.stream:
+        enc, dec, codes, out = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), [], []
+        for frame in mimi.frames_of([wav[0, 0]], S, cfg.frame_size):                     # [frame_size]
+            enc, c = mimi.encode_step(params, cfg, enc, jnp.asarray(frame)[None, None], K)
+            dec, pcm = mimi.decode_step(params, cfg, dec, c)
+            codes.append(np.asarray(c))
+            out.append(np.asarray(pcm))
+        codes, out = np.concatenate(codes, -1), np.concatenate(out, -1)
     else:
-        get = repo_files(repo or DEFAULT_REPO, flags, lm_only)
-    raw = None
-    if config:
-        raw = _read_json(config, flags["config"])
-    elif not standalone:
-        path = get("config.json", optional=True)
-        raw = _read_json(path, "config.json") if path else None
-    lm_config = dict(raw or {})
-    names = {"moshi": lm_config.pop("moshi_name", MOSHI_NAME), "mimi": lm_config.pop("mimi_name", MIMI_NAME),
-             "tokenizer": lm_config.pop("tokenizer_name", TOKENIZER_NAME)}
-    mimi_config_name = lm_config.pop("mimi_config_name", None)
-    model_type = lm_config.pop("model_type", "moshi")
-    if model_type not in CONVERSATION_MODEL_TYPES:
-        raise CheckpointError(f"config.json says model_type={model_type!r}; only conversation models run "
-                              f"here (model_type 'moshi': Moshiko, Moshika; 'personaplex': PersonaPlex)")
-    for key in _NOT_LM_KWARGS:
-        lm_config.pop(key, None)                           # file names and tool settings, not the LM's
-    given = {"moshi": moshi} if lm_only else {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
-    for what, path in given.items():
-        if path is not None and not os.path.isfile(path):
-            raise CheckpointError(f"{flags[what]}: no such file {path!r}")
-    files = {what: given[what] or get(names[what]) for what in given}
-    read_mimi_config = mimi_config_name and not lm_only
-    return Checkpoint(files["moshi"], files.get("mimi"), files.get("tokenizer"), lm_config if raw else None,
-                      _read_json(get(mimi_config_name), mimi_config_name) if read_mimi_config else None)
+        codes = np.asarray(mimi.encode(params, cfg, jnp.asarray(wav), K))
+        out = np.asarray(mimi.decode(params, cfg, codes))
+    if args.codes:
+        with atomic_open(args.codes) as f:
+            np.save(f, codes.astype(np.int32))
+    mimi.write_audio(args.output, out[0, :, :S], cfg.sample_rate)
+    print(f"{S / cfg.sample_rate:.2f} s of audio -> codes {tuple(codes.shape)} -> {args.output}"
+          f"{' (streaming)' if args.stream else ''}")
 
-
-# Kyutai's repos say "moshi"; NVIDIA's PersonaPlex repo ships only {"model_type": "personaplex",
-# "version": "7b-v1"} (no LM settings: lm_config_for reads the architecture off the checkpoint).
-CONVERSATION_MODEL_TYPES = ("moshi", "personaplex")
-
-
-def repo_files(repo: str, flags=FLAGS, lm_only=False):
-    """A function `get(name, optional=False) -> path or None` over a local directory or an HF repo."""
-    if os.path.isdir(repo):
-        holds = MOSHI_NAME if lm_only else f"{MOSHI_NAME}, {MIMI_NAME} and {TOKENIZER_NAME}"
-
-        def get_local(name, optional=False):
-            path = os.path.join(repo, name)
-            if os.path.isfile(path):
-                return path
-            if optional:
-                return None
-            raise CheckpointError(f"{repo} has no file {name!r} (a Kyutai repo directory holds {holds}, "
-                                  f"or config.json naming {'it' if lm_only else 'them'})")
-        return get_local
-    # A Hugging Face id is `name` or `owner/name`: anything else was meant as a local path.
-    if os.path.isabs(repo) or repo.startswith((".", "~")) or repo.count("/") > 1 or repo.endswith(".safetensors"):
-        raise CheckpointError(f"{flags['repo']}: no such file or directory {repo!r}")
-    try:
-        import huggingface_hub
-    except ImportError:
-        files = "." if lm_only else (f",\n  or pass the files: {flags['moshi']} FILE {flags['mimi']} FILE "
-                                     f"{flags['tokenizer']} FILE.")
-        raise CheckpointError(
-            f"the weights come from the Hugging Face repo {repo!r}, but huggingface_hub is not installed.\n"
-            f"  Either `pip install huggingface_hub` (the files are downloaded once, ~16 GB for Moshi),\n"
-            f"  or download the repo yourself and pass {flags['repo']} DIR{files}") from None
-
-    try:
-        from huggingface_hub.errors import EntryNotFoundError
-    except ImportError:                              # huggingface_hub < 0.23
-        from huggingface_hub.utils import EntryNotFoundError
-
-    def get_hub(name, optional=False):
-        try:
-            return huggingface_hub.hf_hub_download(repo, name)
-        except EntryNotFoundError:
-            if optional:
-                return None
-            raise CheckpointError(f"the Hugging Face repo {repo!r} has no file {name!r}") from None
-        except Exception as e:                       # offline, gated repo, typo in the id, ...
-            raise CheckpointError(
-                f"could not get {name!r} from the Hugging Face repo {repo!r}:\n  {type(e).__name__}: {e}\n"
-                f"  Check the repo id and your connection (gated repos need `huggingface-cli login`),\n"
-                f"  or pass a local copy with {flags['repo']} DIR.") from None
-    return get_hub
-
-
-def _read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {what} ({path}): {e}") from None
-
-
-def lm_config_for(ckpt: Checkpoint, log=None):
-    """The LM config to load `ckpt.moshi` with (see load_lm): config.json's, or, where the repo has
-    none (or one that does not describe the LM, like PersonaPlex's), Kyutai's built-in moshiko config
-    with as many depformer outputs as the checkpoint has heads (16 for PersonaPlex, whose own loader
-    also ignores config.json). `log(message)`, if given, hears when the heads decide."""
-    import moshi
-    if ckpt.config and "dim" in ckpt.config:
-        return ckpt.config
-    heads = sum(1 for k in SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))
-    if heads and heads != moshi.MOSHIKO.dep_q:
-        if log:
-            log(f"no LM config: moshiko's, with dep_q={heads} as the checkpoint has {heads} depformer heads")
-        return dataclasses.replace(moshi.MOSHIKO, dep_q=heads)
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -830,15 +756,19 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("inspect", help="list the tensors of a safetensors file")
     p.add_argument("file")
+    p = sub.add_parser("mimi", help=mimi_round_trip.__doc__, epilog="example: python convert.py mimi talk.wav "
+                       "talk_mimi.wav --weights tokenizer-e351c8d8-checkpoint125.safetensors --codes talk.npy")
+    p.add_argument("input", help="audio file to encode")
+    p.add_argument("output", help="where to write the decoded audio (24 kHz mono)")
+    p.add_argument("--weights", required=True, help="Mimi checkpoint, e.g. tokenizer-e351c8d8-checkpoint125.safetensors")
+    p.add_argument("--num-codebooks", type=int, default=8, help="codebooks to use (1-32; Moshi uses 8)")
+    p.add_argument("--codes", help="also save the codes, int32 [1, K, frames], to this .npy file")
+    p.add_argument("--stream", action="store_true", help="run frame by frame (80 ms) through the streaming API")
     args = ap.parse_args(argv)
-    if args.cmd == "inspect":
-        f = SafeTensorsFile(args.file)
-        total = 0
-        for k in f.keys():
-            n = int(np.prod(f.shape(k)))
-            total += n
-            print(f"{k}\t{f.shape(k)}\t{f.dtype_name(k)}")
-        print(f"# {len(f.keys())} tensors, {total:,} elements")
+    try:
+        inspect(args.file) if args.cmd == "inspect" else mimi_round_trip(args)
+    except ValueError as e:                          # CheckpointError, AudioError, OutputError: they name it
+        raise SystemExit(f"convert.py: {e}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ a role in text before the conversation: see `persona_prompt` below.
 
 Sections, top to bottom: loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt; the
 conversation loop; text display and files; main. The weights are found as Kyutai's loader finds
-them, by `convert.find_checkpoint`; the prompt (any rate or channel count) is read lazily by
+them, by `repo.find_checkpoint`; the prompt (any rate or channel count) is read lazily by
 `mimi.read_blocks`.
 """
 from __future__ import annotations
@@ -42,6 +42,7 @@ import soundfile
 import convert
 import mimi
 import moshi
+import repo
 
 
 class SampleError(Exception):
@@ -342,7 +343,6 @@ class WavWriter:
         self.path, self.sample_rate, self.left = path, sample_rate, num_samples
 
     def __enter__(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with contextlib.ExitStack() as files:          # should opening fail, what was opened is undone
             tmp = files.enter_context(convert.atomic_path(self.path, ".wav"))
             self.file = files.enter_context(soundfile.SoundFile(tmp, "w", samplerate=self.sample_rate, channels=1,
@@ -410,10 +410,10 @@ def _load_models(args, log) -> Models:
         if args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer)
     else:
-        ckpt = convert.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
+        ckpt = repo.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
         log(f"loading Moshi from {ckpt.moshi}")
         # stacked=False: the layers come as lists, the layout gen_step reads in place (moshi.generation_params)
-        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=convert.lm_config_for(ckpt, log), dtype=dtype,
+        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=repo.lm_config_for(ckpt, log), dtype=dtype,
                         stacked=False)
         log(f"loading Mimi from {ckpt.mimi}")
         mimi_cfg = convert.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
@@ -440,7 +440,7 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", required=True, help="the user's audio (any format soundfile reads, any rate/channels)")
     ap.add_argument("--out", default="out.wav", help="Moshi's voice (24 kHz wav); its text goes to the same name .json")
     g = ap.add_argument_group("weights")
-    g.add_argument("--hf-repo", help=f"Hugging Face repo id, local directory or LM .safetensors (default {convert.DEFAULT_REPO})")
+    g.add_argument("--hf-repo", help=f"Hugging Face repo id, local directory or LM .safetensors (default {repo.DEFAULT_REPO})")
     g.add_argument("--moshi-weight", help="the LM's safetensors (overrides the repo's)")
     g.add_argument("--mimi-weight", help="Mimi's safetensors (overrides the repo's)")
     g.add_argument("--tokenizer", help="the sentencepiece text tokenizer (overrides the repo's)")
@@ -480,14 +480,22 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (SampleError, convert.CheckpointError, mimi.AudioError) as e:   # the user can fix: one line, no traceback
+    except (SampleError, convert.CheckpointError, convert.OutputError, mimi.AudioError) as e:   # one line, no traceback
         print(f"sample.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
 
 def run(args):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    mimi.resampled_length(args.prompt)                     # a bad prompt fails before loading 16 GB
+    mimi.resampled_length(args.prompt)                     # a bad prompt fails before loading 16 GB,
+    outs = [numbered(args.out, b, args.batch_size) for b in range(args.batch_size)]
+    transcript = os.path.splitext(args.out)[0] + ".json"
+    with contextlib.suppress(OSError):                     # a new folder for the answers is made; if it
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)    # cannot be, it is named:
+    for path, what in [(p, "--out") for p in outs] + [(transcript, "the transcript (--out's name, .json)")]:
+        convert.check_writable(path, what)                 # and so does an output that cannot be written
+    for name in convert.remove_stale_temps(os.path.dirname(os.path.abspath(args.out))):
+        log(f"removed {name}, left by a run that was killed while writing")
     models = load_models(args, log)
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
     num_samples = max(1, int(round(args.duration * sr))) if args.duration else mimi.resampled_length(args.prompt, sr)
@@ -498,7 +506,6 @@ def run(args):
     # hour holds a second of input in memory, not an hour.
     frames = mimi.frames_of(mimi.read_blocks(args.prompt, sr, mono=True), num_samples, F)
     n_frames = -(-num_samples // F)
-    outs = [numbered(args.out, b, B) for b in range(B)]
     answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": [], "audio_tokens": []} for path in outs]
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {B}, "
         f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
@@ -516,7 +523,6 @@ def run(args):
             if len(times) == 1:
                 times.append(time.perf_counter())         # the first frame: compilation included
         times.append(time.perf_counter())
-    transcript = os.path.splitext(args.out)[0] + ".json"
     write_json(transcript, {"prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
                             "frame_seconds": F / sr, "random_init": args.random_init, "answers": answers})
     start, first, end = times

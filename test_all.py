@@ -9,7 +9,9 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tracemalloc
 
@@ -28,6 +30,7 @@ import flash  # noqa: E402
 import helium  # noqa: E402
 import mimi  # noqa: E402
 import moshi  # noqa: E402
+import repo  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 import ttt  # noqa: E402
@@ -56,6 +59,7 @@ def _fake_hub(monkeypatch, hf_hub_download):
     import types
     hub, errors = types.ModuleType("huggingface_hub"), types.ModuleType("huggingface_hub.errors")
     errors.EntryNotFoundError = type("EntryNotFoundError", (Exception,), {})
+    errors.LocalEntryNotFoundError = type("LocalEntryNotFoundError", (errors.EntryNotFoundError,), {})
     hub.errors, hub.hf_hub_download = errors, hf_hub_download
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
     monkeypatch.setitem(sys.modules, "huggingface_hub.errors", errors)
@@ -620,7 +624,7 @@ def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
 
 
 def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
-    """--init-from is resolved by convert.find_checkpoint, as sample.py's --hf-repo: a .safetensors
+    """--init-from is resolved by repo.find_checkpoint, as sample.py's --hf-repo: a .safetensors
     file (with the config.json beside it), a repo folder holding only the LM, a Hugging Face id (of
     which only the LM's files are fetched); a path that does not exist is named as such."""
     import types
@@ -632,8 +636,8 @@ def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
     assert _max_rel(params_file, params_dir) == 0
     fetched = []
 
-    def download(repo, name):
-        fetched.append((repo, name))
+    def download(repo_id, name, **kw):
+        fetched.append((repo_id, name))
         return os.path.join(folder, name)
     _fake_hub(monkeypatch, download)
     cfg_hub, _ = train.load_model(args("someone/moshi-finetune"))
@@ -758,8 +762,8 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     official = np.load(os.path.join(folder, "official.npz"))
-    ckpt = convert.find_checkpoint(folder, lm_only=True)
-    params, cfg = convert.load_lm(ckpt.moshi, config=convert.lm_config_for(ckpt), dtype=jnp.float32)
+    ckpt = repo.find_checkpoint(folder, lm_only=True)
+    params, cfg = convert.load_lm(ckpt.moshi, config=repo.lm_config_for(ckpt), dtype=jnp.float32)
     codes = jnp.asarray(official["codes"], jnp.int32)
     out = moshi.forward(params, cfg, codes)
     for name, mask in (("logits", "mask"), ("text_logits", "text_mask")):
@@ -1027,26 +1031,26 @@ def test_lm_sampling_is_softmax_top_k():
 SAMPLE_FX = _testdata_module("make_sample_fixtures")
 
 
-def _write_sample_repo(repo, persona: bool):
+def _write_sample_repo(folder, persona: bool):
     """The fixture's weights rebuilt bit for bit, in Kyutai's on-disk format, with configs and a tokenizer."""
     fx, rw = SAMPLE_FX, _testdata_module("random_weights")
-    repo.mkdir()
+    folder.mkdir()
     if persona:        # already on-disk names in the fork's state dict
         spec, seed, config, mimi_config = "sample_personaplex_keys.txt", fx.PERSONA_SEED, fx.PERSONA_CONFIG, fx.PERSONA_MIMI_CONFIG
     else:
         spec, seed, config, mimi_config = "sample_lm_keys.txt", fx.LM_SEED, fx.LM_CONFIG, fx.MIMI_CONFIG
     raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, spec)), seed, fx.lm_overrides())
-    convert.save_safetensors(repo / "raw.safetensors", raw)
-    params, cfg = convert.load_lm(repo / "raw.safetensors", config=config)
-    convert.save_lm(repo / "model.safetensors", params, cfg)          # what sample.py reads: our writer's output
-    (repo / "raw.safetensors").unlink()
+    convert.save_safetensors(folder / "raw.safetensors", raw)
+    params, cfg = convert.load_lm(folder / "raw.safetensors", config=config)
+    convert.save_lm(folder / "model.safetensors", params, cfg)          # what sample.py reads: our writer's output
+    (folder / "raw.safetensors").unlink()
     mimi_raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, "sample_mimi_keys.txt")), fx.MIMI_SEED,
                                  fx.mimi_overrides())
-    convert.save_safetensors(repo / fx.MIMI_FILE, mimi_raw)
-    (repo / "config.json").write_text(json.dumps(dict(config, mimi_config_name="mimi_config.json")))
-    (repo / "mimi_config.json").write_text(json.dumps(mimi_config))
-    fx.train_tokenizer(str(repo / "tokenizer_spm_32k_3.model"))
-    return repo
+    convert.save_safetensors(folder / fx.MIMI_FILE, mimi_raw)
+    (folder / "config.json").write_text(json.dumps(dict(config, mimi_config_name="mimi_config.json")))
+    (folder / "mimi_config.json").write_text(json.dumps(mimi_config))
+    fx.train_tokenizer(str(folder / "tokenizer_spm_32k_3.model"))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -1172,23 +1176,49 @@ def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
     err = error_of("--prompt", SAMPLE_FX.PROMPT)
     assert "huggingface_hub is not installed" in err and "--hf-repo DIR" in err and "Traceback" not in err
 
-    def offline(repo, name):
+    def offline(repo, name, **kw):
         raise ConnectionError("no network")
     hub = _fake_hub(monkeypatch, offline)
     err = error_of("--prompt", SAMPLE_FX.PROMPT)
     assert "could not get 'config.json' from the Hugging Face repo 'kyutai/moshiko-pytorch-bf16'" in err
     assert "no network" in err and "Traceback" not in err
 
-    def hub_download(repo, name):                              # a repo without config.json, as moshiko's
+    def not_cached(repo_id, name, **kw):                       # huggingface_hub offline, nothing cached
+        raise hub.errors.LocalEntryNotFoundError(name)
+    hub.hf_hub_download = not_cached
+    err = error_of("--prompt", SAMPLE_FX.PROMPT)
+    assert "cannot reach the Hugging Face hub (offline?)" in err and "--hf-repo DIR" in err and "Traceback" not in err
+
+    def hub_download(repo, name, **kw):                        # a repo without config.json, as moshiko's
         if name == "config.json":
             raise hub.errors.EntryNotFoundError(name)
         return f"/cache/{repo}/{name}"
     hub.hf_hub_download = hub_download
-    ckpt = convert.find_checkpoint("kyutai/moshiko-pytorch-bf16")
+    ckpt = repo.find_checkpoint("kyutai/moshiko-pytorch-bf16")
     assert ckpt.config is None and ckpt.moshi == "/cache/kyutai/moshiko-pytorch-bf16/model.safetensors"
-    assert ckpt.tokenizer.endswith("/tokenizer_spm_32k_3.model") and ckpt.mimi.endswith(convert.MIMI_NAME)
+    assert ckpt.tokenizer.endswith("/tokenizer_spm_32k_3.model") and ckpt.mimi.endswith(repo.MIMI_NAME)
     (tmp_path / "incomplete").mkdir()
     assert "has no file 'model.safetensors'" in error_of("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", tmp_path / "incomplete")
+    # outputs that cannot be written are named before anything is loaded, and nothing is lost
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "answer.json").mkdir()                          # a folder named like the transcript
+    (tmp_path / "kept.wav").write_bytes(b"old")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    for out, message in ((tmp_path / "taken", "--out .*taken is a folder"),
+                         (tmp_path / "answer.wav", "transcript .*answer.json is a folder")) + (
+                        () if os.geteuid() == 0 else ((locked / "a.wav", "not writable"),)):   # root writes anyway
+        assert re.search(message, error_of("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--out", out))
+    assert (tmp_path / "kept.wav").read_bytes() == b"old" and not list(locked.iterdir())
+    # a run killed mid-write (kill -9) left a temporary file of ours: the next run removes it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".tmp-{dead.pid}-abc.wav"
+    stale.write_bytes(b"half")
+    _main("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--greedy", "--dtype", "fp32", "--duration", 0.5,
+          "--out", tmp_path / "fresh.wav")
+    assert not stale.exists() and (tmp_path / "fresh.wav").exists()
     assert "--voice-prompt and --text-prompt are for PersonaPlex" in error_of(
         "--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--text-prompt", "hi", "--dtype", "fp32")
 
@@ -1196,39 +1226,39 @@ def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
 def test_sample_finds_weights_like_checkpoint_info(tmp_path):
     """Repo files, config.json's file names (moshi_name, mimi_name, tokenizer_name, mimi_config_name),
     single-file overrides, and files given alone with --config, as the official CheckpointInfo does."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("weights.safetensors", convert.MIMI_NAME, "tok.model", "other.safetensors"):
-        (repo / name).write_bytes(b"x")
-    (repo / "mimi.json").write_text(json.dumps(SAMPLE_FX.MIMI_CONFIG))
-    (repo / "config.json").write_text(json.dumps(dict(SAMPLE_FX.LM_CONFIG, moshi_name="weights.safetensors",
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    for name in ("weights.safetensors", repo.MIMI_NAME, "tok.model", "other.safetensors"):
+        (folder / name).write_bytes(b"x")
+    (folder / "mimi.json").write_text(json.dumps(SAMPLE_FX.MIMI_CONFIG))
+    (folder / "config.json").write_text(json.dumps(dict(SAMPLE_FX.LM_CONFIG, moshi_name="weights.safetensors",
                                                       tokenizer_name="tok.model", mimi_config_name="mimi.json")))
-    ckpt = convert.find_checkpoint(str(repo))
-    assert (ckpt.moshi, ckpt.mimi, ckpt.tokenizer) == (str(repo / "weights.safetensors"), str(repo / convert.MIMI_NAME),
-                                                        str(repo / "tok.model"))
+    ckpt = repo.find_checkpoint(str(folder))
+    assert (ckpt.moshi, ckpt.mimi, ckpt.tokenizer) == (str(folder / "weights.safetensors"), str(folder / repo.MIMI_NAME),
+                                                        str(folder / "tok.model"))
     assert ckpt.config == SAMPLE_FX.LM_CONFIG and ckpt.mimi_config == SAMPLE_FX.MIMI_CONFIG
     assert convert.mimi_config(ckpt.mimi_config) == mimi.TINY
     assert convert.lm_config(ckpt.config) == moshi.TINY
-    assert convert.find_checkpoint(str(repo), moshi=str(repo / "other.safetensors")).moshi == str(repo / "other.safetensors")
-    alone = convert.find_checkpoint(None, str(repo / "other.safetensors"), str(repo / convert.MIMI_NAME),
-                                    str(repo / "tok.model"), config=str(repo / "config.json"))
-    assert alone.moshi == str(repo / "other.safetensors") and alone.mimi_config == SAMPLE_FX.MIMI_CONFIG
-    assert convert.find_checkpoint(None, str(repo / "other.safetensors"), str(repo / convert.MIMI_NAME),
-                                   str(repo / "tok.model")).config is None          # moshiko's config
-    (repo / "config.json").write_text(json.dumps({"model_type": "stt"}))
+    assert repo.find_checkpoint(str(folder), moshi=str(folder / "other.safetensors")).moshi == str(folder / "other.safetensors")
+    alone = repo.find_checkpoint(None, str(folder / "other.safetensors"), str(folder / repo.MIMI_NAME),
+                                    str(folder / "tok.model"), config=str(folder / "config.json"))
+    assert alone.moshi == str(folder / "other.safetensors") and alone.mimi_config == SAMPLE_FX.MIMI_CONFIG
+    assert repo.find_checkpoint(None, str(folder / "other.safetensors"), str(folder / repo.MIMI_NAME),
+                                   str(folder / "tok.model")).config is None          # moshiko's config
+    (folder / "config.json").write_text(json.dumps({"model_type": "stt"}))
     with pytest.raises(convert.CheckpointError, match="model_type='stt'"):
-        convert.find_checkpoint(str(repo))
+        repo.find_checkpoint(str(folder))
     # No LM config (moshiko's repo, or PersonaPlex's, whose config.json does not describe the LM):
     # moshiko's config, with as many depformer outputs as the checkpoint has heads.
     # PersonaPlex's config.json is exactly this (nvidia/personaplex-7b-v1).
     heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
-    convert.save_safetensors(repo / convert.MOSHI_NAME, heads)
-    (repo / "config.json").write_text(json.dumps({"model_type": "personaplex", "version": "7b-v1"}))
-    ckpt = convert.find_checkpoint(str(repo), lm_only=True)
-    assert ckpt.moshi == str(repo / convert.MOSHI_NAME)
-    assert convert.lm_config_for(ckpt, lambda msg: None) == moshi.PERSONAPLEX
-    convert.save_safetensors(repo / "moshiko.safetensors", dict(list(heads.items())[:8]))
-    assert convert.lm_config_for(convert.Checkpoint(str(repo / "moshiko.safetensors"), "", "", None), print) is None
+    convert.save_safetensors(folder / repo.MOSHI_NAME, heads)
+    (folder / "config.json").write_text(json.dumps({"model_type": "personaplex", "version": "7b-v1"}))
+    ckpt = repo.find_checkpoint(str(folder), lm_only=True)
+    assert ckpt.moshi == str(folder / repo.MOSHI_NAME)
+    assert repo.lm_config_for(ckpt, lambda msg: None) == moshi.PERSONAPLEX
+    convert.save_safetensors(folder / "moshiko.safetensors", dict(list(heads.items())[:8]))
+    assert repo.lm_config_for(repo.Checkpoint(str(folder / "moshiko.safetensors"), "", "", None), print) is None
 
 
 def test_sample_reads_long_audio_lazily(tmp_path):
@@ -1539,26 +1569,38 @@ def test_mimi_audio_io(tmp_path):
 
 
 def test_mimi_command_line_round_trip(tmp_path, mimi_ref, capsys):
-    """python mimi.py in.wav out.wav --weights W --codes C: a 32 kHz stereo file in, 24 kHz mono out."""
-    import soundfile
+    """python convert.py mimi in.wav out.wav --weights W --codes C: a 32 kHz stereo file in, 24 kHz mono
+    out, batch or streaming; output paths that cannot be written are refused before any work, and
+    `python mimi.py` (no weights) checks a random codec's batch against its streaming."""
     cfg = mimi.TINY
     _tiny_checkpoint(mimi_ref, tmp_path / "t.safetensors")
     params, _ = convert.load_mimi(tmp_path / "t.safetensors", cfg)
     convert.save_mimi(tmp_path / "tiny.safetensors", params, cfg)      # records the tiny config
     rng = np.random.default_rng(1)
-    soundfile.write(tmp_path / "in.wav", (0.3 * rng.standard_normal((1000, 2))).astype(np.float32), 32000)
-    mimi.main([str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), "--weights", str(tmp_path / "tiny.safetensors"),
-               "--num-codebooks", "3", "--codes", str(tmp_path / "codes.npy")])
+    soundfile.write(tmp_path / "in.wav", (0.3 * rng.standard_normal((96000, 2))).astype(np.float32), 32000)
+    run = lambda out, *extra: convert.main(["mimi", str(tmp_path / "in.wav"), str(out), "--weights",   # noqa: E731
+                                            str(tmp_path / "tiny.safetensors"), "--num-codebooks", "3", *extra])
+    run(tmp_path / "out.wav", "--codes", str(tmp_path / "codes.npy"))
     out, sr = soundfile.read(tmp_path / "out.wav", dtype="float32")
-    assert sr == 24000 and out.shape == (750,)                               # 1000 samples at 32 kHz
+    assert sr == 24000 and out.shape == (72000,)                             # 96000 samples at 32 kHz
     codes = np.load(tmp_path / "codes.npy")
     wav = mimi.mix_down(mimi.read_audio(tmp_path / "in.wav"))[None]
     assert np.array_equal(codes, np.asarray(mimi.encode(params, cfg, jnp.asarray(wav), 3)))
-    assert codes.shape == (1, 3, 47) and "codes (1, 3, 47)" in capsys.readouterr().out
-    expected = np.asarray(mimi.decode(params, cfg, codes))[0, 0, :750]
+    assert codes.shape == (1, 3, 38) and "codes (1, 3, 38)" in capsys.readouterr().out
+    expected = np.asarray(mimi.decode(params, cfg, codes))[0, 0, :72000]
     assert np.abs(out - np.clip(expected, -1, 1)).max() < 1e-4              # 16-bit file
+    run(tmp_path / "stream.wav", "--stream")            # (past 4 frames the tiny ring wraps: not the batch result)
+    assert soundfile.read(tmp_path / "stream.wav", dtype="float32")[0].shape == out.shape
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out_path, extra, message in ((tmp_path, (), "is a folder"),
+                                     (tmp_path / "x.wav", ("--codes", str(tmp_path / "no" / "c.npy")), "does not exist")):
+        with pytest.raises(SystemExit, match=message):
+            run(out_path, *extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before              # nothing written, nothing lost
     with pytest.raises(SystemExit):
-        mimi.main([str(tmp_path / "in.wav"), str(tmp_path / "x.wav")])      # no --weights: usage error
+        convert.main(["mimi", str(tmp_path / "in.wav"), str(tmp_path / "x.wav")])     # no --weights: usage
+    mimi.main(["--frames", "2"])
+    assert "streaming vs batch: codes identical" in capsys.readouterr().out
 
 
 # ================================================================================================

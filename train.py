@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 import convert
 import data
 import moshi
+import repo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,7 +511,7 @@ def peak_flops(args) -> float | None:
 def load_model(args):
     """-> (cfg, host params or None). --config: a preset of moshi.PRESETS or a Kyutai config.json
     (any architecture). --init-from: a Kyutai checkpoint, found as sample.py's --hf-repo finds one
-    (convert.find_checkpoint), read onto the host (CPU) so that `place` can hand each device its slice."""
+    (repo.find_checkpoint), read onto the host (CPU) so that `place` can hand each device its slice."""
     name = args.config or ("" if args.init_from else "tiny")
     if name and not name.endswith(".json") and name not in moshi.PRESETS:
         raise ValueError(f"--config {name!r}: unknown; choose from {sorted(moshi.PRESETS)} "
@@ -518,8 +519,8 @@ def load_model(args):
     config = name and (convert.lm_config(name) if name.endswith(".json") else moshi.PRESETS[name])
     if not args.init_from:
         return config, None
-    ckpt = convert.find_checkpoint(args.init_from, lm_only=True, flags={"repo": "--init-from"})
-    config = config or convert.lm_config_for(ckpt, print)
+    ckpt = repo.find_checkpoint(args.init_from, lm_only=True, flags={"repo": "--init-from"})
+    config = config or repo.lm_config_for(ckpt, print)
     with jax.default_device(jax.devices("cpu")[0]):
         params, cfg = convert.load_lm(ckpt.moshi, config=config)
         return cfg, jax.tree.map(np.asarray, params)

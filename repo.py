@@ -1,0 +1,187 @@
+"""repo.py: which files make up a model, found as Kyutai's own loader finds them.
+
+A Kyutai repo holds the LM, Mimi and the text tokenizer under fixed names; an optional config.json
+describes the LM and may rename the files (`moshi_name`, `mimi_name`, `tokenizer_name`,
+`mimi_config_name`), exactly like the official `CheckpointInfo.from_hf_repo`. The repo is a
+Hugging Face id (downloaded once into the standard cache, when huggingface_hub is installed), a
+local directory laid out the same way, or a single LM safetensors file (its folder then plays the
+repo). Single files can replace the repo's.
+
+    ckpt = repo.find_checkpoint("kyutai/moshiko-pytorch-bf16")      # paths and configs
+    params, cfg = convert.load_lm(ckpt.moshi, repo.lm_config_for(ckpt))
+
+sample.py's --hf-repo and train.py's --init-from both go through it. `python repo.py ID_OR_DIR`
+prints what it resolves to.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+
+import convert
+import moshi
+from convert import CheckpointError
+
+DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+MOSHI_NAME = "model.safetensors"   # the default file names in a Kyutai repo (config.json may rename)
+MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+# How each argument of find_checkpoint reaches us on a command line, so that an error says what to
+# change: the flags of Kyutai's own scripts (moshi.server, run_tts), which sample.py keeps.
+FLAGS = {"repo": "--hf-repo", "moshi": "--moshi-weight", "mimi": "--mimi-weight", "tokenizer": "--tokenizer",
+         "config": "--config"}
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    moshi: str                    # path of the LM's safetensors
+    mimi: str | None              # path of Mimi's safetensors (None when only the LM was asked for)
+    tokenizer: str | None         # path of the sentencepiece model (idem)
+    config: dict | None           # config.json without the file names (None: there is none)
+    mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any (see mimi_config)
+
+
+def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=None, lm_only=False,
+                    flags=None) -> Checkpoint:
+    """Resolve every file like the official loader; explicit files win over the repo's.
+
+    repo: a Hugging Face id, a local repo directory, or an LM .safetensors file (with the
+    config.json beside it, if any). None means DEFAULT_REPO, except when all the files are given:
+    then no repo is consulted and the LM config is `config`'s, or moshiko's. config: a config.json
+    to use instead of the repo's. lm_only: resolve the LM alone (what training starts from), not
+    Mimi and the tokenizer. flags: {argument: its command-line flag} for the error messages
+    (defaults: FLAGS). Problems raise CheckpointError saying what is missing and how to give it.
+    """
+    flags = dict(FLAGS, **(flags or {}))
+    repo = None if repo is None else os.path.expanduser(repo)      # no Hugging Face id starts with ~
+    if repo is not None and os.path.isfile(repo):         # one LM file: its folder plays the repo
+        moshi, repo = moshi or repo, os.path.dirname(os.path.abspath(repo))
+    standalone = repo is None and moshi and (lm_only or (mimi and tokenizer))
+    if standalone:                                         # names in `config` are relative to it
+        folder = os.path.dirname(os.path.abspath(config)) if config else os.getcwd()
+        get = lambda name, optional=False: os.path.join(folder, name)     # noqa: E731
+    else:
+        get = repo_files(repo or DEFAULT_REPO, flags, lm_only)
+    raw = None
+    if config:
+        raw = _read_json(config, flags["config"])
+    elif not standalone:
+        path = get("config.json", optional=True)
+        raw = _read_json(path, "config.json") if path else None
+    lm_config = dict(raw or {})
+    names = {"moshi": lm_config.pop("moshi_name", MOSHI_NAME), "mimi": lm_config.pop("mimi_name", MIMI_NAME),
+             "tokenizer": lm_config.pop("tokenizer_name", TOKENIZER_NAME)}
+    mimi_config_name = lm_config.pop("mimi_config_name", None)
+    model_type = lm_config.pop("model_type", "moshi")
+    if model_type not in CONVERSATION_MODEL_TYPES:
+        raise CheckpointError(f"config.json says model_type={model_type!r}; only conversation models run "
+                              f"here (model_type 'moshi': Moshiko, Moshika; 'personaplex': PersonaPlex)")
+    for key in convert.NOT_LM_KWARGS:
+        lm_config.pop(key, None)                           # file names and tool settings, not the LM's
+    given = {"moshi": moshi} if lm_only else {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
+    for what, path in given.items():
+        if path is not None and not os.path.isfile(path):
+            raise CheckpointError(f"{flags[what]}: no such file {path!r}")
+    files = {what: given[what] or get(names[what]) for what in given}
+    read_mimi_config = mimi_config_name and not lm_only
+    return Checkpoint(files["moshi"], files.get("mimi"), files.get("tokenizer"), lm_config if raw else None,
+                      _read_json(get(mimi_config_name), mimi_config_name) if read_mimi_config else None)
+
+
+# Kyutai's repos say "moshi"; NVIDIA's PersonaPlex repo ships only {"model_type": "personaplex",
+# "version": "7b-v1"} (no LM settings: lm_config_for reads the architecture off the checkpoint).
+CONVERSATION_MODEL_TYPES = ("moshi", "personaplex")
+
+
+def repo_files(repo: str, flags=FLAGS, lm_only=False):
+    """A function `get(name, optional=False) -> path or None` over a local directory or an HF repo."""
+    if os.path.isdir(repo):
+        holds = MOSHI_NAME if lm_only else f"{MOSHI_NAME}, {MIMI_NAME} and {TOKENIZER_NAME}"
+
+        def get_local(name, optional=False):
+            path = os.path.join(repo, name)
+            if os.path.isfile(path):
+                return path
+            if optional:
+                return None
+            raise CheckpointError(f"{repo} has no file {name!r} (a Kyutai repo directory holds {holds}, "
+                                  f"or config.json naming {'it' if lm_only else 'them'})")
+        return get_local
+    # A Hugging Face id is `name` or `owner/name`: anything else was meant as a local path.
+    if os.path.isabs(repo) or repo.startswith((".", "~")) or repo.count("/") > 1 or repo.endswith(".safetensors"):
+        raise CheckpointError(f"{flags['repo']}: no such file or directory {repo!r}")
+    try:
+        import huggingface_hub
+    except ImportError:
+        files = "." if lm_only else (f",\n  or pass the files: {flags['moshi']} FILE {flags['mimi']} FILE "
+                                     f"{flags['tokenizer']} FILE.")
+        raise CheckpointError(
+            f"the weights come from the Hugging Face repo {repo!r}, but huggingface_hub is not installed.\n"
+            f"  Either `pip install huggingface_hub` (the files are downloaded once, ~16 GB for Moshi),\n"
+            f"  or download the repo yourself and pass {flags['repo']} DIR{files}") from None
+
+    try:
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:                              # huggingface_hub < 0.23
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    def get_hub(name, optional=False):
+        try:
+            return huggingface_hub.hf_hub_download(repo, name, etag_timeout=5)
+        except LocalEntryNotFoundError:              # offline, not cached: a subclass of the next, caught first
+            raise CheckpointError(
+                f"cannot reach the Hugging Face hub (offline?) for {name!r} of {repo!r}, and it is not in the "
+                f"local cache.\n  A local folder works: download the repo once and pass {flags['repo']} DIR.") from None
+        except EntryNotFoundError:
+            if optional:
+                return None
+            raise CheckpointError(f"the Hugging Face repo {repo!r} has no file {name!r}") from None
+        except Exception as e:                       # offline, gated repo, typo in the id, ...
+            raise CheckpointError(
+                f"could not get {name!r} from the Hugging Face repo {repo!r}:\n  {type(e).__name__}: {e}\n"
+                f"  Check the repo id and your connection (gated repos need `huggingface-cli login`),\n"
+                f"  or pass a local copy with {flags['repo']} DIR.") from None
+    return get_hub
+
+
+def _read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {what} ({path}): {e}") from None
+
+
+def lm_config_for(ckpt: Checkpoint, log=None):
+    """The LM config to load `ckpt.moshi` with (see load_lm): config.json's, or, where the repo has
+    none (or one that does not describe the LM, like PersonaPlex's), Kyutai's built-in moshiko config
+    with as many depformer outputs as the checkpoint has heads (16 for PersonaPlex, whose own loader
+    also ignores config.json). `log(message)`, if given, hears when the heads decide."""
+    if ckpt.config and "dim" in ckpt.config:
+        return ckpt.config
+    heads = sum(1 for k in convert.SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))
+    if heads and heads != moshi.MOSHIKO.dep_q:
+        if log:
+            log(f"no LM config: moshiko's, with dep_q={heads} as the checkpoint has {heads} depformer heads")
+        return dataclasses.replace(moshi.MOSHIKO, dep_q=heads)
+    return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("repo", nargs="?", default=DEFAULT_REPO, help="a Hugging Face id, a repo folder or an LM file")
+    ap.add_argument("--lm-only", action="store_true", help="only the LM (what train.py --init-from reads)")
+    args = ap.parse_args(argv)
+    try:
+        ckpt = find_checkpoint(args.repo, lm_only=args.lm_only)
+    except CheckpointError as e:
+        raise SystemExit(f"repo.py: {e}")
+    for field in dataclasses.fields(ckpt):
+        print(f"{field.name}: {json.dumps(getattr(ckpt, field.name))}")
+
+
+if __name__ == "__main__":
+    main()
