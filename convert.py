@@ -551,43 +551,64 @@ _INHERITED_BY_DEPFORMER = ("num_layers", "gating", "max_period", "layer_scale")
 
 def lm_config(config=None):
     """A Kyutai LM config -> moshi.LMConfig. `config`: None (moshiko, Kyutai's built-in default), a
-    config.json path, its dict, or an LMConfig (returned as is)."""
+    config.json path, its dict, or an LMConfig (returned as is). Errors name the file (a path) and
+    the key: unknown keys, unsupported settings, values of the wrong type."""
     import moshi
-    if config is None:
-        return moshi.MOSHIKO
-    if isinstance(config, moshi.LMConfig):
-        return config
+    if config is None or isinstance(config, moshi.LMConfig):
+        return config or moshi.MOSHIKO
+    what = "LM config" if isinstance(config, dict) else f"LM config {config}"
     if not isinstance(config, dict):
-        with open(config) as fh:
-            config = json.load(fh)
+        try:
+            with open(config) as fh:
+                config = json.load(fh)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{what}: cannot read it ({e})") from None
+    kw = _lm_kwargs(config, what, {f.name: f for f in dataclasses.fields(moshi.LMConfig)})
+    try:
+        if kw.get("ttt") is not None:                    # ours, not Kyutai's: {"layers": [...], ...}
+            kw["ttt"] = moshi.ttt.TTTConfig(**kw["ttt"])
+        return moshi.LMConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+_TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": lambda v: isinstance(v, str), "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and
+          all(isinstance(i, int) and not isinstance(i, bool) for i in v), "ttt.TTTConfig": lambda v: isinstance(v, dict)}
+
+
+def _lm_kwargs(config: dict, what: str, fields: dict) -> dict:
+    """config.json's entries -> LMConfig's keyword arguments, resolved as Kyutai's LMModel resolves
+    them (the depformer inherits the main transformer's settings it does not override)."""
     kw = {k: v for k, v in config.items() if k not in NOT_LM_KWARGS + _DROPPED_LM_KWARGS}
     if "demux_second_stream" in kw:                                  # Kyutai renamed it
         kw["demux_second_text_stream"] = kw.pop("demux_second_stream")
     cond = [k for k in ("conditioners", "fuser") if kw.pop(k, None)]
     if cond:
-        warnings.warn(f"LM config declares {' and '.join(cond)}: conditioning is not implemented, "
+        warnings.warn(f"{what} declares {' and '.join(cond)}: conditioning is not implemented, "
                       "the model will run unconditioned")
     for key, plain in _UNSUPPORTED_LM_KWARGS.items():
         value = kw.pop(key, None)
         if value not in (plain, None):
-            raise ValueError(f"LM config: {key}={value!r} is not supported (only {plain!r})")
+            raise ValueError(f"{what}: {key}={value!r} is not supported (only {plain!r})")
     ff = kw.get("depformer_dim_feedforward")
     if isinstance(ff, list):
         if len(set(ff)) != 1:
-            raise ValueError(f"LM config: per-step depformer_dim_feedforward {ff} is not supported")
+            raise ValueError(f"{what}: per-step depformer_dim_feedforward {ff} is not supported")
         kw["depformer_dim_feedforward"] = ff[0]
-    defaults = {f.name: f.default for f in dataclasses.fields(moshi.LMConfig)}
+    unknown = sorted(set(kw) - set(fields))
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}")
+    for name, value in kw.items():                   # the type is the first of `int | None`, say
+        if value is not None and not _TYPES[fields[name].type.split(" | ")[0]](value):
+            raise ValueError(f"{what}: {name}={value!r} should be {fields[name].type}")
     for name in _INHERITED_BY_DEPFORMER:
-        kw.setdefault("depformer_" + name, kw.get(name, defaults[name]))
+        kw.setdefault("depformer_" + name, kw.get(name, fields[name].default))
     for name in ("delays", "depformer_weights_per_step_schedule"):
         if kw.get(name) is not None:
-            kw[name] = tuple(int(v) for v in kw[name])
-    unknown = sorted(set(kw) - set(defaults))
-    if unknown:
-        raise ValueError(f"LM config: unknown keys {unknown}")
-    if kw.get("ttt") is not None:                        # ours, not Kyutai's: {"layers": [...], ...}
-        kw["ttt"] = moshi.ttt.TTTConfig(**kw["ttt"])
-    return moshi.LMConfig(**kw)
+            kw[name] = tuple(kw[name])
+    return kw
 
 
 def lm_config_dict(cfg) -> dict:
@@ -597,6 +618,7 @@ def lm_config_dict(cfg) -> dict:
     if d["ttt"] is None:
         del d["ttt"]
     return json.loads(json.dumps(d))                  # tuples -> lists, at any depth
+
 
 def _lm_rows(cfg, stacked: bool = True) -> list:
     """The rows of an LM checkpoint (legacy packed attention, as released) for moshi.init's params;

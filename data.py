@@ -29,6 +29,7 @@ import collections
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -115,8 +116,10 @@ def window_text(sp, alignments, window: int, window_frames: int, real_frames: in
     return row
 
 
-def read_alignments(json_path: str):
-    """The sidecar .json -> [(word, start, end, speaker)] sorted by start (stable)."""
+def read_alignments(json_path: str, log=print):
+    """The sidecar .json -> [(word, start, end, speaker)] sorted by start (stable). Words that cannot
+    be placed (end before start, or a NaN time) are dropped by moshi-finetune without a word; here
+    they are dropped the same way, and named."""
     if not os.path.exists(json_path):
         raise DataError(f"{json_path}: missing alignment file (expected beside the wav)")
     try:
@@ -126,6 +129,9 @@ def read_alignments(json_path: str):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{json_path}: not a moshi-finetune alignment file "
                         f"(want {{\"alignments\": [[word, [start, end], speaker], ...]}}): {e!r}") from e
+    for w, start, end, _ in out:
+        if not start <= end:                      # NaN compares False too
+            log(f"prepare: warning: {json_path}: word {w!r} has times [{start}, {end}]: it is left out")
     # moshi-finetune binary-searches the list as given; it is only correct when sorted
     return sorted(out, key=lambda a: a[1])
 
@@ -227,15 +233,39 @@ def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict:
     """Tokenize a whole manifest into out_dir/{tokens/NNNNNN.npy, index.json}; returns the index.
 
     Bad files (missing .json, not stereo, unreadable) are reported by name and skipped, or, with
-    `strict`, stop the run. The index lists what was skipped and why.
+    `strict`, stop the run. The index lists what was skipped and why. out_dir must be new or empty
+    (an existing dataset is never mixed with a new one); the dataset is written beside it and
+    renamed to it at the end, so a failed run leaves nothing behind.
     """
-    os.makedirs(os.path.join(out_dir, "tokens"), exist_ok=True)
+    check_new_folder(out_dir)
+    entries, final = read_manifest(manifest), os.path.normpath(out_dir)
+    out_dir = f"{final}.tmp-{os.getpid()}"
+    os.makedirs(os.path.join(out_dir, "tokens"))
+    try:
+        index = _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, lm_cfg, read_audio,
+                              meta, log)
+        if os.path.isdir(final):
+            os.rmdir(final)                          # empty, checked above
+        os.replace(out_dir, final)
+        return index
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)   # gone already unless the run failed
+
+
+def check_new_folder(out_dir: str) -> None:
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise DataError(f"--out {out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:5])}: give a new "
+                        f"or empty folder (a prepared dataset is not added to)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir} is a file, not a folder")
+
+
+def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, lm_cfg, read_audio, meta, log):
     files, skipped = [], []
-    entries = read_manifest(manifest)
     for i, (wav_path, duration) in enumerate(entries):
         try:
-            alignments = read_alignments(os.path.splitext(wav_path)[0] + ".json")
             wav = load_stereo(wav_path, read_audio)
+            alignments = read_alignments(os.path.splitext(wav_path)[0] + ".json", log)
         except DataError as e:
             if strict:
                 raise
@@ -350,13 +380,20 @@ def prepare_parser(prog="data.py"):
 
 def prepare_main(args) -> dict:
     import sentencepiece
-    if args.duration_sec * CODEC.frame_rate != round(args.duration_sec * CODEC.frame_rate):
-        raise ValueError(f"--duration-sec {args.duration_sec}: must be a whole number of 80 ms frames")
+    frames = args.duration_sec * CODEC.frame_rate
+    if not (frames >= 1 and frames == round(frames)):
+        raise DataError(f"--duration-sec {args.duration_sec}: must be a positive whole number of 80 ms frames")
+    if args.encode_batch < 1:
+        raise DataError(f"--encode-batch {args.encode_batch}: must be at least 1")
+    check_new_folder(args.out)                                  # before Mimi loads (prepare checks again)
     params, cfg = convert.load_mimi(args.mimi)
     if cfg.frame_size != CODEC.frame_size or cfg.sample_rate != CODEC.sample_rate:
         raise ValueError(f"{args.mimi}: a Mimi with {cfg.frame_size}-sample frames at {cfg.sample_rate} Hz; "
                          f"Moshi needs {CODEC.frame_size} at {CODEC.sample_rate}")
-    sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"--tokenizer {args.tokenizer}: not a sentencepiece model ({e})") from None
     encode = WindowEncoder(params, cfg, args.encode_batch)
     return prepare(args.manifest, args.out, sp, encode, round(args.duration_sec * CODEC.frame_rate), args.strict,
                    meta={"tokenizer": args.tokenizer, "mimi": args.mimi})

@@ -421,6 +421,38 @@ def test_train_prepare_windows_and_bad_files(train_dataset, fast_compile):
     assert ids.tolist() != data.window_ids(len(ds), seed=6, position=0, count=18).tolist()
 
 
+def test_data_prepare_refuses_bad_input_and_loses_nothing(train_dataset, tmp_path, capsys):
+    """prepare never mixes datasets (a non-empty --out is refused, its files untouched) and a failed run
+    leaves nothing behind; bad flags, a bad tokenizer and unplaceable words are named in one line;
+    a missing wav is reported as a missing wav, not as its missing .json."""
+    root = train_dataset["root"]
+    stub = lambda chunks: np.zeros((len(chunks), 16, 16), np.int32)                    # noqa: E731  no Mimi
+    prep = lambda out, **kw: data.prepare(str(root / "data.jsonl"), str(out), _train_spm(), stub, 16,   # noqa: E731
+                                          read_audio=mimi.read_audio, log=print, **kw)
+    before = {p: p.read_bytes() for p in (root / "prepared").rglob("*") if p.is_file()}
+    with pytest.raises(data.DataError, match="prepared already holds index.json, tokens"):
+        prep(root / "prepared")
+    assert {p: p.read_bytes() for p in (root / "prepared").rglob("*") if p.is_file()} == before
+    with pytest.raises(data.DataError, match="mono.wav"):
+        prep(tmp_path / "strict", strict=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []                  # no half dataset, no tokens/
+    cli = ["prepare", "--manifest", str(root / "data.jsonl"), "--mimi", str(root / "mimi.safetensors"),
+           "--tokenizer", os.path.join(TESTDATA, "train_spm.model"), "--out", str(tmp_path / "out")]
+    for extra, message in ((["--duration-sec", "0"], "--duration-sec 0.0: must be a positive whole number"),
+                           (["--tokenizer", str(root / "talk0.json")], "not a sentencepiece model"),
+                           (["--out", str(root / "prepared")], "already holds")):
+        with pytest.raises(data.DataError, match=message):
+            data.main(cli + extra)
+    (root / "odd.json").write_text(json.dumps({"alignments": [["late", [1.0, 0.5], "SPEAKER_MAIN"],
+                                                              ["never", [float("nan"), 1.0], "SPEAKER_MAIN"]]}))
+    capsys.readouterr()
+    data.read_alignments(str(root / "odd.json"))
+    warned = capsys.readouterr().out
+    assert "odd.json: word 'late' has times [1.0, 0.5]" in warned and "word 'never'" in warned
+    with pytest.raises(data.DataError, match="gone.wav: audio file not found"):
+        data.load_stereo(str(root / "gone.wav"))
+
+
 def _train_codes(B, T, seed=0, A=1):
     rng = np.random.default_rng(seed)
     codes = np.concatenate([rng.integers(0, TRAIN_CFG.text_card, (A, B, 1, T)),
@@ -960,7 +992,7 @@ def test_lm_save_load_round_trip_and_namings(tmp_path):
         convert.load_lm(tmp_path / "bad.safetensors", cfg)
 
 
-def test_lm_configs_and_7b_footprint():
+def test_lm_configs_and_7b_footprint(tmp_path):
     """config.json parsing: Kyutai's moshiko file gives the built-in preset, whose param tree (shapes
     only, nothing allocated) has Kyutai's 7,687,729,152 parameters in 355 on-disk tensors."""
     moshiko_json = dict(convert.lm_config_dict(moshi.MOSHIKO), depformer_causal=True, depformer_context=8,
@@ -978,6 +1010,13 @@ def test_lm_configs_and_7b_footprint():
     assert small.depformer_num_layers == 3 and small.depformer_gating == "silu"
     with pytest.raises(ValueError, match="unknown keys \\['dimm'\\]"):
         convert.lm_config({"dimm": 3})
+    for bad, message in (({"dim": "64"}, "dim='64' should be int"), ({"num_heads": 4.0}, "num_heads=4.0 should be int"),
+                         ({"ttt": {"layers": [1], "chunk": 4}}, "TTTConfig.* unexpected keyword argument 'chunk'")):
+        with pytest.raises(ValueError, match=message):                  # one line, not a traceback later
+            convert.lm_config(bad)
+    (tmp_path / "config.json").write_text(json.dumps({"dimm": 3}))
+    with pytest.raises(ValueError, match=f"LM config {tmp_path / 'config.json'}: unknown keys"):   # names the file
+        convert.lm_config(str(tmp_path / "config.json"))
     with pytest.raises(ValueError, match="demux_second_text_stream"):
         convert.lm_config({"demux_second_stream": True})
     with pytest.warns(UserWarning, match="conditioners"):
