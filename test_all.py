@@ -1823,3 +1823,55 @@ def test_ttt_command_line(capsys):
     assert errors["float32"] <= 1e-5 and errors["bfloat16"] <= 2e-2
     ttt.main(["--demo"])
     assert "not there yet" in capsys.readouterr().out
+
+
+TTT_LM = dataclasses.replace(moshi.TINY, ttt=ttt.TINY)       # TTT on layer 1 of 2, 4-frame chunks
+
+
+def _ttt_lm(live=True):
+    """moshi.TINY with TTT (and its base without): at init, or with the memory made live (a random conv)."""
+    params = moshi.init(jax.random.key(0), TTT_LM)
+    base = {k: v for k, v in params.items() if k != "ttt"}
+    if live:
+        params = dict(params, ttt=dict(params["ttt"], conv=0.3 * jax.random.normal(jax.random.key(5),
+                                                                                   params["ttt"]["conv"].shape)))
+    return params, base
+
+
+def test_ttt_model_starts_as_its_base_model():
+    """A Kyutai model with TTT added (conv zero, P diagonal) gives its base model's logits exactly, in
+    forward and in greedy gen_step; the conv, P (once the conv moved) and the base weights get gradients."""
+    params, base = _ttt_lm(live=False)
+    codes = jax.random.randint(jax.random.key(1), (2, 17, 14), 0, 64)
+    forward = lambda cfg: jax.jit(lambda p, c: moshi.forward(p, cfg, c))       # noqa: E731
+    ours, theirs = forward(TTT_LM)(params, codes), forward(moshi.TINY)(base, codes)
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ("logits", "text_logits"))
+    user = np.asarray(jax.random.randint(jax.random.key(2), (2, 8, 12), 0, 64))
+    assert np.array_equal(_greedy_run(params, TTT_LM, user)[0], _greedy_run(base, moshi.TINY, user)[0])
+    loss = lambda p: jnp.sum(jnp.sin(moshi.forward(p, TTT_LM, codes)["text_logits"]))   # noqa: E731
+    grads = jax.grad(loss)(params)
+    assert np.abs(grads["ttt"]["conv"]).max() > 0 and np.abs(grads["transformer"]["mlp"]["linear_out"]).max() > 0
+    grads = jax.grad(loss)(_ttt_lm(live=True)[0])
+    assert np.abs(grads["ttt"]["proj"]).max() > 0
+
+
+def test_ttt_model_is_chunk_causal_and_streams_like_forward():
+    """Changing the tokens of chunk i changes no output before chunk i (the conv looks ahead only inside
+    a chunk, which never uses its own update); gen_step over three chunks, forced to follow the same
+    tokens, gives forward's logits (the fast-weight state commits each chunk on time), in both layouts."""
+    params, _ = _ttt_lm(live=True)
+    codes = np.asarray(jax.random.randint(jax.random.key(1), (2, 17, 12), 0, 64))
+    run = jax.jit(lambda c: moshi.forward(params, TTT_LM, c)["text_logits"])
+    changed = codes.copy()
+    changed[:, :, 4:6] = (changed[:, :, 4:6] + 1) % 64     # inputs 5, 6 (frame t is read at t + 1): chunk 1
+    a, b = np.asarray(run(codes)), np.asarray(run(changed))
+    # position 4 (chunk 1) would see them through the conv's look-ahead if chunk 1 used its own update
+    assert np.array_equal(a[..., :5, :], b[..., :5, :]) and not np.allclose(a[..., 8:, :], b[..., 8:, :])
+    for layout in (params, moshi.generation_params(params)):
+        state = moshi.init_gen_state(layout, TTT_LM, 2, lookahead=1)
+        for n in range(codes.shape[-1]):                                   # 12 frames: three chunks
+            frame = jnp.asarray(codes[:, :, n])
+            state, _, logits = moshi.gen_step(layout, TTT_LM, state, frame[:, 9:, None], jax.random.key(0),
+                                              text=frame[:, 0], moshi_codes=frame[:, 1:9], return_logits=True)
+            assert rel_err(logits["text_logits"], a[:, 0, n]) < 1e-4, n
+        assert len(state["ttt"]) == 1 and state["ttt"][0]["sum_dw"].shape == (2, 64, TTT_LM.temporal.gating_hidden)
