@@ -95,6 +95,21 @@ print(json.dumps(res))
 """
 
 
+def mimi_step_times(params, cfg, frames: int) -> list[float]:
+    """Seconds of one streaming frame, encode_step + decode_step, batch 1, after 3 warm-up frames."""
+    import jax
+    import mimi
+    wav = 0.1 * jax.random.normal(jax.random.key(0), (1, 1, cfg.frame_size))
+    enc, dec, steps = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), []
+    for i in range(frames + 3):
+        t0 = time.perf_counter()
+        enc, c = mimi.encode_step(params, cfg, enc, wav, 8)
+        dec, pcm = mimi.decode_step(params, cfg, dec, c)
+        jax.block_until_ready(pcm)
+        steps.append(time.perf_counter() - t0)
+    return steps[3:]
+
+
 def bench_mimi(args) -> list[tuple]:
     import jax
     import jax.numpy as jnp
@@ -113,14 +128,7 @@ def bench_mimi(args) -> list[tuple]:
     jax.block_until_ready(mimi.decode(params, cfg, codes))
     dec = _timed(lambda: jax.block_until_ready(mimi.decode(params, cfg, codes)), args.reps)
 
-    enc, dec, frame, steps = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), wav[:1, :, :F], []
-    for i in range(args.frames + 3):                                                     # 3 warm-up frames
-        t0 = time.perf_counter()
-        enc, c = mimi.encode_step(params, cfg, enc, frame, 8)
-        dec, pcm = mimi.decode_step(params, cfg, dec, c)
-        jax.block_until_ready(pcm)
-        steps.append(time.perf_counter() - t0)
-    ours = {"encode": enc, "decode": dec, "step": steps[3:]}
+    ours = {"encode": enc, "decode": dec, "step": mimi_step_times(params, cfg, args.frames)}
     theirs = run_official(_MIMI_OFFICIAL, args)
 
     audio = B * args.seconds
@@ -195,6 +203,30 @@ print(json.dumps({"step": times, "torch": torch.__version__, "threads": torch.ge
 """
 
 
+def train_step_times(cfg, h, B: int, T: int, reps: int):
+    """(compile + first step seconds, [step seconds], model params) of train.py's step on all local
+    devices (fsdp), random weights (LoRA adapters too, with h.lora_rank) and random codes [B, 17, T]."""
+    import jax
+    import train
+    mesh = train.make_mesh(1, jax.device_count())                   # fsdp over every local device
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([rng.integers(0, cfg.text_card, (1, B, 1, T)),
+                            rng.integers(0, cfg.card, (1, B, cfg.n_q, T))], axis=2).astype(np.int32)
+    with jax.set_mesh(mesh):
+        plan = train.make_plan(cfg, mesh, h)
+        lora = plan.init_lora(jax.random.key(1)) if h.lora_rank else None
+        state, frozen = train.initial_state(plan, mesh, h, plan.init_params(jax.random.key(0)), lora)
+        batch = jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC))
+
+        def one_step():
+            nonlocal state
+            state, m = plan.step(state, frozen, batch)
+            jax.block_until_ready(m)
+        first = _timed(one_step, 1)[0]                              # compile + one step
+        one_step()
+        return first, _timed(one_step, reps), frozen or state["params"]
+
+
 def bench_train(args) -> list[tuple]:
     import dataclasses
     import jax
@@ -204,27 +236,9 @@ def bench_train(args) -> list[tuple]:
     cfg = dataclasses.replace(moshi.MOSHIKO, **TRAIN_CONFIGS[args.train_config])
     h = train.Hyper(lr=1e-4, warmup_steps=0, max_steps=10_000, compute_dtype=args.train_dtype,
                     first_codebook_weight=100.0, remat=not args.train_no_remat)
-    mesh = train.make_mesh(1, jax.device_count())                   # fsdp over every local device
     B, T = args.train_batch, args.train_frames
-    rng = np.random.default_rng(0)
-    codes = np.concatenate([rng.integers(0, cfg.text_card, (1, B, 1, T)),
-                            rng.integers(0, cfg.card, (1, B, cfg.n_q, T))], axis=2).astype(np.int32)
-    with jax.set_mesh(mesh):
-        plan = train.make_plan(cfg, mesh, h)
-        state, frozen = train.initial_state(plan, mesh, h, plan.init_params(jax.random.key(0)))
-        batch = jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC))
-        t0 = time.perf_counter()
-        state, metrics = plan.step(state, frozen, batch)
-        jax.block_until_ready(metrics)
-        first = time.perf_counter() - t0                            # compile + one step
-
-        def one_step():
-            nonlocal state
-            state, m = plan.step(state, frozen, batch)
-            jax.block_until_ready(m)
-        one_step()
-        steps = _timed(one_step, args.reps)
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    first, steps, params = train_step_times(cfg, h, B, T, args.reps)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
     official_args = argparse.Namespace(**vars(args), train_lm_kwargs=convert.lm_config_dict(cfg))
     theirs = run_official(_TRAIN_OFFICIAL, official_args) if jax.default_backend() == "cpu" else None
     tokens = B * T * (1 + cfg.dep_q)
@@ -236,7 +250,7 @@ def bench_train(args) -> list[tuple]:
             ("  first step, incl. compile (s)", f"{first:.1f}", "", None)]
     peak = train.peak_flops(argparse.Namespace(peak_tflops=args.peak_tflops))
     if peak:
-        flops = train.flops_per_step(cfg, state["params"], B * T, T)
+        flops = train.flops_per_step(cfg, params, B * T, T)
         rows.append(("  model FLOPs utilisation (MFU)", f"{100 * flops * mine / tokens / peak:.1f}%", "", None))
     if theirs:
         rows.append((f"  (official: torch {theirs['torch']}, {theirs['threads']} threads)", "", "", None))
@@ -297,6 +311,22 @@ def _lm_official(args, cfg):
     return best
 
 
+def gen_step_times(params, cfg, B: int, frames: int) -> list[float]:
+    """Seconds per gen_step (Kyutai's default sampling) for `frames` frames after 5 of warm-up."""
+    import jax
+    import jax.numpy as jnp
+    import moshi
+    state = moshi.init_gen_state(params, cfg, B)
+    user = jnp.zeros((B, cfg.n_q - cfg.dep_q, 1), jnp.int32)
+
+    def one_frame():
+        nonlocal state
+        state, out = moshi.gen_step(params, cfg, state, user, jax.random.key(1))
+        jax.block_until_ready(out)
+    _timed(one_frame, 5)                                              # compile + warm-up
+    return _timed(one_frame, frames)
+
+
 def bench_lm(args) -> list[tuple]:
     import dataclasses
     import jax
@@ -305,16 +335,7 @@ def bench_lm(args) -> list[tuple]:
     cfg = moshi.TINY if args.lm_config == "tiny" else dataclasses.replace(moshi.MOSHIKO, **LM_CONFIGS[args.lm_config])
     B = args.lm_batch
     params = moshi.generation_params(moshi.init(jax.random.key(0), cfg))   # layers as lists, as sample.py runs
-    state = moshi.init_gen_state(params, cfg, B)
-    user = jnp.zeros((B, cfg.n_q - cfg.dep_q, 1), jnp.int32)
-    keys = list(jax.random.split(jax.random.key(1), args.lm_frames + 5))
-
-    def one_frame():
-        nonlocal state
-        state, out = moshi.gen_step(params, cfg, state, user, keys.pop())
-        jax.block_until_ready(out)
-    _timed(one_frame, 5)                                              # compile + warm-up
-    ours = _timed(one_frame, args.lm_frames)
+    ours = gen_step_times(params, cfg, B, args.lm_frames)
     theirs = _lm_official(args, cfg)
     what = (f"LM gen_step '{args.lm_config}' ({lm_param_count(cfg) / 1e6:.1f}M params, fp32), batch {B}, "
             f"ms per 80 ms frame (median of {args.lm_frames})")
@@ -373,8 +394,245 @@ def bench_conversation(args) -> list[tuple]:
              f"{rss.get(500, float('nan')):.0f} / {rss[n - 1]:.0f}", "-", None)]
 
 
-BENCHES = {"mimi": bench_mimi, "lm": bench_lm, "train": bench_train, "conversation": bench_conversation}
-SECTIONS = ("mimi", "lm", "train", "conversation")
+# ----------------------------------------------------------------------------------------------
+# int8 weights (sample.py --quantize int8): how far int8 logits are from bf16 ones, teacher-forced.
+# Every stream is forced from the same random tokens (PersonaPlex's lookahead, so the depformer is
+# forced too): both runs see exactly the same inputs at every frame, unlike free-running greedy
+# decoding, which on random weights diverges even between bf16 and fp32. Then the resident bytes.
+
+def _testdata(name):
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_testdata_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def forced_logits(params, cfg, codes):
+    """gen_step forced to follow codes [B, K, T] -> text logits [T, B, V] and audio logits [T, B, dep_q, card]."""
+    import jax
+    import jax.numpy as jnp
+    import moshi
+    B, K, T = codes.shape
+    n_user = K - 1 - (cfg.dep_q if cfg.dep_q < cfg.n_q else cfg.n_q // 2)
+    state, text, audio = moshi.init_gen_state(params, cfg, B, lookahead=1), [], []
+    for n in range(T):
+        frame = jnp.asarray(codes[:, :, n])
+        state, _, logits = moshi.gen_step(params, cfg, state, frame[:, K - n_user:, None], jax.random.key(0),
+                                          text=frame[:, 0], moshi_codes=frame[:, 1:K - n_user], return_logits=True)
+        text.append(np.asarray(logits["text_logits"], np.float32))
+        audio.append(np.asarray(logits["audio_logits"], np.float32))
+    return np.stack(text), np.stack(audio)
+
+
+def int8_agreement(params, cfg, frames: int, seed: int = 0):
+    """(logits rel. error, argmax agreement) of int8 vs bf16 weights, text and audio, over `frames`."""
+    import jax
+    import jax.numpy as jnp
+    import moshi
+    rng = np.random.default_rng(seed)
+    codes = np.concatenate([rng.integers(0, cfg.text_card, (2, 1, frames)),
+                            rng.integers(0, cfg.card, (2, cfg.n_q, frames))], axis=1).astype(np.int32)
+    bf16 = moshi.generation_params(jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params))
+    fp32 = moshi.generation_params(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
+    ref, q, exact = (forced_logits(p, cfg, codes) for p in (bf16, moshi.quantize_int8(bf16), fp32))
+    compare = lambda a, b: (float(np.abs(a - b).max() / np.abs(b).max()), float(np.mean(a.argmax(-1) == b.argmax(-1))))  # noqa: E731
+    return {"int8": [compare(q[i], ref[i]) for i in (0, 1)], "bf16": [compare(ref[i], exact[i]) for i in (0, 1)]}
+
+
+def bench_int8(args) -> list[tuple]:
+    import dataclasses
+    import jax
+    import jax.numpy as jnp
+    import convert
+    import moshi
+    fx, rows, frames = _testdata("make_lm_fixtures"), [], args.int8_frames
+    models = []
+    for name in ("a", "b", "c"):
+        d = np.load(fx.fixture_path(name))
+        spec = [(n, tuple(json.loads(s))) for n, s in zip(d["spec_names"], d["spec_shapes"])]
+        cfg = convert.lm_config(json.loads(str(d["config_json"])))
+        rows_ = convert._lm_rows(cfg)
+        models.append((f"LM fixture {name}", cfg, convert.from_disk(rows_, convert.to_disk_names(fx.checkpoint(spec)),
+                                                                    "fixture")))
+    small = dataclasses.replace(moshi.MOSHIKO, **LM_CONFIGS["small"])
+    models.append(("'small' random model (98.8M)", small, moshi.init(jax.random.key(0), small)))
+    cell = lambda pair: f"{pair[0]:.3f} / {100 * pair[1]:.1f}%"                             # noqa: E731
+    for what, cfg, params in models:
+        agree = int8_agreement(params, cfg, frames)
+        rows.append((f"int8 vs bf16, {what}, {frames} frames teacher-forced: text / audio logits, rel. error / "
+                     f"argmax agreement", f"{cell(agree['int8'][0])}; {cell(agree['int8'][1])}", "-", None))
+        rows.append(("  for scale, bf16 vs fp32, same inputs", f"{cell(agree['bf16'][0])}; {cell(agree['bf16'][1])}",
+                     "-", None))
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))     # noqa: E731
+    shapes = jax.eval_shape(lambda: moshi.generation_params(moshi.init(jax.random.key(0), moshi.MOSHIKO, jnp.bfloat16)))
+    rows.append(("Moshiko 7B LM weights, bf16 / int8 (GB, eval_shape: nothing allocated)",
+                 f"{nbytes(shapes) / 1e9:.2f} / {nbytes(jax.eval_shape(moshi.quantize_int8, shapes)) / 1e9:.2f}", "-", None))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# In-Place TTT's cost: the same model with and without TTT layers, in a train step and a gen step.
+
+def bench_ttt(args) -> list[tuple]:
+    import dataclasses
+    import jax
+    import jax.numpy as jnp
+    import moshi
+    import train
+    import ttt
+    rows = []
+    base = dataclasses.replace(moshi.MOSHIKO, **TRAIN_CONFIGS["small"])            # 4 layers, context 250
+    with_ttt = dataclasses.replace(base, ttt=ttt.TTTConfig(layers=(1, 3), chunk_size=16))
+    h = train.Hyper(warmup_steps=0, max_steps=10_000, compute_dtype=args.train_dtype)
+    B, T = args.train_batch, args.train_frames
+    times = {cfg.ttt is not None: float(np.median(train_step_times(cfg, h, B, T, args.reps)[1]))
+             for cfg in (base, with_ttt)}
+    rows.append((f"TTT cost, train step 'small' (TTT on 2 of 4 layers, chunk 16), batch {B} x {T} frames "
+                 f"(ms, with / without)", f"{1000 * times[True]:.0f} / {1000 * times[False]:.0f}", "-", None))
+    rows.append(("  TTT overhead, train step", f"{100 * (times[True] / times[False] - 1):+.0f}%", "-", None))
+    base = dataclasses.replace(moshi.MOSHIKO, **LM_CONFIGS["small"])                # 6 layers
+    with_ttt = dataclasses.replace(base, ttt=ttt.TTTConfig(layers=(2, 5), chunk_size=32))
+    for cfg in (base, with_ttt):                                      # 64+ frames: spans chunk commits
+        params = moshi.generation_params(moshi.init(jax.random.key(0), cfg))
+        times[cfg.ttt is not None] = gen_step_times(params, cfg, 1, max(args.lm_frames, 64))
+    p50 = {k: 1000 * float(np.median(v)) for k, v in times.items()}
+    p99 = {k: 1000 * float(np.percentile(v, 99)) for k, v in times.items()}
+    rows.append((f"TTT cost, gen_step 'small' (TTT on 2 of 6 layers, chunk 32), batch 1: ms per frame p50 "
+                 f"(p99), with / without", f"{p50[True]:.2f} ({p99[True]:.2f}) / {p50[False]:.2f} ({p99[False]:.2f})",
+                 "-", None))
+    rows.append(("  TTT overhead, gen_step p50", f"{100 * (p50[True] / p50[False] - 1):+.0f}%", "-", None))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU report: one prepared command for one accelerator, within ~8 minutes, printing one table.
+# Moshiko-shaped 7B random bf16 weights: gen_step per frame at batch 1, 8 and 32 against the floor
+# of reading every weight once per frame (bf16 bytes / memory bandwidth), int8 at batch 1; Mimi's
+# streaming frame; the Mimi and LM parity tests re-run on this device (a port of Mimi to XLA-on-GPU
+# once silently miscomputed its depthwise upsampling); train steps (the ~1B config, full fine-tuning;
+# 7B LoRA rank 128 with moshi-finetune's batch 16 x 100 s clips); the official PyTorch package on the
+# GPU beside them where it imports. Sections run by priority and are skipped once the budget is spent.
+# `--tiny` runs the same script with tiny configs: how it is checked on a CPU.
+
+BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "L4": 0.3, "TPU v5 lite": 0.82, "TPU v6 lite": 1.64}
+
+_LM_OFFICIAL_GPU = r"""
+import json, sys, time
+import torch
+from moshi.models import lm, loaders
+args = json.loads(sys.argv[1])
+torch.manual_seed(0)
+with torch.device("meta"):
+    model = lm.LMModel(**loaders._lm_kwargs, device="meta", dtype=torch.bfloat16)
+model = model.to_empty(device="cuda").eval()
+for p in model.parameters():
+    p.data.normal_(0, 0.02)
+gen = lm.LMGen(model)
+user = torch.zeros((1, 8, 1), dtype=torch.long, device="cuda")
+times = []
+with torch.no_grad(), gen.streaming(1):
+    for _ in range(args["frames"] + 5):
+        torch.cuda.synchronize(); t0 = time.perf_counter(); gen.step(user); torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+print(json.dumps({"step": times[5:], "torch": torch.__version__}))
+"""
+
+
+def _ms(times):
+    return f"{1000 * float(np.median(times)):.2f} / {1000 * float(np.percentile(times, 99)):.2f}"
+
+
+def gpu_lm_rows(args, cfg, frames):
+    import jax
+    import jax.numpy as jnp
+    import moshi
+    params = moshi.generation_params(moshi.init(jax.random.key(0), cfg, jnp.bfloat16))
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    kind = jax.devices()[0].device_kind
+    bandwidth = next((v for k, v in BANDWIDTH_TBS.items() if k.lower() in kind.lower()), None)
+    floor = f"floor {1000 * nbytes / (bandwidth * 1e12):.2f} ms ({nbytes / 1e9:.1f} GB at {bandwidth} TB/s)" \
+        if bandwidth else "no bandwidth known for this device"
+    rows = []
+    for B in (1, 8, 32):
+        rows.append((f"gen_step, {'tiny' if args.tiny else 'moshiko 7B'} random bf16, batch {B}: ms per frame "
+                     f"p50 / p99 ({floor})", _ms(gen_step_times(params, cfg, B, frames)), "", None))
+    q = jax.device_put(moshi.quantize_int8(params))
+    rows.append(("  same, int8 weights, batch 1", _ms(gen_step_times(q, cfg, 1, frames)), "", None))
+    return rows
+
+
+def gpu_parity_rows(args):
+    """The parity tests against the official fixtures, run on this machine's default device."""
+    tests = "mimi_full_size or mimi_tiny or lm_forward or lm_greedy or lm_bf16 or sample_matches"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_all.py", "-k", tests],
+                          cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    return [(f"parity tests on {__import__('jax').default_backend()} ({tests})", summary, "", None)]
+
+
+def gpu_train_rows(args):
+    import dataclasses
+    import moshi
+    import train
+    rows = []
+    runs = (("1b", 0, 4, 250), ("moshiko", 128, 16, 1250)) if not args.tiny else (("tiny", 0, 2, 16), ("tiny", 4, 2, 16))
+    for name, rank, B, T in runs:
+        cfg = moshi.TINY if name == "tiny" else dataclasses.replace(moshi.MOSHIKO, **TRAIN_CONFIGS[name])
+        h = train.Hyper(warmup_steps=0, max_steps=10_000, compute_dtype="bfloat16", lora_rank=rank,
+                        first_codebook_weight=100.0)
+        first, steps, params = train_step_times(cfg, h, B, T, 2)
+        tokens = B * T * (1 + cfg.dep_q)
+        peak = train.peak_flops(argparse.Namespace(peak_tflops=args.peak_tflops))
+        mfu = f", MFU {100 * train.flops_per_step(cfg, params, B * T, T) / float(np.median(steps)) / peak:.1f}%" \
+            if peak else ""
+        rows.append((f"train step '{name}'{f' LoRA rank {rank}' if rank else ''}, batch {B} x {T} frames, bf16: "
+                     f"tokens/s (compile + first step {first:.0f} s{mfu})", f"{tokens / float(np.median(steps)):,.0f}",
+                     "", None))
+    return rows
+
+
+def gpu_report(args) -> list[tuple]:
+    import jax
+    import mimi
+    import moshi
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    start, rows = time.perf_counter(), [(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, "
+                                         f"jax {jax.__version__}", "", "", None)]
+    frames = 8 if args.tiny else 50
+    sections = [("LM generation", lambda: gpu_lm_rows(args, moshi.TINY if args.tiny else moshi.MOSHIKO, frames)),
+                ("Mimi streaming", lambda: [("Mimi streaming frame, encode + decode, batch 1: ms p50 / p99",
+                                              _ms(mimi_step_times(mimi.init(jax.random.key(0), cfg), cfg, frames)),
+                                              "", None) for cfg in [mimi.TINY if args.tiny else mimi.MimiConfig()]]),
+                ("parity", lambda: gpu_parity_rows(args)),
+                ("training", lambda: gpu_train_rows(args)),
+                ("official LM", lambda: [] if args.tiny or args.no_torch else _official_gpu_rows(args, frames))]
+    for name, section in sections:
+        if time.perf_counter() - start > args.budget:
+            rows.append((f"{name}: skipped, past the {args.budget:.0f} s budget", "", "", None))
+            continue
+        try:
+            rows += section()
+        except Exception as e:                       # report it and go on: one table, whatever happens
+            rows.append((f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})", "", "", None))
+    rows.append((f"report time (s)", f"{time.perf_counter() - start:.0f}", "", None))
+    return rows
+
+
+def _official_gpu_rows(args, frames):
+    theirs = run_official(_LM_OFFICIAL_GPU, argparse.Namespace(frames=frames, no_torch=False,
+                                                               torch_python=args.torch_python))
+    if not theirs:
+        return [("official LMGen.step on this GPU: did not run (see stderr)", "", "", None)]
+    return [(f"official LMGen.step, moshiko 7B random bf16, batch 1, torch {theirs['torch']}, no CUDA graphs: "
+             f"ms p50 / p99", _ms(theirs["step"]), "", None)]
+
+
+BENCHES = {"mimi": bench_mimi, "lm": bench_lm, "train": bench_train, "conversation": bench_conversation,
+           "int8": bench_int8, "ttt": bench_ttt, "gpu_report": gpu_report}
+SECTIONS = ("mimi", "lm", "train", "conversation", "int8", "ttt")
 
 
 def main(argv=None):
@@ -399,12 +657,19 @@ def main(argv=None):
     ap.add_argument("--train-no-remat", action="store_true", help="train: keep activations (no per-layer remat)")
     ap.add_argument("--peak-tflops", type=float, help="train: per-device peak for MFU (default: by device kind)")
     ap.add_argument("--minutes", type=float, default=10.0, help="conversation: length of the input")
+    ap.add_argument("--int8-frames", type=int, default=128, help="int8: teacher-forced frames compared")
+    ap.add_argument("--gpu-report", action="store_true", help="the accelerator report (see the comment above "
+                    "gpu_report); alone, under ~8 minutes")
+    ap.add_argument("--tiny", action="store_true", help="--gpu-report with tiny configs (to check it on a CPU)")
+    ap.add_argument("--budget", type=float, default=420, help="--gpu-report: seconds after which sections are skipped")
+    ap.add_argument("--compile-cache", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".jax_cache"),
+                    help="--gpu-report: JAX's persistent compilation cache (a rerun skips compiling)")
     args = ap.parse_args(argv)
     import jax
     print(f"# bench.py on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"jax {jax.__version__} ({jax.default_backend()})\n# command: python bench.py {' '.join(argv or sys.argv[1:])}")
     rows = []
-    for name in [args.only] if args.only else SECTIONS:
+    for name in ["gpu_report"] if args.gpu_report else [args.only] if args.only else SECTIONS:
         if name not in BENCHES:
             print(f"# ({name}: no benchmark yet)")
             continue

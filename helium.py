@@ -105,11 +105,12 @@ def linear(x, w):
 
 def quantize_int8(w) -> dict:
     """[..., out, in] -> symmetric int8 per output channel: w ~ int8 * scale[..., None], where
-    scale = max |row| / 127 (numpy in, numpy out, so a checkpoint can be quantized on the host)."""
-    w = np.asarray(w, np.float32)
-    scale = np.abs(w).max(axis=-1) / 127.0                                   # [..., out]
-    q = np.round(w / np.where(scale == 0, 1.0, scale)[..., None])
-    return {"int8": q.astype(np.int8), "scale": scale}
+    scale = max |row| / 127. Computed where w lives (sample.py quantizes on the host, under
+    jax.default_device(cpu), so the bf16 weights never reach the accelerator)."""
+    w = jnp.asarray(w, jnp.float32)
+    scale = jnp.abs(w).max(axis=-1) / 127.0                                  # [..., out]
+    q = jnp.round(w / jnp.where(scale == 0, 1.0, scale)[..., None])
+    return {"int8": q.astype(jnp.int8), "scale": scale}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ def quantize_int8(params):
     """The same model with int8 weights for generation (sample.py --quantize int8): every matrix the
     temporal and depth transformers multiply by (their layers, the text head, the depformer's input
     projections and heads) becomes helium.quantize_int8's; embedding tables and norms stay as they
-    are. Runs on the host (numpy out): place the result on the device afterwards."""
+    are. Runs where the params are (sample.py: on the host, then places the result)."""
     q = helium.quantize_int8
 
     def layers(stack):                                  # stacked or a list: per output channel either way

@@ -224,8 +224,8 @@ def test_helium_int8_matmul_equals_dequantized_weights():
         w = jax.random.normal(jax.random.key(1), shape)
         x = jax.random.normal(jax.random.key(2), x_shape)
         q = helium.quantize_int8(w)
-        dequant = q["int8"].astype(np.float32) * q["scale"][..., None]
-        assert q["int8"].dtype == np.int8 and np.abs(dequant - w).max() <= q["scale"].max() / 2 + 1e-7
+        dequant = np.asarray(q["int8"], np.float32) * np.asarray(q["scale"])[..., None]
+        assert q["int8"].dtype == jnp.int8 and np.abs(dequant - w).max() <= float(q["scale"].max()) / 2 + 1e-7
         assert rel_err(helium.linear(x, q), helium.linear(x, jnp.asarray(dequant))) < 1e-6
         x16, ref16 = x.astype(jnp.bfloat16), helium.linear(x.astype(jnp.bfloat16), jnp.asarray(dequant, jnp.bfloat16))
         assert helium.linear(x16, q).dtype == jnp.bfloat16 and rel_err(helium.linear(x16, q), ref16) < 2e-2
