@@ -302,6 +302,8 @@ def test_bad_checkpoints_are_named(tmp_path):
 # Fixtures: testdata/make_train_fixtures.py (moshi-finetune's own interleaver; the official moshi
 # package for the exported checkpoint). Budget: tiny models, short windows, < 5 min on 2 cores.
 
+import checkpoint  # noqa: E402  (train.py's checkpoints, run directory and hosts)
+
 
 def _train_spm():
     import sentencepiece
@@ -426,10 +428,10 @@ def _train_codes(B, T, seed=0, A=1):
     return codes
 
 
-def _one_step(dp, fsdp, h, params, lora, codes):
+def _one_step(dp, fsdp, h, params, lora, codes, cfg=TRAIN_CFG):
     mesh = train.make_mesh(dp, fsdp)
     with jax.set_mesh(mesh):
-        plan = train.make_plan(TRAIN_CFG, mesh, h)
+        plan = train.make_plan(cfg, mesh, h)
         state, frozen = train.initial_state(plan, mesh, h, params, lora)
         batch = jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC))
         state, metrics = plan.step(state, frozen, batch)
@@ -530,7 +532,7 @@ def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, mo
     exported, cfg = convert.load_lm(tmp_path / "export" / "model.safetensors", config=tmp_path / "export" / "config.json")
     assert cfg == TRAIN_CFG
     one = jax.sharding.NamedSharding(train.make_mesh(1, 1), jax.P())
-    saved = train.load_checkpoint(str(tmp_path / "full" / "checkpoints" / "step_000024"),
+    saved = checkpoint.load(str(tmp_path / "full" / "checkpoints" / "step_000024"),
                                   {"params": jax.tree.map(lambda x: jax.device_put(np.zeros_like(x), one), exported)})
     assert _max_rel(saved["params"], exported) == 0 and _max_rel(exported, moshi.init(jax.random.key(0), TRAIN_CFG)) > 1e-3
     # ... and a run started from that export (a Kyutai repo folder) starts where training ended
@@ -546,13 +548,13 @@ def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, mo
     assert [r["step"] for r in rest] == list(range(13, 25))
     np.testing.assert_allclose([r["loss"] for r in rest], losses[12:], rtol=1e-6)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000016", "step_000024"]   # the last 2 kept
-    meta = train.read_meta(str(ckpts / "step_000024"))
+    meta = checkpoint.read_meta(str(ckpts / "step_000024"))
     assert meta["step"] == 24 and meta["data_position"] == 24 * 8
     # a NaN loss stops the run with the step and the windows of its batch
     (tmp_path / "nan" / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpts / "step_000016", tmp_path / "nan" / "checkpoints" / "step_000016")
-    real_load = train.load_checkpoint
-    monkeypatch.setattr(train, "load_checkpoint", lambda path, like: jax.tree.map(
+    real_load = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda path, like: jax.tree.map(
         lambda x: x * np.nan if x.dtype == jnp.float32 and x.ndim else x, real_load(path, like)))
     with pytest.raises(train.NonFiniteLoss, match=r"step 17: loss is nan.*\n.*talk\d\.wav \[[0-9.]+-[0-9.]+ s\]"):
         _cli(train_dataset, tmp_path / "nan", "--resume")
@@ -606,15 +608,15 @@ def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
              "b": (np.arange(16) / 7).astype(jnp.bfloat16), "step": np.int32(7)}
     specs = {"w": jax.P("fsdp", None), "b": jax.P("fsdp"), "step": jax.P()}
     mesh = train.make_mesh(2, 4)
-    placed = train.place(state, jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs))
-    train.save_checkpoint(str(tmp_path), 3, placed, {"data_position": 5}, keep=1)
+    placed = checkpoint.place(state, jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs))
+    checkpoint.save(str(tmp_path), 3, placed, {"data_position": 5}, keep=1)
     (tmp_path / "step_000004.tmp").mkdir()
-    assert train.list_checkpoints(str(tmp_path)) == [str(tmp_path / "step_000003")]
+    assert checkpoint.list_dir(str(tmp_path)) == [str(tmp_path / "step_000003")]
     for dp, fsdp, spec in ((1, 1, jax.P()), (4, 2, jax.P(None, "fsdp"))):
         other = train.make_mesh(dp, fsdp)
-        like = train.place(jax.tree.map(np.zeros_like, state), jax.tree.map(
+        like = checkpoint.place(jax.tree.map(np.zeros_like, state), jax.tree.map(
             lambda x: jax.sharding.NamedSharding(other, spec if x.ndim == 2 else jax.P()), state))
-        back = train.load_checkpoint(str(tmp_path / "step_000003"), like)
+        back = checkpoint.load(str(tmp_path / "step_000003"), like)
         assert back["b"].dtype == jnp.bfloat16 and back["w"].sharding == like["w"].sharding
         assert all(np.array_equal(np.asarray(back[k]), np.asarray(state[k])) for k in state)
 
@@ -626,8 +628,8 @@ def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
     import types
     folder = os.path.join(TESTDATA, "train_export")
     args = lambda init_from: types.SimpleNamespace(init_from=init_from, config=None)   # noqa: E731
-    cfg_file, params_file = train.load_model(args(os.path.join(folder, "model.safetensors")))
-    cfg_dir, params_dir = train.load_model(args(folder))
+    cfg_file, params_file = checkpoint.load_model(args(os.path.join(folder, "model.safetensors")))
+    cfg_dir, params_dir = checkpoint.load_model(args(folder))
     assert cfg_file == cfg_dir == convert.lm_config(os.path.join(folder, "config.json"))
     assert _max_rel(params_file, params_dir) == 0
     fetched = []
@@ -636,10 +638,10 @@ def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
         fetched.append((repo, name))
         return os.path.join(folder, name)
     _fake_hub(monkeypatch, download)
-    cfg_hub, _ = train.load_model(args("someone/moshi-finetune"))
+    cfg_hub, _ = checkpoint.load_model(args("someone/moshi-finetune"))
     assert cfg_hub == cfg_dir and fetched == [("someone/moshi-finetune", n) for n in ("config.json", "model.safetensors")]
     with pytest.raises(convert.CheckpointError, match="--init-from: no such file or directory .*missing"):
-        train.load_model(args(str(tmp_path / "missing")))
+        checkpoint.load_model(args(str(tmp_path / "missing")))
 
 
 def test_train_step_with_flash_attention_matches_xla(fast_compile):
@@ -707,30 +709,30 @@ def test_train_lora_with_a_depformer_weight_schedule(fast_compile):
 
 def test_train_joins_hosts_when_a_launcher_started_it(monkeypatch):
     """Several processes started by srun / mpirun / a TPU pod join up; one process does not."""
-    assert train.multi_process_launcher({}) is None
-    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) is None     # salloc, no srun
-    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) is None  # sbatch
-    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
+    assert checkpoint.multi_process_launcher({}) is None
+    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) is None     # salloc, no srun
+    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) is None  # sbatch
+    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
                                          "SLURM_STEP_NUM_TASKS": "4"})
-    assert train.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1"}) is None
     mpirun = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_MCA_orte_hnp_uri": "1234.0;tcp://10.0.0.1:5000"}
-    assert train.multi_process_launcher(mpirun)
-    assert train.multi_process_launcher({"OMPI_COMM_WORLD_SIZE": "8"}) is None      # Open MPI 5: JAX cannot tell
-    assert train.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
-    assert train.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0"}) is None
+    assert checkpoint.multi_process_launcher(mpirun)
+    assert checkpoint.multi_process_launcher({"OMPI_COMM_WORLD_SIZE": "8"}) is None      # Open MPI 5: JAX cannot tell
+    assert checkpoint.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
+    assert checkpoint.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0"}) is None
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES",
                 "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     args = train.train_parser().parse_args(["--data", "d", "--run-dir", "r"])
-    train.maybe_init_distributed(args)
+    checkpoint.join_hosts(args)
     assert calls == []
     for name, value in dict(mpirun, OMPI_COMM_WORLD_SIZE="2").items():
         monkeypatch.setenv(name, value)
-    train.maybe_init_distributed(args)
+    checkpoint.join_hosts(args)
     assert calls == [{}]
-    train.maybe_init_distributed(train.train_parser().parse_args(["--data", "d", "--run-dir", "r", "--coordinator-address",
+    checkpoint.join_hosts(train.train_parser().parse_args(["--data", "d", "--run-dir", "r", "--coordinator-address",
                                                    "h:1", "--num-processes", "2", "--process-id", "1"]))
     assert calls[1] == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
 
@@ -802,7 +804,7 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     with jax.set_mesh(mesh):
         fn = jax.jit(jax.shard_map(local_forward, mesh=mesh, in_specs=(specs, lora_specs, jax.P(train.AXES)),
                                    out_specs=(jax.P(train.AXES), jax.P(train.AXES))))
-        logits, text_logits = fn(train.place(base, named(specs)), train.place(lora, named(lora_specs)),
+        logits, text_logits = fn(checkpoint.place(base, named(specs)), checkpoint.place(lora, named(lora_specs)),
                                  jax.device_put(codes, jax.sharding.NamedSharding(mesh, jax.P(train.AXES))))
     m, tm = official["mask"][..., None], official["text_mask"][..., None]
     assert rel_err(np.where(m, logits, 0), np.where(m, official["lora_logits"], 0)) < 1e-4
