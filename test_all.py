@@ -560,6 +560,111 @@ def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, mo
         _cli(train_dataset, tmp_path / "nan", "--resume")
 
 
+def _files(root):
+    """{path under root: bytes} of every file (what a refused command must leave as it found it)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_train_refuses_bad_input_before_touching_the_run_dir(train_dataset, tmp_path, monkeypatch, capsys,
+                                                             fast_compile):
+    """A used run dir without --resume, bad numbers, clashing flags: one-line errors naming the
+    problem, raised before anything is written, so metrics.jsonl and the checkpoints stay byte for
+    byte. --overwrite starts over (the first run's losses again, its old files gone)."""
+    import re
+    monkeypatch.setitem(moshi.PRESETS, "train_test", TRAIN_CFG)
+    run = tmp_path / "run"
+    first = _cli(train_dataset, run, "--stop-at", "12")
+    before = _files(run)
+    assert "metrics.jsonl" in before and "checkpoints/step_000012/process_00000.npz" in before
+    refusal = (f"{run} already holds metrics.jsonl and 2 checkpoints (step 8, 12): pass --resume to continue "
+               "or --overwrite to start over")
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        _cli(train_dataset, run)
+    assert _files(run) == before
+    capsys.readouterr()
+    for flag, value, expected in (("--lr", "-1", "a number > 0"), ("--batch-size", "0", "an integer >= 1"),
+                                  ("--batch-size", "-2", "an integer >= 1"), ("--grad-accum", "0", "an integer >= 1"),
+                                  ("--max-steps", "0", "an integer >= 1")):
+        with pytest.raises(SystemExit):
+            _cli(train_dataset, run, "--resume", flag, value)
+        assert f"argument {flag}: expected {expected}, got '{value}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli(train_dataset, run, "--resume", "--overwrite")
+    assert "argument --overwrite: not allowed with argument --resume" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--ttt-chunk: --config train_test has no TTT layers; add them with --ttt-layers"):
+        _cli(train_dataset, run, "--resume", "--ttt-chunk", "8")
+    with pytest.raises(ValueError, match=r"--ttt-layers \(5,\): TTT config: layers=\(5,\) names layer 5, but the "
+                                         r"transformer has 2 layers"):
+        _cli(train_dataset, run, "--resume", "--ttt-layers", "5")
+    assert _files(run) == before
+    again = _cli(train_dataset, run, "--overwrite", "--stop-at", "4")
+    assert [r["loss"] for r in again] == [r["loss"] for r in first[:4]]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004"]
+    with open(run / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+
+
+def test_train_resume_passes_over_an_unreadable_checkpoint(train_dataset, tmp_path, monkeypatch, capsys, fast_compile):
+    """A truncated process file, or a meta.json that is not JSON, is named in a one-line warning
+    and the run resumes from the newest checkpoint that can be read, to the losses of an
+    uninterrupted run; the damaged files stay as they were (until a save of the same step sets them
+    aside as step_N.corrupt). None readable: an error, and nothing changes. `checkpoint.py list`
+    tells them apart beforehand."""
+    monkeypatch.setitem(moshi.PRESETS, "train_test", TRAIN_CFG)
+    reference = [r["loss"] for r in _cli(train_dataset, tmp_path / "ref", "--stop-at", "12")]
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    shutil.copytree(tmp_path / "ref", run)
+    npz = ckpts / "step_000012" / "process_00000.npz"
+    npz.write_bytes(npz.read_bytes()[:1000])
+    damaged, intact = npz.read_bytes(), _files(ckpts / "step_000008")
+    capsys.readouterr()
+    checkpoint.main(["list", str(run)])
+    listing = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines())
+    assert listing["step_000008"].endswith("complete") and f"UNREADABLE: {npz} is corrupt" in listing["step_000012"]
+    rest = _cli(train_dataset, run, "--resume", "--stop-at", "10")
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: resume: {npz} is corrupt or unreadable (BadZipFile: File is not a zip file); "
+                        "trying the one before"]
+    assert f"resume: {ckpts / 'step_000008'} (step 8, data position 64)" in out
+    np.testing.assert_allclose([r["loss"] for r in rest], reference[8:10], rtol=1e-6)
+    assert npz.read_bytes() == damaged and _files(ckpts / "step_000008") == intact
+    _cli(train_dataset, run, "--resume", "--stop-at", "12")                 # from step 10: saves 12 anew
+    assert (ckpts / "step_000012.corrupt" / "process_00000.npz").read_bytes() == damaged
+    assert checkpoint.list_dir(str(ckpts))[-1] == str(ckpts / "step_000012")
+    # a meta.json that is not JSON is named; with no checkpoint left to read, the run stops
+    shutil.rmtree(run)
+    shutil.copytree(tmp_path / "ref", run)
+    (ckpts / "step_000012" / "meta.json").write_text('{"step": 12, "leav')
+    capsys.readouterr()
+    rest = _cli(train_dataset, run, "--resume", "--stop-at", "9")
+    assert f"warning: resume: {ckpts / 'step_000012' / 'meta.json'} is corrupt or unreadable (JSONDecodeError" \
+        in capsys.readouterr().out
+    np.testing.assert_allclose([r["loss"] for r in rest], reference[8:9], rtol=1e-6)
+    for step in (8, 9):
+        npz = ckpts / f"step_{step:06d}" / "process_00000.npz"
+        npz.write_bytes(npz.read_bytes()[:-10])
+    before = _files(run)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="none of the 3 checkpoints in .* can be read"):
+        _cli(train_dataset, run, "--resume")
+    assert _files(run) == before
+
+
+def test_train_stops_when_the_gradient_norm_is_not_finite(train_dataset, tmp_path, monkeypatch, fast_compile):
+    """--lr 1e4 blows the weights up: at step 3 the loss is still finite (~1e25) but its gradient
+    overflows to NaN, and so would the updated weights. The run stops naming the step and the
+    batch; no checkpoint holds a non-finite weight (steps 1 and 2 are saved, step 3 is not)."""
+    monkeypatch.setitem(moshi.PRESETS, "train_test", TRAIN_CFG)
+    with pytest.raises(train.NonFiniteLoss, match=r"step 3: gradient norm is nan \(loss [0-9.]+e\+\d+\); nothing "
+                                                  r"of this step was saved.*\n.*talk\d\.wav \["):
+        _cli(train_dataset, tmp_path / "run", "--lr", "1e4", "--ckpt-every", "1", "--keep-checkpoints", "0")
+    saved = checkpoint.list_dir(str(tmp_path / "run" / "checkpoints"))
+    assert [checkpoint.step_of(p) for p in saved] == [1, 2]
+    for path in saved:
+        arrays = np.load(os.path.join(path, "process_00000.npz"))
+        assert all(np.isfinite(arrays[k]).all() for k in arrays.files if arrays[k].dtype.kind == "f"), path
+
+
 _TWO_PROCESS_WORKER = """
 import dataclasses, os, sys
 import jax
