@@ -916,6 +916,83 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     assert rel_err(np.where(tm, text_logits, 0), np.where(tm, official["lora_text_logits"], 0)) < 1e-4
 
 
+def test_train_ttt_lora_sharded_step_matches_one_device(fast_compile):
+    """In-Place TTT (layer 1 of 2, 4-frame chunks over 10 frames) under LoRA on dp=2 x fsdp=2: the
+    loss, gradients (via Adam's mu) and updated trainables of one device. What trains is the
+    adapters plus params["ttt"] (no adapters of its own, split over fsdp like every weight); the
+    base is not in it. From moshi.init's TTT (conv 0: the model is exactly the base) the conv gets
+    a gradient and moves: TTT does train under LoRA."""
+    cfg = dataclasses.replace(TRAIN_CFG, ttt=ttt.TINY)
+    h = train.Hyper(lr=0.5, eps=1.0, warmup_steps=0, max_steps=10, max_norm=1e9, compute_dtype="float32",
+                    lora_rank=3, lora_scaling=2.0, first_codebook_weight=100.0)
+    params = jax.tree.map(np.asarray, moshi.init(jax.random.key(0), cfg))
+    rng = np.random.default_rng(0)
+    live = dict(params, ttt={"conv": 0.3 * rng.standard_normal(params["ttt"]["conv"].shape).astype(np.float32),
+                             "proj": params["ttt"]["proj"]})
+    lora = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
+                        train.init_lora(jax.random.key(1), params, h.lora_rank))
+    assert "ttt" not in lora
+    codes = _train_codes(B=8, T=10, A=1)
+    _, one, m1, _ = _one_step(1, 1, h, live, lora, codes, cfg)
+    _, four, m4, _ = _one_step(2, 2, h, live, lora, codes, cfg)
+    mu1, mu4 = one["opt"][1][0].mu, four["opt"][1][0].mu
+    assert rel_err(m4, m1) < 1e-5 and _max_rel(mu4, mu1) < 1e-5 and _max_rel(four["params"], one["params"]) < 1e-5
+    assert set(one["params"]) == set(lora) | {"ttt"} and set(one["params"]["ttt"]) == {"conv", "proj"}
+    assert all(np.abs(mu1["ttt"][k]).max() > 0 for k in ("conv", "proj"))           # conv and P both learn
+    assert all(s.data.shape[1] == cfg.dim // 2 for leaf in jax.tree.leaves(four["params"]["ttt"])
+               for s in leaf.addressable_shards)                                       # [n, D/fsdp, ...]
+    # moshi.init's TTT: the loss of the base model without TTT, and the conv moves off zero
+    _, fresh, m0, _ = _one_step(1, 1, h, params, lora, codes, cfg)
+    base = {k: v for k, v in params.items() if k != "ttt"}
+    _, _, m_base, _ = _one_step(1, 1, h, base, lora, codes)
+    assert rel_err(m0[0], m_base[0]) < 1e-6 and np.abs(np.asarray(fresh["params"]["ttt"]["conv"])).max() > 0
+
+
+def test_train_ttt_cli_warns_resumes_and_exports(train_dataset, tmp_path, monkeypatch, capsys, fast_compile):
+    """--ttt-layers on a checkpoint without TTT: TTT starts at its init, so the first loss is the
+    base's, and under --lora-rank its weights train. 16-frame windows are not longer than context
+    8 + chunk 8: one warning. Checkpoints carry the TTT weights (resuming gives the losses of an
+    uninterrupted run); export writes them, with config.json's "ttt", saying Kyutai's package cannot
+    load it, and convert.load_lm (what --init-from uses) reads them back identical."""
+    monkeypatch.setitem(moshi.PRESETS, "train_test", TRAIN_CFG)
+    base = tmp_path / "base"
+    base.mkdir()
+    convert.save_lm(base / "model.safetensors", moshi.init(jax.random.key(3), TRAIN_CFG), TRAIN_CFG)
+    (base / "config.json").write_text(json.dumps(convert.lm_config_dict(TRAIN_CFG)))
+    lora = ("--init-from", str(base), "--lora-rank", "2", "--max-steps", "4", "--ckpt-every", "2")
+    with_ttt = (*lora, "--ttt-layers", "every:1:1", "--ttt-chunk", "8")
+    plain = _cli(train_dataset, tmp_path / "plain", *lora, "--stop-at", "1")
+    capsys.readouterr()
+    full = _cli(train_dataset, tmp_path / "ttt", *with_ttt, "--export", str(tmp_path / "export"))
+    out = capsys.readouterr().out
+    assert out.count("warning: TTT: windows of 16 frames are not longer than the attention context (8) + one "
+                     "TTT chunk (8) = 16 frames") == 1
+    assert f"init: TTT on layers (1,), new to {base}: starting at their init" in out
+    assert rel_err(full[0]["loss"], plain[0]["loss"]) < 1e-6
+    export = tmp_path / "export"
+    assert (f"export: {export} has TTT layers: Kyutai's moshi package cannot load it; sample.py --hf-repo {export} "
+            f"and train.py --init-from {export} do") in out
+    _cli(train_dataset, tmp_path / "resumed", *with_ttt, "--stop-at", "2")
+    rest = _cli(train_dataset, tmp_path / "resumed", *with_ttt, "--resume")
+    np.testing.assert_allclose([r["loss"] for r in rest], [r["loss"] for r in full[2:]], rtol=1e-6)
+    # the exported TTT weights: the checkpoint's, exactly (fp32 export), under config.json's ttt entry
+    train.main(["export", "--run-dir", str(tmp_path / "ttt"), "--out", str(tmp_path / "fp32"), "--dtype", "float32"])
+    params, cfg = convert.load_lm(tmp_path / "fp32" / "model.safetensors", config=tmp_path / "fp32" / "config.json")
+    assert cfg == dataclasses.replace(TRAIN_CFG, ttt=ttt.TTTConfig(layers=(1,), chunk_size=8))
+    one = jax.sharding.NamedSharding(train.make_mesh(1, 1), jax.P())
+    like = {"params": {"ttt": jax.tree.map(lambda x: jax.device_put(np.zeros_like(x), one), params["ttt"])}}
+    saved = checkpoint.load(str(tmp_path / "ttt" / "checkpoints" / "step_000004"), like)["params"]["ttt"]
+    assert _max_rel(saved, params["ttt"]) == 0 and np.abs(params["ttt"]["conv"]).max() > 0
+    with open(export / "config.json") as f:
+        assert json.load(f)["ttt"]["layers"] == [1]
+    # --init-from a checkpoint with TTT: its TTT weights load (no new init)
+    capsys.readouterr()
+    train.main(["--data", train_dataset["prepared"], "--run-dir", str(tmp_path / "again"), "--mesh", "dp=2,fsdp=4",
+                "--init-from", str(tmp_path / "fp32"), *lora[2:], "--dtype", "float32", "--stop-at", "1"])
+    out = capsys.readouterr().out
+    assert "TTT on layers (1,)" in out and "init: TTT" not in out
+
+
 # ================================================================================================
 # moshi.py, depformer.py and convert.py's LM section
 #
