@@ -423,7 +423,8 @@ def add_ttt_flags(add) -> None:
     add("--ttt-layers", type=ttt_layers, help="add In-Place TTT (ttt.py) on these temporal layers: "
         "5,11,17,23,29 or every:6:5 (every 6th from layer 5); a checkpoint with TTT keeps its own. "
         "TTT weights train in full, LoRA or not")
-    add("--ttt-chunk", dest="ttt_chunk_size", type=int, help=f"frames per TTT chunk (default {d.chunk_size})")
+    add("--ttt-chunk", dest="ttt_chunk_size", metavar="FRAMES", type=int,
+        help=f"frames per TTT chunk (default {d.chunk_size})")
     add("--ttt-lr", type=float, help=f"TTT's inner learning rate eta (default {d.lr})")
     add("--ttt-target", choices=ttt.TARGETS, help=f"what TTT's memory learns to recall (default {d.target})")
 
