@@ -8,10 +8,12 @@
 The data side lives in data.py: `prepare` (run by the first command) encodes moshi-finetune's
 dataset once into token arrays [17, frames] (text, Moshi's 8 codebooks, the user's 8), and
 `data.TokenWindows` / `data.window_ids` cut fixed windows from them in a shuffled, resumable order.
+What goes to disk and back lives in checkpoint.py: the run directory and its checkpoints, the model
+a run starts from (--init-from, --ttt-*) and the one export writes, the hosts' share of each array.
 This file is the training program: each step reads a batch of windows [B, 17, T], runs
-moshi.forward and the loss under `jax.shard_map` on a (dp, fsdp) device mesh, one process per host,
-and updates the weights (or LoRA adapters) with AdamW. The sections, top to bottom: 1. the loss
-and LoRA, 2. sharding, 3. the train step, 4. checkpoints, 5. the training loop, export and the CLI.
+moshi.forward and the loss under `jax.shard_map` on a (dp, fsdp) device mesh, one process per
+host, and updates the weights (or LoRA adapters, and In-Place TTT's weights) with AdamW. The
+sections: 1. the loss and LoRA, 2. sharding, 3. the train step, 4. the training loop, and the CLI.
 
 Reference: kyutai-labs/moshi-finetune (finetune/loss.py, train.py, args.py, moshi/modules/lora.py).
 Run `python train.py --help` / `python train.py prepare --help` / `python train.py export --help`.
@@ -19,12 +21,12 @@ Run `python train.py --help` / `python train.py prepare --help` / `python train.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -35,10 +37,10 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import checkpoint
 import convert
 import data
 import moshi
-import repo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +88,10 @@ def loss_from_sums(sums):
 # multiplier (2.0 in their examples, not alpha / r). A starts kaiming-uniform (torch's default for
 # nn.Linear: U(-1/sqrt(in), 1/sqrt(in))), B at zero, so training starts from the base model.
 # Embeddings and norms get none. Only A and B are trained; the base stays frozen in bf16.
+# In-Place TTT's own weights (params["ttt"]: each TTT layer's conv and P) are the exception: they
+# train in full, LoRA or not. They are new (no base model has them) and the conv starts at zero, so
+# freezing them, as moshi-finetune's LoRA freezes every weight outside its adapters, would leave
+# TTT a silent no-op. A LoRA run's trainable tree is therefore the adapters plus params["ttt"].
 
 def is_layer_stack(tree) -> bool:
     """A helium layer stack: a dict with 'attn' and 'mlp' whose leaves have a leading layer axis."""
@@ -109,7 +115,7 @@ def lora_targets(params) -> dict:
     the layer stacks ([L, (steps,) out, in]) and the heads and projections outside them (the
     depformer's low-rank embedding projections included); not embedding tables, not norms."""
     out = {}
-    for path, w in convert.walk(params):
+    for path, w in convert.walk({k: v for k, v in params.items() if k != "ttt"}):     # TTT: trained whole
         is_norm = any("norm" in k for k in path)           # the depformer's per-step norms are 2-D too
         plain = w.ndim >= 2 and path[-1] not in EMBEDDING_TABLES and not is_norm
         if (w.ndim >= 3) if inside_stack(params, path) else plain:
@@ -141,6 +147,19 @@ def merged_params(params, lora, scaling: float):
     for path, ab in adapters(lora):
         convert.set_path(out, path, merge_lora(convert.get_path(params, path), ab, scaling))
     return out
+
+
+def lora_trees(params, lora):
+    """A LoRA run's (frozen, trainable) trees: the base without params["ttt"], the adapters with it.
+    (Any trees shaped so: params and adapters, or their PartitionSpecs.)"""
+    frozen = {k: v for k, v in params.items() if k != "ttt"}
+    return frozen, (dict(lora, ttt=params["ttt"]) if "ttt" in params else lora)
+
+
+def lora_model(frozen, trainable):
+    """The inverse of lora_trees: (the model's params, its adapters)."""
+    lora = {k: v for k, v in trainable.items() if k != "ttt"}
+    return (dict(frozen, ttt=trainable["ttt"]) if "ttt" in trainable else frozen), lora
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +275,8 @@ def lora_by_step(lora, cfg):
     if schedule is None or stack is None:
         return lora
     pick = np.asarray(schedule)
-    return dict(lora, depformer=dict(lora["depformer"], transformer=jax.tree.map(lambda a: a[:, pick], stack)))
+    stack = jax.tree.map(lambda a: a[:, pick], stack)
+    return dict(lora, depformer=dict(lora["depformer"], transformer=stack))
 
 
 def model_view(params, specs, lora, lora_specs, lora_scaling: float, dtype):
@@ -318,12 +338,12 @@ def make_optimizer(h: Hyper):
 
 
 def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, specs):
-    """-> jitted step(state, frozen, batch [A, B, 17, T]) -> (state, metrics [loss, text, audio, grad_norm])."""
-    lora_specs = trainable_specs if h.lora_rank else None
+    """-> jitted step(state, frozen, batch [A, B, 17, T]) -> (state, [loss, text, audio, grad norm])."""
+    lora_specs = lora_model(frozen_specs, trainable_specs)[1] if h.lora_rank else None
 
     def loss_fn(trainable, frozen, codes):
         """Inside shard_map: (global loss, [loss, text, audio]) for this device's codes [b, 17, T]."""
-        params, lora = (frozen, trainable) if h.lora_rank else (trainable, None)
+        params, lora = lora_model(frozen, trainable) if h.lora_rank else (trainable, None)
         view = model_view(params, specs, lora_by_step(lora, cfg), lora_specs, h.lora_scaling,
                           jnp.dtype(h.compute_dtype))
         out = moshi.forward(view, cfg, codes, layer_hook=lambda layer: layer_hook(layer, h.lora_scaling),
@@ -355,127 +375,11 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Checkpoints: plain .npz files, no orbax. Each process writes only the shards its devices hold
-# (one copy of each: replica 0), keyed by leaf name and the shard's start index, so a 7B run on 32
-# hosts writes 32 files of 1/32 of the state each. bfloat16 is stored as its raw uint16 bits and
-# the dtypes go in meta.json. Atomic: everything is written into `step_NNNNNN.tmp/`, fsync'ed, and
-# the directory is renamed once all processes are done; a run killed mid-write leaves only a .tmp
-# directory, which is ignored and removed. Loading assembles each device's slice from whatever
-# pieces overlap it, so a run may even resume on a different mesh.
-
-def named_leaves(tree) -> list:
-    """[(name, leaf)] of a pytree, named as jax.tree_util.keystr writes paths (the checkpoint keys)."""
-    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def save_checkpoint(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
-    final = os.path.join(ckpt_dir, f"step_{step:06d}")
-    tmp, first_process = final + ".tmp", jax.process_index() == 0
-    if first_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier(f"ckpt-mkdir-{step}")
-    pieces, leaves = {}, {}
-    for name, x in named_leaves(state):
-        leaves[name] = {"shape": list(x.shape), "dtype": str(x.dtype)}
-        for shard in x.addressable_shards:
-            if shard.replica_id == 0:
-                start = ",".join(str(s.start or 0) for s in shard.index)
-                local = np.asarray(shard.data)
-                pieces[f"{name}@{start}"] = local.view(np.uint16) if local.dtype == jnp.bfloat16 else local
-    with convert.atomic_open(os.path.join(tmp, f"process_{jax.process_index():05d}.npz")) as f:
-        np.savez(f, **pieces)
-    _barrier(f"ckpt-written-{step}")
-    if first_process:
-        with convert.atomic_open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(dict(meta, step=step, leaves=leaves, processes=jax.process_count()), f, indent=1)
-        convert.fsync(tmp)
-        os.replace(tmp, final)
-        convert.fsync(ckpt_dir)
-        for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier(f"ckpt-done-{step}")
-    return final
-
-
-def list_checkpoints(ckpt_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first (half-written .tmp directories are not checkpoints)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and not n.endswith(".tmp")
-                   and os.path.exists(os.path.join(ckpt_dir, n, "meta.json")))
-    return [os.path.join(ckpt_dir, n) for n in names]
-
-
-def read_meta(path: str) -> dict:
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
-
-
-def load_checkpoint(path: str, like):
-    """Fill a state shaped and sharded like `like` (a tree of jax arrays) from a checkpoint dir."""
-    meta = read_meta(path)
-    pieces = {}
-    for p in range(meta["processes"]):
-        f = np.load(os.path.join(path, f"process_{p:05d}.npz"))
-        for key in f.files:
-            name, start = key.rsplit("@", 1)
-            pieces.setdefault(name, []).append((tuple(map(int, start.split(","))) if start else (), f, key))
-
-    def restore(path_, x):
-        name = jax.tree_util.keystr(path_)
-        info = meta["leaves"].get(name)
-        if info is None or tuple(info["shape"]) != x.shape:
-            found = None if info is None else tuple(info["shape"])
-            raise ValueError(f"checkpoint {path}: state leaf {name} has shape {x.shape}, checkpoint has {found}")
-        dtype = np.dtype(jnp.dtype(info["dtype"]))
-        return jax.make_array_from_callback(
-            x.shape, x.sharding, lambda index: _assemble(pieces[name], index, x.shape, dtype).astype(x.dtype))
-    return jax.tree_util.tree_map_with_path(restore, like)
-
-
-def _assemble(pieces, index, shape, dtype) -> np.ndarray:
-    """The block `index` (a tuple of slices) of a leaf, copied from the saved pieces overlapping it."""
-    want = [range(n)[s] for s, n in zip(index, shape)]
-    begin, end = np.array([r.start for r in want], int), np.array([r.stop for r in want], int)
-    out = np.empty(end - begin, dtype)
-    filled = 0
-    for start, f, key in pieces:
-        saved = f[key]
-        saved = saved.view(dtype) if saved.dtype != dtype else saved
-        lo, hi = np.maximum(begin, start), np.minimum(end, np.add(start, saved.shape))      # the overlap
-        if np.all(lo < hi):
-            out[tuple(map(slice, lo - begin, hi - begin))] = saved[tuple(map(slice, lo - start, hi - start))]
-            filled += int(np.prod(hi - lo))
-    if filled != out.size:
-        raise ValueError(f"checkpoint is missing part of {pieces[0][2].rsplit('@', 1)[0]} "
-                         f"(a process file lost?)")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. The training loop: model and state on the mesh, batches in, metrics out, checkpoints, export.
+# 4. The training loop: model and state on the mesh, batches in, metrics out, checkpoints, export
+# (what comes from disk and goes back to it is checkpoint.py's).
 
 def shardings(mesh, specs):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-
-
-def place(tree, shardings, dtype=None):
-    """Arrays -> global arrays with the given shardings (and dtype). Host arrays (numpy, possibly
-    memory-mapped) are read slice by slice, each process reading only what its own devices hold,
-    so a checkpoint is never loaded whole onto one device; device arrays are resharded."""
-    def put(x, s):
-        target = dtype or x.dtype
-        if isinstance(x, jax.Array):
-            return jax.device_put(x.astype(target), s)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x[idx]).astype(target))
-    return jax.tree.map(put, tree, shardings)
 
 
 def make_batch(ds: data.TokenWindows, ids: np.ndarray, sharding, cfg, window_frames: int):
@@ -508,24 +412,6 @@ def peak_flops(args) -> float | None:
     return None if per_device is None else per_device * 1e12 * jax.device_count()
 
 
-def load_model(args):
-    """-> (cfg, host params or None). --config: a preset of moshi.PRESETS or a Kyutai config.json
-    (any architecture). --init-from: a Kyutai checkpoint, found as sample.py's --hf-repo finds one
-    (repo.find_checkpoint), read onto the host (CPU) so that `place` can hand each device its slice."""
-    name = args.config or ("" if args.init_from else "tiny")
-    if name and not name.endswith(".json") and name not in moshi.PRESETS:
-        raise ValueError(f"--config {name!r}: unknown; choose from {sorted(moshi.PRESETS)} "
-                         "or give a config.json")
-    config = name and (convert.lm_config(name) if name.endswith(".json") else moshi.PRESETS[name])
-    if not args.init_from:
-        return config, None
-    ckpt = repo.find_checkpoint(args.init_from, lm_only=True, flags={"repo": "--init-from"})
-    config = config or repo.lm_config_for(ckpt, print)
-    with jax.default_device(jax.devices("cpu")[0]):
-        params, cfg = convert.load_lm(ckpt.moshi, config=config)
-        return cfg, jax.tree.map(np.asarray, params)
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything about a run that depends only on (model config, mesh, hyper-parameters): the
@@ -533,10 +419,11 @@ class Plan:
     a resumed run) reuse the compiled step."""
     abstract: dict              # the model params' shapes and dtypes (fp32)
     specs: dict                 # PartitionSpecs of the model params
-    trainable_specs: dict       # of what the optimizer updates (the params, or the LoRA tree)
+    trainable_specs: dict       # of what the optimizer updates (the params, or lora_trees' trainable)
+    frozen_specs: dict          # of a LoRA run's frozen base ({} in full fine-tuning)
     master: object              # the model params' dtype on the mesh
     init_params: object         # key -> params, born sharded (master dtype)
-    init_lora: object           # key -> LoRA tree, sharded by adapter_specs (None: full fine-tuning)
+    init_lora: object           # key -> LoRA adapters, sharded by adapter_specs (None: full fine-tuning)
     init_opt: object            # trainable -> optimizer state, sharded like it
     step: object                # (state, frozen, batch) -> (state, metrics)
 
@@ -544,52 +431,58 @@ class Plan:
 @functools.lru_cache(maxsize=None)
 def make_plan(cfg, mesh, h: Hyper) -> Plan:
     abstract = jax.eval_shape(lambda k: moshi.init(k, cfg, jnp.float32), jax.random.key(0))
-    specs = param_specs(abstract, mesh.shape["fsdp"])
+    fsdp = mesh.shape["fsdp"]
+    specs = param_specs(abstract, fsdp)
     # a frozen LoRA base needs no fp32 master copy: it is kept in the compute dtype
     master = jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32
     make_lora = lambda k: init_lora(k, abstract, h.lora_rank)                      # noqa: E731
-    trainable_specs = (adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), mesh.shape["fsdp"])
-                       if h.lora_rank else specs)
+    lora_specs = adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), fsdp) if h.lora_rank else {}
+    frozen_specs, trainable_specs = lora_trees(specs, lora_specs) if h.lora_rank else ({}, specs)
     tx = make_optimizer(h)
-    step = make_train_step(cfg, mesh, h, tx, trainable_specs, specs if h.lora_rank else {}, specs)
-    return Plan(abstract, specs, trainable_specs, master,
+    step = make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs)
+    return Plan(abstract, specs, trainable_specs, frozen_specs, master,
                 jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=shardings(mesh, specs)),
-                jax.jit(make_lora, out_shardings=shardings(mesh, trainable_specs)) if h.lora_rank else None,
+                jax.jit(make_lora, out_shardings=shardings(mesh, lora_specs)) if h.lora_rank else None,
                 jax.jit(tx.init), step)
 
 
 def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
-    """(state, frozen) from model params and an optional LoRA tree, host or device arrays."""
-    params = place(params, shardings(mesh, plan.specs), plan.master)
-    trainable = place(lora, shardings(mesh, plan.trainable_specs), jnp.float32) if h.lora_rank else params
-    return {"params": trainable, "opt": plan.init_opt(trainable)}, (params if h.lora_rank else {})
+    """(state, frozen) from model params and an optional LoRA tree, host or device arrays. What
+    trains is kept in fp32, a LoRA run's frozen base in plan.master (the compute dtype)."""
+    frozen, trainable = lora_trees(params, lora) if h.lora_rank else ({}, params)
+    frozen = checkpoint.place(frozen, shardings(mesh, plan.frozen_specs), plan.master)
+    trainable = checkpoint.place(trainable, shardings(mesh, plan.trainable_specs), jnp.float32)
+    return {"params": trainable, "opt": plan.init_opt(trainable)}, frozen
 
 
 def build_state(args, h: Hyper, mesh, cfg, host_params=None):
-    """-> (plan, state, frozen): the model (loaded, or from scratch by seed) and LoRA, sharded."""
+    """-> (plan, state, frozen): the model (loaded, or from scratch by seed) and LoRA, sharded. TTT
+    layers new to a loaded checkpoint start at their init, moshi.init's (of which jit computes only
+    the part returned): the conv at zero, so the model starts as the checkpoint's."""
     key_model, key_lora = jax.random.split(jax.random.key(args.seed))
     plan = make_plan(cfg, mesh, h)
     if host_params is None:
         host_params = plan.init_params(key_model)
     else:
-        shapes = lambda tree: {name: x.shape for name, x in named_leaves(tree)}      # noqa: E731
+        if cfg.ttt is not None and "ttt" not in host_params:
+            print(f"init: TTT on layers {cfg.ttt.layers}, new to {args.init_from}: starting at their init")
+            host_params = dict(host_params, ttt=jax.jit(lambda k: moshi.init(k, cfg)["ttt"])(key_model))
+        shapes = lambda tree: {name: x.shape for name, x in checkpoint.named_leaves(tree)}      # noqa: E731
         convert.check_keys(shapes(plan.abstract), shapes(host_params), f"--init-from {args.init_from}")
     lora = plan.init_lora(key_lora) if h.lora_rank else None
     return (plan, *initial_state(plan, mesh, h, host_params, lora))
 
 
-def run_meta(args, h: Hyper, cfg) -> dict:
-    """What a checkpoint must agree on to be resumed, plus what export needs to rebuild the model."""
-    return {"hyper": dataclasses.asdict(h), "config": args.config, "init_from": args.init_from,
-            "lm_config": repr(cfg), "seed": args.seed, "data": os.path.abspath(args.data)}
-
-
 def train(args) -> list[dict]:
-    """The whole run. Returns the metrics of every step it ran (also in run_dir/metrics.jsonl)."""
+    """The whole run. Returns the metrics of every step it ran (also in run_dir/metrics.jsonl).
+    The command line is checked before the model is read or anything is written."""
+    checkpoint.refuse_used(args.run_dir, args.resume, args.overwrite)
     sizes = parse_mesh(args.mesh) if args.mesh else {"dp": 1, "fsdp": jax.device_count()}
     mesh = make_mesh(sizes["dp"], sizes["fsdp"])
+    if (args.batch_size or mesh.size) % mesh.size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh size {mesh.size}")
     ds = data.TokenWindows(args.data)
-    cfg, host_params = load_model(args)
+    cfg, host_params = checkpoint.load_model(args)
     h = Hyper(padding_ids=(cfg.existing_text_padding_id, cfg.existing_text_end_padding_id),
               **{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyper) if f.name != "padding_ids"})
     if (ds.index["text_padding_id"], ds.index["end_of_padding_id"]) != h.padding_ids:
@@ -600,46 +493,28 @@ def train(args) -> list[dict]:
         return run(args, h, mesh, cfg, ds, plan, state, frozen)
 
 
-def start(args, h, cfg, state, ckpt_dir):
-    """-> (state, first step, data position): fresh, or from the newest complete checkpoint (made
-    by the same model, seed and kind of training). Leftovers of an interrupted save (.tmp) and
-    metrics logged after that checkpoint are dropped."""
-    found, first, position = list_checkpoints(ckpt_dir) if args.resume else [], 0, 0
-    if args.resume and not found:
-        print(f"resume: no checkpoint in {ckpt_dir}, starting from step 0")
-    if found:
-        meta = read_meta(found[-1])
-        made = dict(meta, lora_rank=meta["hyper"]["lora_rank"])
-        this = dict(run_meta(args, h, cfg), lora_rank=h.lora_rank)
-        for k in ("config", "init_from", "lm_config", "seed", "lora_rank"):
-            if made[k] != this[k]:
-                raise ValueError(f"resume: {found[-1]} was made with {k}={made[k]!r}, "
-                                 f"this run has {this[k]!r}")
-        print(f"resume: {found[-1]} (step {meta['step']}, data position {meta['data_position']})")
-        state, first, position = load_checkpoint(found[-1], state), meta["step"], meta["data_position"]
-    if jax.process_index() == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        for name in os.listdir(ckpt_dir):
-            if name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
-        metrics = os.path.join(args.run_dir, "metrics.jsonl")
-        if os.path.exists(metrics):
-            with open(metrics) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= first]
-            with convert.atomic_open(metrics, "w") as f:
-                f.writelines(kept)
-    return state, first, position
+def start(args, h, cfg, state, window_frames: int):
+    """-> (state, first step, data position), by checkpoint.begin. With TTT, a warning if windows
+    are not longer than attention's context + one chunk: the first chunk never uses ΔW, and a later
+    chunk within attention's reach recalls nothing attention does not see, so TTT learns nothing."""
+    reach = (cfg.context or 0) + cfg.ttt.chunk_size if cfg.ttt else None
+    if reach and window_frames <= reach:
+        print(f"warning: TTT: windows of {window_frames} frames are not longer than the attention context "
+              f"({cfg.context}) + one TTT chunk ({cfg.ttt.chunk_size}) = {reach} frames: TTT gets no useful "
+              "gradient; prepare longer windows (--duration-sec) or pass a smaller --ttt-chunk", flush=True)
+    this = checkpoint.run_meta(args, h, cfg)
+    return checkpoint.begin(args.run_dir, state, args.resume, args.overwrite, this)
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss went NaN/inf: the message names the step and the windows of the batch."""
+    """The loss or the gradient norm went NaN/inf: the message names the step and the batch's windows."""
 
 
 def log_step(args, rec: dict, max_steps: int, last: int, mfu, eta_s) -> None:
     """metrics.jsonl gets every step; the console every --log-every steps and the last one."""
     if jax.process_index() != 0:
         return
-    with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
+    with open(os.path.join(args.run_dir, checkpoint.METRICS), "a") as f:
         f.write(json.dumps(rec) + "\n")
     if rec["step"] % args.log_every == 0 or rec["step"] == last:
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a (unknown peak: --peak-tflops)"
@@ -649,28 +524,36 @@ def log_step(args, rec: dict, max_steps: int, last: int, mfu, eta_s) -> None:
               f"{time.strftime('%H:%M:%S', time.gmtime(eta_s))}", flush=True)
 
 
+def check_finite(m, step: int, ds, ids, position: int) -> None:
+    """A step's metrics [loss, text, audio, grad_norm] must all be finite, else the update it made
+    is garbage (an inf gradient norm makes the clipped update NaN, whatever the loss): the run stops
+    before anything of it is saved, naming the step and the windows of its batch."""
+    if not np.all(np.isfinite(m)):
+        what = (f"loss is {m[0]} (text {m[1]}, audio {m[2]})" if not np.all(np.isfinite(m[:3]))
+                else f"gradient norm is {m[3]} (loss {m[0]})")
+        names = "\n  ".join(ds.name(int(i)) for i in ids.reshape(-1))
+        raise NonFiniteLoss(f"step {step}: {what}; nothing of this step was saved; the batch (data "
+                            f"position {position}) held:\n  {names}")
+
+
 def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, frozen) -> list[dict]:
     G, A, T = args.batch_size or mesh.size, args.grad_accum, ds.window_frames
-    if G % mesh.size:
-        raise ValueError(f"--batch-size {G} must be a multiple of the mesh size {mesh.size} (dp x fsdp)")
-    ckpt_dir = os.path.join(args.run_dir, "checkpoints")
-    state, first, position = start(args, h, cfg, state, ckpt_dir)
+    state, first, position = start(args, h, cfg, state, T)
     last = min(h.max_steps, args.stop_at or h.max_steps)
     tokens_per_step = A * G * T * (1 + cfg.dep_q)       # moshi-finetune's count: text + Moshi's codebooks
-    flops, peak, lr_at = flops_per_step(cfg, frozen or state["params"], A * G * T, T), peak_flops(args), learning_rate(h)
+    flops, lr_at = flops_per_step(cfg, frozen or state["params"], A * G * T, T), learning_rate(h)
+    peak = peak_flops(args)
     print(f"train: mesh {dict(mesh.shape)}, {len(ds)} windows of {T} frames, {A} x {G} windows per step, "
-          f"{'LoRA rank %d' % h.lora_rank if h.lora_rank else 'full fine-tuning'}, steps {first + 1}..{last}")
+          f"{'LoRA rank %d' % h.lora_rank if h.lora_rank else 'full fine-tuning'}, steps {first + 1}..{last}"
+          + (f", TTT on layers {cfg.ttt.layers}" if cfg.ttt else ""))
     history, times, batch_sharding = [], [], NamedSharding(mesh, BATCH_SPEC)
     for step in range(first + 1, last + 1):
         ids = data.window_ids(len(ds), args.seed, position, A * G).reshape(A, G)    # [A, G] window ids
         t0 = time.perf_counter()
         state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, cfg, T))
-        m = np.asarray(metrics)                          # waits for the step: each loss is checked
+        m = np.asarray(metrics)                          # waits for the step: each step is checked
         times.append(time.perf_counter() - t0)
-        if not np.all(np.isfinite(m[:3])):
-            names = "\n  ".join(ds.name(int(i)) for i in ids.reshape(-1))
-            raise NonFiniteLoss(f"step {step}: loss is {m[0]} (text {m[1]}, audio {m[2]}); the batch "
-                                f"(data position {position}) held:\n  {names}")
+        check_finite(m, step, ds, ids, position)
         position += A * G
         steady = np.mean(times[1:]) if len(times) > 1 else times[0]   # the first step also compiles
         losses = dict(zip(("loss", "text_loss", "audio_loss", "grad_norm"), m.tolist()))
@@ -679,85 +562,88 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
         log_step(args, history[-1], h.max_steps, last, flops / steady / peak if peak else None,
                  steady * (h.max_steps - step))
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == last:
-            save_checkpoint(ckpt_dir, step, state, dict(run_meta(args, h, cfg), data_position=position),
+            meta = dict(checkpoint.run_meta(args, h, cfg), data_position=position)
+            checkpoint.save(os.path.join(args.run_dir, checkpoint.CHECKPOINTS), step, state, meta,
                             args.keep_checkpoints)
     if args.export and last == h.max_steps and history:
         export(args.export, cfg, state, frozen, h, args.save_adapters)
     return history
 
 
-def to_host(x):
-    """A global array -> numpy on this host (all processes take part when there are several)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = False, dtype="bfloat16") -> str:
-    """Write the trained model in Kyutai's naming: out_dir/model.safetensors (LoRA merged in) and
-    config.json, which the official PyTorch, MLX and Rust stacks and sample.py load like a released
-    checkpoint; with save_adapters, also out_dir/lora.safetensors in moshi-finetune's naming."""
-    trainable, dtype = jax.tree.map(to_host, state["params"]), jnp.dtype(dtype)
-    path, save_adapters = os.path.join(out_dir, "model.safetensors"), save_adapters and h.lora_rank
+    """The trained model, LoRA merged in, written by checkpoint.write_model in Kyutai's naming (with
+    save_adapters and LoRA, the adapters too, in moshi-finetune's). -> the model.safetensors path."""
+    trainable = jax.tree.map(checkpoint.to_host, state["params"])     # every process takes part
+    params, lora = (lora_model(jax.tree.map(checkpoint.to_host, frozen), trainable) if h.lora_rank
+                    else (trainable, None))
     if jax.process_index() != 0:
-        return path
-    os.makedirs(out_dir, exist_ok=True)
+        return os.path.join(out_dir, "model.safetensors")
     with jax.default_device(jax.devices("cpu")[0]):
-        params = (merged_params(jax.tree.map(to_host, frozen), trainable, h.lora_scaling) if h.lora_rank
-                  else trainable)
-        convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(dtype), params), cfg)
-    with convert.atomic_open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dict(convert.lm_config_dict(cfg), moshi_name="model.safetensors"), f, indent=1)
-    if save_adapters:
-        tensors = {k: v.astype(dtype) for k, v in convert.lora_tensors(trainable, cfg).items()}
-        convert.save_safetensors(os.path.join(out_dir, "lora.safetensors"), tensors, {"format": "pt"})
-    print(f"export: wrote {path}" + (" and lora.safetensors" if save_adapters else ""))
-    return path
+        params = merged_params(params, lora, h.lora_scaling)
+    return checkpoint.write_model(out_dir, cfg, params, lora if save_adapters else None, dtype)
 
 
 def export_checkpoint(args) -> str:
     """`train.py export`: a saved checkpoint (the newest, or --step's), on this process's first device."""
-    found = list_checkpoints(os.path.join(args.run_dir, "checkpoints"))
-    if args.step is not None:
-        found = [c for c in found if c.endswith(f"step_{args.step:06d}")]
+    found = checkpoint.list_dir(os.path.join(args.run_dir, checkpoint.CHECKPOINTS))
+    found = [c for c in found if args.step in (None, checkpoint.step_of(c))]
     if not found:
         which = f" for step {args.step}" if args.step else ""
         raise SystemExit(f"export: no checkpoint{which} in {args.run_dir}")
-    meta = read_meta(found[-1])
-    run_args = argparse.Namespace(config=meta["config"], init_from=meta["init_from"], seed=meta["seed"])
+    meta = checkpoint.read_meta(found[-1])
+    run_args = argparse.Namespace(config=meta["config"], init_from=meta["init_from"], seed=meta["seed"],
+                                  **{"ttt_" + k: v for k, v in (meta.get("ttt") or {}).items()})
     h = Hyper(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["hyper"].items()})
     mesh = make_mesh(1, 1)
-    cfg, host_params = load_model(run_args)
+    cfg, host_params = checkpoint.load_model(run_args)
     with jax.set_mesh(mesh):
         _, state, frozen = build_state(run_args, h, mesh, cfg, host_params)
-        state = load_checkpoint(found[-1], state)
+        state = checkpoint.load(found[-1], state)
         return export(args.out, cfg, state, frozen, h, args.save_adapters, args.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line. A flag that sets a Hyper field is named after it (its dest) and takes its default
-# from it, so the two cannot drift apart.
+# from it, so the two cannot drift apart. Numbers are checked as they are parsed: a bad one is a
+# one-line usage error naming the flag, before anything is loaded or written.
+
+def checked(kind, ok, expected: str):
+    """An argparse type: kind(text), refused unless ok(value)."""
+    def parse(text):
+        with contextlib.suppress(ValueError):
+            if ok(value := kind(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda v: v >= 1, "an integer >= 1")
+COUNT = checked(int, lambda v: v >= 0, "an integer >= 0")
+POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a number > 0")
+NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+FRACTION = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+BETA = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
 
 def _hyper_flags(a) -> None:
     def flag(field, name=None, **kw):                      # --max-steps sets max_steps, ...
         name = name or "--" + field.replace("_", "-")
         if "action" not in kw:
-            kw["type"] = type(getattr(Hyper, field))
+            kw.setdefault("type", type(getattr(Hyper, field)))
         a(name, dest=field, default=getattr(Hyper, field), **kw)
-    flag("max_steps", help="length of the run (and of the lr schedule)")
-    flag("lr")
-    flag("warmup_steps")
-    flag("min_lr_ratio", help="the cosine ends at lr * this")
-    flag("b1", "--beta1", metavar="BETA1")
-    flag("b2", "--beta2", metavar="BETA2")
-    flag("eps")
-    flag("weight_decay")
-    flag("max_norm", help="gradient clipping (global norm)")
-    flag("text_padding_weight", help="loss weight of PAD/EPAD text targets")
-    flag("first_codebook_weight",
+    flag("max_steps", type=POSITIVE_INT, help="length of the run (and of the lr schedule)")
+    flag("lr", type=POSITIVE)
+    flag("warmup_steps", type=COUNT)
+    flag("min_lr_ratio", type=FRACTION, help="the cosine ends at lr * this")
+    flag("b1", "--beta1", metavar="BETA1", type=BETA)
+    flag("b2", "--beta2", metavar="BETA2", type=BETA)
+    flag("eps", type=POSITIVE)
+    flag("weight_decay", type=NON_NEGATIVE)
+    flag("max_norm", type=POSITIVE, help="gradient clipping (global norm)")
+    flag("text_padding_weight", type=NON_NEGATIVE, help="loss weight of PAD/EPAD text targets")
+    flag("first_codebook_weight", type=NON_NEGATIVE,
          help="loss weight of the semantic codebook (moshi-finetune's example uses 100)")
-    flag("lora_rank", help="0: full fine-tuning; >0: LoRA on every linear layer")
+    flag("lora_rank", type=COUNT, help="0: full fine-tuning; >0: LoRA on every linear layer")
     flag("lora_scaling", help="LoRA multiplier: W + scaling * B @ A")
     flag("compute_dtype", "--dtype", choices=["bfloat16", "float32"],
          help="compute dtype (master weights are fp32)")
@@ -777,24 +663,22 @@ def train_parser():
     a("--init-from", help="Kyutai checkpoint to start from: a Hugging Face repo id (with huggingface_hub "
       "installed), a local repo folder, or a .safetensors file (with the config.json beside it, if any)")
     a("--mesh", help="device mesh, e.g. dp=4,fsdp=8 (default: fsdp over all devices)")
-    a("--batch-size", type=int, help="windows per micro-batch, whole mesh (default: one per device)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--stop-at", type=int, help="stop after this step (a job time slice); continue with --resume")
+    a("--batch-size", type=POSITIVE_INT, help="windows per micro-batch, whole mesh (default: one per device)")
+    a("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    a("--stop-at", type=POSITIVE_INT, help="stop after this step (a job time slice); continue with --resume")
     _hyper_flags(a)
+    checkpoint.add_ttt_flags(a)
     a("--seed", type=int, default=0)
-    a("--log-every", type=int, default=1)
-    a("--ckpt-every", type=int, default=100)
-    a("--keep-checkpoints", type=int, default=3)
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
+    a("--log-every", type=POSITIVE_INT, default=1)
+    a("--ckpt-every", type=COUNT, default=100, help="0: only at the end")
+    a("--keep-checkpoints", type=COUNT, default=3, help="0: all")
+    again = ap.add_mutually_exclusive_group().add_argument
+    again("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
+    again("--overwrite", action="store_true", help="start over in a used --run-dir (removes its run files)")
     a("--export", help="after training, write model.safetensors (Kyutai naming, LoRA merged) here")
     a("--save-adapters", action="store_true", help="with --export and LoRA: also lora.safetensors")
-    a("--peak-tflops", type=float, help="per-device peak for the MFU estimate (default: by device kind)")
-    a("--distributed", action="store_true",
-      help="call jax.distributed.initialize() (multi-host; automatic under srun, mpirun, TPU pod "
-           "environments, or when JAX_COORDINATOR_ADDRESS is set)")
-    a("--coordinator-address", help="host:port of process 0 (else auto-detected by jax: TPU pods, SLURM, ...)")
-    a("--num-processes", type=int)
-    a("--process-id", type=int)
+    a("--peak-tflops", type=POSITIVE, help="per-device peak for the MFU estimate (default: by device kind)")
+    checkpoint.add_host_flags(a)
     return ap
 
 
@@ -809,33 +693,6 @@ def export_parser():
     return ap
 
 
-def multi_process_launcher(env=os.environ) -> str | None:
-    """The launcher that started this program as one of several processes, if any: then
-    jax.distributed.initialize() finds the others by itself (its cluster auto-detection)."""
-    count = lambda names: max([len([h for h in env.get(n, "").split(",") if h]) for n in names])   # noqa: E731
-    if "SLURM_JOB_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        return "Slurm (srun)"        # a job step of several tasks: not sbatch's script, not salloc's shell
-    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        return "Open MPI (mpirun)"   # Open MPI <= 4, what JAX detects; with 5, pass --coordinator-address
-    if count(("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return "a multi-host TPU slice"
-    return None
-
-
-def maybe_init_distributed(args) -> None:
-    """One process per host: join them before any JAX computation. Explicit flags win; otherwise a
-    known launcher (Slurm, Open MPI, TPU pod environments) is detected. (On a Cloud TPU VM pod slice
-    started by hand, libtpu already joins the hosts; --distributed adds JAX's coordination service.)"""
-    explicit = args.distributed or args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    launcher = None if explicit else multi_process_launcher()
-    if explicit or launcher:
-        kw = {k: v for k, v in (("coordinator_address", args.coordinator_address),
-                                ("num_processes", args.num_processes), ("process_id", args.process_id)) if v is not None}
-        if launcher:
-            print(f"started by {launcher}: jax.distributed.initialize()", flush=True)
-        jax.distributed.initialize(**kw)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["prepare"]:                     # the data side: data.py
@@ -845,7 +702,7 @@ def main(argv=None):
     if argv[:1] == ["train"]:
         argv = argv[1:]
     args = train_parser().parse_args(argv)
-    maybe_init_distributed(args)
+    checkpoint.join_hosts(args)
     return train(args)
 
 
