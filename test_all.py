@@ -656,7 +656,7 @@ def test_train_resume_passes_over_an_unreadable_checkpoint(train_dataset, tmp_pa
     capsys.readouterr()
     checkpoint.main(["list", str(run)])
     listing = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines())
-    assert listing["step_000008"].endswith("complete") and f"UNREADABLE: {npz} is corrupt" in listing["step_000012"]
+    assert listing["step_000008"].endswith(", complete") and f"UNREADABLE: {npz} is corrupt" in listing["step_000012"]
     rest = _cli(train_dataset, run, "--resume", "--stop-at", "10")
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
