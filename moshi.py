@@ -92,6 +92,10 @@ class LMConfig:
     extra_heads_num_heads: int = 0        # STT's voice-activity heads: loaded and saved, not used here
     extra_heads_dim: int = 6
     ttt: ttt.TTTConfig | None = None      # In-Place TTT on some temporal layers (ttt.py); not Kyutai's
+    # Whose streaming KV ring the temporal and depth transformers follow once it is full (see
+    # helium.ring_positions): "kyutai" (moshi 0.2.13) or "personaplex" (NVIDIA's fork, which sees
+    # one key less). Not a Kyutai kwarg: PersonaPlex checkpoints get it from repo.lm_config_for.
+    kv_ring: str = "kyutai"
 
     def __post_init__(self):
         if len(self.delays) != self.n_q + 1:
@@ -124,7 +128,7 @@ class LMConfig:
             d_model=self.dim, num_heads=self.num_heads, num_layers=self.num_layers,
             dim_feedforward=int(self.hidden_scale * self.dim), causal=self.causal, context=self.context,
             norm=self.norm, gating=self.gating, positional_embedding=self.positional_embedding,
-            max_period=self.max_period, layer_scale=self.layer_scale)
+            max_period=self.max_period, layer_scale=self.layer_scale, kv_ring=self.kv_ring)
 
     @property
     def depformer(self) -> depformer.DepformerConfig:
@@ -136,7 +140,7 @@ class LMConfig:
             norm=self.norm, gating=self.depformer_gating, positional_embedding=self.depformer_pos_emb,
             max_period=self.depformer_max_period, layer_scale=self.depformer_layer_scale,
             weights_per_step=self.dep_q if self.depformer_weights_per_step else 0,
-            weights_per_step_schedule=self.depformer_weights_per_step_schedule)
+            weights_per_step_schedule=self.depformer_weights_per_step_schedule, kv_ring=self.kv_ring)
         return depformer.DepformerConfig(
             num_steps=self.dep_q, in_dim=self.dim, card=self.card, text_card=self.text_card,
             transformer=tcfg, multi_linear=self.depformer_multi_linear,
@@ -155,13 +159,14 @@ MOSHIKO = LMConfig(
     depformer_dim=1024, depformer_dim_feedforward=int(4.125 * 1024), depformer_num_heads=16,
     depformer_num_layers=6, depformer_multi_linear=True, depformer_weights_per_step=True,
     depformer_pos_emb="none", depformer_max_period=10_000, depformer_gating="silu")
-# NVIDIA's PersonaPlex: moshiko whose depformer also writes the user's 8 codebooks.
-PERSONAPLEX = dataclasses.replace(MOSHIKO, dep_q=16)
+# NVIDIA's PersonaPlex: moshiko whose depformer also writes the user's 8 codebooks, streamed with
+# the KV ring of NVIDIA's code.
+PERSONAPLEX = dataclasses.replace(MOSHIKO, dep_q=16, kv_ring="personaplex")
 # Tiny models of the same shape, for tests and demos.
 TINY = dataclasses.replace(MOSHIKO, card=64, text_card=96, dim=64, num_heads=4, num_layers=2, context=8,
                            depformer_dim=32, depformer_dim_feedforward=int(4.125 * 32),
                            depformer_num_heads=2, depformer_num_layers=2)
-TINY_PERSONAPLEX = dataclasses.replace(TINY, dep_q=16)
+TINY_PERSONAPLEX = dataclasses.replace(TINY, dep_q=16, kv_ring="personaplex")
 PRESETS = {"moshiko": MOSHIKO, "moshika": MOSHIKO, "personaplex": PERSONAPLEX,
            "tiny": TINY, "tiny_personaplex": TINY_PERSONAPLEX}
 
@@ -481,12 +486,15 @@ def main(argv=None):
     codes = jax.random.randint(jax.random.key(1), (B, cfg.num_streams, T), 0, cfg.card)
     codes = codes.at[:, 0].set(codes[:, 0] % cfg.text_card)
     out = jax.jit(lambda p, c: forward(p, cfg, c))(params, codes)
-    state = init_gen_state(params, cfg, B, lookahead=1)
+    # The check streams through Kyutai's KV ring: NVIDIA's (the PersonaPlex presets) sees one key less
+    # once a ring is full, so it departs from the whole-sequence forward by design (helium.ring_positions).
+    check = dataclasses.replace(cfg, kv_ring="kyutai")
+    state = init_gen_state(params, check, B, lookahead=1)
     n_user = cfg.n_q - cfg.dep_q or 8
     err, key = 0.0, jax.random.key(2)
     for n in range(T):
         frame = codes[:, :, n]
-        state, tokens, logits = gen_step(params, cfg, state, frame[:, -n_user:, None], key, text=frame[:, 0],
+        state, tokens, logits = gen_step(params, check, state, frame[:, -n_user:, None], key, text=frame[:, 0],
                                          moshi_codes=frame[:, 1:1 + cfg.n_q - n_user], return_logits=True)
         ref = out["text_logits"][:, 0, n]
         err = max(err, float(jnp.max(jnp.abs(logits["text_logits"] - ref)) / jnp.max(jnp.abs(ref))))

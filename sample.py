@@ -40,6 +40,7 @@ import sentencepiece
 import soundfile
 
 import convert
+import helium
 import mimi
 import moshi
 import repo
@@ -180,7 +181,8 @@ def encode_audio(models, wav):
 
 
 def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> Prompt:
-    if models.mimi_cfg == mimi.MimiConfig() and models.codebooks == len(SILENCE_CODES):
+    released = mimi.MimiConfig(kv_ring=models.mimi_cfg.kv_ring)          # whichever ring it streams with
+    if models.mimi_cfg == released and models.codebooks == len(SILENCE_CODES):
         silence, sine = SILENCE_CODES, SINE_CODES
     else:                                            # not the released Mimi: the same recipe
         silence = encode_audio(models, np.zeros(models.mimi_cfg.frame_size, np.float32))[0]
@@ -212,9 +214,10 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
 # One difference, on purpose: run_inference drops a trailing partial frame; we zero-pad it (as
 # PersonaPlex does) and cut Moshi's audio to the input's length, so the answer is exactly as long.
 # PersonaPlex follows NVIDIA's offline.py: the prompt first, then the user's frames, with the LM
-# state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state). Both return one frame per
-# input frame. Moshi's audio is decoded from codebooks 1..8 (PersonaPlex also predicts the user's
-# 8, which we ignore as it does).
+# state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state), and the LM and Mimi streaming
+# with the KV ring of NVIDIA's code, which sees one step less once full (helium.ring_positions; the
+# checkpoint decides, --kv-ring overrides). Both return one frame per input frame. Moshi's audio is
+# decoded from codebooks 1..8 (PersonaPlex also predicts the user's 8, which we ignore as it does).
 
 @dataclass
 class Models:
@@ -419,6 +422,9 @@ def _load_models(args, log) -> Models:
         mimi_cfg = convert.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
         tokenizer = load_tokenizer(ckpt.tokenizer)
+    # One codebase streams both: Mimi follows the LM's KV ring (--kv-ring overrides the checkpoint's).
+    ring = args.kv_ring or cfg.kv_ring
+    cfg, mimi_cfg = dataclasses.replace(cfg, kv_ring=ring), dataclasses.replace(mimi_cfg, kv_ring=ring)
     models = Models(lm, cfg, mimi_params, mimi_cfg, tokenizer)
     if mimi_cfg.codebook_size != cfg.card or mimi_cfg.num_quantizers < models.codebooks:
         raise SampleError(f"Mimi ({mimi_cfg.num_quantizers} codebooks of {mimi_cfg.codebook_size}) does not fit "
@@ -462,9 +468,7 @@ def parse_args(argv=None):
                    "in one batch: out-0.wav, out-1.wav, ...")
     g.add_argument("--duration", type=float, help="seconds of conversation: the prompt is cut, or followed by "
                    "silence, to this length (default: the prompt's length)")
-    g = ap.add_argument_group("PersonaPlex (models whose depformer writes all 16 audio streams)")
-    g.add_argument("--voice-prompt", help="audio of the voice Moshi should speak with (normalised to -24 LUFS)")
-    g.add_argument("--text-prompt", help=f"the role, wrapped in <system> tags (default: {PERSONAPLEX_TEXT_PROMPT!r})")
+    add_persona_flags(ap.add_argument_group("PersonaPlex (models whose depformer writes all 16 audio streams)"))
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
@@ -474,6 +478,15 @@ def parse_args(argv=None):
         if args.random_init not in moshi.PRESETS:
             ap.error(f"--random-init: unknown preset {args.random_init!r} (choose from {', '.join(moshi.PRESETS)})")
     return args
+
+
+def add_persona_flags(g):
+    g.add_argument("--voice-prompt", help="audio of the voice Moshi should speak with (normalised to -24 LUFS)")
+    g.add_argument("--text-prompt", help=f"the role, wrapped in <system> tags (default: {PERSONAPLEX_TEXT_PROMPT!r})")
+    g.add_argument("--kv-ring", choices=helium.SUPPORTED["kv_ring"],
+                   help="whose streaming KV ring the LM and Mimi follow once it is full: Kyutai's (moshi "
+                   "0.2.13) or NVIDIA's older one, which sees one step less (default: the checkpoint's, "
+                   "NVIDIA's for PersonaPlex; any model takes either)")
 
 
 def main(argv=None):
