@@ -385,7 +385,7 @@ def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
     return tokens, provided
 
 
-def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes):
+def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes, embedding=None):
     B = state["tokens"].shape[0]
     n_user = 0 if user_codes is None else user_codes.shape[1]
     n_moshi = 0 if moshi_codes is None else moshi_codes.shape[1]
@@ -399,6 +399,8 @@ def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes):
                          f"and not overlapping the {n_user} user codebooks")
     if text is not None and text.shape != (B,):
         raise ValueError(f"gen_step: text must be [B={B}], got {text.shape}")
+    if embedding is not None and embedding.shape != (B, cfg.dim):
+        raise ValueError(f"gen_step: embedding must be [B={B}, dim={cfg.dim}], got {embedding.shape}")
 
 
 @dataclass(frozen=True)
@@ -413,7 +415,7 @@ class Sampling:
 
 
 @partial(jax.jit, static_argnames=("cfg", "sampling", "return_logits"), donate_argnames=("state",))
-def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, *,
+def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, embedding=None, *,
              sampling: Sampling = Sampling(), return_logits: bool = False):
     """One frame of streaming generation: (state, out) = gen_step(...). `state` is donated (its KV
     cache is updated in place): always continue from the returned one.
@@ -426,12 +428,16 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
                  key per codebook), so the same key may be passed to every call.
     text         int [B] or None: force this frame's text token (-2 = sample it).
     moshi_codes  int [B, M] or None: force Moshi's codebooks 1..M (-2 = sample), M <= dep_q.
+    embedding    float [B, D] or None: the temporal step's input (in the model's dtype), in place of
+                 the summed embeddings of position n's tokens (PersonaPlex's saved voice prompts are
+                 replayed this way, as its LMGen.step_embeddings does); what is given above is
+                 written all the same.
     sampling     a Sampling (static: changing it recompiles).
     out          int32 [B, 1 + dep_q]: text + audio tokens of frame step - max_delay; -1 before.
     Which frame the inputs belong to depends on the state's lookahead (see init_gen_state).
     return_logits=True also returns {"text_logits" [B, text_card], "audio_logits" [B, dep_q, card]}.
     """
-    _check_gen_inputs(cfg, state, user_codes, text, moshi_codes)
+    _check_gen_inputs(cfg, state, user_codes, text, moshi_codes, embedding)
     n, size = state["step"], state["tokens"].shape[-1]
     delays, initial = jnp.asarray(cfg.delays, jnp.int32), jnp.asarray(cfg.initial_tokens())
     gen = slice(0, 1 + cfg.dep_q)                                     # the streams this model writes
@@ -439,8 +445,9 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
     # 2. the temporal step on position n
     here = jnp.where(n <= delays, initial, tokens[:, :, n % size])                            # [B, K]
-    kv, ttt_states, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, here[:, :, None]), n,
-                                              state["kv"], state.get("ttt"))
+    x = embed_frames(params, cfg, here[:, :, None]) if embedding is None else embedding[:, None]   # [B, 1, D]
+    kv, ttt_states, h, text_logits = temporal(params, cfg, x.astype(params["text_emb"].dtype), n, state["kv"],
+                                              state.get("ttt"))
     h, text_logits = h[:, 0], text_logits[:, 0]
     # 3. position n + 1: the text token, then the depformer's codebooks; a given token wins over
     # the sampled one and conditions the next codebook (the sampled ones are what logits report)

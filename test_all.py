@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
@@ -1057,6 +1058,25 @@ def test_lm_kv_ring_is_kyutais_unless_the_model_is_personaplex(tmp_path):
     assert [ring(*c) for c in persona] == ["personaplex"] * 3 and [ring(*c) for c in kyutai] == ["kyutai"] * 3
 
 
+def test_lm_gen_step_from_an_input_embedding():
+    """gen_step fed the summed embeddings of the tokens it would read is the same step as fed those
+    tokens (what replays PersonaPlex's saved voices); a wrongly shaped embedding is named."""
+    cfg = moshi.TINY_PERSONAPLEX
+    params = moshi.init(jax.random.key(0), cfg)
+    codes = np.asarray(jax.random.randint(jax.random.key(1), (2, 8, 3), 0, cfg.card))
+    plain, fed = (moshi.init_gen_state(params, cfg, 2, lookahead=1) for _ in range(2))
+    initial, key = jnp.asarray(cfg.initial_tokens()), jax.random.key(2)
+    for n in range(3):
+        here = jnp.where(n <= jnp.asarray(cfg.delays), initial, plain["tokens"][:, :, n % 4])   # position n
+        embedding = moshi.embed_frames(params, cfg, here[:, :, None])[:, 0]                        # [B, D]
+        user = codes[:, :, n:n + 1]
+        plain, a, la = moshi.gen_step(params, cfg, plain, user, key, return_logits=True)
+        fed, b, lb = moshi.gen_step(params, cfg, fed, user, key, embedding=embedding, return_logits=True)
+        assert np.array_equal(a, b) and rel_err(lb["audio_logits"], la["audio_logits"]) < 1e-6
+    with pytest.raises(ValueError, match=r"embedding must be \[B=2, dim=64\], got \(2, 32\)"):
+        moshi.gen_step(params, cfg, fed, codes[:, :, :1], jax.random.key(2), embedding=jnp.zeros((2, 32)))
+
+
 def test_lm_text_only_model_runs(tmp_path):
     """dep_q = 0 (Kyutai's STT shape): no depformer; forward gives text logits, generation text only;
     the checkpoint round-trips (with the unused `depformer_in` Kyutai builds anyway)."""
@@ -1095,8 +1115,9 @@ def test_lm_sampling_is_softmax_top_k():
 # Hugging Face ones (config.json, model.safetensors written by convert.save_lm, a Mimi checkpoint
 # and its mimi_config.json, a sentencepiece model trained here). Parity: the tokens of every frame
 # equal those of Kyutai's run_inference.py loop (moshiko-shaped model) and of NVIDIA's PersonaPlex
-# offline.py (voice + text prompt, dep_q 16; also past the wrap of its KV rings), all greedy,
-# recorded by testdata/make_sample_fixtures.py. Budget: < 3 min on 2 cores.
+# offline.py (voice + text prompt, dep_q 16; also past the wrap of its KV rings, and from a voice
+# its LMGen saved as .pt), all greedy, recorded by testdata/make_sample_fixtures.py. Budget: < 3 min
+# on 2 cores.
 
 
 SAMPLE_FX = _testdata_module("make_sample_fixtures")
@@ -1213,6 +1234,70 @@ def test_sample_personaplex_past_the_kv_ring_wrap(tmp_path, monkeypatch):
     assert kyutai.lm_cfg.kv_ring == kyutai.mimi_cfg.kv_ring == "kyutai"
     other, _ = _run_converse(kyutai, prompt=prompt)
     assert not np.array_equal(other[0], ref["tokens"])
+
+
+def test_sample_replays_personaplex_pt_voices(tmp_path):
+    """`sample.py --voice-prompt voice.pt`, a voice saved by NVIDIA's LMGen (save_voice_prompt_embeddings)
+    and replayed as its offline flow replays one: the same tokens for every frame as NVIDIA's run from
+    that .pt (which equal its run from the wav); the prompt is as long as the wav's."""
+    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_fixture.npz"))
+    repo_dir = _write_sample_repo(tmp_path / "persona-tiny", persona=True)
+    persona = ("--voice-prompt", SAMPLE_FX.VOICE_PT, "--text-prompt", SAMPLE_FX.TEXT_PROMPT)
+    args, models = _sample_models(repo_dir, *persona)
+    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
+    SAMPLE_FX.write_voice_prompt(str(tmp_path / "voice.wav"))
+    from_wav = sample.build_persona_prompt(models, str(tmp_path / "voice.wav"), args.text_prompt)
+    assert prompt.embeddings.shape == (len(from_wav) - len(prompt.text) - 1, 64)
+    assert len(prompt) == len(from_wav)
+    tokens, _ = _run_converse(models, prompt=prompt)
+    np.testing.assert_array_equal(tokens[0], ref["pt_tokens"])
+    _main("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", repo_dir, "--greedy", "--dtype", "fp32",
+          "--out", tmp_path / "a.wav", *persona)
+    answer = json.loads((tmp_path / "a.json").read_text())["answers"][0]
+    assert answer["text_tokens"] == ref["pt_tokens"][:, 0].tolist()
+    assert answer["audio_tokens"] == ref["pt_tokens"][:, 1:9].tolist()
+
+
+def test_sample_reads_pt_voices_without_torch_and_refuses_other_classes(tmp_path):
+    """The .pt reader needs no torch (in a process where importing torch fails), rebuilds what torch.save
+    writes (dtypes, views), and a pickle that asks for anything but a tensor's rebuild is refused,
+    naming what it asked for, before it can run; so are files that are not voices for this LM."""
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, *args):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ImportError('torch is blocked')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "import moshi, sample\n"
+            f"emb, cache = sample.read_voice_pt({SAMPLE_FX.VOICE_PT!r}, moshi.TINY_PERSONAPLEX)\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(emb.shape, emb.dtype, cache.shape, cache.dtype)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["(14,", "64)", "float32", "(17,", "4)", "int32"]
+    # other dtypes, views into a larger storage, nesting (testdata's tensor_zoo), as torch.save wrote them
+    zoo, x = sample.read_torch_file(SAMPLE_FX.TENSORS_PT), np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    expected = {"bf16": x, "f16_transposed": x.transpose(2, 1, 0), "f64_view": x[1, 1:, ::2], "i64": x,
+                "i32": x, "bool": x > 10, "u8": x}
+    dtypes = {"bf16": jnp.bfloat16, "f16_transposed": np.float16, "f64_view": np.float64, "i64": np.int64,
+              "i32": np.int32, "bool": np.bool_, "u8": np.uint8}
+    for name, want in expected.items():
+        assert zoo[name].dtype == dtypes[name] and np.array_equal(zoo[name].astype(np.float64), want), name
+    assert np.array_equal(zoo["nested"][0], x[0]) and np.array_equal(zoo["nested"][1][0], x[1, 0])
+    # a torch.save zip whose pickle calls os.system: refused by name, and nothing ran
+    evil, marker = tmp_path / "evil.pt", tmp_path / "ran"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("evil/data.pkl", b"\x80\x02cos\nsystem\nX" + len(f"touch {marker}").to_bytes(4, "little")
+                   + f"touch {marker}".encode() + b"\x85R.")
+    with pytest.raises(sample.SampleError, match="refusing to unpickle os.system"):
+        sample.read_voice_pt(str(evil), moshi.TINY_PERSONAPLEX)
+    assert not marker.exists()
+    (tmp_path / "old.pt").write_bytes(b"\x80\x02}q\x00.")                     # torch's pre-1.6 format
+    with pytest.raises(sample.SampleError, match="not a torch.save zip file"):
+        sample.read_voice_pt(str(tmp_path / "old.pt"), moshi.TINY_PERSONAPLEX)
+    wrong_width = r"embeddings of shape \(14, 1, 1, 64\).*\[frames, 1, 1, 4096\]"
+    with pytest.raises(sample.SampleError, match=wrong_width):
+        sample.read_voice_pt(SAMPLE_FX.VOICE_PT, moshi.PERSONAPLEX)
 
 
 def _main(*argv):

@@ -26,12 +26,18 @@ last on PYTHONPATH, its numpy removed.) PersonaPlex's silence and 440 Hz sine co
 for the released Mimi; for the tiny Mimi the script computes them the same way (one frame encoded
 from a fresh state) and patches them in. The fork is only run here, never copied into the repo.
 
-The same mode writes sample_personaplex_wrap_fixture.npz, where
+The same mode writes sample_personaplex_voice.pt and sample_personaplex_wrap_fixture.npz, where
 the fork's KV rings wrap (it keeps an older RingKVCache than moshi 0.2.13, which sees one key less
 once full: helium.ring_positions): the same weights with an LM context of WRAP_CONTEXT frames,
 shorter than prompt + conversation, and the tiny Mimi's 8-step window: the offline flow's tokens
 for every frame, the first decoded frames and the logits of the last frames; and the fork's Mimi
 streaming hello.wav frame by frame, encoder then decoder, past the wrap: codes and decoded audio.
+The first run saves its voice with `save_voice_prompt_embeddings=True`, as NVIDIA's .pt voices are
+made (its LMGen's input embeddings and token ring), then runs the flow again from that .pt
+(`load_voice_prompt_embeddings`, as `--voice-prompt NATF2.pt` does): `pt_tokens`. Also written:
+sample_torch_tensors.pt, other tensors torch.save writes (see tensor_zoo), for the .pt reader. That run keeps
+the 3000-frame window, so the conversation still sees the voice prompt (through the wrap run's
+24-frame window and two layers, nothing of it would reach the conversation).
 
 Also recorded: pyloudnorm's integrated loudness (BS.1770) of a few signals, which sample.py's own
 implementation must reproduce (`pip install pyloudnorm` in the fixture environment).
@@ -90,6 +96,8 @@ PERSONA_MIMI_CONFIG = dict(MIMI_CONFIG, transformer=dict(MIMI_CONFIG["transforme
 PERSONA_SEED = 2026
 WRAP_CONTEXT = 24
 PERSONA_WRAP_CONFIG = dict(PERSONA_CONFIG, context=WRAP_CONTEXT)
+VOICE_PT = os.path.join(HERE, "sample_personaplex_voice.pt")
+TENSORS_PT = os.path.join(HERE, "sample_torch_tensors.pt")       # for sample.py's .pt reader: see tensor_zoo
 LOGIT_FRAMES = 6              # logits kept for the last frames of the wrap run (the tokens are kept for all)
 MIMI_DECODED_FRAMES = 24      # decoded audio kept of the fork's Mimi run
 VOICE_SPAN = (12000, 40800)                  # the voice prompt: 1.2 s of hello.wav from 0.5 s
@@ -265,21 +273,25 @@ def persona_mimi(tmp, mimi_config):
     return mimi, constants
 
 
-def offline_flow(model, mimi, voice, sp, logit_frames=0):
+def offline_flow(model, mimi, voice, sp, save_voice=False, logit_frames=0):
     """NVIDIA's offline.py from the prompts on (its warm-up leaves no trace after the resets), greedy:
-    voice (a wav) -> (tokens [T, 17], pcm [T * F], logits of the last
+    voice (a wav, or a .pt of saved embeddings) -> (tokens [T, 17], pcm [T * F], logits of the last
     `logit_frames` frames: text [n, text_card], audio [n, 16, card])."""
     import torch
     from moshi.models import lm as pp_lm
     from moshi.offline import wrap_with_system_tags
     F = int(mimi.sample_rate / mimi.frame_rate)
     lm_gen = pp_lm.LMGen(model, audio_silence_frame_cnt=int(0.5 * mimi.frame_rate), device="cpu",
-                         sample_rate=mimi.sample_rate, frame_rate=mimi.frame_rate, use_sampling=False)
+                         sample_rate=mimi.sample_rate, frame_rate=mimi.frame_rate, use_sampling=False,
+                         save_voice_prompt_embeddings=save_voice)
     mimi.streaming_forever(1)
     lm_gen.streaming_forever(1)
     tokens, pcm, logits = [], [], []
     with torch.no_grad():
-        lm_gen.load_voice_prompt(voice)
+        if voice.endswith(".pt"):
+            lm_gen.load_voice_prompt_embeddings(voice)
+        else:
+            lm_gen.load_voice_prompt(voice)
         lm_gen.text_prompt_tokens = sp.encode(wrap_with_system_tags(TEXT_PROMPT))
         mimi.reset_streaming()
         lm_gen.reset_streaming()
@@ -302,6 +314,16 @@ def offline_flow(model, mimi, voice, sp, logit_frames=0):
     return np.stack(tokens).astype(np.int32), np.concatenate(pcm), text_logits, audio_logits
 
 
+def tensor_zoo(torch):
+    """What torch.save may hold beside a voice's float32 and int64 tensors: other dtypes (bf16, as a
+    bf16 model's embeddings would be), views into a larger storage (offset, strides), nesting. The
+    values are x = arange(24).reshape(2, 3, 4), which the test rebuilds in numpy."""
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    return {"bf16": x.bfloat16(), "f16_transposed": x.half().transpose(0, 2),
+            "f64_view": x.double()[1, 1:, ::2], "i64": x.long(), "i32": x.int(), "bool": x > 10,
+            "u8": x.to(torch.uint8), "nested": [x[0], (x[1, 0],)]}
+
+
 def mimi_stream(mimi, wav):
     """The fork's Mimi, one frame per call: encode every frame, then decode every frame's codes."""
     import torch
@@ -315,6 +337,7 @@ def mimi_stream(mimi, wav):
 
 def run_personaplex():
     """NVIDIA's offline flow (personaplex moshi/offline.py), greedy, on tiny random weights."""
+    import shutil
     import tempfile
     import torch
     import sentencepiece
@@ -334,9 +357,15 @@ def run_personaplex():
         mimi, constants = persona_mimi(tmp, PERSONA_MIMI_CONFIG)
         out.update(constants)
         model = persona_lm(PERSONA_CONFIG)
-        out["tokens"], pcm, _, _ = offline_flow(model, mimi, voice, sp)
+        out["tokens"], pcm, _, _ = offline_flow(model, mimi, voice, sp, save_voice=True)
         out["pcm_head"] = pcm[: DECODED_FRAMES * 1920]
+        shutil.copyfile(os.path.join(tmp, "voice.pt"), VOICE_PT)          # where LMGen saved it
+        out["pt_tokens"] = offline_flow(model, mimi, VOICE_PT, sp)[0]
         report("PersonaPlex offline flow", out)
+        print("from the saved .pt, the same tokens as from the wav:",
+              np.array_equal(out["pt_tokens"], out["tokens"]))
+        print(f"wrote {VOICE_PT} ({os.path.getsize(VOICE_PT) / 1e3:.1f} kB)")
+        torch.save(tensor_zoo(torch), TENSORS_PT)
         save(out, "sample_personaplex_fixture.npz")
 
         wrap = {"prompt_sha256": out["prompt_sha256"]}
