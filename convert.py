@@ -611,12 +611,20 @@ def _lm_kwargs(config: dict, what: str, fields: dict) -> dict:
     return kw
 
 
+# LMConfig fields that are ours, not Kyutai's kwargs (its LMModel would refuse them): a config.json
+# holds them only where they differ from their default.
+_OUR_LM_FIELDS = ("ttt", "kv_ring")
+
+
 def lm_config_dict(cfg) -> dict:
     """moshi.LMConfig -> Kyutai lm kwargs (what a config.json holds; `LMModel(**d)` accepts it, unless
-    the model has TTT layers: then a "ttt" entry holds their ttt.TTTConfig, which only we read)."""
+    the model has TTT layers or streams with NVIDIA's KV ring: then a "ttt" entry holds their
+    ttt.TTTConfig and "kv_ring" says "personaplex", which only we read)."""
     d = dataclasses.asdict(cfg)
-    if d["ttt"] is None:
-        del d["ttt"]
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in _OUR_LM_FIELDS:
+        if getattr(cfg, name) == defaults[name]:
+            del d[name]
     return json.loads(json.dumps(d))                  # tuples -> lists, at any depth
 
 

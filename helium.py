@@ -14,7 +14,8 @@ conversion is a rename. Every streaming function returns `(state, out)`. Run `py
 for a tiny LM: batch forward, then token-by-token streaming through the KV cache, checked against
 each other.
 
-Reference: kyutai-labs/moshi `moshi/modules/transformer.py`, `rope.py`, `gating.py` (moshi 0.2.13).
+Reference: kyutai-labs/moshi `moshi/modules/transformer.py`, `rope.py`, `gating.py` (moshi 0.2.13);
+NVIDIA/personaplex `moshi/modules/transformer.py` for its older ring KV cache (kv_ring="personaplex").
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import numpy as np
 
 
 SUPPORTED = {"norm": ("rms_norm_f32", "rms_norm", "layer_norm"), "gating": ("silu", "none"),
-             "positional_embedding": ("rope", "sin", "none"), "attention": ("xla", "flash", "cudnn")}
+             "positional_embedding": ("rope", "sin", "none"), "attention": ("xla", "flash", "cudnn"),
+             "kv_ring": ("kyutai", "personaplex")}
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class TransformerConfig:
     weights_per_step: int = 0             # >0: step t of a sequence uses its own projections (depformer)
     weights_per_step_schedule: tuple[int, ...] | None = None   # step t uses weights schedule[t]
     attention: str = "xla"                # xla | flash | cudnn: see self_attention
+    kv_ring: str = "kyutai"               # kyutai | personaplex: whose streaming KV ring, see ring_positions
 
     def __post_init__(self):
         # Kyutai's transformer has more options (other gatings, norms, RoPE layouts); no released
@@ -55,7 +58,7 @@ class TransformerConfig:
         for name, allowed in SUPPORTED.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"transformer config: {name}={getattr(self, name)!r} is not supported "
-                                 f"(only {', '.join(allowed)}: what Kyutai's released models use)")
+                                 f"(only {', '.join(allowed)}: what the released models use)")
 
     @property
     def head_dim(self) -> int:
@@ -212,21 +215,36 @@ def dot_product_attention(q, k, v, mask):
     return (out / jnp.sum(weights, axis=-1)[..., None]).astype(v.dtype)
 
 
-def ring_positions(offset, T: int, capacity: int):
-    """Absolute position held by each cache slot after writing T steps at `offset`; -1 if empty."""
+# Two rings, because two official codebases disagree once the ring is full, and each model must
+# match its own: Kyutai's moshi 0.2.13 gives every slot the position it holds, so a step fed alone
+# with capacity C sees C keys (itself and C - 1 before). NVIDIA's PersonaPlex fork keeps the older
+# RingKVCache, which advances its end offset *before* computing positions: the slot after the
+# newest one (the oldest key, once the ring is full) is labelled end_offset, a future position, and
+# is masked, so the same step sees C - 1 keys. Before the ring fills that slot is empty either way.
+# The depformer's cache (dep_q slots, refilled every frame) meets it too: under NVIDIA's ring its
+# last codebook does not see its first.
+
+def ring_positions(offset, T: int, capacity: int, kv_ring: str = "kyutai"):
+    """Absolute position held by each cache slot after writing T steps at `offset`; -1 if empty or
+    (kv_ring="personaplex") hidden as NVIDIA's ring hides it."""
     last = offset + T - 1
-    delta = jnp.arange(capacity) - last % capacity
+    slots = jnp.arange(capacity)
+    delta = slots - last % capacity
     pos = jnp.where(delta <= 0, last + delta, last + delta - capacity)
+    if kv_ring == "personaplex":
+        if capacity < 2:                     # NVIDIA's ring would hide the newest key: nothing to attend to
+            raise ValueError(f"kv_ring='personaplex' needs a KV cache of 2 slots or more, not {capacity}")
+        pos = jnp.where(slots == (last + 1) % capacity, -1, pos)
     return jnp.where(pos >= 0, pos, -1)
 
 
-def ring_write(cache, k, v, offset):
+def ring_write(cache, k, v, offset, kv_ring: str = "kyutai"):
     # cache {"k","v": [B, H, C, Dh]}, k/v [B, H, T, Dh] -> new cache, plus its keys/values/positions
     C, T = cache["k"].shape[2], k.shape[2]
     slots = (offset + jnp.arange(T)) % C
     new_k = cache["k"].at[:, :, slots].set(k.astype(cache["k"].dtype))
     new_v = cache["v"].at[:, :, slots].set(v.astype(cache["v"].dtype))
-    return {"k": new_k, "v": new_v}, ring_positions(offset, T, C)
+    return {"k": new_k, "v": new_v}, ring_positions(offset, T, C, kv_ring)
 
 
 def self_attention(p, cfg: TransformerConfig, x, offset, cache=None):
@@ -242,7 +260,7 @@ def self_attention(p, cfg: TransformerConfig, x, offset, cache=None):
     if cache is None:
         pos_k = pos_q
     else:
-        cache, pos_k = ring_write(cache, k, v, offset)
+        cache, pos_k = ring_write(cache, k, v, offset, cfg.kv_ring)
         k, v = cache["k"], cache["v"]
     if cfg.attention == "xla":
         out = dot_product_attention(q, k, v, attention_mask(pos_q, pos_k, cfg.causal, cfg.context))

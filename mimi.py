@@ -24,6 +24,8 @@ Streaming note (Kyutai's behaviour, reproduced exactly): the streaming transform
 per frame and a ring cache of exactly 250 slots, so once more than 250 steps (10 s) have passed, the
 first step of each frame sees 249 past keys instead of 250. Kyutai's streaming codes therefore
 drift from its batch codes after 10 s; ours match its streaming codes there, not its batch codes.
+NVIDIA's PersonaPlex streams Mimi through an older ring that sees one key less again (248 and 249);
+`kv_ring="personaplex"` reproduces that one (see helium.ring_positions).
 
 Also here: audio I/O for the other scripts (`read_blocks` streams a file of any rate and channel
 count through a windowed-sinc polyphase resampler written in numpy, in constant memory;
@@ -41,7 +43,7 @@ import argparse
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -78,9 +80,13 @@ class MimiConfig:
     codebook_size: int = 2048
     num_quantizers: int = 32                  # semantic + acoustic
     num_semantic: int = 1
+    # Whose streaming KV ring the transformers follow once it is full (helium.ring_positions):
+    # Kyutai's, or NVIDIA's older one, which PersonaPlex's Mimi streams with (sample.py sets it to the LM's).
+    kv_ring: str = "kyutai"
 
     def __post_init__(self):
         object.__setattr__(self, "ratios", tuple(self.ratios))     # hashable: configs are static under jit
+        self.transformer                      # noqa: B018  its config refuses an unknown kv_ring
 
     @property
     def hop_length(self) -> int:
@@ -101,7 +107,8 @@ class MimiConfig:
         return helium.TransformerConfig(
             d_model=self.dimension, num_heads=self.num_heads, num_layers=self.num_layers,
             dim_feedforward=self.dim_feedforward, causal=True, context=self.context, norm="layer_norm",
-            gating="none", positional_embedding="rope", max_period=self.max_period, layer_scale=self.layer_scale)
+            gating="none", positional_embedding="rope", max_period=self.max_period, layer_scale=self.layer_scale,
+            kv_ring=self.kv_ring)
 
 
 # A codec of a few thousand parameters with the real structure and 80 ms frames, for tests and
@@ -437,6 +444,12 @@ def decode_step(params, cfg: MimiConfig, state, codes):
 CHUNK_FRAMES = 125   # 10 s
 
 
+def _batch_config(cfg: MimiConfig) -> MimiConfig:
+    # The batch result is the codec without a ring at all, so the ring rule must not hide a key:
+    # NVIDIA's would, in a single chunk's cache (sized to the chunk), hide the chunk's first step.
+    return replace(cfg, kv_ring="kyutai")
+
+
 def _batch_capacity(cfg: MimiConfig, chunk: int, n_chunks: int) -> int:
     # KV slots so that every step of a chunk sees its whole window: the chunk plus the context
     # before it; a single chunk needs only its own steps.
@@ -450,6 +463,7 @@ def encode(params, cfg: MimiConfig, wav, num_codebooks: int = 8, chunk_frames: i
     The audio is right-padded with zeros to whole frames, as Kyutai's `MimiModel.encode` does.
     """
     _check_wav(cfg, wav, "mimi.encode", whole_frames=False)
+    cfg = _batch_config(cfg)
     B, _, S = wav.shape
     n_frames = -(-S // cfg.frame_size)
     chunk = min(chunk_frames, n_frames)
@@ -472,6 +486,7 @@ def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
         lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
         if lo < 0 or hi >= cfg.codebook_size:
             raise ValueError(f"mimi.decode: codes must be in [0, {cfg.codebook_size}), got values in [{lo}, {hi}]")
+    cfg = _batch_config(cfg)
     chunk = min(chunk_frames, T)
     n_chunks = -(-T // chunk)
     codes = jnp.pad(jnp.asarray(codes, jnp.int32), ((0, 0), (0, 0), (0, n_chunks * chunk - T)))

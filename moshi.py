@@ -92,6 +92,10 @@ class LMConfig:
     extra_heads_num_heads: int = 0        # STT's voice-activity heads: loaded and saved, not used here
     extra_heads_dim: int = 6
     ttt: ttt.TTTConfig | None = None      # In-Place TTT on some temporal layers (ttt.py); not Kyutai's
+    # Whose streaming KV ring the temporal and depth transformers follow once it is full (see
+    # helium.ring_positions): "kyutai" (moshi 0.2.13) or "personaplex" (NVIDIA's fork, which sees
+    # one key less). Not a Kyutai kwarg: PersonaPlex checkpoints get it from repo.lm_config_for.
+    kv_ring: str = "kyutai"
 
     def __post_init__(self):
         if len(self.delays) != self.n_q + 1:
@@ -124,7 +128,7 @@ class LMConfig:
             d_model=self.dim, num_heads=self.num_heads, num_layers=self.num_layers,
             dim_feedforward=int(self.hidden_scale * self.dim), causal=self.causal, context=self.context,
             norm=self.norm, gating=self.gating, positional_embedding=self.positional_embedding,
-            max_period=self.max_period, layer_scale=self.layer_scale)
+            max_period=self.max_period, layer_scale=self.layer_scale, kv_ring=self.kv_ring)
 
     @property
     def depformer(self) -> depformer.DepformerConfig:
@@ -136,7 +140,7 @@ class LMConfig:
             norm=self.norm, gating=self.depformer_gating, positional_embedding=self.depformer_pos_emb,
             max_period=self.depformer_max_period, layer_scale=self.depformer_layer_scale,
             weights_per_step=self.dep_q if self.depformer_weights_per_step else 0,
-            weights_per_step_schedule=self.depformer_weights_per_step_schedule)
+            weights_per_step_schedule=self.depformer_weights_per_step_schedule, kv_ring=self.kv_ring)
         return depformer.DepformerConfig(
             num_steps=self.dep_q, in_dim=self.dim, card=self.card, text_card=self.text_card,
             transformer=tcfg, multi_linear=self.depformer_multi_linear,
@@ -155,13 +159,14 @@ MOSHIKO = LMConfig(
     depformer_dim=1024, depformer_dim_feedforward=int(4.125 * 1024), depformer_num_heads=16,
     depformer_num_layers=6, depformer_multi_linear=True, depformer_weights_per_step=True,
     depformer_pos_emb="none", depformer_max_period=10_000, depformer_gating="silu")
-# NVIDIA's PersonaPlex: moshiko whose depformer also writes the user's 8 codebooks.
-PERSONAPLEX = dataclasses.replace(MOSHIKO, dep_q=16)
+# NVIDIA's PersonaPlex: moshiko whose depformer also writes the user's 8 codebooks, streamed with
+# the KV ring of NVIDIA's code.
+PERSONAPLEX = dataclasses.replace(MOSHIKO, dep_q=16, kv_ring="personaplex")
 # Tiny models of the same shape, for tests and demos.
 TINY = dataclasses.replace(MOSHIKO, card=64, text_card=96, dim=64, num_heads=4, num_layers=2, context=8,
                            depformer_dim=32, depformer_dim_feedforward=int(4.125 * 32),
                            depformer_num_heads=2, depformer_num_layers=2)
-TINY_PERSONAPLEX = dataclasses.replace(TINY, dep_q=16)
+TINY_PERSONAPLEX = dataclasses.replace(TINY, dep_q=16, kv_ring="personaplex")
 PRESETS = {"moshiko": MOSHIKO, "moshika": MOSHIKO, "personaplex": PERSONAPLEX,
            "tiny": TINY, "tiny_personaplex": TINY_PERSONAPLEX}
 
@@ -380,7 +385,7 @@ def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
     return tokens, provided
 
 
-def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes):
+def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes, embedding=None):
     B = state["tokens"].shape[0]
     n_user = 0 if user_codes is None else user_codes.shape[1]
     n_moshi = 0 if moshi_codes is None else moshi_codes.shape[1]
@@ -394,6 +399,8 @@ def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes):
                          f"and not overlapping the {n_user} user codebooks")
     if text is not None and text.shape != (B,):
         raise ValueError(f"gen_step: text must be [B={B}], got {text.shape}")
+    if embedding is not None and embedding.shape != (B, cfg.dim):
+        raise ValueError(f"gen_step: embedding must be [B={B}, dim={cfg.dim}], got {embedding.shape}")
 
 
 @dataclass(frozen=True)
@@ -408,7 +415,7 @@ class Sampling:
 
 
 @partial(jax.jit, static_argnames=("cfg", "sampling", "return_logits"), donate_argnames=("state",))
-def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, *,
+def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, embedding=None, *,
              sampling: Sampling = Sampling(), return_logits: bool = False):
     """One frame of streaming generation: (state, out) = gen_step(...). `state` is donated (its KV
     cache is updated in place): always continue from the returned one.
@@ -421,12 +428,16 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
                  key per codebook), so the same key may be passed to every call.
     text         int [B] or None: force this frame's text token (-2 = sample it).
     moshi_codes  int [B, M] or None: force Moshi's codebooks 1..M (-2 = sample), M <= dep_q.
+    embedding    float [B, D] or None: the temporal step's input (in the model's dtype), in place of
+                 the summed embeddings of position n's tokens (PersonaPlex's saved voice prompts are
+                 replayed this way, as its LMGen.step_embeddings does); what is given above is
+                 written all the same.
     sampling     a Sampling (static: changing it recompiles).
     out          int32 [B, 1 + dep_q]: text + audio tokens of frame step - max_delay; -1 before.
     Which frame the inputs belong to depends on the state's lookahead (see init_gen_state).
     return_logits=True also returns {"text_logits" [B, text_card], "audio_logits" [B, dep_q, card]}.
     """
-    _check_gen_inputs(cfg, state, user_codes, text, moshi_codes)
+    _check_gen_inputs(cfg, state, user_codes, text, moshi_codes, embedding)
     n, size = state["step"], state["tokens"].shape[-1]
     delays, initial = jnp.asarray(cfg.delays, jnp.int32), jnp.asarray(cfg.initial_tokens())
     gen = slice(0, 1 + cfg.dep_q)                                     # the streams this model writes
@@ -434,8 +445,9 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
     # 2. the temporal step on position n
     here = jnp.where(n <= delays, initial, tokens[:, :, n % size])                            # [B, K]
-    kv, ttt_states, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, here[:, :, None]), n,
-                                              state["kv"], state.get("ttt"))
+    x = embed_frames(params, cfg, here[:, :, None]) if embedding is None else embedding[:, None]   # [B, 1, D]
+    kv, ttt_states, h, text_logits = temporal(params, cfg, x.astype(params["text_emb"].dtype), n, state["kv"],
+                                              state.get("ttt"))
     h, text_logits = h[:, 0], text_logits[:, 0]
     # 3. position n + 1: the text token, then the depformer's codebooks; a given token wins over
     # the sampled one and conditions the next codebook (the sampled ones are what logits report)
@@ -481,12 +493,15 @@ def main(argv=None):
     codes = jax.random.randint(jax.random.key(1), (B, cfg.num_streams, T), 0, cfg.card)
     codes = codes.at[:, 0].set(codes[:, 0] % cfg.text_card)
     out = jax.jit(lambda p, c: forward(p, cfg, c))(params, codes)
-    state = init_gen_state(params, cfg, B, lookahead=1)
+    # The check streams through Kyutai's KV ring: NVIDIA's (the PersonaPlex presets) sees one key less
+    # once a ring is full, so it departs from the whole-sequence forward by design (helium.ring_positions).
+    check = dataclasses.replace(cfg, kv_ring="kyutai")
+    state = init_gen_state(params, check, B, lookahead=1)
     n_user = cfg.n_q - cfg.dep_q or 8
     err, key = 0.0, jax.random.key(2)
     for n in range(T):
         frame = codes[:, :, n]
-        state, tokens, logits = gen_step(params, cfg, state, frame[:, -n_user:, None], key, text=frame[:, 0],
+        state, tokens, logits = gen_step(params, check, state, frame[:, -n_user:, None], key, text=frame[:, 0],
                                          moshi_codes=frame[:, 1:1 + cfg.n_q - n_user], return_logits=True)
         ref = out["text_logits"][:, 0, n]
         err = max(err, float(jnp.max(jnp.abs(logits["text_logits"] - ref)) / jnp.max(jnp.abs(ref))))

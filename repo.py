@@ -42,6 +42,7 @@ class Checkpoint:
     tokenizer: str | None         # path of the sentencepiece model (idem)
     config: dict | None           # config.json without the file names (None: there is none)
     mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any (see mimi_config)
+    model_type: str = "moshi"         # config.json's (see CONVERSATION_MODEL_TYPES)
 
 
 def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=None, lm_only=False,
@@ -88,7 +89,8 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     files = {what: given[what] or get(names[what]) for what in given}
     read_mimi_config = mimi_config_name and not lm_only
     return Checkpoint(files["moshi"], files.get("mimi"), files.get("tokenizer"), lm_config if raw else None,
-                      _read_json(get(mimi_config_name), mimi_config_name) if read_mimi_config else None)
+                      _read_json(get(mimi_config_name), mimi_config_name) if read_mimi_config else None,
+                      model_type)
 
 
 # Kyutai's repos say "moshi"; NVIDIA's PersonaPlex repo ships only {"model_type": "personaplex",
@@ -159,15 +161,21 @@ def lm_config_for(ckpt: Checkpoint, log=None):
     """The LM config to load `ckpt.moshi` with (see load_lm): config.json's, or, where the repo has
     none (or one that does not describe the LM, like PersonaPlex's), Kyutai's built-in moshiko config
     with as many depformer outputs as the checkpoint has heads (16 for PersonaPlex, whose own loader
-    also ignores config.json). `log(message)`, if given, hears when the heads decide."""
-    if ckpt.config and "dim" in ckpt.config:
-        return ckpt.config
+    also ignores config.json). A PersonaPlex checkpoint (model_type "personaplex", or 16 depformer
+    heads) streams with NVIDIA's KV ring, as its own code does, unless config.json names a kv_ring.
+    `log(message)`, if given, hears when the heads decide."""
     heads = sum(1 for k in convert.SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))
-    if heads and heads != moshi.MOSHIKO.dep_q:
-        if log:
-            log(f"no LM config: moshiko's, with dep_q={heads} as the checkpoint has {heads} depformer heads")
-        return dataclasses.replace(moshi.MOSHIKO, dep_q=heads)
-    return None
+    persona = ckpt.model_type == "personaplex" or heads == moshi.PERSONAPLEX.dep_q
+    ring = {"kv_ring": moshi.PERSONAPLEX.kv_ring} if persona else {}
+    if ckpt.config and "dim" in ckpt.config:
+        return dict(ring, **ckpt.config)
+    if heads in (0, moshi.MOSHIKO.dep_q) and not persona:
+        return None
+    heads = heads or moshi.MOSHIKO.dep_q
+    if log:
+        log(f"no LM config: moshiko's, with dep_q={heads} as the checkpoint has {heads} depformer heads"
+            + (", and PersonaPlex's KV ring" if persona else ""))
+    return dataclasses.replace(moshi.MOSHIKO, dep_q=heads, **ring)
 
 
 def main(argv=None):

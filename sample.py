@@ -16,21 +16,25 @@ the official package, frame for frame.
 PersonaPlex (`--hf-repo nvidia/personaplex-7b-v1`) is Moshi fine-tuned to take a voice prompt and
 a role in text before the conversation: see `persona_prompt` below.
 
-Sections, top to bottom: loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt; the
-conversation loop; text display and files; main. The weights are found as Kyutai's loader finds
-them, by `repo.find_checkpoint`; the prompt (any rate or channel count) is read lazily by
-`mimi.read_blocks`.
+Sections, top to bottom: loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt (with
+its saved .pt voices, read without torch); the conversation loop; text display and files; main.
+The weights are found as Kyutai's loader finds them, by `repo.find_checkpoint`; the prompt (any rate
+or channel count) is read lazily by `mimi.read_blocks`.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
+import pickle
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import jax
@@ -40,6 +44,7 @@ import sentencepiece
 import soundfile
 
 import convert
+import helium
 import mimi
 import moshi
 import repo
@@ -138,13 +143,18 @@ def wrap_system(text: str) -> str:
 
 @dataclass
 class Prompt:
-    """Forced tokens for the frames before the conversation: text [N], moshi_codes [N, 8], user_codes [N, 8]."""
+    """Forced tokens for the frames before the conversation: text [N], moshi_codes [N, 8], user_codes [N, 8].
+    A saved voice (read_voice_pt) comes before them instead of voice frames: embeddings [M, D] and the
+    token ring it leaves, cache [1 + n_q, max_delay + 3]."""
     text: np.ndarray
     moshi_codes: np.ndarray
     user_codes: np.ndarray
+    embeddings: np.ndarray | None = None
+    cache: np.ndarray | None = None
 
     def __len__(self):
-        return len(self.text)
+        """Frames, as many as the audio it was made from (a saved voice's first frame left no embedding)."""
+        return len(self.text) + (0 if self.embeddings is None else len(self.embeddings) + 1)
 
 
 def persona_prompt(voice_codes, text_tokens, silence_codes, sine_codes, pad: int) -> Prompt:
@@ -180,16 +190,17 @@ def encode_audio(models, wav):
 
 
 def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> Prompt:
-    if models.mimi_cfg == mimi.MimiConfig() and models.codebooks == len(SILENCE_CODES):
+    """voice_prompt: audio of the voice, a saved voice (.pt, as NVIDIA ships them), or None."""
+    released = mimi.MimiConfig(kv_ring=models.mimi_cfg.kv_ring)          # whichever ring it streams with
+    if models.mimi_cfg == released and models.codebooks == len(SILENCE_CODES):
         silence, sine = SILENCE_CODES, SINE_CODES
     else:                                            # not the released Mimi: the same recipe
         silence = encode_audio(models, np.zeros(models.mimi_cfg.frame_size, np.float32))[0]
         sine = encode_audio(models, sine_frame(models.mimi_cfg))[0]
-    voice_codes = None
-    if voice_prompt:
-        if voice_prompt.endswith(".pt"):
-            raise SampleError(f"{voice_prompt}: PersonaPlex's .pt voice embeddings need torch; give the voice "
-                              f"prompt as audio (a few seconds of the voice, any format soundfile reads)")
+    voice_codes, saved = None, {}
+    if voice_prompt and voice_prompt.endswith(".pt"):
+        saved = dict(zip(("embeddings", "cache"), read_voice_pt(voice_prompt, models.lm_cfg)))
+    elif voice_prompt:
         sr = models.mimi_cfg.sample_rate
         voice = mimi.mix_down(mimi.read_audio(voice_prompt, sr))[0]                    # [S]
         voice_codes = encode_audio(models, normalize_loudness(voice, sr, -24.0))
@@ -198,7 +209,104 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
         if models.tokenizer is None:
             raise SampleError("--text-prompt needs a text tokenizer (--tokenizer)")
         text_tokens = models.tokenizer.encode(wrap_system(text_prompt))
-    return persona_prompt(voice_codes, text_tokens, silence, sine, models.lm_cfg.existing_text_padding_id)
+    prompt = persona_prompt(voice_codes, text_tokens, silence, sine, models.lm_cfg.existing_text_padding_id)
+    return dataclasses.replace(prompt, **saved)
+
+
+# PersonaPlex's saved voices. NVIDIA ships its 18 voices (NATF0 .. VARM4) as torch.save files of
+# {"embeddings": [M, 1, 1, D], "cache": [1, 1 + n_q, max_delay + 3] int64}: the temporal
+# transformer's input at each voice-prompt frame but the first (the summed embeddings of the tokens
+# its LMGen fed), and LMGen's token ring after the prompt. play_prompt replays them.
+# A torch.save file is a zip holding a pickle (data.pkl) whose tensors name, by key, raw storages
+# stored beside it (data/<key>). Unpickling calls whatever the pickle names, so this unpickler
+# resolves only the names a tensor's rebuild needs and refuses any other by name: no torch, and no
+# code from the file is run. It lives here, beside the prompt it feeds: a voice is an input to a
+# conversation, not a checkpoint (convert.py reads those, in safetensors).
+
+TORCH_STORAGES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+                  "BFloat16Storage": jnp.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+                  "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+                  "BoolStorage": np.bool_}
+
+
+class TensorUnpickler(pickle.Unpickler):
+    """torch's pickle of tensors, rebuilt as numpy arrays; `record(name)` reads the zip's records."""
+
+    def __init__(self, file, record, path):
+        super().__init__(file)
+        self.record, self.path = record, path
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in TORCH_STORAGES:
+            return np.dtype(TORCH_STORAGES[name])
+        if (module, name) == ("collections", "OrderedDict"):           # a tensor's (empty) backward hooks
+            return collections.OrderedDict
+        raise SampleError(f"{self.path}: refusing to unpickle {module}.{name}: a saved voice holds only "
+                          f"tensors (only torch's tensor rebuild is allowed, nothing the file names is run)")
+
+    def persistent_load(self, pid):
+        # ("storage", its dtype (from find_class), key, device, number of elements) -> a flat array
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], np.dtype)):
+            raise ValueError(f"unexpected persistent id {pid!r}")
+        _, dtype, key, _, numel = pid
+        data = self.record(f"data/{key}")
+        if len(data) < numel * dtype.itemsize:
+            raise ValueError(f"storage {key} is truncated")
+        return np.frombuffer(data, dtype, count=numel)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    """torch._utils._rebuild_tensor_v2's arguments (then requires_grad, hooks) -> a numpy copy."""
+    size, stride = tuple(size), tuple(stride)
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+    if offset < 0 or min(stride, default=0) < 0 or end > len(storage):
+        raise ValueError(f"a tensor of shape {size} runs past its storage")
+    steps = [s * storage.itemsize for s in stride]
+    return np.lib.stride_tricks.as_strided(storage[offset:], size, steps).copy()
+
+
+def read_torch_file(path):
+    """A torch.save file -> the object it holds, its tensors as numpy arrays, without torch."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickles = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise ValueError(f"{len(pickles)} data.pkl records, expected one")
+            root = pickles[0][:-len("data.pkl")]
+            if root + "byteorder" in z.namelist() and z.read(root + "byteorder") != b"little":
+                raise ValueError("written on a big-endian machine, which is not supported")
+            record = lambda name: z.read(root + name)                    # noqa: E731
+            return TensorUnpickler(io.BytesIO(z.read(pickles[0])), record, path).load()
+    except zipfile.BadZipFile:
+        raise SampleError(f"{path}: not a torch.save zip file (torch >= 1.6 writes those)") from None
+    except OSError as e:
+        raise SampleError(f"cannot read the voice prompt {path}: {e}") from None
+    except (ValueError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as e:
+        raise SampleError(f"{path}: not a readable torch.save file ({e})") from None
+
+
+def read_voice_pt(path, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """A saved PersonaPlex voice -> (embeddings float32 [M, D], token ring int32 [1 + n_q, max_delay + 3]),
+    checked against the LM config `cfg`."""
+    voice = read_torch_file(path)
+    if not (isinstance(voice, dict) and {"embeddings", "cache"} <= set(voice)):
+        raise SampleError(f"{path}: not a PersonaPlex voice (expected a dict of 'embeddings' and 'cache', "
+                          f"got {sorted(voice) if isinstance(voice, dict) else type(voice).__name__})")
+    emb, cache = voice["embeddings"], voice["cache"]
+    if not (emb.ndim == 4 and emb.shape[1:] == (1, 1, cfg.dim) and len(emb) and emb.dtype.kind == "f"):
+        raise SampleError(f"{path}: embeddings of shape {emb.shape} ({emb.dtype}); this LM takes "
+                          f"[frames, 1, 1, {cfg.dim}] floats")
+    ring = (1, cfg.num_streams, cfg.max_delay + 3)
+    if cache.shape != ring or cache.dtype.kind not in "iu" or cache.min() < moshi.UNGENERATED \
+            or cache.max() > max(cfg.card, cfg.text_card):
+        raise SampleError(f"{path}: token cache of shape {cache.shape} ({cache.dtype}); this LM keeps "
+                          f"{list(ring)} token ids")
+    return emb[:, 0, 0].astype(np.float32), cache[0].astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,9 +320,10 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
 # One difference, on purpose: run_inference drops a trailing partial frame; we zero-pad it (as
 # PersonaPlex does) and cut Moshi's audio to the input's length, so the answer is exactly as long.
 # PersonaPlex follows NVIDIA's offline.py: the prompt first, then the user's frames, with the LM
-# state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state). Both return one frame per
-# input frame. Moshi's audio is decoded from codebooks 1..8 (PersonaPlex also predicts the user's
-# 8, which we ignore as it does).
+# state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state), and the LM and Mimi streaming
+# with the KV ring of NVIDIA's code, which sees one step less once full (helium.ring_positions; the
+# checkpoint decides, --kv-ring overrides). Both return one frame per input frame. Moshi's audio is
+# decoded from codebooks 1..8 (PersonaPlex also predicts the user's 8, which we ignore as it does).
 
 @dataclass
 class Models:
@@ -249,11 +358,8 @@ def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, 
     enc_state = mimi.encoder_state(models.mimi_cfg, 1)       # the user is the same in every row:
     dec_state = mimi.decoder_state(models.mimi_cfg, B)       # encoded once, Moshi decoded per row
     rows = lambda a: jnp.broadcast_to(jnp.asarray(a), (B,) + np.shape(a))           # noqa: E731
-    if prompt is not None:        # PersonaPlex's first call only seeds its cache: its frame is dropped
-        for i in range(1, len(prompt)):
-            lm_state, _ = moshi.gen_step(lm, lm_cfg, lm_state, rows(prompt.user_codes[i])[:, :, None], key,
-                                         text=rows(prompt.text[i]), moshi_codes=rows(prompt.moshi_codes[i]),
-                                         sampling=sampling)
+    if prompt is not None:
+        lm_state = play_prompt(models, lm_state, prompt, rows, key, sampling)
     pending = None
     for i, frame in enumerate(frames):
         enc_state, codes = mimi.encode_step(models.mimi, models.mimi_cfg, enc_state, jnp.asarray(frame)[None, None], K)
@@ -267,6 +373,26 @@ def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, 
         pending = tokens, pcm[:, 0]                                                         # pcm [B, F]
     if pending is not None:
         yield _on_host(*pending)
+
+
+def play_prompt(models: Models, state, prompt: Prompt, rows, key, sampling: moshi.Sampling):
+    """The PersonaPlex prompt through the LM, one gen_step per frame, every stream forced (NVIDIA's
+    step_system_prompts). A saved voice first, as its _step_voice_prompt_core replays one: each
+    embedding is a temporal step's input while the streams are forced to what its step_embeddings
+    writes (initial audio tokens, PAD text), then the token ring becomes the saved one. NVIDIA's
+    first step only seeds its cache, so the first frame is dropped (step_embeddings seeds it itself)."""
+    lm, cfg = models.lm, models.lm_cfg
+    audio, pad = rows(np.full(models.codebooks, cfg.card, np.int32)), rows(cfg.existing_text_padding_id)
+    for embedding in [] if prompt.embeddings is None else prompt.embeddings:
+        state, _ = moshi.gen_step(lm, cfg, state, audio[:, :, None], key, text=pad, moshi_codes=audio,
+                                  embedding=rows(embedding), sampling=sampling)
+    if prompt.cache is not None:
+        state = dict(state, tokens=rows(prompt.cache))
+    for i in range(1 if prompt.embeddings is None else 0, len(prompt.text)):
+        state, _ = moshi.gen_step(lm, cfg, state, rows(prompt.user_codes[i])[:, :, None], key,
+                                  text=rows(prompt.text[i]), moshi_codes=rows(prompt.moshi_codes[i]),
+                                  sampling=sampling)
+    return state
 
 
 def _on_host(tokens, pcm):
@@ -419,6 +545,9 @@ def _load_models(args, log) -> Models:
         mimi_cfg = convert.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
         tokenizer = load_tokenizer(ckpt.tokenizer)
+    # One codebase streams both: Mimi follows the LM's KV ring (--kv-ring overrides the checkpoint's).
+    ring = args.kv_ring or cfg.kv_ring
+    cfg, mimi_cfg = dataclasses.replace(cfg, kv_ring=ring), dataclasses.replace(mimi_cfg, kv_ring=ring)
     models = Models(lm, cfg, mimi_params, mimi_cfg, tokenizer)
     if mimi_cfg.codebook_size != cfg.card or mimi_cfg.num_quantizers < models.codebooks:
         raise SampleError(f"Mimi ({mimi_cfg.num_quantizers} codebooks of {mimi_cfg.codebook_size}) does not fit "
@@ -462,9 +591,7 @@ def parse_args(argv=None):
                    "in one batch: out-0.wav, out-1.wav, ...")
     g.add_argument("--duration", type=float, help="seconds of conversation: the prompt is cut, or followed by "
                    "silence, to this length (default: the prompt's length)")
-    g = ap.add_argument_group("PersonaPlex (models whose depformer writes all 16 audio streams)")
-    g.add_argument("--voice-prompt", help="audio of the voice Moshi should speak with (normalised to -24 LUFS)")
-    g.add_argument("--text-prompt", help=f"the role, wrapped in <system> tags (default: {PERSONAPLEX_TEXT_PROMPT!r})")
+    add_persona_flags(ap.add_argument_group("PersonaPlex (models whose depformer writes all 16 audio streams)"))
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
@@ -474,6 +601,16 @@ def parse_args(argv=None):
         if args.random_init not in moshi.PRESETS:
             ap.error(f"--random-init: unknown preset {args.random_init!r} (choose from {', '.join(moshi.PRESETS)})")
     return args
+
+
+def add_persona_flags(g):
+    g.add_argument("--voice-prompt", help="audio of the voice Moshi should speak with (normalised to "
+                   "-24 LUFS), or one of PersonaPlex's saved voices (NATF2.pt, ...; torch is not needed)")
+    g.add_argument("--text-prompt", help=f"the role, wrapped in <system> tags (default: {PERSONAPLEX_TEXT_PROMPT!r})")
+    g.add_argument("--kv-ring", choices=helium.SUPPORTED["kv_ring"],
+                   help="whose streaming KV ring the LM and Mimi follow once it is full: Kyutai's (moshi "
+                   "0.2.13) or NVIDIA's older one, which sees one step less (default: the checkpoint's, "
+                   "NVIDIA's for PersonaPlex; any model takes either)")
 
 
 def main(argv=None):

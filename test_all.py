@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
@@ -1209,6 +1210,57 @@ def test_lm_configs_and_7b_footprint(tmp_path):
         moshi.LMConfig(delays=(0, 1, 1), n_q=1, dep_q=1)
 
 
+def test_lm_kv_ring_is_kyutais_unless_the_model_is_personaplex(tmp_path):
+    """Each model streams with its own code's KV ring: moshi 0.2.13's lets a step fed alone see the whole
+    ring (capacity 4: step 3 sees 0..3, step 6 sees 3..6), NVIDIA's older one hides the oldest slot
+    (1..3, 4..6). Kyutai's configs keep 0.2.13's and config.json never mentions it; PersonaPlex's (preset,
+    or a checkpoint recognised by model_type or its 16 depformer heads) get NVIDIA's, temporal and depth
+    transformers alike."""
+    def seen(kv_ring, step):                   # the positions a step fed alone attends to
+        pos = np.asarray(helium.ring_positions(jnp.asarray(step), 1, 4, kv_ring))
+        return sorted(pos[np.asarray(helium.attention_mask(jnp.asarray([step]), pos, True, 4))[0]].tolist())
+    assert [seen("kyutai", 3), seen("kyutai", 6)] == [[0, 1, 2, 3], [3, 4, 5, 6]]
+    assert [seen("personaplex", s) for s in (3, 6, 2)] == [[1, 2, 3], [4, 5, 6], [0, 1, 2]]
+    assert moshi.MOSHIKO.kv_ring == moshi.TINY.kv_ring == "kyutai"
+    assert "kv_ring" not in convert.lm_config_dict(moshi.MOSHIKO)
+    pp = moshi.PERSONAPLEX
+    assert pp.temporal.kv_ring == pp.depformer.transformer.kv_ring == "personaplex"
+    assert convert.lm_config(convert.lm_config_dict(pp)) == pp
+    with pytest.raises(ValueError, match="kv_ring='ring' is not supported"):
+        convert.lm_config(dict(convert.lm_config_dict(pp), kv_ring="ring"))
+    with pytest.raises(ValueError, match="2 slots or more"):
+        helium.ring_positions(jnp.asarray(0), 1, 1, "personaplex")
+    heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
+    convert.save_safetensors(tmp_path / "pp.safetensors", heads)
+    convert.save_safetensors(tmp_path / "m.safetensors", dict(list(heads.items())[:8]))
+    def ring(path, config=None, model_type="moshi"):
+        ckpt = repo.Checkpoint(str(tmp_path / path), "", "", config, model_type=model_type)
+        return convert.lm_config(repo.lm_config_for(ckpt)).kv_ring
+    tiny = convert.lm_config_dict(moshi.TINY)
+    persona = (("pp.safetensors",), ("pp.safetensors", tiny), ("m.safetensors", tiny, "personaplex"))
+    kyutai = (("m.safetensors",), ("m.safetensors", tiny), ("pp.safetensors", dict(tiny, kv_ring="kyutai")))
+    assert [ring(*c) for c in persona] == ["personaplex"] * 3 and [ring(*c) for c in kyutai] == ["kyutai"] * 3
+
+
+def test_lm_gen_step_from_an_input_embedding():
+    """gen_step fed the summed embeddings of the tokens it would read is the same step as fed those
+    tokens (what replays PersonaPlex's saved voices); a wrongly shaped embedding is named."""
+    cfg = moshi.TINY_PERSONAPLEX
+    params = moshi.init(jax.random.key(0), cfg)
+    codes = np.asarray(jax.random.randint(jax.random.key(1), (2, 8, 3), 0, cfg.card))
+    plain, fed = (moshi.init_gen_state(params, cfg, 2, lookahead=1) for _ in range(2))
+    initial, key = jnp.asarray(cfg.initial_tokens()), jax.random.key(2)
+    for n in range(3):
+        here = jnp.where(n <= jnp.asarray(cfg.delays), initial, plain["tokens"][:, :, n % 4])   # position n
+        embedding = moshi.embed_frames(params, cfg, here[:, :, None])[:, 0]                        # [B, D]
+        user = codes[:, :, n:n + 1]
+        plain, a, la = moshi.gen_step(params, cfg, plain, user, key, return_logits=True)
+        fed, b, lb = moshi.gen_step(params, cfg, fed, user, key, embedding=embedding, return_logits=True)
+        assert np.array_equal(a, b) and rel_err(lb["audio_logits"], la["audio_logits"]) < 1e-6
+    with pytest.raises(ValueError, match=r"embedding must be \[B=2, dim=64\], got \(2, 32\)"):
+        moshi.gen_step(params, cfg, fed, codes[:, :, :1], jax.random.key(2), embedding=jnp.zeros((2, 32)))
+
+
 def test_lm_text_only_model_runs(tmp_path):
     """dep_q = 0 (Kyutai's STT shape): no depformer; forward gives text logits, generation text only;
     the checkpoint round-trips (with the unused `depformer_in` Kyutai builds anyway)."""
@@ -1247,18 +1299,23 @@ def test_lm_sampling_is_softmax_top_k():
 # Hugging Face ones (config.json, model.safetensors written by convert.save_lm, a Mimi checkpoint
 # and its mimi_config.json, a sentencepiece model trained here). Parity: the tokens of every frame
 # equal those of Kyutai's run_inference.py loop (moshiko-shaped model) and of NVIDIA's PersonaPlex
-# offline.py (voice + text prompt, dep_q 16), both greedy, recorded by
-# testdata/make_sample_fixtures.py. Budget: < 3 min on 2 cores.
+# offline.py (voice + text prompt, dep_q 16; also past the wrap of its KV rings, and from a voice
+# its LMGen saved as .pt), all greedy, recorded by testdata/make_sample_fixtures.py. Budget: < 3 min
+# on 2 cores.
 
 
 SAMPLE_FX = _testdata_module("make_sample_fixtures")
 
 
-def _write_sample_repo(folder, persona: bool):
-    """The fixture's weights rebuilt bit for bit, in Kyutai's on-disk format, with configs and a tokenizer."""
+def _write_sample_repo(folder, persona: bool, wrap: bool = False):
+    """The fixture's weights rebuilt bit for bit, in Kyutai's on-disk format, with configs and a tokenizer.
+    wrap: the PersonaPlex weights with the short windows of the fixture's wrap run."""
     fx, rw = SAMPLE_FX, _testdata_module("random_weights")
     folder.mkdir()
-    if persona:        # already on-disk names in the fork's state dict
+    if wrap:
+        spec, seed, config = "sample_personaplex_keys.txt", fx.PERSONA_SEED, fx.PERSONA_WRAP_CONFIG
+        mimi_config = fx.MIMI_CONFIG
+    elif persona:        # already on-disk names in the fork's state dict
         spec, seed, config, mimi_config = "sample_personaplex_keys.txt", fx.PERSONA_SEED, fx.PERSONA_CONFIG, fx.PERSONA_MIMI_CONFIG
     else:
         spec, seed, config, mimi_config = "sample_lm_keys.txt", fx.LM_SEED, fx.LM_CONFIG, fx.MIMI_CONFIG
@@ -1325,6 +1382,106 @@ def test_sample_matches_personaplex_offline(tmp_path):
     tokens, pcm = _run_converse(models, prompt=prompt)
     np.testing.assert_array_equal(tokens[0], ref["tokens"])
     assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
+
+
+def test_sample_personaplex_past_the_kv_ring_wrap(tmp_path, monkeypatch):
+    """NVIDIA's offline flow where its KV rings wrap (an LM window of 24 frames < 62 prompt + 52 user
+    frames, Mimi's of 8 steps): a PersonaPlex checkpoint streams the LM and Mimi with NVIDIA's ring by
+    default and gives the same 17 tokens for every frame, the same audio, and the same logits at the
+    last frames (the depformer's last codebook included, which NVIDIA's ring keeps from its first);
+    Kyutai's ring (--kv-ring kyutai) departs from them."""
+    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_wrap_fixture.npz"))
+    repo_dir = _write_sample_repo(tmp_path / "persona-wrap", persona=True, wrap=True)
+    SAMPLE_FX.write_voice_prompt(str(tmp_path / "voice.wav"))
+    persona = ("--voice-prompt", str(tmp_path / "voice.wav"), "--text-prompt", SAMPLE_FX.TEXT_PROMPT)
+    args, models = _sample_models(repo_dir, *persona)
+    assert models.lm_cfg.kv_ring == models.mimi_cfg.kv_ring == "personaplex" and models.lm_cfg.context == 24
+    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
+    assert len(prompt) > models.lm_cfg.context
+    logits, gen_step = [], moshi.gen_step
+
+    def recording(*a, **kw):
+        state, out, frame_logits = gen_step(*a, return_logits=True, **kw)
+        logits.append(frame_logits)
+        return state, out
+    monkeypatch.setattr(moshi, "gen_step", recording)
+    tokens, pcm = _run_converse(models, prompt=prompt)
+    np.testing.assert_array_equal(tokens[0], ref["tokens"])
+    assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
+    last = logits[-len(ref["text_logits"]):]
+    assert rel_err(np.stack([l["text_logits"][0] for l in last]), ref["text_logits"]) < 1e-4
+    audio = np.stack([l["audio_logits"][0] for l in last])                      # [frames, 16, card]
+    for c in range(16):
+        assert rel_err(audio[:, c], ref["audio_logits"][:, c]) < 1e-4, c
+    monkeypatch.undo()
+    _, kyutai = _sample_models(repo_dir, *persona, "--kv-ring", "kyutai")
+    assert kyutai.lm_cfg.kv_ring == kyutai.mimi_cfg.kv_ring == "kyutai"
+    other, _ = _run_converse(kyutai, prompt=prompt)
+    assert not np.array_equal(other[0], ref["tokens"])
+
+
+def test_sample_replays_personaplex_pt_voices(tmp_path):
+    """`sample.py --voice-prompt voice.pt`, a voice saved by NVIDIA's LMGen (save_voice_prompt_embeddings)
+    and replayed as its offline flow replays one: the same tokens for every frame as NVIDIA's run from
+    that .pt (which equal its run from the wav); the prompt is as long as the wav's."""
+    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_fixture.npz"))
+    repo_dir = _write_sample_repo(tmp_path / "persona-tiny", persona=True)
+    persona = ("--voice-prompt", SAMPLE_FX.VOICE_PT, "--text-prompt", SAMPLE_FX.TEXT_PROMPT)
+    args, models = _sample_models(repo_dir, *persona)
+    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
+    SAMPLE_FX.write_voice_prompt(str(tmp_path / "voice.wav"))
+    from_wav = sample.build_persona_prompt(models, str(tmp_path / "voice.wav"), args.text_prompt)
+    assert prompt.embeddings.shape == (len(from_wav) - len(prompt.text) - 1, 64)
+    assert len(prompt) == len(from_wav)
+    tokens, _ = _run_converse(models, prompt=prompt)
+    np.testing.assert_array_equal(tokens[0], ref["pt_tokens"])
+    _main("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", repo_dir, "--greedy", "--dtype", "fp32",
+          "--out", tmp_path / "a.wav", *persona)
+    answer = json.loads((tmp_path / "a.json").read_text())["answers"][0]
+    assert answer["text_tokens"] == ref["pt_tokens"][:, 0].tolist()
+    assert answer["audio_tokens"] == ref["pt_tokens"][:, 1:9].tolist()
+
+
+def test_sample_reads_pt_voices_without_torch_and_refuses_other_classes(tmp_path):
+    """The .pt reader needs no torch (in a process where importing torch fails), rebuilds what torch.save
+    writes (dtypes, views), and a pickle that asks for anything but a tensor's rebuild is refused,
+    naming what it asked for, before it can run; so are files that are not voices for this LM."""
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, *args):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ImportError('torch is blocked')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "import moshi, sample\n"
+            f"emb, cache = sample.read_voice_pt({SAMPLE_FX.VOICE_PT!r}, moshi.TINY_PERSONAPLEX)\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(emb.shape, emb.dtype, cache.shape, cache.dtype)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["(14,", "64)", "float32", "(17,", "4)", "int32"]
+    # other dtypes, views into a larger storage, nesting (testdata's tensor_zoo), as torch.save wrote them
+    zoo, x = sample.read_torch_file(SAMPLE_FX.TENSORS_PT), np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    expected = {"bf16": x, "f16_transposed": x.transpose(2, 1, 0), "f64_view": x[1, 1:, ::2], "i64": x,
+                "i32": x, "bool": x > 10, "u8": x}
+    dtypes = {"bf16": jnp.bfloat16, "f16_transposed": np.float16, "f64_view": np.float64, "i64": np.int64,
+              "i32": np.int32, "bool": np.bool_, "u8": np.uint8}
+    for name, want in expected.items():
+        assert zoo[name].dtype == dtypes[name] and np.array_equal(zoo[name].astype(np.float64), want), name
+    assert np.array_equal(zoo["nested"][0], x[0]) and np.array_equal(zoo["nested"][1][0], x[1, 0])
+    # a torch.save zip whose pickle calls os.system: refused by name, and nothing ran
+    evil, marker = tmp_path / "evil.pt", tmp_path / "ran"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("evil/data.pkl", b"\x80\x02cos\nsystem\nX" + len(f"touch {marker}").to_bytes(4, "little")
+                   + f"touch {marker}".encode() + b"\x85R.")
+    with pytest.raises(sample.SampleError, match="refusing to unpickle os.system"):
+        sample.read_voice_pt(str(evil), moshi.TINY_PERSONAPLEX)
+    assert not marker.exists()
+    (tmp_path / "old.pt").write_bytes(b"\x80\x02}q\x00.")                     # torch's pre-1.6 format
+    with pytest.raises(sample.SampleError, match="not a torch.save zip file"):
+        sample.read_voice_pt(str(tmp_path / "old.pt"), moshi.TINY_PERSONAPLEX)
+    wrong_width = r"embeddings of shape \(14, 1, 1, 64\).*\[frames, 1, 1, 4096\]"
+    with pytest.raises(sample.SampleError, match=wrong_width):
+        sample.read_voice_pt(SAMPLE_FX.VOICE_PT, moshi.PERSONAPLEX)
 
 
 def _main(*argv):
@@ -1663,6 +1820,31 @@ def test_mimi_tiny_matches_official_batch_and_streaming(tmp_path, mimi_ref):
     assert not np.array_equal(mimi_ref["tiny_stream_codes"], mimi_ref["tiny_codes"])
     assert_codes_match(stream_codes, mimi_ref["tiny_stream_codes"], mimi_ref["tiny_stream_gaps"], "tiny streaming")
     assert rel_l2(stream_pcm, mimi_ref["tiny_stream_decoded"]) < 1e-4
+
+
+def test_mimi_streaming_with_nvidias_kv_ring_matches_personaplex(tmp_path):
+    """NVIDIA's PersonaPlex fork streams Mimi through an older KV ring that hides one more key once full:
+    hello.wav frame by frame through its tiny Mimi (8-step window: wrapped from the 4th frame) gives our
+    codes with kv_ring="personaplex" exactly, and the same decoded audio; Kyutai's ring departs from it.
+    The batch API has no ring, so the setting leaves it unchanged."""
+    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_wrap_fixture.npz"))
+    spec = RANDOM_WEIGHTS.read_spec(os.path.join(TESTDATA, "sample_mimi_keys.txt"))
+    path = tmp_path / "tiny.safetensors"
+    weights = RANDOM_WEIGHTS.random_tensors(spec, SAMPLE_FX.MIMI_SEED, SAMPLE_FX.mimi_overrides())
+    convert.save_safetensors(path, weights)
+    kyutai = convert.mimi_config(SAMPLE_FX.MIMI_CONFIG)
+    nvidia = dataclasses.replace(kyutai, kv_ring="personaplex")
+    params, _ = convert.load_mimi(path, nvidia)
+    wav = SAMPLE_FX.read_prompt()
+    wav = wav[: len(wav) // nvidia.frame_size * nvidia.frame_size][None, None]
+    codes, pcm = _stream(params, nvidia, wav, 8)
+    np.testing.assert_array_equal(codes[0], ref["mimi_codes"])
+    assert rel_l2(pcm[0, 0, :ref["mimi_pcm_head"].size], ref["mimi_pcm_head"]) < 1e-4
+    assert not np.array_equal(_stream(params, kyutai, wav, 8)[0][0], ref["mimi_codes"])
+    batch = np.asarray(mimi.encode(params, nvidia, jnp.asarray(wav)))
+    assert np.array_equal(batch, np.asarray(mimi.encode(params, kyutai, jnp.asarray(wav))))
+    two = np.asarray(mimi.encode(params, nvidia, jnp.asarray(wav[..., :2 * nvidia.frame_size])))
+    assert np.array_equal(two, batch[..., :2])                   # one chunk: its cache is the chunk's size
 
 
 def test_mimi_checkpoint_namings_dtypes_and_errors(tmp_path, mimi_ref):

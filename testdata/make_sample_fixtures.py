@@ -20,9 +20,24 @@ testdata/make_sample_fixtures.py personaplex` runs NVIDIA's own offline flow (mo
 voice prompt normalised to -24 LUFS, 6 silence frames, the <system>-wrapped text prompt, 6 silence
 frames, then the user's frames) with greedy decoding on a tiny PersonaPlex-shaped model (dep_q 16)
 and the same tiny Mimi, and writes sample_personaplex_keys.txt and sample_personaplex_fixture.npz.
-PersonaPlex's silence and 440 Hz sine codes are constants for the released Mimi; for the tiny Mimi
-the script computes them the same way (one frame encoded from a fresh state) and patches them in.
-The fork is only run here, never copied into the repo.
+(A checkout: `git -C <mirror> archive HEAD moshi | tar -x -C /tmp/personaplex`; the flow needs
+pyloudnorm and soundfile beside the fork, e.g. `pip install --target DIR pyloudnorm soundfile`, DIR
+last on PYTHONPATH, its numpy removed.) PersonaPlex's silence and 440 Hz sine codes are constants
+for the released Mimi; for the tiny Mimi the script computes them the same way (one frame encoded
+from a fresh state) and patches them in. The fork is only run here, never copied into the repo.
+
+The same mode writes sample_personaplex_voice.pt and sample_personaplex_wrap_fixture.npz, where
+the fork's KV rings wrap (it keeps an older RingKVCache than moshi 0.2.13, which sees one key less
+once full: helium.ring_positions): the same weights with an LM context of WRAP_CONTEXT frames,
+shorter than prompt + conversation, and the tiny Mimi's 8-step window: the offline flow's tokens
+for every frame, the first decoded frames and the logits of the last frames; and the fork's Mimi
+streaming hello.wav frame by frame, encoder then decoder, past the wrap: codes and decoded audio.
+The first run saves its voice with `save_voice_prompt_embeddings=True`, as NVIDIA's .pt voices are
+made (its LMGen's input embeddings and token ring), then runs the flow again from that .pt
+(`load_voice_prompt_embeddings`, as `--voice-prompt NATF2.pt` does): `pt_tokens`. Also written:
+sample_torch_tensors.pt, other tensors torch.save writes (see tensor_zoo), for the .pt reader. That run keeps
+the 3000-frame window, so the conversation still sees the voice prompt (through the wrap run's
+24-frame window and two layers, nothing of it would reach the conversation).
 
 Also recorded: pyloudnorm's integrated loudness (BS.1770) of a few signals, which sample.py's own
 implementation must reproduce (`pip install pyloudnorm` in the fixture environment).
@@ -70,15 +85,21 @@ MIMI_CONFIG = {
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"   # the default name: no mimi_name needed
 REPO_CONFIG = dict(LM_CONFIG, mimi_config_name="mimi_config.json")
 
-# The fork is built on an older moshi whose streaming ring KV cache drops the oldest key once the
+# The fork is built on an older moshi whose streaming ring KV cache hides the oldest key once the
 # ring is full (a query then sees context - 1 past steps, where 0.2.13 sees context), both in the LM
-# and in Mimi; we follow 0.2.13. The released models only meet this after 4 minutes (the LM's 3000
-# frames) and 10 s (Mimi's 250 steps, where Kyutai's own streaming departs from batch too), so the
-# PersonaPlex fixture keeps both windows unfilled: the LM keeps the released 3000-frame context and
-# Mimi the released 250-step one (same weights as the moshiko fixture's Mimi).
+# and in Mimi. The released models only meet this after 4 minutes (the LM's 3000 frames) and 10 s
+# (Mimi's 250 steps), so the first PersonaPlex fixture keeps both windows unfilled (the released
+# 3000-frame and 250-step contexts; the same weights as the moshiko fixture's Mimi), and the "wrap"
+# one fills both (the same weights again, the LM's window shorter than its 62 prompt frames).
 PERSONA_CONFIG = dict(LM_CONFIG, dep_q=16, context=3000)
 PERSONA_MIMI_CONFIG = dict(MIMI_CONFIG, transformer=dict(MIMI_CONFIG["transformer"], context=250))
 PERSONA_SEED = 2026
+WRAP_CONTEXT = 24
+PERSONA_WRAP_CONFIG = dict(PERSONA_CONFIG, context=WRAP_CONTEXT)
+VOICE_PT = os.path.join(HERE, "sample_personaplex_voice.pt")
+TENSORS_PT = os.path.join(HERE, "sample_torch_tensors.pt")       # for sample.py's .pt reader: see tensor_zoo
+LOGIT_FRAMES = 6              # logits kept for the last frames of the wrap run (the tokens are kept for all)
+MIMI_DECODED_FRAMES = 24      # decoded audio kept of the fork's Mimi run
 VOICE_SPAN = (12000, 40800)                  # the voice prompt: 1.2 s of hello.wav from 0.5 s
 TEXT_PROMPT = "You enjoy having a good conversation."
 
@@ -214,76 +235,158 @@ def run_official(repo, wav):
     return tokens, np.stack(user_codes).astype(np.int32), pcm[0].numpy()
 
 
-def run_personaplex():
-    """NVIDIA's offline flow (personaplex moshi/offline.py), greedy, on tiny random weights."""
-    import tempfile
+def persona_lm(config):
+    """The fork's LMModel(**config) with the fixture's random weights (the context does not change them)."""
     import torch
     import random_weights as rw
-    from moshi.models import loaders, lm as pp_lm
-    from moshi.models.lm import LMGen, LMModel
-    from safetensors.numpy import save_file
-    if not hasattr(LMGen, "step_system_prompts"):
-        sys.exit("`moshi` is not NVIDIA's PersonaPlex fork: put <personaplex>/moshi first on PYTHONPATH")
-    torch.manual_seed(0)
-    kw = {k: v for k, v in PERSONA_CONFIG.items()}
-    model = LMModel(device="cpu", dtype=torch.float32, **kw).eval()
+    from moshi.models.lm import LMModel
+    model = LMModel(device="cpu", dtype=torch.float32, **config).eval()
     spec = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     rw.write_spec(os.path.join(HERE, "sample_personaplex_keys.txt"), spec,
                   "PersonaPlex LMModel(**PERSONA_CONFIG) state dict: name<TAB>shape")
     tensors = rw.random_tensors(spec, PERSONA_SEED, lm_overrides())
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
+    return model
+
+
+def persona_mimi(tmp, mimi_config):
+    """The fork's Mimi with the tiny Mimi's weights, and PersonaPlex's constants recomputed for it."""
+    import torch
+    import random_weights as rw
+    from moshi.models import loaders, lm as pp_lm
+    from safetensors.numpy import save_file
     # PersonaPlex's loader hard-codes the released Mimi's settings: point them at the tiny one.
-    loaders._seanet_kwargs = MIMI_CONFIG["seanet"]
-    loaders._quantizer_kwargs = MIMI_CONFIG["quantizer"]
-    loaders._transformer_kwargs = PERSONA_MIMI_CONFIG["transformer"]
-    out = {"prompt_sha256": np.array(digest(PROMPT))}
+    loaders._seanet_kwargs = mimi_config["seanet"]
+    loaders._quantizer_kwargs = mimi_config["quantizer"]
+    loaders._transformer_kwargs = mimi_config["transformer"]
+    mimi_spec = rw.read_spec(os.path.join(HERE, "sample_mimi_keys.txt"))
+    save_file(rw.random_tensors(mimi_spec, MIMI_SEED, mimi_overrides()), os.path.join(tmp, MIMI_FILE))
+    mimi = loaders.get_mimi(os.path.join(tmp, MIMI_FILE), "cpu")
+    F, constants = int(mimi.sample_rate / mimi.frame_rate), {}
+    with torch.no_grad():      # PersonaPlex's constants, recomputed for this Mimi
+        for name, frame in (("SILENCE_TOKENS", np.zeros(F, np.float32)),
+                            ("SINE_TOKENS", pp_lm.create_sinewave(F / 24000, 24000))):
+            with mimi.streaming(1):
+                codes = mimi.encode(torch.from_numpy(frame)[None, None])[0, :, 0].numpy()
+            setattr(pp_lm, name, codes.astype(np.int64))
+            constants[name.lower()] = codes.astype(np.int32)
+    return mimi, constants
+
+
+def offline_flow(model, mimi, voice, sp, save_voice=False, logit_frames=0):
+    """NVIDIA's offline.py from the prompts on (its warm-up leaves no trace after the resets), greedy:
+    voice (a wav, or a .pt of saved embeddings) -> (tokens [T, 17], pcm [T * F], logits of the last
+    `logit_frames` frames: text [n, text_card], audio [n, 16, card])."""
+    import torch
+    from moshi.models import lm as pp_lm
+    from moshi.offline import wrap_with_system_tags
+    F = int(mimi.sample_rate / mimi.frame_rate)
+    lm_gen = pp_lm.LMGen(model, audio_silence_frame_cnt=int(0.5 * mimi.frame_rate), device="cpu",
+                         sample_rate=mimi.sample_rate, frame_rate=mimi.frame_rate, use_sampling=False,
+                         save_voice_prompt_embeddings=save_voice)
+    mimi.streaming_forever(1)
+    lm_gen.streaming_forever(1)
+    tokens, pcm, logits = [], [], []
+    with torch.no_grad():
+        if voice.endswith(".pt"):
+            lm_gen.load_voice_prompt_embeddings(voice)
+        else:
+            lm_gen.load_voice_prompt(voice)
+        lm_gen.text_prompt_tokens = sp.encode(wrap_with_system_tags(TEXT_PROMPT))
+        mimi.reset_streaming()
+        lm_gen.reset_streaming()
+        lm_gen.step_system_prompts(mimi)
+        mimi.reset_streaming()
+        # Logits only from here: with return_logits the fork's voice prompt would save None embeddings
+        # (its first step then returns (None, None)); they change what step returns, nothing else.
+        lm_gen.return_logits = logit_frames > 0
+        user = pp_lm.load_audio(PROMPT, mimi.sample_rate)
+        for frame in pp_lm._iterate_audio(user, sample_interval_size=F, pad=True):
+            step = lm_gen.step(mimi.encode(torch.tensor(frame, dtype=torch.float32)[None]))
+            step, frame_logits = step if logit_frames else (step, None)
+            if step is None:
+                continue
+            tokens.append(step[0, :, 0].numpy())
+            pcm.append(mimi.decode(step[:, 1:9])[0, 0].numpy())
+            logits.append(frame_logits)
+    text_logits = np.stack([t[0, 0, 0].numpy() for t, _ in logits[-logit_frames:]]) if logit_frames else None
+    audio_logits = np.stack([a[0].numpy() for _, a in logits[-logit_frames:]]) if logit_frames else None
+    return np.stack(tokens).astype(np.int32), np.concatenate(pcm), text_logits, audio_logits
+
+
+def tensor_zoo(torch):
+    """What torch.save may hold beside a voice's float32 and int64 tensors: other dtypes (bf16, as a
+    bf16 model's embeddings would be), views into a larger storage (offset, strides), nesting. The
+    values are x = arange(24).reshape(2, 3, 4), which the test rebuilds in numpy."""
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    return {"bf16": x.bfloat16(), "f16_transposed": x.half().transpose(0, 2),
+            "f64_view": x.double()[1, 1:, ::2], "i64": x.long(), "i32": x.int(), "bool": x > 10,
+            "u8": x.to(torch.uint8), "nested": [x[0], (x[1, 0],)]}
+
+
+def mimi_stream(mimi, wav):
+    """The fork's Mimi, one frame per call: encode every frame, then decode every frame's codes."""
+    import torch
+    F = int(mimi.sample_rate / mimi.frame_rate)
+    frames = torch.from_numpy(wav[: len(wav) // F * F].reshape(-1, F))
+    with torch.no_grad(), mimi.streaming(1):
+        codes = torch.cat([mimi.encode(f[None, None]) for f in frames], dim=-1)      # [1, 8, T]
+        pcm = torch.cat([mimi.decode(codes[:, :, t:t + 1]) for t in range(codes.shape[-1])], dim=-1)
+    return codes[0].numpy().astype(np.int32), pcm[0, 0].numpy()
+
+
+def run_personaplex():
+    """NVIDIA's offline flow (personaplex moshi/offline.py), greedy, on tiny random weights."""
+    import shutil
+    import tempfile
+    import torch
+    import sentencepiece
+    from moshi.models.lm import LMGen
+    from moshi.offline import wrap_with_system_tags
+    if not hasattr(LMGen, "step_system_prompts"):
+        sys.exit("`moshi` is not NVIDIA's PersonaPlex fork: put <personaplex>/moshi first on PYTHONPATH")
+    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        mimi_spec = rw.read_spec(os.path.join(HERE, "sample_mimi_keys.txt"))
-        save_file(rw.random_tensors(mimi_spec, MIMI_SEED, mimi_overrides()), os.path.join(tmp, MIMI_FILE))
-        mimi = loaders.get_mimi(os.path.join(tmp, MIMI_FILE), "cpu")
-        F = int(mimi.sample_rate / mimi.frame_rate)
-        with torch.no_grad():      # PersonaPlex's constants, recomputed for this Mimi
-            for name, frame in (("SILENCE_TOKENS", np.zeros(F, np.float32)),
-                                ("SINE_TOKENS", pp_lm.create_sinewave(F / 24000, 24000))):
-                with mimi.streaming(1):
-                    codes = mimi.encode(torch.from_numpy(frame)[None, None])[0, :, 0].numpy()
-                setattr(pp_lm, name, codes.astype(np.int64))
-                out[name.lower()] = codes.astype(np.int32)
         tokenizer_path = os.path.join(tmp, "tok.model")
         train_tokenizer(tokenizer_path)
-        import sentencepiece
-        from moshi.offline import wrap_with_system_tags
         sp = sentencepiece.SentencePieceProcessor(tokenizer_path)
         voice = os.path.join(tmp, "voice.wav")
         write_voice_prompt(voice)
-        lm_gen = LMGen(model, audio_silence_frame_cnt=int(0.5 * mimi.frame_rate), sample_rate=mimi.sample_rate,
-                       device="cpu", frame_rate=mimi.frame_rate, use_sampling=False)
-        mimi.streaming_forever(1)
-        lm_gen.streaming_forever(1)
-        with torch.no_grad():
-            lm_gen.load_voice_prompt(voice)
-            lm_gen.text_prompt_tokens = sp.encode(wrap_with_system_tags(TEXT_PROMPT))
-            out["text_prompt_tokens"] = np.asarray(lm_gen.text_prompt_tokens, np.int32)
-            mimi.reset_streaming()
-            lm_gen.reset_streaming()
-            lm_gen.step_system_prompts(mimi)
-            mimi.reset_streaming()
-            user = pp_lm.load_audio(PROMPT, mimi.sample_rate)
-            tokens, pcm = [], []
-            for frame in pp_lm._iterate_audio(user, sample_interval_size=F, pad=True):
-                codes = mimi.encode(torch.tensor(frame, dtype=torch.float32)[None])
-                step = lm_gen.step(codes)
-                if step is None:
-                    continue
-                tokens.append(step[0, :, 0].numpy())
-                pcm.append(mimi.decode(step[:, 1:9])[0, 0].numpy())
-    out["tokens"] = np.stack(tokens).astype(np.int32)              # [T, 17]
-    out["pcm_head"] = np.concatenate(pcm)[: DECODED_FRAMES * F]
-    print(f"PersonaPlex offline flow: {len(out['tokens'])} frames, text prompt {len(out['text_prompt_tokens'])} "
-          f"tokens, silence codes {out['silence_tokens'].tolist()}, sine codes {out['sine_tokens'].tolist()}")
+        out = {"prompt_sha256": np.array(digest(PROMPT)),
+               "text_prompt_tokens": np.asarray(sp.encode(wrap_with_system_tags(TEXT_PROMPT)), np.int32)}
+        mimi, constants = persona_mimi(tmp, PERSONA_MIMI_CONFIG)
+        out.update(constants)
+        model = persona_lm(PERSONA_CONFIG)
+        out["tokens"], pcm, _, _ = offline_flow(model, mimi, voice, sp, save_voice=True)
+        out["pcm_head"] = pcm[: DECODED_FRAMES * 1920]
+        shutil.copyfile(os.path.join(tmp, "voice.pt"), VOICE_PT)          # where LMGen saved it
+        out["pt_tokens"] = offline_flow(model, mimi, VOICE_PT, sp)[0]
+        report("PersonaPlex offline flow", out)
+        print("from the saved .pt, the same tokens as from the wav:",
+              np.array_equal(out["pt_tokens"], out["tokens"]))
+        print(f"wrote {VOICE_PT} ({os.path.getsize(VOICE_PT) / 1e3:.1f} kB)")
+        torch.save(tensor_zoo(torch), TENSORS_PT)
+        save(out, "sample_personaplex_fixture.npz")
+
+        wrap = {"prompt_sha256": out["prompt_sha256"]}
+        mimi, _ = persona_mimi(tmp, MIMI_CONFIG)
+        wrap["tokens"], pcm, wrap["text_logits"], wrap["audio_logits"] = offline_flow(
+            persona_lm(PERSONA_WRAP_CONFIG), mimi, voice, sp, logit_frames=LOGIT_FRAMES)
+        wrap["pcm_head"] = pcm[: DECODED_FRAMES * 1920]
+        wrap["mimi_codes"], pcm = mimi_stream(mimi, read_prompt())
+        wrap["mimi_pcm_head"] = pcm[: MIMI_DECODED_FRAMES * 1920]
+    report(f"the same with LM context {WRAP_CONTEXT} and Mimi context 8", wrap)
+    save(wrap, "sample_personaplex_wrap_fixture.npz")
+
+
+def report(what, out):
+    print(f"{what}: {len(out['tokens'])} frames")
     print("distinct text tokens:", len(np.unique(out["tokens"][:, 0])),
           "| distinct codes per Moshi stream:", [len(np.unique(c)) for c in out["tokens"][:, 1:9].T])
-    path = os.path.join(HERE, "sample_personaplex_fixture.npz")
+
+
+def save(out, name):
+    path = os.path.join(HERE, name)
     np.savez_compressed(path, **out)
     print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
 
