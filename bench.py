@@ -231,6 +231,7 @@ def bench_train(args) -> list[tuple]:
     import dataclasses
     import jax
     import convert
+    import repo
     import moshi
     import train
     cfg = dataclasses.replace(moshi.MOSHIKO, **TRAIN_CONFIGS[args.train_config])
@@ -239,7 +240,7 @@ def bench_train(args) -> list[tuple]:
     B, T = args.train_batch, args.train_frames
     first, steps, params = train_step_times(cfg, h, B, T, args.reps)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    official_args = argparse.Namespace(**vars(args), train_lm_kwargs=convert.lm_config_dict(cfg))
+    official_args = argparse.Namespace(**vars(args), train_lm_kwargs=repo.lm_config_dict(cfg))
     theirs = run_official(_TRAIN_OFFICIAL, official_args) if jax.default_backend() == "cpu" else None
     tokens = B * T * (1 + cfg.dep_q)
     mine = tokens / float(np.median(steps))
@@ -302,10 +303,11 @@ def _lm_official(args, cfg):
     """Kyutai's LMGen timing; with --threads 0, the faster of torch's default and 1 thread (on a small
     busy machine torch's default OpenMP threads can be several times slower than one)."""
     import convert
+    import repo
     best = None
     for threads in [args.threads] if args.threads else [0, 1]:
         run = run_official(_LM_OFFICIAL, argparse.Namespace(**dict(vars(args), threads=threads),
-                                                            lm_kwargs=convert.lm_config_dict(cfg)))
+                                                            lm_kwargs=repo.lm_config_dict(cfg)))
         if run and (best is None or np.median(run["step"]) < np.median(best["step"])):
             best = run
     return best
@@ -446,16 +448,17 @@ def bench_int8(args) -> list[tuple]:
     import jax
     import jax.numpy as jnp
     import convert
+    import repo
     import moshi
     fx, rows, frames = _testdata("make_lm_fixtures"), [], args.int8_frames
     models = []
     for name in ("a", "b", "c"):
         d = np.load(fx.fixture_path(name))
         spec = [(n, tuple(json.loads(s))) for n, s in zip(d["spec_names"], d["spec_shapes"])]
-        cfg = convert.lm_config(json.loads(str(d["config_json"])))
-        rows_ = convert._lm_rows(cfg)
-        models.append((f"LM fixture {name}", cfg, convert.from_disk(rows_, convert.to_disk_names(fx.checkpoint(spec)),
-                                                                    "fixture")))
+        cfg = repo.lm_config(json.loads(str(d["config_json"])))
+        with tempfile.TemporaryDirectory() as tmp:
+            convert.save_safetensors(os.path.join(tmp, "lm.safetensors"), fx.checkpoint(spec))
+            models.append((f"LM fixture {name}", cfg, convert.load_lm(os.path.join(tmp, "lm.safetensors"), cfg)))
     small = dataclasses.replace(moshi.MOSHIKO, **LM_CONFIGS["small"])
     models.append(("'small' random model (98.8M)", small, moshi.init(jax.random.key(0), small)))
     cell = lambda pair: f"{pair[0]:.3f} / {100 * pair[1]:.1f}%"                             # noqa: E731

@@ -400,14 +400,14 @@ def load_model(args):
     if name and not name.endswith(".json") and name not in moshi.PRESETS:
         raise ValueError(f"--config {name!r}: unknown; choose from {sorted(moshi.PRESETS)} "
                          "or give a config.json")
-    config = name and (convert.lm_config(name) if name.endswith(".json") else moshi.PRESETS[name])
+    config = name and (repo.lm_config(name) if name.endswith(".json") else moshi.PRESETS[name])
     if not args.init_from:
         return with_ttt(config, ttt_flags(args), f"--config {name}"), None
     ckpt = repo.find_checkpoint(args.init_from, lm_only=True, flags={"repo": "--init-from"})
-    base = convert.lm_config(config or repo.lm_config_for(ckpt, print))
+    base = config or repo.lm_config_for(ckpt, print)
     cfg = with_ttt(base, ttt_flags(args), f"--init-from {args.init_from}")
     with jax.default_device(jax.devices("cpu")[0]):
-        params, _ = convert.load_lm(ckpt.moshi, config=base)
+        params = convert.load_lm(ckpt.moshi, base)
         return cfg, jax.tree.map(np.asarray, params)
 
 
@@ -480,7 +480,7 @@ def write_model(out_dir: str, cfg, params, adapters=None, dtype="bfloat16") -> s
     os.makedirs(out_dir, exist_ok=True)
     convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(dtype), params), cfg)
     with convert.atomic_open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dict(convert.lm_config_dict(cfg), moshi_name="model.safetensors"), f, indent=1)
+        json.dump(dict(repo.lm_config_dict(cfg), moshi_name="model.safetensors"), f, indent=1)
     if adapters is not None:
         tensors = {k: v.astype(dtype) for k, v in convert.lora_tensors(adapters, cfg).items()}
         convert.save_safetensors(os.path.join(out_dir, "lora.safetensors"), tensors, {"format": "pt"})

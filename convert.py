@@ -11,12 +11,12 @@ the way the math reads. The parts, top to bottom:
    loading (`from_disk`) and saving (`to_disk`) are derived; `get_path` / `set_path` / `walk`
    move about our nested params (train.py's LoRA uses them too).
 3. Mimi: `params, cfg = load_mimi(path, cfg=None)` (fp32 or bf16 files, both attention namings),
-   `save_mimi(path, params, cfg)`, and `mimi_config(d)` for a repo's Mimi config JSON. This part
+   `save_mimi(path, params, cfg)`. This part
    needs only mimi.py and helium.py: copied with them, it loads Mimi's released weights.
-4. The LM: `params, cfg = load_lm(path, config=None)`, `save_lm(path, params, cfg)`, and
-   moshi-finetune's LoRA adapter names. moshi.py is imported only here, where the LM is handled.
+4. The LM: `params = load_lm(path, cfg)`, `save_lm(path, params, cfg)`, and moshi-finetune's LoRA
+   adapter names. It needs no moshi.py: the config (moshi.LMConfig) comes in.
 
-Which files make up a model (a Hugging Face repo, a folder) is repo.py's business.
+Which files make up a model (a Hugging Face repo, a folder) and what its config.json says is repo.py's.
 `python convert.py inspect FILE` lists a checkpoint's tensors without loading them;
 `python convert.py mimi IN OUT --weights W` round-trips audio through a Mimi checkpoint.
 """
@@ -500,133 +500,8 @@ def _mimi_config_from_metadata(metadata: dict, path):
         raise CheckpointError(f"{path}: bad mimi_config metadata ({e})") from e
 
 
-# Kyutai's Mimi config JSON (loaders._mimi_config's structure) -> MimiConfig fields; the settings
-# the released Mimi fixes are checked, the others are refused by name.
-_MIMI_FIELDS = {"seanet": ("dimension", "n_filters", "kernel_size", "last_kernel_size", "residual_kernel_size",
-                           "n_residual_layers", "dilation_base", "compress"),
-                "transformer": ("num_heads", "num_layers", "dim_feedforward", "context", "layer_scale", "max_period")}
-_MIMI_FIXED = {"seanet": {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True, "activation": "ELU"},
-               "transformer": {"gating": "none", "norm": "layer_norm", "positional_embedding": "rope", "causal": True}}
-
-
-def mimi_config(d: dict):
-    """A repo's Mimi config JSON (its `mimi_config_name` file) -> mimi.MimiConfig."""
-    try:
-        bad = [f"{part}.{k}={d[part][k]!r}" for part, fixed in _MIMI_FIXED.items()
-               for k, v in fixed.items() if d[part].get(k, v) != v]
-        if d["transformer"]["d_model"] != d["seanet"]["dimension"]:
-            bad.append(f"transformer.d_model={d['transformer']['d_model']} != seanet.dimension")
-        if bad:
-            raise CheckpointError(f"Mimi config: unsupported settings {', '.join(bad)}")
-        kw = {k: d[part][k] for part, names in _MIMI_FIELDS.items() for k in names}
-        ratios, q = tuple(int(r) for r in d["seanet"]["ratios"]), d["quantizer"]
-        stride = d["sample_rate"] / math.prod(ratios) / d["frame_rate"]      # encoder rate / codec frame rate
-        return mimi.MimiConfig(**kw, sample_rate=d["sample_rate"], channels=d["channels"], ratios=ratios,
-                               downsample_stride=int(round(stride)), codebook_dim=q["dimension"],
-                               codebook_size=q["bins"], num_quantizers=q["n_q"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"Mimi config: missing or bad entry {e}") from None
-
-
 # ----------------------------------------------------------------------------------------------
-# 4. The LM (moshi.py, depformer.py). moshi.py is imported only here, so that Mimi's part works
-# without it.
-#
-# Configs: Kyutai ships an LM as a safetensors file plus, except for the first moshiko/moshika
-# repos, a config.json whose keys are `LMModel(**lm_kwargs)` arguments mixed with file names and
-# tool settings. `lm_config` turns that into a moshi.LMConfig, resolving what Kyutai's LMModel
-# resolves: the depformer inherits the main transformer's settings it does not override.
-# Conditioners (Hibiki's quality label, TTS speakers) are not implemented: a config that declares
-# them, or a checkpoint that holds `condition_provider.*` / `fuser.*` tensors, loads with a warning
-# and the conditioning is ignored, so such a model runs unconditioned.
-
-NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type", "version",
-                  "lm_gen_config", "tts_config", "stt_config", "model_id")     # files and tool settings
-_DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing")   # unused by Kyutai too
-_UNSUPPORTED_LM_KWARGS = {"demux_second_text_stream": False, "norm_emb": False, "bias_proj": False,
-                          "quantize": False, "lora": False, "kv_repeat": 1, "depformer_kv_repeat": 1,
-                          "cross_attention": False}
-_INHERITED_BY_DEPFORMER = ("num_layers", "gating", "max_period", "layer_scale")
-
-
-def lm_config(config=None):
-    """A Kyutai LM config -> moshi.LMConfig. `config`: None (moshiko, Kyutai's built-in default), a
-    config.json path, its dict, or an LMConfig (returned as is). Errors name the file (a path) and
-    the key: unknown keys, unsupported settings, values of the wrong type."""
-    import moshi
-    if config is None or isinstance(config, moshi.LMConfig):
-        return config or moshi.MOSHIKO
-    what = "LM config" if isinstance(config, dict) else f"LM config {config}"
-    if not isinstance(config, dict):
-        try:
-            with open(config) as fh:
-                config = json.load(fh)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{what}: cannot read it ({e})") from None
-    kw = _lm_kwargs(config, what, {f.name: f for f in dataclasses.fields(moshi.LMConfig)})
-    try:
-        if kw.get("ttt") is not None:                    # ours, not Kyutai's: {"layers": [...], ...}
-            kw["ttt"] = moshi.ttt.TTTConfig(**kw["ttt"])
-        return moshi.LMConfig(**kw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what}: {e}") from None
-
-
-_TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "str": lambda v: isinstance(v, str), "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and
-          all(isinstance(i, int) and not isinstance(i, bool) for i in v), "ttt.TTTConfig": lambda v: isinstance(v, dict)}
-
-
-def _lm_kwargs(config: dict, what: str, fields: dict) -> dict:
-    """config.json's entries -> LMConfig's keyword arguments, resolved as Kyutai's LMModel resolves
-    them (the depformer inherits the main transformer's settings it does not override)."""
-    kw = {k: v for k, v in config.items() if k not in NOT_LM_KWARGS + _DROPPED_LM_KWARGS}
-    if "demux_second_stream" in kw:                                  # Kyutai renamed it
-        kw["demux_second_text_stream"] = kw.pop("demux_second_stream")
-    cond = [k for k in ("conditioners", "fuser") if kw.pop(k, None)]
-    if cond:
-        warnings.warn(f"{what} declares {' and '.join(cond)}: conditioning is not implemented, "
-                      "the model will run unconditioned")
-    for key, plain in _UNSUPPORTED_LM_KWARGS.items():
-        value = kw.pop(key, None)
-        if value not in (plain, None):
-            raise ValueError(f"{what}: {key}={value!r} is not supported (only {plain!r})")
-    ff = kw.get("depformer_dim_feedforward")
-    if isinstance(ff, list):
-        if len(set(ff)) != 1:
-            raise ValueError(f"{what}: per-step depformer_dim_feedforward {ff} is not supported")
-        kw["depformer_dim_feedforward"] = ff[0]
-    unknown = sorted(set(kw) - set(fields))
-    if unknown:
-        raise ValueError(f"{what}: unknown keys {unknown}")
-    for name, value in kw.items():                   # the type is the first of `int | None`, say
-        if value is not None and not _TYPES[fields[name].type.split(" | ")[0]](value):
-            raise ValueError(f"{what}: {name}={value!r} should be {fields[name].type}")
-    for name in _INHERITED_BY_DEPFORMER:
-        kw.setdefault("depformer_" + name, kw.get(name, fields[name].default))
-    for name in ("delays", "depformer_weights_per_step_schedule"):
-        if kw.get(name) is not None:
-            kw[name] = tuple(kw[name])
-    return kw
-
-
-# LMConfig fields that are ours, not Kyutai's kwargs (its LMModel would refuse them): a config.json
-# holds them only where they differ from their default.
-_OUR_LM_FIELDS = ("ttt", "kv_ring")
-
-
-def lm_config_dict(cfg) -> dict:
-    """moshi.LMConfig -> Kyutai lm kwargs (what a config.json holds; `LMModel(**d)` accepts it, unless
-    the model has TTT layers or streams with NVIDIA's KV ring: then a "ttt" entry holds their
-    ttt.TTTConfig and "kv_ring" says "personaplex", which only we read)."""
-    d = dataclasses.asdict(cfg)
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for name in _OUR_LM_FIELDS:
-        if getattr(cfg, name) == defaults[name]:
-            del d[name]
-    return json.loads(json.dumps(d))                  # tuples -> lists, at any depth
-
+# 4. The LM (moshi.py, depformer.py): its configs (moshi.LMConfig) come from repo.lm_config.
 
 def _lm_rows(cfg, stacked: bool = True) -> list:
     """The rows of an LM checkpoint (legacy packed attention, as released) for moshi.init's params;
@@ -677,17 +552,14 @@ def lm_keys(cfg) -> dict:
     return row_keys(_lm_rows(cfg))
 
 
-def load_lm(path, config=None, dtype=None, stacked: bool = True):
-    """A Kyutai LM checkpoint -> (params, moshi.LMConfig).
-
-    config: None (moshiko's built-in config, like Kyutai's loader without a config.json), a
-    config.json path, its dict, or an LMConfig. dtype: None keeps the file's dtype (bf16 for the
-    released models); jnp.float32 etc. casts. Every naming of to_disk_names is accepted. Tensors are
+def load_lm(path, cfg, dtype=None, stacked: bool = True):
+    """A Kyutai LM checkpoint and its moshi.LMConfig (repo.lm_config reads a config.json; moshi.MOSHIKO
+    is what Kyutai's loader assumes without one) -> params. dtype: None keeps the file's dtype (bf16
+    for the released models); jnp.float32 etc. casts. Every naming of to_disk_names is accepted. Tensors are
     read one at a time from a memory map; `condition_provider.*` / `fuser.*` tensors are skipped with
     a warning. stacked=False returns the generation layout (see moshi.generation_params) without ever
     holding the stacked copy: what sample.py loads a 7B model with.
     """
-    cfg = lm_config(config)
     f = SafeTensorsFile(path)
     skipped = [k for k in f.keys() if k.startswith(("condition_provider.", "fuser."))]
     if skipped:
@@ -697,7 +569,7 @@ def load_lm(path, config=None, dtype=None, stacked: bool = True):
     tensors = to_disk_names({k: f[k] for k in f.keys() if k not in skipped},
                             lambda name: dep_sets if name.startswith("depformer.") else 1)
     cast = lambda x: jnp.asarray(x, dtype=dtype or x.dtype)             # noqa: E731
-    return from_disk(_lm_rows(cfg, stacked), tensors, f"LM checkpoint {path}", cast), cfg
+    return from_disk(_lm_rows(cfg, stacked), tensors, f"LM checkpoint {path}", cast)
 
 
 def save_lm(path, params, cfg) -> None:

@@ -8,7 +8,8 @@ local directory laid out the same way, or a single LM safetensors file (its fold
 repo). Single files can replace the repo's.
 
     ckpt = repo.find_checkpoint("kyutai/moshiko-pytorch-bf16")      # paths and configs
-    params, cfg = convert.load_lm(ckpt.moshi, repo.lm_config_for(ckpt))
+    cfg = repo.lm_config_for(ckpt)                                    # a moshi.LMConfig
+    params = convert.load_lm(ckpt.moshi, cfg)
 
 sample.py's --hf-repo and train.py's --init-from both go through it. `python repo.py ID_OR_DIR`
 prints what it resolves to.
@@ -18,11 +19,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
+import warnings
 
 import convert
+import mimi
 import moshi
+import ttt
 from convert import CheckpointError
 
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
@@ -80,7 +85,7 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     if model_type not in CONVERSATION_MODEL_TYPES:
         raise CheckpointError(f"config.json says model_type={model_type!r}; only conversation models run "
                               f"here (model_type 'moshi': Moshiko, Moshika; 'personaplex': PersonaPlex)")
-    for key in convert.NOT_LM_KWARGS:
+    for key in NOT_LM_KWARGS:
         lm_config.pop(key, None)                           # file names and tool settings, not the LM's
     given = {"moshi": moshi} if lm_only else {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
     for what, path in given.items():
@@ -157,20 +162,150 @@ def _read_json(path, what):
         raise CheckpointError(f"cannot read {what} ({path}): {e}") from None
 
 
+# ----------------------------------------------------------------------------------------------
+# What the configs say. Kyutai's Mimi config JSON (a repo's `mimi_config_name` file) gives a
+# mimi.MimiConfig, its config.json a moshi.LMConfig; and back (lm_config_dict), for the files an
+# export writes.
+
+# Kyutai's Mimi config JSON (loaders._mimi_config's structure) -> MimiConfig fields; the settings
+# the released Mimi fixes are checked, the others are refused by name.
+_MIMI_FIELDS = {"seanet": ("dimension", "n_filters", "kernel_size", "last_kernel_size", "residual_kernel_size",
+                           "n_residual_layers", "dilation_base", "compress"),
+                "transformer": ("num_heads", "num_layers", "dim_feedforward", "context", "layer_scale", "max_period")}
+_MIMI_FIXED = {"seanet": {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True, "activation": "ELU"},
+               "transformer": {"gating": "none", "norm": "layer_norm", "positional_embedding": "rope", "causal": True}}
+
+
+def mimi_config(d: dict):
+    """A repo's Mimi config JSON (its `mimi_config_name` file) -> mimi.MimiConfig."""
+    try:
+        bad = [f"{part}.{k}={d[part][k]!r}" for part, fixed in _MIMI_FIXED.items()
+               for k, v in fixed.items() if d[part].get(k, v) != v]
+        if d["transformer"]["d_model"] != d["seanet"]["dimension"]:
+            bad.append(f"transformer.d_model={d['transformer']['d_model']} != seanet.dimension")
+        if bad:
+            raise CheckpointError(f"Mimi config: unsupported settings {', '.join(bad)}")
+        kw = {k: d[part][k] for part, names in _MIMI_FIELDS.items() for k in names}
+        ratios, q = tuple(int(r) for r in d["seanet"]["ratios"]), d["quantizer"]
+        stride = d["sample_rate"] / math.prod(ratios) / d["frame_rate"]      # encoder rate / codec frame rate
+        return mimi.MimiConfig(**kw, sample_rate=d["sample_rate"], channels=d["channels"], ratios=ratios,
+                               downsample_stride=int(round(stride)), codebook_dim=q["dimension"],
+                               codebook_size=q["bins"], num_quantizers=q["n_q"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"Mimi config: missing or bad entry {e}") from None
+
+
+
+
+# The LM's: Kyutai ships an LM as a safetensors file plus, except for the first moshiko/moshika
+# repos, a config.json whose keys are `LMModel(**lm_kwargs)` arguments mixed with file names and
+# tool settings. `lm_config` turns that into a moshi.LMConfig, resolving what Kyutai's LMModel
+# resolves: the depformer inherits the main transformer's settings it does not override.
+# Conditioners (Hibiki's quality label, TTS speakers) are not implemented: a config that declares
+# them, or a checkpoint that holds `condition_provider.*` / `fuser.*` tensors, loads with a warning
+# and the conditioning is ignored, so such a model runs unconditioned.
+
+NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type", "version",
+                  "lm_gen_config", "tts_config", "stt_config", "model_id")     # files and tool settings
+_DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing")   # unused by Kyutai too
+_UNSUPPORTED_LM_KWARGS = {"demux_second_text_stream": False, "norm_emb": False, "bias_proj": False,
+                          "quantize": False, "lora": False, "kv_repeat": 1, "depformer_kv_repeat": 1,
+                          "cross_attention": False}
+_INHERITED_BY_DEPFORMER = ("num_layers", "gating", "max_period", "layer_scale")
+
+
+def lm_config(config=None, what: str | None = None):
+    """A Kyutai LM config -> moshi.LMConfig. `config`: None (moshiko, Kyutai's built-in default), a
+    config.json path, its dict, or an LMConfig (returned as is). Errors name the file (a path) and
+    the key: unknown keys, unsupported settings, values of the wrong type."""
+    if config is None or isinstance(config, moshi.LMConfig):
+        return config or moshi.MOSHIKO
+    what = f"LM config {what or ('' if isinstance(config, dict) else config)}".strip()
+    if not isinstance(config, dict):
+        try:
+            with open(config) as fh:
+                config = json.load(fh)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{what}: cannot read it ({e})") from None
+    kw = _lm_kwargs(config, what, {f.name: f for f in dataclasses.fields(moshi.LMConfig)})
+    try:
+        if kw.get("ttt") is not None:                    # ours, not Kyutai's: {"layers": [...], ...}
+            kw["ttt"] = ttt.TTTConfig(**kw["ttt"])
+        return moshi.LMConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what}: {e}") from None
+
+
+_TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": lambda v: isinstance(v, str), "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and
+          all(isinstance(i, int) and not isinstance(i, bool) for i in v), "ttt.TTTConfig": lambda v: isinstance(v, dict)}
+
+
+def _lm_kwargs(config: dict, what: str, fields: dict) -> dict:
+    """config.json's entries -> LMConfig's keyword arguments, resolved as Kyutai's LMModel resolves
+    them (the depformer inherits the main transformer's settings it does not override)."""
+    kw = {k: v for k, v in config.items() if k not in NOT_LM_KWARGS + _DROPPED_LM_KWARGS}
+    if "demux_second_stream" in kw:                                  # Kyutai renamed it
+        kw["demux_second_text_stream"] = kw.pop("demux_second_stream")
+    cond = [k for k in ("conditioners", "fuser") if kw.pop(k, None)]
+    if cond:
+        warnings.warn(f"{what} declares {' and '.join(cond)}: conditioning is not implemented, "
+                      "the model will run unconditioned")
+    for key, plain in _UNSUPPORTED_LM_KWARGS.items():
+        value = kw.pop(key, None)
+        if value not in (plain, None):
+            raise CheckpointError(f"{what}: {key}={value!r} is not supported (only {plain!r})")
+    ff = kw.get("depformer_dim_feedforward")
+    if isinstance(ff, list):
+        if len(set(ff)) != 1:
+            raise CheckpointError(f"{what}: per-step depformer_dim_feedforward {ff} is not supported")
+        kw["depformer_dim_feedforward"] = ff[0]
+    unknown = sorted(set(kw) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{what}: unknown keys {unknown}")
+    for name, value in kw.items():                   # the type is the first of `int | None`, say
+        if value is not None and not _TYPES[fields[name].type.split(" | ")[0]](value):
+            raise CheckpointError(f"{what}: {name}={value!r} should be {fields[name].type}")
+    for name in _INHERITED_BY_DEPFORMER:
+        kw.setdefault("depformer_" + name, kw.get(name, fields[name].default))
+    for name in ("delays", "depformer_weights_per_step_schedule"):
+        if kw.get(name) is not None:
+            kw[name] = tuple(kw[name])
+    return kw
+
+
+# LMConfig fields that are ours, not Kyutai's kwargs (its LMModel would refuse them): a config.json
+# holds them only where they differ from their default.
+_OUR_LM_FIELDS = ("ttt", "kv_ring")
+
+
+def lm_config_dict(cfg) -> dict:
+    """moshi.LMConfig -> Kyutai lm kwargs (what a config.json holds; `LMModel(**d)` accepts it, unless
+    the model has TTT layers or streams with NVIDIA's KV ring: then a "ttt" entry holds their
+    ttt.TTTConfig and "kv_ring" says "personaplex", which only we read)."""
+    d = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in _OUR_LM_FIELDS:
+        if getattr(cfg, name) == defaults[name]:
+            del d[name]
+    return json.loads(json.dumps(d))                  # tuples -> lists, at any depth
+
+
 def lm_config_for(ckpt: Checkpoint, log=None):
-    """The LM config to load `ckpt.moshi` with (see load_lm): config.json's, or, where the repo has
-    none (or one that does not describe the LM, like PersonaPlex's), Kyutai's built-in moshiko config
-    with as many depformer outputs as the checkpoint has heads (16 for PersonaPlex, whose own loader
-    also ignores config.json). A PersonaPlex checkpoint (model_type "personaplex", or 16 depformer
-    heads) streams with NVIDIA's KV ring, as its own code does, unless config.json names a kv_ring.
-    `log(message)`, if given, hears when the heads decide."""
+    """The moshi.LMConfig to load `ckpt.moshi` with (convert.load_lm): config.json's, or, where the
+    repo has none (or one that does not describe the LM, like PersonaPlex's), Kyutai's built-in
+    moshiko config with as many depformer outputs as the checkpoint has heads (16 for PersonaPlex,
+    whose own loader also ignores config.json). A PersonaPlex checkpoint (model_type "personaplex",
+    or 16 depformer heads) streams with NVIDIA's KV ring, as its own code does, unless config.json
+    names a kv_ring. `log(message)`, if given, hears when the heads decide."""
     heads = sum(1 for k in convert.SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))
     persona = ckpt.model_type == "personaplex" or heads == moshi.PERSONAPLEX.dep_q
     ring = {"kv_ring": moshi.PERSONAPLEX.kv_ring} if persona else {}
     if ckpt.config and "dim" in ckpt.config:
-        return dict(ring, **ckpt.config)
+        return lm_config(dict(ring, **ckpt.config), "config.json")
     if heads in (0, moshi.MOSHIKO.dep_q) and not persona:
-        return None
+        return moshi.MOSHIKO
     heads = heads or moshi.MOSHIKO.dep_q
     if log:
         log(f"no LM config: moshiko's, with dep_q={heads} as the checkpoint has {heads} depformer heads"

@@ -539,10 +539,11 @@ def _load_models(args, log) -> Models:
         ckpt = repo.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
         log(f"loading Moshi from {ckpt.moshi}")
         # stacked=False: the layers come as lists, the layout gen_step reads in place (moshi.generation_params)
-        lm, cfg = _load(convert.load_lm, ckpt.moshi, config=repo.lm_config_for(ckpt, log), dtype=dtype,
+        cfg = repo.lm_config_for(ckpt, log)
+        lm = _load(convert.load_lm, ckpt.moshi, cfg=cfg, dtype=dtype,
                         stacked=False)
         log(f"loading Mimi from {ckpt.mimi}")
-        mimi_cfg = convert.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
+        mimi_cfg = repo.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
         tokenizer = load_tokenizer(ckpt.tokenizer)
     # One codebase streams both: Mimi follows the LM's KV ring (--kv-ring overrides the checkpoint's).

@@ -566,7 +566,8 @@ def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, mo
         assert [json.loads(line)["step"] for line in f] == list(range(1, 25))
     # the CLI export writes the checkpoint's weights under Kyutai's names (+ a config.json)
     train.main(["export", "--run-dir", str(tmp_path / "full"), "--out", str(tmp_path / "export"), "--dtype", "float32"])
-    exported, cfg = convert.load_lm(tmp_path / "export" / "model.safetensors", config=tmp_path / "export" / "config.json")
+    cfg = repo.lm_config(tmp_path / "export" / "config.json")
+    exported = convert.load_lm(tmp_path / "export" / "model.safetensors", cfg)
     assert cfg == TRAIN_CFG
     one = jax.sharding.NamedSharding(train.make_mesh(1, 1), jax.P())
     saved = checkpoint.load(str(tmp_path / "full" / "checkpoints" / "step_000024"),
@@ -772,7 +773,7 @@ def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
     args = lambda init_from: types.SimpleNamespace(init_from=init_from, config=None)   # noqa: E731
     cfg_file, params_file = checkpoint.load_model(args(os.path.join(folder, "model.safetensors")))
     cfg_dir, params_dir = checkpoint.load_model(args(folder))
-    assert cfg_file == cfg_dir == convert.lm_config(os.path.join(folder, "config.json"))
+    assert cfg_file == cfg_dir == repo.lm_config(os.path.join(folder, "config.json"))
     assert _max_rel(params_file, params_dir) == 0
     fetched = []
 
@@ -811,7 +812,7 @@ def test_lora_adapts_exactly_kyutais_linear_layers():
     with open(os.path.join(TESTDATA, "lora_names.json")) as f:
         cases = json.load(f)
     for name, case in cases.items():
-        cfg = convert.lm_config(case["config"])
+        cfg = repo.lm_config(case["config"])
         params = jax.eval_shape(lambda: moshi.init(jax.random.key(0), cfg))
         modules = [m for path in train.lora_targets(params) for _, m in convert.lora_modules(cfg)[path]]
         assert sorted(modules) == case["modules"], name
@@ -822,7 +823,7 @@ def test_train_lora_with_a_depformer_weight_schedule(fast_compile):
     step on fsdp=2 gives the loss of the merged weights, and the adapters' gradient (via Adam's mu)
     that plain autodiff through train.merged_params gives."""
     with open(os.path.join(TESTDATA, "lora_names.json")) as f:
-        cfg = convert.lm_config(json.load(f)["schedule"]["config"])
+        cfg = repo.lm_config(json.load(f)["schedule"]["config"])
     h = train.Hyper(lr=0.5, eps=1.0, warmup_steps=0, max_steps=10, max_norm=1e9, compute_dtype="float32",
                     lora_rank=2, lora_scaling=2.0)
     params = jax.tree.map(np.asarray, moshi.init(jax.random.key(0), cfg))
@@ -903,7 +904,8 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
         meta = json.load(f)
     official = np.load(os.path.join(folder, "official.npz"))
     ckpt = repo.find_checkpoint(folder, lm_only=True)
-    params, cfg = convert.load_lm(ckpt.moshi, config=repo.lm_config_for(ckpt), dtype=jnp.float32)
+    cfg = repo.lm_config_for(ckpt)
+    params = convert.load_lm(ckpt.moshi, cfg, dtype=jnp.float32)
     codes = jnp.asarray(official["codes"], jnp.int32)
     out = moshi.forward(params, cfg, codes)
     for name, mask in (("logits", "mask"), ("text_logits", "text_mask")):
@@ -913,7 +915,7 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     # base (rebuilt from the key list and seed) + the adapters -> exactly the exported weights
     base = random_weights.random_tensors([(k, tuple(s)) for k, s in meta["spec"]], meta["seed"])
     convert.save_safetensors(tmp_path / "base.safetensors", base)
-    base, _ = convert.load_lm(tmp_path / "base.safetensors", config=cfg, dtype=jnp.float32)
+    base = convert.load_lm(tmp_path / "base.safetensors", cfg, dtype=jnp.float32)
     lora = _lora_from_tensors(_load_safetensors(os.path.join(folder, "lora.safetensors")),
                               base, cfg, meta["lora"]["rank"])
     merged = train.merged_params(base, lora, meta["lora"]["scaling"])
@@ -929,7 +931,7 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
         assert all(ours.shape(k) == theirs.shape(k) and ours.dtype_name(k) == theirs.dtype_name(k)
                    for k in theirs.keys()), name
     assert all(rel_err(a, b) < 1e-6 for a, b in zip(jax.tree.leaves(convert.load_lm(tmp_path / "again" / "model.safetensors",
-                                                                                     cfg, jnp.float32)[0]),
+                                                                                     cfg, jnp.float32)),
                                                     jax.tree.leaves(params)))
     with open(tmp_path / "again" / "config.json") as f, open(os.path.join(folder, "config.json")) as g:
         assert json.load(f) == json.load(g)
@@ -995,7 +997,7 @@ def test_train_ttt_cli_warns_resumes_and_exports(train_dataset, tmp_path, monkey
     base = tmp_path / "base"
     base.mkdir()
     convert.save_lm(base / "model.safetensors", moshi.init(jax.random.key(3), TRAIN_CFG), TRAIN_CFG)
-    (base / "config.json").write_text(json.dumps(convert.lm_config_dict(TRAIN_CFG)))
+    (base / "config.json").write_text(json.dumps(repo.lm_config_dict(TRAIN_CFG)))
     lora = ("--init-from", str(base), "--lora-rank", "2", "--max-steps", "4", "--ckpt-every", "2")
     with_ttt = (*lora, "--ttt-layers", "every:1:1", "--ttt-chunk", "8")
     plain = _cli(train_dataset, tmp_path / "plain", *lora, "--stop-at", "1")
@@ -1014,7 +1016,8 @@ def test_train_ttt_cli_warns_resumes_and_exports(train_dataset, tmp_path, monkey
     np.testing.assert_allclose([r["loss"] for r in rest], [r["loss"] for r in full[2:]], rtol=1e-6)
     # the exported TTT weights: the checkpoint's, exactly (fp32 export), under config.json's ttt entry
     train.main(["export", "--run-dir", str(tmp_path / "ttt"), "--out", str(tmp_path / "fp32"), "--dtype", "float32"])
-    params, cfg = convert.load_lm(tmp_path / "fp32" / "model.safetensors", config=tmp_path / "fp32" / "config.json")
+    cfg = repo.lm_config(tmp_path / "fp32" / "config.json")
+    params = convert.load_lm(tmp_path / "fp32" / "model.safetensors", cfg)
     assert cfg == dataclasses.replace(TRAIN_CFG, ttt=ttt.TTTConfig(layers=(1,), chunk_size=8))
     one = jax.sharding.NamedSharding(train.make_mesh(1, 1), jax.P())
     like = {"params": {"ttt": jax.tree.map(lambda x: jax.device_put(np.zeros_like(x), one), params["ttt"])}}
@@ -1048,7 +1051,8 @@ def _lm_fixture(name, tmp_path, file_dtype=np.float32, dtype=jnp.float32):
     spec = [(n, tuple(json.loads(s))) for n, s in zip(d["spec_names"], d["spec_shapes"])]
     path = tmp_path / f"lm_{name}.safetensors"
     convert.save_safetensors(path, LM_FIXTURES.checkpoint(spec, file_dtype))
-    params, cfg = convert.load_lm(path, json.loads(str(d["config_json"])), dtype=dtype)
+    cfg = repo.lm_config(json.loads(str(d["config_json"])))
+    params = convert.load_lm(path, cfg, dtype=dtype)
     return d, params, cfg
 
 
@@ -1104,7 +1108,7 @@ def test_lm_bf16_checkpoint_matches_official_bf16(tmp_path):
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
     tokens, _ = _greedy_run(params, cfg, d["gen_user"])
     assert np.array_equal(tokens, d["gen_tokens_bf16"])
-    up, _ = convert.load_lm(tmp_path / "lm_a.safetensors", cfg, dtype=jnp.float32)
+    up = convert.load_lm(tmp_path / "lm_a.safetensors", cfg, dtype=jnp.float32)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(up))
 
 
@@ -1142,7 +1146,8 @@ def test_lm_save_load_round_trip_and_namings(tmp_path):
     convert.save_lm(tmp_path / "saved.safetensors", params, cfg)
     saved = _load_safetensors(tmp_path / "saved.safetensors")
     assert sorted(saved) == sorted(str(n) for n in d["spec_names"])
-    again, cfg2 = convert.load_lm(tmp_path / "saved.safetensors", convert.lm_config_dict(cfg))
+    cfg2 = repo.lm_config(repo.lm_config_dict(cfg))
+    again = convert.load_lm(tmp_path / "saved.safetensors", cfg2)
     assert cfg2 == cfg
     assert jax.tree.structure(again) == jax.tree.structure(params)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
@@ -1159,10 +1164,10 @@ def test_lm_save_load_round_trip_and_namings(tmp_path):
     variant = {k.replace(".in_proj_weight", ".in_proj.weight"): v for k, v in saved.items()}
     convert.save_safetensors(tmp_path / "variant.safetensors", variant)
     for f in ("mem.safetensors", "variant.safetensors"):
-        loaded, _ = convert.load_lm(tmp_path / f, cfg)
+        loaded = convert.load_lm(tmp_path / f, cfg)
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))), f
     # the generation layout loads directly (layers as lists) and saves back to the same file
-    listed, _ = convert.load_lm(tmp_path / "saved.safetensors", cfg, stacked=False)
+    listed = convert.load_lm(tmp_path / "saved.safetensors", cfg, stacked=False)
     expected = moshi.generation_params(params)
     assert isinstance(listed["transformer"], list) and isinstance(listed["depformer"]["transformer"], list)
     assert jax.tree.structure(listed) == jax.tree.structure(expected)
@@ -1180,9 +1185,9 @@ def test_lm_save_load_round_trip_and_namings(tmp_path):
 def test_lm_configs_and_7b_footprint(tmp_path):
     """config.json parsing: Kyutai's moshiko file gives the built-in preset, whose param tree (shapes
     only, nothing allocated) has Kyutai's 7,687,729,152 parameters in 355 on-disk tensors."""
-    moshiko_json = dict(convert.lm_config_dict(moshi.MOSHIKO), depformer_causal=True, depformer_context=8,
+    moshiko_json = dict(repo.lm_config_dict(moshi.MOSHIKO), depformer_causal=True, depformer_context=8,
                         moshi_name="model.safetensors", model_type="moshi")
-    assert convert.lm_config(moshiko_json) == convert.lm_config(None) == moshi.MOSHIKO
+    assert repo.lm_config(moshiko_json) == repo.lm_config(None) == moshi.MOSHIKO
     shapes = jax.eval_shape(lambda: moshi.init(jax.random.key(0), moshi.MOSHIKO, jnp.bfloat16))
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == 7_687_729_152
     keys = convert.lm_keys(moshi.MOSHIKO)
@@ -1190,22 +1195,22 @@ def test_lm_configs_and_7b_footprint(tmp_path):
     pp = convert.lm_keys(moshi.PERSONAPLEX)
     assert pp["depformer.layers.0.self_attn.in_proj_weight"] == (16 * 3 * 1024, 1024) and "linears.15.weight" in pp
     # Kyutai's depformer inherits main settings it does not override
-    small = convert.lm_config({"delays": [0, 1], "n_q": 1, "dep_q": 1, "num_layers": 3, "gating": "silu",
+    small = repo.lm_config({"delays": [0, 1], "n_q": 1, "dep_q": 1, "num_layers": 3, "gating": "silu",
                                "depformer_num_heads": 2, "depformer_weights_per_step": True})
     assert small.depformer_num_layers == 3 and small.depformer_gating == "silu"
     with pytest.raises(ValueError, match="unknown keys \\['dimm'\\]"):
-        convert.lm_config({"dimm": 3})
+        repo.lm_config({"dimm": 3})
     for bad, message in (({"dim": "64"}, "dim='64' should be int"), ({"num_heads": 4.0}, "num_heads=4.0 should be int"),
                          ({"ttt": {"layers": [1], "chunk": 4}}, "TTTConfig.* unexpected keyword argument 'chunk'")):
         with pytest.raises(ValueError, match=message):                  # one line, not a traceback later
-            convert.lm_config(bad)
+            repo.lm_config(bad)
     (tmp_path / "config.json").write_text(json.dumps({"dimm": 3}))
     with pytest.raises(ValueError, match=f"LM config {tmp_path / 'config.json'}: unknown keys"):   # names the file
-        convert.lm_config(str(tmp_path / "config.json"))
+        repo.lm_config(str(tmp_path / "config.json"))
     with pytest.raises(ValueError, match="demux_second_text_stream"):
-        convert.lm_config({"demux_second_stream": True})
+        repo.lm_config({"demux_second_stream": True})
     with pytest.warns(UserWarning, match="conditioners"):
-        convert.lm_config(dict(moshiko_json, conditioners={"description": {}}, fuser={"sum": ["description"]}))
+        repo.lm_config(dict(moshiko_json, conditioners={"description": {}}, fuser={"sum": ["description"]}))
     with pytest.raises(ValueError, match="3 delays for 2 streams"):
         moshi.LMConfig(delays=(0, 1, 1), n_q=1, dep_q=1)
 
@@ -1222,12 +1227,12 @@ def test_lm_kv_ring_is_kyutais_unless_the_model_is_personaplex(tmp_path):
     assert [seen("kyutai", 3), seen("kyutai", 6)] == [[0, 1, 2, 3], [3, 4, 5, 6]]
     assert [seen("personaplex", s) for s in (3, 6, 2)] == [[1, 2, 3], [4, 5, 6], [0, 1, 2]]
     assert moshi.MOSHIKO.kv_ring == moshi.TINY.kv_ring == "kyutai"
-    assert "kv_ring" not in convert.lm_config_dict(moshi.MOSHIKO)
+    assert "kv_ring" not in repo.lm_config_dict(moshi.MOSHIKO)
     pp = moshi.PERSONAPLEX
     assert pp.temporal.kv_ring == pp.depformer.transformer.kv_ring == "personaplex"
-    assert convert.lm_config(convert.lm_config_dict(pp)) == pp
+    assert repo.lm_config(repo.lm_config_dict(pp)) == pp
     with pytest.raises(ValueError, match="kv_ring='ring' is not supported"):
-        convert.lm_config(dict(convert.lm_config_dict(pp), kv_ring="ring"))
+        repo.lm_config(dict(repo.lm_config_dict(pp), kv_ring="ring"))
     with pytest.raises(ValueError, match="2 slots or more"):
         helium.ring_positions(jnp.asarray(0), 1, 1, "personaplex")
     heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
@@ -1235,8 +1240,8 @@ def test_lm_kv_ring_is_kyutais_unless_the_model_is_personaplex(tmp_path):
     convert.save_safetensors(tmp_path / "m.safetensors", dict(list(heads.items())[:8]))
     def ring(path, config=None, model_type="moshi"):
         ckpt = repo.Checkpoint(str(tmp_path / path), "", "", config, model_type=model_type)
-        return convert.lm_config(repo.lm_config_for(ckpt)).kv_ring
-    tiny = convert.lm_config_dict(moshi.TINY)
+        return repo.lm_config_for(ckpt).kv_ring
+    tiny = repo.lm_config_dict(moshi.TINY)
     persona = (("pp.safetensors",), ("pp.safetensors", tiny), ("m.safetensors", tiny, "personaplex"))
     kyutai = (("m.safetensors",), ("m.safetensors", tiny), ("pp.safetensors", dict(tiny, kv_ring="kyutai")))
     assert [ring(*c) for c in persona] == ["personaplex"] * 3 and [ring(*c) for c in kyutai] == ["kyutai"] * 3
@@ -1273,7 +1278,7 @@ def test_lm_text_only_model_runs(tmp_path):
     assert tokens.shape == (1, 1, 3) and (tokens >= 0).all()
     convert.save_lm(tmp_path / "stt.safetensors", params, cfg)
     assert "depformer_in.0.weight" in _load_safetensors(tmp_path / "stt.safetensors")
-    again, _ = convert.load_lm(tmp_path / "stt.safetensors", cfg)
+    again = convert.load_lm(tmp_path / "stt.safetensors", cfg)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
     with pytest.raises(ValueError, match="3 user codebooks given; this model reads 4"):
         moshi.gen_step(params, cfg, moshi.init_gen_state(params, cfg, 1), jnp.zeros((1, 3, 1), jnp.int32),
@@ -1321,7 +1326,8 @@ def _write_sample_repo(folder, persona: bool, wrap: bool = False):
         spec, seed, config, mimi_config = "sample_lm_keys.txt", fx.LM_SEED, fx.LM_CONFIG, fx.MIMI_CONFIG
     raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, spec)), seed, fx.lm_overrides())
     convert.save_safetensors(folder / "raw.safetensors", raw)
-    params, cfg = convert.load_lm(folder / "raw.safetensors", config=config)
+    cfg = repo.lm_config(config)
+    params = convert.load_lm(folder / "raw.safetensors", cfg)
     convert.save_lm(folder / "model.safetensors", params, cfg)          # what sample.py reads: our writer's output
     (folder / "raw.safetensors").unlink()
     mimi_raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, "sample_mimi_keys.txt")), fx.MIMI_SEED,
@@ -1617,8 +1623,8 @@ def test_sample_finds_weights_like_checkpoint_info(tmp_path):
     assert (ckpt.moshi, ckpt.mimi, ckpt.tokenizer) == (str(folder / "weights.safetensors"), str(folder / repo.MIMI_NAME),
                                                         str(folder / "tok.model"))
     assert ckpt.config == SAMPLE_FX.LM_CONFIG and ckpt.mimi_config == SAMPLE_FX.MIMI_CONFIG
-    assert convert.mimi_config(ckpt.mimi_config) == mimi.TINY
-    assert convert.lm_config(ckpt.config) == moshi.TINY
+    assert repo.mimi_config(ckpt.mimi_config) == mimi.TINY
+    assert repo.lm_config(ckpt.config) == moshi.TINY
     assert repo.find_checkpoint(str(folder), moshi=str(folder / "other.safetensors")).moshi == str(folder / "other.safetensors")
     alone = repo.find_checkpoint(None, str(folder / "other.safetensors"), str(folder / repo.MIMI_NAME),
                                     str(folder / "tok.model"), config=str(folder / "config.json"))
@@ -1638,7 +1644,7 @@ def test_sample_finds_weights_like_checkpoint_info(tmp_path):
     assert ckpt.moshi == str(folder / repo.MOSHI_NAME)
     assert repo.lm_config_for(ckpt, lambda msg: None) == moshi.PERSONAPLEX
     convert.save_safetensors(folder / "moshiko.safetensors", dict(list(heads.items())[:8]))
-    assert repo.lm_config_for(repo.Checkpoint(str(folder / "moshiko.safetensors"), "", "", None), print) is None
+    assert repo.lm_config_for(repo.Checkpoint(str(folder / "moshiko.safetensors"), "", "", None), print) == moshi.MOSHIKO
 
 
 def test_sample_reads_long_audio_lazily(tmp_path):
@@ -1832,7 +1838,7 @@ def test_mimi_streaming_with_nvidias_kv_ring_matches_personaplex(tmp_path):
     path = tmp_path / "tiny.safetensors"
     weights = RANDOM_WEIGHTS.random_tensors(spec, SAMPLE_FX.MIMI_SEED, SAMPLE_FX.mimi_overrides())
     convert.save_safetensors(path, weights)
-    kyutai = convert.mimi_config(SAMPLE_FX.MIMI_CONFIG)
+    kyutai = repo.mimi_config(SAMPLE_FX.MIMI_CONFIG)
     nvidia = dataclasses.replace(kyutai, kv_ring="personaplex")
     params, _ = convert.load_mimi(path, nvidia)
     wav = SAMPLE_FX.read_prompt()

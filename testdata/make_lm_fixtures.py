@@ -117,7 +117,7 @@ def round_trip_through_our_convert(torch, build, kw, tensors, tmp):
     from safetensors.torch import save_file
     src, dst = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
     save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, src)
-    code = ("import json, sys, convert; p, c = convert.load_lm(sys.argv[1], json.loads(sys.argv[3])); "
+    code = ("import json, sys, convert, repo; c = repo.lm_config(json.loads(sys.argv[3])); p = convert.load_lm(sys.argv[1], c); "
             "convert.save_lm(sys.argv[2], p, c)")
     venv_python = os.path.expanduser("~/venv/bin/python")
     subprocess.run([venv_python, "-c", code, src, dst, json.dumps(kw)], check=True, cwd=os.path.dirname(HERE))

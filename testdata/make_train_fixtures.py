@@ -174,14 +174,15 @@ def export_stage(args):
     import numpy as np
     import convert
     import random_weights
+    import repo
     import train
-    cfg = convert.lm_config(EXPORT_CONFIG)
+    cfg = repo.lm_config(EXPORT_CONFIG)
     spec = sorted(convert.lm_keys(cfg).items())
     base = random_weights.random_tensors(spec, EXPORT_SEED)
     os.makedirs(EXPORT_DIR, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         convert.save_safetensors(os.path.join(tmp, "base.safetensors"), base)
-        params, _ = convert.load_lm(os.path.join(tmp, "base.safetensors"), config=cfg)
+        params = convert.load_lm(os.path.join(tmp, "base.safetensors"), cfg)
     h = train.Hyper(lr=3e-2, warmup_steps=0, max_steps=4, compute_dtype="float32",
                     lora_rank=EXPORT_LORA["rank"], lora_scaling=EXPORT_LORA["scaling"])
     mesh = train.make_mesh(1, 1)
