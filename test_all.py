@@ -1,11 +1,29 @@
 """The test suite: `python -m pytest -q test_all.py` (CI runs exactly the README's command).
 
-Parity tests compare against outputs of Kyutai's official `moshi` 0.2.13 package, saved under
-testdata/ by the `testdata/make_*_fixtures.py` scripts (which need torch; these tests do not).
-Tolerances: fp32 relative error <= 1e-4 on activations/logits; exact equality on tokens and codes.
+Parity tests compare against outputs of the peers' own code -- Kyutai's official `moshi` 0.2.13,
+NVIDIA's PersonaPlex, moshi-finetune, ByteDance-Seed's In-Place TTT -- saved under testdata/ by the
+`testdata/make_*_fixtures.py` scripts (which need torch; these tests do not). Tolerances: fp32
+relative error <= 1e-4 on activations/logits; exact equality on tokens and codes. Importing this
+file runs no fixture script: `fixture(name)` loads one when a test first asks for it.
+
+One section per file, in the order the files import each other (a file's tests in its section):
+    flash.py       kernels vs their reference (values, gradients), the window's band, TPU lowering
+    helium.py      Kyutai's StreamingTransformer (batch, streaming, ring wrap), bf16 norms, fused attention, int8
+    mimi.py        Kyutai's Mimi (full size and tiny, batch and streaming, past the wrap), audio I/O
+    depformer.py   sampling (temperature, top-k, greedy)
+    ttt.py         the official In-Place TTT MLP: parallel and streaming forms, chunk causality, init
+    moshi.py       LMModel.forward / LMGen.step (three configs, bf16), KV rings, embeddings in, TTT in the model
+    convert.py     safetensors, atomic writes, both models' key tables (load, save, other namings), the CLI
+    repo.py        finding a repo's files as Kyutai's CheckpointInfo does, and what its configs say
+    data.py        moshi-finetune's interleaver, prepare, the window iterator, bad input
+    sample.py      run_inference.py's and PersonaPlex's loops, .pt voices, the CLI, bad input, loudness
+    train.py       the sharded step vs one device, LoRA, TTT, the CLI (overfit, resume, NaNs, bad input), export
+    checkpoint.py  sharded checkpoints on another mesh, --init-from, joining hosts
 """
 import contextlib
 import dataclasses
+import functools
+import importlib.util
 import io
 import json
 import os
@@ -24,6 +42,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import checkpoint  # noqa: E402
 import convert  # noqa: E402
 import data  # noqa: E402
 import depformer  # noqa: E402
@@ -45,30 +64,71 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def _testdata_module(name):
-    """A script of testdata/ (fixture makers, random_weights.py), imported by its path."""
-    import importlib.util
+@functools.cache
+def fixture(name):
+    """A script of testdata/ (a fixture maker, random_weights.py), imported by its path on first use:
+    everything above a fixture script's main() imports without torch."""
     spec = importlib.util.spec_from_file_location(f"_testdata_{name}", os.path.join(TESTDATA, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _fake_hub(monkeypatch, hf_hub_download):
-    """A stand-in huggingface_hub module (no network here): `hf_hub_download(repo, name) -> path`."""
-    import sys
-    import types
-    hub, errors = types.ModuleType("huggingface_hub"), types.ModuleType("huggingface_hub.errors")
-    errors.EntryNotFoundError = type("EntryNotFoundError", (Exception,), {})
-    errors.LocalEntryNotFoundError = type("LocalEntryNotFoundError", (errors.EntryNotFoundError,), {})
-    hub.errors, hub.hf_hub_download = errors, hf_hub_download
-    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
-    monkeypatch.setitem(sys.modules, "huggingface_hub.errors", errors)
-    return hub
+# ================================================================================================
+# flash.py
+#
+# The Pallas kernels (interpret mode on CPU) against their reference: values, gradients, the
+# window's band, lowering for TPU.
+
+
+@pytest.mark.parametrize("context", [None, 50])
+def test_flash_attention_kernel_matches_reference(context):
+    """The Pallas kernels (interpret mode on CPU) against the plain attention, values and gradients,
+    with a length that is not a multiple of the blocks and a window that skips whole blocks."""
+    cfg = helium.TransformerConfig(64, 2, 1, 128, context=context)
+    params = helium.init(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (1, 200, 64))
+    run = lambda p, attention: helium.transformer(p, dataclasses.replace(cfg, attention=attention), x)[1]   # noqa: E731
+    loss = lambda p, attention: jnp.sum(jnp.sin(run(p, attention)))                                    # noqa: E731
+    y_ref, y_flash = (run(params, a) for a in ("xla", "flash"))
+    assert rel_err(y_flash, y_ref) < 1e-5
+    g_ref, g_flash = (jax.grad(loss)(params, a) for a in ("xla", "flash"))
+    for a, b in zip(jax.tree.leaves(g_flash), jax.tree.leaves(g_ref)):
+        assert rel_err(a, b) < 1e-4
+    q, k, v = (jax.random.normal(kk, (1, 2, 200, 64)) for kk in jax.random.split(jax.random.key(2), 3))
+    small_blocks = flash.flash_attention(q, k, v, context, 64, 128)
+    assert rel_err(small_blocks, flash.reference_attention(q, k, v, context)) < 1e-5
+    # the backward kernels (dK/dV over query blocks, dQ over key blocks) with many small blocks
+    w = jax.random.normal(jax.random.key(3), (2, 3, 37, 16))
+    q, k, v = (jax.random.normal(kk, (2, 3, 37, 16)) for kk in jax.random.split(jax.random.key(4), 3))
+    window = None if context is None else 9
+    kernel = jax.grad(lambda *qkv: jnp.sum(w * flash.flash_attention(*qkv, window, 8, 16)), (0, 1, 2))(q, k, v)
+    plain = jax.grad(lambda *qkv: jnp.sum(w * flash.reference_attention(*qkv, window)), (0, 1, 2))(q, k, v)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(kernel, plain))
+    # asked for where it cannot run, flash says so instead of quietly running something else
+    flash_cfg = dataclasses.replace(cfg, attention="flash")
+    with pytest.raises(ValueError, match="attention='flash' runs whole causal sequences"):
+        helium.step(params, flash_cfg, helium.init_cache(flash_cfg, 1, capacity=4), x[:, :1])
+
+
+def test_flash_kernels_visit_only_the_window_and_lower_for_tpu():
+    """Each query block visits only the key blocks it can see: with a 256-frame window over 4096
+    frames the grid's inner axis has 4 steps, not 32 (cost T x context, not T^2); the kernels,
+    forward and backward, lower to Mosaic for TPU (jax.export, no TPU needed)."""
+    assert flash._Band(128, 128, 32, 256, keys_inner=True).steps == 4
+    assert flash._Band(128, 128, 32, 256, keys_inner=False).steps == 4
+    assert flash._Band(128, 128, 32, None, keys_inner=True).steps == 32
+    q = jnp.zeros((1, 2, 1024, 128), jnp.bfloat16)
+    loss = lambda q, k, v: flash.flash_attention(q, k, v, 256, interpret=False).astype(jnp.float32).sum()  # noqa: E731
+    lowered = jax.export.export(jax.jit(jax.value_and_grad(loss, (0, 1, 2))), platforms=["tpu"])(q, q, q)
+    assert lowered.mlir_module().count("tpu_custom_call") == 3            # forward, dK/dV, dQ
 
 
 # ================================================================================================
 # helium.py
+#
+# Fixture: testdata/make_helium_fixtures.py (Kyutai's StreamingTransformer, three flavours, and its
+# bf16 norms). Also the fused attention paths, int8 matmuls and refused options.
 
 
 HELIUM_CONFIGS = {
@@ -158,49 +218,6 @@ def test_helium_is_causal():
     assert touched.tolist() == [t in range(1, 6) for t in range(10)]
 
 
-@pytest.mark.parametrize("context", [None, 50])
-def test_flash_attention_kernel_matches_reference(context):
-    """The Pallas kernels (interpret mode on CPU) against the plain attention, values and gradients,
-    with a length that is not a multiple of the blocks and a window that skips whole blocks."""
-    cfg = helium.TransformerConfig(64, 2, 1, 128, context=context)
-    params = helium.init(jax.random.key(0), cfg)
-    x = jax.random.normal(jax.random.key(1), (1, 200, 64))
-    run = lambda p, attention: helium.transformer(p, dataclasses.replace(cfg, attention=attention), x)[1]   # noqa: E731
-    loss = lambda p, attention: jnp.sum(jnp.sin(run(p, attention)))                                    # noqa: E731
-    y_ref, y_flash = (run(params, a) for a in ("xla", "flash"))
-    assert rel_err(y_flash, y_ref) < 1e-5
-    g_ref, g_flash = (jax.grad(loss)(params, a) for a in ("xla", "flash"))
-    for a, b in zip(jax.tree.leaves(g_flash), jax.tree.leaves(g_ref)):
-        assert rel_err(a, b) < 1e-4
-    q, k, v = (jax.random.normal(kk, (1, 2, 200, 64)) for kk in jax.random.split(jax.random.key(2), 3))
-    small_blocks = flash.flash_attention(q, k, v, context, 64, 128)
-    assert rel_err(small_blocks, flash.reference_attention(q, k, v, context)) < 1e-5
-    # the backward kernels (dK/dV over query blocks, dQ over key blocks) with many small blocks
-    w = jax.random.normal(jax.random.key(3), (2, 3, 37, 16))
-    q, k, v = (jax.random.normal(kk, (2, 3, 37, 16)) for kk in jax.random.split(jax.random.key(4), 3))
-    window = None if context is None else 9
-    kernel = jax.grad(lambda *qkv: jnp.sum(w * flash.flash_attention(*qkv, window, 8, 16)), (0, 1, 2))(q, k, v)
-    plain = jax.grad(lambda *qkv: jnp.sum(w * flash.reference_attention(*qkv, window)), (0, 1, 2))(q, k, v)
-    assert all(rel_err(a, b) < 1e-5 for a, b in zip(kernel, plain))
-    # asked for where it cannot run, flash says so instead of quietly running something else
-    flash_cfg = dataclasses.replace(cfg, attention="flash")
-    with pytest.raises(ValueError, match="attention='flash' runs whole causal sequences"):
-        helium.step(params, flash_cfg, helium.init_cache(flash_cfg, 1, capacity=4), x[:, :1])
-
-
-def test_flash_kernels_visit_only_the_window_and_lower_for_tpu():
-    """Each query block visits only the key blocks it can see: with a 256-frame window over 4096
-    frames the grid's inner axis has 4 steps, not 32 (cost T x context, not T^2); the kernels,
-    forward and backward, lower to Mosaic for TPU (jax.export, no TPU needed)."""
-    assert flash._Band(128, 128, 32, 256, keys_inner=True).steps == 4
-    assert flash._Band(128, 128, 32, 256, keys_inner=False).steps == 4
-    assert flash._Band(128, 128, 32, None, keys_inner=True).steps == 32
-    q = jnp.zeros((1, 2, 1024, 128), jnp.bfloat16)
-    loss = lambda q, k, v: flash.flash_attention(q, k, v, 256, interpret=False).astype(jnp.float32).sum()  # noqa: E731
-    lowered = jax.export.export(jax.jit(jax.value_and_grad(loss, (0, 1, 2))), platforms=["tpu"])(q, q, q)
-    assert lowered.mlir_module().count("tpu_custom_call") == 3            # forward, dK/dV, dQ
-
-
 @pytest.mark.parametrize("context", [None, 7])
 def test_helium_fused_attention_equals_ours(context):
     """attention='cudnn' is jax.nn.dot_product_attention with Moshi's window as local_window_size:
@@ -242,7 +259,711 @@ def test_helium_refuses_unsupported_options_by_name():
 
 
 # ================================================================================================
-# convert.py: safetensors and key checking
+# mimi.py
+#
+# Fixtures: testdata/make_mimi_fixtures.py (official moshi 0.2.13): full-size Mimi with every parameter
+# and buffer random (rebuilt from testdata/mimi_keys.txt and a seed, written in Kyutai's on-disk naming
+# and loaded through convert.load_mimi), on a chirp + noise; and the tiny config (mimi.TINY) whose
+# 8-step KV cache wraps after 4 frames. Also audio input and output. Budget: < 4 min on 2 cores.
+
+
+def test_sample_reads_long_audio_lazily(tmp_path):
+    """The prompt, of any rate and channel count, through mimi.read_blocks: mixed down and resampled as
+    mimi.read_audio does, block by block, in memory that does not grow with the file (a minute of
+    44.1 kHz stereo)."""
+    rng = np.random.default_rng(0)
+    short = (0.3 * rng.standard_normal((30000, 2))).astype(np.float32)
+    soundfile.write(tmp_path / "short.wav", short, 44100, subtype="FLOAT")
+    streamed = np.concatenate(list(mimi.read_blocks(str(tmp_path / "short.wav"), mono=True, block_seconds=0.05)))
+    whole = mimi.mix_down(mimi.read_audio(tmp_path / "short.wav", 24000))[0]
+    assert streamed.shape == whole.shape and np.abs(streamed - whole).max() < 1e-5
+    long_path = tmp_path / "long.wav"
+    with soundfile.SoundFile(long_path, "w", 44100, 2, subtype="PCM_16") as f:
+        for _ in range(60):
+            f.write(0.1 * rng.standard_normal((44100, 2)))
+    n = mimi.resampled_length(str(long_path))
+    assert n == 60 * 24000
+    tracemalloc.start()
+    count = sum(1 for _ in mimi.frames_of(mimi.read_blocks(str(long_path), mono=True), n))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == n // 1920 and peak < 5e6            # the file is 21 MB as float32 at 44.1 kHz stereo
+    frames = list(mimi.frames_of([np.ones(5000, np.float32)], 4000))        # cut, then the last frame padded
+    assert len(frames) == 3 and frames[2][:4000 - 3840].all() and not frames[2][160:].any()
+
+
+MIMI_TIE = 1e-5      # relative codebook-distance gap below which fp32 summation order picks the winner
+
+
+def assert_codes_match(codes, ref, gaps, what, n_semantic=1):
+    """Codes equal the official ones, except where Kyutai's own distances were tied up to fp32
+    rounding (relative gap < MIMI_TIE, recorded by the fixture script): there the winner depends on
+    summation order, so that code, and the later levels of the same RVQ (which then quantize another
+    residual), may differ. A flip anywhere else fails, naming the code and its gap."""
+    codes = np.asarray(codes)
+    assert codes.shape == ref.shape, (codes.shape, ref.shape)
+    diff, flips = codes != ref, 0
+    for b, t in zip(*np.nonzero(diff.any(1))):
+        for lo, hi in ((0, n_semantic), (n_semantic, codes.shape[1])):
+            levels = np.nonzero(diff[b, lo:hi, t])[0]
+            if len(levels):
+                k = lo + levels[0]
+                assert gaps[b, k, t] < MIMI_TIE, (
+                    f"{what}: item {b} frame {t} codebook {k}: code {codes[b, k, t]} != official {ref[b, k, t]} "
+                    f"(official relative distance gap {gaps[b, k, t]:.1e}: not a tie)")
+                flips += 1
+    assert flips <= max(1, diff.shape[0] * diff.shape[2] // 50), f"{what}: {flips} near-tie flips, too many"
+
+
+def rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def mimi_ref():
+    return np.load(os.path.join(TESTDATA, "mimi_fixture.npz"))
+
+
+@pytest.fixture(scope="module")
+def full_mimi(tmp_path_factory):
+    """Full-size random Mimi, through a 385 MB safetensors file in Kyutai's on-disk naming."""
+    spec = fixture("random_weights").read_spec(os.path.join(TESTDATA, "mimi_keys.txt"))
+    path = tmp_path_factory.mktemp("mimi") / "tokenizer-random.safetensors"
+    convert.save_safetensors(path, fixture("random_weights").random_tensors(spec, fixture("make_mimi_fixtures").SEED, fixture("make_mimi_fixtures").overrides()))
+    params, cfg = convert.load_mimi(path)
+    os.unlink(path)
+    assert cfg == mimi.MimiConfig()
+    return params, cfg
+
+
+def _tiny_checkpoint(ref, path, dtype=np.float32, rename=lambda k: k):
+    tensors = {rename(k.split("|", 1)[1]): ref[k].astype(dtype) for k in ref.files if k.startswith("tiny|")}
+    convert.save_safetensors(path, tensors)
+    return tensors
+
+
+def _stream(params, cfg, wav, num_codebooks):
+    """Frame by frame: encode everything, then decode the codes, as the fixture script does."""
+    F, enc, dec, codes, pcm = cfg.frame_size, mimi.encoder_state(cfg, wav.shape[0]), mimi.decoder_state(cfg, wav.shape[0]), [], []
+    for i in range(wav.shape[-1] // F):
+        enc, c = mimi.encode_step(params, cfg, enc, wav[..., i * F:(i + 1) * F], num_codebooks)
+        codes.append(np.asarray(c))
+    for c in codes:
+        dec, p = mimi.decode_step(params, cfg, dec, c)
+        pcm.append(np.asarray(p))
+    return np.concatenate(codes, -1), np.concatenate(pcm, -1)
+
+
+def test_mimi_full_size_batch_matches_official(full_mimi, mimi_ref):
+    """Codes identical for 32 codebooks (and so for 8, their prefix); decoded audio within 1e-4."""
+    params, cfg = full_mimi
+    wav = fixture("make_mimi_fixtures").test_signal(fixture("make_mimi_fixtures").FULL_BATCH, fixture("make_mimi_fixtures").FULL_SAMPLES, seed=0)      # 70000: not whole frames
+    assert fixture("make_mimi_fixtures").signal_digest(wav) == str(mimi_ref["full_signal_sha256"]), "test signal differs from the fixture's"
+    ref32 = mimi_ref["full_codes32"]
+    assert np.array_equal(ref32[:, :8], mimi_ref["full_codes8"])
+    # The fixture is only worth something if the codes are spread over many entries.
+    assert min(len(np.unique(ref32[:, k])) for k in range(32)) >= 20
+    codes = np.asarray(mimi.encode(params, cfg, jnp.asarray(wav), num_codebooks=32))
+    assert codes.dtype == np.int32 and codes.shape == (2, 32, 37)
+    assert_codes_match(codes, ref32, mimi_ref["full_gaps32"], "batch, 32 codebooks")
+    pcm = mimi.decode(params, cfg, jnp.asarray(mimi_ref["full_codes8"]))
+    assert pcm.shape == (2, 1, 37 * 1920)
+    assert rel_l2(pcm, mimi_ref["full_decoded8"]) < 1e-4
+
+
+def test_mimi_full_size_streaming_matches_official(full_mimi, mimi_ref):
+    """One 80 ms frame per call, 8 codebooks: codes equal Kyutai's streaming codes (which equal its
+    batch codes here, < 10 s); streaming decode equals Kyutai's streaming decode."""
+    params, cfg = full_mimi
+    wav = fixture("make_mimi_fixtures").test_signal(fixture("make_mimi_fixtures").FULL_BATCH, fixture("make_mimi_fixtures").FULL_SAMPLES, seed=0)
+    wav = np.pad(wav, ((0, 0), (0, 0), (0, -wav.shape[-1] % cfg.frame_size)))
+    codes, pcm = _stream(params, cfg, wav, 8)
+    assert np.array_equal(mimi_ref["full_stream_codes8"], mimi_ref["full_codes8"])
+    assert_codes_match(codes, mimi_ref["full_stream_codes8"], mimi_ref["full_stream_gaps8"], "streaming")
+    assert rel_l2(pcm, mimi_ref["full_stream_decoded8"]) < 1e-4
+
+
+def test_mimi_full_size_streaming_past_the_cache_wrap(full_mimi, mimi_ref):
+    """11.2 s streamed: past 10 s Kyutai's ring cache (250 slots, 2 steps per call) gives the first
+    step of a frame 249 keys, so its streaming codes depart from its batch codes. Ours equal its
+    streaming codes, and the decode after the wrap matches too."""
+    params, cfg = full_mimi
+    F = cfg.frame_size
+    wav = fixture("make_mimi_fixtures").test_signal(1, fixture("make_mimi_fixtures").LONG_FRAMES * F, seed=1)
+    assert fixture("make_mimi_fixtures").signal_digest(wav) == str(mimi_ref["long_signal_sha256"])
+    enc, dec, codes, pcm = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), [], []
+    for i in range(fixture("make_mimi_fixtures").LONG_FRAMES):
+        enc, c = mimi.encode_step(params, cfg, enc, wav[..., i * F:(i + 1) * F], 8)
+        dec, p = mimi.decode_step(params, cfg, dec, c)
+        codes.append(np.asarray(c))
+        pcm.append(np.asarray(p))
+    assert enc["transformer"]["k"][0].shape[2] == dec["transformer"]["k"][0].shape[2] == 250   # constant memory
+    codes, pcm = np.concatenate(codes, -1), np.concatenate(pcm, -1)
+    ref, batch = mimi_ref["long_stream_codes8"], mimi_ref["long_batch_codes8"]
+    departs = np.nonzero((ref != batch).any(1)[0])[0]
+    assert len(departs) and departs.min() >= 125                # Kyutai's own streaming vs batch
+    assert_codes_match(codes, ref, mimi_ref["long_stream_gaps8"], "long streaming")
+    a, b = fixture("make_mimi_fixtures").LONG_WINDOW
+    assert rel_l2(pcm[..., a * F:b * F], mimi_ref["long_stream_decoded8_window"]) < 1e-4
+
+
+def test_mimi_tiny_matches_official_batch_and_streaming(tmp_path, mimi_ref):
+    """A tiny config whose 8-step context wraps after 4 frames: batch (also cut into 5-frame chunks)
+    equals Kyutai's batch; streaming equals Kyutai's streaming, which departs from its batch."""
+    _tiny_checkpoint(mimi_ref, tmp_path / "tiny.safetensors")
+    cfg = mimi.TINY
+    params, _ = convert.load_mimi(tmp_path / "tiny.safetensors", cfg)
+    wav = jnp.asarray(mimi_ref["tiny_wav"])
+    codes = np.asarray(mimi.encode(params, cfg, wav, num_codebooks=8))
+    assert_codes_match(codes, mimi_ref["tiny_codes"], mimi_ref["tiny_gaps"], "tiny batch")
+    assert np.array_equal(np.asarray(mimi.encode(params, cfg, wav, 8, chunk_frames=5)), codes)
+    assert rel_l2(mimi.decode(params, cfg, codes), mimi_ref["tiny_decoded"]) < 1e-4
+    assert rel_l2(mimi.decode(params, cfg, codes, chunk_frames=5), mimi_ref["tiny_decoded"]) < 1e-4
+    stream_codes, stream_pcm = _stream(params, cfg, np.asarray(wav), 8)
+    assert not np.array_equal(mimi_ref["tiny_stream_codes"], mimi_ref["tiny_codes"])
+    assert_codes_match(stream_codes, mimi_ref["tiny_stream_codes"], mimi_ref["tiny_stream_gaps"], "tiny streaming")
+    assert rel_l2(stream_pcm, mimi_ref["tiny_stream_decoded"]) < 1e-4
+
+
+def test_mimi_streaming_with_nvidias_kv_ring_matches_personaplex(tmp_path):
+    """NVIDIA's PersonaPlex fork streams Mimi through an older KV ring that hides one more key once full:
+    hello.wav frame by frame through its tiny Mimi (8-step window: wrapped from the 4th frame) gives our
+    codes with kv_ring="personaplex" exactly, and the same decoded audio; Kyutai's ring departs from it.
+    The batch API has no ring, so the setting leaves it unchanged."""
+    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_wrap_fixture.npz"))
+    spec = fixture("random_weights").read_spec(os.path.join(TESTDATA, "sample_mimi_keys.txt"))
+    path = tmp_path / "tiny.safetensors"
+    weights = fixture("random_weights").random_tensors(spec, fixture("make_sample_fixtures").MIMI_SEED, fixture("make_sample_fixtures").mimi_overrides())
+    convert.save_safetensors(path, weights)
+    kyutai = repo.mimi_config(fixture("make_sample_fixtures").MIMI_CONFIG)
+    nvidia = dataclasses.replace(kyutai, kv_ring="personaplex")
+    params, _ = convert.load_mimi(path, nvidia)
+    wav = fixture("make_sample_fixtures").read_prompt()
+    wav = wav[: len(wav) // nvidia.frame_size * nvidia.frame_size][None, None]
+    codes, pcm = _stream(params, nvidia, wav, 8)
+    np.testing.assert_array_equal(codes[0], ref["mimi_codes"])
+    assert rel_l2(pcm[0, 0, :ref["mimi_pcm_head"].size], ref["mimi_pcm_head"]) < 1e-4
+    assert not np.array_equal(_stream(params, kyutai, wav, 8)[0][0], ref["mimi_codes"])
+    batch = np.asarray(mimi.encode(params, nvidia, jnp.asarray(wav)))
+    assert np.array_equal(batch, np.asarray(mimi.encode(params, kyutai, jnp.asarray(wav))))
+    two = np.asarray(mimi.encode(params, nvidia, jnp.asarray(wav[..., :2 * nvidia.frame_size])))
+    assert np.array_equal(two, batch[..., :2])                   # one chunk: its cache is the chunk's size
+
+
+def test_mimi_code_comparison_forgives_only_ties():
+    ref, gaps = np.zeros((1, 3, 4), np.int32), np.full((1, 3, 4), 1e-2, np.float32)
+    gaps[0, 1, 2] = 1e-7
+    codes = ref.copy()
+    codes[0, 1:, 2] = 5                      # a flip at a tie, and the level after it in the same RVQ
+    assert_codes_match(codes, ref, gaps, "tie")
+    codes[0, 0, 3] = 1                       # a semantic code with a clear winner
+    with pytest.raises(AssertionError, match="frame 3 codebook 0: code 1 != official 0 .* not a tie"):
+        assert_codes_match(codes, ref, gaps, "no tie")
+
+
+def test_mimi_api_checks_and_random_init():
+    cfg = mimi.TINY
+    assert (cfg.frame_size, cfg.sample_rate, cfg.frame_rate) == (1920, 24000, 12.5)
+    real = mimi.MimiConfig()
+    assert (real.frame_size, real.frame_rate, real.hop_length) == (1920, 12.5, 960)
+    params = mimi.init(jax.random.key(0), cfg)
+    wav = jnp.zeros((1, 1, 4000))
+    assert mimi.encode(params, cfg, wav, num_codebooks=2).shape == (1, 2, 3)
+    assert mimi.decode(params, cfg, jnp.zeros((1, 3, 5), jnp.int32)).shape == (1, 1, 5 * 1920)
+    state = mimi.encoder_state(cfg, 1)
+    with pytest.raises(ValueError, match="whole frames of 1920 samples, got 2000"):
+        mimi.encode_step(params, cfg, state, jnp.zeros((1, 1, 2000)))
+    with pytest.raises(ValueError, match="num_codebooks=9"):
+        mimi.encode(params, cfg, wav, num_codebooks=9)
+    with pytest.raises(ValueError, match=r"expected audio \[B, 1, samples>0\]"):
+        mimi.encode(params, cfg, jnp.zeros((1, 2, 40)))
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 64\), got values in \[0, 64\]"):
+        mimi.decode(params, cfg, jnp.full((1, 3, 5), 64, jnp.int32).at[0, 0, 0].set(0))
+
+
+def test_mimi_resampler_is_band_limited():
+    """Windowed-sinc polyphase: a 1 kHz tone survives 44.1 -> 24 -> 16 -> 48 kHz; a tone above the
+    new Nyquist is removed (about -100 dB); lengths are ceil(S * out / in)."""
+    t = lambda sr, n: np.arange(n) / sr
+    x = np.sin(2 * np.pi * 1000 * t(44100, 44100)).astype(np.float32)
+    for sr_in, sr_out in ((44100, 24000), (24000, 16000), (16000, 48000), (48000, 24000)):
+        n = len(x)
+        y = mimi.resample(x, sr_in, sr_out)
+        assert y.shape == (-(-n * sr_out // sr_in),)
+        ref = np.sin(2 * np.pi * 1000 * t(sr_out, len(y)))
+        mid = slice(len(y) // 4, 3 * len(y) // 4)                          # away from the edges
+        assert np.abs(y[mid] - ref[mid]).max() < 1e-3, (sr_in, sr_out)
+        x = ref.astype(np.float32)
+    alias = mimi.resample(np.sin(2 * np.pi * 15000 * t(44100, 44100)).astype(np.float32), 44100, 24000)
+    assert np.abs(alias[2000:-2000]).max() < 1e-4
+    stereo = np.stack([x, -x])
+    assert np.array_equal(mimi.resample(stereo, 48000, 24000)[1], -mimi.resample(x, 48000, 24000))
+
+
+def test_mimi_audio_io(tmp_path):
+    import soundfile
+    rng = np.random.default_rng(0)
+    stereo = (0.3 * rng.standard_normal((44100, 2))).astype(np.float32)
+    soundfile.write(tmp_path / "in.wav", stereo, 44100, subtype="FLOAT")
+    wav = mimi.read_audio(tmp_path / "in.wav")
+    assert wav.shape == (2, 24000) and wav.dtype == np.float32
+    assert np.array_equal(mimi.read_audio(tmp_path / "in.wav", None), stereo.T)
+    # read a second at a time, or in 0.05 s blocks: the same samples as the whole file resampled at once
+    assert np.array_equal(wav, mimi.resample(stereo.T, 44100, 24000))
+    blocks = list(mimi.read_blocks(tmp_path / "in.wav", block_seconds=0.05))
+    assert len(blocks) > 10 and np.array_equal(np.concatenate(blocks, axis=-1), wav)
+    assert mimi.resampled_length(tmp_path / "in.wav") == 24000
+    mono = mimi.mix_down(wav)
+    assert mono.shape == (1, 24000) and np.allclose(mono[0], wav.mean(0))
+    mimi.write_audio(tmp_path / "out.wav", 2 * mono, 24000)                      # clipped, not wrapped
+    back, sr = soundfile.read(tmp_path / "out.wav", dtype="float32")
+    assert sr == 24000 and back.shape == (24000,) and np.abs(back).max() <= 1.0
+    assert np.abs(back - np.clip(2 * mono[0], -1, 1)).max() < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "out.wav"]   # no temp file left
+    assert (tmp_path / "out.wav").stat().st_mode & 0o777 == _usual_mode()
+    soundfile.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 24000)
+    with pytest.raises(mimi.AudioError, match="empty.wav: the file holds no audio"):
+        mimi.read_audio(tmp_path / "empty.wav")
+    (tmp_path / "junk.wav").write_bytes(b"not audio")
+    with pytest.raises(mimi.AudioError, match="junk.wav: cannot read audio"):
+        mimi.read_audio(tmp_path / "junk.wav")
+    with pytest.raises(mimi.AudioError, match="missing.wav: cannot read audio"):
+        mimi.read_audio(tmp_path / "missing.wav")
+
+
+# ================================================================================================
+# depformer.py
+#
+# Sampling (the depformer's, and the text token's).
+
+
+def test_lm_sampling_is_softmax_top_k():
+    """temp / top-k sampling: never outside the top k, frequencies of softmax(logits / temp) renormalised."""
+    logits = jnp.asarray([2.0, 0.5, 1.0, -1.0, 1.5, 0.0])
+    draws = depformer.sample_token(jnp.broadcast_to(logits, (20000, 6)), jax.random.key(0), temp=0.5, top_k=3)
+    counts = np.bincount(np.asarray(draws), minlength=6) / 20000
+    top = np.asarray([0, 4, 2])
+    expected = np.zeros(6)
+    expected[top] = np.exp(np.asarray(logits)[top] / 0.5) / np.exp(np.asarray(logits)[top] / 0.5).sum()
+    assert counts[[1, 3, 5]].sum() == 0 and np.abs(counts - expected).max() < 0.015
+    assert int(depformer.sample_token(logits, jax.random.key(0), 0.8, 250, greedy=True)) == 0
+
+
+# ================================================================================================
+# ttt.py
+#
+# Fixtures: testdata/make_ttt_fixtures.py runs the official In-Place TTT MLP (ByteDance-Seed/
+# In-Place-TTT's Qwen3MLP, read from its git mirror at run time) on random fp32 weights: lengths that
+# are and are not multiples of the chunk, one partial chunk, with and without P, the layer's own
+# input as target or a separate one, kernel 5. Budget: < 30 s on 2 cores.
+
+
+TTT_CASES = ("hidden_proj", "embed_proj", "embed_noproj", "hidden_noproj", "partial_proj")
+
+
+def _ttt_case(name):
+    """A fixture case -> (inputs x, t, weights in ttt's layout, constants, official output, plain MLP)."""
+    d = np.load(os.path.join(TESTDATA, "ttt_fixture.npz"))
+    w = {k.split("|")[1]: jnp.asarray(d[k]) for k in d.files if k.startswith(name + "|")}
+    weights = (jnp.concatenate([w["gate_proj"], w["up_proj"]], 0), w["down_proj"], w["ttt_conv"][:, 0],
+               w.get("ttt_proj"))
+    consts = dict(chunk_size=int(d[name + "_chunk"]), lr=float(d[name + "_lr"]))
+    return (jnp.asarray(d[name + "_x"]), jnp.asarray(d[name + "_t"]), weights, consts,
+            d[name + "_y"], d[name + "_y_plain"])
+
+
+def _ttt_stream(x, t, weights, consts, dtype=jnp.float32):
+    """Feed the streaming form one frame at a time -> (final state, outputs [B, T, D])."""
+    B, T, D = x.shape
+    step = jax.jit(lambda s, xi, ti: ttt.fast_weight_mlp_step(s, xi, ti, *weights, **consts))
+    state = ttt.init_state(B, D, weights[1].shape[1], chunk_size=consts["chunk_size"], kernel_size=5,
+                           dtype=dtype)
+    ys = []
+    for i in range(T):
+        state, y = step(state, x[:, i:i + 1], t[:, i:i + 1])
+        ys.append(y)
+    return state, jnp.concatenate(ys, 1)
+
+
+@pytest.mark.parametrize("name", TTT_CASES)
+def test_ttt_parallel_matches_official_mlp(name):
+    """The parallel (attention) form equals the official weight-form Qwen3MLP on every case."""
+    x, t, weights, consts, y_ref, y_plain = _ttt_case(name)
+    y = jax.jit(lambda x, t: ttt.fast_weight_mlp(x, t, *weights, **consts))(x, t)
+    assert y.shape == y_ref.shape and y.dtype == jnp.float32
+    assert rel_err(y, y_ref) <= 1e-4
+    if x.shape[1] > consts["chunk_size"]:          # the fast weights really act in these cases
+        assert rel_err(y_ref, y_plain) > 0.3
+    else:                                          # one partial chunk never updates: the plain MLP
+        assert rel_err(y, y_plain) <= 1e-6
+
+
+@pytest.mark.parametrize("name", TTT_CASES)
+def test_ttt_streaming_equals_parallel(name):
+    """One frame at a time through the fp32 state equals the parallel form, frame by frame."""
+    x, t, weights, consts, _, _ = _ttt_case(name)
+    state, ys = _ttt_stream(x, t, weights, consts)
+    y = ttt.fast_weight_mlp(x, t, *weights, **consts)
+    assert rel_err(ys, y) <= 1e-5
+    assert int(state["frame"]) == x.shape[1] and state["sum_dw"].dtype == jnp.float32
+
+
+def test_ttt_streaming_commits_on_the_completing_frame():
+    """S stays 0 until the frame that completes a chunk; that frame's output still uses the old S;
+    each batch row keeps its own S; bf16 buffers and inputs stay close to the parallel form."""
+    x, t, weights, consts, _, _ = _ttt_case("hidden_proj")
+    C = consts["chunk_size"]
+    step = jax.jit(lambda s, xi, ti: ttt.fast_weight_mlp_step(s, xi, ti, *weights, **consts))
+    state = ttt.init_state(2, 8, 12, chunk_size=C, kernel_size=5)
+    plain = {"linear_in": weights[0], "linear_out": weights[1]}
+    mlp_cfg = helium.TransformerConfig(8, 1, 1, 16)
+    for i in range(C):
+        assert not np.any(np.asarray(state["sum_dw"]))
+        state, y = step(state, x[:, i:i + 1], t[:, i:i + 1])
+        assert rel_err(y, helium.mlp(plain, mlp_cfg, x[:, i:i + 1])) <= 1e-6   # first chunk: W_down
+    h = ttt.hidden_rows(x[:, :C], weights[0])
+    v = ttt.sequence_targets(t[:, :C], weights[2], weights[3], C)
+    assert rel_err(state["sum_dw"], jnp.einsum("bcd,bch->bdh", v, h)) <= 1e-5
+    assert rel_err(state["sum_dw"][0], state["sum_dw"][1]) > 0.1                 # per-row state
+    xb, tb = x.astype(jnp.bfloat16), t.astype(jnp.bfloat16)
+    wb = tuple(w.astype(jnp.bfloat16) for w in weights)
+    _, ys = _ttt_stream(xb, tb, wb, consts, dtype=jnp.bfloat16)
+    assert ys.dtype == jnp.bfloat16
+    assert rel_err(ys, ttt.fast_weight_mlp(xb, tb, *wb, **consts)) <= 2e-2
+
+
+def test_ttt_step_is_one_program_with_the_update_under_cond():
+    """The step traces once for every frame, and its only chunk-sized product sits in a lax.cond
+    branch: ordinary frames do the three per-frame matmuls (gate/up, W_down, S)."""
+    x, t, weights, consts, _, _ = _ttt_case("embed_proj")
+    traces = []
+
+    def counted(s, xi, ti):
+        traces.append(1)
+        return ttt.fast_weight_mlp_step(s, xi, ti, *weights, **consts)
+    step = jax.jit(counted)
+    state = ttt.init_state(2, 8, 12, chunk_size=consts["chunk_size"], kernel_size=5)
+    for i in range(x.shape[1]):
+        state, _ = step(state, x[:, i:i + 1], t[:, i:i + 1])
+    assert len(traces) == 1
+    jaxpr = jax.make_jaxpr(counted)(state, x[:, :1], t[:, :1]).jaxpr
+    names = [e.primitive.name for e in jaxpr.eqns]
+    assert names.count("dot_general") == 3 and names.count("cond") == 1
+    cond = jaxpr.eqns[names.index("cond")]
+    assert any(e.primitive.name == "dot_general" for e in cond.params["branches"][1].jaxpr.eqns)
+    assert not any(e.primitive.name == "dot_general" for e in cond.params["branches"][0].jaxpr.eqns)
+
+
+def test_ttt_chunk_sees_only_earlier_chunks():
+    """Changing chunk i's target changes no output of chunks <= i (its own ΔW is never applied to
+    it, the conv stays inside it); changing chunk i's input changes no output of chunks < i."""
+    k = jax.random.split(jax.random.key(3), 6)
+    D, Hd, C, T = 8, 12, 3, 11
+    weights = (helium.dense_init(k[0], (2 * Hd, D)), helium.dense_init(k[1], (D, Hd)),
+               jax.random.normal(k[2], (D, 5)), helium.dense_init(k[3], (D, D)))
+    x, t = jax.random.normal(k[4], (1, T, D)), jax.random.normal(k[5], (1, T, D))
+    f = jax.jit(lambda x, t: ttt.fast_weight_mlp(x, t, *weights, chunk_size=C, lr=0.5))
+    y = np.asarray(f(x, t))
+    for i in range(3):
+        frames = slice(i * C, (i + 1) * C)
+        y_t = np.asarray(f(x, t.at[:, frames].add(1.0)))
+        assert np.array_equal(y_t[:, :(i + 1) * C], y[:, :(i + 1) * C])
+        assert not np.allclose(y_t[:, (i + 1) * C:], y[:, (i + 1) * C:])              # later ones move
+        y_x = np.asarray(f(x.at[:, frames].add(1.0), t))
+        assert np.array_equal(y_x[:, :i * C], y[:, :i * C])
+        assert not np.allclose(y_x[:, frames], y[:, frames])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ttt_init_is_the_plain_mlp_and_the_conv_learns(dtype):
+    """init_layer: conv 0, P a small diagonal -> exactly helium's gated MLP, yet d(out)/d(conv) != 0
+    for every channel (through P) while d(out)/d(P) = 0."""
+    cfg = ttt.TTTConfig(chunk_size=4)
+    D, Hd = 16, 24
+    k = jax.random.split(jax.random.key(5), 4)
+    p = ttt.init_layer(k[0], D, cfg, dtype)
+    assert p["conv"].shape == (D, 5) and not np.any(np.asarray(p["conv"], np.float32))
+    proj = np.asarray(p["proj"], np.float32)
+    assert np.array_equal(proj, np.diag(np.diag(proj))) and 0 < np.abs(proj).max() < 0.1
+    assert 0.019 < np.diag(np.asarray(ttt.init_layer(k[0], 4096, cfg)["proj"])).std() < 0.021
+    assert "proj" not in ttt.init_layer(k[0], D, dataclasses.replace(cfg, use_proj=False))
+    mlp = {"linear_in": helium.dense_init(k[1], (2 * Hd, D), dtype),
+           "linear_out": helium.dense_init(k[2], (D, Hd), dtype)}
+    x = jax.random.normal(k[3], (2, 10, D), dtype)
+
+    def ttt_mlp(conv, proj):
+        return ttt.fast_weight_mlp(x, x, mlp["linear_in"], mlp["linear_out"], conv, proj,
+                                   chunk_size=4, lr=cfg.lr)
+    y = ttt_mlp(p["conv"], p["proj"])
+    plain = helium.mlp(mlp, helium.TransformerConfig(D, 1, 1, 32), x)
+    assert y.dtype == dtype and np.array_equal(np.asarray(y, np.float32), np.asarray(plain, np.float32))
+    loss = lambda conv, proj: jnp.sum(ttt_mlp(conv, proj).astype(jnp.float32) * jnp.cos(jnp.arange(D)))
+    g_conv, g_proj = (np.asarray(g, np.float32) for g in jax.grad(loss, argnums=(0, 1))(p["conv"], p["proj"]))
+    assert np.all(np.abs(g_conv).max(axis=1) > 0) and not np.any(g_proj)
+
+
+def test_ttt_config_defaults_and_validation():
+    cfg = ttt.TTTConfig()
+    assert (cfg.layers, cfg.chunk_size, cfg.lr, cfg.target, cfg.kernel_size, cfg.use_proj) == \
+        ((5, 11, 17, 23, 29), 256, 3.0, "hidden", 5, True)
+    assert ttt.every_kth_layer(6, 0, 36) == (0, 6, 12, 18, 24, 30)
+    assert ttt.TTTConfig(layers=[1, 4]).layers == (1, 4) and hash(ttt.TTTConfig(layers=[1, 4]))
+    bad = [("layers", (3, 3)), ("layers", (-1,)), ("layers", (1.5,)), ("layers", (4, 2)), ("layers", 5),
+           ("chunk_size", 0), ("chunk_size", 2.0), ("lr", -1.0), ("lr", float("nan")), ("lr", "3"),
+           ("target", "input_embed"), ("kernel_size", 0), ("use_proj", 1)]
+    for field, value in bad:
+        with pytest.raises(ValueError, match=f"TTT config: {field}="):
+            ttt.TTTConfig(**{field: value})
+    with pytest.raises(ValueError, match="every_kth_layer"):
+        ttt.every_kth_layer(0, 5, 32)
+    cfg.check_num_layers(32)
+    with pytest.raises(ValueError, match="names layer 29, but the transformer has 24 layers"):
+        cfg.check_num_layers(24)
+    x, conv = jnp.zeros((1, 5, 8)), jnp.zeros((8, 5))
+    with pytest.raises(ValueError, match=r"ttt: w_out has shape \(12, 8\), expected \(8, 8\)"):
+        ttt.fast_weight_mlp(x, x, jnp.zeros((16, 8)), jnp.zeros((12, 8)), conv, None, chunk_size=2, lr=1.0)
+
+
+def test_ttt_command_line(capsys):
+    ttt.main([])
+    out = capsys.readouterr().out
+    errors = {line.split(":")[0].strip(): float(line.split()[-1]) for line in out.splitlines()[1:]}
+    assert errors["float32"] <= 1e-5 and errors["bfloat16"] <= 2e-2
+    ttt.main(["--demo", "--steps", "2"])             # the recall demo's plumbing (its result needs ~1000 steps)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"recall beyond the window: ttt \d\.\d\d, no-ttt \d\.\d\d", last), last
+
+
+# ================================================================================================
+# moshi.py
+#
+# Fixtures: testdata/make_lm_fixtures.py runs Kyutai's LMModel / LMGen on three small configs with
+# deterministic random weights (rebuilt here from the key list and seed: no weights committed):
+# a = moshiko-shaped, b = PersonaPlex-shaped (dep_q 16), c = delays up to 4, weight schedule,
+# low-rank embeddings, LayerNorm + sin embedding. Also TTT in the model. Budget: < 4 min on 2 cores.
+
+
+def _lm_fixture(name, tmp_path, file_dtype=np.float32, dtype=jnp.float32):
+    """(fixture arrays, params, cfg): the fixture checkpoint written to disk and read by convert.load_lm."""
+    d = np.load(fixture("make_lm_fixtures").fixture_path(name))
+    spec = [(n, tuple(json.loads(s))) for n, s in zip(d["spec_names"], d["spec_shapes"])]
+    path = tmp_path / f"lm_{name}.safetensors"
+    convert.save_safetensors(path, fixture("make_lm_fixtures").checkpoint(spec, file_dtype))
+    cfg = repo.lm_config(json.loads(str(d["config_json"])))
+    params = convert.load_lm(path, cfg, dtype=dtype)
+    return d, params, cfg
+
+
+def _positionwise_rel_err(ours, ref, mask):
+    """max over unmasked positions of |ours - ref|_inf / |ref|_inf, each position's logits on their own."""
+    ours, ref = np.asarray(ours, np.float64)[mask], np.asarray(ref, np.float64)[mask]
+    return float((np.abs(ours - ref).max(-1) / np.abs(ref).max(-1)).max())
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_lm_forward_matches_official(name, tmp_path):
+    """LMModel.forward: logits within 1e-4 at every unmasked position, identical masks."""
+    d, params, cfg = _lm_fixture(name, tmp_path)
+    out = jax.jit(lambda p, c: moshi.forward(p, cfg, c))(params, jnp.asarray(d["codes"]))
+    for key in ("mask", "text_mask"):
+        assert np.array_equal(np.asarray(out[key]), d[key]), key
+    assert not d["mask"].all() and not d["text_mask"].all()       # the fixture does exercise the masks
+    assert _positionwise_rel_err(out["logits"], d["logits"], d["mask"]) < 1e-4
+    assert _positionwise_rel_err(out["text_logits"], d["text_logits"], d["text_mask"]) < 1e-4
+    # where a delay leaves nothing to predict, Kyutai has NaN and we have zeros
+    past_delay = np.isnan(d["logits"]).all(-1)
+    assert past_delay.any() and np.all(np.asarray(out["logits"])[past_delay] == 0)
+
+
+def _greedy_run(params, cfg, user, **kw):
+    B, _, frames = user.shape
+    state, outs = moshi.init_gen_state(params, cfg, B), []
+    for n in range(frames):
+        state, out = moshi.gen_step(params, cfg, state, jnp.asarray(user[:, :, n:n + 1]), jax.random.key(n),
+                                    sampling=moshi.Sampling(greedy=True), **kw)
+        outs.append(np.asarray(out))
+    return np.stack(outs, axis=-1), state
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_lm_greedy_generation_matches_official(name, tmp_path):
+    """LMGen(use_sampling=False) fed the same user codes: the same tokens, frame for frame, batch 2,
+    past the wrap of the KV ring (context 6 or 4 < 14 frames)."""
+    d, params, cfg = _lm_fixture(name, tmp_path)
+    tokens, state = _greedy_run(params, cfg, d["gen_user"])
+    assert tokens.shape == d["gen_tokens"].shape
+    assert np.array_equal(tokens, d["gen_tokens"])
+    assert state["kv"]["k"].shape[3] == cfg.context                      # constant memory
+    if name == "c":              # the generation layout (layers as lists) gives the same tokens
+        tokens, state = _greedy_run(moshi.generation_params(params), cfg, d["gen_user"])
+        assert np.array_equal(tokens, d["gen_tokens"]) and isinstance(state["kv"]["k"], list)
+
+
+def test_lm_bf16_checkpoint_matches_official_bf16(tmp_path):
+    """A bf16 file loads as bf16 and greedy tokens equal Kyutai's model run in bf16 (not its fp32 run,
+    which itself differs from its bf16 run after a few frames); dtype=float32 upcasts on request."""
+    d, params, cfg = _lm_fixture("a", tmp_path, file_dtype=convert._BF16, dtype=None)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+    tokens, _ = _greedy_run(params, cfg, d["gen_user"])
+    assert np.array_equal(tokens, d["gen_tokens_bf16"])
+    up = convert.load_lm(tmp_path / "lm_a.safetensors", cfg, dtype=jnp.float32)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(up))
+
+
+@pytest.mark.parametrize("name,lookahead", [("b", 1), ("a", 1), ("c", 1), ("a", 0)])
+def test_lm_forced_generation_reproduces_official_forward(name, lookahead, tmp_path):
+    """Forcing every stream from `codes` (text, Moshi's codebooks, the user's) must make each streaming
+    step see exactly what LMModel.forward saw: the text logits of call n are the forward's text logits
+    of frame n. With PersonaPlex's lookahead the depformer is teacher-forced as well, so every audio
+    logit matches too; and the frames returned are the forced codes."""
+    d, params, cfg = _lm_fixture(name, tmp_path)
+    codes = d["codes"]
+    B, K, T = codes.shape
+    n_user = 8 if cfg.dep_q == cfg.n_q else cfg.n_q - cfg.dep_q         # PersonaPlex: user on 9..16
+    state, returned = moshi.init_gen_state(params, cfg, B, lookahead=lookahead), []
+    for n in range(T):
+        frame = codes[:, :, n - 1 + lookahead] if n - 1 + lookahead >= 0 else np.full((B, K), -2)
+        state, out, logits = moshi.gen_step(
+            params, cfg, state, jnp.asarray(frame[:, K - n_user:, None]), jax.random.key(0),
+            text=jnp.asarray(frame[:, 0]), moshi_codes=jnp.asarray(frame[:, 1:K - n_user]), return_logits=True)
+        returned.append(np.asarray(out))
+        assert rel_err(logits["text_logits"], d["text_logits"][:, 0, n]) < 1e-4, n
+        for c in range(cfg.dep_q if lookahead else 0):
+            t = n - cfg.delays[1 + c]
+            if t >= 0:
+                assert rel_err(logits["audio_logits"][:, c], d["logits"][:, c, t]) < 1e-4, (n, c)
+    returned = np.stack(returned, axis=-1)[:, :, cfg.max_delay:]      # call n returns frame n - max_delay
+    assert np.array_equal(returned, codes[:, :1 + cfg.dep_q, :T - cfg.max_delay])
+
+
+def test_lm_kv_ring_is_kyutais_unless_the_model_is_personaplex(tmp_path):
+    """Each model streams with its own code's KV ring: moshi 0.2.13's lets a step fed alone see the whole
+    ring (capacity 4: step 3 sees 0..3, step 6 sees 3..6), NVIDIA's older one hides the oldest slot
+    (1..3, 4..6). Kyutai's configs keep 0.2.13's and config.json never mentions it; PersonaPlex's (preset,
+    or a checkpoint recognised by model_type or its 16 depformer heads) get NVIDIA's, temporal and depth
+    transformers alike."""
+    def seen(kv_ring, step):                   # the positions a step fed alone attends to
+        pos = np.asarray(helium.ring_positions(jnp.asarray(step), 1, 4, kv_ring))
+        return sorted(pos[np.asarray(helium.attention_mask(jnp.asarray([step]), pos, True, 4))[0]].tolist())
+    assert [seen("kyutai", 3), seen("kyutai", 6)] == [[0, 1, 2, 3], [3, 4, 5, 6]]
+    assert [seen("personaplex", s) for s in (3, 6, 2)] == [[1, 2, 3], [4, 5, 6], [0, 1, 2]]
+    assert moshi.MOSHIKO.kv_ring == moshi.TINY.kv_ring == "kyutai"
+    assert "kv_ring" not in repo.lm_config_dict(moshi.MOSHIKO)
+    pp = moshi.PERSONAPLEX
+    assert pp.temporal.kv_ring == pp.depformer.transformer.kv_ring == "personaplex"
+    assert repo.lm_config(repo.lm_config_dict(pp)) == pp
+    with pytest.raises(ValueError, match="kv_ring='ring' is not supported"):
+        repo.lm_config(dict(repo.lm_config_dict(pp), kv_ring="ring"))
+    with pytest.raises(ValueError, match="2 slots or more"):
+        helium.ring_positions(jnp.asarray(0), 1, 1, "personaplex")
+    heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
+    convert.save_safetensors(tmp_path / "pp.safetensors", heads)
+    convert.save_safetensors(tmp_path / "m.safetensors", dict(list(heads.items())[:8]))
+    def ring(path, config=None, model_type="moshi"):
+        ckpt = repo.Checkpoint(str(tmp_path / path), "", "", config, model_type=model_type)
+        return repo.lm_config_for(ckpt).kv_ring
+    tiny = repo.lm_config_dict(moshi.TINY)
+    persona = (("pp.safetensors",), ("pp.safetensors", tiny), ("m.safetensors", tiny, "personaplex"))
+    kyutai = (("m.safetensors",), ("m.safetensors", tiny), ("pp.safetensors", dict(tiny, kv_ring="kyutai")))
+    assert [ring(*c) for c in persona] == ["personaplex"] * 3 and [ring(*c) for c in kyutai] == ["kyutai"] * 3
+
+
+def test_lm_gen_step_from_an_input_embedding():
+    """gen_step fed the summed embeddings of the tokens it would read is the same step as fed those
+    tokens (what replays PersonaPlex's saved voices); a wrongly shaped embedding is named."""
+    cfg = moshi.TINY_PERSONAPLEX
+    params = moshi.init(jax.random.key(0), cfg)
+    codes = np.asarray(jax.random.randint(jax.random.key(1), (2, 8, 3), 0, cfg.card))
+    plain, fed = (moshi.init_gen_state(params, cfg, 2, lookahead=1) for _ in range(2))
+    initial, key = jnp.asarray(cfg.initial_tokens()), jax.random.key(2)
+    for n in range(3):
+        here = jnp.where(n <= jnp.asarray(cfg.delays), initial, plain["tokens"][:, :, n % 4])   # position n
+        embedding = moshi.embed_frames(params, cfg, here[:, :, None])[:, 0]                        # [B, D]
+        user = codes[:, :, n:n + 1]
+        plain, a, la = moshi.gen_step(params, cfg, plain, user, key, return_logits=True)
+        fed, b, lb = moshi.gen_step(params, cfg, fed, user, key, embedding=embedding, return_logits=True)
+        assert np.array_equal(a, b) and rel_err(lb["audio_logits"], la["audio_logits"]) < 1e-6
+    with pytest.raises(ValueError, match=r"embedding must be \[B=2, dim=64\], got \(2, 32\)"):
+        moshi.gen_step(params, cfg, fed, codes[:, :, :1], jax.random.key(2), embedding=jnp.zeros((2, 32)))
+
+
+def test_lm_text_only_model_runs(tmp_path):
+    """dep_q = 0 (Kyutai's STT shape): no depformer; forward gives text logits, generation text only;
+    the checkpoint round-trips (with the unused `depformer_in` Kyutai builds anyway)."""
+    cfg = moshi.LMConfig(delays=(0,) * 5, n_q=4, dep_q=0, card=16, text_card=20, dim=16, num_heads=2,
+                         num_layers=1, context=4, depformer_multi_linear=False)
+    params = moshi.init(jax.random.key(0), cfg)
+    out = jax.jit(lambda p, c: moshi.forward(p, cfg, c))(params, jnp.zeros((1, 5, 6), jnp.int32))
+    assert out["text_logits"].shape == (1, 1, 6, 20) and out["logits"].shape == (1, 0, 6, 16)
+    tokens, _ = _greedy_run(params, cfg, np.zeros((1, 4, 3), np.int32))
+    assert tokens.shape == (1, 1, 3) and (tokens >= 0).all()
+    convert.save_lm(tmp_path / "stt.safetensors", params, cfg)
+    assert "depformer_in.0.weight" in _load_safetensors(tmp_path / "stt.safetensors")
+    again = convert.load_lm(tmp_path / "stt.safetensors", cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
+    with pytest.raises(ValueError, match="3 user codebooks given; this model reads 4"):
+        moshi.gen_step(params, cfg, moshi.init_gen_state(params, cfg, 1), jnp.zeros((1, 3, 1), jnp.int32),
+                       jax.random.key(0))
+
+
+TTT_LM = dataclasses.replace(moshi.TINY, ttt=ttt.TINY)       # TTT on layer 1 of 2, 4-frame chunks
+
+
+def _ttt_lm(live=True):
+    """moshi.TINY with TTT (and its base without): at init, or with the memory made live (a random conv)."""
+    params = moshi.init(jax.random.key(0), TTT_LM)
+    base = {k: v for k, v in params.items() if k != "ttt"}
+    if live:
+        params = dict(params, ttt=dict(params["ttt"], conv=0.3 * jax.random.normal(jax.random.key(5),
+                                                                                   params["ttt"]["conv"].shape)))
+    return params, base
+
+
+def test_ttt_model_starts_as_its_base_model():
+    """A Kyutai model with TTT added (conv zero, P diagonal) gives its base model's logits exactly, in
+    forward and in greedy gen_step; the conv, P (once the conv moved) and the base weights get gradients."""
+    params, base = _ttt_lm(live=False)
+    codes = jax.random.randint(jax.random.key(1), (2, 17, 14), 0, 64)
+    forward = lambda cfg: jax.jit(lambda p, c: moshi.forward(p, cfg, c))       # noqa: E731
+    ours, theirs = forward(TTT_LM)(params, codes), forward(moshi.TINY)(base, codes)
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ("logits", "text_logits"))
+    user = np.asarray(jax.random.randint(jax.random.key(2), (2, 8, 12), 0, 64))
+    assert np.array_equal(_greedy_run(params, TTT_LM, user)[0], _greedy_run(base, moshi.TINY, user)[0])
+    loss = lambda p: jnp.sum(jnp.sin(moshi.forward(p, TTT_LM, codes)["text_logits"]))   # noqa: E731
+    grads = jax.grad(loss)(params)
+    assert np.abs(grads["ttt"]["conv"]).max() > 0 and np.abs(grads["transformer"]["mlp"]["linear_out"]).max() > 0
+    grads = jax.grad(loss)(_ttt_lm(live=True)[0])
+    assert np.abs(grads["ttt"]["proj"]).max() > 0
+
+
+def test_ttt_model_is_chunk_causal_and_streams_like_forward():
+    """Changing the tokens of chunk i changes no output before chunk i (the conv looks ahead only inside
+    a chunk, which never uses its own update); gen_step over three chunks, forced to follow the same
+    tokens, gives forward's logits (the fast-weight state commits each chunk on time), in both layouts."""
+    params, _ = _ttt_lm(live=True)
+    codes = np.asarray(jax.random.randint(jax.random.key(1), (2, 17, 12), 0, 64))
+    run = jax.jit(lambda c: moshi.forward(params, TTT_LM, c)["text_logits"])
+    changed = codes.copy()
+    changed[:, :, 4:6] = (changed[:, :, 4:6] + 1) % 64     # inputs 5, 6 (frame t is read at t + 1): chunk 1
+    a, b = np.asarray(run(codes)), np.asarray(run(changed))
+    # position 4 (chunk 1) would see them through the conv's look-ahead if chunk 1 used its own update
+    assert np.array_equal(a[..., :5, :], b[..., :5, :]) and not np.allclose(a[..., 8:, :], b[..., 8:, :])
+    for layout in (params, moshi.generation_params(params)):
+        state = moshi.init_gen_state(layout, TTT_LM, 2, lookahead=1)
+        for n in range(codes.shape[-1]):                                   # 12 frames: three chunks
+            frame = jnp.asarray(codes[:, :, n])
+            state, _, logits = moshi.gen_step(layout, TTT_LM, state, frame[:, 9:, None], jax.random.key(0),
+                                              text=frame[:, 0], moshi_codes=frame[:, 1:9], return_logits=True)
+            assert rel_err(logits["text_logits"], a[:, 0, n]) < 1e-4, n
+        assert len(state["ttt"]) == 1 and state["ttt"][0]["sum_dw"].shape == (2, 64, TTT_LM.temporal.gating_hidden)
+
+
+# ================================================================================================
+# convert.py
+#
+# safetensors, atomic writes, key checking, both models' key tables (load, save, other namings),
+# and the command line (inspect, the Mimi round trip).
 
 
 def test_safetensors_round_trip_and_atomic_write(tmp_path):
@@ -301,13 +1022,226 @@ def test_bad_checkpoints_are_named(tmp_path):
         _load_safetensors(junk)
 
 
-# ================================================================================================
-# train.py and data.py
-#
-# Fixtures: testdata/make_train_fixtures.py (moshi-finetune's own interleaver; the official moshi
-# package for the exported checkpoint). Budget: tiny models, short windows, < 5 min on 2 cores.
+def test_lm_save_load_round_trip_and_namings(tmp_path):
+    """load -> save -> load is lossless and writes Kyutai's on-disk names (the fixture script checks
+    that Kyutai's LMModel loads our file with strict=True); the in-memory naming `in_projs.{i}` and
+    the `in_proj.weight` variant load to the same params; bad keys are named with their shapes."""
+    d, params, cfg = _lm_fixture("c", tmp_path)
+    convert.save_lm(tmp_path / "saved.safetensors", params, cfg)
+    saved = _load_safetensors(tmp_path / "saved.safetensors")
+    assert sorted(saved) == sorted(str(n) for n in d["spec_names"])
+    cfg2 = repo.lm_config(repo.lm_config_dict(cfg))
+    again = convert.load_lm(tmp_path / "saved.safetensors", cfg2)
+    assert cfg2 == cfg
+    assert jax.tree.structure(again) == jax.tree.structure(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
+    in_memory = {}
+    for k, v in saved.items():
+        for disk, mem in ((".self_attn.in_proj_weight", ".self_attn.in_projs."), (".self_attn.out_proj.weight", ".self_attn.out_projs.")):
+            if k.endswith(disk):
+                M = cfg.depformer.transformer.num_weight_sets if k.startswith("depformer.") else 1
+                in_memory.update({k[:-len(disk)] + f"{mem}{i}.weight": w for i, w in enumerate(np.split(v, M))})
+                break
+        else:
+            in_memory[k] = v
+    convert.save_safetensors(tmp_path / "mem.safetensors", in_memory)
+    variant = {k.replace(".in_proj_weight", ".in_proj.weight"): v for k, v in saved.items()}
+    convert.save_safetensors(tmp_path / "variant.safetensors", variant)
+    for f in ("mem.safetensors", "variant.safetensors"):
+        loaded = convert.load_lm(tmp_path / f, cfg)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))), f
+    # the generation layout loads directly (layers as lists) and saves back to the same file
+    listed = convert.load_lm(tmp_path / "saved.safetensors", cfg, stacked=False)
+    expected = moshi.generation_params(params)
+    assert isinstance(listed["transformer"], list) and isinstance(listed["depformer"]["transformer"], list)
+    assert jax.tree.structure(listed) == jax.tree.structure(expected)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(listed), jax.tree.leaves(expected)))
+    convert.save_lm(tmp_path / "from_list.safetensors", listed, cfg)
+    from_list = _load_safetensors(tmp_path / "from_list.safetensors")
+    assert sorted(from_list) == sorted(saved) and all(np.array_equal(from_list[k], saved[k]) for k in saved)
+    bad = dict(saved, **{"linears.0.weight": np.zeros((5, 16), np.float32)})
+    bad.pop("out_norm.weight")
+    convert.save_safetensors(tmp_path / "bad.safetensors", bad)
+    with pytest.raises(convert.CheckpointError, match=r"missing key 'out_norm.weight'.*\n.*linears.0.weight' has shape \(5, 16\), expected \(32, 16\)"):
+        convert.load_lm(tmp_path / "bad.safetensors", cfg)
 
-import checkpoint  # noqa: E402  (train.py's checkpoints, run directory and hosts)
+
+def test_mimi_checkpoint_namings_dtypes_and_errors(tmp_path, mimi_ref):
+    """bf16 files load (as fp32); in-memory attention names and old codebook buffer names load to the
+    same params; save_mimi round-trips exactly and records the config; bad keys are named."""
+    cfg = mimi.TINY
+    tensors = _tiny_checkpoint(mimi_ref, tmp_path / "disk.safetensors")
+    disk, _ = convert.load_mimi(tmp_path / "disk.safetensors", cfg)
+
+    import ml_dtypes
+    _tiny_checkpoint(mimi_ref, tmp_path / "bf16.safetensors", dtype=ml_dtypes.bfloat16)
+    bf16, _ = convert.load_mimi(tmp_path / "bf16.safetensors", cfg)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16))
+    same = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+    rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in tensors.items()}
+    convert.save_safetensors(tmp_path / "rounded.safetensors", rounded)   # the same values, as fp32
+    assert same(bf16, convert.load_mimi(tmp_path / "rounded.safetensors", cfg)[0])
+    assert not same(bf16, disk)
+
+    def in_memory(k):
+        return k.replace(".self_attn.in_proj_weight", ".self_attn.in_projs.0.weight").replace(
+            ".self_attn.out_proj.weight", ".self_attn.out_projs.0.weight").replace(
+            "._codebook.cluster_usage", "._codebook.cluster_size").replace(
+            "._codebook.embedding_sum", "._codebook.embed_avg").replace("._codebook._initialized", "._codebook.inited")
+    _tiny_checkpoint(mimi_ref, tmp_path / "memory.safetensors", rename=in_memory)
+    memory, _ = convert.load_mimi(tmp_path / "memory.safetensors", cfg)
+    assert same(memory, disk)
+
+    convert.save_mimi(tmp_path / "saved.safetensors", disk, cfg)
+    again, cfg_again = convert.load_mimi(tmp_path / "saved.safetensors")          # config from the metadata
+    assert cfg_again == cfg and same(again, disk)
+
+    bad = dict(tensors)
+    bad["upsample.convtr.convtr.convtr.weight"] = np.zeros((16, 1, 3), np.float32)
+    del bad["quantizer.rvq_rest.vq.layers.0._codebook.embedding_sum"]
+    bad["extra.weight"] = np.zeros(2, np.float32)
+    convert.save_safetensors(tmp_path / "bad.safetensors", bad)
+    with pytest.raises(convert.CheckpointError) as e:
+        convert.load_mimi(tmp_path / "bad.safetensors", cfg)
+    msg = str(e.value)
+    assert "bad.safetensors" in msg and "unexpected key 'extra.weight'" in msg
+    assert "missing key 'quantizer.rvq_rest.vq.layers.0._codebook.embedding_sum' (expected shape (64, 8))" in msg
+    assert "key 'upsample.convtr.convtr.convtr.weight' has shape (16, 1, 3), expected (16, 1, 4)" in msg
+    with pytest.raises(convert.CheckpointError, match="missing key"):
+        convert.load_mimi(tmp_path / "disk.safetensors")                  # tiny file, default (full) config
+
+
+def test_mimi_command_line_round_trip(tmp_path, mimi_ref, capsys):
+    """python convert.py mimi in.wav out.wav --weights W --codes C: a 32 kHz stereo file in, 24 kHz mono
+    out, batch or streaming; output paths that cannot be written are refused before any work, and
+    `python mimi.py` (no weights) checks a random codec's batch against its streaming."""
+    cfg = mimi.TINY
+    _tiny_checkpoint(mimi_ref, tmp_path / "t.safetensors")
+    params, _ = convert.load_mimi(tmp_path / "t.safetensors", cfg)
+    convert.save_mimi(tmp_path / "tiny.safetensors", params, cfg)      # records the tiny config
+    rng = np.random.default_rng(1)
+    soundfile.write(tmp_path / "in.wav", (0.3 * rng.standard_normal((96000, 2))).astype(np.float32), 32000)
+    run = lambda out, *extra: convert.main(["mimi", str(tmp_path / "in.wav"), str(out), "--weights",   # noqa: E731
+                                            str(tmp_path / "tiny.safetensors"), "--num-codebooks", "3", *extra])
+    run(tmp_path / "out.wav", "--codes", str(tmp_path / "codes.npy"))
+    out, sr = soundfile.read(tmp_path / "out.wav", dtype="float32")
+    assert sr == 24000 and out.shape == (72000,)                             # 96000 samples at 32 kHz
+    codes = np.load(tmp_path / "codes.npy")
+    wav = mimi.mix_down(mimi.read_audio(tmp_path / "in.wav"))[None]
+    assert np.array_equal(codes, np.asarray(mimi.encode(params, cfg, jnp.asarray(wav), 3)))
+    assert codes.shape == (1, 3, 38) and "codes (1, 3, 38)" in capsys.readouterr().out
+    expected = np.asarray(mimi.decode(params, cfg, codes))[0, 0, :72000]
+    assert np.abs(out - np.clip(expected, -1, 1)).max() < 1e-4              # 16-bit file
+    run(tmp_path / "stream.wav", "--stream")            # (past 4 frames the tiny ring wraps: not the batch result)
+    assert soundfile.read(tmp_path / "stream.wav", dtype="float32")[0].shape == out.shape
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out_path, extra, message in ((tmp_path, (), "is a folder"),
+                                     (tmp_path / "x.wav", ("--codes", str(tmp_path / "no" / "c.npy")), "does not exist")):
+        with pytest.raises(SystemExit, match=message):
+            run(out_path, *extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before              # nothing written, nothing lost
+    with pytest.raises(SystemExit):
+        convert.main(["mimi", str(tmp_path / "in.wav"), str(tmp_path / "x.wav")])     # no --weights: usage
+    mimi.main(["--frames", "2"])
+    assert "streaming vs batch: codes identical" in capsys.readouterr().out
+
+
+# ================================================================================================
+# repo.py
+#
+# Finding a model's files as Kyutai's CheckpointInfo does (no network: a stand-in huggingface_hub),
+# and config.json / Mimi config JSON parsing.
+
+
+def _fake_hub(monkeypatch, hf_hub_download):
+    """A stand-in huggingface_hub module (no network here): `hf_hub_download(repo, name) -> path`."""
+    import sys
+    import types
+    hub, errors = types.ModuleType("huggingface_hub"), types.ModuleType("huggingface_hub.errors")
+    errors.EntryNotFoundError = type("EntryNotFoundError", (Exception,), {})
+    errors.LocalEntryNotFoundError = type("LocalEntryNotFoundError", (errors.EntryNotFoundError,), {})
+    hub.errors, hub.hf_hub_download = errors, hf_hub_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.errors", errors)
+    return hub
+
+
+def test_lm_configs_and_7b_footprint(tmp_path):
+    """config.json parsing: Kyutai's moshiko file gives the built-in preset, whose param tree (shapes
+    only, nothing allocated) has Kyutai's 7,687,729,152 parameters in 355 on-disk tensors."""
+    moshiko_json = dict(repo.lm_config_dict(moshi.MOSHIKO), depformer_causal=True, depformer_context=8,
+                        moshi_name="model.safetensors", model_type="moshi")
+    assert repo.lm_config(moshiko_json) == repo.lm_config(None) == moshi.MOSHIKO
+    shapes = jax.eval_shape(lambda: moshi.init(jax.random.key(0), moshi.MOSHIKO, jnp.bfloat16))
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == 7_687_729_152
+    keys = convert.lm_keys(moshi.MOSHIKO)
+    assert len(keys) == 355 and sum(int(np.prod(s)) for s in keys.values()) == 7_687_729_152
+    pp = convert.lm_keys(moshi.PERSONAPLEX)
+    assert pp["depformer.layers.0.self_attn.in_proj_weight"] == (16 * 3 * 1024, 1024) and "linears.15.weight" in pp
+    # Kyutai's depformer inherits main settings it does not override
+    small = repo.lm_config({"delays": [0, 1], "n_q": 1, "dep_q": 1, "num_layers": 3, "gating": "silu",
+                               "depformer_num_heads": 2, "depformer_weights_per_step": True})
+    assert small.depformer_num_layers == 3 and small.depformer_gating == "silu"
+    with pytest.raises(ValueError, match="unknown keys \\['dimm'\\]"):
+        repo.lm_config({"dimm": 3})
+    for bad, message in (({"dim": "64"}, "dim='64' should be int"), ({"num_heads": 4.0}, "num_heads=4.0 should be int"),
+                         ({"ttt": {"layers": [1], "chunk": 4}}, "TTTConfig.* unexpected keyword argument 'chunk'")):
+        with pytest.raises(ValueError, match=message):                  # one line, not a traceback later
+            repo.lm_config(bad)
+    (tmp_path / "config.json").write_text(json.dumps({"dimm": 3}))
+    with pytest.raises(ValueError, match=f"LM config {tmp_path / 'config.json'}: unknown keys"):   # names the file
+        repo.lm_config(str(tmp_path / "config.json"))
+    with pytest.raises(ValueError, match="demux_second_text_stream"):
+        repo.lm_config({"demux_second_stream": True})
+    with pytest.warns(UserWarning, match="conditioners"):
+        repo.lm_config(dict(moshiko_json, conditioners={"description": {}}, fuser={"sum": ["description"]}))
+    with pytest.raises(ValueError, match="3 delays for 2 streams"):
+        moshi.LMConfig(delays=(0, 1, 1), n_q=1, dep_q=1)
+
+
+def test_sample_finds_weights_like_checkpoint_info(tmp_path):
+    """Repo files, config.json's file names (moshi_name, mimi_name, tokenizer_name, mimi_config_name),
+    single-file overrides, and files given alone with --config, as the official CheckpointInfo does."""
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    for name in ("weights.safetensors", repo.MIMI_NAME, "tok.model", "other.safetensors"):
+        (folder / name).write_bytes(b"x")
+    (folder / "mimi.json").write_text(json.dumps(fixture("make_sample_fixtures").MIMI_CONFIG))
+    (folder / "config.json").write_text(json.dumps(dict(fixture("make_sample_fixtures").LM_CONFIG, moshi_name="weights.safetensors",
+                                                      tokenizer_name="tok.model", mimi_config_name="mimi.json")))
+    ckpt = repo.find_checkpoint(str(folder))
+    assert (ckpt.moshi, ckpt.mimi, ckpt.tokenizer) == (str(folder / "weights.safetensors"), str(folder / repo.MIMI_NAME),
+                                                        str(folder / "tok.model"))
+    assert ckpt.config == fixture("make_sample_fixtures").LM_CONFIG and ckpt.mimi_config == fixture("make_sample_fixtures").MIMI_CONFIG
+    assert repo.mimi_config(ckpt.mimi_config) == mimi.TINY
+    assert repo.lm_config(ckpt.config) == moshi.TINY
+    assert repo.find_checkpoint(str(folder), moshi=str(folder / "other.safetensors")).moshi == str(folder / "other.safetensors")
+    alone = repo.find_checkpoint(None, str(folder / "other.safetensors"), str(folder / repo.MIMI_NAME),
+                                    str(folder / "tok.model"), config=str(folder / "config.json"))
+    assert alone.moshi == str(folder / "other.safetensors") and alone.mimi_config == fixture("make_sample_fixtures").MIMI_CONFIG
+    assert repo.find_checkpoint(None, str(folder / "other.safetensors"), str(folder / repo.MIMI_NAME),
+                                   str(folder / "tok.model")).config is None          # moshiko's config
+    (folder / "config.json").write_text(json.dumps({"model_type": "stt"}))
+    with pytest.raises(convert.CheckpointError, match="model_type='stt'"):
+        repo.find_checkpoint(str(folder))
+    # No LM config (moshiko's repo, or PersonaPlex's, whose config.json does not describe the LM):
+    # moshiko's config, with as many depformer outputs as the checkpoint has heads.
+    # PersonaPlex's config.json is exactly this (nvidia/personaplex-7b-v1).
+    heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
+    convert.save_safetensors(folder / repo.MOSHI_NAME, heads)
+    (folder / "config.json").write_text(json.dumps({"model_type": "personaplex", "version": "7b-v1"}))
+    ckpt = repo.find_checkpoint(str(folder), lm_only=True)
+    assert ckpt.moshi == str(folder / repo.MOSHI_NAME)
+    assert repo.lm_config_for(ckpt, lambda msg: None) == moshi.PERSONAPLEX
+    convert.save_safetensors(folder / "moshiko.safetensors", dict(list(heads.items())[:8]))
+    assert repo.lm_config_for(repo.Checkpoint(str(folder / "moshiko.safetensors"), "", "", None), print) == moshi.MOSHIKO
+
+
+# ================================================================================================
+# data.py
+#
+# Fixture: testdata/make_train_fixtures.py (moshi-finetune's own interleaver on hand-written
+# alignment cases). A tiny dataset in moshi-finetune's format, prepared through the CLI.
 
 
 def _train_spm():
@@ -334,31 +1268,12 @@ def test_train_interleaver_matches_moshi_finetune():
             assert got.tolist() == case["text"][w], (case["name"], w)
 
 
-# A small moshiko-shaped model (17 streams, moshiko's delays, weights per depformer step) with 2
-# depformer steps instead of 8: compile time is what these tests spend, and the structure is the same.
-TRAIN_CFG = dataclasses.replace(moshi.TINY, dep_q=2)
 # A Mimi with real 1920-sample frames (so windows are 80 ms frames) but a few hundred parameters.
 TRAIN_MIMI = mimi.TINY
+
+
 TRAIN_SENTENCES = ["hello there how are you doing today", "moshi listens and speaks at the same time",
                    "once upon a time there was a curious little cat"]
-
-
-@contextlib.contextmanager
-def _fast_compile():
-    """XLA's CPU optimisation passes are most of these tests' time and change nothing they check.
-    Switched off only while a train test runs: other sections compare tokens exactly."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", old)
-
-
-@pytest.fixture
-def fast_compile():
-    with _fast_compile():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -454,6 +1369,351 @@ def test_data_prepare_refuses_bad_input_and_loses_nothing(train_dataset, tmp_pat
     assert "odd.json: word 'late' has times [1.0, 0.5]" in warned and "word 'never'" in warned
     with pytest.raises(data.DataError, match="gone.wav: audio file not found"):
         data.load_stereo(str(root / "gone.wav"))
+
+
+# ================================================================================================
+# sample.py
+#
+# The offline conversation loop on tiny random models in a local repo directory laid out like the
+# Hugging Face ones. Parity: the tokens of every frame equal those of Kyutai's run_inference.py loop
+# (moshiko-shaped model) and of NVIDIA's PersonaPlex offline.py (dep_q 16), both greedy, recorded by
+# testdata/make_sample_fixtures.py. Budget: < 3 min on 2 cores.
+
+
+def _write_sample_repo(folder, persona: bool, wrap: bool = False):
+    """The fixture's weights rebuilt bit for bit, in Kyutai's on-disk format, with configs and a tokenizer.
+    wrap: the PersonaPlex weights with the short windows of the fixture's wrap run."""
+    fx, rw = fixture("make_sample_fixtures"), fixture("random_weights")
+    folder.mkdir()
+    if wrap:
+        spec, seed, config = "sample_personaplex_keys.txt", fx.PERSONA_SEED, fx.PERSONA_WRAP_CONFIG
+        mimi_config = fx.MIMI_CONFIG
+    elif persona:        # already on-disk names in the fork's state dict
+        spec, seed, config, mimi_config = "sample_personaplex_keys.txt", fx.PERSONA_SEED, fx.PERSONA_CONFIG, fx.PERSONA_MIMI_CONFIG
+    else:
+        spec, seed, config, mimi_config = "sample_lm_keys.txt", fx.LM_SEED, fx.LM_CONFIG, fx.MIMI_CONFIG
+    raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, spec)), seed, fx.lm_overrides())
+    convert.save_safetensors(folder / "raw.safetensors", raw)
+    cfg = repo.lm_config(config)
+    params = convert.load_lm(folder / "raw.safetensors", cfg)
+    convert.save_lm(folder / "model.safetensors", params, cfg)          # what sample.py reads: our writer's output
+    (folder / "raw.safetensors").unlink()
+    mimi_raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, "sample_mimi_keys.txt")), fx.MIMI_SEED,
+                                 fx.mimi_overrides())
+    convert.save_safetensors(folder / fx.MIMI_FILE, mimi_raw)
+    (folder / "config.json").write_text(json.dumps(dict(config, mimi_config_name="mimi_config.json")))
+    (folder / "mimi_config.json").write_text(json.dumps(mimi_config))
+    fx.train_tokenizer(str(folder / "tokenizer_spm_32k_3.model"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sample_repo(tmp_path_factory):
+    return _write_sample_repo(tmp_path_factory.mktemp("sample") / "moshiko-tiny", persona=False)
+
+
+def _sample_models(repo, *extra):
+    args = sample.parse_args(["--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", str(repo), "--dtype", "fp32", *extra])
+    return args, sample.load_models(args, lambda msg: None)
+
+
+def _prompt_frames():
+    n = mimi.resampled_length(fixture("make_sample_fixtures").PROMPT)
+    return mimi.frames_of(mimi.read_blocks(fixture("make_sample_fixtures").PROMPT, mono=True), n)
+
+
+def _run_converse(models, batch_size=1, prompt=None):
+    steps = list(sample.converse(models, _prompt_frames(), batch_size, moshi.Sampling(greedy=True), 0, prompt))
+    return np.stack([t for t, _ in steps], 1), np.concatenate([p for _, p in steps], 1)   # [B, T, K], [B, S]
+
+
+def test_sample_matches_official_run_inference(sample_repo):
+    """Kyutai's run_inference.py loop (greedy): the same text + audio tokens for every frame, the same audio."""
+    ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
+    assert str(ref["prompt_sha256"]) == fixture("make_sample_fixtures").digest(fixture("make_sample_fixtures").PROMPT), "hello.wav changed: rerun the fixture"
+    _, models = _sample_models(sample_repo)
+    assert models.lm_cfg == moshi.TINY and models.mimi_cfg == mimi.TINY
+    tokens, pcm = _run_converse(models)
+    T = len(ref["tokens"])                        # the official loop drops the trailing partial frame,
+    assert tokens.shape == (1, T + 1, 9)          # we pad it: one frame more, the input's length in all
+    np.testing.assert_array_equal(tokens[0, :T], ref["tokens"])
+    assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
+
+
+def test_sample_matches_personaplex_offline(tmp_path):
+    """NVIDIA's PersonaPlex offline.py (greedy): voice prompt at -24 LUFS, silences, <system> text prompt,
+    then the user forced onto streams 9..16: the same 17 tokens for every frame, the same audio."""
+    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_fixture.npz"))
+    repo = _write_sample_repo(tmp_path / "persona-tiny", persona=True)
+    fixture("make_sample_fixtures").write_voice_prompt(str(tmp_path / "voice.wav"))
+    args, models = _sample_models(repo, "--voice-prompt", str(tmp_path / "voice.wav"),
+                                  "--text-prompt", fixture("make_sample_fixtures").TEXT_PROMPT)
+    assert models.is_persona
+    np.testing.assert_array_equal(models.tokenizer.encode(sample.wrap_system(args.text_prompt)), ref["text_prompt_tokens"])
+    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
+    np.testing.assert_array_equal(prompt.moshi_codes[-1], ref["silence_tokens"])     # the recipe for the
+    np.testing.assert_array_equal(prompt.user_codes[0], ref["sine_tokens"])          # constants
+    tokens, pcm = _run_converse(models, prompt=prompt)
+    np.testing.assert_array_equal(tokens[0], ref["tokens"])
+    assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
+
+
+def test_sample_personaplex_past_the_kv_ring_wrap(tmp_path, monkeypatch):
+    """NVIDIA's offline flow where its KV rings wrap (an LM window of 24 frames < 62 prompt + 52 user
+    frames, Mimi's of 8 steps): a PersonaPlex checkpoint streams the LM and Mimi with NVIDIA's ring by
+    default and gives the same 17 tokens for every frame, the same audio, and the same logits at the
+    last frames (the depformer's last codebook included, which NVIDIA's ring keeps from its first);
+    Kyutai's ring (--kv-ring kyutai) departs from them."""
+    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_wrap_fixture.npz"))
+    repo_dir = _write_sample_repo(tmp_path / "persona-wrap", persona=True, wrap=True)
+    fixture("make_sample_fixtures").write_voice_prompt(str(tmp_path / "voice.wav"))
+    persona = ("--voice-prompt", str(tmp_path / "voice.wav"), "--text-prompt", fixture("make_sample_fixtures").TEXT_PROMPT)
+    args, models = _sample_models(repo_dir, *persona)
+    assert models.lm_cfg.kv_ring == models.mimi_cfg.kv_ring == "personaplex" and models.lm_cfg.context == 24
+    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
+    assert len(prompt) > models.lm_cfg.context
+    logits, gen_step = [], moshi.gen_step
+
+    def recording(*a, **kw):
+        state, out, frame_logits = gen_step(*a, return_logits=True, **kw)
+        logits.append(frame_logits)
+        return state, out
+    monkeypatch.setattr(moshi, "gen_step", recording)
+    tokens, pcm = _run_converse(models, prompt=prompt)
+    np.testing.assert_array_equal(tokens[0], ref["tokens"])
+    assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
+    last = logits[-len(ref["text_logits"]):]
+    assert rel_err(np.stack([l["text_logits"][0] for l in last]), ref["text_logits"]) < 1e-4
+    audio = np.stack([l["audio_logits"][0] for l in last])                      # [frames, 16, card]
+    for c in range(16):
+        assert rel_err(audio[:, c], ref["audio_logits"][:, c]) < 1e-4, c
+    monkeypatch.undo()
+    _, kyutai = _sample_models(repo_dir, *persona, "--kv-ring", "kyutai")
+    assert kyutai.lm_cfg.kv_ring == kyutai.mimi_cfg.kv_ring == "kyutai"
+    other, _ = _run_converse(kyutai, prompt=prompt)
+    assert not np.array_equal(other[0], ref["tokens"])
+
+
+def test_sample_replays_personaplex_pt_voices(tmp_path):
+    """`sample.py --voice-prompt voice.pt`, a voice saved by NVIDIA's LMGen (save_voice_prompt_embeddings)
+    and replayed as its offline flow replays one: the same tokens for every frame as NVIDIA's run from
+    that .pt (which equal its run from the wav); the prompt is as long as the wav's."""
+    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_fixture.npz"))
+    repo_dir = _write_sample_repo(tmp_path / "persona-tiny", persona=True)
+    persona = ("--voice-prompt", fixture("make_sample_fixtures").VOICE_PT, "--text-prompt", fixture("make_sample_fixtures").TEXT_PROMPT)
+    args, models = _sample_models(repo_dir, *persona)
+    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
+    fixture("make_sample_fixtures").write_voice_prompt(str(tmp_path / "voice.wav"))
+    from_wav = sample.build_persona_prompt(models, str(tmp_path / "voice.wav"), args.text_prompt)
+    assert prompt.embeddings.shape == (len(from_wav) - len(prompt.text) - 1, 64)
+    assert len(prompt) == len(from_wav)
+    tokens, _ = _run_converse(models, prompt=prompt)
+    np.testing.assert_array_equal(tokens[0], ref["pt_tokens"])
+    _main("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", repo_dir, "--greedy", "--dtype", "fp32",
+          "--out", tmp_path / "a.wav", *persona)
+    answer = json.loads((tmp_path / "a.json").read_text())["answers"][0]
+    assert answer["text_tokens"] == ref["pt_tokens"][:, 0].tolist()
+    assert answer["audio_tokens"] == ref["pt_tokens"][:, 1:9].tolist()
+
+
+def test_sample_reads_pt_voices_without_torch_and_refuses_other_classes(tmp_path):
+    """The .pt reader needs no torch (in a process where importing torch fails), rebuilds what torch.save
+    writes (dtypes, views), and a pickle that asks for anything but a tensor's rebuild is refused,
+    naming what it asked for, before it can run; so are files that are not voices for this LM."""
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, *args):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ImportError('torch is blocked')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "import moshi, sample\n"
+            f"emb, cache = sample.read_voice_pt({fixture('make_sample_fixtures').VOICE_PT!r}, moshi.TINY_PERSONAPLEX)\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(emb.shape, emb.dtype, cache.shape, cache.dtype)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["(14,", "64)", "float32", "(17,", "4)", "int32"]
+    # other dtypes, views into a larger storage, nesting (testdata's tensor_zoo), as torch.save wrote them
+    zoo, x = sample.read_torch_file(fixture("make_sample_fixtures").TENSORS_PT), np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    expected = {"bf16": x, "f16_transposed": x.transpose(2, 1, 0), "f64_view": x[1, 1:, ::2], "i64": x,
+                "i32": x, "bool": x > 10, "u8": x}
+    dtypes = {"bf16": jnp.bfloat16, "f16_transposed": np.float16, "f64_view": np.float64, "i64": np.int64,
+              "i32": np.int32, "bool": np.bool_, "u8": np.uint8}
+    for name, want in expected.items():
+        assert zoo[name].dtype == dtypes[name] and np.array_equal(zoo[name].astype(np.float64), want), name
+    assert np.array_equal(zoo["nested"][0], x[0]) and np.array_equal(zoo["nested"][1][0], x[1, 0])
+    # a torch.save zip whose pickle calls os.system: refused by name, and nothing ran
+    evil, marker = tmp_path / "evil.pt", tmp_path / "ran"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("evil/data.pkl", b"\x80\x02cos\nsystem\nX" + len(f"touch {marker}").to_bytes(4, "little")
+                   + f"touch {marker}".encode() + b"\x85R.")
+    with pytest.raises(sample.SampleError, match="refusing to unpickle os.system"):
+        sample.read_voice_pt(str(evil), moshi.TINY_PERSONAPLEX)
+    assert not marker.exists()
+    (tmp_path / "old.pt").write_bytes(b"\x80\x02}q\x00.")                     # torch's pre-1.6 format
+    with pytest.raises(sample.SampleError, match="not a torch.save zip file"):
+        sample.read_voice_pt(str(tmp_path / "old.pt"), moshi.TINY_PERSONAPLEX)
+    wrong_width = r"embeddings of shape \(14, 1, 1, 64\).*\[frames, 1, 1, 4096\]"
+    with pytest.raises(sample.SampleError, match=wrong_width):
+        sample.read_voice_pt(fixture("make_sample_fixtures").VOICE_PT, moshi.PERSONAPLEX)
+
+
+def _main(*argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        sample.main([str(a) for a in argv])
+    return out.getvalue()
+
+
+def test_sample_cli_end_to_end(sample_repo, tmp_path):
+    """`sample.py --prompt hello.wav`: a wav as long as the input, a transcript; --greedy is reproducible,
+    and --batch-size 2 gives twice the --batch-size 1 answer; the steps compile once for all frames."""
+    ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
+    n_in = soundfile.info(fixture("make_sample_fixtures").PROMPT).frames
+    common = ("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", sample_repo, "--greedy", "--dtype", "fp32")
+    compiled = moshi.gen_step._cache_size()
+    log = _main(*common, "--out", tmp_path / "a.wav")
+    assert moshi.gen_step._cache_size() - compiled <= 1       # 53 steps, one compilation (none if cached)
+    assert "real-time factor" in log and "[100%" in log          # the progress display reached the end
+    _main(*common, "--out", tmp_path / "b.wav")
+    _main(*common, "--out", tmp_path / "c.wav", "--batch-size", 2)
+    a, sr = soundfile.read(tmp_path / "a.wav")
+    assert sr == 24000 and a.shape == (n_in,) and np.abs(a).max() > 0
+    transcript = json.loads((tmp_path / "a.json").read_text())
+    answer = transcript["answers"][0]
+    assert answer["text_tokens"][:len(ref["tokens"])] == ref["tokens"][:, 0].tolist()   # the official text
+    assert answer["text"] == "".join(p["piece"] for p in answer["pieces"]) and answer["pieces"]
+    assert all(p["token"] not in (0, 3) and p["time"] == round(p["frame"] * 0.08, 3) for p in answer["pieces"])
+    assert answer["pieces"][0]["piece"] in log                 # streamed to the terminal
+    assert open(tmp_path / "b.wav", "rb").read() == open(tmp_path / "a.wav", "rb").read()
+    assert json.loads((tmp_path / "b.json").read_text())["answers"] == [dict(answer, wav=str(tmp_path / "b.wav"))]
+    batched = json.loads((tmp_path / "c.json").read_text())["answers"]
+    assert [b["text_tokens"] for b in batched] == [answer["text_tokens"]] * 2
+    assert answer["audio_tokens"][:len(ref["tokens"])] == ref["tokens"][:, 1:].tolist()   # Moshi's voice, the official
+    assert [b["audio_tokens"] for b in batched] == [answer["audio_tokens"]] * 2
+    for i in range(2):       # a batch of 2 rounds floats differently: equal to the 16-bit sample, +-1
+        assert np.abs(soundfile.read(tmp_path / f"c-{i}.wav")[0] - a).max() <= 1.5 / 32768
+    assert not list(tmp_path.glob(".tmp-*"))                   # atomic writes leave nothing behind
+    assert all((tmp_path / name).stat().st_mode & 0o777 == _usual_mode() for name in ("a.wav", "a.json"))
+
+
+def test_sample_cli_duration_and_sampling(sample_repo, tmp_path):
+    """--duration pads with silence or cuts; sampled answers in one batch differ, and the seed repeats them."""
+    common = ("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", sample_repo, "--dtype", "fp32", "--batch-size", 2,
+              "--duration", 5.0)
+    _main(*common, "--out", tmp_path / "s.wav")
+    _main(*common, "--out", tmp_path / "t.wav")
+    s0, s1, t0 = (soundfile.read(tmp_path / name)[0] for name in ("s-0.wav", "s-1.wav", "t-0.wav"))
+    assert s0.shape == (120000,) and np.array_equal(s0, t0) and not np.array_equal(s0, s1)
+    answers = json.loads((tmp_path / "s.json").read_text())["answers"]
+    assert len(answers[0]["text_tokens"]) == 63 and answers[0]["text_tokens"] != answers[1]["text_tokens"]
+    _main(*common[:-1], 1.0, "--batch-size", 1, "--greedy", "--out", tmp_path / "short.wav")
+    assert soundfile.info(tmp_path / "short.wav").frames == 24000
+    log = _main("--prompt", fixture("make_sample_fixtures").PROMPT, "--random-init", "tiny", "--dtype", "fp32", "--greedy", "--duration", 1.0,
+                "--out", tmp_path / "random.wav")                  # random weights only when asked, and loudly
+    assert log.count("RANDOM WEIGHTS") == 2 and soundfile.info(tmp_path / "random.wav").frames == 24000
+
+
+def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
+    """Bad input and missing weights end in one clear line, never a traceback or random weights."""
+    def error_of(*argv):
+        with pytest.raises(SystemExit):
+            sample.main([str(a) for a in argv])
+        return capsys.readouterr().err
+    empty, junk = tmp_path / "empty.wav", tmp_path / "junk.wav"
+    soundfile.write(empty, np.zeros(0, np.float32), 24000)
+    junk.write_text("not audio")
+    assert "holds no audio samples" in error_of("--prompt", empty, "--hf-repo", sample_repo)
+    assert "cannot read" in error_of("--prompt", junk, "--hf-repo", sample_repo)
+    assert "no such audio file" in error_of("--prompt", tmp_path / "missing.wav", "--hf-repo", sample_repo)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)     # as on a machine without it
+    err = error_of("--prompt", fixture("make_sample_fixtures").PROMPT)
+    assert "huggingface_hub is not installed" in err and "--hf-repo DIR" in err and "Traceback" not in err
+
+    def offline(repo, name, **kw):
+        raise ConnectionError("no network")
+    hub = _fake_hub(monkeypatch, offline)
+    err = error_of("--prompt", fixture("make_sample_fixtures").PROMPT)
+    assert "could not get 'config.json' from the Hugging Face repo 'kyutai/moshiko-pytorch-bf16'" in err
+    assert "no network" in err and "Traceback" not in err
+
+    def not_cached(repo_id, name, **kw):                       # huggingface_hub offline, nothing cached
+        raise hub.errors.LocalEntryNotFoundError(name)
+    hub.hf_hub_download = not_cached
+    err = error_of("--prompt", fixture("make_sample_fixtures").PROMPT)
+    assert "cannot reach the Hugging Face hub (offline?)" in err and "--hf-repo DIR" in err and "Traceback" not in err
+
+    def hub_download(repo, name, **kw):                        # a repo without config.json, as moshiko's
+        if name == "config.json":
+            raise hub.errors.EntryNotFoundError(name)
+        return f"/cache/{repo}/{name}"
+    hub.hf_hub_download = hub_download
+    ckpt = repo.find_checkpoint("kyutai/moshiko-pytorch-bf16")
+    assert ckpt.config is None and ckpt.moshi == "/cache/kyutai/moshiko-pytorch-bf16/model.safetensors"
+    assert ckpt.tokenizer.endswith("/tokenizer_spm_32k_3.model") and ckpt.mimi.endswith(repo.MIMI_NAME)
+    (tmp_path / "incomplete").mkdir()
+    assert "has no file 'model.safetensors'" in error_of("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", tmp_path / "incomplete")
+    # outputs that cannot be written are named before anything is loaded, and nothing is lost
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "answer.json").mkdir()                          # a folder named like the transcript
+    (tmp_path / "kept.wav").write_bytes(b"old")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    for out, message in ((tmp_path / "taken", "--out .*taken is a folder"),
+                         (tmp_path / "answer.wav", "transcript .*answer.json is a folder")) + (
+                        () if os.geteuid() == 0 else ((locked / "a.wav", "not writable"),)):   # root writes anyway
+        assert re.search(message, error_of("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", sample_repo, "--out", out))
+    assert (tmp_path / "kept.wav").read_bytes() == b"old" and not list(locked.iterdir())
+    # a run killed mid-write (kill -9) left a temporary file of ours: the next run removes it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".tmp-{dead.pid}-abc.wav"
+    stale.write_bytes(b"half")
+    _main("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", sample_repo, "--greedy", "--dtype", "fp32", "--duration", 0.5,
+          "--out", tmp_path / "fresh.wav")
+    assert not stale.exists() and (tmp_path / "fresh.wav").exists()
+    assert "--voice-prompt and --text-prompt are for PersonaPlex" in error_of(
+        "--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", sample_repo, "--text-prompt", "hi", "--dtype", "fp32")
+
+
+def test_sample_loudness_matches_pyloudnorm():
+    """BS.1770 integrated loudness (PersonaPlex normalises voice prompts to -24 LUFS with pyloudnorm)."""
+    ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
+    for name, x in fixture("make_sample_fixtures").loudness_signals():
+        assert abs(sample.integrated_loudness(x, 24000) - float(ref[f"lufs_{name}"])) < 1e-6, name
+    wav = fixture("make_sample_fixtures").read_prompt()
+    assert abs(sample.integrated_loudness(sample.normalize_loudness(wav, 24000), 24000) + 24.0) < 1e-4
+
+
+# ================================================================================================
+# train.py
+#
+# Fixtures: testdata/make_train_fixtures.py (the official package for the exported checkpoint and
+# LoRA's module names). Budget: tiny models, short windows, < 5 min on 2 cores.
+
+
+# A small moshiko-shaped model (17 streams, moshiko's delays, weights per depformer step) with 2
+# depformer steps instead of 8: compile time is what these tests spend, and the structure is the same.
+TRAIN_CFG = dataclasses.replace(moshi.TINY, dep_q=2)
+
+
+@contextlib.contextmanager
+def _fast_compile():
+    """XLA's CPU optimisation passes are most of these tests' time and change nothing they check.
+    Switched off only while a train test runs: other sections compare tokens exactly."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture
+def fast_compile():
+    with _fast_compile():
+        yield
 
 
 def _train_codes(B, T, seed=0, A=1):
@@ -744,48 +2004,6 @@ def test_train_two_processes_match_one(train_dataset, tmp_path, monkeypatch, fas
     rest = _cli(train_dataset, tmp_path / "two", "--resume", "--stop-at", "6", "--mesh", "dp=1,fsdp=8")
     np.testing.assert_allclose([r["loss"] for r in rest], reference[4:6], rtol=1e-5)
 
-def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
-    """Per-process shards with bf16 kept exact, reassembled on a different mesh; a .tmp directory
-    (a save that never finished) is not a checkpoint."""
-    state = {"w": np.arange(64 * 8, dtype=np.float32).reshape(64, 8),
-             "b": (np.arange(16) / 7).astype(jnp.bfloat16), "step": np.int32(7)}
-    specs = {"w": jax.P("fsdp", None), "b": jax.P("fsdp"), "step": jax.P()}
-    mesh = train.make_mesh(2, 4)
-    placed = checkpoint.place(state, jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs))
-    checkpoint.save(str(tmp_path), 3, placed, {"data_position": 5}, keep=1)
-    (tmp_path / "step_000004.tmp").mkdir()
-    assert checkpoint.list_dir(str(tmp_path)) == [str(tmp_path / "step_000003")]
-    for dp, fsdp, spec in ((1, 1, jax.P()), (4, 2, jax.P(None, "fsdp"))):
-        other = train.make_mesh(dp, fsdp)
-        like = checkpoint.place(jax.tree.map(np.zeros_like, state), jax.tree.map(
-            lambda x: jax.sharding.NamedSharding(other, spec if x.ndim == 2 else jax.P()), state))
-        back = checkpoint.load(str(tmp_path / "step_000003"), like)
-        assert back["b"].dtype == jnp.bfloat16 and back["w"].sharding == like["w"].sharding
-        assert all(np.array_equal(np.asarray(back[k]), np.asarray(state[k])) for k in state)
-
-
-def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
-    """--init-from is resolved by repo.find_checkpoint, as sample.py's --hf-repo: a .safetensors
-    file (with the config.json beside it), a repo folder holding only the LM, a Hugging Face id (of
-    which only the LM's files are fetched); a path that does not exist is named as such."""
-    import types
-    folder = os.path.join(TESTDATA, "train_export")
-    args = lambda init_from: types.SimpleNamespace(init_from=init_from, config=None)   # noqa: E731
-    cfg_file, params_file = checkpoint.load_model(args(os.path.join(folder, "model.safetensors")))
-    cfg_dir, params_dir = checkpoint.load_model(args(folder))
-    assert cfg_file == cfg_dir == repo.lm_config(os.path.join(folder, "config.json"))
-    assert _max_rel(params_file, params_dir) == 0
-    fetched = []
-
-    def download(repo_id, name, **kw):
-        fetched.append((repo_id, name))
-        return os.path.join(folder, name)
-    _fake_hub(monkeypatch, download)
-    cfg_hub, _ = checkpoint.load_model(args("someone/moshi-finetune"))
-    assert cfg_hub == cfg_dir and fetched == [("someone/moshi-finetune", n) for n in ("config.json", "model.safetensors")]
-    with pytest.raises(convert.CheckpointError, match="--init-from: no such file or directory .*missing"):
-        checkpoint.load_model(args(str(tmp_path / "missing")))
-
 
 def test_train_step_with_flash_attention_matches_xla(fast_compile):
     """--attention flash inside the sharded step (dp=2 x fsdp=2): the loss and gradients of XLA's
@@ -850,36 +2068,6 @@ def test_train_lora_with_a_depformer_weight_schedule(fast_compile):
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grad["depformer"]["transformer"]))   # all in play
 
 
-def test_train_joins_hosts_when_a_launcher_started_it(monkeypatch):
-    """Several processes started by srun / mpirun / a TPU pod join up; one process does not."""
-    assert checkpoint.multi_process_launcher({}) is None
-    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) is None     # salloc, no srun
-    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) is None  # sbatch
-    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
-                                         "SLURM_STEP_NUM_TASKS": "4"})
-    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1"}) is None
-    mpirun = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_MCA_orte_hnp_uri": "1234.0;tcp://10.0.0.1:5000"}
-    assert checkpoint.multi_process_launcher(mpirun)
-    assert checkpoint.multi_process_launcher({"OMPI_COMM_WORLD_SIZE": "8"}) is None      # Open MPI 5: JAX cannot tell
-    assert checkpoint.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
-    assert checkpoint.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0"}) is None
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES",
-                "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
-    args = train.train_parser().parse_args(["--data", "d", "--run-dir", "r"])
-    checkpoint.join_hosts(args)
-    assert calls == []
-    for name, value in dict(mpirun, OMPI_COMM_WORLD_SIZE="2").items():
-        monkeypatch.setenv(name, value)
-    checkpoint.join_hosts(args)
-    assert calls == [{}]
-    checkpoint.join_hosts(train.train_parser().parse_args(["--data", "d", "--run-dir", "r", "--coordinator-address",
-                                                   "h:1", "--num-processes", "2", "--process-id", "1"]))
-    assert calls[1] == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
-
-
 def _lora_from_tensors(tensors: dict, params, cfg, rank: int) -> dict:
     """{moshi-finetune name: array} -> our LoRA tree for `params` (every target must be present)."""
     lora, modules = {}, convert.lora_modules(cfg)
@@ -898,7 +2086,7 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     Here: our loader + forward reproduce its logits; base + adapters merge back to the exported
     weights; and the training-time path (weights gathered over fsdp, LoRA merged in the layer
     hook) reproduces the official LoRA model's logits."""
-    random_weights = _testdata_module("random_weights")
+    random_weights = fixture("random_weights")
     folder = os.path.join(TESTDATA, "train_export")
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
@@ -1034,1217 +2222,79 @@ def test_train_ttt_cli_warns_resumes_and_exports(train_dataset, tmp_path, monkey
 
 
 # ================================================================================================
-# moshi.py, depformer.py and convert.py's LM section
+# checkpoint.py
 #
-# Fixtures: testdata/make_lm_fixtures.py runs Kyutai's LMModel / LMGen on three small configs with
-# deterministic random weights (rebuilt here from the key list and seed: no weights committed):
-# a = moshiko-shaped, b = PersonaPlex-shaped (dep_q 16), c = delays up to 4, weight schedule,
-# low-rank embeddings, LayerNorm + sin embedding. Budget: < 4 min on 2 cores.
-
-
-LM_FIXTURES = _testdata_module("make_lm_fixtures")
-
-
-def _lm_fixture(name, tmp_path, file_dtype=np.float32, dtype=jnp.float32):
-    """(fixture arrays, params, cfg): the fixture checkpoint written to disk and read by convert.load_lm."""
-    d = np.load(LM_FIXTURES.fixture_path(name))
-    spec = [(n, tuple(json.loads(s))) for n, s in zip(d["spec_names"], d["spec_shapes"])]
-    path = tmp_path / f"lm_{name}.safetensors"
-    convert.save_safetensors(path, LM_FIXTURES.checkpoint(spec, file_dtype))
-    cfg = repo.lm_config(json.loads(str(d["config_json"])))
-    params = convert.load_lm(path, cfg, dtype=dtype)
-    return d, params, cfg
-
-
-def _positionwise_rel_err(ours, ref, mask):
-    """max over unmasked positions of |ours - ref|_inf / |ref|_inf, each position's logits on their own."""
-    ours, ref = np.asarray(ours, np.float64)[mask], np.asarray(ref, np.float64)[mask]
-    return float((np.abs(ours - ref).max(-1) / np.abs(ref).max(-1)).max())
-
-
-@pytest.mark.parametrize("name", ["a", "b", "c"])
-def test_lm_forward_matches_official(name, tmp_path):
-    """LMModel.forward: logits within 1e-4 at every unmasked position, identical masks."""
-    d, params, cfg = _lm_fixture(name, tmp_path)
-    out = jax.jit(lambda p, c: moshi.forward(p, cfg, c))(params, jnp.asarray(d["codes"]))
-    for key in ("mask", "text_mask"):
-        assert np.array_equal(np.asarray(out[key]), d[key]), key
-    assert not d["mask"].all() and not d["text_mask"].all()       # the fixture does exercise the masks
-    assert _positionwise_rel_err(out["logits"], d["logits"], d["mask"]) < 1e-4
-    assert _positionwise_rel_err(out["text_logits"], d["text_logits"], d["text_mask"]) < 1e-4
-    # where a delay leaves nothing to predict, Kyutai has NaN and we have zeros
-    past_delay = np.isnan(d["logits"]).all(-1)
-    assert past_delay.any() and np.all(np.asarray(out["logits"])[past_delay] == 0)
-
-
-def _greedy_run(params, cfg, user, **kw):
-    B, _, frames = user.shape
-    state, outs = moshi.init_gen_state(params, cfg, B), []
-    for n in range(frames):
-        state, out = moshi.gen_step(params, cfg, state, jnp.asarray(user[:, :, n:n + 1]), jax.random.key(n),
-                                    sampling=moshi.Sampling(greedy=True), **kw)
-        outs.append(np.asarray(out))
-    return np.stack(outs, axis=-1), state
-
-
-@pytest.mark.parametrize("name", ["a", "b", "c"])
-def test_lm_greedy_generation_matches_official(name, tmp_path):
-    """LMGen(use_sampling=False) fed the same user codes: the same tokens, frame for frame, batch 2,
-    past the wrap of the KV ring (context 6 or 4 < 14 frames)."""
-    d, params, cfg = _lm_fixture(name, tmp_path)
-    tokens, state = _greedy_run(params, cfg, d["gen_user"])
-    assert tokens.shape == d["gen_tokens"].shape
-    assert np.array_equal(tokens, d["gen_tokens"])
-    assert state["kv"]["k"].shape[3] == cfg.context                      # constant memory
-    if name == "c":              # the generation layout (layers as lists) gives the same tokens
-        tokens, state = _greedy_run(moshi.generation_params(params), cfg, d["gen_user"])
-        assert np.array_equal(tokens, d["gen_tokens"]) and isinstance(state["kv"]["k"], list)
-
-
-def test_lm_bf16_checkpoint_matches_official_bf16(tmp_path):
-    """A bf16 file loads as bf16 and greedy tokens equal Kyutai's model run in bf16 (not its fp32 run,
-    which itself differs from its bf16 run after a few frames); dtype=float32 upcasts on request."""
-    d, params, cfg = _lm_fixture("a", tmp_path, file_dtype=convert._BF16, dtype=None)
-    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
-    tokens, _ = _greedy_run(params, cfg, d["gen_user"])
-    assert np.array_equal(tokens, d["gen_tokens_bf16"])
-    up = convert.load_lm(tmp_path / "lm_a.safetensors", cfg, dtype=jnp.float32)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(up))
-
-
-@pytest.mark.parametrize("name,lookahead", [("b", 1), ("a", 1), ("c", 1), ("a", 0)])
-def test_lm_forced_generation_reproduces_official_forward(name, lookahead, tmp_path):
-    """Forcing every stream from `codes` (text, Moshi's codebooks, the user's) must make each streaming
-    step see exactly what LMModel.forward saw: the text logits of call n are the forward's text logits
-    of frame n. With PersonaPlex's lookahead the depformer is teacher-forced as well, so every audio
-    logit matches too; and the frames returned are the forced codes."""
-    d, params, cfg = _lm_fixture(name, tmp_path)
-    codes = d["codes"]
-    B, K, T = codes.shape
-    n_user = 8 if cfg.dep_q == cfg.n_q else cfg.n_q - cfg.dep_q         # PersonaPlex: user on 9..16
-    state, returned = moshi.init_gen_state(params, cfg, B, lookahead=lookahead), []
-    for n in range(T):
-        frame = codes[:, :, n - 1 + lookahead] if n - 1 + lookahead >= 0 else np.full((B, K), -2)
-        state, out, logits = moshi.gen_step(
-            params, cfg, state, jnp.asarray(frame[:, K - n_user:, None]), jax.random.key(0),
-            text=jnp.asarray(frame[:, 0]), moshi_codes=jnp.asarray(frame[:, 1:K - n_user]), return_logits=True)
-        returned.append(np.asarray(out))
-        assert rel_err(logits["text_logits"], d["text_logits"][:, 0, n]) < 1e-4, n
-        for c in range(cfg.dep_q if lookahead else 0):
-            t = n - cfg.delays[1 + c]
-            if t >= 0:
-                assert rel_err(logits["audio_logits"][:, c], d["logits"][:, c, t]) < 1e-4, (n, c)
-    returned = np.stack(returned, axis=-1)[:, :, cfg.max_delay:]      # call n returns frame n - max_delay
-    assert np.array_equal(returned, codes[:, :1 + cfg.dep_q, :T - cfg.max_delay])
-
-
-def test_lm_save_load_round_trip_and_namings(tmp_path):
-    """load -> save -> load is lossless and writes Kyutai's on-disk names (the fixture script checks
-    that Kyutai's LMModel loads our file with strict=True); the in-memory naming `in_projs.{i}` and
-    the `in_proj.weight` variant load to the same params; bad keys are named with their shapes."""
-    d, params, cfg = _lm_fixture("c", tmp_path)
-    convert.save_lm(tmp_path / "saved.safetensors", params, cfg)
-    saved = _load_safetensors(tmp_path / "saved.safetensors")
-    assert sorted(saved) == sorted(str(n) for n in d["spec_names"])
-    cfg2 = repo.lm_config(repo.lm_config_dict(cfg))
-    again = convert.load_lm(tmp_path / "saved.safetensors", cfg2)
-    assert cfg2 == cfg
-    assert jax.tree.structure(again) == jax.tree.structure(params)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
-    in_memory = {}
-    for k, v in saved.items():
-        for disk, mem in ((".self_attn.in_proj_weight", ".self_attn.in_projs."), (".self_attn.out_proj.weight", ".self_attn.out_projs.")):
-            if k.endswith(disk):
-                M = cfg.depformer.transformer.num_weight_sets if k.startswith("depformer.") else 1
-                in_memory.update({k[:-len(disk)] + f"{mem}{i}.weight": w for i, w in enumerate(np.split(v, M))})
-                break
-        else:
-            in_memory[k] = v
-    convert.save_safetensors(tmp_path / "mem.safetensors", in_memory)
-    variant = {k.replace(".in_proj_weight", ".in_proj.weight"): v for k, v in saved.items()}
-    convert.save_safetensors(tmp_path / "variant.safetensors", variant)
-    for f in ("mem.safetensors", "variant.safetensors"):
-        loaded = convert.load_lm(tmp_path / f, cfg)
-        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))), f
-    # the generation layout loads directly (layers as lists) and saves back to the same file
-    listed = convert.load_lm(tmp_path / "saved.safetensors", cfg, stacked=False)
-    expected = moshi.generation_params(params)
-    assert isinstance(listed["transformer"], list) and isinstance(listed["depformer"]["transformer"], list)
-    assert jax.tree.structure(listed) == jax.tree.structure(expected)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(listed), jax.tree.leaves(expected)))
-    convert.save_lm(tmp_path / "from_list.safetensors", listed, cfg)
-    from_list = _load_safetensors(tmp_path / "from_list.safetensors")
-    assert sorted(from_list) == sorted(saved) and all(np.array_equal(from_list[k], saved[k]) for k in saved)
-    bad = dict(saved, **{"linears.0.weight": np.zeros((5, 16), np.float32)})
-    bad.pop("out_norm.weight")
-    convert.save_safetensors(tmp_path / "bad.safetensors", bad)
-    with pytest.raises(convert.CheckpointError, match=r"missing key 'out_norm.weight'.*\n.*linears.0.weight' has shape \(5, 16\), expected \(32, 16\)"):
-        convert.load_lm(tmp_path / "bad.safetensors", cfg)
-
-
-def test_lm_configs_and_7b_footprint(tmp_path):
-    """config.json parsing: Kyutai's moshiko file gives the built-in preset, whose param tree (shapes
-    only, nothing allocated) has Kyutai's 7,687,729,152 parameters in 355 on-disk tensors."""
-    moshiko_json = dict(repo.lm_config_dict(moshi.MOSHIKO), depformer_causal=True, depformer_context=8,
-                        moshi_name="model.safetensors", model_type="moshi")
-    assert repo.lm_config(moshiko_json) == repo.lm_config(None) == moshi.MOSHIKO
-    shapes = jax.eval_shape(lambda: moshi.init(jax.random.key(0), moshi.MOSHIKO, jnp.bfloat16))
-    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == 7_687_729_152
-    keys = convert.lm_keys(moshi.MOSHIKO)
-    assert len(keys) == 355 and sum(int(np.prod(s)) for s in keys.values()) == 7_687_729_152
-    pp = convert.lm_keys(moshi.PERSONAPLEX)
-    assert pp["depformer.layers.0.self_attn.in_proj_weight"] == (16 * 3 * 1024, 1024) and "linears.15.weight" in pp
-    # Kyutai's depformer inherits main settings it does not override
-    small = repo.lm_config({"delays": [0, 1], "n_q": 1, "dep_q": 1, "num_layers": 3, "gating": "silu",
-                               "depformer_num_heads": 2, "depformer_weights_per_step": True})
-    assert small.depformer_num_layers == 3 and small.depformer_gating == "silu"
-    with pytest.raises(ValueError, match="unknown keys \\['dimm'\\]"):
-        repo.lm_config({"dimm": 3})
-    for bad, message in (({"dim": "64"}, "dim='64' should be int"), ({"num_heads": 4.0}, "num_heads=4.0 should be int"),
-                         ({"ttt": {"layers": [1], "chunk": 4}}, "TTTConfig.* unexpected keyword argument 'chunk'")):
-        with pytest.raises(ValueError, match=message):                  # one line, not a traceback later
-            repo.lm_config(bad)
-    (tmp_path / "config.json").write_text(json.dumps({"dimm": 3}))
-    with pytest.raises(ValueError, match=f"LM config {tmp_path / 'config.json'}: unknown keys"):   # names the file
-        repo.lm_config(str(tmp_path / "config.json"))
-    with pytest.raises(ValueError, match="demux_second_text_stream"):
-        repo.lm_config({"demux_second_stream": True})
-    with pytest.warns(UserWarning, match="conditioners"):
-        repo.lm_config(dict(moshiko_json, conditioners={"description": {}}, fuser={"sum": ["description"]}))
-    with pytest.raises(ValueError, match="3 delays for 2 streams"):
-        moshi.LMConfig(delays=(0, 1, 1), n_q=1, dep_q=1)
-
-
-def test_lm_kv_ring_is_kyutais_unless_the_model_is_personaplex(tmp_path):
-    """Each model streams with its own code's KV ring: moshi 0.2.13's lets a step fed alone see the whole
-    ring (capacity 4: step 3 sees 0..3, step 6 sees 3..6), NVIDIA's older one hides the oldest slot
-    (1..3, 4..6). Kyutai's configs keep 0.2.13's and config.json never mentions it; PersonaPlex's (preset,
-    or a checkpoint recognised by model_type or its 16 depformer heads) get NVIDIA's, temporal and depth
-    transformers alike."""
-    def seen(kv_ring, step):                   # the positions a step fed alone attends to
-        pos = np.asarray(helium.ring_positions(jnp.asarray(step), 1, 4, kv_ring))
-        return sorted(pos[np.asarray(helium.attention_mask(jnp.asarray([step]), pos, True, 4))[0]].tolist())
-    assert [seen("kyutai", 3), seen("kyutai", 6)] == [[0, 1, 2, 3], [3, 4, 5, 6]]
-    assert [seen("personaplex", s) for s in (3, 6, 2)] == [[1, 2, 3], [4, 5, 6], [0, 1, 2]]
-    assert moshi.MOSHIKO.kv_ring == moshi.TINY.kv_ring == "kyutai"
-    assert "kv_ring" not in repo.lm_config_dict(moshi.MOSHIKO)
-    pp = moshi.PERSONAPLEX
-    assert pp.temporal.kv_ring == pp.depformer.transformer.kv_ring == "personaplex"
-    assert repo.lm_config(repo.lm_config_dict(pp)) == pp
-    with pytest.raises(ValueError, match="kv_ring='ring' is not supported"):
-        repo.lm_config(dict(repo.lm_config_dict(pp), kv_ring="ring"))
-    with pytest.raises(ValueError, match="2 slots or more"):
-        helium.ring_positions(jnp.asarray(0), 1, 1, "personaplex")
-    heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
-    convert.save_safetensors(tmp_path / "pp.safetensors", heads)
-    convert.save_safetensors(tmp_path / "m.safetensors", dict(list(heads.items())[:8]))
-    def ring(path, config=None, model_type="moshi"):
-        ckpt = repo.Checkpoint(str(tmp_path / path), "", "", config, model_type=model_type)
-        return repo.lm_config_for(ckpt).kv_ring
-    tiny = repo.lm_config_dict(moshi.TINY)
-    persona = (("pp.safetensors",), ("pp.safetensors", tiny), ("m.safetensors", tiny, "personaplex"))
-    kyutai = (("m.safetensors",), ("m.safetensors", tiny), ("pp.safetensors", dict(tiny, kv_ring="kyutai")))
-    assert [ring(*c) for c in persona] == ["personaplex"] * 3 and [ring(*c) for c in kyutai] == ["kyutai"] * 3
-
-
-def test_lm_gen_step_from_an_input_embedding():
-    """gen_step fed the summed embeddings of the tokens it would read is the same step as fed those
-    tokens (what replays PersonaPlex's saved voices); a wrongly shaped embedding is named."""
-    cfg = moshi.TINY_PERSONAPLEX
-    params = moshi.init(jax.random.key(0), cfg)
-    codes = np.asarray(jax.random.randint(jax.random.key(1), (2, 8, 3), 0, cfg.card))
-    plain, fed = (moshi.init_gen_state(params, cfg, 2, lookahead=1) for _ in range(2))
-    initial, key = jnp.asarray(cfg.initial_tokens()), jax.random.key(2)
-    for n in range(3):
-        here = jnp.where(n <= jnp.asarray(cfg.delays), initial, plain["tokens"][:, :, n % 4])   # position n
-        embedding = moshi.embed_frames(params, cfg, here[:, :, None])[:, 0]                        # [B, D]
-        user = codes[:, :, n:n + 1]
-        plain, a, la = moshi.gen_step(params, cfg, plain, user, key, return_logits=True)
-        fed, b, lb = moshi.gen_step(params, cfg, fed, user, key, embedding=embedding, return_logits=True)
-        assert np.array_equal(a, b) and rel_err(lb["audio_logits"], la["audio_logits"]) < 1e-6
-    with pytest.raises(ValueError, match=r"embedding must be \[B=2, dim=64\], got \(2, 32\)"):
-        moshi.gen_step(params, cfg, fed, codes[:, :, :1], jax.random.key(2), embedding=jnp.zeros((2, 32)))
-
-
-def test_lm_text_only_model_runs(tmp_path):
-    """dep_q = 0 (Kyutai's STT shape): no depformer; forward gives text logits, generation text only;
-    the checkpoint round-trips (with the unused `depformer_in` Kyutai builds anyway)."""
-    cfg = moshi.LMConfig(delays=(0,) * 5, n_q=4, dep_q=0, card=16, text_card=20, dim=16, num_heads=2,
-                         num_layers=1, context=4, depformer_multi_linear=False)
-    params = moshi.init(jax.random.key(0), cfg)
-    out = jax.jit(lambda p, c: moshi.forward(p, cfg, c))(params, jnp.zeros((1, 5, 6), jnp.int32))
-    assert out["text_logits"].shape == (1, 1, 6, 20) and out["logits"].shape == (1, 0, 6, 16)
-    tokens, _ = _greedy_run(params, cfg, np.zeros((1, 4, 3), np.int32))
-    assert tokens.shape == (1, 1, 3) and (tokens >= 0).all()
-    convert.save_lm(tmp_path / "stt.safetensors", params, cfg)
-    assert "depformer_in.0.weight" in _load_safetensors(tmp_path / "stt.safetensors")
-    again = convert.load_lm(tmp_path / "stt.safetensors", cfg)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
-    with pytest.raises(ValueError, match="3 user codebooks given; this model reads 4"):
-        moshi.gen_step(params, cfg, moshi.init_gen_state(params, cfg, 1), jnp.zeros((1, 3, 1), jnp.int32),
-                       jax.random.key(0))
-
-
-def test_lm_sampling_is_softmax_top_k():
-    """temp / top-k sampling: never outside the top k, frequencies of softmax(logits / temp) renormalised."""
-    logits = jnp.asarray([2.0, 0.5, 1.0, -1.0, 1.5, 0.0])
-    draws = depformer.sample_token(jnp.broadcast_to(logits, (20000, 6)), jax.random.key(0), temp=0.5, top_k=3)
-    counts = np.bincount(np.asarray(draws), minlength=6) / 20000
-    top = np.asarray([0, 4, 2])
-    expected = np.zeros(6)
-    expected[top] = np.exp(np.asarray(logits)[top] / 0.5) / np.exp(np.asarray(logits)[top] / 0.5).sum()
-    assert counts[[1, 3, 5]].sum() == 0 and np.abs(counts - expected).max() < 0.015
-    assert int(depformer.sample_token(logits, jax.random.key(0), 0.8, 250, greedy=True)) == 0
-
-
-# ================================================================================================
-# sample.py
-#
-# The offline conversation loop on tiny random models in a local repo directory laid out like the
-# Hugging Face ones (config.json, model.safetensors written by convert.save_lm, a Mimi checkpoint
-# and its mimi_config.json, a sentencepiece model trained here). Parity: the tokens of every frame
-# equal those of Kyutai's run_inference.py loop (moshiko-shaped model) and of NVIDIA's PersonaPlex
-# offline.py (voice + text prompt, dep_q 16; also past the wrap of its KV rings, and from a voice
-# its LMGen saved as .pt), all greedy, recorded by testdata/make_sample_fixtures.py. Budget: < 3 min
-# on 2 cores.
-
-
-SAMPLE_FX = _testdata_module("make_sample_fixtures")
-
-
-def _write_sample_repo(folder, persona: bool, wrap: bool = False):
-    """The fixture's weights rebuilt bit for bit, in Kyutai's on-disk format, with configs and a tokenizer.
-    wrap: the PersonaPlex weights with the short windows of the fixture's wrap run."""
-    fx, rw = SAMPLE_FX, _testdata_module("random_weights")
-    folder.mkdir()
-    if wrap:
-        spec, seed, config = "sample_personaplex_keys.txt", fx.PERSONA_SEED, fx.PERSONA_WRAP_CONFIG
-        mimi_config = fx.MIMI_CONFIG
-    elif persona:        # already on-disk names in the fork's state dict
-        spec, seed, config, mimi_config = "sample_personaplex_keys.txt", fx.PERSONA_SEED, fx.PERSONA_CONFIG, fx.PERSONA_MIMI_CONFIG
-    else:
-        spec, seed, config, mimi_config = "sample_lm_keys.txt", fx.LM_SEED, fx.LM_CONFIG, fx.MIMI_CONFIG
-    raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, spec)), seed, fx.lm_overrides())
-    convert.save_safetensors(folder / "raw.safetensors", raw)
-    cfg = repo.lm_config(config)
-    params = convert.load_lm(folder / "raw.safetensors", cfg)
-    convert.save_lm(folder / "model.safetensors", params, cfg)          # what sample.py reads: our writer's output
-    (folder / "raw.safetensors").unlink()
-    mimi_raw = rw.random_tensors(rw.read_spec(os.path.join(TESTDATA, "sample_mimi_keys.txt")), fx.MIMI_SEED,
-                                 fx.mimi_overrides())
-    convert.save_safetensors(folder / fx.MIMI_FILE, mimi_raw)
-    (folder / "config.json").write_text(json.dumps(dict(config, mimi_config_name="mimi_config.json")))
-    (folder / "mimi_config.json").write_text(json.dumps(mimi_config))
-    fx.train_tokenizer(str(folder / "tokenizer_spm_32k_3.model"))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def sample_repo(tmp_path_factory):
-    return _write_sample_repo(tmp_path_factory.mktemp("sample") / "moshiko-tiny", persona=False)
-
-
-def _sample_models(repo, *extra):
-    args = sample.parse_args(["--prompt", SAMPLE_FX.PROMPT, "--hf-repo", str(repo), "--dtype", "fp32", *extra])
-    return args, sample.load_models(args, lambda msg: None)
-
-
-def _prompt_frames():
-    n = mimi.resampled_length(SAMPLE_FX.PROMPT)
-    return mimi.frames_of(mimi.read_blocks(SAMPLE_FX.PROMPT, mono=True), n)
-
-
-def _run_converse(models, batch_size=1, prompt=None):
-    steps = list(sample.converse(models, _prompt_frames(), batch_size, moshi.Sampling(greedy=True), 0, prompt))
-    return np.stack([t for t, _ in steps], 1), np.concatenate([p for _, p in steps], 1)   # [B, T, K], [B, S]
-
-
-def test_sample_matches_official_run_inference(sample_repo):
-    """Kyutai's run_inference.py loop (greedy): the same text + audio tokens for every frame, the same audio."""
-    ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
-    assert str(ref["prompt_sha256"]) == SAMPLE_FX.digest(SAMPLE_FX.PROMPT), "hello.wav changed: rerun the fixture"
-    _, models = _sample_models(sample_repo)
-    assert models.lm_cfg == moshi.TINY and models.mimi_cfg == mimi.TINY
-    tokens, pcm = _run_converse(models)
-    T = len(ref["tokens"])                        # the official loop drops the trailing partial frame,
-    assert tokens.shape == (1, T + 1, 9)          # we pad it: one frame more, the input's length in all
-    np.testing.assert_array_equal(tokens[0, :T], ref["tokens"])
-    assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
-
-
-def test_sample_matches_personaplex_offline(tmp_path):
-    """NVIDIA's PersonaPlex offline.py (greedy): voice prompt at -24 LUFS, silences, <system> text prompt,
-    then the user forced onto streams 9..16: the same 17 tokens for every frame, the same audio."""
-    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_fixture.npz"))
-    repo = _write_sample_repo(tmp_path / "persona-tiny", persona=True)
-    SAMPLE_FX.write_voice_prompt(str(tmp_path / "voice.wav"))
-    args, models = _sample_models(repo, "--voice-prompt", str(tmp_path / "voice.wav"),
-                                  "--text-prompt", SAMPLE_FX.TEXT_PROMPT)
-    assert models.is_persona
-    np.testing.assert_array_equal(models.tokenizer.encode(sample.wrap_system(args.text_prompt)), ref["text_prompt_tokens"])
-    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
-    np.testing.assert_array_equal(prompt.moshi_codes[-1], ref["silence_tokens"])     # the recipe for the
-    np.testing.assert_array_equal(prompt.user_codes[0], ref["sine_tokens"])          # constants
-    tokens, pcm = _run_converse(models, prompt=prompt)
-    np.testing.assert_array_equal(tokens[0], ref["tokens"])
-    assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
-
-
-def test_sample_personaplex_past_the_kv_ring_wrap(tmp_path, monkeypatch):
-    """NVIDIA's offline flow where its KV rings wrap (an LM window of 24 frames < 62 prompt + 52 user
-    frames, Mimi's of 8 steps): a PersonaPlex checkpoint streams the LM and Mimi with NVIDIA's ring by
-    default and gives the same 17 tokens for every frame, the same audio, and the same logits at the
-    last frames (the depformer's last codebook included, which NVIDIA's ring keeps from its first);
-    Kyutai's ring (--kv-ring kyutai) departs from them."""
-    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_wrap_fixture.npz"))
-    repo_dir = _write_sample_repo(tmp_path / "persona-wrap", persona=True, wrap=True)
-    SAMPLE_FX.write_voice_prompt(str(tmp_path / "voice.wav"))
-    persona = ("--voice-prompt", str(tmp_path / "voice.wav"), "--text-prompt", SAMPLE_FX.TEXT_PROMPT)
-    args, models = _sample_models(repo_dir, *persona)
-    assert models.lm_cfg.kv_ring == models.mimi_cfg.kv_ring == "personaplex" and models.lm_cfg.context == 24
-    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
-    assert len(prompt) > models.lm_cfg.context
-    logits, gen_step = [], moshi.gen_step
-
-    def recording(*a, **kw):
-        state, out, frame_logits = gen_step(*a, return_logits=True, **kw)
-        logits.append(frame_logits)
-        return state, out
-    monkeypatch.setattr(moshi, "gen_step", recording)
-    tokens, pcm = _run_converse(models, prompt=prompt)
-    np.testing.assert_array_equal(tokens[0], ref["tokens"])
-    assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
-    last = logits[-len(ref["text_logits"]):]
-    assert rel_err(np.stack([l["text_logits"][0] for l in last]), ref["text_logits"]) < 1e-4
-    audio = np.stack([l["audio_logits"][0] for l in last])                      # [frames, 16, card]
-    for c in range(16):
-        assert rel_err(audio[:, c], ref["audio_logits"][:, c]) < 1e-4, c
-    monkeypatch.undo()
-    _, kyutai = _sample_models(repo_dir, *persona, "--kv-ring", "kyutai")
-    assert kyutai.lm_cfg.kv_ring == kyutai.mimi_cfg.kv_ring == "kyutai"
-    other, _ = _run_converse(kyutai, prompt=prompt)
-    assert not np.array_equal(other[0], ref["tokens"])
-
-
-def test_sample_replays_personaplex_pt_voices(tmp_path):
-    """`sample.py --voice-prompt voice.pt`, a voice saved by NVIDIA's LMGen (save_voice_prompt_embeddings)
-    and replayed as its offline flow replays one: the same tokens for every frame as NVIDIA's run from
-    that .pt (which equal its run from the wav); the prompt is as long as the wav's."""
-    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_fixture.npz"))
-    repo_dir = _write_sample_repo(tmp_path / "persona-tiny", persona=True)
-    persona = ("--voice-prompt", SAMPLE_FX.VOICE_PT, "--text-prompt", SAMPLE_FX.TEXT_PROMPT)
-    args, models = _sample_models(repo_dir, *persona)
-    prompt = sample.build_persona_prompt(models, args.voice_prompt, args.text_prompt)
-    SAMPLE_FX.write_voice_prompt(str(tmp_path / "voice.wav"))
-    from_wav = sample.build_persona_prompt(models, str(tmp_path / "voice.wav"), args.text_prompt)
-    assert prompt.embeddings.shape == (len(from_wav) - len(prompt.text) - 1, 64)
-    assert len(prompt) == len(from_wav)
-    tokens, _ = _run_converse(models, prompt=prompt)
-    np.testing.assert_array_equal(tokens[0], ref["pt_tokens"])
-    _main("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", repo_dir, "--greedy", "--dtype", "fp32",
-          "--out", tmp_path / "a.wav", *persona)
-    answer = json.loads((tmp_path / "a.json").read_text())["answers"][0]
-    assert answer["text_tokens"] == ref["pt_tokens"][:, 0].tolist()
-    assert answer["audio_tokens"] == ref["pt_tokens"][:, 1:9].tolist()
-
-
-def test_sample_reads_pt_voices_without_torch_and_refuses_other_classes(tmp_path):
-    """The .pt reader needs no torch (in a process where importing torch fails), rebuilds what torch.save
-    writes (dtypes, views), and a pickle that asks for anything but a tensor's rebuild is refused,
-    naming what it asked for, before it can run; so are files that are not voices for this LM."""
-    code = ("import sys\n"
-            "class NoTorch:\n"
-            "    def find_spec(self, name, *args):\n"
-            "        if name.split('.')[0] == 'torch':\n"
-            "            raise ImportError('torch is blocked')\n"
-            "sys.meta_path.insert(0, NoTorch())\n"
-            "import moshi, sample\n"
-            f"emb, cache = sample.read_voice_pt({SAMPLE_FX.VOICE_PT!r}, moshi.TINY_PERSONAPLEX)\n"
-            "assert 'torch' not in sys.modules\n"
-            "print(emb.shape, emb.dtype, cache.shape, cache.dtype)\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["(14,", "64)", "float32", "(17,", "4)", "int32"]
-    # other dtypes, views into a larger storage, nesting (testdata's tensor_zoo), as torch.save wrote them
-    zoo, x = sample.read_torch_file(SAMPLE_FX.TENSORS_PT), np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    expected = {"bf16": x, "f16_transposed": x.transpose(2, 1, 0), "f64_view": x[1, 1:, ::2], "i64": x,
-                "i32": x, "bool": x > 10, "u8": x}
-    dtypes = {"bf16": jnp.bfloat16, "f16_transposed": np.float16, "f64_view": np.float64, "i64": np.int64,
-              "i32": np.int32, "bool": np.bool_, "u8": np.uint8}
-    for name, want in expected.items():
-        assert zoo[name].dtype == dtypes[name] and np.array_equal(zoo[name].astype(np.float64), want), name
-    assert np.array_equal(zoo["nested"][0], x[0]) and np.array_equal(zoo["nested"][1][0], x[1, 0])
-    # a torch.save zip whose pickle calls os.system: refused by name, and nothing ran
-    evil, marker = tmp_path / "evil.pt", tmp_path / "ran"
-    with zipfile.ZipFile(evil, "w") as z:
-        z.writestr("evil/data.pkl", b"\x80\x02cos\nsystem\nX" + len(f"touch {marker}").to_bytes(4, "little")
-                   + f"touch {marker}".encode() + b"\x85R.")
-    with pytest.raises(sample.SampleError, match="refusing to unpickle os.system"):
-        sample.read_voice_pt(str(evil), moshi.TINY_PERSONAPLEX)
-    assert not marker.exists()
-    (tmp_path / "old.pt").write_bytes(b"\x80\x02}q\x00.")                     # torch's pre-1.6 format
-    with pytest.raises(sample.SampleError, match="not a torch.save zip file"):
-        sample.read_voice_pt(str(tmp_path / "old.pt"), moshi.TINY_PERSONAPLEX)
-    wrong_width = r"embeddings of shape \(14, 1, 1, 64\).*\[frames, 1, 1, 4096\]"
-    with pytest.raises(sample.SampleError, match=wrong_width):
-        sample.read_voice_pt(SAMPLE_FX.VOICE_PT, moshi.PERSONAPLEX)
-
-
-def _main(*argv):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        sample.main([str(a) for a in argv])
-    return out.getvalue()
-
-
-def test_sample_cli_end_to_end(sample_repo, tmp_path):
-    """`sample.py --prompt hello.wav`: a wav as long as the input, a transcript; --greedy is reproducible,
-    and --batch-size 2 gives twice the --batch-size 1 answer; the steps compile once for all frames."""
-    ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
-    n_in = soundfile.info(SAMPLE_FX.PROMPT).frames
-    common = ("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--greedy", "--dtype", "fp32")
-    compiled = moshi.gen_step._cache_size()
-    log = _main(*common, "--out", tmp_path / "a.wav")
-    assert moshi.gen_step._cache_size() - compiled <= 1       # 53 steps, one compilation (none if cached)
-    assert "real-time factor" in log and "[100%" in log          # the progress display reached the end
-    _main(*common, "--out", tmp_path / "b.wav")
-    _main(*common, "--out", tmp_path / "c.wav", "--batch-size", 2)
-    a, sr = soundfile.read(tmp_path / "a.wav")
-    assert sr == 24000 and a.shape == (n_in,) and np.abs(a).max() > 0
-    transcript = json.loads((tmp_path / "a.json").read_text())
-    answer = transcript["answers"][0]
-    assert answer["text_tokens"][:len(ref["tokens"])] == ref["tokens"][:, 0].tolist()   # the official text
-    assert answer["text"] == "".join(p["piece"] for p in answer["pieces"]) and answer["pieces"]
-    assert all(p["token"] not in (0, 3) and p["time"] == round(p["frame"] * 0.08, 3) for p in answer["pieces"])
-    assert answer["pieces"][0]["piece"] in log                 # streamed to the terminal
-    assert open(tmp_path / "b.wav", "rb").read() == open(tmp_path / "a.wav", "rb").read()
-    assert json.loads((tmp_path / "b.json").read_text())["answers"] == [dict(answer, wav=str(tmp_path / "b.wav"))]
-    batched = json.loads((tmp_path / "c.json").read_text())["answers"]
-    assert [b["text_tokens"] for b in batched] == [answer["text_tokens"]] * 2
-    assert answer["audio_tokens"][:len(ref["tokens"])] == ref["tokens"][:, 1:].tolist()   # Moshi's voice, the official
-    assert [b["audio_tokens"] for b in batched] == [answer["audio_tokens"]] * 2
-    for i in range(2):       # a batch of 2 rounds floats differently: equal to the 16-bit sample, +-1
-        assert np.abs(soundfile.read(tmp_path / f"c-{i}.wav")[0] - a).max() <= 1.5 / 32768
-    assert not list(tmp_path.glob(".tmp-*"))                   # atomic writes leave nothing behind
-    assert all((tmp_path / name).stat().st_mode & 0o777 == _usual_mode() for name in ("a.wav", "a.json"))
-
-
-def test_sample_cli_duration_and_sampling(sample_repo, tmp_path):
-    """--duration pads with silence or cuts; sampled answers in one batch differ, and the seed repeats them."""
-    common = ("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--dtype", "fp32", "--batch-size", 2,
-              "--duration", 5.0)
-    _main(*common, "--out", tmp_path / "s.wav")
-    _main(*common, "--out", tmp_path / "t.wav")
-    s0, s1, t0 = (soundfile.read(tmp_path / name)[0] for name in ("s-0.wav", "s-1.wav", "t-0.wav"))
-    assert s0.shape == (120000,) and np.array_equal(s0, t0) and not np.array_equal(s0, s1)
-    answers = json.loads((tmp_path / "s.json").read_text())["answers"]
-    assert len(answers[0]["text_tokens"]) == 63 and answers[0]["text_tokens"] != answers[1]["text_tokens"]
-    _main(*common[:-1], 1.0, "--batch-size", 1, "--greedy", "--out", tmp_path / "short.wav")
-    assert soundfile.info(tmp_path / "short.wav").frames == 24000
-    log = _main("--prompt", SAMPLE_FX.PROMPT, "--random-init", "tiny", "--dtype", "fp32", "--greedy", "--duration", 1.0,
-                "--out", tmp_path / "random.wav")                  # random weights only when asked, and loudly
-    assert log.count("RANDOM WEIGHTS") == 2 and soundfile.info(tmp_path / "random.wav").frames == 24000
-
-
-def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
-    """Bad input and missing weights end in one clear line, never a traceback or random weights."""
-    def error_of(*argv):
-        with pytest.raises(SystemExit):
-            sample.main([str(a) for a in argv])
-        return capsys.readouterr().err
-    empty, junk = tmp_path / "empty.wav", tmp_path / "junk.wav"
-    soundfile.write(empty, np.zeros(0, np.float32), 24000)
-    junk.write_text("not audio")
-    assert "holds no audio samples" in error_of("--prompt", empty, "--hf-repo", sample_repo)
-    assert "cannot read" in error_of("--prompt", junk, "--hf-repo", sample_repo)
-    assert "no such audio file" in error_of("--prompt", tmp_path / "missing.wav", "--hf-repo", sample_repo)
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)     # as on a machine without it
-    err = error_of("--prompt", SAMPLE_FX.PROMPT)
-    assert "huggingface_hub is not installed" in err and "--hf-repo DIR" in err and "Traceback" not in err
-
-    def offline(repo, name, **kw):
-        raise ConnectionError("no network")
-    hub = _fake_hub(monkeypatch, offline)
-    err = error_of("--prompt", SAMPLE_FX.PROMPT)
-    assert "could not get 'config.json' from the Hugging Face repo 'kyutai/moshiko-pytorch-bf16'" in err
-    assert "no network" in err and "Traceback" not in err
-
-    def not_cached(repo_id, name, **kw):                       # huggingface_hub offline, nothing cached
-        raise hub.errors.LocalEntryNotFoundError(name)
-    hub.hf_hub_download = not_cached
-    err = error_of("--prompt", SAMPLE_FX.PROMPT)
-    assert "cannot reach the Hugging Face hub (offline?)" in err and "--hf-repo DIR" in err and "Traceback" not in err
-
-    def hub_download(repo, name, **kw):                        # a repo without config.json, as moshiko's
-        if name == "config.json":
-            raise hub.errors.EntryNotFoundError(name)
-        return f"/cache/{repo}/{name}"
-    hub.hf_hub_download = hub_download
-    ckpt = repo.find_checkpoint("kyutai/moshiko-pytorch-bf16")
-    assert ckpt.config is None and ckpt.moshi == "/cache/kyutai/moshiko-pytorch-bf16/model.safetensors"
-    assert ckpt.tokenizer.endswith("/tokenizer_spm_32k_3.model") and ckpt.mimi.endswith(repo.MIMI_NAME)
-    (tmp_path / "incomplete").mkdir()
-    assert "has no file 'model.safetensors'" in error_of("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", tmp_path / "incomplete")
-    # outputs that cannot be written are named before anything is loaded, and nothing is lost
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "answer.json").mkdir()                          # a folder named like the transcript
-    (tmp_path / "kept.wav").write_bytes(b"old")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    for out, message in ((tmp_path / "taken", "--out .*taken is a folder"),
-                         (tmp_path / "answer.wav", "transcript .*answer.json is a folder")) + (
-                        () if os.geteuid() == 0 else ((locked / "a.wav", "not writable"),)):   # root writes anyway
-        assert re.search(message, error_of("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--out", out))
-    assert (tmp_path / "kept.wav").read_bytes() == b"old" and not list(locked.iterdir())
-    # a run killed mid-write (kill -9) left a temporary file of ours: the next run removes it
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".tmp-{dead.pid}-abc.wav"
-    stale.write_bytes(b"half")
-    _main("--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--greedy", "--dtype", "fp32", "--duration", 0.5,
-          "--out", tmp_path / "fresh.wav")
-    assert not stale.exists() and (tmp_path / "fresh.wav").exists()
-    assert "--voice-prompt and --text-prompt are for PersonaPlex" in error_of(
-        "--prompt", SAMPLE_FX.PROMPT, "--hf-repo", sample_repo, "--text-prompt", "hi", "--dtype", "fp32")
-
-
-def test_sample_finds_weights_like_checkpoint_info(tmp_path):
-    """Repo files, config.json's file names (moshi_name, mimi_name, tokenizer_name, mimi_config_name),
-    single-file overrides, and files given alone with --config, as the official CheckpointInfo does."""
-    folder = tmp_path / "repo"
-    folder.mkdir()
-    for name in ("weights.safetensors", repo.MIMI_NAME, "tok.model", "other.safetensors"):
-        (folder / name).write_bytes(b"x")
-    (folder / "mimi.json").write_text(json.dumps(SAMPLE_FX.MIMI_CONFIG))
-    (folder / "config.json").write_text(json.dumps(dict(SAMPLE_FX.LM_CONFIG, moshi_name="weights.safetensors",
-                                                      tokenizer_name="tok.model", mimi_config_name="mimi.json")))
-    ckpt = repo.find_checkpoint(str(folder))
-    assert (ckpt.moshi, ckpt.mimi, ckpt.tokenizer) == (str(folder / "weights.safetensors"), str(folder / repo.MIMI_NAME),
-                                                        str(folder / "tok.model"))
-    assert ckpt.config == SAMPLE_FX.LM_CONFIG and ckpt.mimi_config == SAMPLE_FX.MIMI_CONFIG
-    assert repo.mimi_config(ckpt.mimi_config) == mimi.TINY
-    assert repo.lm_config(ckpt.config) == moshi.TINY
-    assert repo.find_checkpoint(str(folder), moshi=str(folder / "other.safetensors")).moshi == str(folder / "other.safetensors")
-    alone = repo.find_checkpoint(None, str(folder / "other.safetensors"), str(folder / repo.MIMI_NAME),
-                                    str(folder / "tok.model"), config=str(folder / "config.json"))
-    assert alone.moshi == str(folder / "other.safetensors") and alone.mimi_config == SAMPLE_FX.MIMI_CONFIG
-    assert repo.find_checkpoint(None, str(folder / "other.safetensors"), str(folder / repo.MIMI_NAME),
-                                   str(folder / "tok.model")).config is None          # moshiko's config
-    (folder / "config.json").write_text(json.dumps({"model_type": "stt"}))
-    with pytest.raises(convert.CheckpointError, match="model_type='stt'"):
-        repo.find_checkpoint(str(folder))
-    # No LM config (moshiko's repo, or PersonaPlex's, whose config.json does not describe the LM):
-    # moshiko's config, with as many depformer outputs as the checkpoint has heads.
-    # PersonaPlex's config.json is exactly this (nvidia/personaplex-7b-v1).
-    heads = {f"linears.{i}.weight": np.zeros((1, 1), np.float32) for i in range(16)}
-    convert.save_safetensors(folder / repo.MOSHI_NAME, heads)
-    (folder / "config.json").write_text(json.dumps({"model_type": "personaplex", "version": "7b-v1"}))
-    ckpt = repo.find_checkpoint(str(folder), lm_only=True)
-    assert ckpt.moshi == str(folder / repo.MOSHI_NAME)
-    assert repo.lm_config_for(ckpt, lambda msg: None) == moshi.PERSONAPLEX
-    convert.save_safetensors(folder / "moshiko.safetensors", dict(list(heads.items())[:8]))
-    assert repo.lm_config_for(repo.Checkpoint(str(folder / "moshiko.safetensors"), "", "", None), print) == moshi.MOSHIKO
-
-
-def test_sample_reads_long_audio_lazily(tmp_path):
-    """The prompt, of any rate and channel count, through mimi.read_blocks: mixed down and resampled as
-    mimi.read_audio does, block by block, in memory that does not grow with the file (a minute of
-    44.1 kHz stereo)."""
-    rng = np.random.default_rng(0)
-    short = (0.3 * rng.standard_normal((30000, 2))).astype(np.float32)
-    soundfile.write(tmp_path / "short.wav", short, 44100, subtype="FLOAT")
-    streamed = np.concatenate(list(mimi.read_blocks(str(tmp_path / "short.wav"), mono=True, block_seconds=0.05)))
-    whole = mimi.mix_down(mimi.read_audio(tmp_path / "short.wav", 24000))[0]
-    assert streamed.shape == whole.shape and np.abs(streamed - whole).max() < 1e-5
-    long_path = tmp_path / "long.wav"
-    with soundfile.SoundFile(long_path, "w", 44100, 2, subtype="PCM_16") as f:
-        for _ in range(60):
-            f.write(0.1 * rng.standard_normal((44100, 2)))
-    n = mimi.resampled_length(str(long_path))
-    assert n == 60 * 24000
-    tracemalloc.start()
-    count = sum(1 for _ in mimi.frames_of(mimi.read_blocks(str(long_path), mono=True), n))
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert count == n // 1920 and peak < 5e6            # the file is 21 MB as float32 at 44.1 kHz stereo
-    frames = list(mimi.frames_of([np.ones(5000, np.float32)], 4000))        # cut, then the last frame padded
-    assert len(frames) == 3 and frames[2][:4000 - 3840].all() and not frames[2][160:].any()
-
-
-def test_sample_loudness_matches_pyloudnorm():
-    """BS.1770 integrated loudness (PersonaPlex normalises voice prompts to -24 LUFS with pyloudnorm)."""
-    ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
-    for name, x in SAMPLE_FX.loudness_signals():
-        assert abs(sample.integrated_loudness(x, 24000) - float(ref[f"lufs_{name}"])) < 1e-6, name
-    wav = SAMPLE_FX.read_prompt()
-    assert abs(sample.integrated_loudness(sample.normalize_loudness(wav, 24000), 24000) + 24.0) < 1e-4
-
-
-# ================================================================================================
-# mimi.py and convert.py's Mimi section
-#
-# Parity fixtures come from testdata/make_mimi_fixtures.py (official moshi 0.2.13): full-size Mimi
-# with every parameter and buffer random (rebuilt here from testdata/mimi_keys.txt and a seed,
-# written in Kyutai's on-disk naming and loaded through convert.load_mimi), on a chirp + noise;
-# and a tiny config whose 8-step KV cache wraps after 4 frames. Budget: < 4 min on 2 cores.
-
-
-MIMI_FX = _testdata_module("make_mimi_fixtures")            # torch-free above its main()
-RANDOM_WEIGHTS = _testdata_module("random_weights")
-
-
-MIMI_TIE = 1e-5      # relative codebook-distance gap below which fp32 summation order picks the winner
-
-
-def assert_codes_match(codes, ref, gaps, what, n_semantic=1):
-    """Codes equal the official ones, except where Kyutai's own distances were tied up to fp32
-    rounding (relative gap < MIMI_TIE, recorded by the fixture script): there the winner depends on
-    summation order, so that code, and the later levels of the same RVQ (which then quantize another
-    residual), may differ. A flip anywhere else fails, naming the code and its gap."""
-    codes = np.asarray(codes)
-    assert codes.shape == ref.shape, (codes.shape, ref.shape)
-    diff, flips = codes != ref, 0
-    for b, t in zip(*np.nonzero(diff.any(1))):
-        for lo, hi in ((0, n_semantic), (n_semantic, codes.shape[1])):
-            levels = np.nonzero(diff[b, lo:hi, t])[0]
-            if len(levels):
-                k = lo + levels[0]
-                assert gaps[b, k, t] < MIMI_TIE, (
-                    f"{what}: item {b} frame {t} codebook {k}: code {codes[b, k, t]} != official {ref[b, k, t]} "
-                    f"(official relative distance gap {gaps[b, k, t]:.1e}: not a tie)")
-                flips += 1
-    assert flips <= max(1, diff.shape[0] * diff.shape[2] // 50), f"{what}: {flips} near-tie flips, too many"
-
-
-def rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module")
-def mimi_ref():
-    return np.load(os.path.join(TESTDATA, "mimi_fixture.npz"))
-
-
-@pytest.fixture(scope="module")
-def full_mimi(tmp_path_factory):
-    """Full-size random Mimi, through a 385 MB safetensors file in Kyutai's on-disk naming."""
-    spec = RANDOM_WEIGHTS.read_spec(os.path.join(TESTDATA, "mimi_keys.txt"))
-    path = tmp_path_factory.mktemp("mimi") / "tokenizer-random.safetensors"
-    convert.save_safetensors(path, RANDOM_WEIGHTS.random_tensors(spec, MIMI_FX.SEED, MIMI_FX.overrides()))
-    params, cfg = convert.load_mimi(path)
-    os.unlink(path)
-    assert cfg == mimi.MimiConfig()
-    return params, cfg
-
-
-def _tiny_checkpoint(ref, path, dtype=np.float32, rename=lambda k: k):
-    tensors = {rename(k.split("|", 1)[1]): ref[k].astype(dtype) for k in ref.files if k.startswith("tiny|")}
-    convert.save_safetensors(path, tensors)
-    return tensors
-
-
-def _stream(params, cfg, wav, num_codebooks):
-    """Frame by frame: encode everything, then decode the codes, as the fixture script does."""
-    F, enc, dec, codes, pcm = cfg.frame_size, mimi.encoder_state(cfg, wav.shape[0]), mimi.decoder_state(cfg, wav.shape[0]), [], []
-    for i in range(wav.shape[-1] // F):
-        enc, c = mimi.encode_step(params, cfg, enc, wav[..., i * F:(i + 1) * F], num_codebooks)
-        codes.append(np.asarray(c))
-    for c in codes:
-        dec, p = mimi.decode_step(params, cfg, dec, c)
-        pcm.append(np.asarray(p))
-    return np.concatenate(codes, -1), np.concatenate(pcm, -1)
-
-
-def test_mimi_full_size_batch_matches_official(full_mimi, mimi_ref):
-    """Codes identical for 32 codebooks (and so for 8, their prefix); decoded audio within 1e-4."""
-    params, cfg = full_mimi
-    wav = MIMI_FX.test_signal(MIMI_FX.FULL_BATCH, MIMI_FX.FULL_SAMPLES, seed=0)      # 70000: not whole frames
-    assert MIMI_FX.signal_digest(wav) == str(mimi_ref["full_signal_sha256"]), "test signal differs from the fixture's"
-    ref32 = mimi_ref["full_codes32"]
-    assert np.array_equal(ref32[:, :8], mimi_ref["full_codes8"])
-    # The fixture is only worth something if the codes are spread over many entries.
-    assert min(len(np.unique(ref32[:, k])) for k in range(32)) >= 20
-    codes = np.asarray(mimi.encode(params, cfg, jnp.asarray(wav), num_codebooks=32))
-    assert codes.dtype == np.int32 and codes.shape == (2, 32, 37)
-    assert_codes_match(codes, ref32, mimi_ref["full_gaps32"], "batch, 32 codebooks")
-    pcm = mimi.decode(params, cfg, jnp.asarray(mimi_ref["full_codes8"]))
-    assert pcm.shape == (2, 1, 37 * 1920)
-    assert rel_l2(pcm, mimi_ref["full_decoded8"]) < 1e-4
-
-
-def test_mimi_full_size_streaming_matches_official(full_mimi, mimi_ref):
-    """One 80 ms frame per call, 8 codebooks: codes equal Kyutai's streaming codes (which equal its
-    batch codes here, < 10 s); streaming decode equals Kyutai's streaming decode."""
-    params, cfg = full_mimi
-    wav = MIMI_FX.test_signal(MIMI_FX.FULL_BATCH, MIMI_FX.FULL_SAMPLES, seed=0)
-    wav = np.pad(wav, ((0, 0), (0, 0), (0, -wav.shape[-1] % cfg.frame_size)))
-    codes, pcm = _stream(params, cfg, wav, 8)
-    assert np.array_equal(mimi_ref["full_stream_codes8"], mimi_ref["full_codes8"])
-    assert_codes_match(codes, mimi_ref["full_stream_codes8"], mimi_ref["full_stream_gaps8"], "streaming")
-    assert rel_l2(pcm, mimi_ref["full_stream_decoded8"]) < 1e-4
-
-
-def test_mimi_full_size_streaming_past_the_cache_wrap(full_mimi, mimi_ref):
-    """11.2 s streamed: past 10 s Kyutai's ring cache (250 slots, 2 steps per call) gives the first
-    step of a frame 249 keys, so its streaming codes depart from its batch codes. Ours equal its
-    streaming codes, and the decode after the wrap matches too."""
-    params, cfg = full_mimi
-    F = cfg.frame_size
-    wav = MIMI_FX.test_signal(1, MIMI_FX.LONG_FRAMES * F, seed=1)
-    assert MIMI_FX.signal_digest(wav) == str(mimi_ref["long_signal_sha256"])
-    enc, dec, codes, pcm = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), [], []
-    for i in range(MIMI_FX.LONG_FRAMES):
-        enc, c = mimi.encode_step(params, cfg, enc, wav[..., i * F:(i + 1) * F], 8)
-        dec, p = mimi.decode_step(params, cfg, dec, c)
-        codes.append(np.asarray(c))
-        pcm.append(np.asarray(p))
-    assert enc["transformer"]["k"][0].shape[2] == dec["transformer"]["k"][0].shape[2] == 250   # constant memory
-    codes, pcm = np.concatenate(codes, -1), np.concatenate(pcm, -1)
-    ref, batch = mimi_ref["long_stream_codes8"], mimi_ref["long_batch_codes8"]
-    departs = np.nonzero((ref != batch).any(1)[0])[0]
-    assert len(departs) and departs.min() >= 125                # Kyutai's own streaming vs batch
-    assert_codes_match(codes, ref, mimi_ref["long_stream_gaps8"], "long streaming")
-    a, b = MIMI_FX.LONG_WINDOW
-    assert rel_l2(pcm[..., a * F:b * F], mimi_ref["long_stream_decoded8_window"]) < 1e-4
-
-
-def test_mimi_tiny_matches_official_batch_and_streaming(tmp_path, mimi_ref):
-    """A tiny config whose 8-step context wraps after 4 frames: batch (also cut into 5-frame chunks)
-    equals Kyutai's batch; streaming equals Kyutai's streaming, which departs from its batch."""
-    _tiny_checkpoint(mimi_ref, tmp_path / "tiny.safetensors")
-    cfg = mimi.TINY
-    params, _ = convert.load_mimi(tmp_path / "tiny.safetensors", cfg)
-    wav = jnp.asarray(mimi_ref["tiny_wav"])
-    codes = np.asarray(mimi.encode(params, cfg, wav, num_codebooks=8))
-    assert_codes_match(codes, mimi_ref["tiny_codes"], mimi_ref["tiny_gaps"], "tiny batch")
-    assert np.array_equal(np.asarray(mimi.encode(params, cfg, wav, 8, chunk_frames=5)), codes)
-    assert rel_l2(mimi.decode(params, cfg, codes), mimi_ref["tiny_decoded"]) < 1e-4
-    assert rel_l2(mimi.decode(params, cfg, codes, chunk_frames=5), mimi_ref["tiny_decoded"]) < 1e-4
-    stream_codes, stream_pcm = _stream(params, cfg, np.asarray(wav), 8)
-    assert not np.array_equal(mimi_ref["tiny_stream_codes"], mimi_ref["tiny_codes"])
-    assert_codes_match(stream_codes, mimi_ref["tiny_stream_codes"], mimi_ref["tiny_stream_gaps"], "tiny streaming")
-    assert rel_l2(stream_pcm, mimi_ref["tiny_stream_decoded"]) < 1e-4
-
-
-def test_mimi_streaming_with_nvidias_kv_ring_matches_personaplex(tmp_path):
-    """NVIDIA's PersonaPlex fork streams Mimi through an older KV ring that hides one more key once full:
-    hello.wav frame by frame through its tiny Mimi (8-step window: wrapped from the 4th frame) gives our
-    codes with kv_ring="personaplex" exactly, and the same decoded audio; Kyutai's ring departs from it.
-    The batch API has no ring, so the setting leaves it unchanged."""
-    ref = np.load(os.path.join(TESTDATA, "sample_personaplex_wrap_fixture.npz"))
-    spec = RANDOM_WEIGHTS.read_spec(os.path.join(TESTDATA, "sample_mimi_keys.txt"))
-    path = tmp_path / "tiny.safetensors"
-    weights = RANDOM_WEIGHTS.random_tensors(spec, SAMPLE_FX.MIMI_SEED, SAMPLE_FX.mimi_overrides())
-    convert.save_safetensors(path, weights)
-    kyutai = repo.mimi_config(SAMPLE_FX.MIMI_CONFIG)
-    nvidia = dataclasses.replace(kyutai, kv_ring="personaplex")
-    params, _ = convert.load_mimi(path, nvidia)
-    wav = SAMPLE_FX.read_prompt()
-    wav = wav[: len(wav) // nvidia.frame_size * nvidia.frame_size][None, None]
-    codes, pcm = _stream(params, nvidia, wav, 8)
-    np.testing.assert_array_equal(codes[0], ref["mimi_codes"])
-    assert rel_l2(pcm[0, 0, :ref["mimi_pcm_head"].size], ref["mimi_pcm_head"]) < 1e-4
-    assert not np.array_equal(_stream(params, kyutai, wav, 8)[0][0], ref["mimi_codes"])
-    batch = np.asarray(mimi.encode(params, nvidia, jnp.asarray(wav)))
-    assert np.array_equal(batch, np.asarray(mimi.encode(params, kyutai, jnp.asarray(wav))))
-    two = np.asarray(mimi.encode(params, nvidia, jnp.asarray(wav[..., :2 * nvidia.frame_size])))
-    assert np.array_equal(two, batch[..., :2])                   # one chunk: its cache is the chunk's size
-
-
-def test_mimi_checkpoint_namings_dtypes_and_errors(tmp_path, mimi_ref):
-    """bf16 files load (as fp32); in-memory attention names and old codebook buffer names load to the
-    same params; save_mimi round-trips exactly and records the config; bad keys are named."""
-    cfg = mimi.TINY
-    tensors = _tiny_checkpoint(mimi_ref, tmp_path / "disk.safetensors")
-    disk, _ = convert.load_mimi(tmp_path / "disk.safetensors", cfg)
-
-    import ml_dtypes
-    _tiny_checkpoint(mimi_ref, tmp_path / "bf16.safetensors", dtype=ml_dtypes.bfloat16)
-    bf16, _ = convert.load_mimi(tmp_path / "bf16.safetensors", cfg)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16))
-    same = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
-    rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in tensors.items()}
-    convert.save_safetensors(tmp_path / "rounded.safetensors", rounded)   # the same values, as fp32
-    assert same(bf16, convert.load_mimi(tmp_path / "rounded.safetensors", cfg)[0])
-    assert not same(bf16, disk)
-
-    def in_memory(k):
-        return k.replace(".self_attn.in_proj_weight", ".self_attn.in_projs.0.weight").replace(
-            ".self_attn.out_proj.weight", ".self_attn.out_projs.0.weight").replace(
-            "._codebook.cluster_usage", "._codebook.cluster_size").replace(
-            "._codebook.embedding_sum", "._codebook.embed_avg").replace("._codebook._initialized", "._codebook.inited")
-    _tiny_checkpoint(mimi_ref, tmp_path / "memory.safetensors", rename=in_memory)
-    memory, _ = convert.load_mimi(tmp_path / "memory.safetensors", cfg)
-    assert same(memory, disk)
-
-    convert.save_mimi(tmp_path / "saved.safetensors", disk, cfg)
-    again, cfg_again = convert.load_mimi(tmp_path / "saved.safetensors")          # config from the metadata
-    assert cfg_again == cfg and same(again, disk)
-
-    bad = dict(tensors)
-    bad["upsample.convtr.convtr.convtr.weight"] = np.zeros((16, 1, 3), np.float32)
-    del bad["quantizer.rvq_rest.vq.layers.0._codebook.embedding_sum"]
-    bad["extra.weight"] = np.zeros(2, np.float32)
-    convert.save_safetensors(tmp_path / "bad.safetensors", bad)
-    with pytest.raises(convert.CheckpointError) as e:
-        convert.load_mimi(tmp_path / "bad.safetensors", cfg)
-    msg = str(e.value)
-    assert "bad.safetensors" in msg and "unexpected key 'extra.weight'" in msg
-    assert "missing key 'quantizer.rvq_rest.vq.layers.0._codebook.embedding_sum' (expected shape (64, 8))" in msg
-    assert "key 'upsample.convtr.convtr.convtr.weight' has shape (16, 1, 3), expected (16, 1, 4)" in msg
-    with pytest.raises(convert.CheckpointError, match="missing key"):
-        convert.load_mimi(tmp_path / "disk.safetensors")                  # tiny file, default (full) config
-
-
-def test_mimi_code_comparison_forgives_only_ties():
-    ref, gaps = np.zeros((1, 3, 4), np.int32), np.full((1, 3, 4), 1e-2, np.float32)
-    gaps[0, 1, 2] = 1e-7
-    codes = ref.copy()
-    codes[0, 1:, 2] = 5                      # a flip at a tie, and the level after it in the same RVQ
-    assert_codes_match(codes, ref, gaps, "tie")
-    codes[0, 0, 3] = 1                       # a semantic code with a clear winner
-    with pytest.raises(AssertionError, match="frame 3 codebook 0: code 1 != official 0 .* not a tie"):
-        assert_codes_match(codes, ref, gaps, "no tie")
-
-
-def test_mimi_api_checks_and_random_init():
-    cfg = mimi.TINY
-    assert (cfg.frame_size, cfg.sample_rate, cfg.frame_rate) == (1920, 24000, 12.5)
-    real = mimi.MimiConfig()
-    assert (real.frame_size, real.frame_rate, real.hop_length) == (1920, 12.5, 960)
-    params = mimi.init(jax.random.key(0), cfg)
-    wav = jnp.zeros((1, 1, 4000))
-    assert mimi.encode(params, cfg, wav, num_codebooks=2).shape == (1, 2, 3)
-    assert mimi.decode(params, cfg, jnp.zeros((1, 3, 5), jnp.int32)).shape == (1, 1, 5 * 1920)
-    state = mimi.encoder_state(cfg, 1)
-    with pytest.raises(ValueError, match="whole frames of 1920 samples, got 2000"):
-        mimi.encode_step(params, cfg, state, jnp.zeros((1, 1, 2000)))
-    with pytest.raises(ValueError, match="num_codebooks=9"):
-        mimi.encode(params, cfg, wav, num_codebooks=9)
-    with pytest.raises(ValueError, match=r"expected audio \[B, 1, samples>0\]"):
-        mimi.encode(params, cfg, jnp.zeros((1, 2, 40)))
-    with pytest.raises(ValueError, match=r"codes must be in \[0, 64\), got values in \[0, 64\]"):
-        mimi.decode(params, cfg, jnp.full((1, 3, 5), 64, jnp.int32).at[0, 0, 0].set(0))
-
-
-def test_mimi_resampler_is_band_limited():
-    """Windowed-sinc polyphase: a 1 kHz tone survives 44.1 -> 24 -> 16 -> 48 kHz; a tone above the
-    new Nyquist is removed (about -100 dB); lengths are ceil(S * out / in)."""
-    t = lambda sr, n: np.arange(n) / sr
-    x = np.sin(2 * np.pi * 1000 * t(44100, 44100)).astype(np.float32)
-    for sr_in, sr_out in ((44100, 24000), (24000, 16000), (16000, 48000), (48000, 24000)):
-        n = len(x)
-        y = mimi.resample(x, sr_in, sr_out)
-        assert y.shape == (-(-n * sr_out // sr_in),)
-        ref = np.sin(2 * np.pi * 1000 * t(sr_out, len(y)))
-        mid = slice(len(y) // 4, 3 * len(y) // 4)                          # away from the edges
-        assert np.abs(y[mid] - ref[mid]).max() < 1e-3, (sr_in, sr_out)
-        x = ref.astype(np.float32)
-    alias = mimi.resample(np.sin(2 * np.pi * 15000 * t(44100, 44100)).astype(np.float32), 44100, 24000)
-    assert np.abs(alias[2000:-2000]).max() < 1e-4
-    stereo = np.stack([x, -x])
-    assert np.array_equal(mimi.resample(stereo, 48000, 24000)[1], -mimi.resample(x, 48000, 24000))
-
-
-def test_mimi_audio_io(tmp_path):
-    import soundfile
-    rng = np.random.default_rng(0)
-    stereo = (0.3 * rng.standard_normal((44100, 2))).astype(np.float32)
-    soundfile.write(tmp_path / "in.wav", stereo, 44100, subtype="FLOAT")
-    wav = mimi.read_audio(tmp_path / "in.wav")
-    assert wav.shape == (2, 24000) and wav.dtype == np.float32
-    assert np.array_equal(mimi.read_audio(tmp_path / "in.wav", None), stereo.T)
-    # read a second at a time, or in 0.05 s blocks: the same samples as the whole file resampled at once
-    assert np.array_equal(wav, mimi.resample(stereo.T, 44100, 24000))
-    blocks = list(mimi.read_blocks(tmp_path / "in.wav", block_seconds=0.05))
-    assert len(blocks) > 10 and np.array_equal(np.concatenate(blocks, axis=-1), wav)
-    assert mimi.resampled_length(tmp_path / "in.wav") == 24000
-    mono = mimi.mix_down(wav)
-    assert mono.shape == (1, 24000) and np.allclose(mono[0], wav.mean(0))
-    mimi.write_audio(tmp_path / "out.wav", 2 * mono, 24000)                      # clipped, not wrapped
-    back, sr = soundfile.read(tmp_path / "out.wav", dtype="float32")
-    assert sr == 24000 and back.shape == (24000,) and np.abs(back).max() <= 1.0
-    assert np.abs(back - np.clip(2 * mono[0], -1, 1)).max() < 1e-4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "out.wav"]   # no temp file left
-    assert (tmp_path / "out.wav").stat().st_mode & 0o777 == _usual_mode()
-    soundfile.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 24000)
-    with pytest.raises(mimi.AudioError, match="empty.wav: the file holds no audio"):
-        mimi.read_audio(tmp_path / "empty.wav")
-    (tmp_path / "junk.wav").write_bytes(b"not audio")
-    with pytest.raises(mimi.AudioError, match="junk.wav: cannot read audio"):
-        mimi.read_audio(tmp_path / "junk.wav")
-    with pytest.raises(mimi.AudioError, match="missing.wav: cannot read audio"):
-        mimi.read_audio(tmp_path / "missing.wav")
-
-
-def test_mimi_command_line_round_trip(tmp_path, mimi_ref, capsys):
-    """python convert.py mimi in.wav out.wav --weights W --codes C: a 32 kHz stereo file in, 24 kHz mono
-    out, batch or streaming; output paths that cannot be written are refused before any work, and
-    `python mimi.py` (no weights) checks a random codec's batch against its streaming."""
-    cfg = mimi.TINY
-    _tiny_checkpoint(mimi_ref, tmp_path / "t.safetensors")
-    params, _ = convert.load_mimi(tmp_path / "t.safetensors", cfg)
-    convert.save_mimi(tmp_path / "tiny.safetensors", params, cfg)      # records the tiny config
-    rng = np.random.default_rng(1)
-    soundfile.write(tmp_path / "in.wav", (0.3 * rng.standard_normal((96000, 2))).astype(np.float32), 32000)
-    run = lambda out, *extra: convert.main(["mimi", str(tmp_path / "in.wav"), str(out), "--weights",   # noqa: E731
-                                            str(tmp_path / "tiny.safetensors"), "--num-codebooks", "3", *extra])
-    run(tmp_path / "out.wav", "--codes", str(tmp_path / "codes.npy"))
-    out, sr = soundfile.read(tmp_path / "out.wav", dtype="float32")
-    assert sr == 24000 and out.shape == (72000,)                             # 96000 samples at 32 kHz
-    codes = np.load(tmp_path / "codes.npy")
-    wav = mimi.mix_down(mimi.read_audio(tmp_path / "in.wav"))[None]
-    assert np.array_equal(codes, np.asarray(mimi.encode(params, cfg, jnp.asarray(wav), 3)))
-    assert codes.shape == (1, 3, 38) and "codes (1, 3, 38)" in capsys.readouterr().out
-    expected = np.asarray(mimi.decode(params, cfg, codes))[0, 0, :72000]
-    assert np.abs(out - np.clip(expected, -1, 1)).max() < 1e-4              # 16-bit file
-    run(tmp_path / "stream.wav", "--stream")            # (past 4 frames the tiny ring wraps: not the batch result)
-    assert soundfile.read(tmp_path / "stream.wav", dtype="float32")[0].shape == out.shape
-    before = sorted(p.name for p in tmp_path.iterdir())
-    for out_path, extra, message in ((tmp_path, (), "is a folder"),
-                                     (tmp_path / "x.wav", ("--codes", str(tmp_path / "no" / "c.npy")), "does not exist")):
-        with pytest.raises(SystemExit, match=message):
-            run(out_path, *extra)
-    assert sorted(p.name for p in tmp_path.iterdir()) == before              # nothing written, nothing lost
-    with pytest.raises(SystemExit):
-        convert.main(["mimi", str(tmp_path / "in.wav"), str(tmp_path / "x.wav")])     # no --weights: usage
-    mimi.main(["--frames", "2"])
-    assert "streaming vs batch: codes identical" in capsys.readouterr().out
-
-
-# ================================================================================================
-# ttt.py
-#
-# Fixtures: testdata/make_ttt_fixtures.py runs the official In-Place TTT MLP (ByteDance-Seed/
-# In-Place-TTT's Qwen3MLP, read from its git mirror at run time) on random fp32 weights: lengths that
-# are and are not multiples of the chunk, one partial chunk, with and without P, the layer's own
-# input as target or a separate one, kernel 5. Budget: < 30 s on 2 cores.
-
-TTT_CASES = ("hidden_proj", "embed_proj", "embed_noproj", "hidden_noproj", "partial_proj")
-
-
-def _ttt_case(name):
-    """A fixture case -> (inputs x, t, weights in ttt's layout, constants, official output, plain MLP)."""
-    d = np.load(os.path.join(TESTDATA, "ttt_fixture.npz"))
-    w = {k.split("|")[1]: jnp.asarray(d[k]) for k in d.files if k.startswith(name + "|")}
-    weights = (jnp.concatenate([w["gate_proj"], w["up_proj"]], 0), w["down_proj"], w["ttt_conv"][:, 0],
-               w.get("ttt_proj"))
-    consts = dict(chunk_size=int(d[name + "_chunk"]), lr=float(d[name + "_lr"]))
-    return (jnp.asarray(d[name + "_x"]), jnp.asarray(d[name + "_t"]), weights, consts,
-            d[name + "_y"], d[name + "_y_plain"])
-
-
-def _ttt_stream(x, t, weights, consts, dtype=jnp.float32):
-    """Feed the streaming form one frame at a time -> (final state, outputs [B, T, D])."""
-    B, T, D = x.shape
-    step = jax.jit(lambda s, xi, ti: ttt.fast_weight_mlp_step(s, xi, ti, *weights, **consts))
-    state = ttt.init_state(B, D, weights[1].shape[1], chunk_size=consts["chunk_size"], kernel_size=5,
-                           dtype=dtype)
-    ys = []
-    for i in range(T):
-        state, y = step(state, x[:, i:i + 1], t[:, i:i + 1])
-        ys.append(y)
-    return state, jnp.concatenate(ys, 1)
-
-
-@pytest.mark.parametrize("name", TTT_CASES)
-def test_ttt_parallel_matches_official_mlp(name):
-    """The parallel (attention) form equals the official weight-form Qwen3MLP on every case."""
-    x, t, weights, consts, y_ref, y_plain = _ttt_case(name)
-    y = jax.jit(lambda x, t: ttt.fast_weight_mlp(x, t, *weights, **consts))(x, t)
-    assert y.shape == y_ref.shape and y.dtype == jnp.float32
-    assert rel_err(y, y_ref) <= 1e-4
-    if x.shape[1] > consts["chunk_size"]:          # the fast weights really act in these cases
-        assert rel_err(y_ref, y_plain) > 0.3
-    else:                                          # one partial chunk never updates: the plain MLP
-        assert rel_err(y, y_plain) <= 1e-6
-
-
-@pytest.mark.parametrize("name", TTT_CASES)
-def test_ttt_streaming_equals_parallel(name):
-    """One frame at a time through the fp32 state equals the parallel form, frame by frame."""
-    x, t, weights, consts, _, _ = _ttt_case(name)
-    state, ys = _ttt_stream(x, t, weights, consts)
-    y = ttt.fast_weight_mlp(x, t, *weights, **consts)
-    assert rel_err(ys, y) <= 1e-5
-    assert int(state["frame"]) == x.shape[1] and state["sum_dw"].dtype == jnp.float32
-
-
-def test_ttt_streaming_commits_on_the_completing_frame():
-    """S stays 0 until the frame that completes a chunk; that frame's output still uses the old S;
-    each batch row keeps its own S; bf16 buffers and inputs stay close to the parallel form."""
-    x, t, weights, consts, _, _ = _ttt_case("hidden_proj")
-    C = consts["chunk_size"]
-    step = jax.jit(lambda s, xi, ti: ttt.fast_weight_mlp_step(s, xi, ti, *weights, **consts))
-    state = ttt.init_state(2, 8, 12, chunk_size=C, kernel_size=5)
-    plain = {"linear_in": weights[0], "linear_out": weights[1]}
-    mlp_cfg = helium.TransformerConfig(8, 1, 1, 16)
-    for i in range(C):
-        assert not np.any(np.asarray(state["sum_dw"]))
-        state, y = step(state, x[:, i:i + 1], t[:, i:i + 1])
-        assert rel_err(y, helium.mlp(plain, mlp_cfg, x[:, i:i + 1])) <= 1e-6   # first chunk: W_down
-    h = ttt.hidden_rows(x[:, :C], weights[0])
-    v = ttt.sequence_targets(t[:, :C], weights[2], weights[3], C)
-    assert rel_err(state["sum_dw"], jnp.einsum("bcd,bch->bdh", v, h)) <= 1e-5
-    assert rel_err(state["sum_dw"][0], state["sum_dw"][1]) > 0.1                 # per-row state
-    xb, tb = x.astype(jnp.bfloat16), t.astype(jnp.bfloat16)
-    wb = tuple(w.astype(jnp.bfloat16) for w in weights)
-    _, ys = _ttt_stream(xb, tb, wb, consts, dtype=jnp.bfloat16)
-    assert ys.dtype == jnp.bfloat16
-    assert rel_err(ys, ttt.fast_weight_mlp(xb, tb, *wb, **consts)) <= 2e-2
-
-
-def test_ttt_step_is_one_program_with_the_update_under_cond():
-    """The step traces once for every frame, and its only chunk-sized product sits in a lax.cond
-    branch: ordinary frames do the three per-frame matmuls (gate/up, W_down, S)."""
-    x, t, weights, consts, _, _ = _ttt_case("embed_proj")
-    traces = []
-
-    def counted(s, xi, ti):
-        traces.append(1)
-        return ttt.fast_weight_mlp_step(s, xi, ti, *weights, **consts)
-    step = jax.jit(counted)
-    state = ttt.init_state(2, 8, 12, chunk_size=consts["chunk_size"], kernel_size=5)
-    for i in range(x.shape[1]):
-        state, _ = step(state, x[:, i:i + 1], t[:, i:i + 1])
-    assert len(traces) == 1
-    jaxpr = jax.make_jaxpr(counted)(state, x[:, :1], t[:, :1]).jaxpr
-    names = [e.primitive.name for e in jaxpr.eqns]
-    assert names.count("dot_general") == 3 and names.count("cond") == 1
-    cond = jaxpr.eqns[names.index("cond")]
-    assert any(e.primitive.name == "dot_general" for e in cond.params["branches"][1].jaxpr.eqns)
-    assert not any(e.primitive.name == "dot_general" for e in cond.params["branches"][0].jaxpr.eqns)
-
-
-def test_ttt_chunk_sees_only_earlier_chunks():
-    """Changing chunk i's target changes no output of chunks <= i (its own ΔW is never applied to
-    it, the conv stays inside it); changing chunk i's input changes no output of chunks < i."""
-    k = jax.random.split(jax.random.key(3), 6)
-    D, Hd, C, T = 8, 12, 3, 11
-    weights = (helium.dense_init(k[0], (2 * Hd, D)), helium.dense_init(k[1], (D, Hd)),
-               jax.random.normal(k[2], (D, 5)), helium.dense_init(k[3], (D, D)))
-    x, t = jax.random.normal(k[4], (1, T, D)), jax.random.normal(k[5], (1, T, D))
-    f = jax.jit(lambda x, t: ttt.fast_weight_mlp(x, t, *weights, chunk_size=C, lr=0.5))
-    y = np.asarray(f(x, t))
-    for i in range(3):
-        frames = slice(i * C, (i + 1) * C)
-        y_t = np.asarray(f(x, t.at[:, frames].add(1.0)))
-        assert np.array_equal(y_t[:, :(i + 1) * C], y[:, :(i + 1) * C])
-        assert not np.allclose(y_t[:, (i + 1) * C:], y[:, (i + 1) * C:])              # later ones move
-        y_x = np.asarray(f(x.at[:, frames].add(1.0), t))
-        assert np.array_equal(y_x[:, :i * C], y[:, :i * C])
-        assert not np.allclose(y_x[:, frames], y[:, frames])
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_ttt_init_is_the_plain_mlp_and_the_conv_learns(dtype):
-    """init_layer: conv 0, P a small diagonal -> exactly helium's gated MLP, yet d(out)/d(conv) != 0
-    for every channel (through P) while d(out)/d(P) = 0."""
-    cfg = ttt.TTTConfig(chunk_size=4)
-    D, Hd = 16, 24
-    k = jax.random.split(jax.random.key(5), 4)
-    p = ttt.init_layer(k[0], D, cfg, dtype)
-    assert p["conv"].shape == (D, 5) and not np.any(np.asarray(p["conv"], np.float32))
-    proj = np.asarray(p["proj"], np.float32)
-    assert np.array_equal(proj, np.diag(np.diag(proj))) and 0 < np.abs(proj).max() < 0.1
-    assert 0.019 < np.diag(np.asarray(ttt.init_layer(k[0], 4096, cfg)["proj"])).std() < 0.021
-    assert "proj" not in ttt.init_layer(k[0], D, dataclasses.replace(cfg, use_proj=False))
-    mlp = {"linear_in": helium.dense_init(k[1], (2 * Hd, D), dtype),
-           "linear_out": helium.dense_init(k[2], (D, Hd), dtype)}
-    x = jax.random.normal(k[3], (2, 10, D), dtype)
-
-    def ttt_mlp(conv, proj):
-        return ttt.fast_weight_mlp(x, x, mlp["linear_in"], mlp["linear_out"], conv, proj,
-                                   chunk_size=4, lr=cfg.lr)
-    y = ttt_mlp(p["conv"], p["proj"])
-    plain = helium.mlp(mlp, helium.TransformerConfig(D, 1, 1, 32), x)
-    assert y.dtype == dtype and np.array_equal(np.asarray(y, np.float32), np.asarray(plain, np.float32))
-    loss = lambda conv, proj: jnp.sum(ttt_mlp(conv, proj).astype(jnp.float32) * jnp.cos(jnp.arange(D)))
-    g_conv, g_proj = (np.asarray(g, np.float32) for g in jax.grad(loss, argnums=(0, 1))(p["conv"], p["proj"]))
-    assert np.all(np.abs(g_conv).max(axis=1) > 0) and not np.any(g_proj)
-
-
-def test_ttt_config_defaults_and_validation():
-    cfg = ttt.TTTConfig()
-    assert (cfg.layers, cfg.chunk_size, cfg.lr, cfg.target, cfg.kernel_size, cfg.use_proj) == \
-        ((5, 11, 17, 23, 29), 256, 3.0, "hidden", 5, True)
-    assert ttt.every_kth_layer(6, 0, 36) == (0, 6, 12, 18, 24, 30)
-    assert ttt.TTTConfig(layers=[1, 4]).layers == (1, 4) and hash(ttt.TTTConfig(layers=[1, 4]))
-    bad = [("layers", (3, 3)), ("layers", (-1,)), ("layers", (1.5,)), ("layers", (4, 2)), ("layers", 5),
-           ("chunk_size", 0), ("chunk_size", 2.0), ("lr", -1.0), ("lr", float("nan")), ("lr", "3"),
-           ("target", "input_embed"), ("kernel_size", 0), ("use_proj", 1)]
-    for field, value in bad:
-        with pytest.raises(ValueError, match=f"TTT config: {field}="):
-            ttt.TTTConfig(**{field: value})
-    with pytest.raises(ValueError, match="every_kth_layer"):
-        ttt.every_kth_layer(0, 5, 32)
-    cfg.check_num_layers(32)
-    with pytest.raises(ValueError, match="names layer 29, but the transformer has 24 layers"):
-        cfg.check_num_layers(24)
-    x, conv = jnp.zeros((1, 5, 8)), jnp.zeros((8, 5))
-    with pytest.raises(ValueError, match=r"ttt: w_out has shape \(12, 8\), expected \(8, 8\)"):
-        ttt.fast_weight_mlp(x, x, jnp.zeros((16, 8)), jnp.zeros((12, 8)), conv, None, chunk_size=2, lr=1.0)
-
-
-def test_ttt_command_line(capsys):
-    ttt.main([])
-    out = capsys.readouterr().out
-    errors = {line.split(":")[0].strip(): float(line.split()[-1]) for line in out.splitlines()[1:]}
-    assert errors["float32"] <= 1e-5 and errors["bfloat16"] <= 2e-2
-    ttt.main(["--demo", "--steps", "2"])             # the recall demo's plumbing (its result needs ~1000 steps)
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"recall beyond the window: ttt \d\.\d\d, no-ttt \d\.\d\d", last), last
-
-
-TTT_LM = dataclasses.replace(moshi.TINY, ttt=ttt.TINY)       # TTT on layer 1 of 2, 4-frame chunks
-
-
-def _ttt_lm(live=True):
-    """moshi.TINY with TTT (and its base without): at init, or with the memory made live (a random conv)."""
-    params = moshi.init(jax.random.key(0), TTT_LM)
-    base = {k: v for k, v in params.items() if k != "ttt"}
-    if live:
-        params = dict(params, ttt=dict(params["ttt"], conv=0.3 * jax.random.normal(jax.random.key(5),
-                                                                                   params["ttt"]["conv"].shape)))
-    return params, base
-
-
-def test_ttt_model_starts_as_its_base_model():
-    """A Kyutai model with TTT added (conv zero, P diagonal) gives its base model's logits exactly, in
-    forward and in greedy gen_step; the conv, P (once the conv moved) and the base weights get gradients."""
-    params, base = _ttt_lm(live=False)
-    codes = jax.random.randint(jax.random.key(1), (2, 17, 14), 0, 64)
-    forward = lambda cfg: jax.jit(lambda p, c: moshi.forward(p, cfg, c))       # noqa: E731
-    ours, theirs = forward(TTT_LM)(params, codes), forward(moshi.TINY)(base, codes)
-    assert all(np.array_equal(ours[k], theirs[k]) for k in ("logits", "text_logits"))
-    user = np.asarray(jax.random.randint(jax.random.key(2), (2, 8, 12), 0, 64))
-    assert np.array_equal(_greedy_run(params, TTT_LM, user)[0], _greedy_run(base, moshi.TINY, user)[0])
-    loss = lambda p: jnp.sum(jnp.sin(moshi.forward(p, TTT_LM, codes)["text_logits"]))   # noqa: E731
-    grads = jax.grad(loss)(params)
-    assert np.abs(grads["ttt"]["conv"]).max() > 0 and np.abs(grads["transformer"]["mlp"]["linear_out"]).max() > 0
-    grads = jax.grad(loss)(_ttt_lm(live=True)[0])
-    assert np.abs(grads["ttt"]["proj"]).max() > 0
-
-
-def test_ttt_model_is_chunk_causal_and_streams_like_forward():
-    """Changing the tokens of chunk i changes no output before chunk i (the conv looks ahead only inside
-    a chunk, which never uses its own update); gen_step over three chunks, forced to follow the same
-    tokens, gives forward's logits (the fast-weight state commits each chunk on time), in both layouts."""
-    params, _ = _ttt_lm(live=True)
-    codes = np.asarray(jax.random.randint(jax.random.key(1), (2, 17, 12), 0, 64))
-    run = jax.jit(lambda c: moshi.forward(params, TTT_LM, c)["text_logits"])
-    changed = codes.copy()
-    changed[:, :, 4:6] = (changed[:, :, 4:6] + 1) % 64     # inputs 5, 6 (frame t is read at t + 1): chunk 1
-    a, b = np.asarray(run(codes)), np.asarray(run(changed))
-    # position 4 (chunk 1) would see them through the conv's look-ahead if chunk 1 used its own update
-    assert np.array_equal(a[..., :5, :], b[..., :5, :]) and not np.allclose(a[..., 8:, :], b[..., 8:, :])
-    for layout in (params, moshi.generation_params(params)):
-        state = moshi.init_gen_state(layout, TTT_LM, 2, lookahead=1)
-        for n in range(codes.shape[-1]):                                   # 12 frames: three chunks
-            frame = jnp.asarray(codes[:, :, n])
-            state, _, logits = moshi.gen_step(layout, TTT_LM, state, frame[:, 9:, None], jax.random.key(0),
-                                              text=frame[:, 0], moshi_codes=frame[:, 1:9], return_logits=True)
-            assert rel_err(logits["text_logits"], a[:, 0, n]) < 1e-4, n
-        assert len(state["ttt"]) == 1 and state["ttt"][0]["sum_dw"].shape == (2, 64, TTT_LM.temporal.gating_hidden)
+# Per-process shards, atomic, read back onto another mesh.
+
+
+def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
+    """Per-process shards with bf16 kept exact, reassembled on a different mesh; a .tmp directory
+    (a save that never finished) is not a checkpoint."""
+    state = {"w": np.arange(64 * 8, dtype=np.float32).reshape(64, 8),
+             "b": (np.arange(16) / 7).astype(jnp.bfloat16), "step": np.int32(7)}
+    specs = {"w": jax.P("fsdp", None), "b": jax.P("fsdp"), "step": jax.P()}
+    mesh = train.make_mesh(2, 4)
+    placed = checkpoint.place(state, jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs))
+    checkpoint.save(str(tmp_path), 3, placed, {"data_position": 5}, keep=1)
+    (tmp_path / "step_000004.tmp").mkdir()
+    assert checkpoint.list_dir(str(tmp_path)) == [str(tmp_path / "step_000003")]
+    for dp, fsdp, spec in ((1, 1, jax.P()), (4, 2, jax.P(None, "fsdp"))):
+        other = train.make_mesh(dp, fsdp)
+        like = checkpoint.place(jax.tree.map(np.zeros_like, state), jax.tree.map(
+            lambda x: jax.sharding.NamedSharding(other, spec if x.ndim == 2 else jax.P()), state))
+        back = checkpoint.load(str(tmp_path / "step_000003"), like)
+        assert back["b"].dtype == jnp.bfloat16 and back["w"].sharding == like["w"].sharding
+        assert all(np.array_equal(np.asarray(back[k]), np.asarray(state[k])) for k in state)
+
+
+def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
+    """--init-from is resolved by repo.find_checkpoint, as sample.py's --hf-repo: a .safetensors
+    file (with the config.json beside it), a repo folder holding only the LM, a Hugging Face id (of
+    which only the LM's files are fetched); a path that does not exist is named as such."""
+    import types
+    folder = os.path.join(TESTDATA, "train_export")
+    args = lambda init_from: types.SimpleNamespace(init_from=init_from, config=None)   # noqa: E731
+    cfg_file, params_file = checkpoint.load_model(args(os.path.join(folder, "model.safetensors")))
+    cfg_dir, params_dir = checkpoint.load_model(args(folder))
+    assert cfg_file == cfg_dir == repo.lm_config(os.path.join(folder, "config.json"))
+    assert _max_rel(params_file, params_dir) == 0
+    fetched = []
+
+    def download(repo_id, name, **kw):
+        fetched.append((repo_id, name))
+        return os.path.join(folder, name)
+    _fake_hub(monkeypatch, download)
+    cfg_hub, _ = checkpoint.load_model(args("someone/moshi-finetune"))
+    assert cfg_hub == cfg_dir and fetched == [("someone/moshi-finetune", n) for n in ("config.json", "model.safetensors")]
+    with pytest.raises(convert.CheckpointError, match="--init-from: no such file or directory .*missing"):
+        checkpoint.load_model(args(str(tmp_path / "missing")))
+
+
+def test_train_joins_hosts_when_a_launcher_started_it(monkeypatch):
+    """Several processes started by srun / mpirun / a TPU pod join up; one process does not."""
+    assert checkpoint.multi_process_launcher({}) is None
+    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) is None     # salloc, no srun
+    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) is None  # sbatch
+    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
+                                         "SLURM_STEP_NUM_TASKS": "4"})
+    assert checkpoint.multi_process_launcher({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1"}) is None
+    mpirun = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_MCA_orte_hnp_uri": "1234.0;tcp://10.0.0.1:5000"}
+    assert checkpoint.multi_process_launcher(mpirun)
+    assert checkpoint.multi_process_launcher({"OMPI_COMM_WORLD_SIZE": "8"}) is None      # Open MPI 5: JAX cannot tell
+    assert checkpoint.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
+    assert checkpoint.multi_process_launcher({"TPU_WORKER_HOSTNAMES": "w0"}) is None
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES",
+                "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    args = train.train_parser().parse_args(["--data", "d", "--run-dir", "r"])
+    checkpoint.join_hosts(args)
+    assert calls == []
+    for name, value in dict(mpirun, OMPI_COMM_WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    checkpoint.join_hosts(args)
+    assert calls == [{}]
+    checkpoint.join_hosts(train.train_parser().parse_args(["--data", "d", "--run-dir", "r", "--coordinator-address",
+                                                   "h:1", "--num-processes", "2", "--process-id", "1"]))
+    assert calls[1] == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
