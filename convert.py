@@ -217,7 +217,8 @@ def check_keys(expected: dict, found: dict, what: str) -> None:
     lines = [f"{what}: the checkpoint does not fit the model config"]
     lines += [f"  missing key {k!r} (expected shape {tuple(expected[k])})" for k in missing[:20]]
     lines += [f"  unexpected key {k!r} (shape {tuple(found[k])})" for k in unexpected[:20]]
-    lines += [f"  key {k!r} has shape {tuple(found[k])}, expected {tuple(expected[k])}" for k in misshaped[:20]]
+    lines += [f"  key {k!r} has shape {tuple(found[k])}, expected {tuple(expected[k])}"
+              for k in misshaped[:20]]
     hidden = max(0, len(missing) - 20) + max(0, len(unexpected) - 20) + max(0, len(misshaped) - 20)
     if hidden:
         lines.append(f"  ... and {hidden} more")
@@ -658,14 +659,17 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("inspect", help="list the tensors of a safetensors file")
     p.add_argument("file")
-    p = sub.add_parser("mimi", help=mimi_round_trip.__doc__, epilog="example: python convert.py mimi talk.wav "
-                       "talk_mimi.wav --weights tokenizer-e351c8d8-checkpoint125.safetensors --codes talk.npy")
+    p = sub.add_parser("mimi", help=mimi_round_trip.__doc__,
+                       epilog="example: python convert.py mimi talk.wav talk_mimi.wav "
+                       "--weights tokenizer-e351c8d8-checkpoint125.safetensors --codes talk.npy")
     p.add_argument("input", help="audio file to encode")
     p.add_argument("output", help="where to write the decoded audio (24 kHz mono)")
-    p.add_argument("--weights", required=True, help="Mimi checkpoint, e.g. tokenizer-e351c8d8-checkpoint125.safetensors")
+    p.add_argument("--weights", required=True,
+                   help="Mimi checkpoint, e.g. tokenizer-e351c8d8-checkpoint125.safetensors")
     p.add_argument("--num-codebooks", type=int, default=8, help="codebooks to use (1-32; Moshi uses 8)")
     p.add_argument("--codes", help="also save the codes, int32 [1, K, frames], to this .npy file")
-    p.add_argument("--stream", action="store_true", help="run frame by frame (80 ms) through the streaming API")
+    p.add_argument("--stream", action="store_true",
+                   help="run frame by frame (80 ms) through the streaming API")
     args = ap.parse_args(argv)
     try:
         inspect(args.file) if args.cmd == "inspect" else mimi_round_trip(args)

@@ -205,9 +205,10 @@ class WindowEncoder:
             part = chunks[i:i + self.batch]
             padded = np.zeros((self.batch, 2, S), np.float32)
             padded[:len(part)] = part
-            codes = mimi.encode(self.params, self.cfg, padded.reshape(self.batch * 2, 1, S), self.num_codebooks)
+            codes = mimi.encode(self.params, self.cfg, padded.reshape(self.batch * 2, 1, S),
+                                self.num_codebooks)
             out.append(np.asarray(codes).reshape(self.batch, 2 * self.num_codebooks, -1)[:len(part)])
-        return np.concatenate(out)                               # [n, 2K, frames]: channel 0's K, then channel 1's
+        return np.concatenate(out)                 # [n, 2K, frames]: channel 0's K, then channel 1's
 
 
 def file_tokens(wav, alignments, sp, encode, window_frames: int, lm_cfg) -> tuple[np.ndarray, int]:
@@ -242,8 +243,8 @@ def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict:
     out_dir = f"{final}.tmp-{os.getpid()}"
     os.makedirs(os.path.join(out_dir, "tokens"))
     try:
-        index = _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, lm_cfg, read_audio,
-                              meta, log)
+        index = _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, lm_cfg,
+                              read_audio, meta, log)
         if os.path.isdir(final):
             os.rmdir(final)                          # empty, checked above
         os.replace(out_dir, final)
@@ -254,13 +255,14 @@ def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict:
 
 def check_new_folder(out_dir: str) -> None:
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise DataError(f"--out {out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:5])}: give a new "
-                        f"or empty folder (a prepared dataset is not added to)")
+        raise DataError(f"--out {out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:5])}: "
+                        f"give a new or empty folder (a prepared dataset is not added to)")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(f"--out {out_dir} is a file, not a folder")
 
 
-def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, lm_cfg, read_audio, meta, log):
+def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, lm_cfg, read_audio,
+                  meta, log):
     files, skipped = [], []
     for i, (wav_path, duration) in enumerate(entries):
         try:
@@ -273,8 +275,8 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
             skipped.append({"source": wav_path, "reason": str(e)})
             continue
         if abs(wav.shape[1] / CODEC.sample_rate - duration) > 1 / CODEC.frame_rate:
-            log(f"prepare: note: {wav_path} lasts {wav.shape[1] / CODEC.sample_rate:.2f} s, the manifest says "
-                f"{duration:.2f} s; using the audio's length")
+            log(f"prepare: note: {wav_path} lasts {wav.shape[1] / CODEC.sample_rate:.2f} s, the manifest "
+                f"says {duration:.2f} s; using the audio's length")
         tokens, real = file_tokens(wav, alignments, sp, encode, window_frames, lm_cfg)
         name = os.path.join("tokens", f"{len(files):06d}.npy")
         with convert.atomic_open(os.path.join(out_dir, name)) as f:
@@ -309,7 +311,8 @@ class TokenWindows:
             with open(path) as f:
                 self.index = json.load(f)
         except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a prepared dataset (run `python train.py prepare` first): {e}") from e
+            raise DataError(f"{path}: not a prepared dataset (run `python train.py prepare` first): "
+                            f"{e}") from e
         self.dir = data_dir
         self.window_frames = int(self.index["window_frames"])
         self.files = self.index["files"]
@@ -382,7 +385,8 @@ def prepare_main(args) -> dict:
     import sentencepiece
     frames = args.duration_sec * CODEC.frame_rate
     if not (frames >= 1 and frames == round(frames)):
-        raise DataError(f"--duration-sec {args.duration_sec}: must be a positive whole number of 80 ms frames")
+        raise DataError(f"--duration-sec {args.duration_sec}: must be a positive whole number of 80 ms "
+                        "frames")
     if args.encode_batch < 1:
         raise DataError(f"--encode-batch {args.encode_batch}: must be at least 1")
     check_new_folder(args.out)                                  # before Mimi loads (prepare checks again)
@@ -395,7 +399,7 @@ def prepare_main(args) -> dict:
     except (OSError, RuntimeError) as e:
         raise DataError(f"--tokenizer {args.tokenizer}: not a sentencepiece model ({e})") from None
     encode = WindowEncoder(params, cfg, args.encode_batch)
-    return prepare(args.manifest, args.out, sp, encode, round(args.duration_sec * CODEC.frame_rate), args.strict,
+    return prepare(args.manifest, args.out, sp, encode, round(frames), args.strict,
                    meta={"tokenizer": args.tokenizer, "mimi": args.mimi})
 
 
@@ -410,5 +414,5 @@ def main(argv=None, prog="data.py") -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:          # bad input (DataError, CheckpointError): no traceback
+    except (ValueError, FileNotFoundError) as e:   # bad input (DataError, CheckpointError): no traceback
         sys.exit(f"data.py: {e}")

@@ -34,7 +34,8 @@ import numpy as np
 
 import helium
 
-ZERO_TOKEN = -1          # "no token here": embeds to an exact zero vector; as a target, masked out of the loss
+# "no token here": embeds to an exact zero vector; as a target, masked out of the loss
+ZERO_TOKEN = -1
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ def weights_at(params, cfg: DepformerConfig, c):
     if cfg.transformer.weights_per_step:                    # [L, M, out, in] -> [L, 1, out, in]
         stacked = not isinstance(layers, list)              # (unstacked: [M, out, in] -> [1, out, in])
         pick = lambda a: jax.lax.dynamic_index_in_dim(a, sched[c], axis=1 if stacked else 0, keepdims=True)
-        layers = helium.map_step_weights(layers, pick) if stacked else [helium.map_step_weights(p, pick) for p in layers]
+        layers = (helium.map_step_weights(layers, pick) if stacked
+                  else [helium.map_step_weights(p, pick) for p in layers])
     out = {"input_proj": take(params["input_proj"], sched[c] if cfg.multi_linear else 0),
            "transformer": layers, "linears": take(params["linears"], c)}
     if cfg.norm is not None:
@@ -150,7 +152,8 @@ def weights_at(params, cfg: DepformerConfig, c):
 
 
 def step(params, cfg: DepformerConfig, cache, h, token_embedding, c):
-    """Step c of a frame: h [B, D], the embedded token it conditions on [B, Dd] -> (cache, logits [B, card])."""
+    """Step c of a frame: h [B, D], the embedded token it conditions on [B, Dd] -> (cache,
+    logits [B, card])."""
     w = weights_at(params, cfg, c)
     x = helium.linear(h, w["input_proj"]) + token_embedding                       # [B, Dd]
     cache, y = helium.step(w["transformer"], cfg.transformer, cache, x[:, None])  # [B, 1, Dd]

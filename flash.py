@@ -133,7 +133,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, 
         alpha = jnp.exp(jnp.where(m_prev == -jnp.inf, -jnp.inf, m_prev - safe_m))
         l_ref[...] = jnp.broadcast_to(alpha * l_prev + p.sum(axis=1, keepdims=True), l_ref.shape)
         m_ref[...] = jnp.broadcast_to(m_next, m_ref.shape)
-        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v,
+                                                      preferred_element_type=jnp.float32)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
@@ -150,7 +151,8 @@ def _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k
     through the softmax."""
     s, mask = _block_scores(q_ref[0], k_ref[0], q_first, k_first, scale, context)
     p = jnp.where(mask, jnp.exp(s - lse_ref[0][:, :1]), 0.0)
-    dp = jax.lax.dot_general(do_ref[0], v_ref[0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(do_ref[0], v_ref[0], (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
     return p, p * (dp - d_ref[0][:, :1])
 
 
@@ -253,7 +255,8 @@ def _backward(q, k, v, out, lse, d_out, context, block_q, block_k, interpret):
     Tp = T + pad
     # D = rowsum(dO * O), the softmax backward's correction term, lane-replicated like lse
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    inputs = [_flat(a, pad) for a in (q, k, v, d_out)] + [lse, _flat(jnp.broadcast_to(delta, (B, H, T, STAT_LANES)), pad)]
+    inputs = ([_flat(a, pad) for a in (q, k, v, d_out)]
+              + [lse, _flat(jnp.broadcast_to(delta, (B, H, T, STAT_LANES)), pad)])
     scale = 1.0 / math.sqrt(Dh)
     # dK, dV: grid (b, key block i, query block of step j); dQ: grid (b, query block i, key block of step j)
     band = _Band(block_q, block_k, Tp // block_q, context, keys_inner=False)
@@ -306,9 +309,11 @@ def main(argv=None):
     loss = lambda fn: lambda *qkv: jnp.sum(jnp.sin(fn(*qkv, context)))        # noqa: E731
     err = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))   # noqa: E731
     value = err(flash_attention(q, k, v, context), reference_attention(q, k, v, context))
-    grads = zip(jax.grad(loss(flash_attention), (0, 1, 2))(q, k, v), jax.grad(loss(reference_attention), (0, 1, 2))(q, k, v))
-    print(f"T={args.length}, window {context}, blocks {BLOCK_Q}x{BLOCK_K} ({'compiled' if not _interpret(None) else 'interpret mode'}): "
-          f"max rel. error vs reference: output {value:.1e}, dq/dk/dv {max(err(a, b) for a, b in grads):.1e}")
+    grads = zip(jax.grad(loss(flash_attention), (0, 1, 2))(q, k, v),
+                jax.grad(loss(reference_attention), (0, 1, 2))(q, k, v))
+    mode = "interpret mode" if _interpret(None) else "compiled"
+    print(f"T={args.length}, window {context}, blocks {BLOCK_Q}x{BLOCK_K} ({mode}): max rel. error vs "
+          f"reference: output {value:.1e}, dq/dk/dv {max(err(a, b) for a, b in grads):.1e}")
 
 
 if __name__ == "__main__":

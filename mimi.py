@@ -107,8 +107,8 @@ class MimiConfig:
         return helium.TransformerConfig(
             d_model=self.dimension, num_heads=self.num_heads, num_layers=self.num_layers,
             dim_feedforward=self.dim_feedforward, causal=True, context=self.context, norm="layer_norm",
-            gating="none", positional_embedding="rope", max_period=self.max_period, layer_scale=self.layer_scale,
-            kv_ring=self.kv_ring)
+            gating="none", positional_embedding="rope", max_period=self.max_period,
+            layer_scale=self.layer_scale, kv_ring=self.kv_ring)
 
 
 # A codec of a few thousand parameters with the real structure and 80 ms frames, for tests and
@@ -148,10 +148,10 @@ class Conv:
         return (batch_size, (self.kernel - 1) * self.dilation + 1 - self.stride, self.cin)
 
 
-def _resblock_layout(cfg: MimiConfig, dim: int, dilation: int) -> dict:
+def _resblocks_layout(cfg: MimiConfig, dim: int) -> list:
     hidden = dim // cfg.compress
-    return {"conv1": Conv(dim, hidden, cfg.residual_kernel_size, dilation=dilation),
-            "conv2": Conv(hidden, dim, 1)}
+    return [{"conv1": Conv(dim, hidden, cfg.residual_kernel_size, dilation=cfg.dilation_base ** j),
+             "conv2": Conv(hidden, dim, 1)} for j in range(cfg.n_residual_layers)]
 
 
 def encoder_layout(cfg: MimiConfig) -> dict:
@@ -159,7 +159,7 @@ def encoder_layout(cfg: MimiConfig) -> dict:
     nf, stages = cfg.n_filters, []
     for i, ratio in enumerate(reversed(cfg.ratios)):
         width = nf * 2 ** i
-        stages.append({"res": [_resblock_layout(cfg, width, cfg.dilation_base ** j) for j in range(cfg.n_residual_layers)],
+        stages.append({"res": _resblocks_layout(cfg, width),
                        "down": Conv(width, 2 * width, 2 * ratio, stride=ratio)})
     return {"conv_in": Conv(cfg.channels, nf, cfg.kernel_size), "stages": stages,
             "conv_out": Conv(nf * 2 ** len(cfg.ratios), cfg.dimension, cfg.last_kernel_size)}
@@ -171,7 +171,7 @@ def decoder_layout(cfg: MimiConfig) -> dict:
     for i, ratio in enumerate(cfg.ratios):
         width = nf * 2 ** (len(cfg.ratios) - i - 1)
         stages.append({"up": Conv(2 * width, width, 2 * ratio, stride=ratio, transposed=True),
-                       "res": [_resblock_layout(cfg, width, cfg.dilation_base ** j) for j in range(cfg.n_residual_layers)]})
+                       "res": _resblocks_layout(cfg, width)})
     return {"conv_in": Conv(cfg.dimension, nf * 2 ** len(cfg.ratios), cfg.kernel_size), "stages": stages,
             "conv_out": Conv(nf, cfg.channels, cfg.last_kernel_size)}
 
@@ -183,7 +183,8 @@ def downsample_layout(cfg: MimiConfig) -> Conv:
 
 def upsample_layout(cfg: MimiConfig) -> Conv:
     s = cfg.downsample_stride           # depthwise ("channel_wise" bug kept by Kyutai), no bias
-    return Conv(cfg.dimension, cfg.dimension, 2 * s, stride=s, groups=cfg.dimension, bias=False, transposed=True)
+    return Conv(cfg.dimension, cfg.dimension, 2 * s, stride=s, groups=cfg.dimension, bias=False,
+                transposed=True)
 
 
 def _is_conv(x) -> bool:
@@ -403,7 +404,8 @@ def _check_codebooks(cfg: MimiConfig, num_codebooks: int):
 
 def _check_wav(cfg: MimiConfig, wav, what: str, whole_frames: bool):
     if wav.ndim != 3 or wav.shape[1] != cfg.channels or wav.shape[2] == 0:
-        raise ValueError(f"{what}: expected audio [B, {cfg.channels}, samples>0], got shape {tuple(wav.shape)}")
+        raise ValueError(f"{what}: expected audio [B, {cfg.channels}, samples>0], "
+                         f"got shape {tuple(wav.shape)}")
     if whole_frames and wav.shape[2] % cfg.frame_size:
         raise ValueError(f"{what}: streaming input must be whole frames of {cfg.frame_size} samples, "
                          f"got {wav.shape[2]} (buffer the audio before calling)")
@@ -485,7 +487,8 @@ def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
     if not isinstance(codes, jax.core.Tracer):      # out-of-range codes would silently gather a clamped entry
         lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
         if lo < 0 or hi >= cfg.codebook_size:
-            raise ValueError(f"mimi.decode: codes must be in [0, {cfg.codebook_size}), got values in [{lo}, {hi}]")
+            raise ValueError(f"mimi.decode: codes must be in [0, {cfg.codebook_size}), "
+                             f"got values in [{lo}, {hi}]")
     cfg = _batch_config(cfg)
     chunk = min(chunk_frames, T)
     n_chunks = -(-T // chunk)
@@ -510,7 +513,8 @@ def init(key, cfg: MimiConfig) -> dict:
     specs, tree = jax.tree.flatten(convs, is_leaf=_is_conv)
     fan_in = [c.cin // c.groups * (max(1, c.kernel // c.stride) if c.transposed else c.kernel) for c in specs]
     rvq = lambda n: [((d, D), D ** -0.5), ((D, d), d ** -0.5), ((n, bins, d), 0.1)]
-    draws = [(c.weight_shape, f ** -0.5) for c, f in zip(specs, fan_in)] + rvq(n_sem) + rvq(cfg.num_quantizers - n_sem)
+    draws = ([(c.weight_shape, f ** -0.5) for c, f in zip(specs, fan_in)]
+             + rvq(n_sem) + rvq(cfg.num_quantizers - n_sem))
     k_weights, k_enc, k_dec = jax.random.split(key, 3)
     flat = jax.random.normal(k_weights, (sum(math.prod(shape) for shape, _ in draws),))
     arrays, offset = [], 0
@@ -547,23 +551,28 @@ class Resampler:
     completes [..., m] (float32); `r(block, final=True)` also flushes the rest, reading silence past
     the end. Stopband about -110 dB, passband to 0.94 Nyquist."""
 
-    def __init__(self, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945, beta: float = 12.0):
+    def __init__(self, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945,
+                 beta: float = 12.0):
         g = math.gcd(sr_in, sr_out)
         self.up, self.down = sr_out // g, sr_in // g                  # t_j = j * down / up
-        self.cutoff = rolloff * min(1.0, self.up / self.down)         # lowpass edge, a fraction of the input Nyquist
+        # the lowpass edge, a fraction of the input Nyquist
+        self.cutoff = rolloff * min(1.0, self.up / self.down)
         self.half_width = zero_crossings / self.cutoff                # h(tau) = 0 for |tau| > half_width
         self.beta = beta
         reach = math.ceil(self.half_width)
-        self.taps = np.arange(-reach, reach + 1)                      # output j reads inputs floor(t_j) + taps
+        self.taps = np.arange(-reach, reach + 1)                      # output j reads floor(t_j) + taps
         # one filter per phase [up, taps]; for rates with no small common divisor, per output instead
-        self.table = None if self.up > 4096 else self.kernel(np.arange(self.up)[:, None] / self.up - self.taps)
+        self.table = (None if self.up > 4096
+                      else self.kernel(np.arange(self.up)[:, None] / self.up - self.taps))
         self.buffer = None                                            # input [..., n] from index `start` on
-        self.start = self.received = self.produced = 0                # input index, inputs seen, outputs given
+        # input index of the buffer's start, inputs seen, outputs given
+        self.start = self.received = self.produced = 0
 
     def kernel(self, tau):
         """h(tau) in float64: the windowed sinc, zero beyond half_width."""
         u = np.clip(tau / self.half_width, -1.0, 1.0)
-        h = self.cutoff * np.sinc(self.cutoff * tau) * np.i0(self.beta * np.sqrt(1.0 - u * u)) / np.i0(self.beta)
+        h = (self.cutoff * np.sinc(self.cutoff * tau) * np.i0(self.beta * np.sqrt(1.0 - u * u))
+             / np.i0(self.beta))
         return np.where(np.abs(tau) > self.half_width, 0.0, h)
 
     def outputs_for(self, n_in: int) -> int:
@@ -574,7 +583,7 @@ class Resampler:
         block = np.asarray(block, np.float32)
         self.buffer = block if self.buffer is None else np.concatenate([self.buffer, block], axis=-1)
         self.received += block.shape[-1]
-        end = self.outputs_for(self.received)                         # every output, once the input is complete
+        end = self.outputs_for(self.received)                         # every output, the input complete
         if not final:                                                 # those whose right-most tap has arrived
             end = min(end, max(self.produced, self.outputs_for(self.received - self.taps[-1])))
         pad = np.zeros(self.buffer.shape[:-1] + (len(self.taps),), np.float32)
@@ -592,12 +601,13 @@ class Resampler:
     def _outputs(self, windows, j):
         """Outputs j [m] from windows [..., positions, taps] of the zero-padded buffer -> [..., m]."""
         base, phase = (j * self.down) // self.up, (j * self.down) % self.up
-        x = windows[..., base + self.taps[0] - self.start + len(self.taps), :]                 # [..., m, taps]
+        x = windows[..., base + self.taps[0] - self.start + len(self.taps), :]       # [..., m, taps]
         h = self.table[phase] if self.table is not None else self.kernel(phase[:, None] / self.up - self.taps)
         return np.sum(x * h, axis=-1)                                                          # float64
 
 
-def resample(x, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945, beta: float = 12.0):
+def resample(x, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945,
+             beta: float = 12.0):
     """x [..., S] -> float32 [..., ceil(S * sr_out / sr_in)], in one go (Resampler, fed once)."""
     x = np.asarray(x, np.float32)
     if sr_in == sr_out:
@@ -735,9 +745,10 @@ def main(argv=None):
         stream_pcm.append(p)
     same = bool(jnp.array_equal(jnp.concatenate(stream_codes, -1), codes))
     err = float(jnp.linalg.norm(jnp.concatenate(stream_pcm, -1) - pcm) / jnp.linalg.norm(pcm))
-    print(f"{'released' if args.full else 'tiny'} Mimi, random weights: {frames} frames -> codes {tuple(codes.shape)}; "
-          f"streaming vs batch: codes {'identical' if same else 'differ'}, audio rel. L2 {err:.1e}"
-          + ("" if frames <= cfg.context // cfg.downsample_stride else " (past one window they differ: see the top)"))
+    past = frames > cfg.context // cfg.downsample_stride
+    print(f"{'released' if args.full else 'tiny'} Mimi, random weights: {frames} frames -> codes "
+          f"{tuple(codes.shape)}; streaming vs batch: codes {'identical' if same else 'differ'}, audio rel. "
+          f"L2 {err:.1e}" + (" (past one window they differ: see the top)" if past else ""))
 
 
 if __name__ == "__main__":

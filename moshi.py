@@ -99,18 +99,21 @@ class LMConfig:
 
     def __post_init__(self):
         if len(self.delays) != self.n_q + 1:
-            raise ValueError(f"LMConfig: {len(self.delays)} delays for {self.n_q + 1} streams (text + n_q={self.n_q})")
+            raise ValueError(f"LMConfig: {len(self.delays)} delays for {self.n_q + 1} streams "
+                             f"(text + n_q={self.n_q})")
         if not 0 <= self.dep_q <= self.n_q:
             raise ValueError(f"LMConfig: dep_q={self.dep_q} must be within 0..n_q={self.n_q}")
         if min(self.delays) < 0:
             raise ValueError(f"LMConfig: negative delay in {self.delays}")
         sched = self.depformer_weights_per_step_schedule
         if sched is not None and len(sched) != self.dep_q:
-            raise ValueError(f"LMConfig: depformer_weights_per_step_schedule has {len(sched)} entries, dep_q={self.dep_q}")
+            raise ValueError(f"LMConfig: depformer_weights_per_step_schedule has {len(sched)} entries, "
+                             f"dep_q={self.dep_q}")
         self.temporal, self.depformer                 # noqa: B018  their configs refuse unsupported options
         if self.ttt is not None:
             if self.gating != "silu":
-                raise ValueError(f"LMConfig: TTT rewrites a gated MLP's down projection; gating={self.gating!r}")
+                raise ValueError(f"LMConfig: TTT rewrites a gated MLP's down projection; "
+                                 f"gating={self.gating!r}")
             self.ttt.check_num_layers(self.num_layers)
 
     @property
@@ -190,7 +193,8 @@ def init(key, cfg: LMConfig, dtype=jnp.float32):
         shape = (cfg.depformer.num_input_projs, cfg.depformer_dim, D)
         params["depformer"] = {"input_proj": helium.dense_init(k[4], shape, dtype)}
     if cfg.extra_heads_num_heads:
-        params["extra_heads"] = helium.dense_init(k[5], (cfg.extra_heads_num_heads, cfg.extra_heads_dim, D), dtype)
+        shape = (cfg.extra_heads_num_heads, cfg.extra_heads_dim, D)
+        params["extra_heads"] = helium.dense_init(k[5], shape, dtype)
     if cfg.ttt is not None:                    # one conv (and P) per TTT layer, stacked in layer order
         keys = jax.random.split(jax.random.fold_in(key, 7), len(cfg.ttt.layers))
         params["ttt"] = jax.vmap(lambda k: ttt.init_layer(k, D, cfg.ttt, dtype))(keys)
@@ -272,7 +276,8 @@ def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None,
     codes = codes.astype(jnp.int32)
     initial = jnp.asarray(cfg.initial_tokens())
     delayed = delay(codes, cfg.delays, initial)                                  # [B, K, T]
-    inputs = jnp.concatenate([jnp.broadcast_to(initial[None, :, None], (B, K, 1)), delayed[:, :, :-1]], axis=2)
+    first = jnp.broadcast_to(initial[None, :, None], (B, K, 1))
+    inputs = jnp.concatenate([first, delayed[:, :, :-1]], axis=2)
     _, _, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, inputs), attention=attention,
                                     layer_hook=layer_hook, remat=remat)
     text_logits, text_mask = undelay(text_logits[:, None], cfg.delays[:1])
@@ -321,7 +326,8 @@ def generation_params(params):
     if "ttt" in params:
         out["ttt"] = helium.unstack_layers(params["ttt"])
     if "transformer" in params.get("depformer", {}):
-        out["depformer"] = dict(params["depformer"], transformer=helium.unstack_layers(params["depformer"]["transformer"]))
+        layers = helium.unstack_layers(params["depformer"]["transformer"])
+        out["depformer"] = dict(params["depformer"], transformer=layers)
     return out
 
 
@@ -347,7 +353,8 @@ def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
     if cfg.context is None:
         raise ValueError("moshi.init_gen_state: streaming needs a finite `context` (the KV ring size)")
     if lookahead not in (0, 1):
-        raise ValueError(f"moshi.init_gen_state: lookahead must be 0 (Kyutai) or 1 (PersonaPlex), got {lookahead}")
+        raise ValueError(f"moshi.init_gen_state: lookahead must be 0 (Kyutai) or 1 (PersonaPlex), "
+                         f"got {lookahead}")
     dtype = params["text_emb"].dtype
     shape = (batch_size, cfg.num_streams, cfg.max_delay + 3)
     stacked = not isinstance(params["transformer"], list)
@@ -357,8 +364,9 @@ def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
              "step": jnp.zeros((), jnp.int32),
              "lookahead": jnp.asarray(lookahead, jnp.int32)}
     if cfg.ttt is not None:          # per row: S (fp32 D x Hd) and the unfinished chunk, per TTT layer
-        state["ttt"] = [ttt.init_state(batch_size, cfg.dim, cfg.temporal.gating_hidden, chunk_size=cfg.ttt.chunk_size,
-                                       kernel_size=cfg.ttt.kernel_size, dtype=dtype) for _ in cfg.ttt.layers]
+        state["ttt"] = [ttt.init_state(batch_size, cfg.dim, cfg.temporal.gating_hidden,
+                                       chunk_size=cfg.ttt.chunk_size, kernel_size=cfg.ttt.kernel_size,
+                                       dtype=dtype) for _ in cfg.ttt.layers]
     return state
 
 
@@ -389,7 +397,8 @@ def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes, embed
     B = state["tokens"].shape[0]
     n_user = 0 if user_codes is None else user_codes.shape[1]
     n_moshi = 0 if moshi_codes is None else moshi_codes.shape[1]
-    if user_codes is not None and (user_codes.ndim != 3 or user_codes.shape[0] != B or user_codes.shape[2] != 1):
+    if user_codes is not None and (user_codes.ndim != 3 or user_codes.shape[0] != B
+                                   or user_codes.shape[2] != 1):
         raise ValueError(f"gen_step: user_codes must be [B={B}, n_user, 1], got {user_codes.shape}")
     if n_user < cfg.n_q - cfg.dep_q or n_user > cfg.n_q:
         raise ValueError(f"gen_step: {n_user} user codebooks given; this model reads {cfg.n_q - cfg.dep_q} "
@@ -462,7 +471,8 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     if cfg.dep_q:
         audio, logits["audio_logits"] = depformer.generate(
             params["depformer"], cfg.depformer, h, chosen[0][:, 0], audio_key,
-            partial(sample, temp=sampling.temp, top_k=sampling.top_k), target[:, 1:gen.stop], given[:, 1:gen.stop])
+            partial(sample, temp=sampling.temp, top_k=sampling.top_k), target[:, 1:gen.stop],
+            given[:, 1:gen.stop])
         chosen.append(jnp.where(given[:, 1:gen.stop], target[:, 1:gen.stop], audio))
     tokens = tokens.at[:, gen, (n + 1) % size].set(jnp.concatenate(chosen, axis=1))
     provided = provided.at[:, :, n % size].set(False)           # slot n is done; it will hold n + size
@@ -501,15 +511,17 @@ def main(argv=None):
     err, key = 0.0, jax.random.key(2)
     for n in range(T):
         frame = codes[:, :, n]
-        state, tokens, logits = gen_step(params, check, state, frame[:, -n_user:, None], key, text=frame[:, 0],
-                                         moshi_codes=frame[:, 1:1 + cfg.n_q - n_user], return_logits=True)
+        state, tokens, logits = gen_step(params, check, state, frame[:, -n_user:, None], key,
+                                         text=frame[:, 0], moshi_codes=frame[:, 1:1 + cfg.n_q - n_user],
+                                         return_logits=True)
         ref = out["text_logits"][:, 0, n]
         err = max(err, float(jnp.max(jnp.abs(logits["text_logits"] - ref)) / jnp.max(jnp.abs(ref))))
         for c in range(cfg.dep_q):
             t = n - cfg.delays[1 + c]
             if t >= 0:
                 ref = out["logits"][:, c, t]
-                err = max(err, float(jnp.max(jnp.abs(logits["audio_logits"][:, c] - ref)) / jnp.max(jnp.abs(ref))))
+                err = max(err, float(jnp.max(jnp.abs(logits["audio_logits"][:, c] - ref))
+                                     / jnp.max(jnp.abs(ref))))
     print(f"{args.preset}: {cfg.num_streams} streams, {T} frames, batch {B}: training forward vs forced "
           f"streaming generation, max rel. error of text and audio logits {err:.2e}")
     state = init_gen_state(params, cfg, B)

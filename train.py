@@ -67,7 +67,8 @@ def loss_sums(out, codes, text_padding_weight, first_codebook_weight, padding_id
     text_target, audio_target = codes[:, :1], codes[:, 1:1 + dep_q]           # [B, 1, T], [B, dep_q, T]
     is_padding = jnp.isin(text_target, jnp.asarray(padding_ids))
     text_w = jnp.where(is_padding, text_padding_weight, 1.0)
-    audio_w = jnp.where(jnp.arange(dep_q) == 0, first_codebook_weight, 1.0)[None, :, None]   # (dep_q may be 0)
+    # (dep_q may be 0)
+    audio_w = jnp.where(jnp.arange(dep_q) == 0, first_codebook_weight, 1.0)[None, :, None]
     text_num, text_den = weighted_ce_sums(out["text_logits"], text_target, out["text_mask"], text_w)
     audio_num, audio_den = weighted_ce_sums(out["logits"], audio_target, out["mask"],
                                             jnp.broadcast_to(audio_w, audio_target.shape))

@@ -156,8 +156,8 @@ def sequence_targets(t, conv, proj, chunk_size: int):
 #     1250-frame window that is 5 x 46M values per row and layer (0.9 GB in fp32, kept again for
 #     the backward pass) and 2 T D Hd = 115 G multiply-adds on top of the MLP's 173 G.
 #   attention form (ours): O = H W_downᵀ + η ((H Hᵀ) ⊙ M) V̂ with M[p, q] = chunk(q) < chunk(p),
-#     because H_p (Σ_q V̂_qᵀ H_q)ᵀ = Σ_q (H_p · H_q) V̂_q. The scores are [T, T] (1250² = 1.6 M values,
-#     6 MB in fp32) and cost T² (Hd + D) = 24 G multiply-adds.
+#     because H_p (Σ_q V̂_qᵀ H_q)ᵀ = Σ_q (H_p · H_q) V̂_q. The scores are [T, T]
+#     (1250² = 1.6 M values, 6 MB in fp32) and cost T² (Hd + D) = 24 G multiply-adds.
 # The attention form wins in memory while T < D Hd / C (180 k frames) and in compute while
 # T < 2 D Hd / (D + Hd) (~6000 frames, 8 minutes): all training windows Moshi sees. It is also
 # what makes the memory independent of D Hd, which the weight form is not.
@@ -287,22 +287,25 @@ def transformer(layers, fast, cfg, tcfg: TTTConfig, x, offset=0, cache=None, sta
     kv, new_states, start = [], [], 0
     for n, i in enumerate(tcfg.layers + (cfg.num_layers,)):
         if i > start:                                 # the plain layers start..i-1
-            run = None if cache is None else {"k": _take(cache["k"], start, i), "v": _take(cache["v"], start, i),
-                                              "offset": offset}
+            run = None if cache is None else {"k": _take(cache["k"], start, i),
+                                              "v": _take(cache["v"], start, i), "offset": offset}
             run, x = helium.transformer(_take(layers, start, i), cfg, x, offset, run, layer_hook, remat)
             kv.append(run)
         if i == cfg.num_layers:
             break
         p = _take(layers, i, i + 1, single=True)
-        one = None if cache is None else {"k": _take(cache["k"], i, i + 1, True), "v": _take(cache["v"], i, i + 1, True)}
+        one = None if cache is None else {"k": _take(cache["k"], i, i + 1, True),
+                                          "v": _take(cache["v"], i, i + 1, True)}
         step = jax.checkpoint(layer, static_argnums=(2, 3)) if remat else layer
         one, state, x = step(layer_hook(p) if layer_hook else p, _take(fast, n, n + 1, True), cfg, tcfg, x,
                              embed, offset, one, None if states is None else states[n])
-        kv.append(None if one is None else jax.tree.map(lambda a: [a] if isinstance(cache["k"], list) else a[None], one))
+        kv.append(None if one is None
+                  else jax.tree.map(lambda a: [a] if isinstance(cache["k"], list) else a[None], one))
         new_states.append(state)
         start = i + 1
     if cache is not None:
-        cache = {"k": _join([c["k"] for c in kv]), "v": _join([c["v"] for c in kv]), "offset": cache["offset"] + x.shape[1]}
+        cache = {"k": _join([c["k"] for c in kv]), "v": _join([c["v"] for c in kv]),
+                 "offset": cache["offset"] + x.shape[1]}
     return cache, None if states is None else new_states, x
 
 
@@ -366,14 +369,16 @@ def self_check(seed: int = 0, dim: int = 16, hidden: int = 24, frames: int = 11,
 # on. Trained with train.py's loss and step, with and without TTT on its last layer, same data, seeds
 # and budget; recall is then measured on fresh sequences, by distance in attention reaches.
 
-DEMO = dict(context=5, chunk=8, frames=80, pairs=4, queries=12, keys=(8, 40), values=(40, 72), filler=3)   # PAD
+DEMO = dict(context=5, chunk=8, frames=80, pairs=4, queries=12, keys=(8, 40), values=(40, 72),
+            filler=3)   # filler: PAD
 
 
 def demo_config(with_ttt: bool):
     import moshi
     d = DEMO
-    return moshi.LMConfig(delays=(0, 0), n_q=1, dep_q=0, card=8, text_card=80, dim=64, num_heads=4, num_layers=2,
-                          norm="rms_norm_f32", context=d["context"], positional_embedding="rope", gating="silu",
+    return moshi.LMConfig(delays=(0, 0), n_q=1, dep_q=0, card=8, text_card=80, dim=64, num_heads=4,
+                          num_layers=2, norm="rms_norm_f32", context=d["context"],
+                          positional_embedding="rope", gating="silu",
                           depformer_dim=16, depformer_num_heads=1, depformer_num_layers=1,
                           ttt=TTTConfig(layers=(1,), chunk_size=d["chunk"], lr=1.0) if with_ttt else None)
 
@@ -390,7 +395,8 @@ def demo_batch(rng, batch: int, queries: int):
         keys = rng.choice(np.arange(*d["keys"]), d["pairs"], replace=False)
         values = rng.integers(*d["values"], d["pairs"])
         text[b, 0:2 * d["pairs"]:2], text[b, 1:2 * d["pairs"]:2] = keys, values
-        asked = rng.permutation(np.resize(np.arange(d["pairs"]), queries))      # which pair each query asks for
+        # which pair each query asks for
+        asked = rng.permutation(np.resize(np.arange(d["pairs"]), queries))
         for q, i in zip(rng.choice(np.arange(2 * d["chunk"], T - 1, 2), queries, replace=False), asked):
             text[b, q], text[b, q + 1] = keys[i], values[i]
             found.append((b, q + 1, q + 1 - (2 * i + 1)))
@@ -432,9 +438,10 @@ def demo_recall(cfg, params, seed: int = 123, batch: int = 256):
 
 def demo(steps: int = 1000):
     reach = 2 * (DEMO["context"] - 1)
-    print(f"key-value recall, {DEMO['frames']} frames: pairs in frames 0-{2 * DEMO['pairs'] - 1}, queries from "
-          f"frame {2 * DEMO['chunk']}; attention reaches {reach} frames; TTT chunk {DEMO['chunk']}; chance "
-          f"{1 / (DEMO['values'][1] - DEMO['values'][0]):.2f}; {steps} train.py steps of 16 sequences each")
+    print(f"key-value recall, {DEMO['frames']} frames: pairs in frames 0-{2 * DEMO['pairs'] - 1}, queries "
+          f"from frame {2 * DEMO['chunk']}; attention reaches {reach} frames; TTT chunk {DEMO['chunk']}; "
+          f"chance {1 / (DEMO['values'][1] - DEMO['values'][0]):.2f}; {steps} train.py steps of 16 "
+          "sequences each")
     total = {}
     for with_ttt in (True, False):
         by_distance, total[with_ttt] = demo_recall(*demo_train(with_ttt, steps))
