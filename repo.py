@@ -106,20 +106,32 @@ CONVERSATION_MODEL_TYPES = ("moshi", "personaplex")
 def repo_files(repo: str, flags=FLAGS, lm_only=False):
     """A function `get(name, optional=False) -> path or None` over a local directory or an HF repo."""
     if os.path.isdir(repo):
-        holds = MOSHI_NAME if lm_only else f"{MOSHI_NAME}, {MIMI_NAME} and {TOKENIZER_NAME}"
-
-        def get_local(name, optional=False):
-            path = os.path.join(repo, name)
-            if os.path.isfile(path):
-                return path
-            if optional:
-                return None
-            raise CheckpointError(f"{repo} has no file {name!r} (a Kyutai repo directory holds {holds}, "
-                                  f"or config.json naming {'it' if lm_only else 'them'})")
-        return get_local
+        return _local_files(repo, lm_only)
     # A Hugging Face id is `name` or `owner/name`: anything else was meant as a local path.
-    if os.path.isabs(repo) or repo.startswith((".", "~")) or repo.count("/") > 1 or repo.endswith(".safetensors"):
+    if (os.path.isabs(repo) or repo.startswith((".", "~")) or repo.count("/") > 1
+            or repo.endswith(".safetensors")):
         raise CheckpointError(f"{flags['repo']}: no such file or directory {repo!r}")
+    return _hub_files(repo, flags, lm_only)
+
+
+def _local_files(repo: str, lm_only: bool):
+    """repo_files' `get` over a local repo directory: a missing file names what the folder should hold."""
+    holds = MOSHI_NAME if lm_only else f"{MOSHI_NAME}, {MIMI_NAME} and {TOKENIZER_NAME}"
+
+    def get_local(name, optional=False):
+        path = os.path.join(repo, name)
+        if os.path.isfile(path):
+            return path
+        if optional:
+            return None
+        raise CheckpointError(f"{repo} has no file {name!r} (a Kyutai repo directory holds {holds}, "
+                              f"or config.json naming {'it' if lm_only else 'them'})")
+    return get_local
+
+
+def _hub_files(repo: str, flags, lm_only: bool):
+    """repo_files' `get` over a Hugging Face repo (downloaded into the standard cache): each way a
+    download can fail becomes a CheckpointError that says what to do instead."""
     try:
         import huggingface_hub
     except ImportError:
@@ -138,10 +150,12 @@ def repo_files(repo: str, flags=FLAGS, lm_only=False):
     def get_hub(name, optional=False):
         try:
             return huggingface_hub.hf_hub_download(repo, name, etag_timeout=5)
-        except LocalEntryNotFoundError:              # offline, not cached: a subclass of the next, caught first
+        # offline and not cached: a subclass of the next one, so caught first
+        except LocalEntryNotFoundError:
             raise CheckpointError(
-                f"cannot reach the Hugging Face hub (offline?) for {name!r} of {repo!r}, and it is not in the "
-                f"local cache.\n  A local folder works: download the repo once and pass {flags['repo']} DIR.") from None
+                f"cannot reach the Hugging Face hub (offline?) for {name!r} of {repo!r}, and it is not in "
+                f"the local cache.\n  A local folder works: download the repo once and pass "
+                f"{flags['repo']} DIR.") from None
         except EntryNotFoundError:
             if optional:
                 return None
@@ -169,11 +183,14 @@ def _read_json(path, what):
 
 # Kyutai's Mimi config JSON (loaders._mimi_config's structure) -> MimiConfig fields; the settings
 # the released Mimi fixes are checked, the others are refused by name.
-_MIMI_FIELDS = {"seanet": ("dimension", "n_filters", "kernel_size", "last_kernel_size", "residual_kernel_size",
-                           "n_residual_layers", "dilation_base", "compress"),
-                "transformer": ("num_heads", "num_layers", "dim_feedforward", "context", "layer_scale", "max_period")}
-_MIMI_FIXED = {"seanet": {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True, "activation": "ELU"},
-               "transformer": {"gating": "none", "norm": "layer_norm", "positional_embedding": "rope", "causal": True}}
+_MIMI_FIELDS = {"seanet": ("dimension", "n_filters", "kernel_size", "last_kernel_size",
+                           "residual_kernel_size", "n_residual_layers", "dilation_base", "compress"),
+                "transformer": ("num_heads", "num_layers", "dim_feedforward", "context", "layer_scale",
+                                "max_period")}
+_MIMI_FIXED = {"seanet": {"causal": True, "norm": "none", "pad_mode": "constant", "true_skip": True,
+                          "activation": "ELU"},
+               "transformer": {"gating": "none", "norm": "layer_norm", "positional_embedding": "rope",
+                               "causal": True}}
 
 
 def mimi_config(d: dict):
@@ -205,9 +222,11 @@ def mimi_config(d: dict):
 # them, or a checkpoint that holds `condition_provider.*` / `fuser.*` tensors, loads with a warning
 # and the conditioning is ignored, so such a model runs unconditioned.
 
-NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type", "version",
-                  "lm_gen_config", "tts_config", "stt_config", "model_id")     # files and tool settings
-_DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing")   # unused by Kyutai too
+# file names and tool settings
+NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
+                 "version", "lm_gen_config", "tts_config", "stt_config", "model_id")
+# unused by Kyutai too
+_DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing")
 _UNSUPPORTED_LM_KWARGS = {"demux_second_text_stream": False, "norm_emb": False, "bias_proj": False,
                           "quantize": False, "lora": False, "kv_repeat": 1, "depformer_kv_repeat": 1,
                           "cross_attention": False}
@@ -236,10 +255,13 @@ def lm_config(config=None, what: str | None = None):
         raise CheckpointError(f"{what}: {e}") from None
 
 
-_TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
+_TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool),
           "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "str": lambda v: isinstance(v, str), "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and
-          all(isinstance(i, int) and not isinstance(i, bool) for i in v), "ttt.TTTConfig": lambda v: isinstance(v, dict)}
+          "str": lambda v: isinstance(v, str),
+          "tuple[int, ...]": lambda v: isinstance(v, (list, tuple))
+          and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+          "ttt.TTTConfig": lambda v: isinstance(v, dict)}
 
 
 def _lm_kwargs(config: dict, what: str, fields: dict) -> dict:
@@ -299,7 +321,8 @@ def lm_config_for(ckpt: Checkpoint, log=None):
     whose own loader also ignores config.json). A PersonaPlex checkpoint (model_type "personaplex",
     or 16 depformer heads) streams with NVIDIA's KV ring, as its own code does, unless config.json
     names a kv_ring. `log(message)`, if given, hears when the heads decide."""
-    heads = sum(1 for k in convert.SafeTensorsFile(ckpt.moshi).keys() if re.fullmatch(r"linears\.\d+\.weight", k))
+    heads = sum(1 for k in convert.SafeTensorsFile(ckpt.moshi).keys()
+                if re.fullmatch(r"linears\.\d+\.weight", k))
     persona = ckpt.model_type == "personaplex" or heads == moshi.PERSONAPLEX.dep_q
     ring = {"kv_ring": moshi.PERSONAPLEX.kv_ring} if persona else {}
     if ckpt.config and "dim" in ckpt.config:
@@ -315,7 +338,8 @@ def lm_config_for(ckpt: Checkpoint, log=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("repo", nargs="?", default=DEFAULT_REPO, help="a Hugging Face id, a repo folder or an LM file")
+    ap.add_argument("repo", nargs="?", default=DEFAULT_REPO,
+                    help="a Hugging Face id, a repo folder or an LM file")
     ap.add_argument("--lm-only", action="store_true", help="only the LM (what train.py --init-from reads)")
     args = ap.parse_args(argv)
     try:

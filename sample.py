@@ -67,7 +67,8 @@ def biquad_coefficients(kind: str, gain_db: float, q: float, fc: float, fs: int)
     alpha, cos = np.sin(w0) / (2 * q), np.cos(w0)
     if kind == "high_shelf":
         s = 2 * np.sqrt(A) * alpha
-        b = [A * ((A + 1) + (A - 1) * cos + s), -2 * A * ((A - 1) + (A + 1) * cos), A * ((A + 1) + (A - 1) * cos - s)]
+        b = [A * ((A + 1) + (A - 1) * cos + s), -2 * A * ((A - 1) + (A + 1) * cos),
+             A * ((A + 1) + (A - 1) * cos - s)]
         a = [(A + 1) - (A - 1) * cos + s, 2 * ((A - 1) - (A + 1) * cos), (A + 1) - (A - 1) * cos - s]
     elif kind == "high_pass":
         b = [(1 + cos) / 2, -(1 + cos), (1 + cos) / 2]
@@ -362,7 +363,8 @@ def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, 
         lm_state = play_prompt(models, lm_state, prompt, rows, key, sampling)
     pending = None
     for i, frame in enumerate(frames):
-        enc_state, codes = mimi.encode_step(models.mimi, models.mimi_cfg, enc_state, jnp.asarray(frame)[None, None], K)
+        enc_state, codes = mimi.encode_step(models.mimi, models.mimi_cfg, enc_state,
+                                            jnp.asarray(frame)[None, None], K)
         for _ in range(2 if i == 0 and prompt is None else 1):    # Kyutai's LMGen never sees call 0's frame
             lm_state, tokens = moshi.gen_step(lm, lm_cfg, lm_state, rows(codes[0]), key, sampling=sampling)
         dec_state, pcm = mimi.decode_step(models.mimi, models.mimi_cfg, dec_state, tokens[:, 1:1 + K, None])
@@ -431,7 +433,8 @@ class Display:
         pct = 100 * self.done // max(1, self.total)
         rate = "compiling" if self.done < 2 else \
             f"{1000 * (time.perf_counter() - self.first) / (self.done - 1):5.0f} ms/frame"
-        return f"[{pct:3d}% {self.done * self.frame_seconds:6.1f}/{self.total * self.frame_seconds:.1f} s {rate}]"
+        done, total = self.done * self.frame_seconds, self.total * self.frame_seconds
+        return f"[{pct:3d}% {done:6.1f}/{total:.1f} s {rate}]"
 
     def frame(self, piece: str | None):
         self.done += 1
@@ -471,8 +474,8 @@ class WavWriter:
     def __enter__(self):
         with contextlib.ExitStack() as files:          # should opening fail, what was opened is undone
             tmp = files.enter_context(convert.atomic_path(self.path, ".wav"))
-            self.file = files.enter_context(soundfile.SoundFile(tmp, "w", samplerate=self.sample_rate, channels=1,
-                                                                format="WAV", subtype="PCM_16"))
+            self.file = files.enter_context(soundfile.SoundFile(
+                tmp, "w", samplerate=self.sample_rate, channels=1, format="WAV", subtype="PCM_16"))
             self.files = files.pop_all()
         return self
 
@@ -536,12 +539,13 @@ def _load_models(args, log) -> Models:
         if args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer)
     else:
-        ckpt = repo.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer, args.config)
+        ckpt = repo.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer,
+                                    args.config)
         log(f"loading Moshi from {ckpt.moshi}")
-        # stacked=False: the layers come as lists, the layout gen_step reads in place (moshi.generation_params)
         cfg = repo.lm_config_for(ckpt, log)
-        lm = _load(convert.load_lm, ckpt.moshi, cfg=cfg, dtype=dtype,
-                        stacked=False)
+        # stacked=False: the layers come as lists, the layout gen_step reads in place
+        # (moshi.generation_params)
+        lm = _load(convert.load_lm, ckpt.moshi, cfg=cfg, dtype=dtype, stacked=False)
         log(f"loading Mimi from {ckpt.mimi}")
         mimi_cfg = repo.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
@@ -551,8 +555,8 @@ def _load_models(args, log) -> Models:
     cfg, mimi_cfg = dataclasses.replace(cfg, kv_ring=ring), dataclasses.replace(mimi_cfg, kv_ring=ring)
     models = Models(lm, cfg, mimi_params, mimi_cfg, tokenizer)
     if mimi_cfg.codebook_size != cfg.card or mimi_cfg.num_quantizers < models.codebooks:
-        raise SampleError(f"Mimi ({mimi_cfg.num_quantizers} codebooks of {mimi_cfg.codebook_size}) does not fit "
-                          f"the LM ({models.codebooks} codebooks of {cfg.card} per voice)")
+        raise SampleError(f"Mimi ({mimi_cfg.num_quantizers} codebooks of {mimi_cfg.codebook_size}) does not "
+                          f"fit the LM ({models.codebooks} codebooks of {cfg.card} per voice)")
     return models
 
 
@@ -567,19 +571,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: python sample.py --prompt testdata/hello.wav --out out.wav --duration 12")
-    ap.add_argument("--prompt", required=True, help="the user's audio (any format soundfile reads, any rate/channels)")
-    ap.add_argument("--out", default="out.wav", help="Moshi's voice (24 kHz wav); its text goes to the same name .json")
-    g = ap.add_argument_group("weights")
-    g.add_argument("--hf-repo", help=f"Hugging Face repo id, local directory or LM .safetensors (default {repo.DEFAULT_REPO})")
-    g.add_argument("--moshi-weight", help="the LM's safetensors (overrides the repo's)")
-    g.add_argument("--mimi-weight", help="Mimi's safetensors (overrides the repo's)")
-    g.add_argument("--tokenizer", help="the sentencepiece text tokenizer (overrides the repo's)")
-    g.add_argument("--config", help="an LM config.json (overrides the repo's)")
-    g.add_argument("--random-init", metavar="PRESET", help="random weights, for demos and tests: one of "
-                   "moshiko, moshika, personaplex, tiny, tiny_personaplex")
-    g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the LM's dtype (Mimi runs in fp32)")
-    g.add_argument("--quantize", choices=("int8",), help="int8 weights for the LM's matrices (per output channel, "
-                   "quantized at load time; embeddings, norms and Mimi stay as they are): half the memory")
+    ap.add_argument("--prompt", required=True,
+                    help="the user's audio (any format soundfile reads, any rate/channels)")
+    ap.add_argument("--out", default="out.wav",
+                    help="Moshi's voice (24 kHz wav); its text goes to the same name .json")
+    add_weight_flags(ap.add_argument_group("weights"))
     g = ap.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=4242)
     default = moshi.Sampling()
@@ -590,24 +586,42 @@ def parse_args(argv=None):
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic)")
     g.add_argument("--batch-size", type=int, default=1, help="independent answers to the same prompt, "
                    "in one batch: out-0.wav, out-1.wav, ...")
-    g.add_argument("--duration", type=float, help="seconds of conversation: the prompt is cut, or followed by "
-                   "silence, to this length (default: the prompt's length)")
-    add_persona_flags(ap.add_argument_group("PersonaPlex (models whose depformer writes all 16 audio streams)"))
+    g.add_argument("--duration", type=float, help="seconds of conversation: the prompt is cut, or followed "
+                   "by silence, to this length (default: the prompt's length)")
+    add_persona_flags(ap.add_argument_group(
+        "PersonaPlex (models whose depformer writes all 16 audio streams)"))
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
     if args.duration is not None and args.duration <= 0:
         ap.error("--duration must be positive")
-    if args.random_init:
-        if args.random_init not in moshi.PRESETS:
-            ap.error(f"--random-init: unknown preset {args.random_init!r} (choose from {', '.join(moshi.PRESETS)})")
+    if args.random_init and args.random_init not in moshi.PRESETS:
+        ap.error(f"--random-init: unknown preset {args.random_init!r} "
+                 f"(choose from {', '.join(moshi.PRESETS)})")
     return args
+
+
+def add_weight_flags(g):
+    g.add_argument("--hf-repo", help="Hugging Face repo id, local directory or LM .safetensors "
+                   f"(default {repo.DEFAULT_REPO})")
+    g.add_argument("--moshi-weight", help="the LM's safetensors (overrides the repo's)")
+    g.add_argument("--mimi-weight", help="Mimi's safetensors (overrides the repo's)")
+    g.add_argument("--tokenizer", help="the sentencepiece text tokenizer (overrides the repo's)")
+    g.add_argument("--config", help="an LM config.json (overrides the repo's)")
+    g.add_argument("--random-init", metavar="PRESET", help="random weights, for demos and tests: one of "
+                   "moshiko, moshika, personaplex, tiny, tiny_personaplex")
+    g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="the LM's dtype (Mimi runs in fp32)")
+    g.add_argument("--quantize", choices=("int8",), help="int8 weights for the LM's matrices (per output "
+                   "channel, quantized at load time; embeddings, norms and Mimi stay as they are): half "
+                   "the memory")
 
 
 def add_persona_flags(g):
     g.add_argument("--voice-prompt", help="audio of the voice Moshi should speak with (normalised to "
                    "-24 LUFS), or one of PersonaPlex's saved voices (NATF2.pt, ...; torch is not needed)")
-    g.add_argument("--text-prompt", help=f"the role, wrapped in <system> tags (default: {PERSONAPLEX_TEXT_PROMPT!r})")
+    g.add_argument("--text-prompt",
+                   help=f"the role, wrapped in <system> tags (default: {PERSONAPLEX_TEXT_PROMPT!r})")
     g.add_argument("--kv-ring", choices=helium.SUPPORTED["kv_ring"],
                    help="whose streaming KV ring the LM and Mimi follow once it is full: Kyutai's (moshi "
                    "0.2.13) or NVIDIA's older one, which sees one step less (default: the checkpoint's, "
@@ -618,39 +632,68 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (SampleError, convert.CheckpointError, convert.OutputError, mimi.AudioError) as e:   # one line, no traceback
+    # what the user can fix: one line, no traceback
+    except (SampleError, convert.CheckpointError, convert.OutputError, mimi.AudioError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
 
 def run(args):
+    """The program, in order: outputs checked, models loaded, the conversation played and written,
+    the timings reported. -> the answers (also in the transcript)."""
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    mimi.resampled_length(args.prompt)                     # a bad prompt fails before loading 16 GB,
-    outs = [numbered(args.out, b, args.batch_size) for b in range(args.batch_size)]
-    transcript = os.path.splitext(args.out)[0] + ".json"
-    with contextlib.suppress(OSError):                     # a new folder for the answers is made; if it
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)    # cannot be, it is named:
-    for path, what in [(p, "--out") for p in outs] + [(transcript, "the transcript (--out's name, .json)")]:
-        convert.check_writable(path, what)                 # and so does an output that cannot be written
-    for name in convert.remove_stale_temps(os.path.dirname(os.path.abspath(args.out))):
-        log(f"removed {name}, left by a run that was killed while writing")
+    outs, transcript = check_outputs(args, log)
     models = load_models(args, log)
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
-    num_samples = max(1, int(round(args.duration * sr))) if args.duration else mimi.resampled_length(args.prompt, sr)
+    num_samples = (max(1, int(round(args.duration * sr))) if args.duration
+                   else mimi.resampled_length(args.prompt, sr))
     prompt = persona_prompt_for(args, models, log)
-    B = args.batch_size
     sampling = moshi.Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
+    n_frames = -(-num_samples // F)
+    log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {args.batch_size}, "
+        f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
+    answers, (start, first, end) = talk(args, models, outs, num_samples, sampling, prompt)
+    write_json(transcript, {"prompt": args.prompt, "seed": args.seed,
+                            "sampling": dataclasses.asdict(sampling), "frame_seconds": F / sr,
+                            "random_init": args.random_init, "answers": answers})
+    steady = (end - first) / max(1, n_frames - 1)
+    print(f"wrote {', '.join(outs)} ({num_samples / sr:.2f} s) and {transcript}. {n_frames} frames in "
+          f"{end - start:.1f} s (first frame {first - start:.1f} s, with compilation"
+          f"{' and the PersonaPlex prompt' if prompt else ''}), then {1000 * steady:.1f} ms/frame: "
+          f"real-time factor {steady * sr / F:.2f} (below 1 is faster than real time)"
+          + ("  [RANDOM WEIGHTS]" if args.random_init else ""))
+    return answers
+
+
+def check_outputs(args, log) -> tuple[list[str], str]:
+    """Before anything is loaded: the prompt must be readable and every output writable (a bad one
+    fails now, not after loading 16 GB of weights and conversing). -> (the wavs, the transcript)."""
+    mimi.resampled_length(args.prompt)
+    outs = [numbered(args.out, b, args.batch_size) for b in range(args.batch_size)]
+    transcript = os.path.splitext(args.out)[0] + ".json"
+    # A new folder for the answers is made; one that cannot be made is named by check_writable.
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    for path, what in [(p, "--out") for p in outs] + [(transcript, "the transcript (--out's name, .json)")]:
+        convert.check_writable(path, what)
+    for name in convert.remove_stale_temps(os.path.dirname(os.path.abspath(args.out))):
+        log(f"removed {name}, left by a run that was killed while writing")
+    return outs, transcript
+
+
+def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling, prompt):
+    """The conversation, frame by frame: each answer's audio streamed into its wav, the text shown
+    as it comes and recorded. -> (answers, times: start, first frame done, last frame done)."""
+    sr, F, B = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size, args.batch_size
     # The prompt is read block by block, mixed down and resampled on the fly, so a conversation of an
     # hour holds a second of input in memory, not an hour.
     frames = mimi.frames_of(mimi.read_blocks(args.prompt, sr, mono=True), num_samples, F)
-    n_frames = -(-num_samples // F)
-    answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": [], "audio_tokens": []} for path in outs]
-    log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {B}, "
-        f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
-    times = [time.perf_counter()]                         # start, first frame done, last frame done
+    answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": [], "audio_tokens": []}
+               for path in outs]
+    times = [time.perf_counter()]
     with contextlib.ExitStack() as files:
         writers = [files.enter_context(WavWriter(path, sr, num_samples)) for path in outs]
-        display = Display(n_frames, F / sr)
+        display = Display(-(-num_samples // F), F / sr)
         files.callback(display.close)
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for b in range(B):
@@ -661,24 +704,16 @@ def run(args):
             if len(times) == 1:
                 times.append(time.perf_counter())         # the first frame: compilation included
         times.append(time.perf_counter())
-    write_json(transcript, {"prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
-                            "frame_seconds": F / sr, "random_init": args.random_init, "answers": answers})
-    start, first, end = times
-    steady = (end - first) / max(1, n_frames - 1)
-    print(f"wrote {', '.join(outs)} ({num_samples / sr:.2f} s) and {transcript}. {n_frames} frames in "
-          f"{end - start:.1f} s (first frame {first - start:.1f} s, with compilation"
-          f"{' and the PersonaPlex prompt' if prompt else ''}), then {1000 * steady:.1f} ms/frame: "
-          f"real-time factor {steady * sr / F:.2f} (below 1 is faster than real time)"
-          + ("  [RANDOM WEIGHTS]" if args.random_init else ""))
-    return answers
+    return answers, times
 
 
 def persona_prompt_for(args, models, log):
     """PersonaPlex's prompt (its default role if none is given), or None for Moshiko-style models."""
     if not models.is_persona:
         if args.voice_prompt or args.text_prompt:
-            raise SampleError("--voice-prompt and --text-prompt are for PersonaPlex-style models (dep_q = n_q = 16); "
-                              f"this one has dep_q={models.lm_cfg.dep_q}, n_q={models.lm_cfg.n_q}")
+            raise SampleError("--voice-prompt and --text-prompt are for PersonaPlex-style models "
+                              f"(dep_q = n_q = 16); this one has dep_q={models.lm_cfg.dep_q}, "
+                              f"n_q={models.lm_cfg.n_q}")
         return None
     text = PERSONAPLEX_TEXT_PROMPT if args.text_prompt is None else args.text_prompt
     if args.text_prompt is None and models.tokenizer is None:       # --random-init demos have no tokenizer
@@ -696,7 +731,8 @@ def _record(answer, models: Models, tokens, frame: int, frame_seconds: float):
     answer["audio_tokens"].append([int(t) for t in tokens[1:]])
     if models.is_word(token):
         piece = piece_text(models.tokenizer, token)
-        answer["pieces"].append({"frame": frame, "time": round(frame * frame_seconds, 3), "token": token, "piece": piece})
+        answer["pieces"].append({"frame": frame, "time": round(frame * frame_seconds, 3), "token": token,
+                                 "piece": piece})
         answer["text"] += piece
 
 
