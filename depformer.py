@@ -65,9 +65,6 @@ class DepformerConfig:
             return 1
         return max(self.schedule) + 1 if self.schedule else 0
 
-    def input_proj_index(self, step: int) -> int:
-        return self.schedule[step] if self.multi_linear else 0
-
 
 # ----------------------------------------------------------------------------------------------
 # Embeddings, Kyutai style: token -1 gives an exact zero vector, any other negative token is clamped
@@ -98,8 +95,8 @@ def forward(params, cfg: DepformerConfig, h, tokens, layer_hook: Callable | None
     B, T, _ = h.shape
     K = cfg.num_steps
     steps = tuple(range(K))
-    w_in = params["input_proj"][np.asarray([cfg.input_proj_index(c) for c in steps])]    # [K, Dd, D]
-    x = jnp.einsum("btd,ked->btke", h, w_in)                                              # [B, T, K, Dd]
+    w_in = params["input_proj"][np.asarray([cfg.schedule[c] if cfg.multi_linear else 0 for c in steps])]
+    x = jnp.einsum("btd,ked->btke", h, w_in)                        # w_in [K, Dd, D] -> x [B, T, K, Dd]
     x = x + jnp.stack([embed(params["text_emb"], tokens[:, :, 0], params.get("text_emb_low_rank"))] +
                       [audio_embedding(params, tokens[:, :, c], c - 1) for c in steps[1:]], axis=2)
     layers = helium.select_step_weights(params["transformer"], cfg.transformer, steps)
@@ -227,23 +224,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Runs a random-weight self-check.")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    tcfg = helium.TransformerConfig(32, 4, 2, int(4.125 * 32), positional_embedding="none",
-                                    weights_per_step=8)
+    tcfg = helium.TransformerConfig(32, 4, 2, int(4.125 * 32), positional_embedding="none", weights_per_step=8)
     cfg = DepformerConfig(num_steps=8, in_dim=64, card=128, text_card=100, transformer=tcfg)
-    key = jax.random.key(args.seed)
+    key, B = jax.random.key(args.seed), 3
     params = init(key, cfg)
-    B = 3
     h = jax.random.normal(jax.random.key(1), (B, 1, 64))
     tokens = jax.random.randint(jax.random.key(2), (B, 1, 8), 0, 100)
     full = forward(params, cfg, h, tokens)[:, 0]                                  # [B, K, card]
+    # Generation forced to the same tokens (step c + 1 conditions on tokens[c + 1]) gives the same logits,
+    # whatever it samples.
     forced = jnp.concatenate([tokens[:, 0, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
-    greedy = lambda logits, k: sample_token(logits, k, 0.8, 250, greedy=True)
-    _, stepped = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key, greedy, forced, jnp.ones((B, 8), bool))
+    sample = lambda logits, k: sample_token(logits, k, 0.8, 250)                 # noqa: E731
+    _, stepped = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key, sample, forced, jnp.ones((B, 8), bool))
     err = float(jnp.max(jnp.abs(stepped - full)) / jnp.max(jnp.abs(full)))
     print(f"{cfg.num_steps} codebooks, batch {B}: teacher-forced pass vs codebook-by-codebook "
           f"generation, max rel. error {err:.2e}")
-    sampled, _ = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key,
-                          lambda logits, k: sample_token(logits, k, 0.8, 250))
+    sampled, _ = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key, sample)
     print(f"a sampled frame (random weights): {np.asarray(sampled[0]).tolist()}")
 
 

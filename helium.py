@@ -448,8 +448,7 @@ def init_layer(key, cfg: TransformerConfig, dtype=jnp.float32):
         p["mlp"] = {"linear_in": dense_init(k[2], per_step + (2 * Hd, D), dtype),
                     "linear_out": dense_init(k[3], per_step + (D, Hd), dtype)}
     if cfg.layer_scale is not None:
-        p["layer_scale_1"] = jnp.full((D,), cfg.layer_scale, dtype)
-        p["layer_scale_2"] = jnp.full((D,), cfg.layer_scale, dtype)
+        p.update({f"layer_scale_{i}": jnp.full((D,), cfg.layer_scale, dtype) for i in (1, 2)})
     return p
 
 
@@ -460,30 +459,9 @@ def init(key, cfg: TransformerConfig, dtype=jnp.float32):
 
 
 # ----------------------------------------------------------------------------------------------
-# Demo: a tiny byte-level LM built from the stack. It shows the two ways every model in this repo
-# runs: the whole sequence at once (training), and one step at a time through the ring KV cache
-# (generation), and that they agree.
-
-@dataclass(frozen=True)
-class TinyLMConfig:
-    vocab: int = 256
-    transformer: TransformerConfig = TransformerConfig(
-        d_model=64, num_heads=4, num_layers=2, dim_feedforward=4 * 64, context=16)
-
-
-def init_tiny_lm(key, cfg: TinyLMConfig):
-    k1, k2, k3 = jax.random.split(key, 3)
-    D = cfg.transformer.d_model
-    return {"emb": dense_init(k1, (cfg.vocab, D)), "layers": init(k2, cfg.transformer),
-            "out_norm": init_norm(cfg.transformer.norm, D), "head": dense_init(k3, (cfg.vocab, D))}
-
-
-def tiny_lm_logits(params, cfg: TinyLMConfig, tokens, offset=0, cache=None):
-    """tokens [B, T] -> (cache, logits [B, T, vocab])."""
-    x = params["emb"][tokens]                                      # [B, T, D]
-    cache, h = transformer(params["layers"], cfg.transformer, x, offset, cache)
-    return cache, linear(norm(params["out_norm"], cfg.transformer.norm, h), params["head"])
-
+# Demo: a tiny random byte-level LM built from the stack. It shows the two ways every model in this
+# repo runs: the whole sequence at once (training), and one step at a time through the ring KV
+# cache (generation), and that they agree.
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Runs a tiny random LM demo.",
@@ -492,28 +470,33 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=24, help="greedy bytes to generate")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    cfg = TinyLMConfig()
-    params = init_tiny_lm(jax.random.key(args.seed), cfg)
-    tokens = jnp.asarray([list(args.text.encode())], jnp.int32)    # [1, T]
-    T = tokens.shape[1]
-    _, full = jax.jit(lambda p, t: tiny_lm_logits(p, cfg, t))(params, tokens)
-    step_fn = jax.jit(lambda p, cache, tok: tiny_lm_logits(p, cfg, tok, cache["offset"], cache))
+    cfg = TransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=4 * 64, context=16)
+    k = jax.random.split(jax.random.key(args.seed), 3)
+    params = {"emb": dense_init(k[0], (256, 64)), "layers": init(k[1], cfg),
+              "out_norm": init_norm(cfg.norm, 64), "head": dense_init(k[2], (256, 64))}
 
+    @jax.jit
+    def logits_of(p, tokens, offset=0, cache=None):
+        """tokens [B, T] -> (cache, logits [B, T, 256]), a whole sequence when cache is None."""
+        cache, h = transformer(p["layers"], cfg, p["emb"][tokens], offset, cache)
+        return cache, linear(norm(p["out_norm"], cfg.norm, h), p["head"])
+
+    tokens = jnp.asarray([list(args.text.encode())], jnp.int32)    # [1, T]
+    _, full = logits_of(params, tokens)
     # Generation runs on unstacked layers (a list), the layout that reads weights in place.
     params = dict(params, layers=unstack_layers(params["layers"]))
-    cache = init_cache(cfg.transformer, 1, stacked=False)
-    streamed = []
-    for t in range(T):
-        cache, logits = step_fn(params, cache, tokens[:, t:t + 1])
+    cache, streamed = init_cache(cfg, 1, stacked=False), []
+    for t in range(tokens.shape[1]):
+        cache, logits = logits_of(params, tokens[:, t:t + 1], cache["offset"], cache)
         streamed.append(logits)
     streamed = jnp.concatenate(streamed, axis=1)
     err = float(jnp.max(jnp.abs(streamed - full)) / jnp.max(jnp.abs(full)))
-    print(f"{T} prompt bytes, sliding window {cfg.transformer.context}, ring cache of "
+    print(f"{tokens.shape[1]} prompt bytes, sliding window {cfg.context}, ring cache of "
           f"{cache['k'][0].shape[2]} slots: batch vs streaming logits, max rel. error {err:.2e}")
     out, tok = [], jnp.argmax(streamed[:, -1], -1)[:, None]
     for _ in range(args.steps):
         out.append(int(tok[0, 0]))
-        cache, logits = step_fn(params, cache, tok)
+        cache, logits = logits_of(params, tok, cache["offset"], cache)
         tok = jnp.argmax(logits[:, -1], -1)[:, None]
     print(f"greedy continuation (random weights, so noise): {bytes(out)!r}")
 
