@@ -45,6 +45,7 @@ import zipfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 import convert
 import moshi
@@ -113,7 +114,6 @@ def to_host(x):
     """A global array -> numpy on this host, whole (all processes take part when there are several)."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -129,7 +129,6 @@ def named_leaves(tree) -> list:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -335,7 +334,6 @@ def _everyone(ok: bool) -> bool:
     """True when it holds on every process (so that all of them take the same branch)."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 

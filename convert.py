@@ -83,9 +83,6 @@ class SafeTensorsFile:
     def keys(self):
         return list(self.header)
 
-    def __contains__(self, key):
-        return key in self.header
-
     def shape(self, key) -> tuple:
         return tuple(self.header[key]["shape"])
 
@@ -219,7 +216,7 @@ def check_keys(expected: dict, found: dict, what: str) -> None:
     lines += [f"  unexpected key {k!r} (shape {tuple(found[k])})" for k in unexpected[:20]]
     lines += [f"  key {k!r} has shape {tuple(found[k])}, expected {tuple(expected[k])}"
               for k in misshaped[:20]]
-    hidden = max(0, len(missing) - 20) + max(0, len(unexpected) - 20) + max(0, len(misshaped) - 20)
+    hidden = sum(max(0, len(keys) - 20) for keys in (missing, unexpected, misshaped))
     if hidden:
         lines.append(f"  ... and {hidden} more")
     raise CheckpointError("\n".join(lines))
@@ -464,11 +461,6 @@ def _mimi_rows(cfg) -> list:
         rows += transformer_rows(f"{side}_transformer.transformer.layers.", (f"{side}_transformer",),
                                  cfg.transformer, stacked=False)
     return rows
-
-
-def mimi_keys(cfg) -> dict:
-    """On-disk {name: shape} of a Kyutai Mimi checkpoint for a mimi.MimiConfig."""
-    return row_keys(_mimi_rows(cfg))
 
 
 def load_mimi(path, cfg=None):

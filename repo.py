@@ -212,8 +212,6 @@ def mimi_config(d: dict):
         raise CheckpointError(f"Mimi config: missing or bad entry {e}") from None
 
 
-
-
 # The LM's: Kyutai ships an LM as a safetensors file plus, except for the first moshiko/moshika
 # repos, a config.json whose keys are `LMModel(**lm_kwargs)` arguments mixed with file names and
 # tool settings. `lm_config` turns that into a moshi.LMConfig, resolving what Kyutai's LMModel
