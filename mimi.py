@@ -187,10 +187,6 @@ def upsample_layout(cfg: MimiConfig) -> Conv:
                 transposed=True)
 
 
-def _is_conv(x) -> bool:
-    return isinstance(x, Conv)
-
-
 # ----------------------------------------------------------------------------------------------
 # Causal convolutions. Activations are channels-last [B, T, C] throughout. A causal conv is a plain
 # "valid" conv over [history | x]: in a batch the history is zeros (left padding by kernel -
@@ -274,20 +270,15 @@ def seanet_decoder(p, spec, state, x):
 
 
 # ----------------------------------------------------------------------------------------------
-# 25 Hz <-> 12.5 Hz. Down: a learnt strided conv whose left padding repeats the very first latent
-# frame (Kyutai's pad_mode="replicate"), so the state remembers whether the stream has started.
-# Up: a depthwise transposed conv.
+# 25 Hz -> 12.5 Hz: a learnt strided conv whose left padding repeats the very first latent frame
+# (Kyutai's pad_mode="replicate"), so the state remembers whether the stream has started. (Back up,
+# in decode_chunk, is a plain depthwise transposed conv.)
 
 def downsample(w, cfg: MimiConfig, state, x):
     # x [B, 2T, D] -> (new state, [B, T, D])
     history = jnp.where(state["first"][:, None, None], x[:, :1], state["history"])
     history, y = conv1d({"w": w}, downsample_layout(cfg), history, x)
     return {"history": history, "first": jnp.zeros_like(state["first"])}, y
-
-
-def upsample(w, cfg: MimiConfig, overhang, x):
-    # x [B, T, D] -> (new overhang, [B, 2T, D])
-    return conv_transpose1d({"w": w}, upsample_layout(cfg), overhang, x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +343,8 @@ def dequantize(p, cfg: MimiConfig, codes):
 # window) kept as a list, the layout a streaming step reads in place (see helium's stack).
 
 def _conv_states(layout, batch_size: int):
-    return jax.tree.map(lambda c: jnp.zeros(c.state_shape(batch_size)), layout, is_leaf=_is_conv)
+    return jax.tree.map(lambda c: jnp.zeros(c.state_shape(batch_size)), layout,
+                        is_leaf=lambda x: isinstance(x, Conv))
 
 
 def encoder_state(cfg: MimiConfig, batch_size: int, capacity: int | None = None) -> dict:
@@ -381,7 +373,8 @@ def encode_chunk(params, cfg: MimiConfig, state, wav):
 def decode_chunk(params, cfg: MimiConfig, state, codes):
     # codes [B, K, n] -> new state, wav [B, n * frame_size, channels]
     x = dequantize(params["quantizer"], cfg, codes)                                            # [B, n, D]
-    up, x = upsample(params["upsample"], cfg, state["upsample"], x)                             # [B, 2n, D]
+    # 12.5 Hz -> 25 Hz [B, 2n, D]: a depthwise transposed conv
+    up, x = conv_transpose1d({"w": params["upsample"]}, upsample_layout(cfg), state["upsample"], x)
     cache, x = helium.step(params["decoder_transformer"], cfg.transformer, state["transformer"], x)
     seanet, wav = seanet_decoder(params["decoder"], decoder_layout(cfg), state["seanet"], x)
     return {"upsample": up, "transformer": cache, "seanet": seanet}, wav
@@ -510,7 +503,7 @@ def init(key, cfg: MimiConfig) -> dict:
     d, D, bins, n_sem = cfg.codebook_dim, cfg.dimension, cfg.codebook_size, cfg.num_semantic
     convs = {"encoder": encoder_layout(cfg), "decoder": decoder_layout(cfg),
              "downsample": downsample_layout(cfg), "upsample": upsample_layout(cfg)}
-    specs, tree = jax.tree.flatten(convs, is_leaf=_is_conv)
+    specs, tree = jax.tree.flatten(convs, is_leaf=lambda x: isinstance(x, Conv))
     fan_in = [c.cin // c.groups * (max(1, c.kernel // c.stride) if c.transposed else c.kernel) for c in specs]
     rvq = lambda n: [((d, D), D ** -0.5), ((D, d), d ** -0.5), ((n, bins, d), 0.1)]
     draws = ([(c.weight_shape, f ** -0.5) for c, f in zip(specs, fan_in)]
@@ -669,8 +662,7 @@ def read_audio(path, sample_rate: int | None = 24000) -> np.ndarray:
 
 def mix_down(wav) -> np.ndarray:
     """[..., channels, samples] -> [..., 1, samples], the average of the channels."""
-    wav = np.asarray(wav, np.float32)
-    return wav.mean(axis=-2, keepdims=True)
+    return np.asarray(wav, np.float32).mean(axis=-2, keepdims=True)
 
 
 def frames_of(blocks, num_samples: int, frame_size: int = 1920):

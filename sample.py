@@ -174,11 +174,6 @@ def persona_prompt(voice_codes, text_tokens, silence_codes, sine_codes, pad: int
     return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)))
 
 
-def sine_frame(mimi_cfg):
-    t = np.arange(mimi_cfg.frame_size) / mimi_cfg.sample_rate
-    return (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
-
-
 def encode_audio(models, wav):
     """Mono float32 [S] -> Mimi codes int32 [ceil(S / frame_size), K], frame by frame from a fresh state."""
     F = models.mimi_cfg.frame_size
@@ -192,17 +187,18 @@ def encode_audio(models, wav):
 
 def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> Prompt:
     """voice_prompt: audio of the voice, a saved voice (.pt, as NVIDIA ships them), or None."""
+    sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
     released = mimi.MimiConfig(kv_ring=models.mimi_cfg.kv_ring)          # whichever ring it streams with
     if models.mimi_cfg == released and models.codebooks == len(SILENCE_CODES):
         silence, sine = SILENCE_CODES, SINE_CODES
     else:                                            # not the released Mimi: the same recipe
-        silence = encode_audio(models, np.zeros(models.mimi_cfg.frame_size, np.float32))[0]
-        sine = encode_audio(models, sine_frame(models.mimi_cfg))[0]
+        silence = encode_audio(models, np.zeros(F, np.float32))[0]
+        t = np.arange(F) / sr                        # 80 ms of a 440 Hz sine at 0.5
+        sine = encode_audio(models, (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32))[0]
     voice_codes, saved = None, {}
     if voice_prompt and voice_prompt.endswith(".pt"):
         saved = dict(zip(("embeddings", "cache"), read_voice_pt(voice_prompt, models.lm_cfg)))
     elif voice_prompt:
-        sr = models.mimi_cfg.sample_rate
         voice = mimi.mix_down(mimi.read_audio(voice_prompt, sr))[0]                    # [S]
         voice_codes = encode_audio(models, normalize_loudness(voice, sr, -24.0))
     text_tokens = []
@@ -488,11 +484,6 @@ class WavWriter:
         return self.files.__exit__(*exc)              # close the file, then rename it (or remove it)
 
 
-def write_json(path: str, obj) -> None:
-    with convert.atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-
-
 def numbered(path: str, index: int, count: int) -> str:
     """out.wav -> out-0.wav, out-1.wav, ... when there are several answers (as run_inference.py)."""
     if count == 1:
@@ -653,9 +644,10 @@ def run(args):
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {args.batch_size}, "
         f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
     answers, (start, first, end) = talk(args, models, outs, num_samples, sampling, prompt)
-    write_json(transcript, {"prompt": args.prompt, "seed": args.seed,
-                            "sampling": dataclasses.asdict(sampling), "frame_seconds": F / sr,
-                            "random_init": args.random_init, "answers": answers})
+    with convert.atomic_open(transcript, "w", encoding="utf-8") as f:
+        json.dump({"prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
+                   "frame_seconds": F / sr, "random_init": args.random_init, "answers": answers},
+                  f, ensure_ascii=False, indent=1)
     steady = (end - first) / max(1, n_frames - 1)
     print(f"wrote {', '.join(outs)} ({num_samples / sr:.2f} s) and {transcript}. {n_frames} frames in "
           f"{end - start:.1f} s (first frame {first - start:.1f} s, with compilation"

@@ -67,8 +67,7 @@ def loss_sums(out, codes, text_padding_weight, first_codebook_weight, padding_id
     text_target, audio_target = codes[:, :1], codes[:, 1:1 + dep_q]           # [B, 1, T], [B, dep_q, T]
     is_padding = jnp.isin(text_target, jnp.asarray(padding_ids))
     text_w = jnp.where(is_padding, text_padding_weight, 1.0)
-    # (dep_q may be 0)
-    audio_w = jnp.where(jnp.arange(dep_q) == 0, first_codebook_weight, 1.0)[None, :, None]
+    audio_w = jnp.where(jnp.arange(dep_q) == 0, first_codebook_weight, 1.0)[None, :, None]  # dep_q may be 0
     text_num, text_den = weighted_ce_sums(out["text_logits"], text_target, out["text_mask"], text_w)
     audio_num, audio_den = weighted_ce_sums(out["logits"], audio_target, out["mask"],
                                             jnp.broadcast_to(audio_w, audio_target.shape))
@@ -126,8 +125,7 @@ def lora_targets(params) -> dict:
 
 def init_lora(key, params, rank: int) -> dict:
     """A nested dict mirroring params, with {"a", "b"} (fp32) at every LoRA target."""
-    lora = {}
-    targets = sorted(lora_targets(params).items())
+    lora, targets = {}, sorted(lora_targets(params).items())
     for k, (path, w) in zip(jax.random.split(key, len(targets)), targets):
         *lead, n_out, n_in = w.shape
         bound = 1.0 / math.sqrt(n_in)
@@ -332,12 +330,6 @@ def learning_rate(h: Hyper):
         0.0, h.lr, max(h.warmup_steps, 0), max(h.max_steps, h.warmup_steps + 1), h.lr * h.min_lr_ratio)
 
 
-def make_optimizer(h: Hyper):
-    # AdamW with decay on every trainable weight, as moshi-finetune (torch AdamW on all params).
-    return optax.chain(optax.clip_by_global_norm(h.max_norm),
-                       optax.adamw(learning_rate(h), h.b1, h.b2, h.eps, weight_decay=h.weight_decay))
-
-
 def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, specs):
     """-> jitted step(state, frozen, batch [A, B, 17, T]) -> (state, [loss, text, audio, grad norm])."""
     lora_specs = lora_model(frozen_specs, trainable_specs)[1] if h.lora_rank else None
@@ -357,10 +349,8 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
         def micro(acc, codes):
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, codes)
             return jax.tree.map(jnp.add, acc, grads), metrics
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grads, metrics = jax.lax.scan(micro, zeros, batch)
-        n = batch.shape[0]
-        return jax.tree.map(lambda g: g / n, grads), metrics.mean(axis=0)
+        grads, metrics = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, trainable), batch)
+        return jax.tree.map(lambda g: g / batch.shape[0], grads), metrics.mean(axis=0)
 
     sharded = jax.shard_map(local_grads, mesh=mesh, in_specs=(trainable_specs, frozen_specs, BATCH_SPEC),
                             out_specs=(trainable_specs, P()))
@@ -439,7 +429,9 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
     make_lora = lambda k: init_lora(k, abstract, h.lora_rank)                      # noqa: E731
     lora_specs = adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), fsdp) if h.lora_rank else {}
     frozen_specs, trainable_specs = lora_trees(specs, lora_specs) if h.lora_rank else ({}, specs)
-    tx = make_optimizer(h)
+    # AdamW with decay on every trainable weight, as moshi-finetune (torch AdamW on all params).
+    tx = optax.chain(optax.clip_by_global_norm(h.max_norm),
+                     optax.adamw(learning_rate(h), h.b1, h.b2, h.eps, weight_decay=h.weight_decay))
     step = make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs)
     return Plan(abstract, specs, trainable_specs, frozen_specs, master,
                 jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=shardings(mesh, specs)),
