@@ -231,17 +231,14 @@ def conv_transpose1d(p, spec: Conv, overhang, x):
 # ----------------------------------------------------------------------------------------------
 # SEANet. A residual block is x + conv1x1(elu(conv_k(elu(x)))); the identity skip keeps it causal.
 
-def resblock(p, spec, state, x):
-    s1, h = conv1d(p["conv1"], spec["conv1"], state["conv1"], jax.nn.elu(x))
-    s2, h = conv1d(p["conv2"], spec["conv2"], state["conv2"], jax.nn.elu(h))
-    return {"conv1": s1, "conv2": s2}, x + h
-
-
 def resblocks(p, spec, state, x):
+    """A stage's residual blocks, one after the other (p, spec, state: lists of blocks)."""
     new = []
     for pr, lr, sr in zip(p, spec, state):
-        sr, x = resblock(pr, lr, sr, x)
-        new.append(sr)
+        s1, h = conv1d(pr["conv1"], lr["conv1"], sr["conv1"], jax.nn.elu(x))
+        s2, h = conv1d(pr["conv2"], lr["conv2"], sr["conv2"], jax.nn.elu(h))
+        new.append({"conv1": s1, "conv2": s2})
+        x = x + h
     return new, x
 
 

@@ -162,13 +162,14 @@ def persona_prompt(voice_codes, text_tokens, silence_codes, sine_codes, pad: int
     """voice_codes [n, 8] or None; text_tokens: the wrapped text prompt's token ids (may be empty);
     pad: the LM's text padding id."""
     silence, sine = np.asarray(silence_codes, np.int32), np.asarray(sine_codes, np.int32)
+    gap = (np.full(PROMPT_SILENCE_FRAMES, pad), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1)))   # 0.5 s
     parts = []                                       # (text ids [m], moshi codes [m, 8])
     if voice_codes is not None and len(voice_codes):
         parts.append((np.full(len(voice_codes), pad), np.asarray(voice_codes, np.int32)))
-    parts.append((np.full(PROMPT_SILENCE_FRAMES, pad), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1))))
+    parts.append(gap)
     if len(text_tokens):
         parts.append((np.asarray(text_tokens), np.tile(silence, (len(text_tokens), 1))))
-    parts.append((np.full(PROMPT_SILENCE_FRAMES, pad), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1))))
+    parts.append(gap)
     text = np.concatenate([t for t, _ in parts]).astype(np.int32)
     moshi_codes = np.concatenate([c for _, c in parts])
     return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)))
@@ -599,8 +600,8 @@ def add_weight_flags(g):
     g.add_argument("--mimi-weight", help="Mimi's safetensors (overrides the repo's)")
     g.add_argument("--tokenizer", help="the sentencepiece text tokenizer (overrides the repo's)")
     g.add_argument("--config", help="an LM config.json (overrides the repo's)")
-    g.add_argument("--random-init", metavar="PRESET", help="random weights, for demos and tests: one of "
-                   "moshiko, moshika, personaplex, tiny, tiny_personaplex")
+    g.add_argument("--random-init", metavar="PRESET",
+                   help=f"random weights, for demos and tests: one of {', '.join(moshi.PRESETS)}")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                    help="the LM's dtype (Mimi runs in fp32)")
     g.add_argument("--quantize", choices=("int8",), help="int8 weights for the LM's matrices (per output "
