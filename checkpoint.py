@@ -112,9 +112,7 @@ def place(tree, shardings, dtype=None):
 
 def to_host(x):
     """A global array -> numpy on this host, whole (all processes take part when there are several)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,9 +330,7 @@ def clear(run_dir: str) -> None:
 
 def _everyone(ok: bool) -> bool:
     """True when it holds on every process (so that all of them take the same branch)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+    return ok if jax.process_count() == 1 else bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def newest(run_dir: str, like, this: dict, log=print):

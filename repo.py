@@ -253,12 +253,14 @@ def lm_config(config=None, what: str | None = None):
         raise CheckpointError(f"{what}: {e}") from None
 
 
-_TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "bool": lambda v: isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "str": lambda v: isinstance(v, str),
-          "tuple[int, ...]": lambda v: isinstance(v, (list, tuple))
-          and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)       # True is an int to Python, not here
+
+
+# LMConfig's field types (as written in its annotations) -> does a JSON value have that type
+_TYPES = {"int": _is_int, "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+          "float": lambda v: _is_int(v) or isinstance(v, float),
+          "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)),
           "ttt.TTTConfig": lambda v: isinstance(v, dict)}
 
 
