@@ -619,16 +619,17 @@ def inspect(path) -> None:
 
 def mimi_round_trip(args) -> None:
     """audio in (any rate and channels: resampled to 24 kHz, mixed to mono) -> codes -> audio out."""
+    import audio                     # audio files: the command line's, not the Mimi loader's (mimi + helium)
     for path, what in ((args.output, "output"), (args.codes, "--codes")):
         if path:
             check_writable(path, what)                     # before an hour of audio is encoded
     params, cfg = load_mimi(args.weights)
     mimi._check_codebooks(cfg, args.num_codebooks)
-    wav = mimi.mix_down(mimi.read_audio(args.input, cfg.sample_rate))[None]               # [1, 1, S]
+    wav = audio.mix_down(audio.read_audio(args.input, cfg.sample_rate))[None]               # [1, 1, S]
     S, K = wav.shape[-1], args.num_codebooks
     if args.stream:
         enc, dec, codes, out = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), [], []
-        for frame in mimi.frames_of([wav[0, 0]], S, cfg.frame_size):                     # [frame_size]
+        for frame in audio.frames_of([wav[0, 0]], S, cfg.frame_size):                     # [frame_size]
             enc, c = mimi.encode_step(params, cfg, enc, jnp.asarray(frame)[None, None], K)
             dec, pcm = mimi.decode_step(params, cfg, dec, c)
             codes.append(np.asarray(c))
@@ -640,7 +641,7 @@ def mimi_round_trip(args) -> None:
     if args.codes:
         with atomic_open(args.codes) as f:
             np.save(f, codes.astype(np.int32))
-    mimi.write_audio(args.output, out[0, :, :S], cfg.sample_rate)
+    audio.write_audio(args.output, out[0, :, :S], cfg.sample_rate)
     print(f"{S / cfg.sample_rate:.2f} s of audio -> codes {tuple(codes.shape)} -> {args.output}"
           f"{' (streaming)' if args.stream else ''}")
 

@@ -36,6 +36,7 @@ import numpy as np
 
 import convert
 import depformer
+import audio
 import mimi
 import moshi
 
@@ -163,7 +164,7 @@ def read_manifest(path: str):
     return entries
 
 
-def load_stereo(path: str, read_audio=mimi.read_audio) -> np.ndarray:
+def load_stereo(path: str, read_audio=audio.read_audio) -> np.ndarray:
     """The wav as float32 [2, samples] at 24 kHz, or DataError naming what is wrong with it."""
     if not os.path.exists(path):
         raise DataError(f"{path}: audio file not found")
@@ -229,7 +230,7 @@ def file_tokens(wav, alignments, sp, encode, window_frames: int, lm_cfg) -> tupl
 
 
 def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict: bool = False,
-            lm_cfg=moshi.MOSHIKO, read_audio=mimi.read_audio, meta: dict | None = None,
+            lm_cfg=moshi.MOSHIKO, read_audio=audio.read_audio, meta: dict | None = None,
             log=print) -> dict:
     """Tokenize a whole manifest into out_dir/{tokens/NNNNNN.npy, index.json}; returns the index.
 

@@ -224,7 +224,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Runs a random-weight self-check.")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    tcfg = helium.TransformerConfig(32, 4, 2, int(4.125 * 32), positional_embedding="none", weights_per_step=8)
+    tcfg = helium.TransformerConfig(32, 4, 2, int(4.125 * 32), positional_embedding="none",
+                                    weights_per_step=8)
     cfg = DepformerConfig(num_steps=8, in_dim=64, card=128, text_card=100, transformer=tcfg)
     key, B = jax.random.key(args.seed), 3
     params = init(key, cfg)

@@ -19,7 +19,7 @@ a role in text before the conversation: see `persona_prompt` below.
 Sections, top to bottom: loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt (with
 its saved .pt voices, read without torch); the conversation loop; text display and files; main.
 The weights are found as Kyutai's loader finds them, by `repo.find_checkpoint`; the prompt (any rate
-or channel count) is read lazily by `mimi.read_blocks`.
+or channel count) is read lazily by `audio.read_blocks`.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ import soundfile
 
 import convert
 import helium
+import audio
 import mimi
 import moshi
 import repo
@@ -52,68 +53,6 @@ import repo
 
 class SampleError(Exception):
     """Something the user can fix (a missing file, bad audio, a bad flag): printed without a traceback."""
-
-
-# ----------------------------------------------------------------------------------------------
-# 1. Loudness. PersonaPlex normalises voice prompts to -24 LUFS, the integrated loudness of
-# ITU-R BS.1770-4 (as the pyloudnorm package computes it): K-weight the signal (a +4 dB high shelf
-# at 1.5 kHz modelling the head, then a 38 Hz high-pass), take the mean square over 400 ms blocks
-# every 100 ms, drop blocks under -70 LUFS, then blocks 10 LU under the mean of those left, and
-# report -0.691 + 10 log10(mean square of the kept blocks).
-
-def biquad_coefficients(kind: str, gain_db: float, q: float, fc: float, fs: int):
-    """Audio-EQ-cookbook biquads (R. Bristow-Johnson): returns b [3], a [3] with a[0] = 1."""
-    A, w0 = 10 ** (gain_db / 40), 2 * np.pi * fc / fs
-    alpha, cos = np.sin(w0) / (2 * q), np.cos(w0)
-    if kind == "high_shelf":
-        s = 2 * np.sqrt(A) * alpha
-        b = [A * ((A + 1) + (A - 1) * cos + s), -2 * A * ((A - 1) + (A + 1) * cos),
-             A * ((A + 1) + (A - 1) * cos - s)]
-        a = [(A + 1) - (A - 1) * cos + s, 2 * ((A - 1) - (A + 1) * cos), (A + 1) - (A - 1) * cos - s]
-    elif kind == "high_pass":
-        b = [(1 + cos) / 2, -(1 + cos), (1 + cos) / 2]
-        a = [1 + alpha, -2 * cos, 1 - alpha]
-    else:
-        raise ValueError(kind)
-    return np.asarray(b) / a[0], np.asarray(a) / a[0]
-
-
-def biquad(x, b, a):
-    """y[n] = b0 x[n] + b1 x[n-1] + b2 x[n-2] - a1 y[n-1] - a2 y[n-2] (direct form I, float64)."""
-    y = np.empty(len(x))
-    x1 = x2 = y1 = y2 = 0.0
-    b0, b1, b2, a1, a2 = float(b[0]), float(b[1]), float(b[2]), float(a[1]), float(a[2])
-    for n, xn in enumerate(np.asarray(x, np.float64).tolist()):
-        yn = b0 * xn + b1 * x1 + b2 * x2 - a1 * y1 - a2 * y2
-        x2, x1, y2, y1 = x1, xn, y1, yn
-        y[n] = yn
-    return y
-
-
-def integrated_loudness(x, fs: int) -> float:
-    """BS.1770 integrated loudness of a mono signal, in LUFS (-inf for silence)."""
-    y = biquad(x, *biquad_coefficients("high_shelf", 4.0, 1 / np.sqrt(2), 1500.0, fs))
-    y = biquad(y, *biquad_coefficients("high_pass", 0.0, 0.5, 38.0, fs))
-    block, hop = 0.4 * fs, 0.1 * fs
-    # pyloudnorm rounds the block count, so the last block may run past the end (it is then
-    # a partial sum over a full block's length); we do the same to give the same numbers.
-    count = int(round((len(y) / fs - 0.4) / 0.1)) + 1
-    power = np.array([np.sum(np.square(y[int(i * hop): int(i * hop + block)])) / block for i in range(count)])
-    with np.errstate(divide="ignore"):
-        block_lufs = -0.691 + 10 * np.log10(power)
-        kept = power[block_lufs >= -70.0]
-        if len(kept) == 0:
-            return -math.inf
-        relative_gate = -0.691 + 10 * np.log10(kept.mean()) - 10.0
-        kept = power[(block_lufs > relative_gate) & (block_lufs > -70.0)]
-        return float(-0.691 + 10 * np.log10(kept.mean())) if len(kept) else -math.inf
-
-
-def normalize_loudness(x, fs: int, target_lufs: float = -24.0):
-    loudness = integrated_loudness(x, fs)
-    if not math.isfinite(loudness):
-        raise SampleError("the voice prompt is silent (or shorter than 0.4 s): nothing to normalise")
-    return (x * 10 ** ((target_lufs - loudness) / 20)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +118,7 @@ def encode_audio(models, wav):
     """Mono float32 [S] -> Mimi codes int32 [ceil(S / frame_size), K], frame by frame from a fresh state."""
     F = models.mimi_cfg.frame_size
     state, codes = mimi.encoder_state(models.mimi_cfg, 1), []
-    for frame in mimi.frames_of([wav], len(wav), F):
+    for frame in audio.frames_of([wav], len(wav), F):
         state, c = mimi.encode_step(models.mimi, models.mimi_cfg, state, jnp.asarray(frame)[None, None],
                                     num_codebooks=models.codebooks)
         codes.append(np.asarray(c)[0, :, 0])
@@ -200,8 +139,8 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
     if voice_prompt and voice_prompt.endswith(".pt"):
         saved = dict(zip(("embeddings", "cache"), read_voice_pt(voice_prompt, models.lm_cfg)))
     elif voice_prompt:
-        voice = mimi.mix_down(mimi.read_audio(voice_prompt, sr))[0]                    # [S]
-        voice_codes = encode_audio(models, normalize_loudness(voice, sr, -24.0))
+        voice = audio.mix_down(audio.read_audio(voice_prompt, sr))[0]                    # [S]
+        voice_codes = encode_audio(models, audio.normalize_loudness(voice, sr, -24.0))
     text_tokens = []
     if text_prompt.strip():
         if models.tokenizer is None:
@@ -510,8 +449,9 @@ def load_models(args, log) -> Models:
         models = _load_models(args, log)
     if args.quantize:
         models.lm = jax.device_put(moshi.quantize_int8(models.lm))
-    log(f"LM weights: {sum(x.nbytes for x in jax.tree.leaves(models.lm)) / 1e9:.2f} GB "
-        f"({args.quantize or args.dtype})")
+    size = sum(x.nbytes for x in jax.tree.leaves(models.lm))
+    shown = f"{size / 1e9:.2f} GB" if size > 1e8 else f"{size / 1e6:.1f} MB"
+    log(f"LM weights: {shown} ({args.quantize or args.dtype})")
     return models
 
 
@@ -625,7 +565,7 @@ def main(argv=None):
     try:
         return run(args)
     # what the user can fix: one line, no traceback
-    except (SampleError, convert.CheckpointError, convert.OutputError, mimi.AudioError) as e:
+    except (SampleError, convert.CheckpointError, convert.OutputError, audio.AudioError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -638,7 +578,7 @@ def run(args):
     models = load_models(args, log)
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
     num_samples = (max(1, int(round(args.duration * sr))) if args.duration
-                   else mimi.resampled_length(args.prompt, sr))
+                   else audio.resampled_length(args.prompt, sr))
     prompt = persona_prompt_for(args, models, log)
     sampling = moshi.Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
     n_frames = -(-num_samples // F)
@@ -661,7 +601,7 @@ def run(args):
 def check_outputs(args, log) -> tuple[list[str], str]:
     """Before anything is loaded: the prompt must be readable and every output writable (a bad one
     fails now, not after loading 16 GB of weights and conversing). -> (the wavs, the transcript)."""
-    mimi.resampled_length(args.prompt)
+    audio.audio_info(args.prompt)
     outs = [numbered(args.out, b, args.batch_size) for b in range(args.batch_size)]
     transcript = os.path.splitext(args.out)[0] + ".json"
     # A new folder for the answers is made; one that cannot be made is named by check_writable.
@@ -680,7 +620,7 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
     sr, F, B = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size, args.batch_size
     # The prompt is read block by block, mixed down and resampled on the fly, so a conversation of an
     # hour holds a second of input in memory, not an hour.
-    frames = mimi.frames_of(mimi.read_blocks(args.prompt, sr, mono=True), num_samples, F)
+    frames = audio.frames_of(audio.read_blocks(args.prompt, sr, mono=True), num_samples, F)
     answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": [], "audio_tokens": []}
                for path in outs]
     times = [time.perf_counter()]

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 import checkpoint
 import convert
 import data
+import helium
 import moshi
 
 
@@ -321,13 +322,20 @@ class Hyper:
     lora_scaling: float = 2.0
     compute_dtype: str = "bfloat16"
     remat: bool = True
-    attention: str = "xla"                # or "flash": helium's Pallas kernel for the temporal transformer
+    # the temporal transformer's attention over whole windows: auto = Pallas on TPU, cuDNN on GPU
+    # (16-bit), XLA's elsewhere (helium.default_attention); or xla | flash | cudnn
+    attention: str = "auto"
 
 
 def learning_rate(h: Hyper):
     """Linear warmup from 0, then cosine decay to lr * min_lr_ratio at max_steps."""
     return optax.warmup_cosine_decay_schedule(
         0.0, h.lr, max(h.warmup_steps, 0), max(h.max_steps, h.warmup_steps + 1), h.lr * h.min_lr_ratio)
+
+
+def attention_of(h: Hyper) -> str:
+    """The attention implementation the step runs (h.attention, or by backend for "auto")."""
+    return helium.default_attention(h.compute_dtype) if h.attention == "auto" else h.attention
 
 
 def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, specs):
@@ -340,7 +348,7 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
         view = model_view(params, specs, lora_by_step(lora, cfg), lora_specs, h.lora_scaling,
                           jnp.dtype(h.compute_dtype))
         out = moshi.forward(view, cfg, codes, layer_hook=lambda layer: layer_hook(layer, h.lora_scaling),
-                            remat=h.remat, attention=h.attention)
+                            remat=h.remat, attention=attention_of(h))
         sums = loss_sums(out, codes, h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
         loss, text, audio = loss_from_sums(jax.lax.psum(sums, AXES))       # over the whole global batch
         return loss, jnp.stack([loss, text, audio])
@@ -538,7 +546,7 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
     peak = peak_flops(args)
     print(f"train: mesh {dict(mesh.shape)}, {len(ds)} windows of {T} frames, {A} x {G} windows per step, "
           f"{'LoRA rank %d' % h.lora_rank if h.lora_rank else 'full fine-tuning'}, steps {first + 1}..{last}"
-          + (f", TTT on layers {cfg.ttt.layers}" if cfg.ttt else ""))
+          + (f", TTT on layers {cfg.ttt.layers}" if cfg.ttt else "") + f", attention {attention_of(h)}")
     history, times, batch_sharding = [], [], NamedSharding(mesh, BATCH_SPEC)
     for step in range(first + 1, last + 1):
         ids = data.window_ids(len(ds), args.seed, position, A * G).reshape(A, G)    # [A, G] window ids
@@ -642,7 +650,8 @@ def _hyper_flags(a) -> None:
          help="compute dtype (master weights are fp32)")
     flag("remat", "--no-remat", action="store_false",
          help="keep activations instead of recomputing each layer")
-    flag("attention", choices=["xla", "flash"], help="temporal attention implementation")
+    flag("attention", choices=["auto", *helium.SUPPORTED["attention"]],
+         help="the temporal transformer's attention (auto: Pallas on TPU, cuDNN on GPU, XLA otherwise)")
 
 
 def train_parser():

@@ -1,0 +1,292 @@
+"""audio.py: audio files in and out, in numpy: read any rate and channel count, resample, loudness.
+
+Every program here takes audio from files: sample.py the user's prompt and PersonaPlex's voice
+prompts, data.py moshi-finetune's stereo conversations, `convert.py mimi` a file to round-trip
+through the codec. They all read it here, block by block, in constant memory, resampled on the
+fly by a band-limited (windowed-sinc, polyphase) resampler:
+
+    read_blocks(path, rate, mono)     float32 blocks [channels, n] (or [n]) at `rate`
+    read_audio(path, rate)            the blocks joined: the same samples however the file is read
+    frames_of(blocks, n, frame_size)  a stream cut into codec frames (the last one zero-padded)
+    write_audio(path, wav, rate)      written whole or not at all (a temporary name, then renamed)
+    normalize_loudness(x, rate)       to -24 LUFS (ITU-R BS.1770, as pyloudnorm), for voice prompts
+
+It imports no project file and no JAX (numpy and soundfile), so a script that only reads audio needs
+nothing else; Mimi's frame geometry (24 kHz, 1920-sample frames) comes in as arguments from
+mimi.MimiConfig. `python audio.py in.wav out.wav --rate 16000` resamples a file.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading. A file is read block by block (a second at a time, so an
+# hour of audio costs the memory of a second), mixed down if asked, and resampled on the fly.
+# Resampling is band-limited interpolation: output sample j sits at input time t_j = j * sr_in /
+# sr_out = j * down / up (up/down in lowest terms) and is sum_k x[k] h(t_j - k), h a lowpass sinc
+# cut just below the lower of the two Nyquist rates, tapered by a Kaiser window. t_j has only `up`
+# distinct fractional parts, so h is tabulated once per "phase": a polyphase resampler. t_j is split
+# into integer and fraction in exact integer arithmetic and each output is the same dot product
+# whenever it is computed, so a file resampled block by block equals the file resampled at once.
+
+class AudioError(ValueError):
+    """An audio file that cannot be used: names the file and the problem."""
+
+
+class Resampler:
+    """Streaming resampler: `r(block)` takes input [..., n] and returns the output samples that input
+    completes [..., m] (float32); `r(block, final=True)` also flushes the rest, reading silence past
+    the end. Stopband about -110 dB, passband to 0.94 Nyquist."""
+
+    def __init__(self, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945,
+                 beta: float = 12.0):
+        g = math.gcd(sr_in, sr_out)
+        self.up, self.down = sr_out // g, sr_in // g                  # t_j = j * down / up
+        # the lowpass edge, a fraction of the input Nyquist
+        self.cutoff = rolloff * min(1.0, self.up / self.down)
+        self.half_width = zero_crossings / self.cutoff                # h(tau) = 0 for |tau| > half_width
+        self.beta = beta
+        reach = math.ceil(self.half_width)
+        self.taps = np.arange(-reach, reach + 1)                      # output j reads floor(t_j) + taps
+        # one filter per phase [up, taps]; for rates with no small common divisor, per output instead
+        self.table = (None if self.up > 4096
+                      else self.kernel(np.arange(self.up)[:, None] / self.up - self.taps))
+        self.buffer = None                                            # input [..., n] from index `start` on
+        # input index of the buffer's start, inputs seen, outputs given
+        self.start = self.received = self.produced = 0
+
+    def kernel(self, tau):
+        """h(tau) in float64: the windowed sinc, zero beyond half_width."""
+        u = np.clip(tau / self.half_width, -1.0, 1.0)
+        h = (self.cutoff * np.sinc(self.cutoff * tau) * np.i0(self.beta * np.sqrt(1.0 - u * u))
+             / np.i0(self.beta))
+        return np.where(np.abs(tau) > self.half_width, 0.0, h)
+
+    def outputs_for(self, n_in: int) -> int:
+        """Outputs with t_j < n_in: ceil(n_in * up / down)."""
+        return -(-n_in * self.up // self.down)
+
+    def __call__(self, block, final: bool = False):
+        block = np.asarray(block, np.float32)
+        self.buffer = block if self.buffer is None else np.concatenate([self.buffer, block], axis=-1)
+        self.received += block.shape[-1]
+        end = self.outputs_for(self.received)                         # every output, the input complete
+        if not final:                                                 # those whose right-most tap has arrived
+            end = min(end, max(self.produced, self.outputs_for(self.received - self.taps[-1])))
+        pad = np.zeros(self.buffer.shape[:-1] + (len(self.taps),), np.float32)
+        padded = np.concatenate([pad, self.buffer, pad], axis=-1)    # taps beyond the buffer read silence
+        windows = np.lib.stride_tricks.sliding_window_view(padded, len(self.taps), axis=-1)
+        todo = np.arange(self.produced, end)
+        out = [self._outputs(windows, j) for j in np.array_split(todo, max(1, -(-len(todo) // 1024)))]
+        self.produced = end
+        keep_from = (end * self.down) // self.up + self.taps[0]      # the next output's first tap
+        if keep_from > self.start:
+            self.buffer = self.buffer[..., keep_from - self.start:]
+            self.start = keep_from
+        return np.concatenate(out, axis=-1).astype(np.float32)
+
+    def _outputs(self, windows, j):
+        """Outputs j [m] from windows [..., positions, taps] of the zero-padded buffer -> [..., m]."""
+        base, phase = (j * self.down) // self.up, (j * self.down) % self.up
+        x = windows[..., base + self.taps[0] - self.start + len(self.taps), :]       # [..., m, taps]
+        h = self.table[phase] if self.table is not None else self.kernel(phase[:, None] / self.up - self.taps)
+        return np.sum(x * h, axis=-1)                                                          # float64
+
+
+def resample(x, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945,
+             beta: float = 12.0):
+    """x [..., S] -> float32 [..., ceil(S * sr_out / sr_in)], in one go (Resampler, fed once)."""
+    x = np.asarray(x, np.float32)
+    if sr_in == sr_out:
+        return x
+    return Resampler(sr_in, sr_out, zero_crossings, rolloff, beta)(x, final=True)
+
+
+def audio_info(path) -> tuple[int, int, int]:
+    """(sample_rate, samples, channels) of an audio file, or an AudioError saying why not."""
+    import soundfile as sf
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: cannot read audio (no such audio file)")
+    try:
+        info = sf.info(path)
+    except Exception as e:   # soundfile raises LibsndfileError, RuntimeError, TypeError or OSError
+        raise AudioError(f"{path}: cannot read audio ({e})") from e
+    if info.frames <= 0 or info.channels <= 0 or info.samplerate <= 0:
+        raise AudioError(f"{path}: the file holds no audio samples")
+    return info.samplerate, info.frames, info.channels
+
+
+def resampled_length(path, sample_rate: int) -> int:
+    """How many samples read_audio / read_blocks give at `sample_rate`, from the header alone."""
+    sr, samples, _ = audio_info(path)
+    return -(-samples * sample_rate // sr)
+
+
+def read_blocks(path, sample_rate: int | None, mono: bool = False, block_seconds: float = 1.0):
+    """Yield a file as float32 blocks [channels, n] at `sample_rate` (None: the file's), one block
+    of input read at a time. mono: the channels' average [n], taken before resampling (one channel
+    to resample instead of several)."""
+    import soundfile as sf
+    sr, _, _ = audio_info(path)
+    resampler = None if sample_rate in (None, sr) else Resampler(sr, sample_rate)
+    blocksize = max(1, int(sr * block_seconds))
+    try:
+        with sf.SoundFile(os.fspath(path)) as f:
+            while True:
+                block = f.read(blocksize, dtype="float32", always_2d=True).T                  # [channels, n]
+                final = block.shape[1] < blocksize
+                if mono:
+                    block = block.mean(axis=0)
+                if resampler is not None:
+                    block = resampler(block, final=final)
+                if block.shape[-1]:
+                    yield block
+                if final:
+                    return
+    except (RuntimeError, TypeError, OSError) as e:      # a file that breaks off: soundfile's errors
+        raise AudioError(f"{path}: cannot read audio ({e})") from e
+
+
+def read_audio(path, sample_rate: int | None) -> np.ndarray:
+    """Any file soundfile reads -> float32 [channels, samples], resampled to `sample_rate` (None: keep).
+    The blocks of read_blocks, joined: the same samples however the file is read."""
+    return np.concatenate(list(read_blocks(path, sample_rate)), axis=-1)
+
+
+def mix_down(wav) -> np.ndarray:
+    """[..., channels, samples] -> [..., 1, samples], the average of the channels."""
+    return np.asarray(wav, np.float32).mean(axis=-2, keepdims=True)
+
+
+def frames_of(blocks, num_samples: int, frame_size: int):
+    """Cut a stream of mono blocks [n] into ceil(num_samples / frame_size) frames [frame_size] for
+    mimi.encode_step: the stream is cut at `num_samples`, or continued with silence up to it, and
+    the last frame zero-padded (as mimi.encode pads)."""
+    blocks, buf, given = iter(blocks), np.zeros(0, np.float32), 0
+    for _ in range(-(-num_samples // frame_size)):
+        while len(buf) < frame_size:
+            block = next(blocks, None) if given < num_samples else None
+            if block is None:                        # past the end of the stream, or of num_samples
+                block = np.zeros(frame_size - len(buf), np.float32)
+            else:
+                block = block[: num_samples - given]
+                given += len(block)
+            buf = np.concatenate([buf, block])
+        yield buf[:frame_size]
+        buf = buf[frame_size:]
+
+
+def write_audio(path, wav, sample_rate: int) -> None:
+    """Write [channels, samples] (or [samples], or [1, channels, samples]) atomically, clipped to [-1, 1]."""
+    import soundfile as sf
+    wav = np.asarray(wav, np.float32)
+    if wav.ndim == 3 and wav.shape[0] == 1:
+        wav = wav[0]
+    if wav.ndim == 1:
+        wav = wav[None]
+    if wav.ndim != 2:
+        raise AudioError(f"{path}: expected audio [channels, samples], got shape {wav.shape}")
+    # Written under a temporary name beside `path`, then renamed: a crash leaves no half file. (The
+    # other scripts use convert.atomic_path; mimi.py imports nothing but helium.py.) soundfile
+    # creates the file itself, so it gets the usual permissions, and reads the format off its suffix.
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}{'' if os.path.splitext(name)[1] else '.wav'}")
+    try:
+        sf.write(tmp, np.clip(wav, -1.0, 1.0).T, sample_rate)
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, (TypeError, ValueError, RuntimeError)):
+            raise AudioError(f"{path}: cannot write audio ({e})") from e
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Loudness. PersonaPlex normalises voice prompts to -24 LUFS, the integrated loudness of
+# ITU-R BS.1770-4 (as the pyloudnorm package computes it): K-weight the signal (a +4 dB high shelf
+# at 1.5 kHz modelling the head, then a 38 Hz high-pass), take the mean square over 400 ms blocks
+# every 100 ms, drop blocks under -70 LUFS, then blocks 10 LU under the mean of those left, and
+# report -0.691 + 10 log10(mean square of the kept blocks).
+
+def biquad_coefficients(kind: str, gain_db: float, q: float, fc: float, fs: int):
+    """Audio-EQ-cookbook biquads (R. Bristow-Johnson): returns b [3], a [3] with a[0] = 1."""
+    A, w0 = 10 ** (gain_db / 40), 2 * np.pi * fc / fs
+    alpha, cos = np.sin(w0) / (2 * q), np.cos(w0)
+    if kind == "high_shelf":
+        s = 2 * np.sqrt(A) * alpha
+        b = [A * ((A + 1) + (A - 1) * cos + s), -2 * A * ((A - 1) + (A + 1) * cos),
+             A * ((A + 1) + (A - 1) * cos - s)]
+        a = [(A + 1) - (A - 1) * cos + s, 2 * ((A - 1) - (A + 1) * cos), (A + 1) - (A - 1) * cos - s]
+    elif kind == "high_pass":
+        b = [(1 + cos) / 2, -(1 + cos), (1 + cos) / 2]
+        a = [1 + alpha, -2 * cos, 1 - alpha]
+    else:
+        raise ValueError(kind)
+    return np.asarray(b) / a[0], np.asarray(a) / a[0]
+
+
+def biquad(x, b, a):
+    """y[n] = b0 x[n] + b1 x[n-1] + b2 x[n-2] - a1 y[n-1] - a2 y[n-2] (direct form I, float64)."""
+    y = np.empty(len(x))
+    x1 = x2 = y1 = y2 = 0.0
+    b0, b1, b2, a1, a2 = float(b[0]), float(b[1]), float(b[2]), float(a[1]), float(a[2])
+    for n, xn in enumerate(np.asarray(x, np.float64).tolist()):
+        yn = b0 * xn + b1 * x1 + b2 * x2 - a1 * y1 - a2 * y2
+        x2, x1, y2, y1 = x1, xn, y1, yn
+        y[n] = yn
+    return y
+
+
+def integrated_loudness(x, fs: int) -> float:
+    """BS.1770 integrated loudness of a mono signal, in LUFS (-inf for silence)."""
+    y = biquad(x, *biquad_coefficients("high_shelf", 4.0, 1 / np.sqrt(2), 1500.0, fs))
+    y = biquad(y, *biquad_coefficients("high_pass", 0.0, 0.5, 38.0, fs))
+    block, hop = 0.4 * fs, 0.1 * fs
+    # pyloudnorm rounds the block count, so the last block may run past the end (it is then
+    # a partial sum over a full block's length); we do the same to give the same numbers.
+    count = int(round((len(y) / fs - 0.4) / 0.1)) + 1
+    power = np.array([np.sum(np.square(y[int(i * hop): int(i * hop + block)])) / block for i in range(count)])
+    with np.errstate(divide="ignore"):
+        block_lufs = -0.691 + 10 * np.log10(power)
+        kept = power[block_lufs >= -70.0]
+        if len(kept) == 0:
+            return -math.inf
+        relative_gate = -0.691 + 10 * np.log10(kept.mean()) - 10.0
+        kept = power[(block_lufs > relative_gate) & (block_lufs > -70.0)]
+        return float(-0.691 + 10 * np.log10(kept.mean())) if len(kept) else -math.inf
+
+
+def normalize_loudness(x, fs: int, target_lufs: float = -24.0):
+    loudness = integrated_loudness(x, fs)
+    if not math.isfinite(loudness):
+        raise AudioError("the voice prompt is silent (or shorter than 0.4 s): nothing to normalise")
+    return (x * 10 ** ((target_lufs - loudness) / 20)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: resample a file (any rate and channels in; mono with --mono).
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("input")
+    ap.add_argument("output")
+    ap.add_argument("--rate", type=int, required=True, help="the output's sample rate (Mimi's: 24000)")
+    ap.add_argument("--mono", action="store_true", help="mix the channels down")
+    args = ap.parse_args(argv)
+    try:
+        wav = read_audio(args.input, args.rate)
+        write_audio(args.output, mix_down(wav) if args.mono else wav, args.rate)
+    except AudioError as e:
+        raise SystemExit(f"audio.py: {e}")
+    print(f"{args.input} -> {args.output}: {wav.shape[-1] / args.rate:.2f} s at {args.rate} Hz")
+
+
+if __name__ == "__main__":
+    main()
