@@ -361,6 +361,13 @@ def newest(run_dir: str, like, this: dict, log=print):
     return None
 
 
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def tidy(run_dir: str, step: int) -> None:
     """Before the first step (process 0): checkpoints/ made, the leftovers of an interrupted save
     (.tmp) removed, and the metrics logged after `step` dropped (the run logs those steps again)."""
@@ -373,8 +380,8 @@ def tidy(run_dir: str, step: int) -> None:
             shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
     metrics = os.path.join(run_dir, METRICS)
     if os.path.exists(metrics):
-        with open(metrics) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(metrics) as f:  # a line cut short by the interruption is dropped, not fatal
+            kept = [line for line in f if _logged_step(line) <= step]
         with convert.atomic_open(metrics, "w") as f:
             f.writelines(kept)
 

@@ -2272,6 +2272,17 @@ def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
         assert all(np.array_equal(np.asarray(back[k]), np.asarray(state[k])) for k in state)
 
 
+def test_checkpoint_tidy_drops_later_metrics_and_a_line_cut_short(tmp_path):
+    """Resuming at step 2: the steps logged after it and a last line the interruption cut in half
+    are dropped (the run logs them again); an unfinished save (.tmp) is removed."""
+    lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 4, "lo')
+    (tmp_path / "checkpoints" / "step_000003.tmp").mkdir(parents=True)
+    checkpoint.tidy(str(tmp_path), 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines[:2])
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
 def test_train_init_from_accepts_what_hf_repo_accepts(tmp_path, monkeypatch):
     """--init-from is resolved by repo.find_checkpoint, as sample.py's --hf-repo: a .safetensors
     file (with the config.json beside it), a repo folder holding only the LM, a Hugging Face id (of
