@@ -43,9 +43,9 @@ FLAGS = {"repo": "--hf-repo", "moshi": "--moshi-weight", "mimi": "--mimi-weight"
 @dataclasses.dataclass
 class Checkpoint:
     moshi: str                    # path of the LM's safetensors
-    mimi: str | None              # path of Mimi's safetensors (None when only the LM was asked for)
-    tokenizer: str | None         # path of the sentencepiece model (idem)
-    config: dict | None           # config.json without the file names (None: there is none)
+    mimi: str | None = None       # path of Mimi's safetensors (None when only the LM was asked for)
+    tokenizer: str | None = None  # path of the sentencepiece model (idem)
+    config: dict | None = None    # config.json without the file names (None: there is none)
     mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any (see mimi_config)
     model_type: str = "moshi"         # config.json's (see CONVERSATION_MODEL_TYPES)
 
@@ -62,40 +62,32 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     (defaults: FLAGS). Problems raise CheckpointError saying what is missing and how to give it.
     """
     flags = dict(FLAGS, **(flags or {}))
-    repo = None if repo is None else os.path.expanduser(repo)      # no Hugging Face id starts with ~
-    if repo is not None and os.path.isfile(repo):         # one LM file: its folder plays the repo
+    repo = repo and os.path.expanduser(repo)                   # no Hugging Face id starts with ~
+    if repo and os.path.isfile(repo):                     # one LM file: its folder plays the repo
         moshi, repo = moshi or repo, os.path.dirname(os.path.abspath(repo))
     standalone = repo is None and moshi and (lm_only or (mimi and tokenizer))
     if standalone:                                         # names in `config` are relative to it
         folder = os.path.dirname(os.path.abspath(config)) if config else os.getcwd()
-        get = lambda name, optional=False: os.path.join(folder, name)     # noqa: E731
+        get = lambda name: os.path.join(folder, name)     # noqa: E731
     else:
         get = repo_files(repo or DEFAULT_REPO, flags, lm_only)
-    raw = None
-    if config:
-        raw = _read_json(config, flags["config"])
-    elif not standalone:
-        path = get("config.json", optional=True)
-        raw = _read_json(path, "config.json") if path else None
-    lm_config = dict(raw or {})
-    names = {"moshi": lm_config.pop("moshi_name", MOSHI_NAME), "mimi": lm_config.pop("mimi_name", MIMI_NAME),
-             "tokenizer": lm_config.pop("tokenizer_name", TOKENIZER_NAME)}
-    mimi_config_name = lm_config.pop("mimi_config_name", None)
-    model_type = lm_config.pop("model_type", "moshi")
+    path = config or (None if standalone else get("config.json", optional=True))   # the repo's, if any
+    raw = _read_json(path, flags["config"] if config else "config.json") if path else {}
+    model_type = raw.get("model_type", "moshi")
     if model_type not in CONVERSATION_MODEL_TYPES:
         raise CheckpointError(f"config.json says model_type={model_type!r}; only conversation models run "
                               f"here (model_type 'moshi': Moshiko, Moshika; 'personaplex': PersonaPlex)")
-    for key in NOT_LM_KWARGS:
-        lm_config.pop(key, None)                           # file names and tool settings, not the LM's
+    names = {"moshi": raw.get("moshi_name", MOSHI_NAME), "mimi": raw.get("mimi_name", MIMI_NAME),
+             "tokenizer": raw.get("tokenizer_name", TOKENIZER_NAME)}
     given = {"moshi": moshi} if lm_only else {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
     for what, path in given.items():
         if path is not None and not os.path.isfile(path):
             raise CheckpointError(f"{flags[what]}: no such file {path!r}")
     files = {what: given[what] or get(names[what]) for what in given}
-    read_mimi_config = mimi_config_name and not lm_only
-    return Checkpoint(files["moshi"], files.get("mimi"), files.get("tokenizer"), lm_config if raw else None,
-                      _read_json(get(mimi_config_name), mimi_config_name) if read_mimi_config else None,
-                      model_type)
+    mimi_json = None if lm_only else raw.get("mimi_config_name")
+    lm_kwargs = {k: v for k, v in raw.items() if k not in NOT_LM_KWARGS}    # file names and tool settings out
+    return Checkpoint(**files, config=lm_kwargs if raw else None, model_type=model_type,
+                      mimi_config=_read_json(get(mimi_json), mimi_json) if mimi_json else None)
 
 
 # Kyutai's repos say "moshi"; NVIDIA's PersonaPlex repo ships only {"model_type": "personaplex",
