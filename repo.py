@@ -95,7 +95,7 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
 CONVERSATION_MODEL_TYPES = ("moshi", "personaplex")
 
 
-def repo_files(repo: str, flags=FLAGS, lm_only=False):
+def repo_files(repo: str, flags: dict, lm_only: bool):
     """A function `get(name, optional=False) -> path or None` over a local directory or an HF repo."""
     if os.path.isdir(repo):
         return _local_files(repo, lm_only)
@@ -283,10 +283,7 @@ def _lm_kwargs(config: dict, what: str, fields: dict) -> dict:
             raise CheckpointError(f"{what}: {name}={value!r} should be {fields[name].type}")
     for name in _INHERITED_BY_DEPFORMER:
         kw.setdefault("depformer_" + name, kw.get(name, fields[name].default))
-    for name in ("delays", "depformer_weights_per_step_schedule"):
-        if kw.get(name) is not None:
-            kw[name] = tuple(kw[name])
-    return kw
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}   # the tuple[int, ...] fields
 
 
 # LMConfig fields that are ours, not Kyutai's kwargs (its LMModel would refuse them): a config.json
@@ -299,10 +296,9 @@ def lm_config_dict(cfg) -> dict:
     the model has TTT layers or streams with NVIDIA's KV ring: then a "ttt" entry holds their
     ttt.TTTConfig and "kv_ring" says "personaplex", which only we read)."""
     d = dataclasses.asdict(cfg)
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for name in _OUR_LM_FIELDS:
-        if getattr(cfg, name) == defaults[name]:
-            del d[name]
+    for f in dataclasses.fields(cfg):
+        if f.name in _OUR_LM_FIELDS and getattr(cfg, f.name) == f.default:
+            del d[f.name]
     return json.loads(json.dumps(d))                  # tuples -> lists, at any depth
 
 
@@ -330,16 +326,15 @@ def lm_config_for(ckpt: Checkpoint, log=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("repo", nargs="?", default=DEFAULT_REPO,
-                    help="a Hugging Face id, a repo folder or an LM file")
+    ap.add_argument("repo", nargs="?", help="a Hugging Face id, a repo folder or an LM file")
     ap.add_argument("--lm-only", action="store_true", help="only the LM (what train.py --init-from reads)")
     args = ap.parse_args(argv)
     try:
         ckpt = find_checkpoint(args.repo, lm_only=args.lm_only)
     except CheckpointError as e:
         raise SystemExit(f"repo.py: {e}")
-    for field in dataclasses.fields(ckpt):
-        print(f"{field.name}: {json.dumps(getattr(ckpt, field.name))}")
+    for name, value in dataclasses.asdict(ckpt).items():
+        print(f"{name}: {json.dumps(value)}")
 
 
 if __name__ == "__main__":
