@@ -71,8 +71,8 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
         get = lambda name: os.path.join(folder, name)     # noqa: E731
     else:
         get = repo_files(repo or DEFAULT_REPO, flags, lm_only)
-    path = config or (None if standalone else get("config.json", optional=True))   # the repo's, if any
-    raw = _read_json(path, flags["config"] if config else "config.json") if path else {}
+    config_path = config or (None if standalone else get("config.json", optional=True))   # the repo's, if any
+    raw = _read_json(config_path, flags["config"] if config else "config.json") if config_path else {}
     model_type = raw.get("model_type", "moshi")
     if model_type not in CONVERSATION_MODEL_TYPES:
         raise CheckpointError(f"config.json says model_type={model_type!r}; only conversation models run "
@@ -96,18 +96,14 @@ CONVERSATION_MODEL_TYPES = ("moshi", "personaplex")
 
 
 def repo_files(repo: str, flags: dict, lm_only: bool):
-    """A function `get(name, optional=False) -> path or None` over a local directory or an HF repo."""
-    if os.path.isdir(repo):
-        return _local_files(repo, lm_only)
-    # A Hugging Face id is `name` or `owner/name`: anything else was meant as a local path.
-    if (os.path.isabs(repo) or repo.startswith((".", "~")) or repo.count("/") > 1
-            or repo.endswith(".safetensors")):
-        raise CheckpointError(f"{flags['repo']}: no such file or directory {repo!r}")
-    return _hub_files(repo, flags, lm_only)
-
-
-def _local_files(repo: str, lm_only: bool):
-    """repo_files' `get` over a local repo directory: a missing file names what the folder should hold."""
+    """A function `get(name, optional=False) -> path or None` over a local directory or an HF repo.
+    In a directory, a missing file names what the folder should hold."""
+    if not os.path.isdir(repo):
+        # A Hugging Face id is `name` or `owner/name`: anything else was meant as a local path.
+        if (os.path.isabs(repo) or repo.startswith((".", "~")) or repo.count("/") > 1
+                or repo.endswith(".safetensors")):
+            raise CheckpointError(f"{flags['repo']}: no such file or directory {repo!r}")
+        return _hub_files(repo, flags, lm_only)
     holds = MOSHI_NAME if lm_only else f"{MOSHI_NAME}, {MIMI_NAME} and {TOKENIZER_NAME}"
 
     def get_local(name, optional=False):
@@ -121,7 +117,7 @@ def _local_files(repo: str, lm_only: bool):
     return get_local
 
 
-def _hub_files(repo: str, flags, lm_only: bool):
+def _hub_files(repo: str, flags: dict, lm_only: bool):
     """repo_files' `get` over a Hugging Face repo (downloaded into the standard cache): each way a
     download can fail becomes a CheckpointError that says what to do instead."""
     try:
