@@ -84,10 +84,10 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
         if path is not None and not os.path.isfile(path):
             raise CheckpointError(f"{flags[what]}: no such file {path!r}")
     files = {what: given[what] or get(names[what]) for what in given}
-    mimi_json = None if lm_only else raw.get("mimi_config_name")
+    mimi_json_name = None if lm_only else raw.get("mimi_config_name")
     lm_kwargs = {k: v for k, v in raw.items() if k not in NOT_LM_KWARGS}    # file names and tool settings out
     return Checkpoint(**files, config=lm_kwargs if raw else None, model_type=model_type,
-                      mimi_config=_read_json(get(mimi_json), mimi_json) if mimi_json else None)
+                      mimi_config=_read_json(get(mimi_json_name), mimi_json_name) if mimi_json_name else None)
 
 
 # Kyutai's repos say "moshi"; NVIDIA's PersonaPlex repo ships only {"model_type": "personaplex",
@@ -194,7 +194,7 @@ def mimi_config(d: dict):
         ratios, q = tuple(int(r) for r in d["seanet"]["ratios"]), d["quantizer"]
         stride = d["sample_rate"] / math.prod(ratios) / d["frame_rate"]      # encoder rate / codec frame rate
         return mimi.MimiConfig(**kw, sample_rate=d["sample_rate"], channels=d["channels"], ratios=ratios,
-                               downsample_stride=int(round(stride)), codebook_dim=q["dimension"],
+                               downsample_stride=round(stride), codebook_dim=q["dimension"],
                                codebook_size=q["bins"], num_quantizers=q["n_q"])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"Mimi config: missing or bad entry {e}") from None
