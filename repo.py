@@ -71,7 +71,7 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
         get = lambda name: os.path.join(folder, name)     # noqa: E731
     else:
         get = repo_files(repo or DEFAULT_REPO, flags, lm_only)
-    config_path = config or (None if standalone else get("config.json", optional=True))   # the repo's, if any
+    config_path = config or (None if standalone else get("config.json", optional=True))  # or the repo's
     raw = _read_json(config_path, flags["config"] if config else "config.json") if config_path else {}
     model_type = raw.get("model_type", "moshi")
     if model_type not in CONVERSATION_MODEL_TYPES:
