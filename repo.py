@@ -159,9 +159,12 @@ def _hub_files(repo: str, flags: dict, lm_only: bool):
 def _read_json(path, what):
     try:
         with open(path) as f:
-            return json.load(f)
+            out = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {what} ({path}): {e}") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{what} ({path}) holds a JSON {type(out).__name__}, not an object")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
