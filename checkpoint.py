@@ -190,8 +190,8 @@ def _reading(file: str):
 
 def step_of(path: str) -> int | None:
     """step_000012 -> 12; None for any other name (step_000012.tmp, step_000012.corrupt, ...)."""
-    digits = os.path.basename(path)[len("step_"):]
-    return int(digits) if os.path.basename(path).startswith("step_") and digits.isdigit() else None
+    head, _, digits = os.path.basename(path).partition("_")
+    return int(digits) if head == "step" and digits.isdigit() else None
 
 
 def list_dir(ckpt_dir: str) -> list[str]:
@@ -303,8 +303,6 @@ def begin(run_dir: str, like, resume: bool, overwrite: bool, this: dict, log=pri
         clear(run_dir)
     found = newest(run_dir, like, this, log) if resume else None
     meta, state = found or ({"step": 0, "data_position": 0}, like)
-    if resume and found is None:
-        log(f"resume: no checkpoint in {run_dir}, starting from step 0")
     tidy(run_dir, meta["step"])
     return state, meta["step"], meta["data_position"]
 
@@ -325,8 +323,8 @@ def _everyone(ok: bool) -> bool:
 
 
 def newest(run_dir: str, like, this: dict, log=print):
-    """-> (meta, state) of the newest checkpoint in run_dir that can be read, or None if there is
-    none at all. One of another run (SAME_RUN differs from `this`) is an error, not a reason to
+    """-> (meta, state) of the newest checkpoint in run_dir that can be read, or None (said in the
+    log: the run starts from step 0) if there is none at all. One of another run (SAME_RUN differs from `this`) is an error, not a reason to
     fall back. One that cannot be read is named in a one-line warning, left where it is, and the
     one before it is tried; if none can be read, CorruptCheckpoint."""
     field = lambda meta, k: meta[k] if k in meta else meta.get("hyper", {}).get(k)    # noqa: E731
@@ -349,6 +347,7 @@ def newest(run_dir: str, like, this: dict, log=print):
     if found:
         raise CorruptCheckpoint(f"resume: none of the {len(found)} checkpoints in {ckpt_dir} can be read "
                                 "(see the warnings above); --overwrite starts over")
+    log(f"resume: no checkpoint in {run_dir}, starting from step 0")
     return None
 
 
