@@ -128,17 +128,16 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _pieces(state) -> tuple[dict, dict]:
-    """-> ({"leaf@start": this process's shard as numpy}, {leaf: its global shape and dtype})."""
-    pieces, leaves = {}, {}
+def _pieces(state) -> dict:
+    """-> {"leaf@start": this process's shard as numpy}."""
+    pieces = {}
     for name, x in named_leaves(state):
-        leaves[name] = {"shape": list(x.shape), "dtype": str(x.dtype)}
         for shard in x.addressable_shards:
             if shard.replica_id == 0:                       # one copy of each block, whoever holds it
                 start = ",".join(str(s.start or 0) for s in shard.index)
                 local = np.asarray(shard.data)
                 pieces[f"{name}@{start}"] = local.view(np.uint16) if local.dtype == jnp.bfloat16 else local
-    return pieces, leaves
+    return pieces
 
 
 def save(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
@@ -152,11 +151,11 @@ def save(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(f"ckpt-mkdir-{step}")
-    pieces, leaves = _pieces(state)
     with convert.atomic_open(os.path.join(tmp, f"process_{jax.process_index():05d}.npz")) as f:
-        np.savez(f, **pieces)
+        np.savez(f, **_pieces(state))
     _barrier(f"ckpt-written-{step}")
-    if first_process:
+    if first_process:                                   # meta.json: every leaf's global shape and dtype
+        leaves = {name: {"shape": list(x.shape), "dtype": str(x.dtype)} for name, x in named_leaves(state)}
         with convert.atomic_open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, leaves=leaves, processes=jax.process_count()), f, indent=1)
         convert.fsync(tmp)
@@ -324,9 +323,10 @@ def _everyone(ok: bool) -> bool:
 
 def newest(run_dir: str, like, this: dict, log=print):
     """-> (meta, state) of the newest checkpoint in run_dir that can be read, or None (said in the
-    log: the run starts from step 0) if there is none at all. One of another run (SAME_RUN differs from `this`) is an error, not a reason to
-    fall back. One that cannot be read is named in a one-line warning, left where it is, and the
-    one before it is tried; if none can be read, CorruptCheckpoint."""
+    log: the run starts from step 0) if there is none at all. One of another run (SAME_RUN differs
+    from `this`) is an error, not a reason to fall back. One that cannot be read is named in a
+    one-line warning, left where it is, and the one before it is tried; if none can be read,
+    CorruptCheckpoint."""
     field = lambda meta, k: meta[k] if k in meta else meta.get("hyper", {}).get(k)    # noqa: E731
     ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
     found = list_dir(ckpt_dir)
