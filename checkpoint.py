@@ -63,12 +63,12 @@ import ttt
 def multi_process_launcher(env=os.environ) -> str | None:
     """The launcher that started this program as one of several processes, if any: then
     jax.distributed.initialize() finds the others by itself (its cluster auto-detection)."""
-    count = lambda names: max(len([h for h in env.get(n, "").split(",") if h]) for n in names)   # noqa: E731
     if "SLURM_JOB_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         return "Slurm (srun)"        # a job step of several tasks: not sbatch's script, not salloc's shell
     if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return "Open MPI (mpirun)"   # Open MPI <= 4, what JAX detects; with 5, pass --coordinator-address
-    tpu_hosts = count(("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"))
+    tpu_hosts = max(len([h for h in env.get(n, "").split(",") if h])
+                    for n in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"))
     if tpu_hosts > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return "a multi-host TPU slice"
     return None
@@ -89,13 +89,11 @@ def join_hosts(args) -> None:
     started by hand, libtpu already joins the hosts; --distributed adds JAX's coordination service.)"""
     explicit = args.distributed or args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     launcher = None if explicit else multi_process_launcher()
+    if launcher:
+        print(f"started by {launcher}: jax.distributed.initialize()", flush=True)
     if explicit or launcher:
-        given = (("coordinator_address", args.coordinator_address), ("num_processes", args.num_processes),
-                 ("process_id", args.process_id))
-        kw = {k: v for k, v in given if v is not None}
-        if launcher:
-            print(f"started by {launcher}: jax.distributed.initialize()", flush=True)
-        jax.distributed.initialize(**kw)
+        given = ("coordinator_address", "num_processes", "process_id")
+        jax.distributed.initialize(**{k: getattr(args, k) for k in given if getattr(args, k) is not None})
 
 
 def place(tree, shardings, dtype=None):
@@ -130,17 +128,16 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _pieces(state) -> tuple[dict, dict]:
-    """-> ({"leaf@start": this process's shard as numpy}, {leaf: its global shape and dtype})."""
-    pieces, leaves = {}, {}
+def _pieces(state) -> dict:
+    """-> {"leaf@start": this process's shard as numpy}."""
+    pieces = {}
     for name, x in named_leaves(state):
-        leaves[name] = {"shape": list(x.shape), "dtype": str(x.dtype)}
         for shard in x.addressable_shards:
             if shard.replica_id == 0:                       # one copy of each block, whoever holds it
                 start = ",".join(str(s.start or 0) for s in shard.index)
                 local = np.asarray(shard.data)
                 pieces[f"{name}@{start}"] = local.view(np.uint16) if local.dtype == jnp.bfloat16 else local
-    return pieces, leaves
+    return pieces
 
 
 def save(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
@@ -154,11 +151,11 @@ def save(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(f"ckpt-mkdir-{step}")
-    pieces, leaves = _pieces(state)
     with convert.atomic_open(os.path.join(tmp, f"process_{jax.process_index():05d}.npz")) as f:
-        np.savez(f, **pieces)
+        np.savez(f, **_pieces(state))
     _barrier(f"ckpt-written-{step}")
-    if first_process:
+    if first_process:                                   # meta.json: every leaf's global shape and dtype
+        leaves = {name: {"shape": list(x.shape), "dtype": str(x.dtype)} for name, x in named_leaves(state)}
         with convert.atomic_open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, leaves=leaves, processes=jax.process_count()), f, indent=1)
         convert.fsync(tmp)
@@ -186,23 +183,20 @@ class CorruptCheckpoint(ValueError):
 def _reading(file: str):
     try:
         yield
-    except CorruptCheckpoint:
-        raise
     except (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
         raise CorruptCheckpoint(f"{file} is corrupt or unreadable ({type(e).__name__}: {e})") from None
 
 
 def step_of(path: str) -> int | None:
     """step_000012 -> 12; None for any other name (step_000012.tmp, step_000012.corrupt, ...)."""
-    digits = os.path.basename(path)[len("step_"):]
-    return int(digits) if os.path.basename(path).startswith("step_") and digits.isdigit() else None
+    head, _, digits = os.path.basename(path).partition("_")
+    return int(digits) if head == "step" and digits.isdigit() else None
 
 
 def list_dir(ckpt_dir: str) -> list[str]:
     """Complete checkpoints, oldest first (half-written .tmp directories are not checkpoints)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    paths = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if step_of(n) is not None]
+    names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    paths = [os.path.join(ckpt_dir, n) for n in names if step_of(n) is not None]
     return sorted((p for p in paths if os.path.exists(os.path.join(p, "meta.json"))), key=step_of)
 
 
@@ -210,7 +204,7 @@ def read_meta(path: str) -> dict:
     file = os.path.join(path, "meta.json")
     with _reading(file), open(file) as f:
         meta = json.load(f)
-        if not (isinstance(meta, dict) and all(k in meta for k in ("step", "leaves", "processes"))):
+        if not (isinstance(meta, dict) and {"step", "leaves", "processes"} <= meta.keys()):
             raise ValueError("not a checkpoint's meta.json: it lacks step, leaves or processes")
     return meta
 
@@ -230,28 +224,25 @@ def load(path: str, like):
 
     def restore(path_, x):
         name = jax.tree_util.keystr(path_)
-        info = meta["leaves"].get(name)
-        if info is None or tuple(info["shape"]) != x.shape:
-            found = None if info is None else tuple(info["shape"])
+        found = tuple(meta["leaves"][name]["shape"]) if name in meta["leaves"] else None
+        if found != x.shape:
             raise ValueError(f"checkpoint {path}: state leaf {name} has shape {x.shape}, "
                              f"checkpoint has {found}")
-        dtype = np.dtype(jnp.dtype(info["dtype"]))
-        where = f"{path}: {name}"
-        read = lambda idx: _assemble(pieces.get(name, []), idx, x.shape, dtype, where)       # noqa: E731
-        return jax.make_array_from_callback(x.shape, x.sharding, lambda index: read(index).astype(x.dtype))
+        dtype = np.dtype(meta["leaves"][name]["dtype"])
+        block = functools.partial(_assemble, pieces.get(name, []), x.shape, dtype, f"{path}: {name}")
+        return jax.make_array_from_callback(x.shape, x.sharding, lambda index: block(index).astype(x.dtype))
     return jax.tree_util.tree_map_with_path(restore, like)
 
 
-def _assemble(pieces, index, shape, dtype, what: str) -> np.ndarray:
+def _assemble(pieces, shape, dtype, what: str, index) -> np.ndarray:
     """The block `index` (a tuple of slices) of a leaf, copied from the saved pieces overlapping it."""
-    want = [range(n)[s] for s, n in zip(index, shape)]
-    begin, end = np.array([r.start for r in want], int), np.array([r.stop for r in want], int)
+    begin, end = np.array([s.indices(n)[:2] for s, n in zip(index, shape)], int).reshape(-1, 2).T  # 0-d: ()
     out = np.empty(end - begin, dtype)
     filled = 0
     for start, f, key, file in pieces:
         with _reading(file):
             saved = f[key]
-        saved = saved.view(dtype) if saved.dtype != dtype else saved
+        saved = saved.view(dtype)                       # bf16's uint16 bits -> bf16; others as they are
         lo, hi = np.maximum(begin, start), np.minimum(end, np.add(start, saved.shape))      # the overlap
         if np.all(lo < hi):
             out[tuple(map(slice, lo - begin, hi - begin))] = saved[tuple(map(slice, lo - start, hi - start))]
@@ -272,12 +263,11 @@ METRICS, CHECKPOINTS = "metrics.jsonl", "checkpoints"
 def contents(run_dir: str) -> list[str]:
     """What run_dir holds, in words: e.g. ["metrics.jsonl", "2 checkpoints (step 8, 12)"]; []: nothing."""
     names = sorted(os.listdir(run_dir), key=lambda n: (n == CHECKPOINTS, n)) if os.path.isdir(run_dir) else []
-    words = []
-    for name in names:
-        found = list_dir(os.path.join(run_dir, name)) if name == CHECKPOINTS else []
+    words = [name + "/" * os.path.isdir(os.path.join(run_dir, name)) for name in names]
+    found = list_dir(os.path.join(run_dir, CHECKPOINTS))
+    if found:                                   # then checkpoints/ is there, sorted last: told by its steps
         steps = ", ".join(str(step_of(p)) for p in found)
-        plain = name + "/" * os.path.isdir(os.path.join(run_dir, name))
-        words.append(f"{len(found)} checkpoint{'s' * (len(found) > 1)} (step {steps})" if found else plain)
+        words[-1] = f"{len(found)} checkpoint{'s' * (len(found) > 1)} (step {steps})"
     return words
 
 
@@ -312,8 +302,6 @@ def begin(run_dir: str, like, resume: bool, overwrite: bool, this: dict, log=pri
         clear(run_dir)
     found = newest(run_dir, like, this, log) if resume else None
     meta, state = found or ({"step": 0, "data_position": 0}, like)
-    if resume and found is None:
-        log(f"resume: no checkpoint in {run_dir}, starting from step 0")
     tidy(run_dir, meta["step"])
     return state, meta["step"], meta["data_position"]
 
@@ -334,10 +322,11 @@ def _everyone(ok: bool) -> bool:
 
 
 def newest(run_dir: str, like, this: dict, log=print):
-    """-> (meta, state) of the newest checkpoint in run_dir that can be read, or None if there is
-    none at all. One of another run (SAME_RUN differs from `this`) is an error, not a reason to
-    fall back. One that cannot be read is named in a one-line warning, left where it is, and the
-    one before it is tried; if none can be read, CorruptCheckpoint."""
+    """-> (meta, state) of the newest checkpoint in run_dir that can be read, or None (said in the
+    log: the run starts from step 0) if there is none at all. One of another run (SAME_RUN differs
+    from `this`) is an error, not a reason to fall back. One that cannot be read is named in a
+    one-line warning, left where it is, and the one before it is tried; if none can be read,
+    CorruptCheckpoint."""
     field = lambda meta, k: meta[k] if k in meta else meta.get("hyper", {}).get(k)    # noqa: E731
     ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
     found = list_dir(ckpt_dir)
@@ -358,6 +347,7 @@ def newest(run_dir: str, like, this: dict, log=print):
     if found:
         raise CorruptCheckpoint(f"resume: none of the {len(found)} checkpoints in {ckpt_dir} can be read "
                                 "(see the warnings above); --overwrite starts over")
+    log(f"resume: no checkpoint in {run_dir}, starting from step 0")
     return None
 
 
@@ -408,8 +398,7 @@ def load_model(args):
     base = config or repo.lm_config_for(ckpt, print)
     cfg = with_ttt(base, ttt_flags(args), f"--init-from {args.init_from}")
     with jax.default_device(jax.devices("cpu")[0]):
-        params = convert.load_lm(ckpt.moshi, base)
-        return cfg, jax.tree.map(np.asarray, params)
+        return cfg, jax.tree.map(np.asarray, convert.load_lm(ckpt.moshi, base))
 
 
 # In-Place TTT on the command line: --ttt-layers puts it on a model (a preset, or a checkpoint that
@@ -456,10 +445,9 @@ def with_ttt(cfg, flags: dict, what: str):
     a checkpoint's own TTT layers (its TTT weights are theirs), and what TTTConfig refuses."""
     if not flags:
         return cfg
-    flags = dict(flags)
     if "layers" in flags:
-        layers = flags["layers"]
-        flags["layers"] = tuple(layers(cfg.num_layers) if callable(layers) else layers)
+        layers = flags["layers"]                        # a tuple, a list (meta.json's) or every:K:START's
+        flags = {**flags, "layers": tuple(layers(cfg.num_layers) if callable(layers) else layers)}
     elif cfg.ttt is None:
         raise ValueError(f"{', '.join(TTT_FLAGS[f] for f in flags)}: {what} has no TTT layers; add them "
                          "with --ttt-layers")
