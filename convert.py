@@ -273,10 +273,9 @@ def row_keys(rows) -> dict:
 
 
 def _to_ours(row: Row, tensors: dict, dtype):
-    read = lambda name: np.asarray(tensors[name], dtype)            # noqa: E731
-    x = read(row.name)
-    if row.usage:
-        x = x / np.maximum(read(row.usage), np.float32(1e-5))[:, None]       # fp32, as Kyutai
+    x = np.asarray(tensors[row.name], dtype)
+    if row.usage:                                                   # fp32, as Kyutai
+        x = x / np.maximum(np.asarray(tensors[row.usage], dtype), np.float32(1e-5))[:, None]
     if row.axes:
         x = np.ascontiguousarray(x.transpose(row.axes))
     return x if row.ours is None else x.reshape(row.ours)
@@ -466,7 +465,13 @@ def load_mimi(path, cfg=None):
     Mimi. Every naming of to_disk_names is accepted. Tensors are read one at a time from a memory map.
     """
     f = SafeTensorsFile(path)
-    cfg = cfg or _mimi_config_from_metadata(f.metadata, path) or mimi.MimiConfig()
+    if cfg is None and "mimi_config" in f.metadata:
+        try:
+            fields = json.loads(f.metadata["mimi_config"])
+            cfg = mimi.MimiConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: bad mimi_config metadata ({e})") from e
+    cfg = cfg or mimi.MimiConfig()
     tensors = to_disk_names({k: f[k] for k in f.keys()})
     return from_disk(_mimi_rows(cfg), tensors, f"Mimi checkpoint {path}", dtype=np.float32), cfg
 
@@ -476,16 +481,6 @@ def save_mimi(path, params, cfg) -> None:
     `get_mimi` loads it; the config goes into the metadata so `load_mimi(path)` finds it again."""
     tensors = to_disk(_mimi_rows(cfg), params, "save_mimi: params", np.float32)
     save_safetensors(path, tensors, {"format": "pt", "mimi_config": json.dumps(dataclasses.asdict(cfg))})
-
-
-def _mimi_config_from_metadata(metadata: dict, path):
-    if "mimi_config" not in metadata:
-        return None
-    try:
-        fields = json.loads(metadata["mimi_config"])
-        return mimi.MimiConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad mimi_config metadata ({e})") from e
 
 
 # ----------------------------------------------------------------------------------------------
