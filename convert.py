@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import struct
 import tempfile
 import warnings
 from typing import NamedTuple
@@ -49,10 +48,9 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # 1. safetensors
 
-_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": _BF16,
-           "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-           "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
-_NAMES = {v: k for k, v in _DTYPES.items() if v is not None}
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": _BF16, "I64": "<i8", "I32": "<i4", "I16": "<i2",
+           "I8": "i1", "U8": "u1", "BOOL": "?"}                  # safetensors' names: numpy's dtypes
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 class SafeTensorsFile:
@@ -65,7 +63,7 @@ class SafeTensorsFile:
                 raw = fh.read(8)
                 if len(raw) != 8:
                     raise CheckpointError(f"{self.path}: too short to be a safetensors file")
-                (n,) = struct.unpack("<Q", raw)
+                n = int.from_bytes(raw, "little")
                 if n > 100_000_000:
                     raise CheckpointError(f"{self.path}: not a safetensors file (header length {n})")
                 header = json.loads(fh.read(n))
@@ -103,7 +101,7 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write tensors (numpy or jax arrays) atomically: a crash mid-write leaves the old file intact."""
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        a = np.ascontiguousarray(tensors[name])
         if a.dtype not in _NAMES:
             raise CheckpointError(f"cannot write {name!r}: unsupported dtype {a.dtype}")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
@@ -115,7 +113,7 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                      # keep tensor data 8-byte aligned
     with atomic_open(path) as fh:
-        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(len(blob).to_bytes(8, "little"))
         fh.write(blob)
         for a in arrays:
             fh.write(a.tobytes())
@@ -140,7 +138,6 @@ def atomic_path(path, suffix: str = ""):
     """`with atomic_path(path) as tmp:` a temporary file name beside `path`, for writers that want a
     name (soundfile, ...). Renamed over `path` when the block ends well, removed if it raises. The
     name carries our process id, so that remove_stale_temps can tell a killed run's leftovers."""
-    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=suffix)
     os.close(fd)
@@ -161,7 +158,7 @@ def atomic_path(path, suffix: str = ""):
 def atomic_open(path, mode: str = "wb", **kwargs):
     """`with atomic_open(path, "w") as f:` a file object (open()'s arguments) that replaces `path`
     only once it is completely written."""
-    with atomic_path(path, os.path.splitext(os.fspath(path))[1]) as tmp, open(tmp, mode, **kwargs) as f:
+    with atomic_path(path, os.path.splitext(path)[1]) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
 
 
@@ -172,7 +169,7 @@ class OutputError(ValueError):
 def check_writable(path, what: str) -> None:
     """Fail now, not after the work: `path` must not be a folder, and its folder must exist and be
     writable (the atomic writers create their temporary file there)."""
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(path)
     folder = os.path.dirname(path)
     if os.path.isdir(path):
         raise OutputError(f"{what} {path} is a folder, not a file name")
@@ -276,24 +273,22 @@ def row_keys(rows) -> dict:
 
 
 def _to_ours(row: Row, tensors: dict, dtype):
-    read = lambda name: np.asarray(tensors[name], dtype)            # noqa: E731
-    x = read(row.name)
-    if row.usage:
-        x = x / np.maximum(read(row.usage), np.float32(1e-5))[:, None]       # fp32, as Kyutai
+    x = np.asarray(tensors[row.name], dtype)
+    if row.usage:                                                   # fp32, as Kyutai
+        x = x / np.maximum(np.asarray(tensors[row.usage], dtype), np.float32(1e-5))[:, None]
     if row.axes:
         x = np.ascontiguousarray(x.transpose(row.axes))
     return x if row.ours is None else x.reshape(row.ours)
 
 
 def _leaf(rows: list, tensors: dict, dtype):
+    first = _to_ours(rows[0], tensors, dtype)
     if not rows[0].index:
-        return _to_ours(rows[0], tensors, dtype)
-    leaf = None
-    for r in rows:                   # one slice at a time into the stacked leaf
-        x = _to_ours(r, tensors, dtype)
-        if leaf is None:
-            leaf = np.empty(tuple(np.max([q.index for q in rows], axis=0) + 1) + x.shape, x.dtype)
-        leaf[r.index] = x
+        return first
+    leaf = np.empty(tuple(np.max([r.index for r in rows], axis=0) + 1) + first.shape, first.dtype)
+    leaf[rows[0].index] = first
+    for r in rows[1:]:               # one slice at a time into the stacked leaf
+        leaf[r.index] = _to_ours(r, tensors, dtype)
     return leaf
 
 
@@ -348,7 +343,7 @@ def to_disk_names(tensors: dict, num_weight_sets=lambda name: 1) -> dict:
     for name, value in tensors.items():
         for old, new in _RENAMED.items():
             if name.endswith(old):
-                name = name[:-len(old)] + new
+                name = name.removesuffix(old) + new
         for disk, mem in _PACKED.items():
             if mem in name and name.endswith(".weight"):
                 head, tail = name.split(mem)
@@ -441,11 +436,10 @@ def _mimi_rows(cfg) -> list:
         # (k, in/groups, out) and (in, k, out/groups): the layouts XLA's CPU kernels read directly.
         axes = (0, 2, 1) if spec.transposed else (2, 1, 0)
         shape = tuple(spec.weight_shape[a] for a in axes)
-        if spec.bias:                  # a conv {"w", "b"}; the resamplers are a bare weight
-            rows += [Row(name + ".weight", shape, path + ("w",), axes=axes),
-                     Row(name + ".bias", (spec.cout,), path + ("b",))]
-        else:
-            rows.append(Row(name + ".weight", shape, path, axes=axes))
+        leaf = path + ("w",) if spec.bias else path     # a conv {"w", "b"}; the resamplers are a bare weight
+        rows.append(Row(name + ".weight", shape, leaf, axes=axes))
+        if spec.bias:
+            rows.append(Row(name + ".bias", (spec.cout,), path + ("b",)))
     D, d, bins = cfg.dimension, cfg.codebook_dim, cfg.codebook_size
     for rvq, ours, n in (("rvq_first", "semantic", cfg.num_semantic),
                          ("rvq_rest", "acoustic", cfg.num_quantizers - cfg.num_semantic)):
@@ -471,7 +465,13 @@ def load_mimi(path, cfg=None):
     Mimi. Every naming of to_disk_names is accepted. Tensors are read one at a time from a memory map.
     """
     f = SafeTensorsFile(path)
-    cfg = cfg or _mimi_config_from_metadata(f.metadata, path) or mimi.MimiConfig()
+    if cfg is None and "mimi_config" in f.metadata:
+        try:
+            fields = json.loads(f.metadata["mimi_config"])
+            cfg = mimi.MimiConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: bad mimi_config metadata ({e})") from e
+    cfg = cfg or mimi.MimiConfig()
     tensors = to_disk_names({k: f[k] for k in f.keys()})
     return from_disk(_mimi_rows(cfg), tensors, f"Mimi checkpoint {path}", dtype=np.float32), cfg
 
@@ -481,16 +481,6 @@ def save_mimi(path, params, cfg) -> None:
     `get_mimi` loads it; the config goes into the metadata so `load_mimi(path)` finds it again."""
     tensors = to_disk(_mimi_rows(cfg), params, "save_mimi: params", np.float32)
     save_safetensors(path, tensors, {"format": "pt", "mimi_config": json.dumps(dataclasses.asdict(cfg))})
-
-
-def _mimi_config_from_metadata(metadata: dict, path):
-    if "mimi_config" not in metadata:
-        return None
-    try:
-        fields = json.loads(metadata["mimi_config"])
-        return mimi.MimiConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad mimi_config metadata ({e})") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,14 +572,14 @@ def lora_modules(cfg) -> dict:
     weight (train.lora_targets picks those LoRA adapts)."""
     out = {}
     for r in _lm_rows(cfg):
-        packed = [disk for disk in _PACKED if r.name.endswith(disk)]
-        if packed:
-            base = r.name[:-len(packed[0])] + _PACKED[packed[0]]
+        disk = next((disk for disk in _PACKED if r.name.endswith(disk)), None)
+        if disk:
+            base = r.name.removesuffix(disk) + _PACKED[disk]
             steps = r.ours[:-2]                                       # (M,) with per-step weights, else ()
             modules = ([(r.index + (m,), f"{base}{m}") for m in range(steps[0])] if steps
                        else [(r.index, base + "0")])
         elif r.name.endswith(".weight"):
-            modules = [(r.index, r.name[:-len(".weight")])]
+            modules = [(r.index, r.name.removesuffix(".weight"))]
         else:
             continue
         out.setdefault(r.path, []).extend(modules)
@@ -628,13 +618,12 @@ def mimi_round_trip(args) -> None:
     wav = audio.mix_down(audio.read_audio(args.input, cfg.sample_rate))[None]               # [1, 1, S]
     S, K = wav.shape[-1], args.num_codebooks
     if args.stream:
-        enc, dec, codes, out = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), [], []
+        enc, dec, steps = mimi.encoder_state(cfg, 1), mimi.decoder_state(cfg, 1), []
         for frame in audio.frames_of([wav[0, 0]], S, cfg.frame_size):                     # [frame_size]
             enc, c = mimi.encode_step(params, cfg, enc, jnp.asarray(frame)[None, None], K)
             dec, pcm = mimi.decode_step(params, cfg, dec, c)
-            codes.append(np.asarray(c))
-            out.append(np.asarray(pcm))
-        codes, out = np.concatenate(codes, -1), np.concatenate(out, -1)
+            steps.append((np.asarray(c), np.asarray(pcm)))
+        codes, out = (np.concatenate(parts, -1) for parts in zip(*steps))
     else:
         codes = np.asarray(mimi.encode(params, cfg, jnp.asarray(wav), K))
         out = np.asarray(mimi.decode(params, cfg, codes))
