@@ -14,7 +14,7 @@ the one of Kyutai's offline `moshi/run_inference.py`, so with --greedy it gives 
 the official package, frame for frame.
 
 PersonaPlex (`--hf-repo nvidia/personaplex-7b-v1`) is Moshi fine-tuned to take a voice prompt and
-a role in text before the conversation: see `persona_prompt` below.
+a role in text before the conversation: see `build_persona_prompt` below.
 
 Sections, top to bottom: loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt (with
 its saved .pt voices, read without torch); the conversation loop; text display and files; main.
@@ -29,13 +29,11 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import pickle
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +79,7 @@ def wrap_system(text: str) -> str:
     return f"<system> {text} <system>"
 
 
-@dataclass
+@dataclasses.dataclass
 class Prompt:
     """Forced tokens for the frames before the conversation: text [N], moshi_codes [N, 8], user_codes [N, 8].
     A saved voice (read_voice_pt) comes before them instead of voice frames: embeddings [M, D] and the
@@ -95,23 +93,6 @@ class Prompt:
     def __len__(self):
         """Frames, as many as the audio it was made from (a saved voice's first frame left no embedding)."""
         return len(self.text) + (0 if self.embeddings is None else len(self.embeddings) + 1)
-
-
-def persona_prompt(voice_codes, text_tokens, silence_codes, sine_codes, pad: int) -> Prompt:
-    """voice_codes [n, 8] or None; text_tokens: the wrapped text prompt's token ids (may be empty);
-    pad: the LM's text padding id."""
-    silence, sine = np.asarray(silence_codes, np.int32), np.asarray(sine_codes, np.int32)
-    gap = (np.full(PROMPT_SILENCE_FRAMES, pad), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1)))   # 0.5 s
-    parts = []                                       # (text ids [m], moshi codes [m, 8])
-    if voice_codes is not None and len(voice_codes):
-        parts.append((np.full(len(voice_codes), pad), np.asarray(voice_codes, np.int32)))
-    parts.append(gap)
-    if len(text_tokens):
-        parts.append((np.asarray(text_tokens), np.tile(silence, (len(text_tokens), 1))))
-    parts.append(gap)
-    text = np.concatenate([t for t, _ in parts]).astype(np.int32)
-    moshi_codes = np.concatenate([c for _, c in parts])
-    return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)))
 
 
 def encode_audio(models, wav):
@@ -130,12 +111,12 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
     released = mimi.MimiConfig(kv_ring=models.mimi_cfg.kv_ring)          # whichever ring it streams with
     if models.mimi_cfg == released and models.codebooks == len(SILENCE_CODES):
-        silence, sine = SILENCE_CODES, SINE_CODES
+        silence, sine = np.array([SILENCE_CODES, SINE_CODES], np.int32)
     else:                                            # not the released Mimi: the same recipe
         silence = encode_audio(models, np.zeros(F, np.float32))[0]
         t = np.arange(F) / sr                        # 80 ms of a 440 Hz sine at 0.5
         sine = encode_audio(models, (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32))[0]
-    voice_codes, saved = None, {}
+    voice_codes, saved = np.zeros((0, models.codebooks), np.int32), {}      # [n, 8]
     if voice_prompt and voice_prompt.endswith(".pt"):
         saved = dict(zip(("embeddings", "cache"), read_voice_pt(voice_prompt, models.lm_cfg)))
     elif voice_prompt:
@@ -146,8 +127,13 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
         if models.tokenizer is None:
             raise SampleError("--text-prompt needs a text tokenizer (--tokenizer)")
         text_tokens = models.tokenizer.encode(wrap_system(text_prompt))
-    prompt = persona_prompt(voice_codes, text_tokens, silence, sine, models.lm_cfg.existing_text_padding_id)
-    return dataclasses.replace(prompt, **saved)
+    # PAD text over the voice, the 0.5 s gaps and the text prompt between them; after the voice,
+    # Moshi's audio is silence throughout, and the user's a sine.
+    pad = models.lm_cfg.existing_text_padding_id
+    gap = [pad] * PROMPT_SILENCE_FRAMES
+    text = np.array([pad] * len(voice_codes) + gap + text_tokens + gap, np.int32)             # [N]
+    moshi_codes = np.concatenate([voice_codes, np.tile(silence, (len(text) - len(voice_codes), 1))])
+    return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)), **saved)
 
 
 # PersonaPlex's saved voices. NVIDIA ships its 18 voices (NATF0 .. VARM4) as torch.save files of
@@ -262,7 +248,7 @@ def read_voice_pt(path, cfg) -> tuple[np.ndarray, np.ndarray]:
 # checkpoint decides, --kv-ring overrides). Both return one frame per input frame. Moshi's audio is
 # decoded from codebooks 1..8 (PersonaPlex also predicts the user's 8, which we ignore as it does).
 
-@dataclass
+@dataclasses.dataclass
 class Models:
     lm: dict
     lm_cfg: object             # moshi.LMConfig
@@ -280,9 +266,14 @@ class Models:
         """PersonaPlex-style: the depformer writes every audio stream, the user's included."""
         return self.lm_cfg.dep_q == self.lm_cfg.n_q
 
-    def is_word(self, token: int) -> bool:
-        """Whether a text token says something (not PAD / EPAD, which are never printed)."""
-        return token not in (self.lm_cfg.existing_text_padding_id, self.lm_cfg.existing_text_end_padding_id)
+    def word(self, token: int) -> str | None:
+        """The printable text of a text token (sentencepiece's "▁", a word start, becomes a space),
+        or None for PAD / EPAD, which say nothing and are never printed."""
+        if token in (self.lm_cfg.existing_text_padding_id, self.lm_cfg.existing_text_end_padding_id):
+            return None
+        if self.tokenizer is None or token >= self.tokenizer.get_piece_size():
+            return f"<{token}>"
+        return self.tokenizer.id_to_piece(token).replace("\u2581", " ")
 
 
 def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, seed: int,
@@ -343,13 +334,6 @@ def _on_host(tokens, pcm):
 # ----------------------------------------------------------------------------------------------
 # 4. Text display and output files.
 
-def piece_text(tokenizer, token: int) -> str:
-    """The printable text of a token: sentencepiece's "▁" (a word start) becomes a space."""
-    if tokenizer is None or token >= tokenizer.get_piece_size():
-        return f"<{token}>"
-    return tokenizer.id_to_piece(int(token)).replace("\u2581", " ")
-
-
 class Display:
     """Moshi's text as it comes, with a progress line, on a terminal; plain text otherwise.
 
@@ -358,15 +342,15 @@ class Display:
     written as they come and progress goes to stderr every 10%.
     """
 
-    def __init__(self, total_frames: int, frame_seconds: float, out=None, err=None):
-        self.out, self.err = out or sys.stdout, err or sys.stderr
+    def __init__(self, total_frames: int, frame_seconds: float):
+        self.out = sys.stdout
         self.live = self.out.isatty()
         self.total, self.frame_seconds = total_frames, frame_seconds
         self.width = max(40, os.get_terminal_size(self.out.fileno()).columns - 1) if self.live else 88
         self.line, self.done, self.reported, self.first = "", 0, 0, 0.0
 
     def status(self) -> str:
-        pct = 100 * self.done // max(1, self.total)
+        pct = 100 * self.done // self.total
         rate = "compiling" if self.done < 2 else \
             f"{1000 * (time.perf_counter() - self.first) / (self.done - 1):5.0f} ms/frame"
         done, total = self.done * self.frame_seconds, self.total * self.frame_seconds
@@ -380,9 +364,10 @@ class Display:
             if piece:
                 self.out.write(piece)
                 self.out.flush()
-            if 10 * self.done // max(1, self.total) > self.reported:
-                self.reported = 10 * self.done // max(1, self.total)
-                print(f"\n{self.status()}", file=self.err, flush=True)
+            tenths = 10 * self.done // self.total
+            if tenths > self.reported:
+                self.reported = tenths
+                print(f"\n{self.status()}", file=sys.stderr, flush=True)
             return
         self.line += piece or ""
         status = self.status() + " "
@@ -397,39 +382,6 @@ class Display:
     def close(self):
         self.out.write(("\r\033[K" + self.line if self.live else "") + "\n")
         self.out.flush()
-
-
-class WavWriter:
-    """`with WavWriter(path, sample_rate, num_samples) as w: w.write(pcm)` streams frames into a 16-bit
-    wav, cut at `num_samples`. The file appears, whole, only when the block ends well: it is written
-    under a temporary name (convert.atomic_path), so an interrupted run leaves no half file."""
-
-    def __init__(self, path: str, sample_rate: int, num_samples: int):
-        self.path, self.sample_rate, self.left = path, sample_rate, num_samples
-
-    def __enter__(self):
-        with contextlib.ExitStack() as files:          # should opening fail, what was opened is undone
-            tmp = files.enter_context(convert.atomic_path(self.path, ".wav"))
-            self.file = files.enter_context(soundfile.SoundFile(
-                tmp, "w", samplerate=self.sample_rate, channels=1, format="WAV", subtype="PCM_16"))
-            self.files = files.pop_all()
-        return self
-
-    def write(self, pcm):
-        pcm = np.clip(np.asarray(pcm, np.float32)[: self.left], -1.0, 1.0)
-        self.file.write(pcm)
-        self.left -= len(pcm)
-
-    def __exit__(self, *exc):
-        return self.files.__exit__(*exc)              # close the file, then rename it (or remove it)
-
-
-def numbered(path: str, index: int, count: int) -> str:
-    """out.wav -> out-0.wav, out-1.wav, ... when there are several answers (as run_inference.py)."""
-    if count == 1:
-        return path
-    stem, ext = os.path.splitext(path)
-    return f"{stem}-{index}{ext}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,7 +409,6 @@ def load_models(args, log) -> Models:
 
 def _load_models(args, log) -> Models:
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
-    tokenizer = None
     if args.random_init:
         log("!" * 88 + f"\n!! --random-init {args.random_init}: RANDOM WEIGHTS. Moshi will babble noise; "
             f"this is a demo of the pipeline.\n" + "!" * 88)
@@ -468,8 +419,7 @@ def _load_models(args, log) -> Models:
         else:
             mimi_cfg = mimi.TINY if args.random_init.startswith("tiny") else mimi.MimiConfig()
             mimi_params = mimi.init(jax.random.key(args.seed + 1), mimi_cfg)
-        if args.tokenizer:
-            tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     else:
         ckpt = repo.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer,
                                     args.config)
@@ -577,7 +527,7 @@ def run(args):
     outs, transcript = check_outputs(args, log)
     models = load_models(args, log)
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
-    num_samples = (max(1, int(round(args.duration * sr))) if args.duration
+    num_samples = (max(1, round(args.duration * sr)) if args.duration
                    else audio.resampled_length(args.prompt, sr))
     prompt = persona_prompt_for(args, models, log)
     sampling = moshi.Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
@@ -602,14 +552,17 @@ def check_outputs(args, log) -> tuple[list[str], str]:
     """Before anything is loaded: the prompt must be readable and every output writable (a bad one
     fails now, not after loading 16 GB of weights and conversing). -> (the wavs, the transcript)."""
     audio.audio_info(args.prompt)
-    outs = [numbered(args.out, b, args.batch_size) for b in range(args.batch_size)]
-    transcript = os.path.splitext(args.out)[0] + ".json"
+    # Several answers are numbered as run_inference.py numbers them: out-0.wav, out-1.wav, ...
+    stem, ext = os.path.splitext(args.out)
+    outs = [args.out] if args.batch_size == 1 else [f"{stem}-{b}{ext}" for b in range(args.batch_size)]
+    transcript = stem + ".json"
+    folder = os.path.dirname(os.path.abspath(args.out))
     # A new folder for the answers is made; one that cannot be made is named by check_writable.
     with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     for path, what in [(p, "--out") for p in outs] + [(transcript, "the transcript (--out's name, .json)")]:
         convert.check_writable(path, what)
-    for name in convert.remove_stale_temps(os.path.dirname(os.path.abspath(args.out))):
+    for name in convert.remove_stale_temps(folder):
         log(f"removed {name}, left by a run that was killed while writing")
     return outs, transcript
 
@@ -625,15 +578,18 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
                for path in outs]
     times = [time.perf_counter()]
     with contextlib.ExitStack() as files:
-        writers = [files.enter_context(WavWriter(path, sr, num_samples)) for path in outs]
+        # Each answer streams into a 16-bit wav under a temporary name (convert.atomic_path): the file
+        # appears, whole, only when the conversation ends well, so an interrupted run leaves no half file.
+        tmps = [files.enter_context(convert.atomic_path(path, ".wav")) for path in outs]
+        wavs = [files.enter_context(soundfile.SoundFile(tmp, "w", samplerate=sr, channels=1, format="WAV",
+                                                         subtype="PCM_16")) for tmp in tmps]
         display = Display(-(-num_samples // F), F / sr)
         files.callback(display.close)
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for b in range(B):
-                writers[b].write(pcm[b])
+                wavs[b].write(np.clip(pcm[b, :num_samples - i * F], -1.0, 1.0))    # as long as the input
                 _record(answers[b], models, tokens[b, :1 + models.codebooks], i, F / sr)
-            token = int(tokens[0, 0])
-            display.frame(piece_text(models.tokenizer, token) if models.is_word(token) else None)
+            display.frame(models.word(int(tokens[0, 0])))
             if len(times) == 1:
                 times.append(time.perf_counter())         # the first frame: compilation included
         times.append(time.perf_counter())
@@ -661,9 +617,9 @@ def _record(answer, models: Models, tokens, frame: int, frame_seconds: float):
     """tokens [1 + codebooks]: this frame's text token and the audio codes of Moshi's voice."""
     token = int(tokens[0])
     answer["text_tokens"].append(token)
-    answer["audio_tokens"].append([int(t) for t in tokens[1:]])
-    if models.is_word(token):
-        piece = piece_text(models.tokenizer, token)
+    answer["audio_tokens"].append(tokens[1:].tolist())
+    piece = models.word(token)
+    if piece is not None:
         answer["pieces"].append({"frame": frame, "time": round(frame * frame_seconds, 3), "token": token,
                                  "piece": piece})
         answer["text"] += piece
