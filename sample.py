@@ -574,9 +574,7 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
     # The prompt is read block by block, mixed down and resampled on the fly, so a conversation of an
     # hour holds a second of input in memory, not an hour.
     frames = audio.frames_of(audio.read_blocks(args.prompt, sr, mono=True), num_samples, F)
-    answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": [], "audio_tokens": []}
-               for path in outs]
-    times = [time.perf_counter()]
+    times, kept = [time.perf_counter()], []                  # kept: each frame's tokens [B, 1 + codebooks]
     with contextlib.ExitStack() as files:
         # Each answer streams into a 16-bit wav under a temporary name (convert.atomic_path): the file
         # appears, whole, only when the conversation ends well, so an interrupted run leaves no half file.
@@ -586,14 +584,15 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
         display = Display(-(-num_samples // F), F / sr)
         files.callback(display.close)
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
-            for b in range(B):
-                wavs[b].write(np.clip(pcm[b, :num_samples - i * F], -1.0, 1.0))    # as long as the input
-                _record(answers[b], models, tokens[b, :1 + models.codebooks], i, F / sr)
+            for wav, row in zip(wavs, pcm):
+                wav.write(np.clip(row[:num_samples - i * F], -1.0, 1.0))           # as long as the input
             display.frame(models.word(int(tokens[0, 0])))
+            kept.append(tokens[:, :1 + models.codebooks])
             if len(times) == 1:
                 times.append(time.perf_counter())         # the first frame: compilation included
         times.append(time.perf_counter())
-    return answers, times
+    kept = np.stack(kept, 1)                                                      # [B, T, 1 + codebooks]
+    return [_answer(models, path, kept[b], F / sr) for b, path in enumerate(outs)], times
 
 
 def persona_prompt_for(args, models, log):
@@ -613,16 +612,15 @@ def persona_prompt_for(args, models, log):
     return prompt
 
 
-def _record(answer, models: Models, tokens, frame: int, frame_seconds: float):
-    """tokens [1 + codebooks]: this frame's text token and the audio codes of Moshi's voice."""
-    token = int(tokens[0])
-    answer["text_tokens"].append(token)
-    answer["audio_tokens"].append(tokens[1:].tolist())
-    piece = models.word(token)
-    if piece is not None:
-        answer["pieces"].append({"frame": frame, "time": round(frame * frame_seconds, 3), "token": token,
-                                 "piece": piece})
-        answer["text"] += piece
+def _answer(models: Models, wav: str, tokens, frame_seconds: float) -> dict:
+    """One answer as the transcript records it. tokens [T, 1 + codebooks]: each frame's text token and
+    the audio codes of Moshi's voice; its text pieces are the tokens that say something."""
+    text_tokens = tokens[:, 0].tolist()
+    words = [(frame, token, models.word(token)) for frame, token in enumerate(text_tokens)]
+    pieces = [{"frame": frame, "time": round(frame * frame_seconds, 3), "token": token, "piece": piece}
+              for frame, token, piece in words if piece is not None]
+    return {"wav": wav, "text": "".join(p["piece"] for p in pieces), "pieces": pieces,
+            "text_tokens": text_tokens, "audio_tokens": tokens[:, 1:].tolist()}
 
 
 if __name__ == "__main__":
