@@ -153,11 +153,12 @@ TORCH_STORAGES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "Half
 
 
 class TensorUnpickler(pickle.Unpickler):
-    """torch's pickle of tensors, rebuilt as numpy arrays; `record(name)` reads the zip's records."""
+    """torch's pickle of tensors (the record `root`data.pkl of the zip file `z`), rebuilt as numpy arrays
+    from the storages beside it (`root`data/<key>)."""
 
-    def __init__(self, file, record, path):
-        super().__init__(file)
-        self.record, self.path = record, path
+    def __init__(self, z, root, path):
+        super().__init__(io.BytesIO(z.read(root + "data.pkl")))
+        self.zip, self.root, self.path = z, root, path
 
     def find_class(self, module, name):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
@@ -175,7 +176,7 @@ class TensorUnpickler(pickle.Unpickler):
                 and isinstance(pid[1], np.dtype)):
             raise ValueError(f"unexpected persistent id {pid!r}")
         _, dtype, key, _, numel = pid
-        data = self.record(f"data/{key}")
+        data = self.zip.read(f"{self.root}data/{key}")
         if len(data) < numel * dtype.itemsize:
             raise ValueError(f"storage {key} is truncated")
         return np.frombuffer(data, dtype, count=numel)
@@ -203,8 +204,7 @@ def read_torch_file(path):
             root = pickles[0][:-len("data.pkl")]
             if root + "byteorder" in z.namelist() and z.read(root + "byteorder") != b"little":
                 raise ValueError("written on a big-endian machine, which is not supported")
-            record = lambda name: z.read(root + name)                    # noqa: E731
-            return TensorUnpickler(io.BytesIO(z.read(pickles[0])), record, path).load()
+            return TensorUnpickler(z, root, path).load()
     except zipfile.BadZipFile:
         raise SampleError(f"{path}: not a torch.save zip file (torch >= 1.6 writes those)") from None
     except OSError as e:
@@ -343,10 +343,9 @@ class Display:
     """
 
     def __init__(self, total_frames: int, frame_seconds: float):
-        self.out = sys.stdout
-        self.live = self.out.isatty()
+        self.live = sys.stdout.isatty()
         self.total, self.frame_seconds = total_frames, frame_seconds
-        self.width = max(40, os.get_terminal_size(self.out.fileno()).columns - 1) if self.live else 88
+        self.width = max(40, os.get_terminal_size(sys.stdout.fileno()).columns - 1) if self.live else 88
         self.line, self.done, self.reported, self.first = "", 0, 0, 0.0
 
     def status(self) -> str:
@@ -362,8 +361,7 @@ class Display:
             self.first = time.perf_counter()        # the rate leaves out the first frame's compilation
         if not self.live:
             if piece:
-                self.out.write(piece)
-                self.out.flush()
+                print(piece, end="", flush=True)
             tenths = 10 * self.done // self.total
             if tenths > self.reported:
                 self.reported = tenths
@@ -374,14 +372,12 @@ class Display:
         while len(status) + len(self.line) > self.width and " " in self.line.strip():
             cut = self.line.rstrip().rfind(" ", 0, self.width - len(status))
             cut = cut if cut > 0 else len(self.line.rstrip())
-            self.out.write("\r\033[K" + " " * len(status) + self.line[:cut] + "\n")
+            print("\r\033[K" + " " * len(status) + self.line[:cut])
             self.line = self.line[cut:]
-        self.out.write("\r\033[K" + status + self.line[-(self.width - len(status)):])
-        self.out.flush()
+        print("\r\033[K" + status + self.line[-(self.width - len(status)):], end="", flush=True)
 
     def close(self):
-        self.out.write(("\r\033[K" + self.line if self.live else "") + "\n")
-        self.out.flush()
+        print("\r\033[K" + self.line if self.live else "", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
