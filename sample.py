@@ -97,9 +97,8 @@ class Prompt:
 
 def encode_audio(models, wav):
     """Mono float32 [S] -> Mimi codes int32 [ceil(S / frame_size), K], frame by frame from a fresh state."""
-    F = models.mimi_cfg.frame_size
     state, codes = mimi.encoder_state(models.mimi_cfg, 1), []
-    for frame in audio.frames_of([wav], len(wav), F):
+    for frame in audio.frames_of([wav], len(wav), models.mimi_cfg.frame_size):
         state, c = mimi.encode_step(models.mimi, models.mimi_cfg, state, jnp.asarray(frame)[None, None],
                                     num_codebooks=models.codebooks)
         codes.append(np.asarray(c)[0, :, 0])
@@ -116,9 +115,9 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
         silence = encode_audio(models, np.zeros(F, np.float32))[0]
         t = np.arange(F) / sr                        # 80 ms of a 440 Hz sine at 0.5
         sine = encode_audio(models, (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32))[0]
-    voice_codes, saved = np.zeros((0, models.codebooks), np.int32), {}      # [n, 8]
+    voice_codes, saved = np.zeros((0, models.codebooks), np.int32), ()      # [n, 8]
     if voice_prompt and voice_prompt.endswith(".pt"):
-        saved = dict(zip(("embeddings", "cache"), read_voice_pt(voice_prompt, models.lm_cfg)))
+        saved = read_voice_pt(voice_prompt, models.lm_cfg)                       # (embeddings, cache)
     elif voice_prompt:
         voice = audio.mix_down(audio.read_audio(voice_prompt, sr))[0]                    # [S]
         voice_codes = encode_audio(models, audio.normalize_loudness(voice, sr, -24.0))
@@ -133,7 +132,7 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
     gap = [pad] * PROMPT_SILENCE_FRAMES
     text = np.array([pad] * len(voice_codes) + gap + text_tokens + gap, np.int32)             # [N]
     moshi_codes = np.concatenate([voice_codes, np.tile(silence, (len(text) - len(voice_codes), 1))])
-    return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)), **saved)
+    return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)), *saved)
 
 
 # PersonaPlex's saved voices. NVIDIA ships its 18 voices (NATF0 .. VARM4) as torch.save files of
@@ -298,10 +297,10 @@ def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, 
         # A frame's results come to the host only once the next frame is queued: JAX dispatches
         # asynchronously, so the accelerator never idles while Python prints text and writes audio.
         if pending is not None:
-            yield _on_host(*pending)
+            yield _on_host(pending)
         pending = tokens, pcm[:, 0]                                                         # pcm [B, F]
     if pending is not None:
-        yield _on_host(*pending)
+        yield _on_host(pending)
 
 
 def play_prompt(models: Models, state, prompt: Prompt, rows, key, sampling: moshi.Sampling):
@@ -324,8 +323,8 @@ def play_prompt(models: Models, state, prompt: Prompt, rows, key, sampling: mosh
     return state
 
 
-def _on_host(tokens, pcm):
-    tokens, pcm = jax.device_get((tokens, pcm))
+def _on_host(step):
+    tokens, pcm = jax.device_get(step)
     if (tokens < 0).any():
         raise RuntimeError(f"internal error: the LM returned no frame ({tokens.tolist()})")
     return tokens, pcm
@@ -570,7 +569,7 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
     # The prompt is read block by block, mixed down and resampled on the fly, so a conversation of an
     # hour holds a second of input in memory, not an hour.
     frames = audio.frames_of(audio.read_blocks(args.prompt, sr, mono=True), num_samples, F)
-    times, kept = [time.perf_counter()], []                  # kept: each frame's tokens [B, 1 + codebooks]
+    start, kept = time.perf_counter(), []                    # kept: each frame's tokens [B, 1 + codebooks]
     with contextlib.ExitStack() as files:
         # Each answer streams into a 16-bit wav under a temporary name (convert.atomic_path): the file
         # appears, whole, only when the conversation ends well, so an interrupted run leaves no half file.
@@ -582,13 +581,12 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for wav, row in zip(wavs, pcm):
                 wav.write(np.clip(row[:num_samples - i * F], -1.0, 1.0))           # as long as the input
-            display.frame(models.word(int(tokens[0, 0])))
+            display.frame(models.word(int(tokens[0, 0])))     # display.first: frame 0 done, compiled
             kept.append(tokens[:, :1 + models.codebooks])
-            if len(times) == 1:
-                times.append(time.perf_counter())         # the first frame: compilation included
-        times.append(time.perf_counter())
-    kept = np.stack(kept, 1)                                                      # [B, T, 1 + codebooks]
-    return [_answer(models, path, kept[b], F / sr) for b, path in enumerate(outs)], times
+        end = time.perf_counter()
+    # np.stack(kept, 1): [B, T, 1 + codebooks], a row per answer
+    answers = [_answer(models, path, t, F / sr) for path, t in zip(outs, np.stack(kept, 1))]
+    return answers, (start, display.first, end)
 
 
 def persona_prompt_for(args, models, log):
