@@ -16,8 +16,8 @@ the official package, frame for frame.
 PersonaPlex (`--hf-repo nvidia/personaplex-7b-v1`) is Moshi fine-tuned to take a voice prompt and
 a role in text before the conversation: see `build_persona_prompt` below.
 
-Sections, top to bottom: loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt (with
-its saved .pt voices, read without torch); the conversation loop; text display and files; main.
+Sections, top to bottom: the PersonaPlex prompt (with its saved .pt voices, read without torch); the
+conversation loop; text display; main.
 The weights are found as Kyutai's loader finds them, by `repo.find_checkpoint`; the prompt (any rate
 or channel count) is read lazily by `audio.read_blocks`.
 """
@@ -54,7 +54,7 @@ class SampleError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The PersonaPlex prompt. PersonaPlex (NVIDIA) is Moshi fine-tuned with a 16-codebook depformer
+# 1. The PersonaPlex prompt. PersonaPlex (NVIDIA) is Moshi fine-tuned with a 16-codebook depformer
 # (8 for its own voice, 8 predicting the user) and a prompt played before the conversation, one
 # frame per step, every stream forced:
 #   voice prompt   Moshi's audio = the voice prompt's Mimi codes, text = PAD, user = a 440 Hz sine
@@ -189,7 +189,7 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
     end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
     if offset < 0 or min(stride, default=0) < 0 or end > len(storage):
         raise ValueError(f"a tensor of shape {size} runs past its storage")
-    steps = [s * storage.itemsize for s in stride]
+    steps = [s * storage.itemsize for s in stride]                        # strides in bytes
     return np.lib.stride_tricks.as_strided(storage[offset:], size, steps).copy()
 
 
@@ -232,7 +232,7 @@ def read_voice_pt(path, cfg) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The conversation. Per 80 ms frame: encode the user's frame, one LM step, decode Moshi's frame.
+# 2. The conversation. Per 80 ms frame: encode the user's frame, one LM step, decode Moshi's frame.
 # Each is one jitted call on fixed shapes with its state passed in and out: the LM's KV cache is a
 # ring over `context` frames and Mimi's caches are rings too, so frame 10 000 costs what frame 10
 # costs, in the same memory.
@@ -331,7 +331,7 @@ def _on_host(step):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Text display and output files.
+# 3. Text display.
 
 class Display:
     """Moshi's text as it comes, with a progress line, on a terminal; plain text otherwise.
@@ -380,7 +380,7 @@ class Display:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Main: load, converse, write.
+# 4. Main: load, converse, write.
 
 def load_tokenizer(path):
     try:
