@@ -14,10 +14,10 @@ the one of Kyutai's offline `moshi/run_inference.py`, so with --greedy it gives 
 the official package, frame for frame.
 
 PersonaPlex (`--hf-repo nvidia/personaplex-7b-v1`) is Moshi fine-tuned to take a voice prompt and
-a role in text before the conversation: see `persona_prompt` below.
+a role in text before the conversation: see `build_persona_prompt` below.
 
-Sections, top to bottom: loudness (ITU-R BS.1770, for voice prompts); the PersonaPlex prompt (with
-its saved .pt voices, read without torch); the conversation loop; text display and files; main.
+Sections, top to bottom: the PersonaPlex prompt (with its saved .pt voices, read without torch); the
+conversation loop; text display; main.
 The weights are found as Kyutai's loader finds them, by `repo.find_checkpoint`; the prompt (any rate
 or channel count) is read lazily by `audio.read_blocks`.
 """
@@ -29,13 +29,11 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import pickle
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +54,7 @@ class SampleError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The PersonaPlex prompt. PersonaPlex (NVIDIA) is Moshi fine-tuned with a 16-codebook depformer
+# 1. The PersonaPlex prompt. PersonaPlex (NVIDIA) is Moshi fine-tuned with a 16-codebook depformer
 # (8 for its own voice, 8 predicting the user) and a prompt played before the conversation, one
 # frame per step, every stream forced:
 #   voice prompt   Moshi's audio = the voice prompt's Mimi codes, text = PAD, user = a 440 Hz sine
@@ -81,7 +79,7 @@ def wrap_system(text: str) -> str:
     return f"<system> {text} <system>"
 
 
-@dataclass
+@dataclasses.dataclass
 class Prompt:
     """Forced tokens for the frames before the conversation: text [N], moshi_codes [N, 8], user_codes [N, 8].
     A saved voice (read_voice_pt) comes before them instead of voice frames: embeddings [M, D] and the
@@ -97,28 +95,10 @@ class Prompt:
         return len(self.text) + (0 if self.embeddings is None else len(self.embeddings) + 1)
 
 
-def persona_prompt(voice_codes, text_tokens, silence_codes, sine_codes, pad: int) -> Prompt:
-    """voice_codes [n, 8] or None; text_tokens: the wrapped text prompt's token ids (may be empty);
-    pad: the LM's text padding id."""
-    silence, sine = np.asarray(silence_codes, np.int32), np.asarray(sine_codes, np.int32)
-    gap = (np.full(PROMPT_SILENCE_FRAMES, pad), np.tile(silence, (PROMPT_SILENCE_FRAMES, 1)))   # 0.5 s
-    parts = []                                       # (text ids [m], moshi codes [m, 8])
-    if voice_codes is not None and len(voice_codes):
-        parts.append((np.full(len(voice_codes), pad), np.asarray(voice_codes, np.int32)))
-    parts.append(gap)
-    if len(text_tokens):
-        parts.append((np.asarray(text_tokens), np.tile(silence, (len(text_tokens), 1))))
-    parts.append(gap)
-    text = np.concatenate([t for t, _ in parts]).astype(np.int32)
-    moshi_codes = np.concatenate([c for _, c in parts])
-    return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)))
-
-
 def encode_audio(models, wav):
     """Mono float32 [S] -> Mimi codes int32 [ceil(S / frame_size), K], frame by frame from a fresh state."""
-    F = models.mimi_cfg.frame_size
     state, codes = mimi.encoder_state(models.mimi_cfg, 1), []
-    for frame in audio.frames_of([wav], len(wav), F):
+    for frame in audio.frames_of([wav], len(wav), models.mimi_cfg.frame_size):
         state, c = mimi.encode_step(models.mimi, models.mimi_cfg, state, jnp.asarray(frame)[None, None],
                                     num_codebooks=models.codebooks)
         codes.append(np.asarray(c)[0, :, 0])
@@ -130,14 +110,14 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
     released = mimi.MimiConfig(kv_ring=models.mimi_cfg.kv_ring)          # whichever ring it streams with
     if models.mimi_cfg == released and models.codebooks == len(SILENCE_CODES):
-        silence, sine = SILENCE_CODES, SINE_CODES
+        silence, sine = np.array([SILENCE_CODES, SINE_CODES], np.int32)
     else:                                            # not the released Mimi: the same recipe
         silence = encode_audio(models, np.zeros(F, np.float32))[0]
         t = np.arange(F) / sr                        # 80 ms of a 440 Hz sine at 0.5
         sine = encode_audio(models, (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32))[0]
-    voice_codes, saved = None, {}
+    voice_codes, saved = np.zeros((0, models.codebooks), np.int32), ()      # [n, 8]
     if voice_prompt and voice_prompt.endswith(".pt"):
-        saved = dict(zip(("embeddings", "cache"), read_voice_pt(voice_prompt, models.lm_cfg)))
+        saved = read_voice_pt(voice_prompt, models.lm_cfg)                       # (embeddings, cache)
     elif voice_prompt:
         voice = audio.mix_down(audio.read_audio(voice_prompt, sr))[0]                    # [S]
         voice_codes = encode_audio(models, audio.normalize_loudness(voice, sr, -24.0))
@@ -146,8 +126,13 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
         if models.tokenizer is None:
             raise SampleError("--text-prompt needs a text tokenizer (--tokenizer)")
         text_tokens = models.tokenizer.encode(wrap_system(text_prompt))
-    prompt = persona_prompt(voice_codes, text_tokens, silence, sine, models.lm_cfg.existing_text_padding_id)
-    return dataclasses.replace(prompt, **saved)
+    # PAD text over the voice, the 0.5 s gaps and the text prompt between them; after the voice,
+    # Moshi's audio is silence throughout, and the user's a sine.
+    pad = models.lm_cfg.existing_text_padding_id
+    gap = [pad] * PROMPT_SILENCE_FRAMES
+    text = np.array([pad] * len(voice_codes) + gap + text_tokens + gap, np.int32)             # [N]
+    moshi_codes = np.concatenate([voice_codes, np.tile(silence, (len(text) - len(voice_codes), 1))])
+    return Prompt(text, moshi_codes, np.tile(sine, (len(text), 1)), *saved)
 
 
 # PersonaPlex's saved voices. NVIDIA ships its 18 voices (NATF0 .. VARM4) as torch.save files of
@@ -167,11 +152,12 @@ TORCH_STORAGES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "Half
 
 
 class TensorUnpickler(pickle.Unpickler):
-    """torch's pickle of tensors, rebuilt as numpy arrays; `record(name)` reads the zip's records."""
+    """torch's pickle of tensors (the record `root`data.pkl of the zip file `z`), rebuilt as numpy arrays
+    from the storages beside it (`root`data/<key>)."""
 
-    def __init__(self, file, record, path):
-        super().__init__(file)
-        self.record, self.path = record, path
+    def __init__(self, z, root, path):
+        super().__init__(io.BytesIO(z.read(root + "data.pkl")))
+        self.zip, self.root, self.path = z, root, path
 
     def find_class(self, module, name):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
@@ -189,7 +175,7 @@ class TensorUnpickler(pickle.Unpickler):
                 and isinstance(pid[1], np.dtype)):
             raise ValueError(f"unexpected persistent id {pid!r}")
         _, dtype, key, _, numel = pid
-        data = self.record(f"data/{key}")
+        data = self.zip.read(f"{self.root}data/{key}")
         if len(data) < numel * dtype.itemsize:
             raise ValueError(f"storage {key} is truncated")
         return np.frombuffer(data, dtype, count=numel)
@@ -203,7 +189,7 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
     end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
     if offset < 0 or min(stride, default=0) < 0 or end > len(storage):
         raise ValueError(f"a tensor of shape {size} runs past its storage")
-    steps = [s * storage.itemsize for s in stride]
+    steps = [s * storage.itemsize for s in stride]                        # strides in bytes
     return np.lib.stride_tricks.as_strided(storage[offset:], size, steps).copy()
 
 
@@ -217,8 +203,7 @@ def read_torch_file(path):
             root = pickles[0][:-len("data.pkl")]
             if root + "byteorder" in z.namelist() and z.read(root + "byteorder") != b"little":
                 raise ValueError("written on a big-endian machine, which is not supported")
-            record = lambda name: z.read(root + name)                    # noqa: E731
-            return TensorUnpickler(io.BytesIO(z.read(pickles[0])), record, path).load()
+            return TensorUnpickler(z, root, path).load()
     except zipfile.BadZipFile:
         raise SampleError(f"{path}: not a torch.save zip file (torch >= 1.6 writes those)") from None
     except OSError as e:
@@ -247,7 +232,7 @@ def read_voice_pt(path, cfg) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The conversation. Per 80 ms frame: encode the user's frame, one LM step, decode Moshi's frame.
+# 2. The conversation. Per 80 ms frame: encode the user's frame, one LM step, decode Moshi's frame.
 # Each is one jitted call on fixed shapes with its state passed in and out: the LM's KV cache is a
 # ring over `context` frames and Mimi's caches are rings too, so frame 10 000 costs what frame 10
 # costs, in the same memory.
@@ -262,7 +247,7 @@ def read_voice_pt(path, cfg) -> tuple[np.ndarray, np.ndarray]:
 # checkpoint decides, --kv-ring overrides). Both return one frame per input frame. Moshi's audio is
 # decoded from codebooks 1..8 (PersonaPlex also predicts the user's 8, which we ignore as it does).
 
-@dataclass
+@dataclasses.dataclass
 class Models:
     lm: dict
     lm_cfg: object             # moshi.LMConfig
@@ -280,9 +265,14 @@ class Models:
         """PersonaPlex-style: the depformer writes every audio stream, the user's included."""
         return self.lm_cfg.dep_q == self.lm_cfg.n_q
 
-    def is_word(self, token: int) -> bool:
-        """Whether a text token says something (not PAD / EPAD, which are never printed)."""
-        return token not in (self.lm_cfg.existing_text_padding_id, self.lm_cfg.existing_text_end_padding_id)
+    def word(self, token: int) -> str | None:
+        """The printable text of a text token (sentencepiece's "▁", a word start, becomes a space),
+        or None for PAD / EPAD, which say nothing and are never printed."""
+        if token in (self.lm_cfg.existing_text_padding_id, self.lm_cfg.existing_text_end_padding_id):
+            return None
+        if self.tokenizer is None or token >= self.tokenizer.get_piece_size():
+            return f"<{token}>"
+        return self.tokenizer.id_to_piece(token).replace("\u2581", " ")
 
 
 def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, seed: int,
@@ -307,10 +297,10 @@ def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, 
         # A frame's results come to the host only once the next frame is queued: JAX dispatches
         # asynchronously, so the accelerator never idles while Python prints text and writes audio.
         if pending is not None:
-            yield _on_host(*pending)
+            yield _on_host(pending)
         pending = tokens, pcm[:, 0]                                                         # pcm [B, F]
     if pending is not None:
-        yield _on_host(*pending)
+        yield _on_host(pending)
 
 
 def play_prompt(models: Models, state, prompt: Prompt, rows, key, sampling: moshi.Sampling):
@@ -333,22 +323,15 @@ def play_prompt(models: Models, state, prompt: Prompt, rows, key, sampling: mosh
     return state
 
 
-def _on_host(tokens, pcm):
-    tokens, pcm = jax.device_get((tokens, pcm))
+def _on_host(step):
+    tokens, pcm = jax.device_get(step)
     if (tokens < 0).any():
         raise RuntimeError(f"internal error: the LM returned no frame ({tokens.tolist()})")
     return tokens, pcm
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Text display and output files.
-
-def piece_text(tokenizer, token: int) -> str:
-    """The printable text of a token: sentencepiece's "▁" (a word start) becomes a space."""
-    if tokenizer is None or token >= tokenizer.get_piece_size():
-        return f"<{token}>"
-    return tokenizer.id_to_piece(int(token)).replace("\u2581", " ")
-
+# 3. Text display.
 
 class Display:
     """Moshi's text as it comes, with a progress line, on a terminal; plain text otherwise.
@@ -358,15 +341,14 @@ class Display:
     written as they come and progress goes to stderr every 10%.
     """
 
-    def __init__(self, total_frames: int, frame_seconds: float, out=None, err=None):
-        self.out, self.err = out or sys.stdout, err or sys.stderr
-        self.live = self.out.isatty()
+    def __init__(self, total_frames: int, frame_seconds: float):
+        self.live = sys.stdout.isatty()
         self.total, self.frame_seconds = total_frames, frame_seconds
-        self.width = max(40, os.get_terminal_size(self.out.fileno()).columns - 1) if self.live else 88
+        self.width = max(40, os.get_terminal_size(sys.stdout.fileno()).columns - 1) if self.live else 88
         self.line, self.done, self.reported, self.first = "", 0, 0, 0.0
 
     def status(self) -> str:
-        pct = 100 * self.done // max(1, self.total)
+        pct = 100 * self.done // self.total
         rate = "compiling" if self.done < 2 else \
             f"{1000 * (time.perf_counter() - self.first) / (self.done - 1):5.0f} ms/frame"
         done, total = self.done * self.frame_seconds, self.total * self.frame_seconds
@@ -378,62 +360,27 @@ class Display:
             self.first = time.perf_counter()        # the rate leaves out the first frame's compilation
         if not self.live:
             if piece:
-                self.out.write(piece)
-                self.out.flush()
-            if 10 * self.done // max(1, self.total) > self.reported:
-                self.reported = 10 * self.done // max(1, self.total)
-                print(f"\n{self.status()}", file=self.err, flush=True)
+                print(piece, end="", flush=True)
+            tenths = 10 * self.done // self.total
+            if tenths > self.reported:
+                self.reported = tenths
+                print(f"\n{self.status()}", file=sys.stderr, flush=True)
             return
         self.line += piece or ""
         status = self.status() + " "
         while len(status) + len(self.line) > self.width and " " in self.line.strip():
             cut = self.line.rstrip().rfind(" ", 0, self.width - len(status))
             cut = cut if cut > 0 else len(self.line.rstrip())
-            self.out.write("\r\033[K" + " " * len(status) + self.line[:cut] + "\n")
+            print("\r\033[K" + " " * len(status) + self.line[:cut])
             self.line = self.line[cut:]
-        self.out.write("\r\033[K" + status + self.line[-(self.width - len(status)):])
-        self.out.flush()
+        print("\r\033[K" + status + self.line[-(self.width - len(status)):], end="", flush=True)
 
     def close(self):
-        self.out.write(("\r\033[K" + self.line if self.live else "") + "\n")
-        self.out.flush()
-
-
-class WavWriter:
-    """`with WavWriter(path, sample_rate, num_samples) as w: w.write(pcm)` streams frames into a 16-bit
-    wav, cut at `num_samples`. The file appears, whole, only when the block ends well: it is written
-    under a temporary name (convert.atomic_path), so an interrupted run leaves no half file."""
-
-    def __init__(self, path: str, sample_rate: int, num_samples: int):
-        self.path, self.sample_rate, self.left = path, sample_rate, num_samples
-
-    def __enter__(self):
-        with contextlib.ExitStack() as files:          # should opening fail, what was opened is undone
-            tmp = files.enter_context(convert.atomic_path(self.path, ".wav"))
-            self.file = files.enter_context(soundfile.SoundFile(
-                tmp, "w", samplerate=self.sample_rate, channels=1, format="WAV", subtype="PCM_16"))
-            self.files = files.pop_all()
-        return self
-
-    def write(self, pcm):
-        pcm = np.clip(np.asarray(pcm, np.float32)[: self.left], -1.0, 1.0)
-        self.file.write(pcm)
-        self.left -= len(pcm)
-
-    def __exit__(self, *exc):
-        return self.files.__exit__(*exc)              # close the file, then rename it (or remove it)
-
-
-def numbered(path: str, index: int, count: int) -> str:
-    """out.wav -> out-0.wav, out-1.wav, ... when there are several answers (as run_inference.py)."""
-    if count == 1:
-        return path
-    stem, ext = os.path.splitext(path)
-    return f"{stem}-{index}{ext}"
+        print("\r\033[K" + self.line if self.live else "", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Main: load, converse, write.
+# 4. Main: load, converse, write.
 
 def load_tokenizer(path):
     try:
@@ -457,7 +404,6 @@ def load_models(args, log) -> Models:
 
 def _load_models(args, log) -> Models:
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
-    tokenizer = None
     if args.random_init:
         log("!" * 88 + f"\n!! --random-init {args.random_init}: RANDOM WEIGHTS. Moshi will babble noise; "
             f"this is a demo of the pipeline.\n" + "!" * 88)
@@ -468,8 +414,7 @@ def _load_models(args, log) -> Models:
         else:
             mimi_cfg = mimi.TINY if args.random_init.startswith("tiny") else mimi.MimiConfig()
             mimi_params = mimi.init(jax.random.key(args.seed + 1), mimi_cfg)
-        if args.tokenizer:
-            tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     else:
         ckpt = repo.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer,
                                     args.config)
@@ -577,7 +522,7 @@ def run(args):
     outs, transcript = check_outputs(args, log)
     models = load_models(args, log)
     sr, F = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size
-    num_samples = (max(1, int(round(args.duration * sr))) if args.duration
+    num_samples = (max(1, round(args.duration * sr)) if args.duration
                    else audio.resampled_length(args.prompt, sr))
     prompt = persona_prompt_for(args, models, log)
     sampling = moshi.Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
@@ -602,14 +547,17 @@ def check_outputs(args, log) -> tuple[list[str], str]:
     """Before anything is loaded: the prompt must be readable and every output writable (a bad one
     fails now, not after loading 16 GB of weights and conversing). -> (the wavs, the transcript)."""
     audio.audio_info(args.prompt)
-    outs = [numbered(args.out, b, args.batch_size) for b in range(args.batch_size)]
-    transcript = os.path.splitext(args.out)[0] + ".json"
+    # Several answers are numbered as run_inference.py numbers them: out-0.wav, out-1.wav, ...
+    stem, ext = os.path.splitext(args.out)
+    outs = [args.out] if args.batch_size == 1 else [f"{stem}-{b}{ext}" for b in range(args.batch_size)]
+    transcript = stem + ".json"
+    folder = os.path.dirname(os.path.abspath(args.out))
     # A new folder for the answers is made; one that cannot be made is named by check_writable.
     with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     for path, what in [(p, "--out") for p in outs] + [(transcript, "the transcript (--out's name, .json)")]:
         convert.check_writable(path, what)
-    for name in convert.remove_stale_temps(os.path.dirname(os.path.abspath(args.out))):
+    for name in convert.remove_stale_temps(folder):
         log(f"removed {name}, left by a run that was killed while writing")
     return outs, transcript
 
@@ -621,23 +569,24 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
     # The prompt is read block by block, mixed down and resampled on the fly, so a conversation of an
     # hour holds a second of input in memory, not an hour.
     frames = audio.frames_of(audio.read_blocks(args.prompt, sr, mono=True), num_samples, F)
-    answers = [{"wav": path, "text": "", "pieces": [], "text_tokens": [], "audio_tokens": []}
-               for path in outs]
-    times = [time.perf_counter()]
+    start, kept = time.perf_counter(), []                    # kept: each frame's tokens [B, 1 + codebooks]
     with contextlib.ExitStack() as files:
-        writers = [files.enter_context(WavWriter(path, sr, num_samples)) for path in outs]
+        # Each answer streams into a 16-bit wav under a temporary name (convert.atomic_path): the file
+        # appears, whole, only when the conversation ends well, so an interrupted run leaves no half file.
+        tmps = [files.enter_context(convert.atomic_path(path, ".wav")) for path in outs]
+        wavs = [files.enter_context(soundfile.SoundFile(tmp, "w", samplerate=sr, channels=1, format="WAV",
+                                                         subtype="PCM_16")) for tmp in tmps]
         display = Display(-(-num_samples // F), F / sr)
         files.callback(display.close)
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
-            for b in range(B):
-                writers[b].write(pcm[b])
-                _record(answers[b], models, tokens[b, :1 + models.codebooks], i, F / sr)
-            token = int(tokens[0, 0])
-            display.frame(piece_text(models.tokenizer, token) if models.is_word(token) else None)
-            if len(times) == 1:
-                times.append(time.perf_counter())         # the first frame: compilation included
-        times.append(time.perf_counter())
-    return answers, times
+            for wav, row in zip(wavs, pcm):
+                wav.write(np.clip(row[:num_samples - i * F], -1.0, 1.0))           # as long as the input
+            display.frame(models.word(int(tokens[0, 0])))     # display.first: frame 0 done, compiled
+            kept.append(tokens[:, :1 + models.codebooks])
+        end = time.perf_counter()
+    # np.stack(kept, 1): [B, T, 1 + codebooks], a row per answer
+    answers = [_answer(models, path, t, F / sr) for path, t in zip(outs, np.stack(kept, 1))]
+    return answers, (start, display.first, end)
 
 
 def persona_prompt_for(args, models, log):
@@ -657,16 +606,15 @@ def persona_prompt_for(args, models, log):
     return prompt
 
 
-def _record(answer, models: Models, tokens, frame: int, frame_seconds: float):
-    """tokens [1 + codebooks]: this frame's text token and the audio codes of Moshi's voice."""
-    token = int(tokens[0])
-    answer["text_tokens"].append(token)
-    answer["audio_tokens"].append([int(t) for t in tokens[1:]])
-    if models.is_word(token):
-        piece = piece_text(models.tokenizer, token)
-        answer["pieces"].append({"frame": frame, "time": round(frame * frame_seconds, 3), "token": token,
-                                 "piece": piece})
-        answer["text"] += piece
+def _answer(models: Models, wav: str, tokens, frame_seconds: float) -> dict:
+    """One answer as the transcript records it. tokens [T, 1 + codebooks]: each frame's text token and
+    the audio codes of Moshi's voice; its text pieces are the tokens that say something."""
+    text_tokens = tokens[:, 0].tolist()
+    words = [(frame, token, models.word(token)) for frame, token in enumerate(text_tokens)]
+    pieces = [{"frame": frame, "time": round(frame * frame_seconds, 3), "token": token, "piece": piece}
+              for frame, token, piece in words if piece is not None]
+    return {"wav": wav, "text": "".join(p["piece"] for p in pieces), "pieces": pieces,
+            "text_tokens": text_tokens, "audio_tokens": tokens[:, 1:].tolist()}
 
 
 if __name__ == "__main__":
