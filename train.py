@@ -380,7 +380,7 @@ def flops_per_step(cfg, params, frames: int, window_frames: int) -> float:
     """Model FLOPs of one step (forward + backward, remat not counted): 6 N per frame for the N
     weights every frame touches (the matrices: embedding tables are looked up, not multiplied),
     plus causal attention of the temporal transformer (12 L D T/2 per frame)."""
-    matmul_params = sum(int(np.prod(w.shape)) for w in lora_targets(params).values())
+    matmul_params = sum(math.prod(w.shape) for w in lora_targets(params).values())
     tcfg = cfg.temporal
     context = min(window_frames, tcfg.context or window_frames)
     attention = 12 * tcfg.num_layers * tcfg.d_model * context / 2
@@ -543,7 +543,7 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
         times.append(time.perf_counter() - t0)
         check_finite(m, step, ds, ids, position)
         position += A * G
-        steady = np.mean(times[1:]) if len(times) > 1 else times[0]   # the first step also compiles
+        steady = np.mean(times[1:] or times)   # the first step also compiles
         losses = dict(zip(("loss", "text_loss", "audio_loss", "grad_norm"), m.tolist()))
         history.append({"step": step, **losses, "lr": float(lr_at(step - 1)), "step_time": times[-1],
                         "tokens_per_s": tokens_per_step / steady})
