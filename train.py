@@ -245,8 +245,8 @@ def adapter_specs(lora, fsdp: int):
 def layer_hook(layer, lora_scaling: float = 1.0):
     """Called by helium's layer scan on one layer's weights (leading layer axis gone): gather each
     matrix over fsdp, then its LoRA adapters if the layer carries them (under "lora"), and merge."""
-    lora = layer.get("lora")
-    layer = {k: v for k, v in layer.items() if k != "lora"}
+    layer = dict(layer)
+    lora = layer.pop("lora", None)
     gather_axis = lambda w, axis: gather(w, split_spec(w.ndim, axis))                # noqa: E731
     layer = jax.tree.map(lambda w: gather_axis(w, -2) if w.ndim >= 2 else w, layer)    # [.., out, in]
     for path, ab in adapters(lora):
@@ -339,8 +339,8 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
         out = moshi.forward(view, cfg, codes, layer_hook=lambda layer: layer_hook(layer, h.lora_scaling),
                             remat=h.remat, attention=attention_of(h))
         sums = loss_sums(out, codes, h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
-        loss, text, audio = loss_from_sums(jax.lax.psum(sums, AXES))       # over the whole global batch
-        return loss, jnp.stack([loss, text, audio])
+        metrics = jnp.stack(loss_from_sums(jax.lax.psum(sums, AXES)))      # over the whole global batch
+        return metrics[0], metrics
 
     def local_grads(trainable, frozen, batch):
         def micro(acc, codes):
@@ -428,11 +428,10 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
     # AdamW with decay on every trainable weight, as moshi-finetune (torch AdamW on all params).
     tx = optax.chain(optax.clip_by_global_norm(h.max_norm),
                      optax.adamw(learning_rate(h), h.b1, h.b2, h.eps, weight_decay=h.weight_decay))
-    step = make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs)
     return Plan(abstract, specs, trainable_specs, frozen_specs,
                 jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=shardings(mesh, specs)),
                 jax.jit(make_lora, out_shardings=shardings(mesh, lora_specs)) if h.lora_rank else None,
-                jax.jit(tx.init), step)
+                jax.jit(tx.init), make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs))
 
 
 def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
