@@ -69,17 +69,15 @@ def loss_sums(out, codes, text_padding_weight, first_codebook_weight, padding_id
     is_padding = jnp.isin(text_target, jnp.asarray(padding_ids))
     text_w = jnp.where(is_padding, text_padding_weight, 1.0)
     audio_w = jnp.where(jnp.arange(dep_q) == 0, first_codebook_weight, 1.0)[None, :, None]  # dep_q may be 0
-    text_num, text_den = weighted_ce_sums(out["text_logits"], text_target, out["text_mask"], text_w)
-    audio_num, audio_den = weighted_ce_sums(out["logits"], audio_target, out["mask"],
-                                            jnp.broadcast_to(audio_w, audio_target.shape))
-    return jnp.stack([text_num, text_den, audio_num, audio_den])
+    text = weighted_ce_sums(out["text_logits"], text_target, out["text_mask"], text_w)
+    audio = weighted_ce_sums(out["logits"], audio_target, out["mask"], audio_w)   # audio_w broadcasts
+    return jnp.stack([*text, *audio])                   # [text num, text den, audio num, audio den]
 
 
 def loss_from_sums(sums):
     """[4] (possibly psum'ed over devices) -> (loss, text loss, audio loss). An all-ignored stream
     contributes 0 instead of 0/0."""
-    text = sums[0] / jnp.maximum(sums[1], 1e-9)
-    audio = sums[2] / jnp.maximum(sums[3], 1e-9)
+    text, audio = sums[0::2] / jnp.maximum(sums[1::2], 1e-9)
     return text + audio, text, audio
 
 
@@ -149,17 +147,13 @@ def merged_params(params, lora, scaling: float):
     return out
 
 
-def lora_trees(params, lora):
-    """A LoRA run's (frozen, trainable) trees: the base without params["ttt"], the adapters with it.
-    (Any trees shaped so: params and adapters, or their PartitionSpecs.)"""
-    frozen = {k: v for k, v in params.items() if k != "ttt"}
-    return frozen, (dict(lora, ttt=params["ttt"]) if "ttt" in params else lora)
-
-
-def lora_model(frozen, trainable):
-    """The inverse of lora_trees: (the model's params, its adapters)."""
-    lora = {k: v for k, v in trainable.items() if k != "ttt"}
-    return (dict(frozen, ttt=trainable["ttt"]) if "ttt" in trainable else frozen), lora
+def move_ttt(source, dest):
+    """(source without its "ttt" entry, dest with it). A LoRA run's (frozen, trainable) trees are
+    move_ttt(params, adapters): the base without params["ttt"], the adapters with it; and the way
+    back, (adapters, params) = move_ttt(trainable, frozen). (Any trees shaped so: params and
+    adapters, or their PartitionSpecs.)"""
+    rest = {k: v for k, v in source.items() if k != "ttt"}
+    return rest, (dict(dest, ttt=source["ttt"]) if "ttt" in source else dest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,10 +175,10 @@ def parse_mesh(text: str) -> dict:
     """'dp=4,fsdp=8' -> {'dp': 4, 'fsdp': 8} (a missing axis is 1)."""
     sizes = {"dp": 1, "fsdp": 1}
     for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+        name, _, value = map(str.strip, part.partition("="))
+        if name not in sizes or not value.isdigit() or int(value) < 1:
             raise ValueError(f"--mesh {text!r}: want e.g. dp=4,fsdp=8 (axes dp and fsdp, positive sizes)")
-        sizes[name.strip()] = int(value)
+        sizes[name] = int(value)
     return sizes
 
 
@@ -224,10 +218,10 @@ def param_specs(params, fsdp: int, in_layer_stack: bool = False, path=()):
 
 def gather(x, spec):
     """Inside shard_map: the whole weight from this device's fsdp shard."""
-    for axis, name in enumerate(spec):
-        if name == "fsdp":
-            return jax.lax.all_gather(x, "fsdp", axis=axis, tiled=True)
-    return x
+    return jax.lax.all_gather(x, "fsdp", axis=spec.index("fsdp"), tiled=True) if "fsdp" in spec else x
+
+
+ADAPTER_AXES = {"a": -1, "b": -2}           # the axis fsdp splits: A's `in`, B's `out`
 
 
 def adapter_specs(lora, fsdp: int):
@@ -238,15 +232,12 @@ def adapter_specs(lora, fsdp: int):
     specs = {}
     for path, ab in adapters(lora):
         spec = {}
-        for name, axis in (("a", -1), ("b", -2)):
+        for name, axis in ADAPTER_AXES.items():
             shape = ab[name].shape
-            if shape[axis] % fsdp == 0:
-                spec[name] = split_spec(len(shape), axis)
-            elif inside_stack(lora, path):
+            if shape[axis] % fsdp and inside_stack(lora, path):
                 raise ValueError(f"fsdp={fsdp} does not divide dim {axis} of LoRA {name.upper()} of "
                                  f"{'.'.join(path)} {shape}")
-            else:
-                spec[name] = P()
+            spec[name] = P() if shape[axis] % fsdp else split_spec(len(shape), axis)
         convert.set_path(specs, path, spec)
     return specs
 
@@ -254,14 +245,13 @@ def adapter_specs(lora, fsdp: int):
 def layer_hook(layer, lora_scaling: float = 1.0):
     """Called by helium's layer scan on one layer's weights (leading layer axis gone): gather each
     matrix over fsdp, then its LoRA adapters if the layer carries them (under "lora"), and merge."""
-    lora = layer.get("lora")
-    layer = {k: v for k, v in layer.items() if k != "lora"}
-    gather_rows = lambda w: jax.lax.all_gather(w, "fsdp", axis=w.ndim - 2, tiled=True)   # noqa: E731
-    layer = jax.tree.map(lambda w: gather_rows(w) if w.ndim >= 2 else w, layer)
+    layer = dict(layer)
+    lora = layer.pop("lora", None)
+    gather_axis = lambda w, axis: gather(w, split_spec(w.ndim, axis))                # noqa: E731
+    layer = jax.tree.map(lambda w: gather_axis(w, -2) if w.ndim >= 2 else w, layer)    # [.., out, in]
     for path, ab in adapters(lora):
-        a = jax.lax.all_gather(ab["a"], "fsdp", axis=ab["a"].ndim - 1, tiled=True)         # [.., r, in]
-        merged = merge_lora(convert.get_path(layer, path), {"a": a, "b": gather_rows(ab["b"])}, lora_scaling)
-        convert.set_path(layer, path, merged)
+        whole = {name: gather_axis(ab[name], axis) for name, axis in ADAPTER_AXES.items()}
+        convert.set_path(layer, path, merge_lora(convert.get_path(layer, path), whole, lora_scaling))
     return layer
 
 
@@ -274,8 +264,7 @@ def lora_by_step(lora, cfg):
     stack = (lora or {}).get("depformer", {}).get("transformer")
     if schedule is None or stack is None:
         return lora
-    pick = np.asarray(schedule)
-    stack = jax.tree.map(lambda a: a[:, pick], stack)
+    stack = jax.tree.map(lambda a: a[:, np.asarray(schedule)], stack)
     return dict(lora, depformer=dict(lora["depformer"], transformer=stack))
 
 
@@ -340,18 +329,18 @@ def attention_of(h: Hyper) -> str:
 
 def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, specs):
     """-> jitted step(state, frozen, batch [A, B, 17, T]) -> (state, [loss, text, audio, grad norm])."""
-    lora_specs = lora_model(frozen_specs, trainable_specs)[1] if h.lora_rank else None
+    lora_specs = move_ttt(trainable_specs, frozen_specs)[0] if h.lora_rank else None
 
     def loss_fn(trainable, frozen, codes):
         """Inside shard_map: (global loss, [loss, text, audio]) for this device's codes [b, 17, T]."""
-        params, lora = lora_model(frozen, trainable) if h.lora_rank else (trainable, None)
+        lora, params = move_ttt(trainable, frozen) if h.lora_rank else (None, trainable)
         view = model_view(params, specs, lora_by_step(lora, cfg), lora_specs, h.lora_scaling,
                           jnp.dtype(h.compute_dtype))
         out = moshi.forward(view, cfg, codes, layer_hook=lambda layer: layer_hook(layer, h.lora_scaling),
                             remat=h.remat, attention=attention_of(h))
         sums = loss_sums(out, codes, h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
-        loss, text, audio = loss_from_sums(jax.lax.psum(sums, AXES))       # over the whole global batch
-        return loss, jnp.stack([loss, text, audio])
+        metrics = jnp.stack(loss_from_sums(jax.lax.psum(sums, AXES)))      # over the whole global batch
+        return metrics[0], metrics
 
     def local_grads(trainable, frozen, batch):
         def micro(acc, codes):
@@ -391,7 +380,7 @@ def flops_per_step(cfg, params, frames: int, window_frames: int) -> float:
     """Model FLOPs of one step (forward + backward, remat not counted): 6 N per frame for the N
     weights every frame touches (the matrices: embedding tables are looked up, not multiplied),
     plus causal attention of the temporal transformer (12 L D T/2 per frame)."""
-    matmul_params = sum(int(np.prod(w.shape)) for w in lora_targets(params).values())
+    matmul_params = sum(math.prod(w.shape) for w in lora_targets(params).values())
     tcfg = cfg.temporal
     context = min(window_frames, tcfg.context or window_frames)
     attention = 12 * tcfg.num_layers * tcfg.d_model * context / 2
@@ -418,10 +407,9 @@ class Plan:
     a resumed run) reuse the compiled step."""
     abstract: dict              # the model params' shapes and dtypes (fp32)
     specs: dict                 # PartitionSpecs of the model params
-    trainable_specs: dict       # of what the optimizer updates (the params, or lora_trees' trainable)
+    trainable_specs: dict       # of what the optimizer updates (the params, or the adapters + params["ttt"])
     frozen_specs: dict          # of a LoRA run's frozen base ({} in full fine-tuning)
-    master: object              # the model params' dtype on the mesh
-    init_params: object         # key -> params, born sharded (master dtype)
+    init_params: object         # key -> params, born sharded (fp32; a LoRA run's in the compute dtype)
     init_lora: object           # key -> LoRA adapters, sharded by adapter_specs (None: full fine-tuning)
     init_opt: object            # trainable -> optimizer state, sharded like it
     step: object                # (state, frozen, batch) -> (state, metrics)
@@ -436,22 +424,21 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
     master = jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32
     make_lora = lambda k: init_lora(k, abstract, h.lora_rank)                      # noqa: E731
     lora_specs = adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), fsdp) if h.lora_rank else {}
-    frozen_specs, trainable_specs = lora_trees(specs, lora_specs) if h.lora_rank else ({}, specs)
+    frozen_specs, trainable_specs = move_ttt(specs, lora_specs) if h.lora_rank else ({}, specs)
     # AdamW with decay on every trainable weight, as moshi-finetune (torch AdamW on all params).
     tx = optax.chain(optax.clip_by_global_norm(h.max_norm),
                      optax.adamw(learning_rate(h), h.b1, h.b2, h.eps, weight_decay=h.weight_decay))
-    step = make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs)
-    return Plan(abstract, specs, trainable_specs, frozen_specs, master,
+    return Plan(abstract, specs, trainable_specs, frozen_specs,
                 jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=shardings(mesh, specs)),
                 jax.jit(make_lora, out_shardings=shardings(mesh, lora_specs)) if h.lora_rank else None,
-                jax.jit(tx.init), step)
+                jax.jit(tx.init), make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs))
 
 
 def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
     """(state, frozen) from model params and an optional LoRA tree, host or device arrays. What
-    trains is kept in fp32, a LoRA run's frozen base in plan.master (the compute dtype)."""
-    frozen, trainable = lora_trees(params, lora) if h.lora_rank else ({}, params)
-    frozen = checkpoint.place(frozen, shardings(mesh, plan.frozen_specs), plan.master)
+    trains is kept in fp32, a LoRA run's frozen base in the compute dtype (as make_plan inits it)."""
+    frozen, trainable = move_ttt(params, lora) if h.lora_rank else ({}, params)
+    frozen = checkpoint.place(frozen, shardings(mesh, plan.frozen_specs), jnp.dtype(h.compute_dtype))
     trainable = checkpoint.place(trainable, shardings(mesh, plan.trainable_specs), jnp.float32)
     return {"params": trainable, "opt": plan.init_opt(trainable)}, frozen
 
@@ -478,8 +465,7 @@ def train(args) -> list[dict]:
     """The whole run. Returns the metrics of every step it ran (also in run_dir/metrics.jsonl).
     The command line is checked before the model is read or anything is written."""
     checkpoint.refuse_used(args.run_dir, args.resume, args.overwrite)
-    sizes = parse_mesh(args.mesh) if args.mesh else {"dp": 1, "fsdp": jax.device_count()}
-    mesh = make_mesh(sizes["dp"], sizes["fsdp"])
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else make_mesh(1, jax.device_count())
     if (args.batch_size or mesh.size) % mesh.size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh size {mesh.size}")
     ds = data.TokenWindows(args.data)
@@ -556,7 +542,7 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
         times.append(time.perf_counter() - t0)
         check_finite(m, step, ds, ids, position)
         position += A * G
-        steady = np.mean(times[1:]) if len(times) > 1 else times[0]   # the first step also compiles
+        steady = np.mean(times[1:] or times)   # the first step also compiles
         losses = dict(zip(("loss", "text_loss", "audio_loss", "grad_norm"), m.tolist()))
         history.append({"step": step, **losses, "lr": float(lr_at(step - 1)), "step_time": times[-1],
                         "tokens_per_s": tokens_per_step / steady})
@@ -574,9 +560,8 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
 def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = False, dtype="bfloat16") -> str:
     """The trained model, LoRA merged in, written by checkpoint.write_model in Kyutai's naming (with
     save_adapters and LoRA, the adapters too, in moshi-finetune's). -> the model.safetensors path."""
-    trainable = jax.tree.map(checkpoint.to_host, state["params"])     # every process takes part
-    params, lora = (lora_model(jax.tree.map(checkpoint.to_host, frozen), trainable) if h.lora_rank
-                    else (trainable, None))
+    lora, params = move_ttt(state["params"], frozen) if h.lora_rank else (None, state["params"])
+    lora, params = jax.tree.map(checkpoint.to_host, (lora, params))       # every process takes part
     if jax.process_index() != 0:
         return os.path.join(out_dir, "model.safetensors")
     with jax.default_device(jax.devices("cpu")[0]):
@@ -628,10 +613,7 @@ BETA = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 def _hyper_flags(a) -> None:
     def flag(field, name=None, **kw):                      # --max-steps sets max_steps, ...
-        name = name or "--" + field.replace("_", "-")
-        if "action" not in kw:
-            kw.setdefault("type", type(getattr(Hyper, field)))
-        a(name, dest=field, default=getattr(Hyper, field), **kw)
+        a(name or "--" + field.replace("_", "-"), dest=field, default=getattr(Hyper, field), **kw)
     flag("max_steps", type=POSITIVE_INT, help="length of the run (and of the lr schedule)")
     flag("lr", type=POSITIVE)
     flag("warmup_steps", type=COUNT)
@@ -645,7 +627,7 @@ def _hyper_flags(a) -> None:
     flag("first_codebook_weight", type=NON_NEGATIVE,
          help="loss weight of the semantic codebook (moshi-finetune's example uses 100)")
     flag("lora_rank", type=COUNT, help="0: full fine-tuning; >0: LoRA on every linear layer")
-    flag("lora_scaling", help="LoRA multiplier: W + scaling * B @ A")
+    flag("lora_scaling", type=float, help="LoRA multiplier: W + scaling * B @ A")
     flag("compute_dtype", "--dtype", choices=["bfloat16", "float32"],
          help="compute dtype (master weights are fp32)")
     flag("remat", "--no-remat", action="store_false",
