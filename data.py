@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import functools
 import json
 import math
 import os
@@ -57,11 +58,10 @@ class DataError(ValueError):
 
 def tokenize_word(sp, word: str) -> list[int]:
     """One word's sentencepiece ids, no BOS; a newline inside becomes the newline piece."""
-    lines = word.strip().split("\n")
-    newline = sp.encode("\n")[-1] if len(lines) > 1 else None
-    ids = sp.encode(lines[0])
-    for line in lines[1:]:
-        ids = ids + [newline] + sp.encode(line)
+    first, *rest = word.strip().split("\n")
+    ids = sp.encode(first)
+    for line in rest:
+        ids = ids + [sp.encode("\n")[-1]] + sp.encode(line)
     return ids
 
 
@@ -182,34 +182,25 @@ def load_stereo(path: str, read_audio=audio.read_audio) -> np.ndarray:
 
 def cut_windows(wav: np.ndarray, window_frames: int):
     """[2, S] -> chunks [n, 2, window_samples] (zero-padded) and real frames per window [n]."""
-    window_samples = window_frames * CODEC.frame_size
-    n = -(-wav.shape[1] // window_samples)
-    chunks = np.zeros((n, 2, window_samples), np.float32)
-    for w in range(n):
-        piece = wav[:, w * window_samples:(w + 1) * window_samples]
-        chunks[w, :, :piece.shape[1]] = piece
-    real_samples = np.minimum(wav.shape[1] - np.arange(n) * window_samples, window_samples)
-    return chunks, -(-real_samples // CODEC.frame_size)
+    window_samples, S = window_frames * CODEC.frame_size, wav.shape[1]
+    n = -(-S // window_samples)
+    padded = np.zeros((2, n * window_samples), np.float32)
+    padded[:, :S] = wav
+    # a window's real frames: the file's (its last, partial frame counted), less the windows before it
+    real_frames = np.minimum(-(-S // CODEC.frame_size) - np.arange(n) * window_frames, window_frames)
+    return padded.reshape(2, n, window_samples).swapaxes(0, 1), real_frames
 
 
-class WindowEncoder:
-    """Mimi over batches of windows: [n, 2, S] -> [n, 16, frames]. Both channels of `batch_windows`
-    windows go through one call of the same compiled shape (a short last batch is zero-padded)."""
-
-    def __init__(self, params, cfg, batch_windows: int, num_codebooks: int = 8):
-        self.params, self.cfg, self.batch, self.num_codebooks = params, cfg, batch_windows, num_codebooks
-
-    def __call__(self, chunks: np.ndarray) -> np.ndarray:
-        n, _, S = chunks.shape
-        out = []
-        for i in range(0, n, self.batch):
-            part = chunks[i:i + self.batch]
-            padded = np.zeros((self.batch, 2, S), np.float32)
-            padded[:len(part)] = part
-            codes = mimi.encode(self.params, self.cfg, padded.reshape(self.batch * 2, 1, S),
-                                self.num_codebooks)
-            out.append(np.asarray(codes).reshape(self.batch, 2 * self.num_codebooks, -1)[:len(part)])
-        return np.concatenate(out)                 # [n, 2K, frames]: channel 0's K, then channel 1's
+def encode_windows(params, cfg, batch: int, chunks: np.ndarray) -> np.ndarray:
+    """Mimi over batches of windows: [n, 2, S] -> [n, 16, frames], channel 0's 8 codebooks then
+    channel 1's. Both channels of `batch` windows go through one call of the same compiled shape (a
+    short last batch is zero-padded). prepare_main binds the first three arguments."""
+    n, _, S = chunks.shape
+    padded = np.zeros((-(-n // batch) * batch, 2, S), np.float32)
+    padded[:n] = chunks
+    codes = [mimi.encode(params, cfg, padded[i:i + batch].reshape(2 * batch, 1, S), 8)
+             for i in range(0, len(padded), batch)]
+    return np.concatenate([np.asarray(c).reshape(batch, 16, -1) for c in codes])[:n]
 
 
 def file_tokens(wav, alignments, sp, encode, window_frames: int, lm_cfg) -> tuple[np.ndarray, int]:
@@ -399,7 +390,7 @@ def prepare_main(args) -> dict:
         sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
     except (OSError, RuntimeError) as e:
         raise DataError(f"--tokenizer {args.tokenizer}: not a sentencepiece model ({e})") from None
-    encode = WindowEncoder(params, cfg, args.encode_batch)
+    encode = functools.partial(encode_windows, params, cfg, args.encode_batch)
     return prepare(args.manifest, args.out, sp, encode, round(frames), args.strict,
                    meta={"tokenizer": args.tokenizer, "mimi": args.mimi})
 
