@@ -157,9 +157,8 @@ def read_manifest(path: str):
                 wav, duration = item["path"], float(item["duration"])
             except (ValueError, KeyError, TypeError) as e:
                 raise DataError(f"{path}:{lineno}: want {{\"path\": ..., \"duration\": ...}}: {e!r}") from e
-            if not os.path.isabs(wav):
-                beside = os.path.join(os.path.dirname(os.path.abspath(path)), wav)
-                wav = beside if os.path.exists(beside) or not os.path.exists(wav) else os.path.abspath(wav)
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), wav)     # an absolute wav itself
+            wav = beside if os.path.exists(beside) or not os.path.exists(wav) else os.path.abspath(wav)
             entries.append((wav, duration))
     return entries
 
@@ -342,8 +341,7 @@ class TokenWindows:
 
 def window_ids(num_windows: int, seed: int, position: int, count: int) -> np.ndarray:
     """Positions [position, position + count) of the endless shuffled stream -> window ids."""
-    out, epoch = [], position // num_windows
-    offset = position % num_windows
+    out, (epoch, offset) = [], divmod(position, num_windows)
     while len(out) < count:
         order = np.random.default_rng([seed, epoch]).permutation(num_windows)
         out.extend(order[offset:offset + count - len(out)].tolist())
@@ -359,7 +357,11 @@ def read_batch(ds: TokenWindows, ids: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # 4. The command line.
 
-def prepare_parser(prog="data.py"):
+def main(argv=None, prog="data.py") -> dict:
+    """`python data.py ARGS` (or `data.py prepare ARGS`); train.py's `prepare` subcommand lands here."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prepare"]:
+        argv = argv[1:]
     ap = argparse.ArgumentParser(prog=prog, description=(
         "Tokenize a moshi-finetune dataset once: Mimi codes of both channels + the text stream."))
     a = ap.add_argument
@@ -370,7 +372,7 @@ def prepare_parser(prog="data.py"):
     a("--duration-sec", type=float, default=10.0, help="window length, as moshi-finetune's duration_sec")
     a("--encode-batch", type=int, default=8, help="windows per Mimi call")
     a("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
-    return ap
+    return prepare_main(ap.parse_args(argv))
 
 
 def prepare_main(args) -> dict:
@@ -393,14 +395,6 @@ def prepare_main(args) -> dict:
     encode = functools.partial(encode_windows, params, cfg, args.encode_batch)
     return prepare(args.manifest, args.out, sp, encode, round(frames), args.strict,
                    meta={"tokenizer": args.tokenizer, "mimi": args.mimi})
-
-
-def main(argv=None, prog="data.py") -> dict:
-    """`python data.py ARGS` (or `data.py prepare ARGS`); train.py's `prepare` subcommand lands here."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["prepare"]:
-        argv = argv[1:]
-    return prepare_main(prepare_parser(prog).parse_args(argv))
 
 
 if __name__ == "__main__":
