@@ -68,14 +68,12 @@ def tokenize_word(sp, word: str) -> list[int]:
 def text_stream(words, num_steps: int, pad: int, epad: int):
     """words: [(token_ids, start_sec, end_sec)] sorted by start -> list of `num_steps` ids.
     pad, epad: the LM's text ids for "nothing said here" and "a word starts in the next frame"."""
-    stream = [pad] * num_steps
+    stream, words = [pad] * num_steps, collections.deque(words)
     pending = collections.deque()
-    next_word = 0
     for t in range(num_steps):
         # every word whose first frame is t (floor(start * 12.5) == t) takes over the pending queue
-        while next_word < len(words) and words[next_word][1] * CODEC.frame_rate < t + 1:
-            pending = collections.deque(words[next_word][0])
-            next_word += 1
+        while words and words[0][1] * CODEC.frame_rate < t + 1:
+            pending = collections.deque(words.popleft()[0])
         if pending:
             if t > 0 and stream[t - 1] == pad:
                 stream[t - 1] = epad
