@@ -42,6 +42,7 @@ import mimi
 import moshi
 
 CODEC = mimi.MimiConfig()     # moshi-finetune's data is at the released Mimi's rates: 24 kHz, 80 ms frames
+LM = moshi.MOSHIKO            # ... and in Moshi's 17 streams, with its text PAD / EPAD ids
 MAIN_SPEAKER = "SPEAKER_MAIN"
 
 
@@ -95,8 +96,7 @@ def window_words(alignments, start_sec: float, duration_sec: float):
     return [(w, s - start_sec, e - start_sec, spk) for w, s, e, spk in alignments[lo:hi]]
 
 
-def window_text(sp, alignments, window: int, window_frames: int, real_frames: int,
-                lm_cfg=moshi.MOSHIKO) -> np.ndarray:
+def window_text(sp, alignments, window: int, window_frames: int, real_frames: int) -> np.ndarray:
     """The text row [window_frames] of window `window` of a file, as moshi-finetune builds it.
 
     `real_frames` is how many frames of audio the window really has (fewer in a file's last window).
@@ -110,7 +110,7 @@ def window_text(sp, alignments, window: int, window_frames: int, real_frames: in
     words = [(tokenize_word(sp, w), s, e) for w, s, e, spk in words if spk == MAIN_SPEAKER and s < e]
     steps = math.ceil(real_frames * CODEC.frame_rate)
     row = np.full(window_frames, depformer.ZERO_TOKEN, np.int32)
-    stream = text_stream(words, steps, lm_cfg.existing_text_padding_id, lm_cfg.existing_text_end_padding_id)
+    stream = text_stream(words, steps, LM.existing_text_padding_id, LM.existing_text_end_padding_id)
     row[:len(stream)] = stream[:window_frames]
     return row
 
@@ -200,7 +200,7 @@ def encode_windows(params, cfg, batch: int, chunks: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(c).reshape(batch, 16, -1) for c in codes])[:n]
 
 
-def file_tokens(wav, alignments, sp, encode, window_frames: int, lm_cfg) -> tuple[np.ndarray, int]:
+def file_tokens(wav, alignments, sp, encode, window_frames: int) -> tuple[np.ndarray, int]:
     """One file -> (int16 [17, n * window_frames], frames of real audio)."""
     chunks, real_frames = cut_windows(wav, window_frames)
     codes = encode(chunks)[..., :window_frames]                  # [n, 16, window_frames]
@@ -209,7 +209,7 @@ def file_tokens(wav, alignments, sp, encode, window_frames: int, lm_cfg) -> tupl
     rows = []
     for w, real in enumerate(real_frames):
         audio = np.where(np.arange(window_frames) < real, codes[w], depformer.ZERO_TOKEN)
-        text = window_text(sp, alignments, w, window_frames, int(real), lm_cfg)
+        text = window_text(sp, alignments, w, window_frames, int(real))
         rows.append(np.concatenate([text[None], audio]))         # [17, window_frames]
     tokens = np.concatenate(rows, axis=1)
     if tokens.max() > np.iinfo(np.int16).max:
@@ -218,8 +218,7 @@ def file_tokens(wav, alignments, sp, encode, window_frames: int, lm_cfg) -> tupl
 
 
 def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict: bool = False,
-            lm_cfg=moshi.MOSHIKO, read_audio=audio.read_audio, meta: dict | None = None,
-            log=print) -> dict:
+            read_audio=audio.read_audio, meta: dict | None = None, log=print) -> dict:
     """Tokenize a whole manifest into out_dir/{tokens/NNNNNN.npy, index.json}; returns the index.
 
     Bad files (missing .json, not stereo, unreadable) are reported by name and skipped, or, with
@@ -232,8 +231,8 @@ def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict:
     out_dir = f"{final}.tmp-{os.getpid()}"
     os.makedirs(os.path.join(out_dir, "tokens"))
     try:
-        index = _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, lm_cfg,
-                              read_audio, meta, log)
+        index = _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, read_audio,
+                              meta, log)
         if os.path.isdir(final):
             os.rmdir(final)                          # empty, checked above
         os.replace(out_dir, final)
@@ -250,8 +249,7 @@ def check_new_folder(out_dir: str) -> None:
         raise DataError(f"--out {out_dir} is a file, not a folder")
 
 
-def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, lm_cfg, read_audio,
-                  meta, log):
+def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, read_audio, meta, log):
     files, skipped = [], []
     for i, (wav_path, duration) in enumerate(entries):
         try:
@@ -266,7 +264,7 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
         if abs(wav.shape[1] / CODEC.sample_rate - duration) > 1 / CODEC.frame_rate:
             log(f"prepare: note: {wav_path} lasts {wav.shape[1] / CODEC.sample_rate:.2f} s, the manifest "
                 f"says {duration:.2f} s; using the audio's length")
-        tokens, real = file_tokens(wav, alignments, sp, encode, window_frames, lm_cfg)
+        tokens, real = file_tokens(wav, alignments, sp, encode, window_frames)
         name = os.path.join("tokens", f"{len(files):06d}.npy")
         with convert.atomic_open(os.path.join(out_dir, name)) as f:
             np.save(f, tokens)
@@ -276,8 +274,8 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
     if not files:
         raise DataError(f"{manifest}: no usable file ({len(skipped)} skipped)")
     index = {"format": "moshi-jax-tokens-v1", "window_frames": window_frames, "frame_rate": CODEC.frame_rate,
-             "streams": lm_cfg.num_streams, "text_padding_id": lm_cfg.existing_text_padding_id,
-             "end_of_padding_id": lm_cfg.existing_text_end_padding_id, "manifest": manifest,
+             "streams": LM.num_streams, "text_padding_id": LM.existing_text_padding_id,
+             "end_of_padding_id": LM.existing_text_end_padding_id, "manifest": manifest,
              "files": files, "skipped": skipped, **(meta or {})}
     with convert.atomic_open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(index, f, indent=1)
