@@ -83,7 +83,7 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     for what, path in given.items():
         if path is not None and not os.path.isfile(path):
             raise CheckpointError(f"{flags[what]}: no such file {path!r}")
-    files = {what: given[what] or get(names[what]) for what in given}
+    files = {what: path or get(names[what]) for what, path in given.items()}
     mimi_json_name = None if lm_only else raw.get("mimi_config_name")
     lm_kwargs = {k: v for k, v in raw.items() if k not in NOT_LM_KWARGS}    # file names and tool settings out
     return Checkpoint(**files, config=lm_kwargs if raw else None, model_type=model_type,
@@ -295,9 +295,9 @@ def lm_config_dict(cfg) -> dict:
     the model has TTT layers or streams with NVIDIA's KV ring: then a "ttt" entry holds their
     ttt.TTTConfig and "kv_ring" says "personaplex", which only we read)."""
     d = dataclasses.asdict(cfg)
-    for f in dataclasses.fields(cfg):
-        if f.name in _OUR_LM_FIELDS and getattr(cfg, f.name) == f.default:
-            del d[f.name]
+    for name in _OUR_LM_FIELDS:
+        if getattr(cfg, name) == getattr(moshi.LMConfig, name):       # the field's default
+            del d[name]
     return json.loads(json.dumps(d))                  # tuples -> lists, at any depth
 
 
