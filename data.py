@@ -206,12 +206,11 @@ def file_tokens(wav, alignments, sp, encode, window_frames: int) -> tuple[np.nda
     codes = encode(chunks)[..., :window_frames]                  # [n, 16, window_frames]
     if codes.shape[-1] != window_frames:
         raise DataError(f"Mimi gave {codes.shape[-1]} frames for a {window_frames}-frame window")
-    rows = []
-    for w, real in enumerate(real_frames):
-        audio = np.where(np.arange(window_frames) < real, codes[w], depformer.ZERO_TOKEN)
-        text = window_text(sp, alignments, w, window_frames, int(real))
-        rows.append(np.concatenate([text[None], audio]))         # [17, window_frames]
-    tokens = np.concatenate(rows, axis=1)
+    # IGNORE past the audio each window really has
+    codes = np.where(np.arange(window_frames) < real_frames[:, None, None], codes, depformer.ZERO_TOKEN)
+    texts = [window_text(sp, alignments, w, window_frames, int(real)) for w, real in enumerate(real_frames)]
+    windows = np.concatenate([np.stack(texts)[:, None], codes], axis=1)         # [n, 17, window_frames]
+    tokens = np.concatenate(windows, axis=1)                                    # [17, n * window_frames]
     if tokens.max() > np.iinfo(np.int16).max:
         raise DataError(f"token id {tokens.max()} does not fit int16")
     return tokens.astype(np.int16), int(real_frames.sum())
