@@ -329,9 +329,8 @@ class TokenWindows:
             if array.ndim != 2 or array.shape[1] != info["windows"] * self.window_frames:
                 raise DataError(f"{path}: shape {array.shape} does not match the index "
                                 f"({info['windows']} windows of {self.window_frames} frames)")
-            self._arrays[info["tokens"]] = array
-        T = self.window_frames
-        return np.asarray(self._arrays[info["tokens"]][:, w * T:(w + 1) * T], np.int32)
+            self._arrays[info["tokens"]] = array.reshape(len(array), info["windows"], self.window_frames)
+        return np.asarray(self._arrays[info["tokens"]][:, w], np.int32)     # [17, windows, T] -> window w
 
 
 def window_ids(num_windows: int, seed: int, position: int, count: int) -> np.ndarray:
