@@ -117,7 +117,7 @@ def window_text(sp, alignments, window: int, window_frames: int, real_frames: in
 
 def read_alignments(json_path: str, log=print):
     """The sidecar .json -> [(word, start, end, speaker)] sorted by start (stable). Words that cannot
-    be placed (end before start, or a NaN time) are dropped by moshi-finetune without a word; here
+    be placed (end not after start, or a NaN time) are dropped by moshi-finetune without a word; here
     they are dropped the same way, and named."""
     if not os.path.exists(json_path):
         raise DataError(f"{json_path}: missing alignment file (expected beside the wav)")
@@ -129,10 +129,11 @@ def read_alignments(json_path: str, log=print):
         raise DataError(f"{json_path}: not a moshi-finetune alignment file "
                         f"(want {{\"alignments\": [[word, [start, end], speaker], ...]}}): {e!r}") from e
     for w, start, end, _ in out:
-        if not start <= end:                      # NaN compares False too
+        if not start < end:                       # NaN compares False too
             log(f"prepare: warning: {json_path}: word {w!r} has times [{start}, {end}]: it is left out")
-    # moshi-finetune binary-searches the list as given; it is only correct when sorted
-    return sorted(out, key=lambda a: a[1])
+    # moshi-finetune binary-searches the list as given; it is only correct when sorted, and a NaN
+    # start (left out anyway) would leave the sort order undefined for every other word
+    return sorted((a for a in out if not math.isnan(a[1])), key=lambda a: a[1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1380,11 +1380,15 @@ def test_data_prepare_refuses_bad_input_and_loses_nothing(train_dataset, tmp_pat
         with pytest.raises(data.DataError, match=message):
             data.main(cli + extra)
     (root / "odd.json").write_text(json.dumps({"alignments": [["late", [1.0, 0.5], "SPEAKER_MAIN"],
-                                                              ["never", [float("nan"), 1.0], "SPEAKER_MAIN"]]}))
+                                                              ["never", [float("nan"), 1.0], "SPEAKER_MAIN"],
+                                                              ["blink", [2.0, 2.0], "SPEAKER_MAIN"],
+                                                              ["early", [0.1, 0.2], "SPEAKER_MAIN"]]}))
     capsys.readouterr()
-    data.read_alignments(str(root / "odd.json"))
+    kept = data.read_alignments(str(root / "odd.json"))
     warned = capsys.readouterr().out
     assert "odd.json: word 'late' has times [1.0, 0.5]" in warned and "word 'never'" in warned
+    assert "word 'blink' has times [2.0, 2.0]" in warned and "early" not in warned   # dropped as moshi-finetune
+    assert [w for w, *_ in kept] == ["early", "late", "blink"]     # a NaN start leaves the rest in order
     with pytest.raises(data.DataError, match="gone.wav: audio file not found"):
         data.load_stereo(str(root / "gone.wav"))
 
