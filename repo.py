@@ -230,11 +230,7 @@ def lm_config(config=None, what: str | None = None):
         return config or moshi.MOSHIKO
     what = f"LM config {what or ('' if isinstance(config, dict) else config)}".strip()
     if not isinstance(config, dict):
-        try:
-            with open(config) as fh:
-                config = json.load(fh)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{what}: cannot read it ({e})") from None
+        config = _read_json(config, "LM config")
     kw = _lm_kwargs(config, what, {f.name: f for f in dataclasses.fields(moshi.LMConfig)})
     try:
         if kw.get("ttt") is not None:                    # ours, not Kyutai's: {"layers": [...], ...}

@@ -1209,6 +1209,9 @@ def test_lm_configs_and_7b_footprint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"dimm": 3}))
     with pytest.raises(ValueError, match=f"LM config {tmp_path / 'config.json'}: unknown keys"):   # names the file
         repo.lm_config(str(tmp_path / "config.json"))
+    (tmp_path / "list.json").write_text("[3]")
+    with pytest.raises(repo.CheckpointError, match="list.json\\) holds a JSON list, not an object"):
+        repo.lm_config(str(tmp_path / "list.json"))
     with pytest.raises(ValueError, match="demux_second_text_stream"):
         repo.lm_config({"demux_second_stream": True})
     with pytest.warns(UserWarning, match="conditioners"):
