@@ -231,18 +231,17 @@ def adapter_specs(lora, fsdp: int):
     it does not divide is replicated."""
     specs = {}
     for path, ab in adapters(lora):
-        spec = {}
         for name, axis in ADAPTER_AXES.items():
             shape = ab[name].shape
             if shape[axis] % fsdp and inside_stack(lora, path):
                 raise ValueError(f"fsdp={fsdp} does not divide dim {axis} of LoRA {name.upper()} of "
                                  f"{'.'.join(path)} {shape}")
-            spec[name] = P() if shape[axis] % fsdp else split_spec(len(shape), axis)
-        convert.set_path(specs, path, spec)
+            spec = P() if shape[axis] % fsdp else split_spec(len(shape), axis)
+            convert.set_path(specs, (*path, name), spec)
     return specs
 
 
-def layer_hook(layer, lora_scaling: float = 1.0):
+def layer_hook(layer, lora_scaling: float):
     """Called by helium's layer scan on one layer's weights (leading layer axis gone): gather each
     matrix over fsdp, then its LoRA adapters if the layer carries them (under "lora"), and merge."""
     layer = dict(layer)
@@ -344,7 +343,7 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
 
     def local_grads(trainable, frozen, batch):
         def micro(acc, codes):
-            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, codes)
+            grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, frozen, codes)
             return jax.tree.map(jnp.add, acc, grads), metrics
         grads, metrics = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, trainable), batch)
         return jax.tree.map(lambda g: g / batch.shape[0], grads), metrics.mean(axis=0)
@@ -370,9 +369,9 @@ def shardings(mesh, specs):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 
-def make_batch(ds: data.TokenWindows, ids: np.ndarray, sharding, cfg, window_frames: int):
+def make_batch(ds: data.TokenWindows, ids: np.ndarray, sharding, cfg):
     """window ids [A, B] -> int32 global array [A, B, streams, T]; each process reads only its rows."""
-    shape = (*ids.shape, cfg.num_streams, window_frames)
+    shape = (*ids.shape, cfg.num_streams, ds.window_frames)
     return jax.make_array_from_callback(shape, sharding, lambda idx: data.read_batch(ds, ids[idx[0], idx[1]]))
 
 
@@ -465,7 +464,7 @@ def train(args) -> list[dict]:
     """The whole run. Returns the metrics of every step it ran (also in run_dir/metrics.jsonl).
     The command line is checked before the model is read or anything is written."""
     checkpoint.refuse_used(args.run_dir, args.resume, args.overwrite)
-    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else make_mesh(1, jax.device_count())
+    mesh = make_mesh(**parse_mesh(args.mesh or f"fsdp={jax.device_count()}"))    # default: fsdp over all
     if (args.batch_size or mesh.size) % mesh.size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh size {mesh.size}")
     ds = data.TokenWindows(args.data)
@@ -537,7 +536,7 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
     for step in range(first + 1, last + 1):
         ids = data.window_ids(len(ds), args.seed, position, A * G).reshape(A, G)    # [A, G] window ids
         t0 = time.perf_counter()
-        state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, cfg, T))
+        state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, cfg))
         m = np.asarray(metrics)                          # waits for the step: each step is checked
         times.append(time.perf_counter() - t0)
         check_finite(m, step, ds, ids, position)
