@@ -479,7 +479,7 @@ def train(args) -> list[dict]:
         return run(args, h, mesh, cfg, ds, plan, state, frozen)
 
 
-def start(args, h, cfg, state, window_frames: int):
+def start(args, cfg, state, window_frames: int, this: dict):
     """-> (state, first step, data position), by checkpoint.begin. With TTT, a warning if windows
     are not longer than attention's context + one chunk: the first chunk never uses ΔW, and a later
     chunk within attention's reach recalls nothing attention does not see, so TTT learns nothing."""
@@ -488,7 +488,6 @@ def start(args, h, cfg, state, window_frames: int):
         print(f"warning: TTT: windows of {window_frames} frames are not longer than the attention context "
               f"({cfg.context}) + one TTT chunk ({cfg.ttt.chunk_size}) = {reach} frames: TTT gets no useful "
               "gradient; prepare longer windows (--duration-sec) or pass a smaller --ttt-chunk", flush=True)
-    this = checkpoint.run_meta(args, h, cfg)
     return checkpoint.begin(args.run_dir, state, args.resume, args.overwrite, this)
 
 
@@ -524,7 +523,8 @@ def check_finite(m, step: int, ds, ids, position: int) -> None:
 
 def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, frozen) -> list[dict]:
     G, A, T = args.batch_size or mesh.size, args.grad_accum, ds.window_frames
-    state, first, position = start(args, h, cfg, state, T)
+    this = checkpoint.run_meta(args, h, cfg)          # what the checkpoints record beside the state
+    state, first, position = start(args, cfg, state, T, this)
     last = min(h.max_steps, args.stop_at or h.max_steps)
     tokens_per_step = A * G * T * (1 + cfg.dep_q)       # moshi-finetune's count: text + Moshi's codebooks
     flops, lr_at = flops_per_step(cfg, frozen or state["params"], A * G * T, T), learning_rate(h)
@@ -548,9 +548,8 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
         log_step(args, history[-1], h.max_steps, last, flops / steady / peak if peak else None,
                  steady * (h.max_steps - step))
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == last:
-            meta = dict(checkpoint.run_meta(args, h, cfg), data_position=position)
-            checkpoint.save(os.path.join(args.run_dir, checkpoint.CHECKPOINTS), step, state, meta,
-                            args.keep_checkpoints)
+            checkpoint.save(os.path.join(args.run_dir, checkpoint.CHECKPOINTS), step, state,
+                            dict(this, data_position=position), args.keep_checkpoints)
     if args.export and last == h.max_steps and history:
         export(args.export, cfg, state, frozen, h, args.save_adapters)
     return history
