@@ -321,7 +321,7 @@ def _everyone(ok: bool) -> bool:
     return ok if jax.process_count() == 1 else bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def newest(run_dir: str, like, this: dict, log=print):
+def newest(run_dir: str, like, this: dict, log):
     """-> (meta, state) of the newest checkpoint in run_dir that can be read, or None (said in the
     log: the run starts from step 0) if there is none at all. One of another run (SAME_RUN differs
     from `this`) is an error, not a reason to fall back. One that cannot be read is named in a
@@ -333,10 +333,10 @@ def newest(run_dir: str, like, this: dict, log=print):
     for path in reversed(found):
         try:
             meta = read_meta(path)
-            k = next((k for k in SAME_RUN if field(meta, k) != field(this, k)), None)
-            if k is not None:
-                raise ValueError(f"resume: {path} was made with {k}={field(meta, k)!r}, this run has "
-                                 f"{field(this, k)!r}")
+            for k in SAME_RUN:
+                if field(meta, k) != field(this, k):
+                    raise ValueError(f"resume: {path} was made with {k}={field(meta, k)!r}, this run has "
+                                     f"{field(this, k)!r}")
             state, problem = load(path, like), None
         except CorruptCheckpoint as e:
             problem = e
@@ -460,7 +460,7 @@ def with_ttt(cfg, flags: dict, what: str):
         raise ValueError(f"{' '.join(f'{TTT_FLAGS[f]} {v}' for f, v in flags.items())}: {e}") from None
 
 
-def write_model(out_dir: str, cfg, params, adapters=None, dtype="bfloat16") -> str:
+def write_model(out_dir: str, cfg, params, adapters, dtype) -> str:
     """Full model params (host arrays) -> out_dir/model.safetensors and config.json, which the
     official PyTorch, MLX and Rust stacks and sample.py load like a released checkpoint; with LoRA
     adapters, also out_dir/lora.safetensors in moshi-finetune's naming. A model with TTT layers is

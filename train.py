@@ -231,18 +231,17 @@ def adapter_specs(lora, fsdp: int):
     it does not divide is replicated."""
     specs = {}
     for path, ab in adapters(lora):
-        spec = {}
         for name, axis in ADAPTER_AXES.items():
             shape = ab[name].shape
             if shape[axis] % fsdp and inside_stack(lora, path):
                 raise ValueError(f"fsdp={fsdp} does not divide dim {axis} of LoRA {name.upper()} of "
                                  f"{'.'.join(path)} {shape}")
-            spec[name] = P() if shape[axis] % fsdp else split_spec(len(shape), axis)
-        convert.set_path(specs, path, spec)
+            spec = P() if shape[axis] % fsdp else split_spec(len(shape), axis)
+            convert.set_path(specs, (*path, name), spec)
     return specs
 
 
-def layer_hook(layer, lora_scaling: float = 1.0):
+def layer_hook(layer, lora_scaling: float):
     """Called by helium's layer scan on one layer's weights (leading layer axis gone): gather each
     matrix over fsdp, then its LoRA adapters if the layer carries them (under "lora"), and merge."""
     layer = dict(layer)
@@ -344,7 +343,7 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
 
     def local_grads(trainable, frozen, batch):
         def micro(acc, codes):
-            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, codes)
+            grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, frozen, codes)
             return jax.tree.map(jnp.add, acc, grads), metrics
         grads, metrics = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, trainable), batch)
         return jax.tree.map(lambda g: g / batch.shape[0], grads), metrics.mean(axis=0)
@@ -370,9 +369,9 @@ def shardings(mesh, specs):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 
-def make_batch(ds: data.TokenWindows, ids: np.ndarray, sharding, cfg, window_frames: int):
+def make_batch(ds: data.TokenWindows, ids: np.ndarray, sharding, cfg):
     """window ids [A, B] -> int32 global array [A, B, streams, T]; each process reads only its rows."""
-    shape = (*ids.shape, cfg.num_streams, window_frames)
+    shape = (*ids.shape, cfg.num_streams, ds.window_frames)
     return jax.make_array_from_callback(shape, sharding, lambda idx: data.read_batch(ds, ids[idx[0], idx[1]]))
 
 
@@ -465,7 +464,7 @@ def train(args) -> list[dict]:
     """The whole run. Returns the metrics of every step it ran (also in run_dir/metrics.jsonl).
     The command line is checked before the model is read or anything is written."""
     checkpoint.refuse_used(args.run_dir, args.resume, args.overwrite)
-    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else make_mesh(1, jax.device_count())
+    mesh = make_mesh(**parse_mesh(args.mesh or f"fsdp={jax.device_count()}"))    # default: fsdp over all
     if (args.batch_size or mesh.size) % mesh.size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh size {mesh.size}")
     ds = data.TokenWindows(args.data)
@@ -480,7 +479,7 @@ def train(args) -> list[dict]:
         return run(args, h, mesh, cfg, ds, plan, state, frozen)
 
 
-def start(args, h, cfg, state, window_frames: int):
+def start(args, cfg, state, window_frames: int, this: dict):
     """-> (state, first step, data position), by checkpoint.begin. With TTT, a warning if windows
     are not longer than attention's context + one chunk: the first chunk never uses ΔW, and a later
     chunk within attention's reach recalls nothing attention does not see, so TTT learns nothing."""
@@ -489,7 +488,6 @@ def start(args, h, cfg, state, window_frames: int):
         print(f"warning: TTT: windows of {window_frames} frames are not longer than the attention context "
               f"({cfg.context}) + one TTT chunk ({cfg.ttt.chunk_size}) = {reach} frames: TTT gets no useful "
               "gradient; prepare longer windows (--duration-sec) or pass a smaller --ttt-chunk", flush=True)
-    this = checkpoint.run_meta(args, h, cfg)
     return checkpoint.begin(args.run_dir, state, args.resume, args.overwrite, this)
 
 
@@ -525,7 +523,8 @@ def check_finite(m, step: int, ds, ids, position: int) -> None:
 
 def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, frozen) -> list[dict]:
     G, A, T = args.batch_size or mesh.size, args.grad_accum, ds.window_frames
-    state, first, position = start(args, h, cfg, state, T)
+    this = checkpoint.run_meta(args, h, cfg)          # what the checkpoints record beside the state
+    state, first, position = start(args, cfg, state, T, this)
     last = min(h.max_steps, args.stop_at or h.max_steps)
     tokens_per_step = A * G * T * (1 + cfg.dep_q)       # moshi-finetune's count: text + Moshi's codebooks
     flops, lr_at = flops_per_step(cfg, frozen or state["params"], A * G * T, T), learning_rate(h)
@@ -537,7 +536,7 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
     for step in range(first + 1, last + 1):
         ids = data.window_ids(len(ds), args.seed, position, A * G).reshape(A, G)    # [A, G] window ids
         t0 = time.perf_counter()
-        state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, cfg, T))
+        state, metrics = plan.step(state, frozen, make_batch(ds, ids, batch_sharding, cfg))
         m = np.asarray(metrics)                          # waits for the step: each step is checked
         times.append(time.perf_counter() - t0)
         check_finite(m, step, ds, ids, position)
@@ -549,9 +548,8 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
         log_step(args, history[-1], h.max_steps, last, flops / steady / peak if peak else None,
                  steady * (h.max_steps - step))
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == last:
-            meta = dict(checkpoint.run_meta(args, h, cfg), data_position=position)
-            checkpoint.save(os.path.join(args.run_dir, checkpoint.CHECKPOINTS), step, state, meta,
-                            args.keep_checkpoints)
+            checkpoint.save(os.path.join(args.run_dir, checkpoint.CHECKPOINTS), step, state,
+                            dict(this, data_position=position), args.keep_checkpoints)
     if args.export and last == h.max_steps and history:
         export(args.export, cfg, state, frozen, h, args.save_adapters)
     return history
