@@ -144,7 +144,7 @@ def save(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
     """Write ckpt_dir/step_NNNNNN (all processes call this) and keep only the newest `keep` (0: all).
     Checkpoints of this step or later already there can only be ones that resume passed over as
     unreadable: they do not count against `keep`, and this step's own is set aside (not deleted)
-    as step_NNNNNN.corrupt."""
+    as step_NNNNNN.corrupt (.corrupt+, ... when that name is taken)."""
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
     tmp, first_process = final + ".tmp", jax.process_index() == 0
     if first_process:
@@ -159,8 +159,11 @@ def save(ckpt_dir: str, step: int, state, meta: dict, keep: int) -> str:
         with convert.atomic_open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step, leaves=leaves, processes=jax.process_count()), f, indent=1)
         convert.fsync(tmp)
-        if os.path.exists(final):
-            os.replace(final, final + ".corrupt")
+        if os.path.exists(final):                    # set aside, beside any earlier one set aside
+            aside = final + ".corrupt"
+            while os.path.exists(aside):
+                aside += "+"
+            os.replace(final, aside)
         os.replace(tmp, final)
         convert.fsync(ckpt_dir)
         done = [p for p in list_dir(ckpt_dir) if step_of(p) <= step]     # not a later, unreadable one

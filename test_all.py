@@ -2277,6 +2277,11 @@ def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
         back = checkpoint.load(str(tmp_path / "step_000003"), like)
         assert back["b"].dtype == jnp.bfloat16 and back["w"].sharding == like["w"].sharding
         assert all(np.array_equal(np.asarray(back[k]), np.asarray(state[k])) for k in state)
+    # saving a step that is already there (resume passed it over) sets it aside, never over another
+    for position in (6, 7):
+        checkpoint.save(str(tmp_path), 3, placed, {"data_position": position}, keep=1)
+    assert [checkpoint.read_meta(str(tmp_path / name))["data_position"]
+            for name in ("step_000003.corrupt", "step_000003.corrupt+", "step_000003")] == [5, 6, 7]
 
 
 def test_checkpoint_tidy_drops_later_metrics_and_a_line_cut_short(tmp_path):
