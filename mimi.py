@@ -497,9 +497,9 @@ def init(key, cfg: MimiConfig) -> dict:
     sizes = [math.prod(shape) for shape, _ in draws]
     parts = jnp.split(jax.random.normal(k_weights, (sum(sizes),)), np.cumsum(sizes)[:-1])
     arrays = [scale * part.reshape(shape) for (shape, scale), part in zip(draws, parts)]
-    conv_params = [{"w": w, "b": jnp.zeros((c.cout,))} if c.bias else {"w": w} for c, w in zip(specs, arrays)]
+    # a conv is {"w", "b"}; the bias-free resamplers are a bare weight
+    conv_params = [{"w": w, "b": jnp.zeros((c.cout,))} if c.bias else w for c, w in zip(specs, arrays)]
     params = jax.tree.unflatten(tree, conv_params)
-    params["downsample"], params["upsample"] = params["downsample"]["w"], params["upsample"]["w"]
     q, names = arrays[len(specs):], ("input_proj", "output_proj", "codebooks")
     params["quantizer"] = {"semantic": dict(zip(names, q[:3])), "acoustic": dict(zip(names, q[3:]))}
     for name, k in (("encoder_transformer", k_enc), ("decoder_transformer", k_dec)):
