@@ -307,12 +307,10 @@ def rvq_decode(p, codes):
 
 
 def quantize(p, cfg: MimiConfig, latent, num_codebooks: int):
-    # latent [B, T, D] -> codes int32 [B, K, T]
+    # latent [B, T, D] -> codes int32 [B, K, T]: the semantic codebook(s), then K - num_semantic acoustic ones
     n_sem = cfg.num_semantic
-    codes = rvq_encode(p["semantic"], latent, min(num_codebooks, n_sem))
-    if num_codebooks > n_sem:
-        codes = jnp.concatenate([codes, rvq_encode(p["acoustic"], latent, num_codebooks - n_sem)], axis=1)
-    return codes
+    return jnp.concatenate([rvq_encode(p["semantic"], latent, n_sem),
+                            rvq_encode(p["acoustic"], latent, num_codebooks - n_sem)], axis=1)
 
 
 def dequantize(p, cfg: MimiConfig, codes):
