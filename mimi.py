@@ -366,15 +366,6 @@ def decode_chunk(params, cfg: MimiConfig, state, codes):
     return {"upsample": up, "transformer": cache, "seanet": tails}, wav
 
 
-def _fp32(fn):
-    """Mimi always runs in float32: make every matmul/conv full precision on accelerators too."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.default_matmul_precision("highest"):
-            return fn(*args, **kwargs)
-    return wrapped
-
-
 def _check_codebooks(cfg: MimiConfig, num_codebooks: int):
     if not cfg.num_semantic <= num_codebooks <= cfg.num_quantizers:
         raise ValueError(f"num_codebooks={num_codebooks}: this Mimi has {cfg.num_quantizers} codebooks, "
@@ -395,23 +386,24 @@ def _check_wav(cfg: MimiConfig, wav, what: str, whole_frames: bool):
 # Kyutai's, so the results are Kyutai's streaming results (see the note at the top about streams
 # longer than 10 s). The state passed in is donated: its buffers (KV caches above all) are updated
 # in place, not copied, so a state must not be used twice: always continue from the one returned.
+# Mimi always runs in float32: every matmul and conv is traced at full precision, on accelerators too.
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_codebooks"), donate_argnames=("state",))
-@_fp32
 def encode_step(params, cfg: MimiConfig, state, frame, num_codebooks: int = 8):
     """frame [B, channels, n * frame_size] (usually n = 1) -> (new encoder state, codes int32 [B, K, n])."""
     _check_wav(cfg, frame, "mimi.encode_step", whole_frames=True)
     _check_codebooks(cfg, num_codebooks)
-    state, latent = encode_chunk(params, cfg, state, frame.astype(jnp.float32).transpose(0, 2, 1))
-    return state, quantize(params["quantizer"], cfg, latent, num_codebooks)
+    with jax.default_matmul_precision("highest"):
+        state, latent = encode_chunk(params, cfg, state, frame.astype(jnp.float32).transpose(0, 2, 1))
+        return state, quantize(params["quantizer"], cfg, latent, num_codebooks)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
-@_fp32
 def decode_step(params, cfg: MimiConfig, state, codes):
     """codes int [B, K, n] -> (new decoder state, pcm float32 [B, channels, n * frame_size])."""
     _check_codebooks(cfg, codes.shape[1])
-    state, wav = decode_chunk(params, cfg, state, codes.astype(jnp.int32))
+    with jax.default_matmul_precision("highest"):
+        state, wav = decode_chunk(params, cfg, state, codes.astype(jnp.int32))
     return state, wav.transpose(0, 2, 1)
 
 
