@@ -210,7 +210,7 @@ def conv_transpose1d(p, spec: Conv, overhang, x):
     """
     B, T, _ = x.shape
     s, n = spec.stride, -(-spec.kernel // spec.stride)             # n: output strides one input step touches
-    w = jnp.pad(p["w"], ((0, 0), (0, n * s - spec.kernel), (0, 0)))  # [Cin, n * s, Cout/groups]
+    w = jnp.pad(p["w"], ((0, 0), (0, n * s - spec.kernel), (0, 0)))  # [Cin, n * s, Cout/groups]: zero taps
     if spec.groups == 1:                                            # a plain matmul: no weight relayout
         y = x @ w.reshape(spec.cin, n * s * spec.cout)
     else:                                                           # depthwise: a broadcast product
@@ -246,13 +246,14 @@ def seanet(p, spec, state, x):
     new = {"stages": []}
     new["conv_in"], x = conv1d(p["conv_in"], spec["conv_in"], state["conv_in"], x)
     for ps, ls, ss in zip(p["stages"], spec["stages"], state["stages"]):
-        new["stages"].append({})
+        stage = {}
         for k, part in ls.items():
             if k == "res":
-                new["stages"][-1][k], x = resblocks(ps[k], part, ss[k], x)
+                stage[k], x = resblocks(ps[k], part, ss[k], x)
             else:
                 conv = conv_transpose1d if part.transposed else conv1d
-                new["stages"][-1][k], x = conv(ps[k], part, ss[k], jax.nn.elu(x))
+                stage[k], x = conv(ps[k], part, ss[k], jax.nn.elu(x))
+        new["stages"].append(stage)
     new["conv_out"], x = conv1d(p["conv_out"], spec["conv_out"], state["conv_out"], jax.nn.elu(x))
     return new, x
 
@@ -350,7 +351,7 @@ def decoder_state(cfg: MimiConfig, batch_size: int, capacity: int | None = None)
 
 def encode_chunk(params, cfg: MimiConfig, state, wav):
     # wav [B, n * frame_size, channels] -> new state, latent [B, n, D] at 12.5 Hz (before quantization)
-    tails, x = seanet(params["encoder"], encoder_layout(cfg), state["seanet"], wav)      # [B, 2n, D]
+    tails, x = seanet(params["encoder"], encoder_layout(cfg), state["seanet"], wav)             # [B, 2n, D]
     cache, x = helium.step(params["encoder_transformer"], cfg.transformer, state["transformer"], x)
     down, x = downsample(params["downsample"], cfg, state["downsample"], x)                     # [B, n, D]
     return {"seanet": tails, "transformer": cache, "downsample": down}, x
@@ -413,8 +414,8 @@ def decode_step(params, cfg: MimiConfig, state, codes):
 # non-streaming result, and memory stays bounded by the chunk however long the audio. The chunk
 # loop is a Python loop over one compiled step: XLA's CPU backend runs convolutions inside a
 # lax.scan body several times slower than outside one. The batch result is the codec without a ring
-# at all, so the ring rule must not hide a key: it is Kyutai's here, as NVIDIA's would, in a single
-# chunk's cache (sized to the chunk), hide the chunk's first step.
+# at all, so no ring rule may hide a key: the chunks run with Kyutai's, as NVIDIA's would hide a
+# chunk's first step in a single chunk's cache (sized to the chunk).
 
 CHUNK_FRAMES = 125   # 10 s
 
@@ -444,7 +445,7 @@ def encode(params, cfg: MimiConfig, wav, num_codebooks: int = 8, chunk_frames: i
     The audio is right-padded with zeros to whole frames, as Kyutai's `MimiModel.encode` does.
     """
     _check_wav(cfg, wav, "mimi.encode", whole_frames=False)
-    cfg = replace(cfg, kv_ring="kyutai")              # see above: no ring rule
+    cfg = replace(cfg, kv_ring="kyutai")              # see above: a ring rule that hides no key
     n_frames = -(-wav.shape[2] // cfg.frame_size)
     step = lambda state, x: encode_step(params, cfg, state, x, num_codebooks)             # noqa: E731
     codes = _in_chunks(step, encoder_state, cfg, jnp.asarray(wav, jnp.float32), n_frames, cfg.frame_size,
@@ -462,7 +463,7 @@ def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
         if lo < 0 or hi >= cfg.codebook_size:
             raise ValueError(f"mimi.decode: codes must be in [0, {cfg.codebook_size}), "
                              f"got values in [{lo}, {hi}]")
-    cfg = replace(cfg, kv_ring="kyutai")              # see above: no ring rule
+    cfg = replace(cfg, kv_ring="kyutai")              # see above: a ring rule that hides no key
     step = functools.partial(decode_step, params, cfg)
     wav = _in_chunks(step, decoder_state, cfg, jnp.asarray(codes, jnp.int32), T, 1, chunk_frames)
     return wav[:, :, :T * cfg.frame_size]
