@@ -186,19 +186,18 @@ def write_audio(path, wav, sample_rate: int) -> None:
     if wav.ndim != 2:
         raise AudioError(f"{path}: expected audio [channels, samples], got shape {wav.shape}")
     # Written under a temporary name beside `path`, then renamed: a crash leaves no half file. (The
-    # other scripts use convert.atomic_path; mimi.py imports nothing but helium.py.) soundfile
+    # other scripts use convert.atomic_path; audio.py imports no project file.) soundfile
     # creates the file itself, so it gets the usual permissions, and reads the format off its suffix.
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}{'' if os.path.splitext(name)[1] else '.wav'}")
     try:
         sf.write(tmp, np.clip(wav, -1.0, 1.0).T, sample_rate)
         os.replace(tmp, path)
-    except Exception as e:
-        if os.path.exists(tmp):
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise AudioError(f"{path}: cannot write audio ({e})") from e
+    finally:
+        if os.path.exists(tmp):                  # only after a failure: it was renamed otherwise
             os.unlink(tmp)
-        if isinstance(e, (TypeError, ValueError, RuntimeError)):
-            raise AudioError(f"{path}: cannot write audio ({e})") from e
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

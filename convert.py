@@ -122,7 +122,7 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
 # The files the programs write (checkpoints, token shards, configs, wavs, transcripts) go through
 # atomic_path / atomic_open: the data lands in a temporary file beside the target, is fsync'ed, and
 # is renamed over the target in one step, so a run killed mid-write leaves the old file whole.
-# (mimi.py, which must import nothing but helium.py, has its own few lines for write_audio.)
+# (audio.py, which imports no project file, has its own few lines for write_audio.)
 
 def fsync(path) -> None:
     """Flush a file, or a directory's list of names, to disk (before a rename relies on it)."""
