@@ -78,8 +78,8 @@ class Resampler:
         end = self.outputs_for(self.received)                         # every output, the input complete
         if not final:                                                 # those whose right-most tap has arrived
             end = min(end, max(self.produced, self.outputs_for(self.received - self.taps[-1])))
-        pad = np.zeros(self.buffer.shape[:-1] + (len(self.taps),), np.float32)
-        padded = np.concatenate([pad, self.buffer, pad], axis=-1)    # taps beyond the buffer read silence
+        pad = [(0, 0)] * (self.buffer.ndim - 1) + [(len(self.taps), len(self.taps))]
+        padded = np.pad(self.buffer, pad)                              # taps beyond the buffer read silence
         windows = np.lib.stride_tricks.sliding_window_view(padded, len(self.taps), axis=-1)
         todo = np.arange(self.produced, end)
         out = [self._outputs(windows, j) for j in np.array_split(todo, max(1, -(-len(todo) // 1024)))]
@@ -98,13 +98,10 @@ class Resampler:
         return np.sum(x * h, axis=-1)                                                          # float64
 
 
-def resample(x, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945,
-             beta: float = 12.0):
+def resample(x, sr_in: int, sr_out: int):
     """x [..., S] -> float32 [..., ceil(S * sr_out / sr_in)], in one go (Resampler, fed once)."""
     x = np.asarray(x, np.float32)
-    if sr_in == sr_out:
-        return x
-    return Resampler(sr_in, sr_out, zero_crossings, rolloff, beta)(x, final=True)
+    return x if sr_in == sr_out else Resampler(sr_in, sr_out)(x, final=True)
 
 
 def audio_info(path) -> tuple[int, int, int]:
@@ -183,29 +180,24 @@ def frames_of(blocks, num_samples: int, frame_size: int):
 
 
 def write_audio(path, wav, sample_rate: int) -> None:
-    """Write [channels, samples] (or [samples], or [1, channels, samples]) atomically, clipped to [-1, 1]."""
+    """Write [channels, samples] atomically, clipped to [-1, 1]."""
     import soundfile as sf
     wav = np.asarray(wav, np.float32)
-    if wav.ndim == 3 and wav.shape[0] == 1:
-        wav = wav[0]
-    if wav.ndim == 1:
-        wav = wav[None]
     if wav.ndim != 2:
         raise AudioError(f"{path}: expected audio [channels, samples], got shape {wav.shape}")
     # Written under a temporary name beside `path`, then renamed: a crash leaves no half file. (The
-    # other scripts use convert.atomic_path; mimi.py imports nothing but helium.py.) soundfile
+    # other scripts use convert.atomic_path; audio.py imports no project file.) soundfile
     # creates the file itself, so it gets the usual permissions, and reads the format off its suffix.
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}{'' if os.path.splitext(name)[1] else '.wav'}")
     try:
         sf.write(tmp, np.clip(wav, -1.0, 1.0).T, sample_rate)
         os.replace(tmp, path)
-    except Exception as e:
-        if os.path.exists(tmp):
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise AudioError(f"{path}: cannot write audio ({e})") from e
+    finally:
+        if os.path.exists(tmp):                  # only after a failure: it was renamed otherwise
             os.unlink(tmp)
-        if isinstance(e, (TypeError, ValueError, RuntimeError)):
-            raise AudioError(f"{path}: cannot write audio ({e})") from e
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +228,7 @@ def biquad(x, b, a):
     """y[n] = b0 x[n] + b1 x[n-1] + b2 x[n-2] - a1 y[n-1] - a2 y[n-2] (direct form I, float64)."""
     y = np.empty(len(x))
     x1 = x2 = y1 = y2 = 0.0
-    b0, b1, b2, a1, a2 = float(b[0]), float(b[1]), float(b[2]), float(a[1]), float(a[2])
+    b0, b1, b2, a1, a2 = map(float, (*b, *a[1:]))
     for n, xn in enumerate(np.asarray(x, np.float64).tolist()):
         yn = b0 * xn + b1 * x1 + b2 * x2 - a1 * y1 - a2 * y2
         x2, x1, y2, y1 = x1, xn, y1, yn

@@ -122,7 +122,7 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
 # The files the programs write (checkpoints, token shards, configs, wavs, transcripts) go through
 # atomic_path / atomic_open: the data lands in a temporary file beside the target, is fsync'ed, and
 # is renamed over the target in one step, so a run killed mid-write leaves the old file whole.
-# (mimi.py, which must import nothing but helium.py, has its own few lines for write_audio.)
+# (audio.py, which imports no project file, has its own few lines for write_audio.)
 
 def fsync(path) -> None:
     """Flush a file, or a directory's list of names, to disk (before a rename relies on it)."""
@@ -409,9 +409,11 @@ def transformer_rows(prefix: str, path: tuple, cfg, stacked: bool = True) -> lis
 def _mimi_conv_names(cfg) -> dict:
     """{Kyutai module name: path into mimi params (and into mimi's layout)} for every conv."""
     per_stage = cfg.n_residual_layers + 2
-    names = {"encoder.model.0.conv.conv": ("encoder", "conv_in"),
-             "decoder.model.0.conv.conv": ("decoder", "conv_in"),
-             "downsample.conv.conv.conv": ("downsample",), "upsample.convtr.convtr.convtr": ("upsample",)}
+    last = 2 + len(cfg.ratios) * per_stage              # after the final ELU
+    names = {"downsample.conv.conv.conv": ("downsample",), "upsample.convtr.convtr.convtr": ("upsample",)}
+    for side in ("encoder", "decoder"):
+        names[f"{side}.model.0.conv.conv"] = (side, "conv_in")
+        names[f"{side}.model.{last}.conv.conv"] = (side, "conv_out")
     for i in range(len(cfg.ratios)):
         base = 1 + i * per_stage
         for j in range(cfg.n_residual_layers):
@@ -420,9 +422,6 @@ def _mimi_conv_names(cfg) -> dict:
                 names[f"{side}.model.{index}.block.3.conv.conv"] = (side, "stages", i, "res", j, "conv2")
         names[f"encoder.model.{base + per_stage - 1}.conv.conv"] = ("encoder", "stages", i, "down")
         names[f"decoder.model.{base + 1}.convtr.convtr"] = ("decoder", "stages", i, "up")
-    last = 2 + len(cfg.ratios) * per_stage              # after the final ELU
-    names[f"encoder.model.{last}.conv.conv"] = ("encoder", "conv_out")
-    names[f"decoder.model.{last}.conv.conv"] = ("decoder", "conv_out")
     return names
 
 
@@ -467,8 +466,7 @@ def load_mimi(path, cfg=None):
     f = SafeTensorsFile(path)
     if cfg is None and "mimi_config" in f.metadata:
         try:
-            fields = json.loads(f.metadata["mimi_config"])
-            cfg = mimi.MimiConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            cfg = mimi.MimiConfig(**json.loads(f.metadata["mimi_config"]))     # it makes the ratios a tuple
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: bad mimi_config metadata ({e})") from e
     cfg = cfg or mimi.MimiConfig()

@@ -210,9 +210,7 @@ def conv_transpose1d(p, spec: Conv, overhang, x):
     """
     B, T, _ = x.shape
     s, n = spec.stride, -(-spec.kernel // spec.stride)             # n: output strides one input step touches
-    w = p["w"]                                                      # [Cin, k, Cout/groups]
-    if n * s != spec.kernel:
-        w = jnp.pad(w, ((0, 0), (0, n * s - spec.kernel), (0, 0)))
+    w = jnp.pad(p["w"], ((0, 0), (0, n * s - spec.kernel), (0, 0)))  # [Cin, n * s, Cout/groups]: zero taps
     if spec.groups == 1:                                            # a plain matmul: no weight relayout
         y = x @ w.reshape(spec.cin, n * s * spec.cout)
     else:                                                           # depthwise: a broadcast product
@@ -239,26 +237,23 @@ def resblocks(p, spec, state, x):
     return new, x
 
 
-def seanet_encoder(p, spec, state, x):
-    # x [B, S, channels] -> (new state, [B, S / hop_length, dimension])
+def seanet(p, spec, state, x):
+    """The SEANet encoder or decoder, as `spec` lays it out: conv_in, the stages, ELU, conv_out. A
+    stage runs its parts in the layout's order: the encoder's residual blocks, then ELU and strided
+    conv ("down"); the decoder's ELU and transposed conv ("up"), then residual blocks."""
+    # encoder: x [B, S, channels] -> (new state, [B, S / hop_length, dimension]); decoder: the reverse,
+    # with no final activation and no clipping
     new = {"stages": []}
     new["conv_in"], x = conv1d(p["conv_in"], spec["conv_in"], state["conv_in"], x)
     for ps, ls, ss in zip(p["stages"], spec["stages"], state["stages"]):
-        res, x = resblocks(ps["res"], ls["res"], ss["res"], x)
-        down, x = conv1d(ps["down"], ls["down"], ss["down"], jax.nn.elu(x))
-        new["stages"].append({"res": res, "down": down})
-    new["conv_out"], x = conv1d(p["conv_out"], spec["conv_out"], state["conv_out"], jax.nn.elu(x))
-    return new, x
-
-
-def seanet_decoder(p, spec, state, x):
-    # x [B, T, dimension] -> (new state, [B, T * hop_length, channels]); no final activation, no clipping
-    new = {"stages": []}
-    new["conv_in"], x = conv1d(p["conv_in"], spec["conv_in"], state["conv_in"], x)
-    for ps, ls, ss in zip(p["stages"], spec["stages"], state["stages"]):
-        up, x = conv_transpose1d(ps["up"], ls["up"], ss["up"], jax.nn.elu(x))
-        res, x = resblocks(ps["res"], ls["res"], ss["res"], x)
-        new["stages"].append({"up": up, "res": res})
+        stage = {}
+        for k, part in ls.items():
+            if k == "res":
+                stage[k], x = resblocks(ps[k], part, ss[k], x)
+            else:
+                conv = conv_transpose1d if part.transposed else conv1d
+                stage[k], x = conv(ps[k], part, ss[k], jax.nn.elu(x))
+        new["stages"].append(stage)
     new["conv_out"], x = conv1d(p["conv_out"], spec["conv_out"], state["conv_out"], jax.nn.elu(x))
     return new, x
 
@@ -313,12 +308,10 @@ def rvq_decode(p, codes):
 
 
 def quantize(p, cfg: MimiConfig, latent, num_codebooks: int):
-    # latent [B, T, D] -> codes int32 [B, K, T]
+    # latent [B, T, D] -> codes int32 [B, K, T]: the semantic codebook(s), then K - num_semantic acoustic ones
     n_sem = cfg.num_semantic
-    codes = rvq_encode(p["semantic"], latent, min(num_codebooks, n_sem))
-    if num_codebooks > n_sem:
-        codes = jnp.concatenate([codes, rvq_encode(p["acoustic"], latent, num_codebooks - n_sem)], axis=1)
-    return codes
+    return jnp.concatenate([rvq_encode(p["semantic"], latent, n_sem),
+                            rvq_encode(p["acoustic"], latent, num_codebooks - n_sem)], axis=1)
 
 
 def dequantize(p, cfg: MimiConfig, codes):
@@ -358,10 +351,10 @@ def decoder_state(cfg: MimiConfig, batch_size: int, capacity: int | None = None)
 
 def encode_chunk(params, cfg: MimiConfig, state, wav):
     # wav [B, n * frame_size, channels] -> new state, latent [B, n, D] at 12.5 Hz (before quantization)
-    seanet, x = seanet_encoder(params["encoder"], encoder_layout(cfg), state["seanet"], wav)     # [B, 2n, D]
+    tails, x = seanet(params["encoder"], encoder_layout(cfg), state["seanet"], wav)             # [B, 2n, D]
     cache, x = helium.step(params["encoder_transformer"], cfg.transformer, state["transformer"], x)
     down, x = downsample(params["downsample"], cfg, state["downsample"], x)                     # [B, n, D]
-    return {"seanet": seanet, "transformer": cache, "downsample": down}, x
+    return {"seanet": tails, "transformer": cache, "downsample": down}, x
 
 
 def decode_chunk(params, cfg: MimiConfig, state, codes):
@@ -370,17 +363,8 @@ def decode_chunk(params, cfg: MimiConfig, state, codes):
     # 12.5 Hz -> 25 Hz [B, 2n, D]: a depthwise transposed conv
     up, x = conv_transpose1d({"w": params["upsample"]}, upsample_layout(cfg), state["upsample"], x)
     cache, x = helium.step(params["decoder_transformer"], cfg.transformer, state["transformer"], x)
-    seanet, wav = seanet_decoder(params["decoder"], decoder_layout(cfg), state["seanet"], x)
-    return {"upsample": up, "transformer": cache, "seanet": seanet}, wav
-
-
-def _fp32(fn):
-    """Mimi always runs in float32: make every matmul/conv full precision on accelerators too."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.default_matmul_precision("highest"):
-            return fn(*args, **kwargs)
-    return wrapped
+    tails, wav = seanet(params["decoder"], decoder_layout(cfg), state["seanet"], x)
+    return {"upsample": up, "transformer": cache, "seanet": tails}, wav
 
 
 def _check_codebooks(cfg: MimiConfig, num_codebooks: int):
@@ -403,23 +387,24 @@ def _check_wav(cfg: MimiConfig, wav, what: str, whole_frames: bool):
 # Kyutai's, so the results are Kyutai's streaming results (see the note at the top about streams
 # longer than 10 s). The state passed in is donated: its buffers (KV caches above all) are updated
 # in place, not copied, so a state must not be used twice: always continue from the one returned.
+# Mimi always runs in float32: every matmul and conv is traced at full precision, on accelerators too.
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_codebooks"), donate_argnames=("state",))
-@_fp32
 def encode_step(params, cfg: MimiConfig, state, frame, num_codebooks: int = 8):
     """frame [B, channels, n * frame_size] (usually n = 1) -> (new encoder state, codes int32 [B, K, n])."""
     _check_wav(cfg, frame, "mimi.encode_step", whole_frames=True)
     _check_codebooks(cfg, num_codebooks)
-    state, latent = encode_chunk(params, cfg, state, frame.astype(jnp.float32).transpose(0, 2, 1))
-    return state, quantize(params["quantizer"], cfg, latent, num_codebooks)
+    with jax.default_matmul_precision("highest"):
+        state, latent = encode_chunk(params, cfg, state, frame.astype(jnp.float32).transpose(0, 2, 1))
+        return state, quantize(params["quantizer"], cfg, latent, num_codebooks)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
-@_fp32
 def decode_step(params, cfg: MimiConfig, state, codes):
     """codes int [B, K, n] -> (new decoder state, pcm float32 [B, channels, n * frame_size])."""
     _check_codebooks(cfg, codes.shape[1])
-    state, wav = decode_chunk(params, cfg, state, codes.astype(jnp.int32))
+    with jax.default_matmul_precision("highest"):
+        state, wav = decode_chunk(params, cfg, state, codes.astype(jnp.int32))
     return state, wav.transpose(0, 2, 1)
 
 
@@ -428,22 +413,30 @@ def decode_step(params, cfg: MimiConfig, state, codes):
 # hold context + chunk steps. Every step then sees its full 250-step window, which is exactly the
 # non-streaming result, and memory stays bounded by the chunk however long the audio. The chunk
 # loop is a Python loop over one compiled step: XLA's CPU backend runs convolutions inside a
-# lax.scan body several times slower than outside one.
+# lax.scan body several times slower than outside one. The batch result is the codec without a ring
+# at all, so no ring rule may hide a key: the chunks run with Kyutai's, as NVIDIA's would hide a
+# chunk's first step in a single chunk's cache (sized to the chunk).
 
 CHUNK_FRAMES = 125   # 10 s
 
 
-def _batch_config(cfg: MimiConfig) -> MimiConfig:
-    # The batch result is the codec without a ring at all, so the ring rule must not hide a key:
-    # NVIDIA's would, in a single chunk's cache (sized to the chunk), hide the chunk's first step.
-    return replace(cfg, kv_ring="kyutai")
-
-
-def _batch_capacity(cfg: MimiConfig, chunk: int, n_chunks: int) -> int:
+def _in_chunks(step, new_state, cfg: MimiConfig, x, n_frames: int, unit: int, chunk_frames: int):
+    """Run `(state, y) = step(state, x chunk)` over x [B, C, L] (n_frames frames of `unit` steps,
+    zero-padded here to whole chunks of chunk_frames frames) from a fresh `new_state(cfg, B, capacity)`,
+    and join the outputs along their last axis."""
+    chunk = min(chunk_frames, n_frames)
+    n_chunks = -(-n_frames // chunk)
     # KV slots so that every step of a chunk sees its whole window: the chunk plus the context
     # before it; a single chunk needs only its own steps.
     steps = chunk * cfg.downsample_stride
-    return steps if n_chunks == 1 else cfg.context + steps
+    state = new_state(cfg, x.shape[0], capacity=steps if n_chunks == 1 else cfg.context + steps)
+    size = chunk * unit
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, n_chunks * size - x.shape[2])))
+    ys = []
+    for i in range(n_chunks):
+        state, y = step(state, x[:, :, i * size:(i + 1) * size])
+        ys.append(y)
+    return jnp.concatenate(ys, axis=-1)
 
 
 def encode(params, cfg: MimiConfig, wav, num_codebooks: int = 8, chunk_frames: int = CHUNK_FRAMES):
@@ -452,23 +445,17 @@ def encode(params, cfg: MimiConfig, wav, num_codebooks: int = 8, chunk_frames: i
     The audio is right-padded with zeros to whole frames, as Kyutai's `MimiModel.encode` does.
     """
     _check_wav(cfg, wav, "mimi.encode", whole_frames=False)
-    cfg = _batch_config(cfg)
-    B, _, S = wav.shape
-    n_frames = -(-S // cfg.frame_size)
-    chunk = min(chunk_frames, n_frames)
-    n_chunks = -(-n_frames // chunk)
-    wav = jnp.pad(jnp.asarray(wav, jnp.float32), ((0, 0), (0, 0), (0, n_chunks * chunk * cfg.frame_size - S)))
-    state = encoder_state(cfg, B, capacity=_batch_capacity(cfg, chunk, n_chunks))
-    codes, size = [], chunk * cfg.frame_size
-    for i in range(n_chunks):
-        state, c = encode_step(params, cfg, state, wav[:, :, i * size:(i + 1) * size], num_codebooks)
-        codes.append(c)
-    return jnp.concatenate(codes, axis=-1)[:, :, :n_frames]
+    cfg = replace(cfg, kv_ring="kyutai")              # see above: a ring rule that hides no key
+    n_frames = -(-wav.shape[2] // cfg.frame_size)
+    step = lambda state, x: encode_step(params, cfg, state, x, num_codebooks)             # noqa: E731
+    codes = _in_chunks(step, encoder_state, cfg, jnp.asarray(wav, jnp.float32), n_frames, cfg.frame_size,
+                       chunk_frames)
+    return codes[:, :, :n_frames]
 
 
 def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
     """codes int [B, K, T] (any 1 <= K <= num_quantizers) -> wav float32 [B, channels, T * frame_size]."""
-    B, K, T = codes.shape
+    T = codes.shape[2]
     if T == 0:
         raise ValueError(f"mimi.decode: no frames to decode (codes of shape {tuple(codes.shape)})")
     if not isinstance(codes, jax.core.Tracer):      # out-of-range codes would silently gather a clamped entry
@@ -476,15 +463,10 @@ def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
         if lo < 0 or hi >= cfg.codebook_size:
             raise ValueError(f"mimi.decode: codes must be in [0, {cfg.codebook_size}), "
                              f"got values in [{lo}, {hi}]")
-    cfg = _batch_config(cfg)
-    chunk = min(chunk_frames, T)
-    n_chunks = -(-T // chunk)
-    codes = jnp.pad(jnp.asarray(codes, jnp.int32), ((0, 0), (0, 0), (0, n_chunks * chunk - T)))
-    state, wav = decoder_state(cfg, B, capacity=_batch_capacity(cfg, chunk, n_chunks)), []
-    for i in range(n_chunks):
-        state, pcm = decode_step(params, cfg, state, codes[:, :, i * chunk:(i + 1) * chunk])
-        wav.append(pcm)
-    return jnp.concatenate(wav, axis=-1)[:, :, :T * cfg.frame_size]
+    cfg = replace(cfg, kv_ring="kyutai")              # see above: a ring rule that hides no key
+    step = functools.partial(decode_step, params, cfg)
+    wav = _in_chunks(step, decoder_state, cfg, jnp.asarray(codes, jnp.int32), T, 1, chunk_frames)
+    return wav[:, :, :T * cfg.frame_size]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,17 +485,14 @@ def init(key, cfg: MimiConfig) -> dict:
     draws = ([(c.weight_shape, f ** -0.5) for c, f in zip(specs, fan_in)]
              + rvq(n_sem) + rvq(cfg.num_quantizers - n_sem))
     k_weights, k_enc, k_dec = jax.random.split(key, 3)
-    flat = jax.random.normal(k_weights, (sum(math.prod(shape) for shape, _ in draws),))
-    arrays, offset = [], 0
-    for shape, scale in draws:
-        arrays.append(scale * flat[offset:offset + math.prod(shape)].reshape(shape))
-        offset += math.prod(shape)
-    conv_params = [{"w": w, "b": jnp.zeros((c.cout,))} if c.bias else {"w": w} for c, w in zip(specs, arrays)]
+    sizes = [math.prod(shape) for shape, _ in draws]
+    parts = jnp.split(jax.random.normal(k_weights, (sum(sizes),)), np.cumsum(sizes)[:-1])
+    arrays = [scale * part.reshape(shape) for (shape, scale), part in zip(draws, parts)]
+    # a conv is {"w", "b"}; the bias-free resamplers are a bare weight
+    conv_params = [{"w": w, "b": jnp.zeros((c.cout,))} if c.bias else w for c, w in zip(specs, arrays)]
     params = jax.tree.unflatten(tree, conv_params)
-    params["downsample"], params["upsample"] = params["downsample"]["w"], params["upsample"]["w"]
-    q = arrays[len(specs):]
-    params["quantizer"] = {"semantic": dict(zip(("input_proj", "output_proj", "codebooks"), q[:3])),
-                           "acoustic": dict(zip(("input_proj", "output_proj", "codebooks"), q[3:]))}
+    q, names = arrays[len(specs):], ("input_proj", "output_proj", "codebooks")
+    params["quantizer"] = {"semantic": dict(zip(names, q[:3])), "acoustic": dict(zip(names, q[3:]))}
     for name, k in (("encoder_transformer", k_enc), ("decoder_transformer", k_dec)):
         params[name] = helium.unstack_layers(helium.init(k, cfg.transformer))
     return params
@@ -533,20 +512,19 @@ def main(argv=None):
     ap.add_argument("--num-codebooks", type=int, default=8)
     args = ap.parse_args(argv)
     cfg = MimiConfig() if args.full else TINY
-    _check_codebooks(cfg, args.num_codebooks)
     params = init(jax.random.key(0), cfg)
     F, frames = cfg.frame_size, args.frames or cfg.context // cfg.downsample_stride
     wav = 0.1 * jax.random.normal(jax.random.key(1), (2, 1, frames * F))                   # [B, 1, S]
     codes = encode(params, cfg, wav, args.num_codebooks)                                    # [B, K, frames]
     pcm = decode(params, cfg, codes)
-    enc, dec, stream_codes, stream_pcm = encoder_state(cfg, 2), decoder_state(cfg, 2), [], []
+    enc, dec, steps = encoder_state(cfg, 2), decoder_state(cfg, 2), []
     for t in range(frames):
         enc, c = encode_step(params, cfg, enc, wav[:, :, t * F:(t + 1) * F], args.num_codebooks)
         dec, p = decode_step(params, cfg, dec, c)
-        stream_codes.append(c)
-        stream_pcm.append(p)
-    same = bool(jnp.array_equal(jnp.concatenate(stream_codes, -1), codes))
-    err = float(jnp.linalg.norm(jnp.concatenate(stream_pcm, -1) - pcm) / jnp.linalg.norm(pcm))
+        steps.append((c, p))
+    stream_codes, stream_pcm = (jnp.concatenate(parts, -1) for parts in zip(*steps))
+    same = bool(jnp.array_equal(stream_codes, codes))
+    err = float(jnp.linalg.norm(stream_pcm - pcm) / jnp.linalg.norm(pcm))
     past = frames > cfg.context // cfg.downsample_stride
     print(f"{'released' if args.full else 'tiny'} Mimi, random weights: {frames} frames -> codes "
           f"{tuple(codes.shape)}; streaming vs batch: codes {'identical' if same else 'differ'}, audio rel. "
