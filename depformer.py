@@ -131,8 +131,10 @@ def sample_token(logits, key, temp: float, top_k: int, greedy: bool = False):
 # slots, step c at position c), so the depformer's memory never grows. Steps 1..K-1 are one
 # lax.scan (they differ only in which weights they index), so a model compiles one step, not K.
 
-def weights_at(params, cfg: DepformerConfig, c):
-    """Step c's slice of everything that differs per step; c may be traced (inside the scan)."""
+def step(params, cfg: DepformerConfig, cache, h, token_embedding, c):
+    """Step c of a frame (c may be traced: inside the scan): h [B, D], the embedded token it
+    conditions on [B, Dd] -> (cache, logits [B, card]). Reads step c's slice of every weight that
+    differs per step."""
     sched = jnp.asarray(cfg.schedule)
     take = lambda w, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False), w)
     layers = params["transformer"]
@@ -141,23 +143,13 @@ def weights_at(params, cfg: DepformerConfig, c):
         pick = lambda a: jax.lax.dynamic_index_in_dim(a, sched[c], axis=1 if stacked else 0, keepdims=True)
         layers = (helium.map_step_weights(layers, pick) if stacked
                   else [helium.map_step_weights(p, pick) for p in layers])
-    out = {"input_proj": take(params["input_proj"], sched[c] if cfg.multi_linear else 0),
-           "transformer": layers, "linears": take(params["linears"], c)}
-    if cfg.norm is not None:
-        out["norm"] = take(params["norms"], c)
-    return out
-
-
-def step(params, cfg: DepformerConfig, cache, h, token_embedding, c):
-    """Step c of a frame: h [B, D], the embedded token it conditions on [B, Dd] -> (cache,
-    logits [B, card])."""
-    w = weights_at(params, cfg, c)
-    x = helium.linear(h, w["input_proj"]) + token_embedding                       # [B, Dd]
-    cache, y = helium.step(w["transformer"], cfg.transformer, cache, x[:, None])  # [B, 1, Dd]
+    w_in = take(params["input_proj"], sched[c] if cfg.multi_linear else 0)
+    x = helium.linear(h, w_in) + token_embedding                                   # [B, Dd]
+    cache, y = helium.step(layers, cfg.transformer, cache, x[:, None])             # [B, 1, Dd]
     y = y[:, 0]
     if cfg.norm is not None:
-        y = helium.norm(w["norm"], cfg.norm, y)
-    return cache, helium.linear(y, w["linears"])
+        y = helium.norm(take(params["norms"], c), cfg.norm, y)
+    return cache, helium.linear(y, take(params["linears"], c))
 
 
 def generate(params, cfg: DepformerConfig, h, text_token, key, sample: Callable,
