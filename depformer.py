@@ -61,9 +61,7 @@ class DepformerConfig:
     @property
     def num_input_projs(self) -> int:
         """Kyutai builds these even with no steps at all (dep_q = 0, then unused)."""
-        if not self.multi_linear:
-            return 1
-        return max(self.schedule) + 1 if self.schedule else 0
+        return max(self.schedule, default=-1) + 1 if self.multi_linear else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,18 +219,18 @@ def main(argv=None):
     cfg = DepformerConfig(num_steps=8, in_dim=64, card=128, text_card=100, transformer=tcfg)
     key, B = jax.random.key(args.seed), 3
     params = init(key, cfg)
-    h = jax.random.normal(jax.random.key(1), (B, 1, 64))
-    tokens = jax.random.randint(jax.random.key(2), (B, 1, 8), 0, 100)
-    full = forward(params, cfg, h, tokens)[:, 0]                                  # [B, K, card]
+    h = jax.random.normal(jax.random.key(1), (B, 64))
+    tokens = jax.random.randint(jax.random.key(2), (B, 8), 0, 100)             # text, then codebooks 0..6
+    full = forward(params, cfg, h[:, None], tokens[:, None])[:, 0]                # [B, K, card]
     # Generation forced to the same tokens (step c + 1 conditions on tokens[c + 1]) gives the same logits,
-    # whatever it samples.
-    forced = jnp.concatenate([tokens[:, 0, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
+    # whatever it samples (what is forced after the last step conditions nothing).
+    forced = jnp.roll(tokens, -1, axis=1)
     sample = lambda logits, k: sample_token(logits, k, 0.8, 250)                 # noqa: E731
-    _, stepped = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key, sample, forced, jnp.ones((B, 8), bool))
+    _, stepped = generate(params, cfg, h, tokens[:, 0], key, sample, forced, jnp.ones((B, 8), bool))
     err = float(jnp.max(jnp.abs(stepped - full)) / jnp.max(jnp.abs(full)))
     print(f"{cfg.num_steps} codebooks, batch {B}: teacher-forced pass vs codebook-by-codebook "
           f"generation, max rel. error {err:.2e}")
-    sampled, _ = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key, sample)
+    sampled, _ = generate(params, cfg, h, tokens[:, 0], key, sample)
     print(f"a sampled frame (random weights): {np.asarray(sampled[0]).tolist()}")
 
 
