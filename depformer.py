@@ -78,10 +78,8 @@ def embed(table, tokens, low_rank=None):
 
 def audio_embedding(params, tokens, c):
     """Codebook c's embedding of tokens [B] (c may be traced): what step c + 1 conditions on."""
-    table = jax.lax.dynamic_index_in_dim(params["emb"], c, keepdims=False)
-    low_rank = (jax.lax.dynamic_index_in_dim(params["emb_low_rank"], c, keepdims=False)
-                if "emb_low_rank" in params else None)
-    return embed(table, tokens, low_rank)
+    low_rank = params["emb_low_rank"][c] if "emb_low_rank" in params else None
+    return embed(params["emb"][c], tokens, low_rank)
 
 
 # ----------------------------------------------------------------------------------------------
