@@ -389,7 +389,7 @@ def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes, embed
     n_moshi = 0 if moshi_codes is None else moshi_codes.shape[1]
     if user_codes is not None and user_codes.shape != (B, n_user, 1):
         raise ValueError(f"gen_step: user_codes must be [B={B}, n_user, 1], got {user_codes.shape}")
-    if n_user < cfg.n_q - cfg.dep_q or n_user > cfg.n_q:
+    if not cfg.n_q - cfg.dep_q <= n_user <= cfg.n_q:
         raise ValueError(f"gen_step: {n_user} user codebooks given; this model reads {cfg.n_q - cfg.dep_q} "
                          f"input-only streams and has n_q={cfg.n_q} audio streams in all")
     if n_moshi > cfg.dep_q or n_moshi + n_user > cfg.n_q:
@@ -506,11 +506,6 @@ def main(argv=None):
                  for c in range(cfg.dep_q) if n >= cfg.delays[1 + c]]
     print(f"{args.preset}: {cfg.num_streams} streams, {T} frames, batch {B}: training forward vs forced "
           f"streaming generation, max rel. error of text and audio logits {max(errs, default=0.0):.2e}")
-    state, frames = init_gen_state(params, cfg, B), []
-    for n in range(T):
-        state, tokens = gen_step(params, cfg, state, codes[:, -n_user:, n:n + 1], key)
-        frames.append(np.asarray(tokens[0]))
-    print(f"sampled frames (random weights), text + {cfg.dep_q} codebooks:\n{np.stack(frames)}")
 
 
 if __name__ == "__main__":
