@@ -438,7 +438,7 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     _check_gen_inputs(cfg, state, user_codes, text, moshi_codes, embedding)
     n, size = state["step"], state["tokens"].shape[-1]
     delays, initial = jnp.asarray(cfg.delays, jnp.int32), jnp.asarray(cfg.initial_tokens())
-    G, nxt = 1 + cfg.dep_q, (n + 1) % size          # streams 0..G-1 are those this model writes
+    G, nxt = 1 + cfg.dep_q, (n + 1) % size       # streams 0..G-1 are this model's; slot of position n + 1
     # 1. what this call is given, at its delayed positions
     tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
     # 2. the temporal step on position n
