@@ -383,9 +383,9 @@ def transformer(params, cfg: TransformerConfig, x, offset=0, cache=None,
     if isinstance(params, (list, tuple)):
         y, new_kv = x, []
         for i, p in enumerate(params):
-            y, c = body(y, (p, None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}))
+            y, c = body(y, (p, None if kv is None else {n: kv[n][i] for n in kv}))
             new_kv.append(c)
-        kv = None if kv is None else {"k": [c["k"] for c in new_kv], "v": [c["v"] for c in new_kv]}
+        kv = None if kv is None else {n: [c[n] for c in new_kv] for n in kv}
     else:
         y, kv = jax.lax.scan(body, x, (params, kv))
     if cache is not None:
