@@ -61,9 +61,7 @@ class DepformerConfig:
     @property
     def num_input_projs(self) -> int:
         """Kyutai builds these even with no steps at all (dep_q = 0, then unused)."""
-        if not self.multi_linear:
-            return 1
-        return max(self.schedule) + 1 if self.schedule else 0
+        return max(self.schedule, default=-1) + 1 if self.multi_linear else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,10 +78,8 @@ def embed(table, tokens, low_rank=None):
 
 def audio_embedding(params, tokens, c):
     """Codebook c's embedding of tokens [B] (c may be traced): what step c + 1 conditions on."""
-    table = jax.lax.dynamic_index_in_dim(params["emb"], c, keepdims=False)
-    low_rank = (jax.lax.dynamic_index_in_dim(params["emb_low_rank"], c, keepdims=False)
-                if "emb_low_rank" in params else None)
-    return embed(table, tokens, low_rank)
+    low_rank = params["emb_low_rank"][c] if "emb_low_rank" in params else None
+    return embed(params["emb"][c], tokens, low_rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,8 +127,10 @@ def sample_token(logits, key, temp: float, top_k: int, greedy: bool = False):
 # slots, step c at position c), so the depformer's memory never grows. Steps 1..K-1 are one
 # lax.scan (they differ only in which weights they index), so a model compiles one step, not K.
 
-def weights_at(params, cfg: DepformerConfig, c):
-    """Step c's slice of everything that differs per step; c may be traced (inside the scan)."""
+def step(params, cfg: DepformerConfig, cache, h, token_embedding, c):
+    """Step c of a frame (c may be traced: inside the scan): h [B, D], the embedded token it
+    conditions on [B, Dd] -> (cache, logits [B, card]). Reads step c's slice of every weight that
+    differs per step."""
     sched = jnp.asarray(cfg.schedule)
     take = lambda w, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False), w)
     layers = params["transformer"]
@@ -141,23 +139,13 @@ def weights_at(params, cfg: DepformerConfig, c):
         pick = lambda a: jax.lax.dynamic_index_in_dim(a, sched[c], axis=1 if stacked else 0, keepdims=True)
         layers = (helium.map_step_weights(layers, pick) if stacked
                   else [helium.map_step_weights(p, pick) for p in layers])
-    out = {"input_proj": take(params["input_proj"], sched[c] if cfg.multi_linear else 0),
-           "transformer": layers, "linears": take(params["linears"], c)}
-    if cfg.norm is not None:
-        out["norm"] = take(params["norms"], c)
-    return out
-
-
-def step(params, cfg: DepformerConfig, cache, h, token_embedding, c):
-    """Step c of a frame: h [B, D], the embedded token it conditions on [B, Dd] -> (cache,
-    logits [B, card])."""
-    w = weights_at(params, cfg, c)
-    x = helium.linear(h, w["input_proj"]) + token_embedding                       # [B, Dd]
-    cache, y = helium.step(w["transformer"], cfg.transformer, cache, x[:, None])  # [B, 1, Dd]
+    w_in = take(params["input_proj"], sched[c] if cfg.multi_linear else 0)
+    x = helium.linear(h, w_in) + token_embedding                                   # [B, Dd]
+    cache, y = helium.step(layers, cfg.transformer, cache, x[:, None])             # [B, 1, Dd]
     y = y[:, 0]
     if cfg.norm is not None:
-        y = helium.norm(w["norm"], cfg.norm, y)
-    return cache, helium.linear(y, w["linears"])
+        y = helium.norm(take(params["norms"], c), cfg.norm, y)
+    return cache, helium.linear(y, take(params["linears"], c))
 
 
 def generate(params, cfg: DepformerConfig, h, text_token, key, sample: Callable,
@@ -229,18 +217,18 @@ def main(argv=None):
     cfg = DepformerConfig(num_steps=8, in_dim=64, card=128, text_card=100, transformer=tcfg)
     key, B = jax.random.key(args.seed), 3
     params = init(key, cfg)
-    h = jax.random.normal(jax.random.key(1), (B, 1, 64))
-    tokens = jax.random.randint(jax.random.key(2), (B, 1, 8), 0, 100)
-    full = forward(params, cfg, h, tokens)[:, 0]                                  # [B, K, card]
+    h = jax.random.normal(jax.random.key(1), (B, 64))
+    tokens = jax.random.randint(jax.random.key(2), (B, 8), 0, 100)             # text, then codebooks 0..6
+    full = forward(params, cfg, h[:, None], tokens[:, None])[:, 0]                # [B, K, card]
     # Generation forced to the same tokens (step c + 1 conditions on tokens[c + 1]) gives the same logits,
-    # whatever it samples.
-    forced = jnp.concatenate([tokens[:, 0, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1)
+    # whatever it samples (what is forced after the last step conditions nothing).
+    forced = jnp.roll(tokens, -1, axis=1)
     sample = lambda logits, k: sample_token(logits, k, 0.8, 250)                 # noqa: E731
-    _, stepped = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key, sample, forced, jnp.ones((B, 8), bool))
+    _, stepped = generate(params, cfg, h, tokens[:, 0], key, sample, forced, jnp.ones((B, 8), bool))
     err = float(jnp.max(jnp.abs(stepped - full)) / jnp.max(jnp.abs(full)))
     print(f"{cfg.num_steps} codebooks, batch {B}: teacher-forced pass vs codebook-by-codebook "
           f"generation, max rel. error {err:.2e}")
-    sampled, _ = generate(params, cfg, h[:, 0], tokens[:, 0, 0], key, sample)
+    sampled, _ = generate(params, cfg, h, tokens[:, 0], key, sample)
     print(f"a sampled frame (random weights): {np.asarray(sampled[0]).tolist()}")
 
 

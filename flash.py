@@ -108,22 +108,25 @@ def _block_scores(q, k, q_first, k_first, scale, context):
     return s, mask
 
 
+def _over_band(band, start, body, finish):
+    """The loop every kernel runs along its grid's inner axis j: `start()` at the first step,
+    `body(q_first, k_first)` at the steps inside the band, `finish()` at the last step."""
+    i, j = pl.program_id(1), pl.program_id(2)
+    pl.when(j == 0)(start)
+    pl.when(band.inner(i, j)[1])(partial(body, *band.firsts(i, j)))
+    pl.when(j == pl.num_programs(2) - 1)(finish)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: grid (batch * heads, query blocks, key blocks), the key blocks last (the reduction).
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, band, scale):
-    i, j = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(j == 0)
-    def _init():
+    def start():
         m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    q_first, k_first = band.firsts(i, j)
-
-    @pl.when(band.inner(i, j)[1])
-    def _body():
+    def body(q_first, k_first):
         q, k, v = q_ref[0], k_ref[0], v_ref[0]                      # [bq, Dh], [bk, Dh], [bk, Dh]
         s, mask = _block_scores(q, k, q_first, k_first, scale, band.context)
         m_prev, l_prev = m_ref[:, :1], l_ref[:, :1]                   # [bq, 1]
@@ -136,10 +139,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, 
         acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v,
                                                       preferred_element_type=jnp.float32)
 
-    @pl.when(j == pl.num_programs(2) - 1)
-    def _finish():
+    def finish():
         o_ref[0] = (acc_ref[...] / l_ref[:, :1]).astype(o_ref.dtype)
         lse_ref[0] = m_ref[...] + jnp.log(l_ref[...])               # what the backward rebuilds p from
+
+    _over_band(band, start, body, finish)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,17 +162,11 @@ def _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, band, scale):
     """Grid (BH, key blocks, query blocks): dK, dV of one key block, summed over the query blocks."""
-    i, j = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(j == 0)
-    def _init():
+    def start():
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    q_first, k_first = band.firsts(i, j)
-
-    @pl.when(band.inner(i, j)[1])
-    def _body():
+    def body(q_first, k_first):
         q, do = q_ref[0], do_ref[0]
         p, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale,
                                      band.context)
@@ -177,32 +175,28 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, dk_
         dk_acc[...] += scale * jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                                    preferred_element_type=jnp.float32)   # dS^T q
 
-    @pl.when(j == pl.num_programs(2) - 1)
-    def _finish():
+    def finish():
         dk_ref[0] = dk_acc[...].astype(dk_ref.dtype)
         dv_ref[0] = dv_acc[...].astype(dv_ref.dtype)
+
+    _over_band(band, start, body, finish)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, dq_ref, dq_acc, *, band, scale):
     """Grid (BH, query blocks, key blocks): dQ of one query block, summed over the key blocks."""
-    i, j = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(j == 0)
-    def _init():
+    def start():
         dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
 
-    q_first, k_first = band.firsts(i, j)
-
-    @pl.when(band.inner(i, j)[1])
-    def _body():
+    def body(q_first, k_first):
         k = k_ref[0]
         _, ds = _block_softmax_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, q_first, k_first, scale,
                                      band.context)
         dq_acc[...] += scale * jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    @pl.when(j == pl.num_programs(2) - 1)
-    def _finish():
+    def finish():
         dq_ref[0] = dq_acc[...].astype(dq_ref.dtype)
+
+    _over_band(band, start, body, finish)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,21 +208,31 @@ def _flat(a, pad):
     return jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B * H, T + pad, X)
 
 
-def _call(kernel, inputs, outputs, grid, in_blocks, out_blocks, scratch, interpret):
-    """pallas_call over [BH, Tp, X] arrays. A block is (rows, index_map) over grid (b, i, j)."""
-    spec = lambda shape, rows, index: pl.BlockSpec((1, rows, shape[-1]), index)   # noqa: E731
+def _interpret(interpret):
+    return jax.default_backend() != "tpu" if interpret is None else interpret
+
+
+def _call(kernel, band, inputs, outputs, sides, scratch, interpret):
+    """pallas_call on band's grid (b, outer block i, inner step j) over [BH, Tp, X] arrays: `inputs`,
+    then `outputs` given as (X, dtype). `sides` says of each of them whether its rows are queries
+    ("q") or keys ("k"): an array on the outer side is read by block i, the other by step j."""
+    BH, Tp, Dh = inputs[0].shape
+    rows = {"q": band.block_q, "k": band.block_k}
+    outer = "q" if band.keys_inner else "k"
+    by_i, by_j = band.index_maps()
+    spec = lambda X, side: pl.BlockSpec((1, rows[side], X), by_i if side == outer else by_j)   # noqa: E731
     # manual_axis_type: inside shard_map (train.py), the outputs vary over the same mesh axes as q
     axes = jax.typeof(inputs[0]).manual_axis_type
     return pl.pallas_call(
-        kernel,
-        out_shape=[jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=axes) for shape, dtype in outputs],
-        grid=grid,
-        in_specs=[spec(a.shape, *block) for a, block in zip(inputs, in_blocks)],
-        out_specs=[spec(shape, *block) for (shape, _), block in zip(outputs, out_blocks)],
+        partial(kernel, band=band, scale=1.0 / math.sqrt(Dh)),
+        out_shape=[jax.ShapeDtypeStruct((BH, Tp, X), dtype, manual_axis_type=axes) for X, dtype in outputs],
+        grid=(BH, Tp // rows[outer], band.steps),
+        in_specs=[spec(a.shape[-1], side) for a, side in zip(inputs, sides)],
+        out_specs=[spec(X, side) for (X, _), side in zip(outputs, sides[len(inputs):])],
         scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
         # the last grid axis is each kernel's reduction; the others may split over a chip's cores
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
+        interpret=_interpret(interpret),
     )(*inputs)
 
 
@@ -236,17 +240,11 @@ def _forward(q, k, v, context, block_q, block_k, interpret):
     """-> out [B, H, T, Dh] and the per-row log-sum-exp [BH, Tp, lanes] the backward needs."""
     B, H, T, Dh = q.shape
     pad = (-T) % math.lcm(block_q, block_k)
-    Tp = T + pad
-    band = _Band(block_q, block_k, Tp // block_k, context, keys_inner=True)
-    by_q, by_k = band.index_maps()                                  # query block i, key block of step j
-    out, lse = _call(
-        partial(_forward_kernel, band=band, scale=1.0 / math.sqrt(Dh)),
-        [_flat(a, pad) for a in (q, k, v)],
-        [((B * H, Tp, Dh), q.dtype), ((B * H, Tp, STAT_LANES), jnp.float32)],
-        (B * H, Tp // block_q, band.steps),
-        [(block_q, by_q), (block_k, by_k), (block_k, by_k)], [(block_q, by_q), (block_q, by_q)],
-        [(block_q, STAT_LANES), (block_q, STAT_LANES), (block_q, Dh)], interpret)
-    return out.reshape(B, H, Tp, Dh)[:, :, :T], lse
+    band = _Band(block_q, block_k, (T + pad) // block_k, context, keys_inner=True)
+    out, lse = _call(_forward_kernel, band, [_flat(a, pad) for a in (q, k, v)],
+                     [(Dh, q.dtype), (STAT_LANES, jnp.float32)], "qkkqq",             # q, k, v -> out, lse
+                     [(block_q, STAT_LANES), (block_q, STAT_LANES), (block_q, Dh)], interpret)
+    return out.reshape(B, H, T + pad, Dh)[:, :, :T], lse
 
 
 def _backward(q, k, v, out, lse, d_out, context, block_q, block_k, interpret):
@@ -257,43 +255,29 @@ def _backward(q, k, v, out, lse, d_out, context, block_q, block_k, interpret):
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     inputs = ([_flat(a, pad) for a in (q, k, v, d_out)]
               + [lse, _flat(jnp.broadcast_to(delta, (B, H, T, STAT_LANES)), pad)])
-    scale = 1.0 / math.sqrt(Dh)
+    sides = "qkkqqq"                                                  # q, k, v, dO, lse, D
     # dK, dV: grid (b, key block i, query block of step j); dQ: grid (b, query block i, key block of step j)
-    band = _Band(block_q, block_k, Tp // block_q, context, keys_inner=False)
-    k_of_i, q_of_j = band.index_maps()
-    dk, dv = _call(
-        partial(_dkv_kernel, band=band, scale=scale), inputs,
-        [((B * H, Tp, Dh), k.dtype), ((B * H, Tp, Dh), v.dtype)], (B * H, Tp // block_k, band.steps),
-        [(block_q, q_of_j), (block_k, k_of_i), (block_k, k_of_i)] + [(block_q, q_of_j)] * 3,
-        [(block_k, k_of_i), (block_k, k_of_i)], [(block_k, Dh), (block_k, Dh)], interpret)
-    band = _Band(block_q, block_k, Tp // block_k, context, keys_inner=True)
-    q_of_i, k_of_j = band.index_maps()
-    (dq,) = _call(
-        partial(_dq_kernel, band=band, scale=scale), inputs,
-        [((B * H, Tp, Dh), q.dtype)], (B * H, Tp // block_q, band.steps),
-        [(block_q, q_of_i), (block_k, k_of_j), (block_k, k_of_j)] + [(block_q, q_of_i)] * 3,
-        [(block_q, q_of_i)], [(block_q, Dh)], interpret)
+    dk, dv = _call(_dkv_kernel, _Band(block_q, block_k, Tp // block_q, context, keys_inner=False), inputs,
+                   [(Dh, k.dtype), (Dh, v.dtype)], sides + "kk", [(block_k, Dh), (block_k, Dh)], interpret)
+    (dq,) = _call(_dq_kernel, _Band(block_q, block_k, Tp // block_k, context, keys_inner=True), inputs,
+                  [(Dh, q.dtype)], sides + "q", [(block_q, Dh)], interpret)
     return tuple(g.reshape(B, H, Tp, Dh)[:, :, :T] for g in (dq, dk, dv))
-
-
-def _interpret(interpret):
-    return jax.default_backend() != "tpu" if interpret is None else interpret
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def flash_attention(q, k, v, context=None, block_q=BLOCK_Q, block_k=BLOCK_K, interpret=None):
     """Causal (optionally sliding-window) attention over a whole sequence; q, k, v [B, H, T, Dh].
     interpret: None runs the kernels compiled on TPU and interpreted elsewhere."""
-    return _forward(q, k, v, context, block_q, block_k, _interpret(interpret))[0]
+    return _forward(q, k, v, context, block_q, block_k, interpret)[0]
 
 
 def _flash_fwd(q, k, v, context, block_q, block_k, interpret):
-    out, lse = _forward(q, k, v, context, block_q, block_k, _interpret(interpret))
+    out, lse = _forward(q, k, v, context, block_q, block_k, interpret)
     return out, (q, k, v, out, lse)
 
 
 def _flash_bwd(context, block_q, block_k, interpret, residuals, d_out):
-    return _backward(*residuals, d_out, context, block_q, block_k, _interpret(interpret))
+    return _backward(*residuals, d_out, context, block_q, block_k, interpret)
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)

@@ -234,8 +234,7 @@ def temporal(params, cfg: LMConfig, x, offset=0, cache=None, ttt_states=None, at
 
 def delay(codes, delays, initial):
     """codes [B, K, T] -> delayed [B, K, T]."""
-    T = codes.shape[-1]
-    t = jnp.arange(T)
+    t = jnp.arange(codes.shape[-1])
     rows = [jnp.where(t < d, initial[k], jnp.roll(codes[:, k], d, axis=-1)) for k, d in enumerate(delays)]
     return jnp.stack(rows, axis=1)
 
@@ -243,14 +242,10 @@ def delay(codes, delays, initial):
 def undelay(values, delays):
     """values [B, K, T, ...] -> (aligned [B, K, T, ...], valid [B, K, T]); invalid positions hold 0."""
     B, K, T = values.shape[:3]
-    t = jnp.arange(T)
-    rows, valid = [], []
-    for k, d in enumerate(delays):
-        ok = t < T - d                                                        # [T]
-        row = jnp.roll(values[:, k], -d, axis=1)
-        rows.append(jnp.where(ok.reshape((1, T) + (1,) * (values.ndim - 3)), row, jnp.zeros((), row.dtype)))
-        valid.append(jnp.broadcast_to(ok, (B, T)))
-    return jnp.stack(rows, axis=1), jnp.stack(valid, axis=1)
+    valid = jnp.arange(T) < T - np.asarray(delays)[:, None]                     # [K, T]
+    rows = jnp.stack([jnp.roll(values[:, k], -d, axis=1) for k, d in enumerate(delays)], axis=1)
+    ok = valid.reshape((1, K, T) + (1,) * (values.ndim - 3))
+    return jnp.where(ok, rows, jnp.zeros((), rows.dtype)), jnp.broadcast_to(valid, (B, K, T))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,8 +271,7 @@ def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None,
     codes = codes.astype(jnp.int32)
     initial = jnp.asarray(cfg.initial_tokens())
     delayed = delay(codes, cfg.delays, initial)                                  # [B, K, T]
-    first = jnp.broadcast_to(initial[None, :, None], (B, K, 1))
-    inputs = jnp.concatenate([first, delayed[:, :, :-1]], axis=2)
+    inputs = delay(codes, [d + 1 for d in cfg.delays], initial)     # the same, one initial frame first
     _, _, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, inputs), attention=attention,
                                     layer_hook=layer_hook, remat=remat)
     text_logits, text_mask = undelay(text_logits[:, None], cfg.delays[:1])
@@ -372,14 +366,12 @@ def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
     """Step 1: user codes land on the last n_user audio streams (always, as given); forced text and
     Moshi codes (entries != -2) on stream 0 and streams 1..M; each at its delayed position."""
     tokens, provided = state["tokens"], state["provided"]
-    B = tokens.shape[0]
     delays = jnp.asarray(cfg.delays, jnp.int32)
     groups = []
     if user_codes is not None and user_codes.shape[1]:
-        first = 1 + cfg.n_q - user_codes.shape[1]
-        groups.append((np.arange(first, 1 + cfg.n_q), user_codes[:, :, 0], False))
+        groups.append((np.arange(1 + cfg.n_q)[-user_codes.shape[1]:], user_codes[:, :, 0], False))
     if text is not None:
-        groups.append((np.arange(1), text.reshape(B, 1), True))
+        groups.append((np.arange(1), text[:, None], True))
     if moshi_codes is not None:
         groups.append((np.arange(1, 1 + moshi_codes.shape[1]), moshi_codes, True))
     for streams, values, only_forced in groups:                      # values [B, S] for streams [S]
@@ -391,14 +383,13 @@ def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
     return tokens, provided
 
 
-def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes, embedding=None):
+def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes, embedding):
     B = state["tokens"].shape[0]
     n_user = 0 if user_codes is None else user_codes.shape[1]
     n_moshi = 0 if moshi_codes is None else moshi_codes.shape[1]
-    if user_codes is not None and (user_codes.ndim != 3 or user_codes.shape[0] != B
-                                   or user_codes.shape[2] != 1):
+    if user_codes is not None and user_codes.shape != (B, n_user, 1):
         raise ValueError(f"gen_step: user_codes must be [B={B}, n_user, 1], got {user_codes.shape}")
-    if n_user < cfg.n_q - cfg.dep_q or n_user > cfg.n_q:
+    if not cfg.n_q - cfg.dep_q <= n_user <= cfg.n_q:
         raise ValueError(f"gen_step: {n_user} user codebooks given; this model reads {cfg.n_q - cfg.dep_q} "
                          f"input-only streams and has n_q={cfg.n_q} audio streams in all")
     if n_moshi > cfg.dep_q or n_moshi + n_user > cfg.n_q:
@@ -447,7 +438,7 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     _check_gen_inputs(cfg, state, user_codes, text, moshi_codes, embedding)
     n, size = state["step"], state["tokens"].shape[-1]
     delays, initial = jnp.asarray(cfg.delays, jnp.int32), jnp.asarray(cfg.initial_tokens())
-    gen = slice(0, 1 + cfg.dep_q)                                     # the streams this model writes
+    G, nxt = 1 + cfg.dep_q, (n + 1) % size       # streams 0..G-1 are this model's; slot of position n + 1
     # 1. what this call is given, at its delayed positions
     tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
     # 2. the temporal step on position n
@@ -458,7 +449,7 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     h, text_logits = h[:, 0], text_logits[:, 0]
     # 3. position n + 1: the text token, then the depformer's codebooks; a given token wins over
     # the sampled one and conditions the next codebook (the sampled ones are what logits report)
-    target, given = tokens[:, :, (n + 1) % size], provided[:, :, (n + 1) % size]              # [B, K]
+    target, given = tokens[:, :, nxt], provided[:, :, nxt]                                   # [B, K]
     at_start = (n + 1 <= delays) & (state["lookahead"] == 1)     # PersonaPlex forces initial tokens there
     target, given = jnp.where(at_start, initial, target), given | at_start
     text_key, audio_key = jax.random.split(jax.random.fold_in(key, n))
@@ -469,14 +460,13 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     if cfg.dep_q:
         audio, logits["audio_logits"] = depformer.generate(
             params["depformer"], cfg.depformer, h, chosen[0][:, 0], audio_key,
-            partial(sample, temp=sampling.temp, top_k=sampling.top_k), target[:, 1:gen.stop],
-            given[:, 1:gen.stop])
-        chosen.append(jnp.where(given[:, 1:gen.stop], target[:, 1:gen.stop], audio))
-    tokens = tokens.at[:, gen, (n + 1) % size].set(jnp.concatenate(chosen, axis=1))
+            partial(sample, temp=sampling.temp, top_k=sampling.top_k), target[:, 1:G], given[:, 1:G])
+        chosen.append(jnp.where(given[:, 1:G], target[:, 1:G], audio))
+    tokens = tokens.at[:, :G, nxt].set(jnp.concatenate(chosen, axis=1))
     provided = provided.at[:, :, n % size].set(False)           # slot n is done; it will hold n + size
     # 4. frame n - max_delay, read back from its delayed positions
-    positions = n + 1 - cfg.max_delay + delays[gen]
-    out = jnp.take_along_axis(tokens[:, gen], (positions % size)[None, :, None], axis=2)[:, :, 0]
+    positions = n + 1 - cfg.max_delay + delays[:G]
+    out = tokens[:, np.arange(G), positions % size]                                       # [B, G]
     out = jnp.where(n < cfg.max_delay, depformer.ZERO_TOKEN, out)
     state = dict(state, kv=kv, tokens=tokens, provided=provided, step=n + 1)
     if ttt_states is not None:
@@ -516,11 +506,6 @@ def main(argv=None):
                  for c in range(cfg.dep_q) if n >= cfg.delays[1 + c]]
     print(f"{args.preset}: {cfg.num_streams} streams, {T} frames, batch {B}: training forward vs forced "
           f"streaming generation, max rel. error of text and audio logits {max(errs, default=0.0):.2e}")
-    state, frames = init_gen_state(params, cfg, B), []
-    for n in range(T):
-        state, tokens = gen_step(params, cfg, state, codes[:, -n_user:, n:n + 1], key)
-        frames.append(np.asarray(tokens[0]))
-    print(f"sampled frames (random weights), text + {cfg.dep_q} codebooks:\n{np.stack(frames)}")
 
 
 if __name__ == "__main__":
