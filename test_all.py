@@ -977,6 +977,19 @@ def test_ttt_model_is_chunk_causal_and_streams_like_forward():
         assert len(state["ttt"]) == 1 and state["ttt"][0]["sum_dw"].shape == (2, 64, TTT_LM.temporal.gating_hidden)
 
 
+def test_ttt_model_generates_with_int8_weights():
+    """sample.py --quantize int8 on a TTT model: the TTT layer's MLP weights are int8 too, and greedy
+    generation gives the tokens of the same model with those int8 weights dequantized (fp32)."""
+    params = moshi.generation_params(_ttt_lm(live=True)[0])
+    quantized = moshi.quantize_int8(params)
+    dequantized = jax.tree.map(
+        lambda w: (w["int8"].astype(jnp.float32) * w["scale"][..., None]) if isinstance(w, dict) and "int8" in w
+        else w, quantized, is_leaf=lambda w: isinstance(w, dict) and "int8" in w)
+    user = np.asarray(jax.random.randint(jax.random.key(2), (2, 8, 10), 0, 64))
+    (tokens, state), (expected, _) = _greedy_run(quantized, TTT_LM, user), _greedy_run(dequantized, TTT_LM, user)
+    assert np.array_equal(tokens, expected) and np.abs(state["ttt"][0]["sum_dw"]).max() > 0
+
+
 # ================================================================================================
 # convert.py
 #

@@ -179,6 +179,8 @@ def fast_weight_mlp(x, t, w_in, w_out, conv, proj, *, chunk_size: int, lr: float
 
 def _check_inputs(x, t, w_in, w_out, conv, proj, chunk_size):
     B, T, D = x.shape
+    # an int8 weight (helium.quantize_int8's {"int8", "scale"}: sample.py --quantize) has its matrix's shape
+    w_in, w_out = (w["int8"] if isinstance(w, dict) else w for w in (w_in, w_out))
     Hd = w_out.shape[-1]
     expect = {"t": (t.shape, (B, T, D)), "w_in": (w_in.shape, (2 * Hd, D)), "w_out": (w_out.shape, (D, Hd)),
               "conv": (conv.shape[:1], (D,))}
