@@ -172,6 +172,8 @@ def generate(params, cfg: DepformerConfig, h, text_token, key, sample: Callable,
 
     text_in = embed(params["text_emb"], text_token, params.get("text_emb_low_rank"))
     cache, token, logits, prev = one_step(cache, 0, text_in)
+    if K == 1:                             # one codebook: no later step, nor a table to condition it on
+        return token[:, None], logits[:, None]
 
     def body(carry, c):
         cache, prev = carry

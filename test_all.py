@@ -568,6 +568,22 @@ def test_lm_sampling_is_softmax_top_k():
     assert int(depformer.sample_token(logits, jax.random.key(0), 0.8, 250, greedy=True)) == 0
 
 
+def test_depformer_generation_equals_forward_for_one_and_three_codebooks():
+    """Codebook-by-codebook generation forced to the tokens forward sees gives forward's logits,
+    also for a depformer of one codebook (dep_q = 1, which Kyutai's LMModel allows)."""
+    for K in (1, 3):
+        tcfg = helium.TransformerConfig(16, 2, 1, 32, positional_embedding="none", weights_per_step=K)
+        cfg = depformer.DepformerConfig(num_steps=K, in_dim=24, card=32, text_card=20, transformer=tcfg)
+        params = depformer.init(jax.random.key(K), cfg)
+        h = jax.random.normal(jax.random.key(1), (2, 24))
+        tokens = jax.random.randint(jax.random.key(2), (2, K), 0, 20)            # text, then codebooks
+        full = depformer.forward(params, cfg, h[:, None], tokens[:, None])[:, 0]    # [B, K, card]
+        sample = lambda logits, k: depformer.sample_token(logits, k, 0.8, 250)   # noqa: E731
+        _, stepped = depformer.generate(params, cfg, h, tokens[:, 0], jax.random.key(3), sample,
+                                        jnp.roll(tokens, -1, axis=1), jnp.ones((2, K), bool))
+        assert stepped.shape == (2, K, 32) and rel_err(stepped, full) < 1e-5, K
+
+
 # ================================================================================================
 # ttt.py
 #
