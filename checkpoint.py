@@ -223,7 +223,7 @@ def load(path: str, like):
             for key in f.files:
                 name, start = key.rsplit("@", 1)
                 origin = tuple(map(int, start.split(","))) if start else ()
-                pieces.setdefault(name, []).append((origin, f, key, file))
+                pieces.setdefault(name, []).append((origin, _piece_shape(f, key), f, key, file))
 
     def restore(path_, x):
         name = jax.tree_util.keystr(path_)
@@ -237,17 +237,25 @@ def load(path: str, like):
     return jax.tree_util.tree_map_with_path(restore, like)
 
 
+def _piece_shape(f, key) -> tuple:
+    """A saved piece's shape from its .npy header alone: a device's block reads only the pieces it
+    overlaps (on a pod, each piece once, not once per block of every device)."""
+    with f.zip.open(key + ".npy") as raw:
+        major, _ = np.lib.format.read_magic(raw)
+        header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return header(raw)[0]
+
+
 def _assemble(pieces, shape, dtype, what: str, index) -> np.ndarray:
     """The block `index` (a tuple of slices) of a leaf, copied from the saved pieces overlapping it."""
     begin, end = np.array([s.indices(n)[:2] for s, n in zip(index, shape)], int).reshape(-1, 2).T  # 0-d: ()
     out = np.empty(end - begin, dtype)
     filled = 0
-    for start, f, key, file in pieces:
-        with _reading(file):
-            saved = f[key]
-        saved = saved.view(dtype)                       # bf16's uint16 bits -> bf16; others as they are
-        lo, hi = np.maximum(begin, start), np.minimum(end, np.add(start, saved.shape))      # the overlap
-        if np.all(lo < hi):
+    for start, piece_shape, f, key, file in pieces:
+        lo, hi = np.maximum(begin, start), np.minimum(end, np.add(start, piece_shape))      # the overlap
+        if np.all(lo < hi):                             # only overlapping pieces are read from disk
+            with _reading(file):
+                saved = f[key].view(dtype)              # bf16's uint16 bits -> bf16; others as they are
             out[tuple(map(slice, lo - begin, hi - begin))] = saved[tuple(map(slice, lo - start, hi - start))]
             filled += int(np.prod(hi - lo))
     if filled != out.size:

@@ -2306,6 +2306,15 @@ def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
         back = checkpoint.load(str(tmp_path / "step_000003"), like)
         assert back["b"].dtype == jnp.bfloat16 and back["w"].sharding == like["w"].sharding
         assert all(np.array_equal(np.asarray(back[k]), np.asarray(state[k])) for k in state)
+    # onto the mesh it was saved from, each device's block reads only the one piece it overlaps
+    reads = []
+    real_getitem = np.lib.npyio.NpzFile.__getitem__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda f, key: reads.append(key) or real_getitem(f, key))
+        back = checkpoint.load(str(tmp_path / "step_000003"), placed)
+        assert np.array_equal(np.asarray(back["w"]), state["w"])
+    w_reads = [key for key in reads if key.startswith("['w']")]
+    assert len(w_reads) == len(placed["w"].addressable_shards) and len(set(w_reads)) == 4     # 8 blocks, 4 pieces
     # saving a step that is already there (resume passed it over) sets it aside, never over another
     for position in (6, 7):
         checkpoint.save(str(tmp_path), 3, placed, {"data_position": position}, keep=1)
