@@ -998,11 +998,12 @@ def test_ttt_model_generates_with_int8_weights():
     generation gives the tokens of the same model with those int8 weights dequantized (fp32)."""
     params = moshi.generation_params(_ttt_lm(live=True)[0])
     quantized = moshi.quantize_int8(params)
-    dequantized = jax.tree.map(
-        lambda w: (w["int8"].astype(jnp.float32) * w["scale"][..., None]) if isinstance(w, dict) and "int8" in w
-        else w, quantized, is_leaf=lambda w: isinstance(w, dict) and "int8" in w)
+    is_int8 = lambda w: isinstance(w, dict) and "int8" in w                        # noqa: E731
+    dequantized = jax.tree.map(lambda w: w["int8"].astype(jnp.float32) * w["scale"][..., None] if is_int8(w)
+                               else w, quantized, is_leaf=is_int8)
     user = np.asarray(jax.random.randint(jax.random.key(2), (2, 8, 10), 0, 64))
-    (tokens, state), (expected, _) = _greedy_run(quantized, TTT_LM, user), _greedy_run(dequantized, TTT_LM, user)
+    tokens, state = _greedy_run(quantized, TTT_LM, user)
+    expected, _ = _greedy_run(dequantized, TTT_LM, user)
     assert np.array_equal(tokens, expected) and np.abs(state["ttt"][0]["sum_dw"]).max() > 0
 
 
@@ -2310,11 +2311,13 @@ def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
     reads = []
     real_getitem = np.lib.npyio.NpzFile.__getitem__
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda f, key: reads.append(key) or real_getitem(f, key))
+        mp.setattr(np.lib.npyio.NpzFile, "__getitem__",
+                   lambda f, key: reads.append(key) or real_getitem(f, key))
         back = checkpoint.load(str(tmp_path / "step_000003"), placed)
         assert np.array_equal(np.asarray(back["w"]), state["w"])
     w_reads = [key for key in reads if key.startswith("['w']")]
-    assert len(w_reads) == len(placed["w"].addressable_shards) and len(set(w_reads)) == 4     # 8 blocks, 4 pieces
+    # 8 blocks, 4 pieces
+    assert len(w_reads) == len(placed["w"].addressable_shards) and len(set(w_reads)) == 4
     # saving a step that is already there (resume passed it over) sets it aside, never over another
     for position in (6, 7):
         checkpoint.save(str(tmp_path), 3, placed, {"data_position": position}, keep=1)
