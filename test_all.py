@@ -2025,6 +2025,15 @@ def test_train_stops_when_the_gradient_norm_is_not_finite(train_dataset, tmp_pat
         assert all(np.isfinite(arrays[k]).all() for k in arrays.files if arrays[k].dtype.kind == "f"), path
 
 
+def test_train_never_saves_weights_an_update_made_non_finite(train_dataset, tmp_path, monkeypatch, fast_compile):
+    """--lr 1e39 is inf in fp32: step 1's loss and gradient are finite, its update is not. The run
+    stops at the save of step 1, naming it, and no checkpoint is written."""
+    monkeypatch.setitem(moshi.PRESETS, "train_test", TRAIN_CFG)
+    with pytest.raises(train.NonFiniteLoss, match=r"step 1: the updated weights are not finite.*not saved"):
+        _cli(train_dataset, tmp_path / "run", "--lr", "1e39", "--ckpt-every", "1", "--max-steps", "2")
+    assert checkpoint.list_dir(str(tmp_path / "run" / "checkpoints")) == []
+
+
 _TWO_PROCESS_WORKER = """
 import dataclasses, os, sys
 import jax

@@ -492,7 +492,8 @@ def start(args, cfg, state, window_frames: int, this: dict):
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm went NaN/inf: the message names the step and the batch's windows."""
+    """The loss, the gradient norm or the updated weights went NaN/inf: the message names the step
+    (and, for the loss and the gradient, the batch's windows)."""
 
 
 def log_step(args, rec: dict, max_steps: int, last: int, mfu, eta_s) -> None:
@@ -519,6 +520,19 @@ def check_finite(m, step: int, ds, ids, position: int) -> None:
         names = "\n  ".join(ds.name(int(i)) for i in ids.reshape(-1))
         raise NonFiniteLoss(f"step {step}: {what}; nothing of this step was saved; the batch (data "
                             f"position {position}) held:\n  {names}")
+
+
+@jax.jit
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def check_weights_finite(params, step: int, m) -> None:
+    """Before a save: finite loss and gradient can still make non-finite weights (an lr that is inf
+    in fp32), and a checkpoint of those would break every --resume. The run stops instead."""
+    if not _all_finite(params):
+        raise NonFiniteLoss(f"step {step}: the updated weights are not finite (loss {m[0]}, gradient norm "
+                            f"{m[3]}): they were not saved; a smaller --lr?")
 
 
 def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, frozen) -> list[dict]:
@@ -548,6 +562,7 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
         log_step(args, history[-1], h.max_steps, last, flops / steady / peak if peak else None,
                  steady * (h.max_steps - step))
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == last:
+            check_weights_finite(state["params"], step, m)
             checkpoint.save(os.path.join(args.run_dir, checkpoint.CHECKPOINTS), step, state,
                             dict(this, data_position=position), args.keep_checkpoints)
     if args.export and last == h.max_steps and history:
