@@ -378,12 +378,16 @@ def make_batch(ds: data.TokenWindows, ids: np.ndarray, sharding, cfg):
 def flops_per_step(cfg, params, frames: int, window_frames: int) -> float:
     """Model FLOPs of one step (forward + backward, remat not counted): 6 N per frame for the N
     weights every frame touches (the matrices: embedding tables are looked up, not multiplied),
-    plus causal attention of the temporal transformer (12 L D T/2 per frame)."""
+    plus causal attention of the temporal transformer (12 L D T/2 per frame), plus, per TTT layer,
+    its block-causal products (H Hᵀ and the product with V̂: 6 T/2 (Hd + D) per frame) and V̂'s
+    depthwise conv and P (6 D (K + D) per frame)."""
     matmul_params = sum(math.prod(w.shape) for w in lora_targets(params).values())
-    tcfg = cfg.temporal
+    tcfg, D = cfg.temporal, cfg.temporal.d_model
     context = min(window_frames, tcfg.context or window_frames)
-    attention = 12 * tcfg.num_layers * tcfg.d_model * context / 2
-    return frames * (6 * matmul_params + attention)
+    attention = 12 * tcfg.num_layers * D * context / 2
+    fast_weights = 0 if cfg.ttt is None else 6 * len(cfg.ttt.layers) * (
+        window_frames / 2 * (tcfg.gating_hidden + D) + D * (cfg.ttt.kernel_size + D * cfg.ttt.use_proj))
+    return frames * (6 * matmul_params + attention + fast_weights)
 
 
 PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
