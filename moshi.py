@@ -271,7 +271,8 @@ def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None,
     codes = codes.astype(jnp.int32)
     initial = jnp.asarray(cfg.initial_tokens())
     delayed = delay(codes, cfg.delays, initial)                                  # [B, K, T]
-    inputs = delay(codes, [d + 1 for d in cfg.delays], initial)     # the same, one initial frame first
+    first = jnp.broadcast_to(initial[None, :, None], (B, K, 1))
+    inputs = jnp.concatenate([first, delayed[:, :, :-1]], axis=2)                # step t reads frame t - 1
     _, _, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, inputs), attention=attention,
                                     layer_hook=layer_hook, remat=remat)
     text_logits, text_mask = undelay(text_logits[:, None], cfg.delays[:1])
