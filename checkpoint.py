@@ -256,6 +256,8 @@ def _assemble(pieces, shape, dtype, what: str, index) -> np.ndarray:
         if np.all(lo < hi):                             # only overlapping pieces are read from disk
             with _reading(file):
                 saved = f[key].view(dtype)              # bf16's uint16 bits -> bf16; others as they are
+                if saved.shape != tuple(piece_shape):
+                    raise ValueError(f"piece {key} holds {f[key].dtype}, meta.json says {dtype}")
             out[tuple(map(slice, lo - begin, hi - begin))] = saved[tuple(map(slice, lo - start, hi - start))]
             filled += int(np.prod(hi - lo))
     if filled != out.size:

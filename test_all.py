@@ -2327,6 +2327,15 @@ def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
     w_reads = [key for key in reads if key.startswith("['w']")]
     # 8 blocks, 4 pieces
     assert len(w_reads) == len(placed["w"].addressable_shards) and len(set(w_reads)) == 4
+    # a meta.json whose dtype does not fit the saved bytes names the piece, not garbage values
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(tmp_path / "step_000003", relabelled)
+    meta = json.loads((relabelled / "meta.json").read_text())
+    meta["leaves"]["['w']"]["dtype"] = "bfloat16"
+    (relabelled / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CorruptCheckpoint,
+                       match=r"piece \['w'\]@0,0 holds float32, meta.json says bfloat16"):
+        jax.block_until_ready(checkpoint.load(str(relabelled), placed))
     # saving a step that is already there (resume passed it over) sets it aside, never over another
     for position in (6, 7):
         checkpoint.save(str(tmp_path), 3, placed, {"data_position": position}, keep=1)
