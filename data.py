@@ -190,15 +190,17 @@ def cut_windows(wav: np.ndarray, window_frames: int):
 
 
 def encode_windows(params, cfg, batch: int, chunks: np.ndarray) -> np.ndarray:
-    """Mimi over batches of windows: [n, 2, S] -> [n, 16, frames], channel 0's 8 codebooks then
-    channel 1's. Both channels of `batch` windows go through one call of the same compiled shape (a
-    short last batch is zero-padded). prepare_main binds the first three arguments."""
+    """Mimi over batches of windows: [n, 2, S] -> [n, 2K, frames], channel 0's K codebooks then
+    channel 1's (K = 8: half of Moshi's audio streams are each voice's). Both channels of `batch`
+    windows go through one call of the same compiled shape (a short last batch is zero-padded).
+    prepare_main binds the first three arguments."""
     n, _, S = chunks.shape
+    K = LM.n_q // 2
     padded = np.zeros((-(-n // batch) * batch, 2, S), np.float32)
     padded[:n] = chunks
-    codes = [mimi.encode(params, cfg, padded[i:i + batch].reshape(2 * batch, 1, S), 8)
+    codes = [mimi.encode(params, cfg, padded[i:i + batch].reshape(2 * batch, 1, S), K)
              for i in range(0, len(padded), batch)]
-    return np.concatenate([np.asarray(c).reshape(batch, 16, -1) for c in codes])[:n]
+    return np.concatenate([np.asarray(c).reshape(batch, 2 * K, -1) for c in codes])[:n]
 
 
 def file_tokens(wav, alignments, sp, encode, window_frames: int) -> tuple[np.ndarray, int]:
