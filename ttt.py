@@ -371,15 +371,16 @@ def self_check(seed: int = 0, dim: int = 16, hidden: int = 24, frames: int = 11,
 # on. Trained with train.py's loss and step, with and without TTT on its last layer, same data, seeds
 # and budget; recall is then measured on fresh sequences, by distance in attention reaches.
 
-DEMO = dict(context=5, chunk=8, frames=80, pairs=4, queries=12, keys=(8, 40), values=(40, 72),
+DEMO = dict(layers=2, context=5, chunk=8, frames=80, pairs=4, queries=12, keys=(8, 40), values=(40, 72),
             filler=3)   # filler: PAD
+DEMO_REACH = DEMO["layers"] * (DEMO["context"] - 1)       # how many frames back attention reaches
 
 
 def demo_config(with_ttt: bool):
     import moshi
     d = DEMO
     return moshi.LMConfig(delays=(0, 0), n_q=1, dep_q=0, card=8, text_card=80, dim=64, num_heads=4,
-                          num_layers=2, norm="rms_norm_f32", context=d["context"],
+                          num_layers=d["layers"], norm="rms_norm_f32", context=d["context"],
                           positional_embedding="rope", gating="silu",
                           depformer_dim=16, depformer_num_heads=1, depformer_num_layers=1,
                           ttt=TTTConfig(layers=(1,), chunk_size=d["chunk"], lr=1.0) if with_ttt else None)
@@ -430,20 +431,18 @@ def demo_recall(cfg, params, seed: int = 123, batch: int = 256):
     codes, queries = demo_batch(np.random.default_rng(seed), batch, DEMO["pairs"])
     logits = jax.jit(lambda p, c: moshi.forward(p, cfg, c)["text_logits"])(params, codes)
     predicted = np.asarray(jnp.argmax(logits[:, 0], -1))
-    reach = cfg.num_layers * (cfg.context - 1)
-    bins = {"1-2": (1, 2), "2-4": (2, 4), "4+": (4, np.inf)}
-    hits = {name: [predicted[b, t] == codes[b, 0, t] for b, t, dist in queries if lo <= dist / reach < hi]
-            for name, (lo, hi) in bins.items()}
+    bins = {"1-2": (1, 2), "2-4": (2, 4), "4+": (4, np.inf)}               # in reaches of attention
+    hits = {name: [predicted[b, t] == codes[b, 0, t] for b, t, dist in queries
+                   if lo <= dist / DEMO_REACH < hi] for name, (lo, hi) in bins.items()}
     return ({name: (float(np.mean(h)), len(h)) for name, h in hits.items()},
             float(np.mean([h for v in hits.values() for h in v])))
 
 
 def demo(steps: int = 1000):
-    reach = 2 * (DEMO["context"] - 1)
     print(f"key-value recall, {DEMO['frames']} frames: pairs in frames 0-{2 * DEMO['pairs'] - 1}, queries "
-          f"from frame {2 * DEMO['chunk']}; attention reaches {reach} frames; TTT chunk {DEMO['chunk']}; "
-          f"chance {1 / (DEMO['values'][1] - DEMO['values'][0]):.2f}; {steps} train.py steps of 16 "
-          "sequences each")
+          f"from frame {2 * DEMO['chunk']}; attention reaches {DEMO_REACH} frames; TTT chunk "
+          f"{DEMO['chunk']}; chance {1 / (DEMO['values'][1] - DEMO['values'][0]):.2f}; {steps} train.py "
+          "steps of 16 sequences each")
     total = {}
     for with_ttt in (True, False):
         by_distance, total[with_ttt] = demo_recall(*demo_train(with_ttt, steps))
