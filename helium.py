@@ -202,16 +202,19 @@ def attention_mask(pos_q, pos_k, causal: bool, context: int | None):
 
 def dot_product_attention(q, k, v, mask):
     # q [B, H, T, Dh], k/v [B, H, S, Dh], mask [T, S] -> [B, H, T, Dh]
-    # Scores and softmax in fp32; a fully visible diagonal means no row is ever all-masked. As in
-    # FlashAttention (and torch's CPU kernel), the *unnormalised* weights meet v in v's dtype and
-    # the fp32 sum divides at the end: in bf16 this rounding order is what keeps greedy tokens
-    # equal to Kyutai's (normalising first flips a few tokens).
+    # Scores and softmax in fp32. As in FlashAttention (and torch's CPU kernel), the *unnormalised*
+    # weights meet v in v's dtype and the fp32 sum divides at the end: in bf16 this rounding order
+    # is what keeps greedy tokens equal to Kyutai's (normalising first flips a few tokens). A row
+    # with no visible key (a streaming call of more steps than the ring holds overwrites its own
+    # first keys) gives 0, as torch's scaled_dot_product_attention does, not NaN.
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, -jnp.inf)
-    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))          # unnormalised, fp32
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - jnp.where(top > -jnp.inf, top, 0.0))              # unnormalised, fp32
     out = jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / jnp.sum(weights, axis=-1)[..., None]).astype(v.dtype)
+    total = jnp.sum(weights, axis=-1)[..., None]
+    return (out / jnp.where(total > 0, total, 1.0)).astype(v.dtype)
 
 
 # Two rings, because two official codebases disagree once the ring is full, and each model must
@@ -298,12 +301,20 @@ def default_attention(dtype) -> str:
 # MLPs. Helium and the depformer use a SiLU-gated MLP whose packed `linear_in` holds [gate | up];
 # Mimi uses a plain GELU MLP (exact erf GELU, no biases).
 
+# The activations are computed in fp32 and rounded once, as torch computes them on bf16 inputs,
+# so a bf16 model rounds as Kyutai's does.
+
+def gated_hidden(h):
+    """[.., 2 * hidden] = [gate | up] -> silu(gate) * up [.., hidden]."""
+    gate, up = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(gate.astype(jnp.float32)).astype(h.dtype) * up
+
+
 def mlp(p, cfg: TransformerConfig, x):
     if cfg.gating == "none":
-        return linear(jax.nn.gelu(linear(x, p["linear1"]), approximate=False), p["linear2"])
-    h = linear(x, p["linear_in"])                                  # [B, T, 2 * hidden]
-    gate, up = jnp.split(h, 2, axis=-1)
-    return linear(jax.nn.silu(gate) * up, p["linear_out"])
+        h = linear(x, p["linear1"])
+        return linear(jax.nn.gelu(h.astype(jnp.float32), approximate=False).astype(h.dtype), p["linear2"])
+    return linear(gated_hidden(linear(x, p["linear_in"])), p["linear_out"])      # [B, T, 2 * hidden] inside
 
 
 # ----------------------------------------------------------------------------------------------

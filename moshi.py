@@ -368,6 +368,8 @@ def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
     Moshi codes (entries != -2) on stream 0 and streams 1..M; each at its delayed position."""
     tokens, provided = state["tokens"], state["provided"]
     delays = jnp.asarray(cfg.delays, jnp.int32)
+    if user_codes is not None and cfg.n_q > cfg.dep_q:
+        user_codes = user_codes[:, :cfg.n_q - cfg.dep_q]     # Kyutai's LMGen drops codebooks beyond those
     groups = []
     if user_codes is not None and user_codes.shape[1]:
         groups.append((np.arange(1 + cfg.n_q)[-user_codes.shape[1]:], user_codes[:, :, 0], False))
@@ -393,6 +395,8 @@ def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes, embed
     if not cfg.n_q - cfg.dep_q <= n_user <= cfg.n_q:
         raise ValueError(f"gen_step: {n_user} user codebooks given; this model reads {cfg.n_q - cfg.dep_q} "
                          f"input-only streams and has n_q={cfg.n_q} audio streams in all")
+    if cfg.n_q > cfg.dep_q:
+        n_user = cfg.n_q - cfg.dep_q                                   # the rest are dropped
     if n_moshi > cfg.dep_q or n_moshi + n_user > cfg.n_q:
         raise ValueError(f"gen_step: moshi_codes has {n_moshi} codebooks; at most dep_q={cfg.dep_q} "
                          f"and not overlapping the {n_user} user codebooks")
@@ -420,8 +424,9 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     cache is updated in place): always continue from the returned one.
 
     user_codes   int [B, n_user, 1]: the user's Mimi codes, written onto the *last* n_user audio
-                 streams. n_user >= n_q - dep_q (moshiko: 8 -> streams 9..16). A model whose
-                 depformer also writes those streams (PersonaPlex, dep_q = 16) gets them
+                 streams. A model with input-only streams reads the first n_q - dep_q given
+                 (moshiko: 8 -> streams 9..16) and, as Kyutai's LMGen, drops any more. A model
+                 whose depformer also writes those streams (PersonaPlex, dep_q = 16) gets them
                  teacher-forced. None or [B, 0, 1] when there are none.
     key          the conversation's PRNG key: call n draws from fold_in(key, n) (text, then one
                  key per codebook), so the same key may be passed to every call.

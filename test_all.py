@@ -411,9 +411,11 @@ def _tiny_checkpoint(ref, path, dtype=np.float32, rename=lambda k: k):
     return tensors
 
 
-def _stream(params, cfg, wav, num_codebooks):
-    """Frame by frame: encode everything, then decode the codes, as the fixture script does."""
-    F, enc, dec, codes, pcm = cfg.frame_size, mimi.encoder_state(cfg, wav.shape[0]), mimi.decoder_state(cfg, wav.shape[0]), [], []
+def _stream(params, cfg, wav, num_codebooks, frames_per_call=1):
+    """Frame by frame (or n frames per call): encode everything, then decode the codes, as the fixture
+    script does."""
+    F, codes, pcm = cfg.frame_size * frames_per_call, [], []
+    enc, dec = mimi.encoder_state(cfg, wav.shape[0]), mimi.decoder_state(cfg, wav.shape[0])
     for i in range(wav.shape[-1] // F):
         enc, c = mimi.encode_step(params, cfg, enc, wav[..., i * F:(i + 1) * F], num_codebooks)
         codes.append(np.asarray(c))
@@ -478,7 +480,8 @@ def test_mimi_full_size_streaming_past_the_cache_wrap(full_mimi, mimi_ref):
 
 def test_mimi_tiny_matches_official_batch_and_streaming(tmp_path, mimi_ref):
     """A tiny config whose 8-step context wraps after 4 frames: batch (also cut into 5-frame chunks)
-    equals Kyutai's batch; streaming equals Kyutai's streaming, which departs from its batch."""
+    equals Kyutai's batch; streaming equals Kyutai's streaming, which departs from its batch, also
+    with more frames per call than the ring holds."""
     _tiny_checkpoint(mimi_ref, tmp_path / "tiny.safetensors")
     cfg = mimi.TINY
     params, _ = convert.load_mimi(tmp_path / "tiny.safetensors", cfg)
@@ -492,6 +495,10 @@ def test_mimi_tiny_matches_official_batch_and_streaming(tmp_path, mimi_ref):
     assert not np.array_equal(mimi_ref["tiny_stream_codes"], mimi_ref["tiny_codes"])
     assert_codes_match(stream_codes, mimi_ref["tiny_stream_codes"], mimi_ref["tiny_stream_gaps"], "tiny streaming")
     assert rel_l2(stream_pcm, mimi_ref["tiny_stream_decoded"]) < 1e-4
+    # 5 frames per call overfill the 8-step ring: the steps left with no key attend to nothing, as in torch
+    multi_codes, multi_pcm = _stream(params, cfg, np.asarray(wav)[..., :20 * cfg.frame_size], 8, frames_per_call=5)
+    assert_codes_match(multi_codes, mimi_ref["tiny_multi_codes"], mimi_ref["tiny_multi_gaps"], "tiny 5 per call")
+    assert rel_l2(multi_pcm, mimi_ref["tiny_multi_decoded"]) < 1e-4
 
 
 def test_mimi_streaming_with_nvidias_kv_ring_matches_personaplex(tmp_path):
@@ -832,6 +839,9 @@ def test_lm_greedy_generation_matches_official(name, tmp_path):
     if name == "c":              # the generation layout (layers as lists) gives the same tokens
         tokens, state = _greedy_run(moshi.generation_params(params), cfg, d["gen_user"])
         assert np.array_equal(tokens, d["gen_tokens"]) and isinstance(state["kv"]["k"], list)
+    if name == "a":              # a codebook more than the model reads is dropped, as LMGen drops it
+        extra = np.concatenate([d["gen_user"], d["gen_user"][:, :1]], axis=1)            # [B, 9, T]
+        assert np.array_equal(_greedy_run(params, cfg, extra)[0], d["gen_tokens"])
 
 
 def test_lm_bf16_checkpoint_matches_official_bf16(tmp_path):

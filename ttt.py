@@ -118,8 +118,7 @@ TINY = TTTConfig(layers=(1,), chunk_size=4)
 
 def hidden_rows(x, w_in):
     # x [B, T, D], w_in [2Hd, D] (gate rows, then up rows) -> H [B, T, Hd] in x's dtype
-    gate, up = jnp.split(helium.linear(x, w_in), 2, axis=-1)
-    return jax.nn.silu(gate) * up
+    return helium.gated_hidden(helium.linear(x, w_in))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ Contents of mimi_fixture.npz:
   tiny_*   on it, batch 2, 24 frames (24 x 1920 samples, chirp + strong noise): tiny_wav, batch codes
            for all 8 codebooks with their gaps and decode, and streaming (one frame per call) codes,
            gaps and decode. Past frame 4 Kyutai's streaming codes depart from its batch codes.
+           tiny_multi_*: the first 20 frames streamed 5 frames per call (more steps than the ring).
 """
 import argparse
 import copy
@@ -174,11 +175,12 @@ def run_batch(model, wav, n_q):
         return codes.numpy().astype(np.int32), gaps, model.decode(codes).numpy()
 
 
-def run_stream(model, wav, n_q):
-    """One frame per call: -> codes [B, K, T], their distance gaps, the streaming decode of the codes."""
+def run_stream(model, wav, n_q, frames_per_call=1):
+    """`frames_per_call` frames per call: -> codes [B, K, T], their distance gaps, the streaming decode
+    of the codes (the same frames per call)."""
     import torch
     model.set_num_codebooks(n_q)
-    F = model.frame_size
+    F = model.frame_size * frames_per_call
     codes, gaps, pcm = [], [], []
     with torch.no_grad(), model.streaming(wav.shape[0]):
         for i in range(wav.shape[-1] // F):
@@ -233,6 +235,10 @@ def make_tiny(out):
     out["tiny_codes"], out["tiny_gaps"], out["tiny_decoded"] = run_batch(model, tiny_wav, TINY_CODEBOOKS)
     out["tiny_stream_codes"], out["tiny_stream_gaps"], out["tiny_stream_decoded"] = run_stream(
         model, tiny_wav, TINY_CODEBOOKS)
+    # 5 frames per call: 10 steps into the 8-slot ring, so each call overwrites its own first keys and
+    # its first steps see no key at all (torch's attention gives them 0)
+    out["tiny_multi_codes"], out["tiny_multi_gaps"], out["tiny_multi_decoded"] = run_stream(
+        model, tiny_wav[..., :20 * model.frame_size], TINY_CODEBOOKS, frames_per_call=5)
     describe("tiny batch", out["tiny_codes"])
     describe("tiny stream", out["tiny_stream_codes"])
     print("tiny: smallest relative distance gaps of the official argmins:", np.sort(out["tiny_gaps"].ravel())[:5])
