@@ -85,19 +85,22 @@ def text_stream(words, num_steps: int, pad: int, epad: int):
 
 
 def window_words(alignments, start_sec: float, duration_sec: float):
-    """Words that *start* inside [start_sec, start_sec + duration), times made window-relative.
+    """Words that *start* inside [start_sec, start_sec + duration), times made window-relative, in
+    time order. A word that started in the previous window is dropped even if it is still being
+    spoken, as moshi-finetune does.
 
-    alignments: [(word, start, end, speaker)] sorted by start. A word that started in the previous
-    window is dropped even if it is still being spoken, as moshi-finetune does.
+    alignments: [(word, start, end, speaker)] in the file's order. moshi-finetune finds the window's
+    words by binary search on that list as it is (`dicho`) and sorts only what it found, so a file
+    out of time order loses words there; bisect_left makes the very same comparisons.
     """
-    starts = [a[1] for a in alignments]
-    lo = bisect.bisect_left(starts, start_sec)
-    hi = bisect.bisect_left(starts, start_sec + duration_sec)
-    return [(w, s - start_sec, e - start_sec, spk) for w, s, e, spk in alignments[lo:hi]]
+    lo = bisect.bisect_left(alignments, start_sec, key=lambda a: a[1])
+    hi = bisect.bisect_left(alignments, start_sec + duration_sec, key=lambda a: a[1])
+    words = [(w, s - start_sec, e - start_sec, spk) for w, s, e, spk in alignments[lo:hi]]
+    return sorted(words, key=lambda a: a[1])
 
 
-def window_text(sp, alignments, window: int, window_frames: int, real_frames: int) -> np.ndarray:
-    """The text row [window_frames] of window `window` of a file, as moshi-finetune builds it.
+def window_text(sp, alignments, start_sec: float, window_frames: int, real_frames: int) -> np.ndarray:
+    """The text row [window_frames] of the window that starts at `start_sec`, as moshi-finetune builds it.
 
     `real_frames` is how many frames of audio the window really has (fewer in a file's last window).
     moshi-finetune passes that frame count where a duration in seconds is expected, so it builds
@@ -105,8 +108,7 @@ def window_text(sp, alignments, window: int, window_frames: int, real_frames: in
     keeps going as PAD past the end of the audio (and is trained on), and is IGNORE only beyond
     ceil(real_frames * 12.5) frames. We reproduce that quirk exactly (tested against its code).
     """
-    duration_sec = window_frames / CODEC.frame_rate
-    words = window_words(alignments, window * duration_sec, duration_sec)
+    words = window_words(alignments, start_sec, window_frames / CODEC.frame_rate)
     words = [(tokenize_word(sp, w), s, e) for w, s, e, spk in words if spk == MAIN_SPEAKER and s < e]
     steps = math.ceil(real_frames * CODEC.frame_rate)
     row = np.full(window_frames, depformer.ZERO_TOKEN, np.int32)
@@ -116,32 +118,36 @@ def window_text(sp, alignments, window: int, window_frames: int, real_frames: in
 
 
 def read_alignments(json_path: str, log=print):
-    """The sidecar .json -> [(word, start, end, speaker)] sorted by start (stable). Words that cannot
-    be placed (end not after start, or a NaN time) are dropped by moshi-finetune without a word; here
-    they are dropped the same way, and named."""
+    """The sidecar .json -> [(word, start, end, speaker)], in the file's order (see window_words).
+    Words that cannot be placed (end not after start, or a NaN time) are dropped by moshi-finetune
+    without a word; here they are dropped the same way, and named. Fields after the speaker are
+    ignored, as there."""
     if not os.path.exists(json_path):
         raise DataError(f"{json_path}: missing alignment file (expected beside the wav)")
     try:
         with open(json_path) as f:
             raw = json.load(f)["alignments"]
-        out = [(str(w), float(ts[0]), float(ts[1]), str(spk)) for w, ts, spk in raw]
+        out = [(str(w), float(ts[0]), float(ts[1]), str(spk)) for w, ts, spk, *_ in raw]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{json_path}: not a moshi-finetune alignment file "
                         f"(want {{\"alignments\": [[word, [start, end], speaker], ...]}}): {e!r}") from e
     for w, start, end, _ in out:
         if not start < end:                       # NaN compares False too
             log(f"prepare: warning: {json_path}: word {w!r} has times [{start}, {end}]: it is left out")
-    # moshi-finetune binary-searches the list as given; it is only correct when sorted, and a NaN
-    # start (left out anyway) would leave the sort order undefined for every other word
-    return sorted((a for a in out if not math.isnan(a[1])), key=lambda a: a[1])
+    starts = [s for _, s, _, _ in out if not math.isnan(s)]
+    if starts != sorted(starts):
+        log(f"prepare: warning: {json_path}: words are not in time order; moshi-finetune's binary search "
+            f"misses some of them in such a file, and so does this (sort the file to keep them all)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. `prepare`: each file of the manifest is cut into consecutive windows of `duration_sec` from
-# t=0 (the last one shorter), exactly as moshi-finetune's loader cuts it; each window is encoded by
-# Mimi *on its own* (fresh codec state, as there), both channels in one batch. Codes past the end
-# of the audio are IGNORE. The result per file: int16 [17, n_windows * window_frames] holding
-# text | Moshi's 8 codebooks | the user's 8 codebooks, one window after the other.
+# 2. `prepare`: each file of the manifest is cut into consecutive windows of `duration_sec`, exactly
+# as moshi-finetune's loader (sphn.dataset_jsonl) cuts it: from t=0 while the *manifest's* duration
+# lasts (the last one shorter); each window is encoded by Mimi *on its own* (fresh codec state, as
+# there), both channels in one batch. Codes past the end of the audio are IGNORE. The result per
+# file: int16 [17, n_windows * window_frames] holding text | Moshi's 8 codebooks | the user's 8
+# codebooks, one window after the other.
 
 def read_manifest(path: str):
     """moshi-finetune's .jsonl -> [(wav_path, duration_sec)]; relative paths are taken from the
@@ -178,15 +184,36 @@ def load_stereo(path: str, read_audio=audio.read_audio) -> np.ndarray:
     return wav
 
 
-def cut_windows(wav: np.ndarray, window_frames: int):
-    """[2, S] -> chunks [n, 2, window_samples] (zero-padded) and real frames per window [n]."""
-    window_samples, S = window_frames * CODEC.frame_size, wav.shape[1]
-    n = -(-S // window_samples)
-    padded = np.zeros((2, n * window_samples), np.float32)
-    padded[:, :S] = wav
-    # a window's real frames: the file's (its last, partial frame counted), less the windows before it
-    real_frames = np.minimum(-(-S // CODEC.frame_size) - np.arange(n) * window_frames, window_frames)
-    return padded.reshape(2, n, window_samples).swapaxes(0, 1), real_frames
+def window_starts(duration: float, window_sec: float) -> list[float]:
+    """Where sphn starts the windows of a manifest entry: 0, d, 2d, ... (summed in float64) while
+    below the manifest's duration, each kept as a float32, which is what moshi-finetune then gets."""
+    starts, t = [], 0.0
+    while t < duration:
+        starts.append(float(np.float32(t)))
+        t += window_sec
+    return starts
+
+
+def to_samples(seconds: float) -> int:
+    """A time -> samples, as sphn's decoder (symphonia) counts them: whole seconds exactly, then
+    the fraction's samples truncated. A float32 start just below k*d thus begins one sample early."""
+    whole = int(seconds)
+    return whole * CODEC.sample_rate + int(float(CODEC.sample_rate) * (seconds - whole))
+
+
+def cut_windows(wav: np.ndarray, window_frames: int, duration: float):
+    """[2, S] and the manifest's duration -> (window starts in s, chunks [n, 2, window_samples]
+    zero-padded, real frames per window [n]). A window that would start past the audio's end is
+    not there (sphn fails to seek to it and moshi-finetune goes on)."""
+    window_sec = window_frames / CODEC.frame_rate
+    starts = [s for s in window_starts(duration, window_sec) if to_samples(s) < wav.shape[1]]
+    chunks = np.zeros((len(starts), 2, window_frames * CODEC.frame_size), np.float32)
+    real_frames = np.zeros(len(starts), np.int64)
+    for i, start in enumerate(starts):
+        piece = wav[:, to_samples(start):to_samples(start) + to_samples(window_sec)]
+        chunks[i, :, :piece.shape[1]] = piece
+        real_frames[i] = -(-piece.shape[1] // CODEC.frame_size)          # a last, partial frame counts
+    return starts, chunks, real_frames
 
 
 def encode_windows(params, cfg, batch: int, chunks: np.ndarray) -> np.ndarray:
@@ -203,15 +230,15 @@ def encode_windows(params, cfg, batch: int, chunks: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(c).reshape(batch, 2 * K, -1) for c in codes])[:n]
 
 
-def file_tokens(wav, alignments, sp, encode, window_frames: int) -> tuple[np.ndarray, int]:
-    """One file -> (int16 [17, n * window_frames], frames of real audio)."""
-    chunks, real_frames = cut_windows(wav, window_frames)
+def file_tokens(wav, alignments, sp, encode, window_frames: int, duration: float) -> tuple[np.ndarray, int]:
+    """One file and its manifest duration -> (int16 [17, n * window_frames], frames of real audio)."""
+    starts, chunks, real_frames = cut_windows(wav, window_frames, duration)
     codes = encode(chunks)[..., :window_frames]                  # [n, 16, window_frames]
     if codes.shape[-1] != window_frames:
         raise DataError(f"Mimi gave {codes.shape[-1]} frames for a {window_frames}-frame window")
     # IGNORE past the audio each window really has
     codes = np.where(np.arange(window_frames) < real_frames[:, None, None], codes, depformer.ZERO_TOKEN)
-    texts = [window_text(sp, alignments, w, window_frames, int(real)) for w, real in enumerate(real_frames)]
+    texts = [window_text(sp, alignments, s, window_frames, int(real)) for s, real in zip(starts, real_frames)]
     windows = np.concatenate([np.stack(texts)[:, None], codes], axis=1)         # [n, 17, window_frames]
     tokens = np.concatenate(windows, axis=1)                                    # [17, n * window_frames]
     if tokens.max() > np.iinfo(np.int16).max:
@@ -255,6 +282,8 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
     files, skipped = [], []
     for i, (wav_path, duration) in enumerate(entries):
         try:
+            if not duration > 0:
+                raise DataError(f"{wav_path}: the manifest gives it {duration} s: no window to cut")
             wav = load_stereo(wav_path, read_audio)
             alignments = read_alignments(os.path.splitext(wav_path)[0] + ".json", log)
         except DataError as e:
@@ -265,8 +294,8 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
             continue
         if abs(wav.shape[1] / CODEC.sample_rate - duration) > 1 / CODEC.frame_rate:
             log(f"prepare: note: {wav_path} lasts {wav.shape[1] / CODEC.sample_rate:.2f} s, the manifest "
-                f"says {duration:.2f} s; using the audio's length")
-        tokens, real = file_tokens(wav, alignments, sp, encode, window_frames)
+                f"says {duration:.2f} s; windows follow the manifest, as in moshi-finetune")
+        tokens, real = file_tokens(wav, alignments, sp, encode, window_frames, duration)
         name = os.path.join("tokens", f"{len(files):06d}.npy")
         with convert.atomic_open(os.path.join(out_dir, name)) as f:
             np.save(f, tokens)

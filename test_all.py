@@ -1310,8 +1310,10 @@ def _train_spm():
     return sentencepiece.SentencePieceProcessor(model_file=os.path.join(TESTDATA, "train_spm.model"))
 
 
-def test_train_interleaver_matches_moshi_finetune():
-    """Text rows and audio validity for every window, as moshi-finetune's InterleavedTokenizer made them."""
+def test_train_interleaver_matches_moshi_finetune(tmp_path, capsys):
+    """Windows, text rows and audio validity, as moshi-finetune's loader made them: sphn's windows
+    (the manifest's duration decides how many, starts are float32, a window past the audio is not
+    there) and its InterleavedTokenizer (binary search on the file's word order, extra fields)."""
     sp = _train_spm()
     with open(os.path.join(TESTDATA, "train_interleaver.json")) as f:
         fixture = json.load(f)
@@ -1319,14 +1321,17 @@ def test_train_interleaver_matches_moshi_finetune():
         assert data.tokenize_word(sp, word) == pieces
     for case in fixture["cases"]:
         frames = round(case["window_sec"] * data.CODEC.frame_rate)
-        alignments = sorted([(w, s, e, spk) for w, (s, e), spk in case["alignments"]], key=lambda a: a[1])
-        wav = np.zeros((2, round(case["file_sec"] * data.CODEC.sample_rate)), np.float32)
-        _, real_frames = data.cut_windows(wav, frames)
-        assert len(real_frames) == len(case["text"]), case["name"]
-        for w, real in enumerate(real_frames):
+        (tmp_path / "a.json").write_text(json.dumps({"alignments": case["alignments"]}))
+        alignments = data.read_alignments(str(tmp_path / "a.json"))
+        samples = round(case["file_sec"] * data.CODEC.sample_rate)
+        starts, chunks, real_frames = data.cut_windows(np.ones((2, samples), np.float32), frames, case["manifest_sec"])
+        assert starts == case["start_time_sec"], case["name"]
+        assert (chunks.sum((1, 2)) / 2).tolist() == case["unpadded_len"], case["name"]
+        for w, (start, real) in enumerate(zip(starts, real_frames)):
             assert (np.arange(frames) < real).astype(int).tolist() == case["audio_valid"][w], case["name"]
-            got = data.window_text(sp, alignments, w, frames, int(real))
+            got = data.window_text(sp, alignments, start, frames, int(real))
             assert got.tolist() == case["text"][w], (case["name"], w)
+    assert "not in time order" in capsys.readouterr().out
 
 
 # A Mimi with real 1920-sample frames (so windows are 80 ms frames) but a few hundred parameters.
@@ -1384,11 +1389,13 @@ def test_train_prepare_windows_and_bad_files(train_dataset, fast_compile):
     assert tokens.dtype == np.int16 and tokens.shape == (17, 32)
     wav = audio.read_audio(root / "talk1.wav", 24000)                                       # [2, 52800]
     alignments = data.read_alignments(str(root / "talk1.json"))
-    for w, real in enumerate([16, 12]):                                                # 2.2 s = 16 + 11.5 frames
+    # 2.2 s = 16 + 11.5 frames; float32(1.28) < 1.28, so sphn starts window 1 at sample 30719
+    for w, (first, real) in enumerate([(0, 16), (30719, 12)]):
         window = ds[2 + w]
         assert window.tolist() == tokens[:, 16 * w:16 * (w + 1)].tolist()
-        assert window[0].tolist() == data.window_text(_train_spm(), alignments, w, 16, real).tolist()
-        alone = wav[:, 16 * 1920 * w:16 * 1920 * (w + 1)][:, None]                    # the window, unpadded
+        start = float(np.float32(1.28 * w))
+        assert window[0].tolist() == data.window_text(_train_spm(), alignments, start, 16, real).tolist()
+        alone = wav[:, first:first + 16 * 1920][:, None]                              # the window, unpadded
         codes = np.asarray(mimi.encode(train_dataset["mimi"], TRAIN_MIMI, alone, num_codebooks=8))
         assert np.array_equal(window[1:, :real], codes.reshape(16, -1)[:, :real])
         assert (window[1:, real:] == -1).all()
@@ -1431,7 +1438,8 @@ def test_data_prepare_refuses_bad_input_and_loses_nothing(train_dataset, tmp_pat
     warned = capsys.readouterr().out
     assert "odd.json: word 'late' has times [1.0, 0.5]" in warned and "word 'never'" in warned
     assert "word 'blink' has times [2.0, 2.0]" in warned and "early" not in warned   # dropped as moshi-finetune
-    assert [w for w, *_ in kept] == ["early", "late", "blink"]     # a NaN start leaves the rest in order
+    assert "odd.json: words are not in time order" in warned
+    assert [w for w, *_ in kept] == ["late", "never", "blink", "early"]   # as moshi-finetune searches them
     with pytest.raises(data.DataError, match="gone.wav: audio file not found"):
         data.load_stereo(str(root / "gone.wav"))
 

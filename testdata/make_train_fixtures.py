@@ -6,12 +6,15 @@ copied here, its module is imported from the checkout):
     git clone https://github.com/kyutai-labs/moshi-finetune /tmp/moshi-finetune
     ~/oracle/bin/python testdata/make_train_fixtures.py interleaver --moshi-finetune /tmp/moshi-finetune
 
-trains a tiny sentencepiece model on a few sentences (-> train_spm.model; ids 0-3 are
-unk/bos/eos/pad as in Kyutai's tokenizer, so PAD = 3 and EPAD = 0 mean what they mean there), then
-runs moshi-finetune's own `InterleavedTokenizer` (window selection + `Interleaver`, keep_main_only,
-exactly as its train.py builds them) on hand-written alignment cases, with a stand-in Mimi that only
-reports how many frames a window has. Output: train_interleaver.json with, for every case, the
-alignments, the file length and window length, and the text and audio-validity rows it produced.
+trains a tiny sentencepiece model on a few sentences (-> train_spm.model, kept if it exists; ids 0-3
+are unk/bos/eos/pad as in Kyutai's tokenizer, so PAD = 3 and EPAD = 0 mean what they mean there),
+then runs moshi-finetune's own data path on hand-written alignment cases: each case is a silent wav
+and a one-line manifest cut into windows by `sphn.dataset_jsonl` (as finetune/data/dataset.py calls
+it: the manifest's duration decides the windows, their starts come back as float32) and tokenized by
+its `InterleavedTokenizer` (keep_main_only, exactly as its train.py builds it), with a stand-in Mimi
+that only reports how many frames a window has. Output: train_interleaver.json with, for every case,
+the alignments, the file, manifest and window lengths, and per window sphn's start time and unpadded
+length and the text and audio-validity rows moshi-finetune produced.
 
 Stage `export` / `official` (see the end of this file): the exported-checkpoint parity fixture.
 Stage `lora-names` (oracle venv): which modules Kyutai's LoRA adapts (-> lora_names.json).
@@ -38,7 +41,8 @@ SENTENCES = [
     "speech and text streams are aligned frame by frame",
 ]
 
-# (name, window seconds, file seconds, alignments). 12.5 Hz: one frame is 0.08 s.
+# (name, window seconds, file seconds, alignments[, manifest seconds]). 12.5 Hz: one frame is 0.08 s.
+# The manifest's duration is the file's unless given.
 CASES = [
     ("simple", 2.0, 2.0, [["hello", [0.3, 0.6], "SPEAKER_MAIN"], ["there", [0.9, 1.2], "SPEAKER_MAIN"]]),
     ("word_at_zero", 1.6, 1.6, [["moshi", [0.0, 0.4], "SPEAKER_MAIN"], ["listens", [0.5, 0.9], "SPEAKER_MAIN"]]),
@@ -63,6 +67,21 @@ CASES = [
     ("tiny_last_window", 1.6, 1.65, [["speech", [0.1, 0.4], "SPEAKER_MAIN"], ["text", [1.62, 1.64], "SPEAKER_MAIN"]]),
     ("unsorted_input", 2.0, 2.0, [["frame", [1.0, 1.3], "SPEAKER_MAIN"], ["by", [0.4, 0.6], "SPEAKER_MAIN"]]),
     ("empty", 1.2, 1.2, []),
+    # float32 window starts: f32(0.24) < 0.24 (the window begins a sample early), f32(0.72) > 0.72
+    # (a word at 0.72 falls between windows 2 and 3), and a one-frame last window that sphn reads
+    # a sample longer (two frames)
+    ("float32_starts", 0.24, 1.04, [["cat", [0.2, 0.3], "SPEAKER_MAIN"], ["story", [0.48, 0.6], "SPEAKER_MAIN"],
+                                    ["time", [0.72, 0.8], "SPEAKER_MAIN"], ["a", [0.97, 1.0], "SPEAKER_MAIN"]]),
+    ("float32_starts_0.4", 0.4, 1.2, [["was", [0.64, 0.7], "SPEAKER_MAIN"], ["cat", [0.8, 0.9], "SPEAKER_MAIN"]]),
+    ("manifest_shorter_than_audio", 0.8, 2.0, [["hello", [0.3, 0.5], "SPEAKER_MAIN"],
+                                               ["there", [1.7, 1.9], "SPEAKER_MAIN"]], 1.5),
+    ("manifest_longer_than_audio", 0.8, 1.2, [["hello", [0.3, 0.5], "SPEAKER_MAIN"],
+                                              ["there", [1.0, 1.1], "SPEAKER_MAIN"]], 3.0),
+    ("unsorted_across_windows", 0.8, 1.6, [["cat", [1.0, 1.1], "SPEAKER_MAIN"], ["hello", [0.1, 0.3], "SPEAKER_MAIN"],
+                                           ["there", [0.9, 1.0], "SPEAKER_MAIN"], ["time", [1.3, 1.5], "SPEAKER_MAIN"]]),
+    ("extra_fields_and_nan_start", 0.8, 1.6, [["hello", [0.1, 0.3], "SPEAKER_MAIN", 0.9],
+                                              ["never", [float("nan"), 0.5], "SPEAKER_MAIN"],
+                                              ["there", [0.9, 1.0, 0.5], "SPEAKER_MAIN", "x"]]),
 ]
 
 
@@ -97,34 +116,46 @@ class FrameCounter:
 def interleaver_stage(args):
     import numpy as np
     import sentencepiece as spm
+    import soundfile
+    import sphn
     import torch
     torch.Tensor.cuda = lambda self, *a, **k: self               # its tokenizer moves audio to the GPU
     mod = load_interleaver_module(args.moshi_finetune)
     spm_path = os.path.join(HERE, "train_spm.model")
-    train_spm(spm_path)
+    if not os.path.exists(spm_path):
+        train_spm(spm_path)
     sp = spm.SentencePieceProcessor(model_file=spm_path)
     # as finetune/train.py builds them for moshiko: PAD 3, EPAD 0, zero token -1, main speaker only
     interleaver = mod.Interleaver(sp, 12.5, 3, 0, -1, keep_main_only=True, device="cpu")
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, window_sec, file_sec, alignments in CASES:
-            wav_path = os.path.join(tmp, name + ".wav")             # never read: only its .json is
+        for name, window_sec, file_sec, alignments, *manifest in CASES:
+            manifest_sec = manifest[0] if manifest else file_sec
+            wav_path = os.path.join(tmp, name + ".wav")
+            soundfile.write(wav_path, np.zeros((round(file_sec * 24000), 2), np.float32), 24000)
             with open(os.path.join(tmp, name + ".json"), "w") as f:
                 json.dump({"alignments": alignments}, f)
+            with open(os.path.join(tmp, name + ".jsonl"), "w") as f:
+                f.write(json.dumps({"path": wav_path, "duration": manifest_sec}) + "\n")
             tok = mod.InterleavedTokenizer(FrameCounter(), interleaver, duration_sec=window_sec)
-            samples, window_samples = round(file_sec * 24000), round(window_sec * 24000)
-            text, audio_valid = [], []
-            for w in range(math.ceil(samples / window_samples)):
-                wav = np.zeros((2, min(samples - w * window_samples, window_samples)), np.float32)
-                codes = tok(wav, w * window_sec, wav_path).codes    # [1, 17, frames]
+            windows = sphn.dataset_jsonl(os.path.join(tmp, name + ".jsonl"), duration_sec=window_sec,
+                                         num_threads=1, sample_rate=24000, pad_last_segment=True)
+            starts, lengths, text, audio_valid = [], [], [], []
+            for sample in windows.seq(skip=0, step_by=1):        # as finetune/data/dataset.py reads it
+                wav = sample["data"][..., :sample["unpadded_len"]]
+                codes = tok(wav, sample["start_time_sec"], sample["path"]).codes    # [1, 17, frames]
+                starts.append(sample["start_time_sec"])
+                lengths.append(sample["unpadded_len"])
                 text.append(codes[0, 0].tolist())
                 audio_valid.append((codes[0, 1] != -1).int().tolist())
-            out.append({"name": name, "window_sec": window_sec, "file_sec": file_sec,
-                        "alignments": alignments, "text": text, "audio_valid": audio_valid})
-            print(name, text)
+            out.append({"name": name, "window_sec": window_sec, "file_sec": file_sec, "manifest_sec": manifest_sec,
+                        "alignments": alignments, "start_time_sec": starts, "unpadded_len": lengths,
+                        "text": text, "audio_valid": audio_valid})
+            print(name, starts, text)
     with open(os.path.join(HERE, "train_interleaver.json"), "w") as f:
-        json.dump({"made_by": "moshi-finetune finetune/data/interleaver.py (InterleavedTokenizer)",
-                   "pieces": {s: sp.encode(s) for s in sorted({a[0] for c in CASES for a in c[3]})},
+        json.dump({"made_by": "moshi-finetune finetune/data/interleaver.py (InterleavedTokenizer) on "
+                   "sphn.dataset_jsonl windows", "pieces": {s: sp.encode(s) for s in sorted({a[0] for c in CASES
+                                                                                           for a in c[3]})},
                    "cases": out}, f, indent=1)
 
 
