@@ -279,7 +279,7 @@ def check_new_folder(out_dir: str) -> None:
 
 
 def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, read_audio, meta, log):
-    files, skipped = [], []
+    files, skipped, highest = [], [], {"text": -1, "audio": -1}      # the largest ids, for train's check
     for i, (wav_path, duration) in enumerate(entries):
         try:
             if not duration > 0:
@@ -296,6 +296,8 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
             log(f"prepare: note: {wav_path} lasts {wav.shape[1] / CODEC.sample_rate:.2f} s, the manifest "
                 f"says {duration:.2f} s; windows follow the manifest, as in moshi-finetune")
         tokens, real = file_tokens(wav, alignments, sp, encode, window_frames, duration)
+        highest = {"text": max(highest["text"], int(tokens[0].max())),
+                   "audio": max(highest["audio"], int(tokens[1:].max()))}
         name = os.path.join("tokens", f"{len(files):06d}.npy")
         with convert.atomic_open(os.path.join(out_dir, name)) as f:
             np.save(f, tokens)
@@ -307,7 +309,7 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
     index = {"format": "moshi-jax-tokens-v1", "window_frames": window_frames, "frame_rate": CODEC.frame_rate,
              "streams": LM.num_streams, "text_padding_id": LM.existing_text_padding_id,
              "end_of_padding_id": LM.existing_text_end_padding_id, "manifest": manifest,
-             "files": files, "skipped": skipped, **(meta or {})}
+             "max_token_ids": highest, "files": files, "skipped": skipped, **(meta or {})}
     with convert.atomic_open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(index, f, indent=1)
     return index

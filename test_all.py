@@ -1975,6 +1975,11 @@ def test_train_refuses_bad_input_before_touching_the_run_dir(train_dataset, tmp_
                                          r"transformer has 2 layers"):
         _cli(train_dataset, run, "--resume", "--ttt-layers", "5")
     assert _files(run) == before
+    top = train_dataset["index"]["max_token_ids"]["text"]           # a text head too small for the data
+    monkeypatch.setitem(moshi.PRESETS, "small_text", dataclasses.replace(TRAIN_CFG, text_card=top))
+    with pytest.raises(data.DataError, match=f"holds text token {top}, but the model predicts {top} text ids"):
+        _cli(train_dataset, tmp_path / "other", "--config", "small_text")
+    assert not (tmp_path / "other").exists() or not list((tmp_path / "other").iterdir())
     again = _cli(train_dataset, run, "--overwrite", "--stop-at", "4")
     assert [r["loss"] for r in again] == [r["loss"] for r in first[:4]]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004"]
