@@ -330,7 +330,7 @@ def dequantize(p, cfg: MimiConfig, codes):
 # window) kept as a list, the layout a streaming step reads in place (see helium's stack).
 
 def _conv_states(layout, batch_size: int):
-    return jax.tree.map(lambda c: jnp.zeros(c.state_shape(batch_size)), layout,
+    return jax.tree.map(lambda c: jnp.zeros(c.state_shape(batch_size), jnp.float32), layout,
                         is_leaf=lambda x: isinstance(x, Conv))
 
 
@@ -338,13 +338,13 @@ def encoder_state(cfg: MimiConfig, batch_size: int, capacity: int | None = None)
     """Streaming state of the encoder (KV cache of `capacity` slots, default the context)."""
     return {"seanet": _conv_states(encoder_layout(cfg), batch_size),
             "transformer": helium.init_cache(cfg.transformer, batch_size, capacity=capacity, stacked=False),
-            "downsample": {"history": jnp.zeros(downsample_layout(cfg).state_shape(batch_size)),
+            "downsample": {"history": jnp.zeros(downsample_layout(cfg).state_shape(batch_size), jnp.float32),
                            "first": jnp.ones((batch_size,), bool)}}
 
 
 def decoder_state(cfg: MimiConfig, batch_size: int, capacity: int | None = None) -> dict:
     """Streaming state of the decoder (KV cache of `capacity` slots, default the context)."""
-    return {"upsample": jnp.zeros(upsample_layout(cfg).state_shape(batch_size)),
+    return {"upsample": jnp.zeros(upsample_layout(cfg).state_shape(batch_size), jnp.float32),
             "transformer": helium.init_cache(cfg.transformer, batch_size, capacity=capacity, stacked=False),
             "seanet": _conv_states(decoder_layout(cfg), batch_size)}
 
@@ -373,9 +373,16 @@ def _check_codebooks(cfg: MimiConfig, num_codebooks: int):
                          f"use {cfg.num_semantic} to {cfg.num_quantizers}")
 
 
+def _check_codes(cfg: MimiConfig, codes, what: str):
+    if codes.ndim != 3 or codes.shape[0] == 0 or not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise ValueError(f"{what}: expected integer codes [B>0, K, T], "
+                         f"got {codes.dtype} {tuple(codes.shape)}")
+    _check_codebooks(cfg, codes.shape[1])
+
+
 def _check_wav(cfg: MimiConfig, wav, what: str, whole_frames: bool):
-    if wav.ndim != 3 or wav.shape[1] != cfg.channels or wav.shape[2] == 0:
-        raise ValueError(f"{what}: expected audio [B, {cfg.channels}, samples>0], "
+    if wav.ndim != 3 or wav.shape[0] == 0 or wav.shape[1] != cfg.channels or wav.shape[2] == 0:
+        raise ValueError(f"{what}: expected audio [B>0, {cfg.channels}, samples>0], "
                          f"got shape {tuple(wav.shape)}")
     if whole_frames and wav.shape[2] % cfg.frame_size:
         raise ValueError(f"{what}: streaming input must be whole frames of {cfg.frame_size} samples, "
@@ -402,7 +409,7 @@ def encode_step(params, cfg: MimiConfig, state, frame, num_codebooks: int = 8):
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
 def decode_step(params, cfg: MimiConfig, state, codes):
     """codes int [B, K, n] -> (new decoder state, pcm float32 [B, channels, n * frame_size])."""
-    _check_codebooks(cfg, codes.shape[1])
+    _check_codes(cfg, codes, "mimi.decode_step")
     with jax.default_matmul_precision("highest"):
         state, wav = decode_chunk(params, cfg, state, codes.astype(jnp.int32))
     return state, wav.transpose(0, 2, 1)
@@ -424,6 +431,8 @@ def _in_chunks(step, new_state, cfg: MimiConfig, x, n_frames: int, unit: int, ch
     """Run `(state, y) = step(state, x chunk)` over x [B, C, L] (n_frames frames of `unit` steps,
     zero-padded here to whole chunks of chunk_frames frames) from a fresh `new_state(cfg, B, capacity)`,
     and join the outputs along their last axis."""
+    if not chunk_frames >= 1:
+        raise ValueError(f"chunk_frames={chunk_frames}: must be at least 1")
     chunk = min(chunk_frames, n_frames)
     n_chunks = -(-n_frames // chunk)
     # KV slots so that every step of a chunk sees its whole window: the chunk plus the context
@@ -455,6 +464,7 @@ def encode(params, cfg: MimiConfig, wav, num_codebooks: int = 8, chunk_frames: i
 
 def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
     """codes int [B, K, T] (any 1 <= K <= num_quantizers) -> wav float32 [B, channels, T * frame_size]."""
+    _check_codes(cfg, codes, "mimi.decode")
     T = codes.shape[2]
     if T == 0:
         raise ValueError(f"mimi.decode: no frames to decode (codes of shape {tuple(codes.shape)})")
@@ -486,10 +496,11 @@ def init(key, cfg: MimiConfig) -> dict:
              + rvq(n_sem) + rvq(cfg.num_quantizers - n_sem))
     k_weights, k_enc, k_dec = jax.random.split(key, 3)
     sizes = [math.prod(shape) for shape, _ in draws]
-    parts = jnp.split(jax.random.normal(k_weights, (sum(sizes),)), np.cumsum(sizes)[:-1])
+    parts = jnp.split(jax.random.normal(k_weights, (sum(sizes),), jnp.float32), np.cumsum(sizes)[:-1])
     arrays = [scale * part.reshape(shape) for (shape, scale), part in zip(draws, parts)]
     # a conv is {"w", "b"}; the bias-free resamplers are a bare weight
-    conv_params = [{"w": w, "b": jnp.zeros((c.cout,))} if c.bias else w for c, w in zip(specs, arrays)]
+    conv_params = [{"w": w, "b": jnp.zeros((c.cout,), jnp.float32)} if c.bias else w
+                   for c, w in zip(specs, arrays)]
     params = jax.tree.unflatten(tree, conv_params)
     q, names = arrays[len(specs):], ("input_proj", "output_proj", "codebooks")
     params["quantizer"] = {"semantic": dict(zip(names, q[:3])), "acoustic": dict(zip(names, q[3:]))}

@@ -551,8 +551,16 @@ def test_mimi_api_checks_and_random_init():
         mimi.encode_step(params, cfg, state, jnp.zeros((1, 1, 2000)))
     with pytest.raises(ValueError, match="num_codebooks=9"):
         mimi.encode(params, cfg, wav, num_codebooks=9)
-    with pytest.raises(ValueError, match=r"expected audio \[B, 1, samples>0\]"):
-        mimi.encode(params, cfg, jnp.zeros((1, 2, 40)))
+    for bad in (jnp.zeros((1, 2, 40)), jnp.zeros((0, 1, 40))):
+        with pytest.raises(ValueError, match=r"expected audio \[B>0, 1, samples>0\]"):
+            mimi.encode(params, cfg, bad)
+    with pytest.raises(ValueError, match="chunk_frames=0: must be at least 1"):
+        mimi.encode(params, cfg, wav, chunk_frames=0)
+    for bad in (jnp.zeros((8, 3), jnp.int32), jnp.zeros((1, 8, 3)), jnp.zeros((0, 8, 3), jnp.int32)):
+        with pytest.raises(ValueError, match=r"mimi.decode: expected integer codes \[B>0, K, T\]"):
+            mimi.decode(params, cfg, bad)
+    with pytest.raises(ValueError, match=r"mimi.decode_step: expected integer codes \[B>0, K, T\], got int32 \(8, 1\)"):
+        mimi.decode_step(params, cfg, mimi.decoder_state(cfg, 1), jnp.zeros((8, 1), jnp.int32))
     with pytest.raises(ValueError, match=r"codes must be in \[0, 64\), got values in \[0, 64\]"):
         mimi.decode(params, cfg, jnp.full((1, 3, 5), 64, jnp.int32).at[0, 0, 0].set(0))
 

@@ -482,7 +482,8 @@ def train(args) -> list[dict]:
     for stream, top in ds.index.get("max_token_ids", {}).items():    # else the loss would be NaN
         if top >= outputs[stream]:
             raise data.DataError(f"{args.data}: holds {stream} token {top}, but the model predicts "
-                                 f"{outputs[stream]} {stream} ids (prepared with another tokenizer or codec?)")
+                                 f"{outputs[stream]} {stream} ids (prepared with another tokenizer or "
+                                 "codec?)")
     with jax.set_mesh(mesh):
         plan, state, frozen = build_state(args, h, mesh, cfg, host_params)
         return run(args, h, mesh, cfg, ds, plan, state, frozen)
