@@ -5,10 +5,10 @@ prompts, data.py moshi-finetune's stereo conversations, `convert.py mimi` a file
 through the codec. They all read it here, block by block, in constant memory, resampled on the
 fly by a band-limited (windowed-sinc, polyphase) resampler:
 
-    read_blocks(path, rate, mono)     float32 blocks [channels, n] (or [n]) at `rate`
+    read_blocks(path, rate, channel)  float32 blocks [channels, n] (or one channel's [n]) at `rate`
     read_audio(path, rate)            the blocks joined: the same samples however the file is read
     frames_of(blocks, n, frame_size)  a stream cut into codec frames (the last one zero-padded)
-    write_audio(path, wav, rate)      written whole or not at all (a temporary name, then renamed)
+    write_audio(path, wav, rate)      16-bit, written whole or not at all (a temporary name, then renamed)
     normalize_loudness(x, rate)       to -24 LUFS (ITU-R BS.1770, as pyloudnorm), for voice prompts
 
 It imports no project file and no JAX (numpy and soundfile), so a script that only reads audio needs
@@ -26,7 +26,7 @@ import numpy as np
 
 # ----------------------------------------------------------------------------------------------
 # Reading. A file is read block by block (a second at a time, so an
-# hour of audio costs the memory of a second), mixed down if asked, and resampled on the fly.
+# hour of audio costs the memory of a second), one channel taken if asked, and resampled on the fly.
 # Resampling is band-limited interpolation: output sample j sits at input time t_j = j * sr_in /
 # sr_out = j * down / up (up/down in lowest terms) and is sum_k x[k] h(t_j - k), h a lowpass sinc
 # cut just below the lower of the two Nyquist rates, tapered by a Kaiser window. t_j has only `up`
@@ -125,10 +125,10 @@ def resampled_length(path, sample_rate: int) -> int:
     return -(-samples * sample_rate // sr)
 
 
-def read_blocks(path, sample_rate: int | None, mono: bool = False, block_seconds: float = 1.0):
+def read_blocks(path, sample_rate: int | None, channel: int | None = None, block_seconds: float = 1.0):
     """Yield a file as float32 blocks [channels, n] at `sample_rate` (None: the file's), one block
-    of input read at a time. mono: the channels' average [n], taken before resampling (one channel
-    to resample instead of several)."""
+    of input read at a time. channel: only that channel's [n], taken before resampling (Kyutai's and
+    NVIDIA's scripts hear a stereo prompt's first channel)."""
     import soundfile as sf
     sr, _, _ = audio_info(path)
     resampler = None if sample_rate in (None, sr) else Resampler(sr, sample_rate)
@@ -138,8 +138,8 @@ def read_blocks(path, sample_rate: int | None, mono: bool = False, block_seconds
             while True:
                 block = f.read(blocksize, dtype="float32", always_2d=True).T                  # [channels, n]
                 final = block.shape[1] < blocksize
-                if mono:
-                    block = block.mean(axis=0)
+                if channel is not None:
+                    block = block[channel]
                 if resampler is not None:
                     block = resampler(block, final=final)
                 if block.shape[-1]:
@@ -179,8 +179,14 @@ def frames_of(blocks, num_samples: int, frame_size: int):
         buf = buf[frame_size:]
 
 
+def to_pcm16(wav) -> np.ndarray:
+    """float -> int16 as sphn.write_wav (Kyutai's and NVIDIA's scripts write with it): clipped to
+    [-1, 1], times 32767, truncated toward zero."""
+    return (np.clip(np.asarray(wav, np.float32), -1.0, 1.0) * 32767).astype(np.int16)
+
+
 def write_audio(path, wav, sample_rate: int) -> None:
-    """Write [channels, samples] atomically, clipped to [-1, 1]."""
+    """Write [channels, samples] atomically, as 16-bit samples (to_pcm16)."""
     import soundfile as sf
     wav = np.asarray(wav, np.float32)
     if wav.ndim != 2:
@@ -191,7 +197,7 @@ def write_audio(path, wav, sample_rate: int) -> None:
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}{'' if os.path.splitext(name)[1] else '.wav'}")
     try:
-        sf.write(tmp, np.clip(wav, -1.0, 1.0).T, sample_rate)
+        sf.write(tmp, to_pcm16(wav).T, sample_rate)
         os.replace(tmp, path)
     except (TypeError, ValueError, RuntimeError) as e:
         raise AudioError(f"{path}: cannot write audio ({e})") from e
@@ -256,9 +262,11 @@ def integrated_loudness(x, fs: int) -> float:
 
 
 def normalize_loudness(x, fs: int, target_lufs: float = -24.0):
+    if len(x) < 0.4 * fs:                          # pyloudnorm refuses less than one block too
+        raise AudioError(f"the voice prompt lasts {len(x) / fs:.2f} s: loudness needs at least 0.4 s")
     loudness = integrated_loudness(x, fs)
     if not math.isfinite(loudness):
-        raise AudioError("the voice prompt is silent (or shorter than 0.4 s): nothing to normalise")
+        raise AudioError("the voice prompt is silent: nothing to normalise")
     return (x * 10 ** ((target_lufs - loudness) / 20)).astype(np.float32)
 
 

@@ -122,7 +122,7 @@ def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> 
         voice = audio.mix_down(audio.read_audio(voice_prompt, sr))[0]                    # [S]
         voice_codes = encode_audio(models, audio.normalize_loudness(voice, sr, -24.0))
     text_tokens = []
-    if text_prompt.strip():
+    if text_prompt:                                  # NVIDIA wraps even a blank one in its tags
         if models.tokenizer is None:
             raise SampleError("--text-prompt needs a text tokenizer (--tokenizer)")
         text_tokens = models.tokenizer.encode(wrap_system(text_prompt))
@@ -566,9 +566,9 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
     """The conversation, frame by frame: each answer's audio streamed into its wav, the text shown
     as it comes and recorded. -> (answers, times: start, first frame done, last frame done)."""
     sr, F, B = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size, args.batch_size
-    # The prompt is read block by block, mixed down and resampled on the fly, so a conversation of an
-    # hour holds a second of input in memory, not an hour.
-    frames = audio.frames_of(audio.read_blocks(args.prompt, sr, mono=True), num_samples, F)
+    # The prompt is read block by block, its first channel (as the official scripts) resampled on the
+    # fly, so a conversation of an hour holds a second of input in memory, not an hour.
+    frames = audio.frames_of(audio.read_blocks(args.prompt, sr, channel=0), num_samples, F)
     start, kept = time.perf_counter(), []                    # kept: each frame's tokens [B, 1 + codebooks]
     with contextlib.ExitStack() as files:
         # Each answer streams into a 16-bit wav under a temporary name (convert.atomic_path): the file
@@ -580,7 +580,7 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
         files.callback(display.close)
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for wav, row in zip(wavs, pcm):
-                wav.write(np.clip(row[:num_samples - i * F], -1.0, 1.0))           # as long as the input
+                wav.write(audio.to_pcm16(row[:num_samples - i * F]))               # as long as the input
             display.frame(models.word(int(tokens[0, 0])))     # display.first: frame 0 done, compiled
             kept.append(tokens[:, :1 + models.codebooks])
         end = time.perf_counter()

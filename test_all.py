@@ -305,6 +305,9 @@ def test_audio_files_in_and_out(tmp_path):
     back, sr = soundfile.read(tmp_path / "out.wav", dtype="float32")
     assert sr == 24000 and back.shape == (24000,) and np.abs(back).max() <= 1.0
     assert np.abs(back - np.clip(2 * mono[0], -1, 1)).max() < 1e-4
+    audio.write_audio(tmp_path / "out.wav", np.array([[1.0, -1.0, 0.5, 1 / 32768, -2.0]]), 24000)
+    pcm, _ = soundfile.read(tmp_path / "out.wav", dtype="int16")     # as sphn.write_wav writes them
+    assert pcm.tolist() == [32767, -32767, 16383, 0, -32767]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "out.wav"]   # no temp file left
     assert (tmp_path / "out.wav").stat().st_mode & 0o777 == _usual_mode()
     soundfile.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 24000)
@@ -318,14 +321,14 @@ def test_audio_files_in_and_out(tmp_path):
 
 
 def test_audio_reads_long_files_lazily(tmp_path):
-    """The prompt, of any rate and channel count, through audio.read_blocks: mixed down and resampled as
+    """The prompt, of any rate and channel count, through audio.read_blocks: one channel resampled as
     audio.read_audio does, block by block, in memory that does not grow with the file (a minute of
     44.1 kHz stereo)."""
     rng = np.random.default_rng(0)
     short = (0.3 * rng.standard_normal((30000, 2))).astype(np.float32)
     soundfile.write(tmp_path / "short.wav", short, 44100, subtype="FLOAT")
-    streamed = np.concatenate(list(audio.read_blocks(str(tmp_path / "short.wav"), 24000, mono=True, block_seconds=0.05)))
-    whole = audio.mix_down(audio.read_audio(tmp_path / "short.wav", 24000))[0]
+    streamed = np.concatenate(list(audio.read_blocks(str(tmp_path / "short.wav"), 24000, channel=0, block_seconds=0.05)))
+    whole = audio.read_audio(tmp_path / "short.wav", 24000)[0]
     assert streamed.shape == whole.shape and np.abs(streamed - whole).max() < 1e-5
     long_path = tmp_path / "long.wav"
     with soundfile.SoundFile(long_path, "w", 44100, 2, subtype="PCM_16") as f:
@@ -334,7 +337,7 @@ def test_audio_reads_long_files_lazily(tmp_path):
     n = audio.resampled_length(str(long_path), 24000)
     assert n == 60 * 24000
     tracemalloc.start()
-    count = sum(1 for _ in audio.frames_of(audio.read_blocks(str(long_path), 24000, mono=True), n, 1920))
+    count = sum(1 for _ in audio.frames_of(audio.read_blocks(str(long_path), 24000, channel=0), n, 1920))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert count == n // 1920 and peak < 5e6            # the file is 21 MB as float32 at 44.1 kHz stereo
@@ -349,6 +352,8 @@ def test_audio_loudness_matches_pyloudnorm():
         assert abs(audio.integrated_loudness(x, 24000) - float(ref[f"lufs_{name}"])) < 1e-6, name
     wav = fixture("make_sample_fixtures").read_prompt()
     assert abs(audio.integrated_loudness(audio.normalize_loudness(wav, 24000), 24000) + 24.0) < 1e-4
+    with pytest.raises(audio.AudioError, match="lasts 0.36 s: loudness needs at least 0.4 s"):
+        audio.normalize_loudness(wav[:8640], 24000)                 # pyloudnorm refuses it too
 
 
 # ================================================================================================
@@ -1500,7 +1505,7 @@ def _sample_models(repo, *extra):
 
 def _prompt_frames():
     n = audio.resampled_length(fixture("make_sample_fixtures").PROMPT, 24000)
-    return audio.frames_of(audio.read_blocks(fixture("make_sample_fixtures").PROMPT, 24000, mono=True), n, 1920)
+    return audio.frames_of(audio.read_blocks(fixture("make_sample_fixtures").PROMPT, 24000, channel=0), n, 1920)
 
 
 def _run_converse(models, batch_size=1, prompt=None):
@@ -1674,6 +1679,12 @@ def test_sample_cli_end_to_end(sample_repo, tmp_path):
     assert [b["audio_tokens"] for b in batched] == [answer["audio_tokens"]] * 2
     for i in range(2):       # a batch of 2 rounds floats differently: equal to the 16-bit sample, +-1
         assert np.abs(soundfile.read(tmp_path / f"c-{i}.wav")[0] - a).max() <= 1.5 / 32768
+    # a stereo prompt: its first channel is heard, as run_inference.py and NVIDIA's offline.py hear it
+    hello, sr = soundfile.read(fixture("make_sample_fixtures").PROMPT, dtype="float32")
+    noise = 0.3 * np.random.default_rng(0).standard_normal(len(hello)).astype(np.float32)
+    soundfile.write(tmp_path / "stereo.wav", np.stack([hello, noise], 1), sr, subtype="FLOAT")
+    _main(*common[2:], "--prompt", tmp_path / "stereo.wav", "--out", tmp_path / "d.wav")
+    assert open(tmp_path / "d.wav", "rb").read() == open(tmp_path / "a.wav", "rb").read()
     assert not list(tmp_path.glob(".tmp-*"))                   # atomic writes leave nothing behind
     assert all((tmp_path / name).stat().st_mode & 0o777 == _usual_mode() for name in ("a.wav", "a.json"))
 
