@@ -3,7 +3,7 @@
 Every program here takes audio from files: sample.py the user's prompt and PersonaPlex's voice
 prompts, data.py moshi-finetune's stereo conversations, `convert.py mimi` a file to round-trip
 through the codec. They all read it here, block by block, in constant memory, resampled on the
-fly by a band-limited (windowed-sinc, polyphase) resampler:
+fly by the official scripts' resampler (sphn's, i.e. rubato's FFT resampler):
 
     read_blocks(path, rate, channel)  float32 blocks [channels, n] (or one channel's [n]) at `rate`
     read_audio(path, rate)            the blocks joined: the same samples however the file is read
@@ -27,79 +27,72 @@ import numpy as np
 # ----------------------------------------------------------------------------------------------
 # Reading. A file is read block by block (a second at a time, so an
 # hour of audio costs the memory of a second), one channel taken if asked, and resampled on the fly.
-# Resampling is band-limited interpolation: output sample j sits at input time t_j = j * sr_in /
-# sr_out = j * down / up (up/down in lowest terms) and is sum_k x[k] h(t_j - k), h a lowpass sinc
-# cut just below the lower of the two Nyquist rates, tapered by a Kaiser window. t_j has only `up`
-# distinct fractional parts, so h is tabulated once per "phase": a polyphase resampler. t_j is split
-# into integer and fraction in exact integer arithmetic and each output is the same dot product
-# whenever it is computed, so a file resampled block by block equals the file resampled at once.
+# Resampling is sphn's (Kyutai's and NVIDIA's scripts read audio with sphn.read / sphn.resample), that
+# is rubato's FftFixedInOut, so that a 16 kHz prompt gives the official scripts' Mimi codes. The
+# input is cut into chunks of n_in samples (n_in / n_out = sr_in / sr_out, n_in the first multiple
+# of sr_in / gcd that reaches 1024); each chunk, zero-padded to 2 n_in, is convolved in the frequency
+# domain with a lowpass of n_in taps (a sinc windowed by Blackman-Harris squared, cut a little below
+# the lower of the two Nyquist rates), its spectrum cut or zero-extended to 2 n_out samples, and the
+# chunks' outputs overlap-added. The filter is never re-centred: the output lags the input by
+# n_out / 2 samples (32 ms at 16 kHz), and the last chunk is zero-padded, so S samples become
+# ceil(S / n_in) * n_out. Chunks are independent but for the overlap, so a file resampled block by
+# block equals the file resampled at once.
 
 class AudioError(ValueError):
     """An audio file that cannot be used: names the file and the problem."""
 
 
+def lowpass_cutoff(taps: int) -> np.float32:
+    """rubato's fitted cutoff (a fraction of Nyquist) for a Blackman-Harris² sinc of `taps` taps, in float32."""
+    f = np.float32
+    k1, k2, k3 = f(13.745202940783823), f(121.73532586374934), f(5964.163279612051)
+    return f(1) / (k1 / f(taps) + k2 / f(taps ** 2) + k3 / f(taps ** 3) + f(1))
+
+
 class Resampler:
-    """Streaming resampler: `r(block)` takes input [..., n] and returns the output samples that input
-    completes [..., m] (float32); `r(block, final=True)` also flushes the rest, reading silence past
-    the end. Stopband about -110 dB, passband to 0.94 Nyquist."""
+    """Streaming resampler: `r(block)` takes input [..., n] and returns the output of the chunks that
+    input completes [..., m] (float32); `r(block, final=True)` also flushes the last, zero-padded chunk."""
 
-    def __init__(self, sr_in: int, sr_out: int, zero_crossings: int = 32, rolloff: float = 0.945,
-                 beta: float = 12.0):
+    def __init__(self, sr_in: int, sr_out: int, chunk: int = 1024):
         g = math.gcd(sr_in, sr_out)
-        self.up, self.down = sr_out // g, sr_in // g                  # t_j = j * down / up
-        # the lowpass edge, a fraction of the input Nyquist
-        self.cutoff = rolloff * min(1.0, self.up / self.down)
-        self.half_width = zero_crossings / self.cutoff                # h(tau) = 0 for |tau| > half_width
-        self.beta = beta
-        reach = math.ceil(self.half_width)
-        self.taps = np.arange(-reach, reach + 1)                      # output j reads floor(t_j) + taps
-        # one filter per phase [up, taps]; for rates with no small common divisor, per output instead
-        self.table = (None if self.up > 4096
-                      else self.kernel(np.arange(self.up)[:, None] / self.up - self.taps))
-        self.buffer = None                                            # input [..., n] from index `start` on
-        # input index of the buffer's start, inputs seen, outputs given
-        self.start = self.received = self.produced = 0
+        chunks = -(-chunk // (sr_in // g))
+        self.n_in, self.n_out = chunks * sr_in // g, chunks * sr_out // g
+        n = self.n_in
+        cutoff = float(lowpass_cutoff(min(n, self.n_out)) * np.float32(min(1.0, self.n_out / n)))
+        x = np.arange(n)
+        window = (0.35875 - 0.48829 * np.cos(2 * np.pi * x / n) + 0.14128 * np.cos(4 * np.pi * x / n)
+                  - 0.01168 * np.cos(6 * np.pi * x / n)) ** 2                       # periodic, squared
+        h = window * np.sinc((x - n // 2) * cutoff)
+        # the filter's spectrum, scaled for rubato's unnormalised FFTs, on the bins both sides share
+        self.filter = np.fft.rfft(h / h.sum() / (2 * n), 2 * n)[:min(n + 1, self.n_out)]
+        self.pending = self.overlap = None                         # input of the unfinished chunk; tail
 
-    def kernel(self, tau):
-        """h(tau) in float64: the windowed sinc, zero beyond half_width."""
-        u = np.clip(tau / self.half_width, -1.0, 1.0)
-        h = (self.cutoff * np.sinc(self.cutoff * tau) * np.i0(self.beta * np.sqrt(1.0 - u * u))
-             / np.i0(self.beta))
-        return np.where(np.abs(tau) > self.half_width, 0.0, h)
-
-    def outputs_for(self, n_in: int) -> int:
-        """Outputs with t_j < n_in: ceil(n_in * up / down)."""
-        return -(-n_in * self.up // self.down)
+    def length(self, n_in: int) -> int:
+        """Outputs for n_in input samples: ceil(n_in / chunk) chunks."""
+        return -(-n_in // self.n_in) * self.n_out
 
     def __call__(self, block, final: bool = False):
-        block = np.asarray(block, np.float32)
-        self.buffer = block if self.buffer is None else np.concatenate([self.buffer, block], axis=-1)
-        self.received += block.shape[-1]
-        end = self.outputs_for(self.received)                         # every output, the input complete
-        if not final:                                                 # those whose right-most tap has arrived
-            end = min(end, max(self.produced, self.outputs_for(self.received - self.taps[-1])))
-        pad = [(0, 0)] * (self.buffer.ndim - 1) + [(len(self.taps), len(self.taps))]
-        padded = np.pad(self.buffer, pad)                              # taps beyond the buffer read silence
-        windows = np.lib.stride_tricks.sliding_window_view(padded, len(self.taps), axis=-1)
-        todo = np.arange(self.produced, end)
-        out = [self._outputs(windows, j) for j in np.array_split(todo, max(1, -(-len(todo) // 1024)))]
-        self.produced = end
-        keep_from = (end * self.down) // self.up + self.taps[0]      # the next output's first tap
-        if keep_from > self.start:
-            self.buffer = self.buffer[..., keep_from - self.start:]
-            self.start = keep_from
-        return np.concatenate(out, axis=-1).astype(np.float32)
-
-    def _outputs(self, windows, j):
-        """Outputs j [m] from windows [..., positions, taps] of the zero-padded buffer -> [..., m]."""
-        base, phase = (j * self.down) // self.up, (j * self.down) % self.up
-        x = windows[..., base + self.taps[0] - self.start + len(self.taps), :]       # [..., m, taps]
-        h = self.table[phase] if self.table is not None else self.kernel(phase[:, None] / self.up - self.taps)
-        return np.sum(x * h, axis=-1)                                                          # float64
+        block = np.asarray(block, np.float64)
+        buf = block if self.pending is None else np.concatenate([self.pending, block], axis=-1)
+        m = -(-buf.shape[-1] // self.n_in) if final else buf.shape[-1] // self.n_in          # chunks now
+        buf = np.pad(buf, [(0, 0)] * (buf.ndim - 1) + [(0, max(0, m * self.n_in - buf.shape[-1]))])
+        self.pending = buf[..., m * self.n_in:]
+        chunks = buf[..., :m * self.n_in].reshape(*buf.shape[:-1], m, self.n_in)          # [..., m, n_in]
+        spectrum = np.zeros((*chunks.shape[:-1], self.n_out + 1), complex)
+        keep = len(self.filter)
+        spectrum[..., :keep] = np.fft.rfft(chunks, 2 * self.n_in)[..., :keep] * self.filter
+        y = np.fft.irfft(spectrum, 2 * self.n_out) * (2 * self.n_out)                 # [..., m, 2 n_out]
+        if self.overlap is None:
+            self.overlap = np.zeros((*y.shape[:-2], self.n_out))
+        tails = np.concatenate([self.overlap[..., None, :], y[..., :-1, self.n_out:]], axis=-2)[..., :m, :]
+        if m:
+            self.overlap = y[..., -1, self.n_out:]
+        out = y[..., :self.n_out] + tails                                                 # [..., m, n_out]
+        return out.reshape(*out.shape[:-2], m * self.n_out).astype(np.float32)
 
 
 def resample(x, sr_in: int, sr_out: int):
-    """x [..., S] -> float32 [..., ceil(S * sr_out / sr_in)], in one go (Resampler, fed once)."""
+    """x [..., S] -> float32 [..., ceil(S / n_in) * n_out], in one go (Resampler, fed once)."""
     x = np.asarray(x, np.float32)
     return x if sr_in == sr_out else Resampler(sr_in, sr_out)(x, final=True)
 
@@ -122,7 +115,7 @@ def audio_info(path) -> tuple[int, int, int]:
 def resampled_length(path, sample_rate: int) -> int:
     """How many samples read_audio / read_blocks give at `sample_rate`, from the header alone."""
     sr, samples, _ = audio_info(path)
-    return -(-samples * sample_rate // sr)
+    return samples if sr == sample_rate else Resampler(sr, sample_rate).length(samples)
 
 
 def read_blocks(path, sample_rate: int | None, channel: int | None = None, block_seconds: float = 1.0):
