@@ -48,6 +48,7 @@ class Checkpoint:
     config: dict | None = None    # config.json without the file names (None: there is none)
     mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any (see mimi_config)
     model_type: str = "moshi"         # config.json's (see CONVERSATION_MODEL_TYPES)
+    gen_config: dict = dataclasses.field(default_factory=dict)   # its lm_gen_config: LMGen's settings
 
 
 def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=None, lm_only=False,
@@ -71,6 +72,7 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
         get = lambda name: os.path.join(folder, name)     # noqa: E731
     else:
         get = repo_files(repo or DEFAULT_REPO, flags, lm_only)
+    get = with_uris(get, flags, lm_only)
     config_path = config or (None if standalone else get("config.json", optional=True))  # or the repo's
     raw = _read_json(config_path, flags["config"] if config else "config.json") if config_path else {}
     model_type = raw.get("model_type", "moshi")
@@ -87,12 +89,28 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     mimi_json_name = None if lm_only else raw.get("mimi_config_name")
     lm_kwargs = {k: v for k, v in raw.items() if k not in NOT_LM_KWARGS}    # file names and tool settings out
     return Checkpoint(**files, config=lm_kwargs if raw else None, model_type=model_type,
+                      gen_config=dict(raw.get("lm_gen_config") or {}),
                       mimi_config=_read_json(get(mimi_json_name), mimi_json_name) if mimi_json_name else None)
 
 
 # Kyutai's repos say "moshi"; NVIDIA's PersonaPlex repo ships only {"model_type": "personaplex",
 # "version": "7b-v1"} (no LM settings: lm_config_for reads the architecture off the checkpoint).
 CONVERSATION_MODEL_TYPES = ("moshi", "personaplex")
+
+
+def with_uris(get, flags: dict, lm_only: bool):
+    """`get` that also takes the names Kyutai's hf_get takes in a config.json: "file://PATH" (a local
+    file) and "hf://OWNER/REPO/FILE" (a file of another Hugging Face repo)."""
+    def resolve(name, optional=False):
+        if name.startswith("file://"):
+            if not os.path.isfile(name[len("file://"):]):
+                raise CheckpointError(f"config.json names {name!r}: no such file")
+            return name[len("file://"):]
+        if name.startswith("hf://"):
+            owner, repo_name, *rest = name[len("hf://"):].split("/")
+            return _hub_files(f"{owner}/{repo_name}", flags, lm_only)("/".join(rest), optional)
+        return get(name, optional) if optional else get(name)
+    return resolve
 
 
 def repo_files(repo: str, flags: dict, lm_only: bool):

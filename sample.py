@@ -254,6 +254,7 @@ class Models:
     mimi: dict
     mimi_cfg: object           # mimi.MimiConfig
     tokenizer: object = None   # sentencepiece.SentencePieceProcessor, or None (tokens shown as <id>)
+    gen_config: dict = dataclasses.field(default_factory=dict)   # the repo's lm_gen_config
 
     @property
     def codebooks(self) -> int:
@@ -430,7 +431,7 @@ def _load_models(args, log) -> Models:
     # One codebase streams both: Mimi follows the LM's KV ring (--kv-ring overrides the checkpoint's).
     ring = args.kv_ring or cfg.kv_ring
     cfg, mimi_cfg = dataclasses.replace(cfg, kv_ring=ring), dataclasses.replace(mimi_cfg, kv_ring=ring)
-    models = Models(lm, cfg, mimi_params, mimi_cfg, tokenizer)
+    models = Models(lm, cfg, mimi_params, mimi_cfg, tokenizer, {} if args.random_init else ckpt.gen_config)
     if mimi_cfg.codebook_size != cfg.card or mimi_cfg.num_quantizers < models.codebooks:
         raise SampleError(f"Mimi ({mimi_cfg.num_quantizers} codebooks of {mimi_cfg.codebook_size}) does not "
                           f"fit the LM ({models.codebooks} codebooks of {cfg.card} per voice)")
@@ -455,12 +456,13 @@ def parse_args(argv=None):
     add_weight_flags(ap.add_argument_group("weights"))
     g = ap.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=4242)
-    default = moshi.Sampling()
-    g.add_argument("--temp", type=float, default=default.temp, help="audio temperature")
-    g.add_argument("--temp-text", type=float, default=default.temp_text, help="text temperature")
-    g.add_argument("--top-k", type=int, default=default.top_k, help="audio top-k")
-    g.add_argument("--top-k-text", type=int, default=default.top_k_text, help="text top-k")
-    g.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic)")
+    default, repos = moshi.Sampling(), "default: the repo's lm_gen_config, else"
+    g.add_argument("--temp", type=float, help=f"audio temperature ({repos} {default.temp})")
+    g.add_argument("--temp-text", type=float, help=f"text temperature ({repos} {default.temp_text})")
+    g.add_argument("--top-k", type=int, help=f"audio top-k ({repos} {default.top_k})")
+    g.add_argument("--top-k-text", type=int, help=f"text top-k ({repos} {default.top_k_text})")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic; "
+                   "also when the repo's lm_gen_config says use_sampling: false)")
     g.add_argument("--batch-size", type=int, default=1, help="independent answers to the same prompt, "
                    "in one batch: out-0.wav, out-1.wav, ...")
     g.add_argument("--duration", type=float, help="seconds of conversation: the prompt is cut, or followed "
@@ -515,6 +517,17 @@ def main(argv=None):
         raise SystemExit(2)
 
 
+def sampling_for(args, gen_config: dict, log) -> moshi.Sampling:
+    """A flag given wins, then the repo's lm_gen_config (which Kyutai's loader hands to LMGen), then
+    Kyutai's LMGen defaults."""
+    known = {"temp", "temp_text", "top_k", "top_k_text", "use_sampling"}
+    if set(gen_config) - known:
+        log(f"config.json lm_gen_config: {sorted(set(gen_config) - known)} not supported here, ignored")
+    picked = {name: getattr(args, name) if getattr(args, name) is not None else gen_config.get(name, value)
+              for name, value in dataclasses.asdict(moshi.Sampling()).items() if name != "greedy"}
+    return moshi.Sampling(args.greedy or gen_config.get("use_sampling") is False, **picked)
+
+
 def run(args):
     """The program, in order: outputs checked, models loaded, the conversation played and written,
     the timings reported. -> the answers (also in the transcript)."""
@@ -525,7 +538,7 @@ def run(args):
     num_samples = (max(1, round(args.duration * sr)) if args.duration
                    else audio.resampled_length(args.prompt, sr))
     prompt = persona_prompt_for(args, models, log)
-    sampling = moshi.Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text)
+    sampling = sampling_for(args, models.gen_config, log)
     n_frames = -(-num_samples // F)
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {args.batch_size}, "
         f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")

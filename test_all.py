@@ -1297,7 +1297,20 @@ def test_sample_finds_weights_like_checkpoint_info(tmp_path):
                                                         str(folder / "tok.model"))
     assert ckpt.config == fixture("make_sample_fixtures").LM_CONFIG and ckpt.mimi_config == fixture("make_sample_fixtures").MIMI_CONFIG
     assert repo.mimi_config(ckpt.mimi_config) == mimi.TINY
-    assert repo.lm_config(ckpt.config) == moshi.TINY
+    assert repo.lm_config(ckpt.config) == moshi.TINY and ckpt.gen_config == {}
+    # names as Kyutai's hf_get takes them: file://PATH; and lm_gen_config kept for LMGen
+    fx = fixture("make_sample_fixtures")
+    (tmp_path / "elsewhere.json").write_text(json.dumps(fx.MIMI_CONFIG))
+    names = dict(moshi_name="weights.safetensors", tokenizer_name="tok.model")
+    (folder / "config.json").write_text(json.dumps(dict(fx.LM_CONFIG, **names, lm_gen_config={"temp": 0.5},
+                                                      mimi_config_name=f"file://{tmp_path}/elsewhere.json")))
+    ckpt = repo.find_checkpoint(str(folder))
+    assert ckpt.mimi_config == fx.MIMI_CONFIG and ckpt.gen_config == {"temp": 0.5} and ckpt.config == fx.LM_CONFIG
+    (folder / "config.json").write_text(json.dumps(dict(fx.LM_CONFIG, **names, mimi_name="file:///nowhere/m.safetensors")))
+    with pytest.raises(convert.CheckpointError, match="config.json names 'file:///nowhere/m.safetensors': no such file"):
+        repo.find_checkpoint(str(folder))
+    (folder / "config.json").write_text(json.dumps(dict(fx.LM_CONFIG, moshi_name="weights.safetensors",
+                                                      tokenizer_name="tok.model", mimi_config_name="mimi.json")))
     assert repo.find_checkpoint(str(folder), moshi=str(folder / "other.safetensors")).moshi == str(folder / "other.safetensors")
     alone = repo.find_checkpoint(None, str(folder / "other.safetensors"), str(folder / repo.MIMI_NAME),
                                     str(folder / "tok.model"), config=str(folder / "config.json"))
@@ -1688,6 +1701,17 @@ def test_sample_cli_end_to_end(sample_repo, tmp_path):
     assert [b["audio_tokens"] for b in batched] == [answer["audio_tokens"]] * 2
     for i in range(2):       # a batch of 2 rounds floats differently: equal to the 16-bit sample, +-1
         assert np.abs(soundfile.read(tmp_path / f"c-{i}.wav")[0] - a).max() <= 1.5 / 32768
+    # config.json's lm_gen_config is LMGen's settings, as Kyutai's loader hands them over: greedy here
+    greedy_repo = tmp_path / "greedy_repo"
+    shutil.copytree(sample_repo, greedy_repo)
+    config = json.loads((greedy_repo / "config.json").read_text())
+    gen = {"use_sampling": False, "temp": 0.5}
+    (greedy_repo / "config.json").write_text(json.dumps(dict(config, lm_gen_config=gen)))
+    _main("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", greedy_repo, "--dtype", "fp32",
+          "--out", tmp_path / "e.wav")
+    assert open(tmp_path / "e.wav", "rb").read() == open(tmp_path / "a.wav", "rb").read()
+    assert json.loads((tmp_path / "e.json").read_text())["sampling"] == dict(
+        greedy=True, temp=0.5, temp_text=0.7, top_k=250, top_k_text=25)
     # a stereo prompt: its first channel is heard, as run_inference.py and NVIDIA's offline.py hear it
     hello, sr = soundfile.read(fixture("make_sample_fixtures").PROMPT, dtype="float32")
     noise = 0.3 * np.random.default_rng(0).standard_normal(len(hello)).astype(np.float32)
