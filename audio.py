@@ -43,7 +43,7 @@ class AudioError(ValueError):
 
 
 def lowpass_cutoff(taps: int) -> np.float32:
-    """rubato's fitted cutoff (a fraction of Nyquist) for a Blackman-Harris² sinc of `taps` taps (float32)."""
+    """rubato's fitted cutoff (of Nyquist) for a Blackman-Harris² sinc of `taps` taps, in float32."""
     f = np.float32
     k1, k2, k3 = f(13.745202940783823), f(121.73532586374934), f(5964.163279612051)
     return f(1) / (k1 / f(taps) + k2 / f(taps ** 2) + k3 / f(taps ** 3) + f(1))
