@@ -168,12 +168,14 @@ def read_manifest(path: str):
     return entries
 
 
-def load_stereo(path: str, read_audio=audio.read_audio) -> np.ndarray:
-    """The wav as float32 [2, samples] at 24 kHz, or DataError naming what is wrong with it."""
+def load_stereo(path: str, read_audio=audio.read_audio) -> tuple[np.ndarray, int]:
+    """(the wav as float32 [2, samples] at its own rate, the rate), or DataError naming what is wrong.
+    (sphn reads a window at the file's rate and resamples the window: cut_windows does the same.)"""
     if not os.path.exists(path):
         raise DataError(f"{path}: audio file not found")
     try:
-        wav = np.asarray(read_audio(path, sample_rate=CODEC.sample_rate), np.float32)
+        rate = audio.audio_info(path)[0]
+        wav = np.asarray(read_audio(path, sample_rate=None), np.float32)
     except Exception as e:                                       # noqa: BLE001 - any decoder failure
         raise DataError(f"{path}: unreadable audio ({type(e).__name__}: {e})") from e
     if wav.ndim != 2 or wav.shape[0] != 2:
@@ -181,7 +183,7 @@ def load_stereo(path: str, read_audio=audio.read_audio) -> np.ndarray:
                         f"got {wav.shape[0] if wav.ndim == 2 else 1} channel(s)")
     if wav.shape[1] == 0:
         raise DataError(f"{path}: empty audio")
-    return wav
+    return wav, rate
 
 
 def window_starts(duration: float, window_sec: float) -> list[float]:
@@ -194,25 +196,31 @@ def window_starts(duration: float, window_sec: float) -> list[float]:
     return starts
 
 
-def to_samples(seconds: float) -> int:
+def to_samples(seconds: float, rate: int) -> int:
     """A time -> samples, as sphn's decoder (symphonia) counts them: whole seconds exactly, then
     the fraction's samples truncated. A float32 start just below k*d thus begins one sample early."""
     whole = int(seconds)
-    return whole * CODEC.sample_rate + int(float(CODEC.sample_rate) * (seconds - whole))
+    return whole * rate + int(float(rate) * (seconds - whole))
 
 
-def cut_windows(wav: np.ndarray, window_frames: int, duration: float):
-    """[2, S] and the manifest's duration -> (window starts in s, chunks [n, 2, window_samples]
-    zero-padded, real frames per window [n]). A window that would start past the audio's end is
-    not there (sphn fails to seek to it and moshi-finetune goes on)."""
-    window_sec = window_frames / CODEC.frame_rate
-    starts = [s for s in window_starts(duration, window_sec) if to_samples(s) < wav.shape[1]]
-    chunks = np.zeros((len(starts), 2, window_frames * CODEC.frame_size), np.float32)
+def cut_windows(wav: np.ndarray, rate: int, window_frames: int, duration: float):
+    """[2, S] at `rate` and the manifest's duration -> (window starts in s, chunks [n, 2,
+    window_samples] at 24 kHz zero-padded, real frames per window [n]). A window that would start
+    past the audio's end is not there (sphn fails to seek to it and moshi-finetune goes on). At
+    another rate each window is read whole (zero-padded) and resampled on its own, as sphn does."""
+    window_sec, out = window_frames / CODEC.frame_rate, window_frames * CODEC.frame_size
+    length = to_samples(window_sec, rate)
+    starts = [s for s in window_starts(duration, window_sec) if to_samples(s, rate) < wav.shape[1]]
+    chunks = np.zeros((len(starts), 2, out), np.float32)
     real_frames = np.zeros(len(starts), np.int64)
     for i, start in enumerate(starts):
-        piece = wav[:, to_samples(start):to_samples(start) + to_samples(window_sec)]
-        chunks[i, :, :piece.shape[1]] = piece
-        real_frames[i] = -(-piece.shape[1] // CODEC.frame_size)          # a last, partial frame counts
+        piece = wav[:, to_samples(start, rate):to_samples(start, rate) + length]
+        real = piece.shape[1]
+        if rate != CODEC.sample_rate:       # sphn's count of the resampled window's real samples
+            piece = audio.resample(np.pad(piece, ((0, 0), (0, length - real))), rate, CODEC.sample_rate)
+            real = piece.shape[1] if real == length else real * CODEC.sample_rate // rate
+        chunks[i, :, :min(real, out)] = piece[:, :min(real, out)]
+        real_frames[i] = min(window_frames, -(-real // CODEC.frame_size))  # a last, partial frame counts
     return starts, chunks, real_frames
 
 
@@ -230,9 +238,10 @@ def encode_windows(params, cfg, batch: int, chunks: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(c).reshape(batch, 2 * K, -1) for c in codes])[:n]
 
 
-def file_tokens(wav, alignments, sp, encode, window_frames: int, duration: float) -> tuple[np.ndarray, int]:
-    """One file and its manifest duration -> (int16 [17, n * window_frames], frames of real audio)."""
-    starts, chunks, real_frames = cut_windows(wav, window_frames, duration)
+def file_tokens(wav, rate: int, alignments, sp, encode, window_frames: int, duration: float):
+    """One file [2, S] at `rate` and its manifest duration -> (int16 [17, n * window_frames], frames
+    of real audio)."""
+    starts, chunks, real_frames = cut_windows(wav, rate, window_frames, duration)
     codes = encode(chunks)[..., :window_frames]                  # [n, 16, window_frames]
     if codes.shape[-1] != window_frames:
         raise DataError(f"Mimi gave {codes.shape[-1]} frames for a {window_frames}-frame window")
@@ -284,7 +293,7 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
         try:
             if not duration > 0:
                 raise DataError(f"{wav_path}: the manifest gives it {duration} s: no window to cut")
-            wav = load_stereo(wav_path, read_audio)
+            wav, rate = load_stereo(wav_path, read_audio)
             alignments = read_alignments(os.path.splitext(wav_path)[0] + ".json", log)
         except DataError as e:
             if strict:
@@ -292,10 +301,10 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
             log(f"prepare: SKIPPED {e}")
             skipped.append({"source": wav_path, "reason": str(e)})
             continue
-        if abs(wav.shape[1] / CODEC.sample_rate - duration) > 1 / CODEC.frame_rate:
-            log(f"prepare: note: {wav_path} lasts {wav.shape[1] / CODEC.sample_rate:.2f} s, the manifest "
+        if abs(wav.shape[1] / rate - duration) > 1 / CODEC.frame_rate:
+            log(f"prepare: note: {wav_path} lasts {wav.shape[1] / rate:.2f} s, the manifest "
                 f"says {duration:.2f} s; windows follow the manifest, as in moshi-finetune")
-        tokens, real = file_tokens(wav, alignments, sp, encode, window_frames, duration)
+        tokens, real = file_tokens(wav, rate, alignments, sp, encode, window_frames, duration)
         highest = {"text": max(highest["text"], int(tokens[0].max())),
                    "audio": max(highest["audio"], int(tokens[1:].max()))}
         name = os.path.join("tokens", f"{len(files):06d}.npy")

@@ -1359,7 +1359,8 @@ def test_train_interleaver_matches_moshi_finetune(tmp_path, capsys):
         (tmp_path / "a.json").write_text(json.dumps({"alignments": case["alignments"]}))
         alignments = data.read_alignments(str(tmp_path / "a.json"))
         samples = round(case["file_sec"] * data.CODEC.sample_rate)
-        starts, chunks, real_frames = data.cut_windows(np.ones((2, samples), np.float32), frames, case["manifest_sec"])
+        starts, chunks, real_frames = data.cut_windows(np.ones((2, samples), np.float32), 24000, frames,
+                                                       case["manifest_sec"])
         assert starts == case["start_time_sec"], case["name"]
         assert (chunks.sum((1, 2)) / 2).tolist() == case["unpadded_len"], case["name"]
         for w, (start, real) in enumerate(zip(starts, real_frames)):
@@ -1367,6 +1368,24 @@ def test_train_interleaver_matches_moshi_finetune(tmp_path, capsys):
             got = data.window_text(sp, alignments, start, frames, int(real))
             assert got.tolist() == case["text"][w], (case["name"], w)
     assert "not in time order" in capsys.readouterr().out
+
+
+def test_data_windows_are_sphns_at_any_rate(tmp_path):
+    """The audio of each window, as sphn.dataset_jsonl hands it to moshi-finetune: at 24 kHz, and at
+    16 and 44.1 kHz read at the file's rate and resampled window by window (fixture:
+    testdata/make_audio_fixtures.py); a window's real frames are those of its unpadded samples."""
+    ref, make = np.load(os.path.join(TESTDATA, "audio_fixture.npz")), fixture("make_audio_fixtures")
+    frames = round(make.WINDOW_SECONDS * data.CODEC.frame_rate)
+    for rate in make.WINDOW_RATES:
+        soundfile.write(tmp_path / "w.wav", make.pcm16(make.signal(rate, make.WINDOW_FILE_SECONDS)).T, rate,
+                        subtype="PCM_16")
+        wav, sr = data.load_stereo(str(tmp_path / "w.wav"))
+        starts, chunks, real_frames = data.cut_windows(wav, sr, frames, make.WINDOW_FILE_SECONDS)
+        assert sr == rate and len(starts) == sum(k.startswith(f"window_{rate}_") for k in ref.files) == 3
+        for k, real in enumerate(real_frames):
+            want = ref[f"window_{rate}_{k}"][:, :frames * 1920]
+            assert np.abs(chunks[k, :, :want.shape[1]] - want).max() < 1e-5, (rate, k)
+            assert not chunks[k, :, want.shape[1]:].any() and real == -(-want.shape[1] // 1920), (rate, k)
 
 
 # A Mimi with real 1920-sample frames (so windows are 80 ms frames) but a few hundred parameters.
