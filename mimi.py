@@ -408,7 +408,8 @@ def encode_step(params, cfg: MimiConfig, state, frame, num_codebooks: int = 8):
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
 def decode_step(params, cfg: MimiConfig, state, codes):
-    """codes int [B, K, n] -> (new decoder state, pcm float32 [B, channels, n * frame_size])."""
+    """codes int [B, K, n] -> (new decoder state, pcm float32 [B, channels, n * frame_size]). Codes
+    must lie in [0, codebook_size): a jitted step cannot look at values (mimi.decode checks them)."""
     _check_codes(cfg, codes, "mimi.decode_step")
     with jax.default_matmul_precision("highest"):
         state, wav = decode_chunk(params, cfg, state, codes.astype(jnp.int32))
