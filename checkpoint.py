@@ -303,7 +303,8 @@ def run_meta(args, h, cfg) -> dict:
             "ttt": cfg.ttt and {f: getattr(cfg.ttt, f) for f in TTT_FLAGS}}
 
 
-SAME_RUN = ("config", "init_from", "lm_config", "seed", "lora_rank")      # the same model, seed, training
+# the same model, seed, training
+SAME_RUN = ("config", "init_from", "lm_config", "seed", "lora_rank", "lora_scaling")
 
 
 def begin(run_dir: str, like, resume: bool, overwrite: bool, this: dict, log=print):
@@ -411,7 +412,7 @@ def load_model(args):
     base = config or repo.lm_config_for(ckpt, print)
     cfg = with_ttt(base, ttt_flags(args), f"--init-from {args.init_from}")
     with jax.default_device(jax.devices("cpu")[0]):
-        return cfg, jax.tree.map(np.asarray, convert.load_lm(ckpt.moshi, base))
+        return cfg, jax.tree.map(np.asarray, convert.load_lm(ckpt.moshi, base, lora=ckpt.lora))
 
 
 # In-Place TTT on the command line: --ttt-layers puts it on a model (a preset, or a checkpoint that
@@ -473,11 +474,14 @@ def with_ttt(cfg, flags: dict, what: str):
         raise ValueError(f"{' '.join(f'{TTT_FLAGS[f]} {v}' for f, v in flags.items())}: {e}") from None
 
 
-def write_model(out_dir: str, cfg, params, adapters, dtype) -> str:
+def write_model(out_dir: str, cfg, params, adapters, dtype, lora_scaling: float = 2.0) -> str:
     """Full model params (host arrays) -> out_dir/model.safetensors and config.json, which the
     official PyTorch, MLX and Rust stacks and sample.py load like a released checkpoint; with LoRA
-    adapters, also out_dir/lora.safetensors in moshi-finetune's naming. A model with TTT layers is
-    ours alone (their weights, config.json's "ttt" entry), and the message says so."""
+    adapters, also out_dir/adapters/ as moshi-finetune's consolidated/ folder: lora.safetensors in
+    its naming and a config.json with "lora": true, lora_rank and lora_scaling, for the base model
+    (`--lora-weight out/adapters/lora.safetensors --config out/adapters/config.json`, here and in
+    Kyutai's scripts). A model with TTT layers is ours alone (their weights, config.json's "ttt"
+    entry), and the message says so."""
     path, dtype = os.path.join(out_dir, "model.safetensors"), jnp.dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)
     convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(dtype), params), cfg)
@@ -485,12 +489,18 @@ def write_model(out_dir: str, cfg, params, adapters, dtype) -> str:
         json.dump(dict(repo.lm_config_dict(cfg), moshi_name="model.safetensors"), f, indent=1)
     if adapters is not None:
         tensors = {k: v.astype(dtype) for k, v in convert.lora_tensors(adapters, cfg).items()}
-        convert.save_safetensors(os.path.join(out_dir, "lora.safetensors"), tensors, {"format": "pt"})
-    print(f"export: wrote {path}" + (" and lora.safetensors" if adapters is not None else ""))
+        rank = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight"))
+        adapters_dir = os.path.join(out_dir, "adapters")
+        os.makedirs(adapters_dir, exist_ok=True)
+        convert.save_safetensors(os.path.join(adapters_dir, "lora.safetensors"), tensors, {"format": "pt"})
+        with convert.atomic_open(os.path.join(adapters_dir, "config.json"), "w") as f:
+            json.dump(dict(repo.lm_config_dict(cfg), lora=True, lora_rank=rank, lora_scaling=lora_scaling), f,
+                      indent=1)
+    print(f"export: wrote {path}" + (" and adapters/" if adapters is not None else ""))
     if cfg.ttt is not None:
         print(f"export: {out_dir} has TTT layers: Kyutai's moshi package cannot load it; sample.py --hf-repo "
               f"{out_dir} and train.py --init-from {out_dir} do"
-              + ("" if adapters is None else " (lora.safetensors holds the adapters, not the TTT weights)"))
+              + ("" if adapters is None else " (adapters/ holds the LoRA adapters, not the TTT weights)"))
     return path
 
 

@@ -533,13 +533,14 @@ def lm_keys(cfg) -> dict:
     return row_keys(_lm_rows(cfg))
 
 
-def load_lm(path, cfg, dtype=None, stacked: bool = True):
+def load_lm(path, cfg, dtype=None, stacked: bool = True, lora=None):
     """A Kyutai LM checkpoint and its moshi.LMConfig (repo.lm_config reads a config.json; moshi.MOSHIKO
     is what Kyutai's loader assumes without one) -> params. dtype: None keeps the file's dtype (bf16
     for the released models); jnp.float32 etc. casts. Every naming of to_disk_names is accepted. Tensors are
     read one at a time from a memory map; `condition_provider.*` / `fuser.*` tensors are skipped with
     a warning. stacked=False returns the generation layout (see moshi.generation_params) without ever
-    holding the stacked copy: what sample.py loads a 7B model with.
+    holding the stacked copy: what sample.py loads a 7B model with. lora: (path, rank, scaling) of
+    moshi-finetune adapters to merge in (merge_lora).
     """
     f = SafeTensorsFile(path)
     skipped = [k for k in f.keys() if k.startswith(("condition_provider.", "fuser."))]
@@ -549,6 +550,8 @@ def load_lm(path, cfg, dtype=None, stacked: bool = True):
     dep_sets = cfg.depformer.transformer.num_weight_sets if cfg.dep_q else 1
     tensors = to_disk_names({k: f[k] for k in f.keys() if k not in skipped},
                             lambda name: dep_sets if name.startswith("depformer.") else 1)
+    if lora:
+        tensors = merge_lora(tensors, *lora)
     cast = lambda x: jnp.asarray(x, dtype=dtype or x.dtype)             # noqa: E731
     return from_disk(_lm_rows(cfg, stacked), tensors, f"LM checkpoint {path}", cast)
 
@@ -591,6 +594,32 @@ def lora_tensors(lora, cfg) -> dict:
     for path, x in walk(lora):                           # path ends in "a" or "b"
         for index, module in modules[path[:-1]]:
             out[f"{module}.lora_{path[-1].upper()}.weight"] = np.asarray(x[index])
+    return out
+
+
+def merge_lora(tensors: dict, path, rank: int, scaling: float) -> dict:
+    """On-disk LM tensors + moshi-finetune's adapters at `path` -> W + scaling * B @ A (in fp32, then
+    in W's dtype), as Kyutai's loader fuses them. A packed attention weight [M * n, D] takes weight
+    set m's rows from the adapters of `...self_attn.in_projs.{m}`."""
+    adapters, out = SafeTensorsFile(path), dict(tensors)
+    modules = sorted(k.removesuffix(".lora_A.weight") for k in adapters.keys() if k.endswith("lora_A.weight"))
+    if not modules or 2 * len(modules) != len(adapters.keys()):
+        raise CheckpointError(f"{path}: not LoRA adapters (want <module>.lora_A.weight, .lora_B.weight)")
+    for module in modules:
+        a, b = (np.asarray(adapters[f"{module}.lora_{x}.weight"], np.float32) for x in "AB")
+        if a.shape[0] != rank or b.shape[1:] != (rank,):
+            raise CheckpointError(f"{path}: {module} has rank {a.shape[0]}, config.json says {rank}")
+        key, rows = module + ".weight", slice(None)
+        for disk, mem in _PACKED.items():
+            if mem in module:
+                head, m = module.split(mem)
+                key, rows = head + disk, slice(int(m) * len(b), (int(m) + 1) * len(b))
+        if key not in out or out[key][rows].shape != (len(b), a.shape[1]):
+            have = "no such weight" if key not in out else f"its weight is {out[key][rows].shape}"
+            raise CheckpointError(f"{path}: {module} adapters make a [{len(b)}, {a.shape[1]}] update, {have}")
+        merged = np.array(out[key], np.float32)
+        merged[rows] += scaling * b @ a
+        out[key] = merged.astype(out[key].dtype)
     return out
 
 

@@ -37,7 +37,7 @@ TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 # How each argument of find_checkpoint reaches us on a command line, so that an error says what to
 # change: the flags of Kyutai's own scripts (moshi.server, run_tts), which sample.py keeps.
 FLAGS = {"repo": "--hf-repo", "moshi": "--moshi-weight", "mimi": "--mimi-weight", "tokenizer": "--tokenizer",
-         "config": "--config"}
+         "config": "--config", "lora": "--lora-weight"}
 
 
 @dataclasses.dataclass
@@ -49,18 +49,20 @@ class Checkpoint:
     mimi_config: dict | None = None   # the JSON named by `mimi_config_name`, if any (see mimi_config)
     model_type: str = "moshi"         # config.json's (see CONVERSATION_MODEL_TYPES)
     gen_config: dict = dataclasses.field(default_factory=dict)   # its lm_gen_config: LMGen's settings
+    lora: tuple | None = None         # (adapters' path, rank, scaling) to merge into the LM (see lora_of)
 
 
 def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=None, lm_only=False,
-                    flags=None) -> Checkpoint:
+                    flags=None, lora=None) -> Checkpoint:
     """Resolve every file like the official loader; explicit files win over the repo's.
 
     repo: a Hugging Face id, a local repo directory, or an LM .safetensors file (with the
     config.json beside it, if any). None means DEFAULT_REPO, except when all the files are given:
     then no repo is consulted and the LM config is `config`'s, or moshiko's. config: a config.json
     to use instead of the repo's. lm_only: resolve the LM alone (what training starts from), not
-    Mimi and the tokenizer. flags: {argument: its command-line flag} for the error messages
-    (defaults: FLAGS). Problems raise CheckpointError saying what is missing and how to give it.
+    Mimi and the tokenizer. lora: LoRA adapters to merge (see lora_of). flags: {argument: its
+    command-line flag} for the error messages (defaults: FLAGS). Problems raise CheckpointError
+    saying what is missing and how to give it.
     """
     flags = dict(FLAGS, **(flags or {}))
     repo = repo and os.path.expanduser(repo)                   # no Hugging Face id starts with ~
@@ -89,8 +91,27 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     mimi_json_name = None if lm_only else raw.get("mimi_config_name")
     lm_kwargs = {k: v for k, v in raw.items() if k not in NOT_LM_KWARGS}    # file names and tool settings out
     return Checkpoint(**files, config=lm_kwargs if raw else None, model_type=model_type,
-                      gen_config=dict(raw.get("lm_gen_config") or {}),
+                      gen_config=dict(raw.get("lm_gen_config") or {}), lora=lora_of(raw, lora, get, flags),
                       mimi_config=_read_json(get(mimi_json_name), mimi_json_name) if mimi_json_name else None)
+
+
+def lora_of(raw: dict, given: str | None, get, flags: dict):
+    """Adapters to merge, as Kyutai's loader takes them: config.json says "lora": true, names them
+    in lora_name or they come by flag (moshi-finetune writes consolidated/{lora.safetensors,
+    config.json}), with lora_rank and lora_scaling (Kyutai's defaults 128 and 2). -> (path, rank,
+    scaling) or None."""
+    named = given or (get(raw["lora_name"]) if raw.get("lora_name") else None)
+    if not raw.get("lora"):
+        if named:                                    # Kyutai's loader refuses this too
+            raise CheckpointError(f'LoRA adapters {named} given, but config.json does not say "lora": '
+                                  f'true (pass the config.json written beside them: {flags["config"]})')
+        return None
+    if not named:
+        raise CheckpointError(f'config.json says "lora": true but names no adapters: pass {flags["lora"]} '
+                              "FILE (moshi-finetune writes consolidated/lora.safetensors)")
+    if given and not os.path.isfile(given):
+        raise CheckpointError(f"{flags['lora']}: no such file {given!r}")
+    return named, raw.get("lora_rank", 128), raw.get("lora_scaling", 2.0)
 
 
 # Kyutai's repos say "moshi"; NVIDIA's PersonaPlex repo ships only {"model_type": "personaplex",
@@ -231,11 +252,12 @@ def mimi_config(d: dict):
 
 # file names and tool settings
 NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
-                 "version", "lm_gen_config", "tts_config", "stt_config", "model_id")
+                 "version", "lm_gen_config", "tts_config", "stt_config", "model_id", "lora", "lora_rank",
+                 "lora_scaling")
 # unused by Kyutai too
 _DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing")
 _UNSUPPORTED_LM_KWARGS = {"demux_second_text_stream": False, "norm_emb": False, "bias_proj": False,
-                          "quantize": False, "lora": False, "kv_repeat": 1, "depformer_kv_repeat": 1,
+                          "quantize": False, "kv_repeat": 1, "depformer_kv_repeat": 1,
                           "cross_attention": False}
 _INHERITED_BY_DEPFORMER = ("num_layers", "gating", "max_period", "layer_scale")
 

@@ -418,12 +418,12 @@ def _load_models(args, log) -> Models:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     else:
         ckpt = repo.find_checkpoint(args.hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer,
-                                    args.config)
-        log(f"loading Moshi from {ckpt.moshi}")
+                                    args.config, lora=args.lora_weight)
+        log(f"loading Moshi from {ckpt.moshi}" + (f" + LoRA {ckpt.lora[0]}" if ckpt.lora else ""))
         cfg = repo.lm_config_for(ckpt, log)
         # stacked=False: the layers come as lists, the layout gen_step reads in place
         # (moshi.generation_params)
-        lm = _load(convert.load_lm, ckpt.moshi, cfg=cfg, dtype=dtype, stacked=False)
+        lm = _load(convert.load_lm, ckpt.moshi, cfg=cfg, dtype=dtype, stacked=False, lora=ckpt.lora)
         log(f"loading Mimi from {ckpt.mimi}")
         mimi_cfg = repo.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
@@ -487,6 +487,8 @@ def add_weight_flags(g):
     g.add_argument("--mimi-weight", help="Mimi's safetensors (overrides the repo's)")
     g.add_argument("--tokenizer", help="the sentencepiece text tokenizer (overrides the repo's)")
     g.add_argument("--config", help="an LM config.json (overrides the repo's)")
+    g.add_argument("--lora-weight", help="LoRA adapters to merge (moshi-finetune's lora.safetensors; "
+                   "pass the config.json beside them with --config)")
     g.add_argument("--random-init", metavar="PRESET",
                    help=f"random weights, for demos and tests: one of {', '.join(moshi.PRESETS)}")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",

@@ -2033,10 +2033,12 @@ def test_train_refuses_bad_input_before_touching_the_run_dir(train_dataset, tmp_
     capsys.readouterr()
     for flag, value, expected in (("--lr", "-1", "a number > 0"), ("--batch-size", "0", "an integer >= 1"),
                                   ("--batch-size", "-2", "an integer >= 1"), ("--grad-accum", "0", "an integer >= 1"),
-                                  ("--max-steps", "0", "an integer >= 1")):
+                                  ("--max-steps", "0", "an integer >= 1"), ("--lora-scaling", "0", "a number > 0")):
         with pytest.raises(SystemExit):
             _cli(train_dataset, run, "--resume", flag, value)
         assert f"argument {flag}: expected {expected}, got '{value}'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="was made with lora_scaling=2.0, this run has 3.0"):
+        _cli(train_dataset, run, "--resume", "--lora-scaling", "3")            # a different model
     with pytest.raises(SystemExit):
         _cli(train_dataset, run, "--resume", "--overwrite")
     assert "argument --overwrite: not allowed with argument --resume" in capsys.readouterr().err
@@ -2247,7 +2249,8 @@ def _lora_from_tensors(tensors: dict, params, cfg, rank: int) -> dict:
 
 def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     """testdata/train_export was written by train.export from a LoRA run; Kyutai's package loaded it
-    strictly (model.safetensors + config.json) and also ran LoRALinear on base + lora.safetensors.
+    strictly (model.safetensors + config.json) and also ran LoRALinear on base + adapters/, also
+    through CheckpointInfo as moshi-finetune's README says.
     Here: our loader + forward reproduce its logits; base + adapters merge back to the exported
     weights; and the training-time path (weights gathered over fsdp, LoRA merged in the layer
     hook) reproduces the official LoRA model's logits."""
@@ -2269,16 +2272,32 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     base = random_weights.random_tensors([(k, tuple(s)) for k, s in meta["spec"]], meta["seed"])
     convert.save_safetensors(tmp_path / "base.safetensors", base)
     base = convert.load_lm(tmp_path / "base.safetensors", cfg, dtype=jnp.float32)
-    lora = _lora_from_tensors(_load_safetensors(os.path.join(folder, "lora.safetensors")),
+    lora = _lora_from_tensors(_load_safetensors(os.path.join(folder, "adapters", "lora.safetensors")),
                               base, cfg, meta["lora"]["rank"])
     merged = train.merged_params(base, lora, meta["lora"]["scaling"])
     assert _max_rel(merged, params) < 1e-6 and _max_rel(base, params) > 1e-2
+    # the base + adapters/ as Kyutai's loader takes them (--lora-weight, --config: "lora": true,
+    # lora_rank, lora_scaling), merged at load: the official route's logits
+    adapters = os.path.join(folder, "adapters")
+    found = repo.find_checkpoint(None, str(tmp_path / "base.safetensors"), config=os.path.join(adapters, "config.json"),
+                                 lora=os.path.join(adapters, "lora.safetensors"), lm_only=True)
+    assert found.lora[1:] == (meta["lora"]["rank"], meta["lora"]["scaling"])
+    loaded = convert.load_lm(found.moshi, repo.lm_config_for(found), jnp.float32, lora=found.lora)
+    assert _max_rel(loaded, params) < 1e-6
+    route = moshi.forward(loaded, cfg, codes)
+    m = official["mask"][..., None]
+    assert rel_err(np.where(m, route["logits"], 0), np.where(m, official["route_logits"], 0)) < 1e-4
+    with pytest.raises(convert.CheckpointError, match='does not say "lora": true'):
+        repo.find_checkpoint(None, str(tmp_path / "base.safetensors"), config=os.path.join(folder, "config.json"),
+                             lora=os.path.join(adapters, "lora.safetensors"), lm_only=True)
+    with pytest.raises(convert.CheckpointError, match="lora.safetensors: .* has rank 2, config.json says 3"):
+        convert.load_lm(found.moshi, cfg, lora=(found.lora[0], 3, 2.0))
     # today's train.export writes what the official package loaded strictly: the same files, tensor
     # names, shapes, dtypes and config.json (so a change to export cannot silently break that)
     h = train.Hyper(lora_rank=meta["lora"]["rank"], lora_scaling=meta["lora"]["scaling"])
     train.export(str(tmp_path / "again"), cfg, {"params": jax.tree.map(jnp.asarray, lora)}, base, h,
                  save_adapters=True, dtype="float32")
-    for name in ("model.safetensors", "lora.safetensors"):
+    for name in ("model.safetensors", "adapters/lora.safetensors"):
         ours, theirs = (convert.SafeTensorsFile(os.path.join(d, name)) for d in (tmp_path / "again", folder))
         assert sorted(ours.keys()) == sorted(theirs.keys()), name
         assert all(ours.shape(k) == theirs.shape(k) and ours.dtype_name(k) == theirs.dtype_name(k)
@@ -2286,8 +2305,9 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     assert all(rel_err(a, b) < 1e-6 for a, b in zip(jax.tree.leaves(convert.load_lm(tmp_path / "again" / "model.safetensors",
                                                                                      cfg, jnp.float32)),
                                                     jax.tree.leaves(params)))
-    with open(tmp_path / "again" / "config.json") as f, open(os.path.join(folder, "config.json")) as g:
-        assert json.load(f) == json.load(g)
+    for name in ("config.json", "adapters/config.json"):
+        with open(tmp_path / "again" / name) as f, open(os.path.join(folder, name)) as g:
+            assert json.load(f) == json.load(g), name
     # the training-time path on a 2-device fsdp mesh vs the official LoRALinear model
     mesh = train.make_mesh(1, 2)
     specs = train.param_specs(base, 2)

@@ -589,7 +589,8 @@ def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = Fal
         return os.path.join(out_dir, "model.safetensors")
     with jax.default_device(jax.devices("cpu")[0]):
         params = merged_params(params, lora, h.lora_scaling)
-    return checkpoint.write_model(out_dir, cfg, params, lora if save_adapters else None, dtype)
+    adapters = lora if save_adapters else None
+    return checkpoint.write_model(out_dir, cfg, params, adapters, dtype, h.lora_scaling)
 
 
 def export_checkpoint(args) -> str:
@@ -650,7 +651,7 @@ def _hyper_flags(a) -> None:
     flag("first_codebook_weight", type=NON_NEGATIVE,
          help="loss weight of the semantic codebook (moshi-finetune's example uses 100)")
     flag("lora_rank", type=COUNT, help="0: full fine-tuning; >0: LoRA on every linear layer")
-    flag("lora_scaling", type=float, help="LoRA multiplier: W + scaling * B @ A")
+    flag("lora_scaling", type=POSITIVE, help="LoRA multiplier: W + scaling * B @ A")
     flag("compute_dtype", "--dtype", choices=["bfloat16", "float32"],
          help="compute dtype (master weights are fp32)")
     flag("remat", "--no-remat", action="store_false",
@@ -683,7 +684,7 @@ def train_parser():
     again("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
     again("--overwrite", action="store_true", help="start over in a used --run-dir (removes its run files)")
     a("--export", help="after training, write model.safetensors (Kyutai naming, LoRA merged) here")
-    a("--save-adapters", action="store_true", help="with --export and LoRA: also lora.safetensors")
+    a("--save-adapters", action="store_true", help="with --export and LoRA: also the adapters (adapters/)")
     a("--peak-tflops", type=POSITIVE, help="per-device peak for the MFU estimate (default: by device kind)")
     checkpoint.add_host_flags(a)
     return ap
@@ -696,7 +697,7 @@ def export_parser():
     ap.add_argument("--step", type=int, help="default: the newest checkpoint")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--save-adapters", action="store_true", help="LoRA runs: also lora.safetensors")
+    ap.add_argument("--save-adapters", action="store_true", help="LoRA runs: also the adapters (adapters/)")
     return ap
 
 

@@ -168,10 +168,12 @@ def interleaver_stage(args):
 # `export`: a tiny moshiko-shaped LM with deterministic random base weights (random_weights.py, from
 # the key list and seed, so the base is never committed), LoRA-trained for a few steps by train.py's
 # own step on a 1-device mesh, then written by train.export: train_export/model.safetensors (LoRA
-# merged, fp32), lora.safetensors (moshi-finetune naming), config.json, and meta.json (key list,
+# merged, fp32), config.json, adapters/ (lora.safetensors in moshi-finetune's naming and the
+# config.json moshi-finetune writes beside it), and meta.json (key list,
 # seed, LoRA settings, the codes to evaluate). `official`: Kyutai's get_moshi_lm loads
 # model.safetensors with strict key checking and runs LMModel.forward on those codes; it also
-# builds the LoRA model (LoRALinear, unfused) from the base + lora.safetensors, asserts the two
+# builds the LoRA model (LoRALinear, unfused) from the base + adapters/lora.safetensors, and
+# through CheckpointInfo from the base + adapters/ as moshi-finetune's README says; asserts the two
 # agree, and saves both outputs to train_export/official.npz. The test suite then loads the
 # committed export with our convert.load_lm and must reproduce the official logits, rebuilds the
 # merged weights from base + adapters, and runs our training-time LoRA path (layer hook merge).
@@ -255,16 +257,29 @@ def official_stage(args):
         with tempfile.TemporaryDirectory() as tmp:
             base_path = os.path.join(tmp, "base.safetensors")
             save_file({k: torch.from_numpy(v) for k, v in base.items()}, base_path)
+            adapters = os.path.join(EXPORT_DIR, "adapters")
             lora_model = loaders.get_moshi_lm(
                 base_path, dict(lm_kwargs, lora=True, lora_rank=meta["lora"]["rank"],
                                 lora_scaling=meta["lora"]["scaling"]),
-                dtype=torch.float32, lora_weights=os.path.join(EXPORT_DIR, "lora.safetensors"), fuse_lora=False)
+                dtype=torch.float32, lora_weights=os.path.join(adapters, "lora.safetensors"), fuse_lora=False)
             from safetensors.numpy import load_file
             expected = {k for k in lora_model.state_dict() if ".lora_" in k}
-            assert expected == set(load_file(os.path.join(EXPORT_DIR, "lora.safetensors"))), "adapter names differ"
+            assert expected == set(load_file(os.path.join(adapters, "lora.safetensors"))), "adapter names differ"
             n_lora = len(expected)
             res = lora_model(codes)
-        out.update(lora_logits=res.logits.numpy(), lora_text_logits=res.text_logits.numpy())
+            out.update(lora_logits=res.logits.numpy(), lora_text_logits=res.text_logits.numpy())
+            # moshi-finetune's README route: the base weights, --lora-weight and --config-path of
+            # the adapters folder (its config.json says lora, lora_rank, lora_scaling)
+            info = loaders.CheckpointInfo.from_hf_repo(
+                "unused/repo", moshi_weights=base_path, mimi_weights=base_path, tokenizer=base_path,
+                config_path=os.path.join(adapters, "config.json"),
+                lora_weights=os.path.join(adapters, "lora.safetensors"))
+            res = info.get_moshi(device="cpu", dtype=torch.float32)(codes)
+            out.update(route_logits=res.logits.numpy(), route_text_logits=res.text_logits.numpy())
+    for a, b in (("lora_logits", "route_logits"), ("lora_text_logits", "route_text_logits")):
+        err = np.nanmax(np.abs(out[a] - out[b])) / np.nanmax(np.abs(out[a]))
+        print(f"official: base + adapters/ through CheckpointInfo vs LoRALinear, {a}: rel. err {err:.2e}")
+        assert err < 1e-5, err
     for a, b in (("logits", "lora_logits"), ("text_logits", "lora_text_logits")):
         m = out["mask" if a == "logits" else "text_mask"][..., None]
         err = np.abs(np.where(m, out[a] - out[b], 0)).max() / np.abs(np.where(m, out[a], 0)).max()
