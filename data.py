@@ -351,6 +351,17 @@ class TokenWindows:
     def __len__(self):
         return int(self.first[-1])
 
+    def check_fits(self, padding_ids: tuple, outputs: dict) -> None:
+        """The model's PAD/EPAD ids are the dataset's, and it predicts every id the dataset holds
+        ({"text": n, "audio": n} ids; else the loss would be NaN)."""
+        if (self.index["text_padding_id"], self.index["end_of_padding_id"]) != tuple(padding_ids):
+            raise DataError(f"{self.dir}: prepared with PAD/EPAD ids {self.index['text_padding_id']}/"
+                            f"{self.index['end_of_padding_id']}, the model uses {tuple(padding_ids)}")
+        for stream, top in self.index.get("max_token_ids", {}).items():
+            if top >= outputs[stream]:
+                raise DataError(f"{self.dir}: holds {stream} token {top}, but the model predicts "
+                                f"{outputs[stream]} {stream} ids (prepared with another tokenizer or codec?)")
+
     def locate(self, i: int) -> tuple[dict, int]:
         f = int(np.searchsorted(self.first, i, side="right") - 1)
         return self.files[f], i - int(self.first[f])

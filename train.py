@@ -475,15 +475,7 @@ def train(args) -> list[dict]:
     cfg, host_params = checkpoint.load_model(args)
     h = Hyper(padding_ids=(cfg.existing_text_padding_id, cfg.existing_text_end_padding_id),
               **{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyper) if f.name != "padding_ids"})
-    if (ds.index["text_padding_id"], ds.index["end_of_padding_id"]) != h.padding_ids:
-        raise data.DataError(f"{args.data}: prepared with PAD/EPAD ids {ds.index['text_padding_id']}/"
-                             f"{ds.index['end_of_padding_id']}, the model uses {h.padding_ids}")
-    outputs = {"text": cfg.text_card_out or cfg.text_card, "audio": cfg.card}
-    for stream, top in ds.index.get("max_token_ids", {}).items():    # else the loss would be NaN
-        if top >= outputs[stream]:
-            raise data.DataError(f"{args.data}: holds {stream} token {top}, but the model predicts "
-                                 f"{outputs[stream]} {stream} ids (prepared with another tokenizer or "
-                                 "codec?)")
+    ds.check_fits(h.padding_ids, {"text": cfg.text_card_out or cfg.text_card, "audio": cfg.card})
     with jax.set_mesh(mesh):
         plan, state, frozen = build_state(args, h, mesh, cfg, host_params)
         return run(args, h, mesh, cfg, ds, plan, state, frozen)
