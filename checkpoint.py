@@ -408,7 +408,7 @@ def load_model(args):
     config = name and (repo.lm_config(name) if name.endswith(".json") else moshi.PRESETS[name])
     if not args.init_from:
         return with_ttt(config, ttt_flags(args), f"--config {name}"), None
-    ckpt = repo.find_checkpoint(args.init_from, lm_only=True, flags={"repo": "--init-from"})
+    ckpt = repo.find_checkpoint(args.init_from, lm_only=True, flags={"repo": "--init-from", "lora": None})
     base = config or repo.lm_config_for(ckpt, print)
     cfg = with_ttt(base, ttt_flags(args), f"--init-from {args.init_from}")
     with jax.default_device(jax.devices("cpu")[0]):

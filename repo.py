@@ -107,8 +107,9 @@ def lora_of(raw: dict, given: str | None, get, flags: dict):
                                   f'true (pass the config.json written beside them: {flags["config"]})')
         return None
     if not named:
-        raise CheckpointError(f'config.json says "lora": true but names no adapters: pass {flags["lora"]} '
-                              "FILE (moshi-finetune writes consolidated/lora.safetensors)")
+        by_flag = f" or {flags['lora']} FILE" if flags.get("lora") else ""
+        raise CheckpointError(f'config.json says "lora": true but names no adapters: give lora_name{by_flag} '
+                              "(moshi-finetune writes consolidated/lora.safetensors)")
     if given and not os.path.isfile(given):
         raise CheckpointError(f"{flags['lora']}: no such file {given!r}")
     return named, raw.get("lora_rank", 128), raw.get("lora_scaling", 2.0)

@@ -2287,6 +2287,9 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     route = moshi.forward(loaded, cfg, codes)
     m = official["mask"][..., None]
     assert rel_err(np.where(m, route["logits"], 0), np.where(m, official["route_logits"], 0)) < 1e-4
+    with pytest.raises(convert.CheckpointError, match="names no adapters: give lora_name or --lora-weight FILE"):
+        repo.find_checkpoint(None, str(tmp_path / "base.safetensors"), config=os.path.join(adapters, "config.json"),
+                             lm_only=True)
     with pytest.raises(convert.CheckpointError, match='does not say "lora": true'):
         repo.find_checkpoint(None, str(tmp_path / "base.safetensors"), config=os.path.join(folder, "config.json"),
                              lora=os.path.join(adapters, "lora.safetensors"), lm_only=True)
