@@ -305,7 +305,9 @@ def _lm_kwargs(config: dict, what: str, fields: dict) -> dict:
     for key, plain in _UNSUPPORTED_LM_KWARGS.items():
         value = kw.pop(key, None)
         if value not in (plain, None):
-            raise CheckpointError(f"{what}: {key}={value!r} is not supported (only {plain!r})")
+            hint = ("; this is a bitsandbytes int8 checkpoint (a -q8 repo): take the bf16 one and pass "
+                    "--quantize int8") if key == "quantize" else ""
+            raise CheckpointError(f"{what}: {key}={value!r} is not supported (only {plain!r}){hint}")
     ff = kw.get("depformer_dim_feedforward")
     if isinstance(ff, list):
         if len(set(ff)) != 1:

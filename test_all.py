@@ -1276,6 +1276,8 @@ def test_lm_configs_and_7b_footprint(tmp_path):
         repo.lm_config(str(tmp_path / "list.json"))
     with pytest.raises(ValueError, match="demux_second_text_stream"):
         repo.lm_config({"demux_second_stream": True})
+    with pytest.raises(ValueError, match="quantize=True is not supported .* take the bf16 one and pass --quantize int8"):
+        repo.lm_config({"quantize": True})                   # kyutai/moshiko-pytorch-q8 (bitsandbytes)
     with pytest.warns(UserWarning, match="conditioners"):
         repo.lm_config(dict(moshiko_json, conditioners={"description": {}}, fuser={"sum": ["description"]}))
     with pytest.raises(ValueError, match="3 delays for 2 streams"):
