@@ -474,7 +474,7 @@ def with_ttt(cfg, flags: dict, what: str):
         raise ValueError(f"{' '.join(f'{TTT_FLAGS[f]} {v}' for f, v in flags.items())}: {e}") from None
 
 
-def write_model(out_dir: str, cfg, params, adapters, dtype, lora_scaling: float = 2.0) -> str:
+def write_model(out_dir: str, cfg, params, adapters, dtype, lora_scaling: float) -> str:
     """Full model params (host arrays) -> out_dir/model.safetensors and config.json, which the
     official PyTorch, MLX and Rust stacks and sample.py load like a released checkpoint; with LoRA
     adapters, also out_dir/adapters/ as moshi-finetune's consolidated/ folder: lora.safetensors in

@@ -213,8 +213,8 @@ def cut_windows(wav: np.ndarray, rate: int, window_frames: int, duration: float)
     starts = [s for s in window_starts(duration, window_sec) if to_samples(s, rate) < wav.shape[1]]
     chunks = np.zeros((len(starts), 2, out), np.float32)
     real_frames = np.zeros(len(starts), np.int64)
-    for i, start in enumerate(starts):
-        piece = wav[:, to_samples(start, rate):to_samples(start, rate) + length]
+    for i, first in enumerate(to_samples(s, rate) for s in starts):
+        piece = wav[:, first:first + length]
         real = piece.shape[1]
         if rate != CODEC.sample_rate:       # sphn's count of the resampled window's real samples
             piece = audio.resample(np.pad(piece, ((0, 0), (0, length - real))), rate, CODEC.sample_rate)

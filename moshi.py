@@ -363,13 +363,19 @@ def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
     return state
 
 
+def _user_codebooks_read(cfg: LMConfig, n_user: int) -> int:
+    """How many of n_user given user codebooks the model reads: a model with input-only streams
+    the first n_q - dep_q (Kyutai's LMGen drops any more), one without them all (PersonaPlex)."""
+    return cfg.n_q - cfg.dep_q if cfg.n_q > cfg.dep_q else n_user
+
+
 def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
     """Step 1: user codes land on the last n_user audio streams (always, as given); forced text and
     Moshi codes (entries != -2) on stream 0 and streams 1..M; each at its delayed position."""
     tokens, provided = state["tokens"], state["provided"]
     delays = jnp.asarray(cfg.delays, jnp.int32)
-    if user_codes is not None and cfg.n_q > cfg.dep_q:
-        user_codes = user_codes[:, :cfg.n_q - cfg.dep_q]     # Kyutai's LMGen drops codebooks beyond those
+    if user_codes is not None:
+        user_codes = user_codes[:, :_user_codebooks_read(cfg, user_codes.shape[1])]
     groups = []
     if user_codes is not None and user_codes.shape[1]:
         groups.append((np.arange(1 + cfg.n_q)[-user_codes.shape[1]:], user_codes[:, :, 0], False))
@@ -395,8 +401,7 @@ def _check_gen_inputs(cfg: LMConfig, state, user_codes, text, moshi_codes, embed
     if not cfg.n_q - cfg.dep_q <= n_user <= cfg.n_q:
         raise ValueError(f"gen_step: {n_user} user codebooks given; this model reads {cfg.n_q - cfg.dep_q} "
                          f"input-only streams and has n_q={cfg.n_q} audio streams in all")
-    if cfg.n_q > cfg.dep_q:
-        n_user = cfg.n_q - cfg.dep_q                                   # the rest are dropped
+    n_user = _user_codebooks_read(cfg, n_user)
     if n_moshi > cfg.dep_q or n_moshi + n_user > cfg.n_q:
         raise ValueError(f"gen_step: moshi_codes has {n_moshi} codebooks; at most dep_q={cfg.dep_q} "
                          f"and not overlapping the {n_user} user codebooks")

@@ -71,7 +71,7 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     standalone = repo is None and moshi and (lm_only or (mimi and tokenizer))
     if standalone:                                         # names in `config` are relative to it
         folder = os.path.dirname(os.path.abspath(config)) if config else os.getcwd()
-        get = lambda name: os.path.join(folder, name)     # noqa: E731
+        get = lambda name, optional=False: os.path.join(folder, name)     # noqa: E731
     else:
         get = repo_files(repo or DEFAULT_REPO, flags, lm_only)
     get = with_uris(get, flags, lm_only)
@@ -84,7 +84,7 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     names = {"moshi": raw.get("moshi_name", MOSHI_NAME), "mimi": raw.get("mimi_name", MIMI_NAME),
              "tokenizer": raw.get("tokenizer_name", TOKENIZER_NAME)}
     given = {"moshi": moshi} if lm_only else {"moshi": moshi, "mimi": mimi, "tokenizer": tokenizer}
-    for what, path in given.items():
+    for what, path in {**given, "lora": lora}.items():
         if path is not None and not os.path.isfile(path):
             raise CheckpointError(f"{flags[what]}: no such file {path!r}")
     files = {what: path or get(names[what]) for what, path in given.items()}
@@ -110,8 +110,6 @@ def lora_of(raw: dict, given: str | None, get, flags: dict):
         by_flag = f" or {flags['lora']} FILE" if flags.get("lora") else ""
         raise CheckpointError(f'config.json says "lora": true but names no adapters: give lora_name{by_flag} '
                               "(moshi-finetune writes consolidated/lora.safetensors)")
-    if given and not os.path.isfile(given):
-        raise CheckpointError(f"{flags['lora']}: no such file {given!r}")
     return named, raw.get("lora_rank", 128), raw.get("lora_scaling", 2.0)
 
 
@@ -125,13 +123,14 @@ def with_uris(get, flags: dict, lm_only: bool):
     file) and "hf://OWNER/REPO/FILE" (a file of another Hugging Face repo)."""
     def resolve(name, optional=False):
         if name.startswith("file://"):
-            if not os.path.isfile(name[len("file://"):]):
+            path = name.removeprefix("file://")
+            if not os.path.isfile(path):
                 raise CheckpointError(f"config.json names {name!r}: no such file")
-            return name[len("file://"):]
+            return path
         if name.startswith("hf://"):
             owner, repo_name, *rest = name[len("hf://"):].split("/")
             return _hub_files(f"{owner}/{repo_name}", flags, lm_only)("/".join(rest), optional)
-        return get(name, optional) if optional else get(name)
+        return get(name, optional)
     return resolve
 
 

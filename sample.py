@@ -522,11 +522,12 @@ def main(argv=None):
 def sampling_for(args, gen_config: dict, log) -> moshi.Sampling:
     """A flag given wins, then the repo's lm_gen_config (which Kyutai's loader hands to LMGen), then
     Kyutai's LMGen defaults."""
-    known = {"temp", "temp_text", "top_k", "top_k_text", "use_sampling"}
-    if set(gen_config) - known:
-        log(f"config.json lm_gen_config: {sorted(set(gen_config) - known)} not supported here, ignored")
-    picked = {name: getattr(args, name) if getattr(args, name) is not None else gen_config.get(name, value)
-              for name, value in dataclasses.asdict(moshi.Sampling()).items() if name != "greedy"}
+    defaults = {k: v for k, v in dataclasses.asdict(moshi.Sampling()).items() if k != "greedy"}
+    unknown = sorted(set(gen_config) - set(defaults) - {"use_sampling"})
+    if unknown:
+        log(f"config.json lm_gen_config: {unknown} not supported here, ignored")
+    picked = {k: gen_config.get(k, v) if getattr(args, k) is None else getattr(args, k)
+              for k, v in defaults.items()}
     return moshi.Sampling(args.greedy or gen_config.get("use_sampling") is False, **picked)
 
 
