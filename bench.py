@@ -235,7 +235,7 @@ def bench_train(args) -> list[tuple]:
     import moshi
     import train
     cfg = dataclasses.replace(moshi.MOSHIKO, **TRAIN_CONFIGS[args.train_config])
-    h = train.Hyper(lr=1e-4, warmup_steps=0, max_steps=10_000, compute_dtype=args.train_dtype,
+    h = train.Hyper(lr=1e-4, max_steps=10_000, compute_dtype=args.train_dtype,
                     first_codebook_weight=100.0, remat=not args.train_no_remat)
     B, T = args.train_batch, args.train_frames
     first, steps, params = train_step_times(cfg, h, B, T, args.reps)
@@ -488,7 +488,7 @@ def bench_ttt(args) -> list[tuple]:
     rows = []
     base = dataclasses.replace(moshi.MOSHIKO, **TRAIN_CONFIGS["small"])            # 4 layers, context 250
     with_ttt = dataclasses.replace(base, ttt=ttt.TTTConfig(layers=(1, 3), chunk_size=16))
-    h = train.Hyper(warmup_steps=0, max_steps=10_000, compute_dtype=args.train_dtype)
+    h = train.Hyper(max_steps=10_000, compute_dtype=args.train_dtype)
     B, T = args.train_batch, args.train_frames
     times = {cfg.ttt is not None: float(np.median(train_step_times(cfg, h, B, T, args.reps)[1]))
              for cfg in (base, with_ttt)}
@@ -583,7 +583,7 @@ def gpu_train_rows(args):
     runs = (("1b", 0, 4, 250), ("moshiko", 128, 16, 1250)) if not args.tiny else (("tiny", 0, 2, 16), ("tiny", 4, 2, 16))
     for name, rank, B, T in runs:
         cfg = moshi.TINY if name == "tiny" else dataclasses.replace(moshi.MOSHIKO, **TRAIN_CONFIGS[name])
-        h = train.Hyper(warmup_steps=0, max_steps=10_000, compute_dtype="bfloat16", lora_rank=rank,
+        h = train.Hyper(max_steps=10_000, compute_dtype="bfloat16", lora_rank=rank,
                         first_codebook_weight=100.0)
         first, steps, params = train_step_times(cfg, h, B, T, 2)
         tokens = B * T * (1 + cfg.dep_q)

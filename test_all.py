@@ -1913,6 +1913,24 @@ def _max_rel(a_tree, b_tree):
     return max(rel_err(a, b) for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)))
 
 
+def test_train_optimizer_matches_moshi_finetune():
+    """train.optimizer (clipping, AdamW, OneCycle lr and beta1) stepped on the gradients torch's
+    AdamW + OneCycleLR + clip_grad_norm_ were given in moshi-finetune's settings: the same lr and
+    weight at every step, with the peak before step 0, at a fractional step, and at step 0 only."""
+    with open(os.path.join(TESTDATA, "train_optimizer.json")) as f:
+        cases = json.load(f)
+    for case in cases:
+        h = train.Hyper(lr=case["lr"], pct_start=case["pct_start"], max_steps=case["max_steps"],
+                        weight_decay=case["weight_decay"], max_norm=case["max_norm"])
+        tx, weight = train.optimizer(h), jnp.asarray(case["weight"], jnp.float32)
+        opt, lr_at = tx.init(weight), train.one_cycle(h)[0]
+        for step, (g, lr, expected) in enumerate(zip(case["grads"], case["lrs"], case["weights"])):
+            assert abs(float(lr_at(step)) - lr) <= 1e-6 * case["lr"], (case["max_steps"], case["pct_start"], step)
+            updates, opt = tx.update(jnp.asarray(g, jnp.float32), opt, weight)
+            weight = weight + updates
+            assert rel_err(weight, np.asarray(expected)) < 1e-5, (case["max_steps"], case["pct_start"], step)
+
+
 @pytest.mark.parametrize("lora_rank", [0, 3])
 def test_train_sharded_step_matches_one_device(lora_rank, fast_compile):
     """dp=2 x fsdp=4 on 8 simulated devices: the same loss, gradients and updated params as one
@@ -1921,7 +1939,7 @@ def test_train_sharded_step_matches_one_device(lora_rank, fast_compile):
     # eps=1 makes Adam's first update proportional to the gradient, so the comparison of updated
     # params is as sharp as the comparison of gradients (with a tiny eps, g / |g| amplifies noise).
     # No clipping here: it would hide a gradient off by a constant factor.
-    h = train.Hyper(lr=0.5, eps=1.0, warmup_steps=0, max_steps=10, max_norm=1e9, compute_dtype="float32",
+    h = train.Hyper(lr=0.5, eps=1.0, max_steps=10, max_norm=1e9, compute_dtype="float32",
                     lora_rank=lora_rank, lora_scaling=2.0, first_codebook_weight=100.0)
     params = jax.tree.map(np.asarray, moshi.init(jax.random.key(0), TRAIN_CFG))
     lora = None
@@ -1932,7 +1950,7 @@ def test_train_sharded_step_matches_one_device(lora_rank, fast_compile):
     _, one, m1, _ = _one_step(1, 1, h, params, lora, codes)
     plan, eight, m8, layer_scans = _one_step(2, 4, h, params, lora, codes)
     assert rel_err(m8, m1) < 1e-5 and m1[0] > 0                                 # loss, text, audio, grad norm
-    assert _max_rel(eight["opt"][1][0].mu, one["opt"][1][0].mu) < 1e-5        # the gradients, via Adam's mu
+    assert _max_rel(eight["opt"][1].inner_state[0].mu, one["opt"][1].inner_state[0].mu) < 1e-5        # the gradients, via Adam's mu
     assert _max_rel(eight["params"], one["params"]) < 1e-5
     before = lora if lora_rank else params
     assert _max_rel(one["params"], before) > 1e-4                              # the step did change them
@@ -1961,7 +1979,7 @@ def test_train_sharded_step_matches_one_device(lora_rank, fast_compile):
 def _cli(dataset, run_dir, *extra):
     return train.main(["--data", dataset["prepared"], "--run-dir", str(run_dir), "--config", "train_test",
                        "--mesh", "dp=2,fsdp=4", "--batch-size", "8", "--max-steps", "24", "--lr", "3e-3",
-                       "--warmup-steps", "2", "--dtype", "float32", "--log-every", "6", "--ckpt-every", "8",
+                       "--pct-start", "0.1", "--dtype", "float32", "--log-every", "6", "--ckpt-every", "8",
                        "--keep-checkpoints", "2", *extra])
 
 
@@ -2109,13 +2127,13 @@ def test_train_resume_passes_over_an_unreadable_checkpoint(train_dataset, tmp_pa
 
 
 def test_train_stops_when_the_gradient_norm_is_not_finite(train_dataset, tmp_path, monkeypatch, fast_compile):
-    """--lr 1e4 blows the weights up: at step 3 the loss is still finite (~1e25) but its gradient
+    """--lr 1e3 blows the weights up: at step 3 the loss is still finite (~1e26) but its gradient
     overflows to NaN, and so would the updated weights. The run stops naming the step and the
     batch; no checkpoint holds a non-finite weight (steps 1 and 2 are saved, step 3 is not)."""
     monkeypatch.setitem(moshi.PRESETS, "train_test", TRAIN_CFG)
     with pytest.raises(train.NonFiniteLoss, match=r"step 3: gradient norm is nan \(loss [0-9.]+e\+\d+\); nothing "
                                                   r"of this step was saved.*\n.*talk\d\.wav \["):
-        _cli(train_dataset, tmp_path / "run", "--lr", "1e4", "--ckpt-every", "1", "--keep-checkpoints", "0")
+        _cli(train_dataset, tmp_path / "run", "--lr", "1e3", "--ckpt-every", "1", "--keep-checkpoints", "0")
     saved = checkpoint.list_dir(str(tmp_path / "run" / "checkpoints"))
     assert [checkpoint.step_of(p) for p in saved] == [1, 2]
     for path in saved:
@@ -2158,7 +2176,7 @@ def test_train_two_processes_match_one(train_dataset, tmp_path, monkeypatch, fas
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     args = ["--data", train_dataset["prepared"], "--run-dir", str(tmp_path / "two"), "--config", "train_test",
-            "--mesh", "dp=2,fsdp=4", "--batch-size", "8", "--max-steps", "24", "--lr", "3e-3", "--warmup-steps", "2",
+            "--mesh", "dp=2,fsdp=4", "--batch-size", "8", "--max-steps", "24", "--lr", "3e-3", "--pct-start", "0.1",
             "--dtype", "float32", "--ckpt-every", "8", "--stop-at", "4",
             "--coordinator-address", f"localhost:{port}", "--num-processes", "2"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -2180,14 +2198,14 @@ def test_train_step_with_flash_attention_matches_xla(fast_compile):
     codes = _train_codes(B=4, T=10, A=1)
     results = []
     for attention in ("xla", "flash"):
-        h = train.Hyper(lr=0.5, eps=1.0, warmup_steps=0, max_steps=10, max_norm=1e9, compute_dtype="float32",
+        h = train.Hyper(lr=0.5, eps=1.0, max_steps=10, max_norm=1e9, compute_dtype="float32",
                         attention=attention)
         mesh = train.make_mesh(2, 2)
         with jax.set_mesh(mesh):
             plan = train.make_plan(TRAIN_CFG, mesh, h)
             state, frozen = train.initial_state(plan, mesh, h, jax.tree.map(np.asarray, moshi.init(jax.random.key(0), TRAIN_CFG)))
             state, metrics = plan.step(state, frozen, jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC)))
-        results.append((np.asarray(metrics), state["opt"][1][0].mu))
+        results.append((np.asarray(metrics), state["opt"][1].inner_state[0].mu))
     (m_xla, mu_xla), (m_flash, mu_flash) = results
     assert rel_err(m_flash, m_xla) < 1e-5 and _max_rel(mu_flash, mu_xla) < 1e-5
 
@@ -2211,7 +2229,7 @@ def test_train_lora_with_a_depformer_weight_schedule(fast_compile):
     that plain autodiff through train.merged_params gives."""
     with open(os.path.join(TESTDATA, "lora_names.json")) as f:
         cfg = repo.lm_config(json.load(f)["schedule"]["config"])
-    h = train.Hyper(lr=0.5, eps=1.0, warmup_steps=0, max_steps=10, max_norm=1e9, compute_dtype="float32",
+    h = train.Hyper(lr=0.5, eps=1.0, max_steps=10, max_norm=1e9, compute_dtype="float32",
                     lora_rank=2, lora_scaling=2.0)
     params = jax.tree.map(np.asarray, moshi.init(jax.random.key(0), cfg))
     lora = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
@@ -2232,7 +2250,8 @@ def test_train_lora_with_a_depformer_weight_schedule(fast_compile):
         batch = jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC))
         state, metrics = plan.step(state, frozen, batch)
     assert rel_err(np.asarray(metrics)[0], loss) < 1e-5
-    mu = jax.tree.map(lambda m: np.asarray(m) / (1 - h.b1), state["opt"][1][0].mu)
+    b1 = train.one_cycle(h)[1](0)                                # beta1 at step 0
+    mu = jax.tree.map(lambda m: np.asarray(m) / (1 - b1), state["opt"][1].inner_state[0].mu)
     assert _max_rel(mu, grad) < 1e-5
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grad["depformer"]["transformer"]))   # all in play
 
@@ -2340,7 +2359,7 @@ def test_train_ttt_lora_sharded_step_matches_one_device(fast_compile):
     base is not in it. From moshi.init's TTT (conv 0: the model is exactly the base) the conv gets
     a gradient and moves: TTT does train under LoRA."""
     cfg = dataclasses.replace(TRAIN_CFG, ttt=ttt.TINY)
-    h = train.Hyper(lr=0.5, eps=1.0, warmup_steps=0, max_steps=10, max_norm=1e9, compute_dtype="float32",
+    h = train.Hyper(lr=0.5, eps=1.0, max_steps=10, max_norm=1e9, compute_dtype="float32",
                     lora_rank=3, lora_scaling=2.0, first_codebook_weight=100.0)
     params = jax.tree.map(np.asarray, moshi.init(jax.random.key(0), cfg))
     rng = np.random.default_rng(0)
@@ -2352,7 +2371,7 @@ def test_train_ttt_lora_sharded_step_matches_one_device(fast_compile):
     codes = _train_codes(B=8, T=10, A=1)
     _, one, m1, _ = _one_step(1, 1, h, live, lora, codes, cfg)
     _, four, m4, _ = _one_step(2, 2, h, live, lora, codes, cfg)
-    mu1, mu4 = one["opt"][1][0].mu, four["opt"][1][0].mu
+    mu1, mu4 = one["opt"][1].inner_state[0].mu, four["opt"][1].inner_state[0].mu
     assert rel_err(m4, m1) < 1e-5 and _max_rel(mu4, mu1) < 1e-5 and _max_rel(four["params"], one["params"]) < 1e-5
     assert set(one["params"]) == set(lora) | {"ttt"} and set(one["params"]["ttt"]) == {"conv", "proj"}
     assert all(np.abs(mu1["ttt"][k]).max() > 0 for k in ("conv", "proj"))           # conv and P both learn

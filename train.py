@@ -293,11 +293,9 @@ def model_view(params, specs, lora, lora_specs, lora_scaling: float, dtype):
 @dataclasses.dataclass(frozen=True)
 class Hyper:
     """The run's settings; the command line's defaults are these (train_parser reads them)."""
-    lr: float = 1e-4
-    warmup_steps: int = 5
+    lr: float = 1e-4                      # the schedule's peak
+    pct_start: float = 0.05               # the share of the run the lr rises for
     max_steps: int = 100
-    min_lr_ratio: float = 0.0             # the cosine decays to lr * min_lr_ratio at max_steps
-    b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -315,10 +313,37 @@ class Hyper:
     attention: str = "auto"
 
 
-def learning_rate(h: Hyper):
-    """Linear warmup from 0, then cosine decay to lr * min_lr_ratio at max_steps."""
-    return optax.warmup_cosine_decay_schedule(
-        0.0, h.lr, max(h.warmup_steps, 0), max(h.max_steps, h.warmup_steps + 1), h.lr * h.min_lr_ratio)
+# moshi-finetune's schedule is torch's OneCycleLR with its defaults: over the first pct_start of
+# the run the lr rises from lr / 25 to lr while Adam's beta1 falls from 0.95 to 0.85 (torch cycles
+# AdamW's beta1, so moshi-finetune's 0.9 is never used), then both return, the lr to lr / 25e4,
+# each along a half cosine. Step s reads the values at s; the peak is at pct_start * max_steps - 1.
+DIV_FACTOR, FINAL_DIV_FACTOR, MAX_BETA1, BASE_BETA1 = 25.0, 1e4, 0.95, 0.85
+
+
+def half_cos(start, end, pct):
+    return end + (start - end) / 2 * (jnp.cos(jnp.pi * pct) + 1)
+
+
+def one_cycle(h: Hyper):
+    """-> (learning rate, beta1), functions of the optimizer's step count (from 0), as torch's."""
+    peak, last, low = h.pct_start * h.max_steps - 1.0, h.max_steps - 1.0, h.lr / DIV_FACTOR
+
+    def curve(start, top, end):
+        def value(count):
+            step = jnp.asarray(count, jnp.float32)
+            # only step 0 rises when peak < 1, so max(peak, 1) changes nothing where torch divides
+            # by a peak > 0, and gives a peak of exactly 0 (torch: ZeroDivisionError) its start value
+            rise, fall = step / max(peak, 1.0), (step - peak) / (last - peak)
+            return jnp.where(step <= peak, half_cos(start, top, rise), half_cos(top, end, fall))
+        return value
+    return curve(low, h.lr, low / FINAL_DIV_FACTOR), curve(MAX_BETA1, BASE_BETA1, MAX_BETA1)
+
+
+def optimizer(h: Hyper):
+    """moshi-finetune's: clipping by the global norm, then AdamW (decay on every trainable weight,
+    as torch's AdamW on all params) with the OneCycle lr and beta1."""
+    return optax.chain(optax.clip_by_global_norm(h.max_norm), optax.inject_hyperparams(optax.adamw)(
+        *one_cycle(h), h.b2, h.eps, weight_decay=h.weight_decay))
 
 
 def attention_of(h: Hyper) -> str:
@@ -428,9 +453,7 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
     make_lora = lambda k: init_lora(k, abstract, h.lora_rank)                      # noqa: E731
     lora_specs = adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), fsdp) if h.lora_rank else {}
     frozen_specs, trainable_specs = move_ttt(specs, lora_specs) if h.lora_rank else ({}, specs)
-    # AdamW with decay on every trainable weight, as moshi-finetune (torch AdamW on all params).
-    tx = optax.chain(optax.clip_by_global_norm(h.max_norm),
-                     optax.adamw(learning_rate(h), h.b1, h.b2, h.eps, weight_decay=h.weight_decay))
+    tx = optimizer(h)
     return Plan(abstract, specs, trainable_specs, frozen_specs,
                 jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=shardings(mesh, specs)),
                 jax.jit(make_lora, out_shardings=shardings(mesh, lora_specs)) if h.lora_rank else None,
@@ -543,7 +566,7 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
     state, first, position = start(args, cfg, state, T, this)
     last = min(h.max_steps, args.stop_at or h.max_steps)
     tokens_per_step = A * G * T * (1 + cfg.dep_q)       # moshi-finetune's count: text + Moshi's codebooks
-    flops, lr_at = flops_per_step(cfg, frozen or state["params"], A * G * T, T), learning_rate(h)
+    flops, lr_at = flops_per_step(cfg, frozen or state["params"], A * G * T, T), one_cycle(h)[0]
     peak = peak_flops(args)
     print(f"train: mesh {dict(mesh.shape)}, {len(ds)} windows of {T} frames, {A} x {G} windows per step, "
           f"{'LoRA rank %d' % h.lora_rank if h.lora_rank else 'full fine-tuning'}, steps {first + 1}..{last}"
@@ -631,10 +654,8 @@ def _hyper_flags(a) -> None:
     def flag(field, name=None, **kw):                      # --max-steps sets max_steps, ...
         a(name or "--" + field.replace("_", "-"), dest=field, default=getattr(Hyper, field), **kw)
     flag("max_steps", type=POSITIVE_INT, help="length of the run (and of the lr schedule)")
-    flag("lr", type=POSITIVE)
-    flag("warmup_steps", type=COUNT)
-    flag("min_lr_ratio", type=FRACTION, help="the cosine ends at lr * this")
-    flag("b1", "--beta1", metavar="BETA1", type=BETA)
+    flag("lr", type=POSITIVE, help="the peak learning rate")
+    flag("pct_start", type=FRACTION, help="the share of the run the lr rises for (OneCycle's)")
     flag("b2", "--beta2", metavar="BETA2", type=BETA)
     flag("eps", type=POSITIVE)
     flag("weight_decay", type=NON_NEGATIVE)

@@ -410,8 +410,8 @@ def demo_train(with_ttt: bool, steps: int, seed: int = 0):
     import moshi
     import train
     cfg = demo_config(with_ttt)
-    h = train.Hyper(lr=3e-3, warmup_steps=10, max_steps=steps, weight_decay=0.0, text_padding_weight=0.0,
-                    compute_dtype="float32", remat=False)
+    h = train.Hyper(lr=3e-3, pct_start=min(10 / steps, 1.0), max_steps=steps, weight_decay=0.0,
+                    text_padding_weight=0.0, compute_dtype="float32", remat=False)
     mesh, rng = train.make_mesh(1, 1), np.random.default_rng(seed)
     with jax.set_mesh(mesh):
         plan = train.make_plan(cfg, mesh, h)

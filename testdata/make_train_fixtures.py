@@ -18,6 +18,9 @@ length and the text and audio-validity rows moshi-finetune produced.
 
 Stage `export` / `official` (see the end of this file): the exported-checkpoint parity fixture.
 Stage `lora-names` (oracle venv): which modules Kyutai's LoRA adapts (-> lora_names.json).
+Stage `optimizer` (oracle venv): moshi-finetune's optimizer as its train.py builds it (torch AdamW,
+betas (0.9, 0.95), eps 1e-8, OneCycleLR with pct_start, clip_grad_norm_), stepped on a small
+weight with given gradients; per step the lr and the weight (-> train_optimizer.json).
 """
 import argparse
 import importlib.util
@@ -324,6 +327,37 @@ def lora_names_stage(args):
         json.dump(out, f, indent=1)
 
 
+OPTIMIZER_CASES = [  # (max_steps, pct_start): the peak at pct_start * max_steps - 1
+    (12, 0.05), (20, 0.3), (8, 0.5), (6, 0.9), (10, 0.15), (5, 0.0)]
+
+
+def optimizer_stage(args):
+    import numpy as np
+    import torch
+    rng, cases = np.random.default_rng(0), []
+    for max_steps, pct_start in OPTIMIZER_CASES:
+        lr, weight_decay, max_norm = 0.1, 0.1, 1.0
+        weight = rng.normal(size=(3, 4)).astype(np.float32)
+        grads = (rng.normal(size=(max_steps, 3, 4)) * rng.choice([0.1, 2.0], (max_steps, 1, 1))).astype(np.float32)
+        p = torch.nn.Parameter(torch.tensor(weight))
+        opt = torch.optim.AdamW([p], lr=lr, betas=(0.9, 0.95), eps=1e-08, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max_steps, pct_start=pct_start)
+        lrs, weights = [], []
+        for g in grads:
+            p.grad = torch.tensor(g)
+            torch.nn.utils.clip_grad_norm_([p], max_norm)
+            opt.step()
+            lrs.append(sched.get_last_lr()[0])
+            sched.step()
+            weights.append(p.detach().numpy().tolist())
+        cases.append(dict(max_steps=max_steps, pct_start=pct_start, lr=lr, weight_decay=weight_decay,
+                          max_norm=max_norm, weight=weight.tolist(), grads=grads.tolist(), lrs=lrs,
+                          weights=weights))
+        print(f"optimizer: max_steps {max_steps}, pct_start {pct_start}: lrs {np.round(lrs, 5).tolist()}")
+    with open(os.path.join(HERE, "train_optimizer.json"), "w") as f:
+        json.dump(cases, f)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="stage", required=True)
@@ -332,9 +366,10 @@ def main():
     sub.add_parser("export", help="(project venv) train a tiny LoRA model and export it with train.py")
     sub.add_parser("official", help="(oracle venv) load the export in Kyutai's package, save its logits")
     sub.add_parser("lora-names", help="(oracle venv) the modules Kyutai's LoRA adapts, for a few configs")
+    sub.add_parser("optimizer", help="(oracle venv) moshi-finetune's AdamW + OneCycleLR on given gradients")
     args = ap.parse_args()
     {"interleaver": interleaver_stage, "export": export_stage, "official": official_stage,
-     "lora-names": lora_names_stage}[args.stage](args)
+     "lora-names": lora_names_stage, "optimizer": optimizer_stage}[args.stage](args)
 
 
 if __name__ == "__main__":
