@@ -1913,6 +1913,38 @@ def _max_rel(a_tree, b_tree):
     return max(rel_err(a, b) for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)))
 
 
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_train_loss_and_gradient_match_moshi_finetune(name, tmp_path):
+    """moshi-finetune's text and audio losses (its compute_loss_with_mask: PAD/EPAD targets at 0.5,
+    the first codebook at 100) on Kyutai's LMModel with the LM fixtures' weights, codes with -1 and
+    padding, and their gradient: every tensor's within 1e-4 (its norm and its projection on a random
+    probe; config c's gradients whole), under the on-disk names."""
+    ref, make = np.load(os.path.join(TESTDATA, "train_loss.npz")), fixture("make_train_fixtures")
+    _, params, cfg = _lm_fixture(name, tmp_path)
+    codes = jnp.asarray(ref[f"{name}_codes"])
+    padding_ids = (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id)
+
+    def loss(p):
+        sums = train.loss_sums(moshi.forward(p, cfg, codes), codes, make.TEXT_PADDING_WEIGHT,
+                               make.FIRST_CODEBOOK_WEIGHT, padding_ids)
+        total, text, audio = train.loss_from_sums(sums)
+        return total, jnp.stack([text, audio])
+    grads, losses = jax.jit(jax.grad(loss, has_aux=True))(params)
+    assert rel_err(losses, ref[f"{name}_losses"]) < 1e-5
+    grads = convert.to_disk(convert._lm_rows(cfg), grads, "the gradient")
+    names = [str(n) for n in ref[f"{name}_names"]]
+    assert sorted(grads) == names
+    probes = fixture("random_weights").random_tensors([(n, grads[n].shape) for n in names], make.PROBE_SEED)
+    for n, norm, probe in zip(names, ref[f"{name}_grad_norms"], ref[f"{name}_grad_probes"]):
+        g = grads[n].astype(np.float64)
+        assert abs(np.linalg.norm(g) - norm) <= 1e-4 * norm, n
+        assert abs(np.sum(g * probes[n]) - probe) <= 1e-4 * norm * np.linalg.norm(probes[n]), n
+        if name == "c":
+            assert rel_err(g, ref[f"c_grad|{n}"]) < 1e-4, n
+    # every tensor is in play but config c's extra heads, which the loss does not read
+    assert all((norm > 0) != n.startswith("extra_heads.") for n, norm in zip(names, ref[f"{name}_grad_norms"]))
+
+
 def test_train_optimizer_matches_moshi_finetune():
     """train.optimizer (clipping, AdamW, OneCycle lr and beta1) stepped on the gradients torch's
     AdamW + OneCycleLR + clip_grad_norm_ were given in moshi-finetune's settings: the same lr and

@@ -18,6 +18,12 @@ length and the text and audio-validity rows moshi-finetune produced.
 
 Stage `export` / `official` (see the end of this file): the exported-checkpoint parity fixture.
 Stage `lora-names` (oracle venv): which modules Kyutai's LoRA adapts (-> lora_names.json).
+Stage `loss` (oracle venv, needs the moshi-finetune checkout as `interleaver`): for the LM fixtures'
+configs a (moshiko-shaped) and c (delays up to 4, a depformer weight schedule), Kyutai's LMModel with
+the fixture weights, codes with -1 entries and PAD/EPAD text, moshi-finetune's text and audio losses
+(its finetune/loss.py, as its train.py calls it: text padding weight 0.5, first codebook 100) and
+their gradient; per on-disk tensor its norm and its dot product with a probe tensor (random_weights,
+seed PROBE_SEED), config c's gradients whole (-> train_loss.npz).
 Stage `optimizer` (oracle venv): moshi-finetune's optimizer as its train.py builds it (torch AdamW,
 betas (0.9, 0.95), eps 1e-8, OneCycleLR with pct_start, clip_grad_norm_), stepped on a small
 weight with given gradients; per step the lr and the weight (-> train_optimizer.json).
@@ -327,6 +333,77 @@ def lora_names_stage(args):
         json.dump(out, f, indent=1)
 
 
+LOSS_CONFIGS, PROBE_SEED, TEXT_PADDING_WEIGHT, FIRST_CODEBOOK_WEIGHT = ("a", "c"), 99, 0.5, 100.0
+
+
+def on_disk_grads(model):
+    """The gradients of an LMModel's parameters under the on-disk names (per-step attention
+    projections packed as make_lm_fixtures.on_disk_spec packs the weights)."""
+    import numpy as np
+    out, packed = {}, {}
+    for name, p in model.named_parameters():
+        g = np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.numpy()
+        for mem, disk in ((".self_attn.in_projs.", ".self_attn.in_proj_weight"),
+                          (".self_attn.out_projs.", ".self_attn.out_proj.weight")):
+            if mem in name:
+                packed.setdefault(name.split(mem)[0] + disk, []).append((int(name.split(mem)[1].split(".")[0]), g))
+                break
+        else:
+            out[name] = g
+    out.update({key: np.concatenate([g for _, g in sorted(parts, key=lambda x: x[0])]) for key, parts in packed.items()})
+    return out
+
+
+def loss_stage(args):
+    import numpy as np
+    import torch
+    from moshi.models import lm
+    sys.path.insert(0, HERE)
+    import make_lm_fixtures
+    import random_weights
+    spec = importlib.util.spec_from_file_location("moshi_finetune_loss",
+                                                  os.path.join(args.moshi_finetune, "finetune", "loss.py"))
+    loss_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loss_module)
+    out = {}
+    for name in LOSS_CONFIGS:
+        kw = make_lm_fixtures.CONFIGS[name]
+        model = lm.LMModel(**{k: v for k, v in kw.items() if k != "depformer_causal"}, dtype=torch.float32)
+        disk_spec = make_lm_fixtures.on_disk_spec(model)
+        weights = make_lm_fixtures.checkpoint(disk_spec)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+        model.train()
+        rng = np.random.default_rng(5)
+        codes = make_lm_fixtures.make_codes(kw, rng, T=12, B=3)
+        text = codes[:, 0]                    # targets within the text head (config c has text_card_out)
+        text[text >= 0] %= kw.get("text_card_out") or kw["text_card"]
+        text[rng.random(text.shape) < 0.25] = model.text_padding_token_id
+        text[rng.random(text.shape) < 0.1] = model.end_of_text_padding_id
+        codes_t = torch.from_numpy(codes)
+        output = model(codes=codes_t)
+        text_loss = loss_module.compute_loss_with_mask(
+            output.text_logits, codes_t[:, :model.audio_offset], output.text_mask, mode="text",
+            text_padding_weight=TEXT_PADDING_WEIGHT,
+            text_padding_ids={model.text_padding_token_id, model.end_of_text_padding_id})
+        audio_loss = loss_module.compute_loss_with_mask(
+            output.logits, codes_t[:, model.audio_offset:model.audio_offset + model.dep_q], output.mask,
+            mode="audio", first_codebook_weight_multiplier=FIRST_CODEBOOK_WEIGHT)
+        (text_loss + audio_loss).backward()
+        grads = on_disk_grads(model)
+        assert sorted(grads) == sorted(n for n, _ in disk_spec)
+        probes = random_weights.random_tensors(disk_spec, PROBE_SEED)
+        names = sorted(grads)
+        out.update({f"{name}_codes": codes, f"{name}_losses": np.array([text_loss.item(), audio_loss.item()]),
+                    f"{name}_names": np.asarray(names),
+                    f"{name}_grad_norms": np.array([np.linalg.norm(grads[n].astype(np.float64)) for n in names]),
+                    f"{name}_grad_probes": np.array([np.sum(grads[n].astype(np.float64) * probes[n]) for n in names])})
+        if name == "c":
+            out.update({f"c_grad|{n}": grads[n] for n in names})
+        print(f"loss: config {name}: text {text_loss.item():.5f}, audio {audio_loss.item():.5f}, "
+              f"{len(names)} gradients")
+    np.savez_compressed(os.path.join(HERE, "train_loss.npz"), **out)
+
+
 OPTIMIZER_CASES = [  # (max_steps, pct_start): the peak at pct_start * max_steps - 1
     (12, 0.05), (20, 0.3), (8, 0.5), (6, 0.9), (10, 0.15), (5, 0.0)]
 
@@ -366,10 +443,12 @@ def main():
     sub.add_parser("export", help="(project venv) train a tiny LoRA model and export it with train.py")
     sub.add_parser("official", help="(oracle venv) load the export in Kyutai's package, save its logits")
     sub.add_parser("lora-names", help="(oracle venv) the modules Kyutai's LoRA adapts, for a few configs")
+    p = sub.add_parser("loss", help="(oracle venv) moshi-finetune's loss and its gradient on the LM fixtures")
+    p.add_argument("--moshi-finetune", required=True, help="a checkout of kyutai-labs/moshi-finetune")
     sub.add_parser("optimizer", help="(oracle venv) moshi-finetune's AdamW + OneCycleLR on given gradients")
     args = ap.parse_args()
     {"interleaver": interleaver_stage, "export": export_stage, "official": official_stage,
-     "lora-names": lora_names_stage, "optimizer": optimizer_stage}[args.stage](args)
+     "lora-names": lora_names_stage, "optimizer": optimizer_stage, "loss": loss_stage}[args.stage](args)
 
 
 if __name__ == "__main__":
