@@ -311,8 +311,9 @@ def begin(run_dir: str, like, resume: bool, overwrite: bool, this: dict, log=pri
     """Before the first step -> (state, step, data position): `like` (the fresh state) at step 0
     (overwrite: the run's old metrics and checkpoints removed first), or with resume the newest
     checkpoint that can be read of the same run as `this` (run_meta). Then the run dir is tidied."""
-    if overwrite and contents(run_dir):
-        log(f"overwrite: removing the {METRICS} and {CHECKPOINTS}/ of {run_dir}")
+    if overwrite:            # every process clears (and waits), whatever it saw: it may look late
+        if contents(run_dir):
+            log(f"overwrite: removing the {METRICS} and {CHECKPOINTS}/ of {run_dir}")
         clear(run_dir)
     found = newest(run_dir, like, this, log) if resume else None
     meta, state = found or ({"step": 0, "data_position": 0}, like)
