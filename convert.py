@@ -93,21 +93,19 @@ class SafeTensorsFile:
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
-        buf = self._mmap[self._start + begin: self._start + end]
-        return buf.view(dtype).reshape(info["shape"])
+        return self._mmap[self._start + begin: self._start + end].view(dtype).reshape(info["shape"])
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write tensors (numpy or jax arrays) atomically: a crash mid-write leaves the old file intact."""
-    header, offset, arrays = {}, 0, []
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+    arrays = {name: np.ascontiguousarray(tensors[name]) for name in sorted(tensors)}
+    header, offset = {}, 0
+    for name, a in arrays.items():
         if a.dtype not in _NAMES:
             raise CheckpointError(f"cannot write {name!r}: unsupported dtype {a.dtype}")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
-        arrays.append(a)
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -115,8 +113,7 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     with atomic_open(path) as fh:
         fh.write(len(blob).to_bytes(8, "little"))
         fh.write(blob)
-        for a in arrays:
-            fh.write(a.tobytes())
+        fh.writelines(a.tobytes() for a in arrays.values())
 
 
 # The files the programs write (checkpoints, token shards, configs, wavs, transcripts) go through
