@@ -304,16 +304,17 @@ def from_disk(rows, tensors: dict, what: str, cast=jnp.asarray, dtype=None) -> d
     return _as_lists(params)
 
 
+def _from_ours(row: Row, params, dtype):
+    if row.path is None:       # usage 1 makes embedding_sum the codebook itself, exactly
+        return np.ones(row.shape, np.float32)
+    x = np.asarray(get_path(params, row.path)[row.index], dtype)
+    x = x.transpose(row.axes) if row.axes else x
+    return x.reshape(row.shape) if row.ours else x
+
+
 def to_disk(rows, params, what: str, dtype=None) -> dict:
     """Our params -> {on-disk name: numpy array} (in `dtype`, if given), shapes checked."""
-    out = {}
-    for r in rows:
-        if r.path is None:       # usage 1 makes embedding_sum the codebook itself, exactly
-            out[r.name] = np.ones(r.shape, np.float32)
-            continue
-        x = np.asarray(get_path(params, r.path)[r.index], dtype)
-        x = x.transpose(r.axes) if r.axes else x
-        out[r.name] = x.reshape(r.shape) if r.ours else x
+    out = {r.name: _from_ours(r, params, dtype) for r in rows}
     check_keys(row_keys(rows), {k: v.shape for k, v in out.items()}, what)
     return out
 
@@ -338,9 +339,8 @@ def to_disk_names(tensors: dict, num_weight_sets=lambda name: 1) -> dict:
     for the layer of a packed key. Nothing is read but the per-step projections, concatenated."""
     out, groups = {}, {}
     for name, value in tensors.items():
-        for old, new in _RENAMED.items():
-            if name.endswith(old):
-                name = name.removesuffix(old) + new
+        renamed = (name.removesuffix(old) + new for old, new in _RENAMED.items() if name.endswith(old))
+        name = next(renamed, name)                        # at most one old name fits
         for disk, mem in _PACKED.items():
             if mem in name and name.endswith(".weight"):
                 head, tail = name.split(mem)
@@ -431,9 +431,8 @@ def _mimi_rows(cfg) -> list:
         # PyTorch: Conv1d (out, in/groups, k); ConvTranspose1d (in, out/groups, k). mimi.py stores
         # (k, in/groups, out) and (in, k, out/groups): the layouts XLA's CPU kernels read directly.
         axes = (0, 2, 1) if spec.transposed else (2, 1, 0)
-        shape = tuple(spec.weight_shape[a] for a in axes)
         leaf = path + ("w",) if spec.bias else path     # a conv {"w", "b"}; the resamplers are a bare weight
-        rows.append(Row(name + ".weight", shape, leaf, axes=axes))
+        rows.append(Row(name + ".weight", tuple(spec.weight_shape[a] for a in axes), leaf, axes=axes))
         if spec.bias:
             rows.append(Row(name + ".bias", (spec.cout,), path + ("b",)))
     D, d, bins = cfg.dimension, cfg.codebook_dim, cfg.codebook_size
