@@ -586,11 +586,9 @@ def lora_modules(cfg) -> dict:
 def lora_tensors(lora, cfg) -> dict:
     """Our LoRA tree ({"a" [.., r, in], "b" [.., out, r]} at each adapted weight's path; host
     arrays) -> {moshi-finetune name: array}."""
-    modules, out = lora_modules(cfg), {}
-    for path, x in walk(lora):                           # path ends in "a" or "b"
-        for index, module in modules[path[:-1]]:
-            out[f"{module}.lora_{path[-1].upper()}.weight"] = np.asarray(x[index])
-    return out
+    modules = lora_modules(cfg)
+    return {f"{module}.lora_{path[-1].upper()}.weight": np.asarray(x[index])
+            for path, x in walk(lora) for index, module in modules[path[:-1]]}    # path ends in "a" or "b"
 
 
 def merge_lora(tensors: dict, path, rank: int, scaling: float) -> dict:
@@ -662,8 +660,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("inspect", help="list the tensors of a safetensors file")
-    p.add_argument("file")
+    sub.add_parser("inspect", help="list the tensors of a safetensors file").add_argument("file")
     p = sub.add_parser("mimi", help=mimi_round_trip.__doc__,
                        epilog="example: python convert.py mimi talk.wav talk_mimi.wav "
                        "--weights tokenizer-e351c8d8-checkpoint125.safetensors --codes talk.npy")
