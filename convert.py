@@ -93,21 +93,19 @@ class SafeTensorsFile:
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
-        buf = self._mmap[self._start + begin: self._start + end]
-        return buf.view(dtype).reshape(info["shape"])
+        return self._mmap[self._start + begin: self._start + end].view(dtype).reshape(info["shape"])
 
 
 def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write tensors (numpy or jax arrays) atomically: a crash mid-write leaves the old file intact."""
-    header, offset, arrays = {}, 0, []
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+    arrays = {name: np.ascontiguousarray(tensors[name]) for name in sorted(tensors)}
+    header, offset = {}, 0
+    for name, a in arrays.items():
         if a.dtype not in _NAMES:
             raise CheckpointError(f"cannot write {name!r}: unsupported dtype {a.dtype}")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
-        arrays.append(a)
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -115,8 +113,7 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     with atomic_open(path) as fh:
         fh.write(len(blob).to_bytes(8, "little"))
         fh.write(blob)
-        for a in arrays:
-            fh.write(a.tobytes())
+        fh.writelines(a.tobytes() for a in arrays.values())
 
 
 # The files the programs write (checkpoints, token shards, configs, wavs, transcripts) go through
@@ -307,16 +304,17 @@ def from_disk(rows, tensors: dict, what: str, cast=jnp.asarray, dtype=None) -> d
     return _as_lists(params)
 
 
+def _from_ours(row: Row, params, dtype):
+    if row.path is None:       # usage 1 makes embedding_sum the codebook itself, exactly
+        return np.ones(row.shape, np.float32)
+    x = np.asarray(get_path(params, row.path)[row.index], dtype)
+    x = x.transpose(row.axes) if row.axes else x
+    return x.reshape(row.shape) if row.ours else x
+
+
 def to_disk(rows, params, what: str, dtype=None) -> dict:
     """Our params -> {on-disk name: numpy array} (in `dtype`, if given), shapes checked."""
-    out = {}
-    for r in rows:
-        if r.path is None:       # usage 1 makes embedding_sum the codebook itself, exactly
-            out[r.name] = np.ones(r.shape, np.float32)
-            continue
-        x = np.asarray(get_path(params, r.path)[r.index], dtype)
-        x = x.transpose(r.axes) if r.axes else x
-        out[r.name] = x.reshape(r.shape) if r.ours else x
+    out = {r.name: _from_ours(r, params, dtype) for r in rows}
     check_keys(row_keys(rows), {k: v.shape for k, v in out.items()}, what)
     return out
 
@@ -341,9 +339,8 @@ def to_disk_names(tensors: dict, num_weight_sets=lambda name: 1) -> dict:
     for the layer of a packed key. Nothing is read but the per-step projections, concatenated."""
     out, groups = {}, {}
     for name, value in tensors.items():
-        for old, new in _RENAMED.items():
-            if name.endswith(old):
-                name = name.removesuffix(old) + new
+        renamed = (name.removesuffix(old) + new for old, new in _RENAMED.items() if name.endswith(old))
+        name = next(renamed, name)                        # at most one old name fits
         for disk, mem in _PACKED.items():
             if mem in name and name.endswith(".weight"):
                 head, tail = name.split(mem)
@@ -434,9 +431,8 @@ def _mimi_rows(cfg) -> list:
         # PyTorch: Conv1d (out, in/groups, k); ConvTranspose1d (in, out/groups, k). mimi.py stores
         # (k, in/groups, out) and (in, k, out/groups): the layouts XLA's CPU kernels read directly.
         axes = (0, 2, 1) if spec.transposed else (2, 1, 0)
-        shape = tuple(spec.weight_shape[a] for a in axes)
         leaf = path + ("w",) if spec.bias else path     # a conv {"w", "b"}; the resamplers are a bare weight
-        rows.append(Row(name + ".weight", shape, leaf, axes=axes))
+        rows.append(Row(name + ".weight", tuple(spec.weight_shape[a] for a in axes), leaf, axes=axes))
         if spec.bias:
             rows.append(Row(name + ".bias", (spec.cout,), path + ("b",)))
     D, d, bins = cfg.dimension, cfg.codebook_dim, cfg.codebook_size
@@ -590,11 +586,9 @@ def lora_modules(cfg) -> dict:
 def lora_tensors(lora, cfg) -> dict:
     """Our LoRA tree ({"a" [.., r, in], "b" [.., out, r]} at each adapted weight's path; host
     arrays) -> {moshi-finetune name: array}."""
-    modules, out = lora_modules(cfg), {}
-    for path, x in walk(lora):                           # path ends in "a" or "b"
-        for index, module in modules[path[:-1]]:
-            out[f"{module}.lora_{path[-1].upper()}.weight"] = np.asarray(x[index])
-    return out
+    modules = lora_modules(cfg)
+    return {f"{module}.lora_{path[-1].upper()}.weight": np.asarray(x[index])
+            for path, x in walk(lora) for index, module in modules[path[:-1]]}    # path ends in "a" or "b"
 
 
 def merge_lora(tensors: dict, path, rank: int, scaling: float) -> dict:
@@ -666,8 +660,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("inspect", help="list the tensors of a safetensors file")
-    p.add_argument("file")
+    sub.add_parser("inspect", help="list the tensors of a safetensors file").add_argument("file")
     p = sub.add_parser("mimi", help=mimi_round_trip.__doc__,
                        epilog="example: python convert.py mimi talk.wav talk_mimi.wav "
                        "--weights tokenizer-e351c8d8-checkpoint125.safetensors --codes talk.npy")
