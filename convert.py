@@ -339,8 +339,9 @@ def to_disk_names(tensors: dict, num_weight_sets=lambda name: 1) -> dict:
     for the layer of a packed key. Nothing is read but the per-step projections, concatenated."""
     out, groups = {}, {}
     for name, value in tensors.items():
-        renamed = (name.removesuffix(old) + new for old, new in _RENAMED.items() if name.endswith(old))
-        name = next(renamed, name)                        # at most one old name fits
+        for old, new in _RENAMED.items():
+            if name.endswith(old):
+                name = name.removesuffix(old) + new
         for disk, mem in _PACKED.items():
             if mem in name and name.endswith(".weight"):
                 head, tail = name.split(mem)
