@@ -13,7 +13,8 @@ a run starts from (--init-from, --ttt-*) and the one export writes, the hosts' s
 This file is the training program: each step reads a batch of windows [B, 17, T], runs
 moshi.forward and the loss under `jax.shard_map` on a (dp, fsdp) device mesh, one process per
 host, and updates the weights (or LoRA adapters, and In-Place TTT's weights) with AdamW under
-moshi-finetune's OneCycle schedule. The sections: 1. the loss and LoRA, 2. sharding, 3. the train step, 4. the training loop, and the CLI.
+moshi-finetune's OneCycle schedule. The sections: 1. the loss and LoRA, 2. sharding, 3. the train
+step, 4. the training loop, and the CLI.
 
 Reference: kyutai-labs/moshi-finetune (finetune/loss.py, train.py, args.py, moshi/modules/lora.py).
 Run `python train.py --help` / `python train.py prepare --help` / `python train.py export --help`.
