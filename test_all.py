@@ -1970,10 +1970,11 @@ def test_train_optimizer_matches_moshi_finetune():
         tx, weight = train.optimizer(h), jnp.asarray(case["weight"], jnp.float32)
         opt, lr_at, update = tx.init(weight), jax.jit(train.one_cycle(h)[0]), jax.jit(tx.update)
         for step, (g, lr, expected) in enumerate(zip(case["grads"], case["lrs"], case["weights"])):
-            assert abs(float(lr_at(step)) - lr) <= 1e-6 * case["lr"], (case["max_steps"], case["pct_start"], step)
+            where = (case["max_steps"], case["pct_start"], step)
+            assert abs(float(lr_at(step)) - lr) <= 1e-6 * case["lr"], where
             updates, opt = update(jnp.asarray(g, jnp.float32), opt, weight)
             weight = weight + updates
-            assert rel_err(weight, np.asarray(expected)) < 1e-5, (case["max_steps"], case["pct_start"], step)
+            assert rel_err(weight, np.asarray(expected)) < 1e-5, where
 
 
 @pytest.mark.parametrize("lora_rank", [0, 3])
@@ -1995,7 +1996,8 @@ def test_train_sharded_step_matches_one_device(lora_rank, fast_compile):
     _, one, m1, _ = _one_step(1, 1, h, params, lora, codes)
     plan, eight, m8, layer_scans = _one_step(2, 4, h, params, lora, codes)
     assert rel_err(m8, m1) < 1e-5 and m1[0] > 0                                 # loss, text, audio, grad norm
-    assert _max_rel(eight["opt"][1].inner_state[0].mu, one["opt"][1].inner_state[0].mu) < 1e-5        # the gradients, via Adam's mu
+    adam = lambda state: state["opt"][1].inner_state[0]                        # noqa: E731
+    assert _max_rel(adam(eight).mu, adam(one).mu) < 1e-5                      # the gradients, via Adam's mu
     assert _max_rel(eight["params"], one["params"]) < 1e-5
     before = lora if lora_rank else params
     assert _max_rel(one["params"], before) > 1e-4                              # the step did change them

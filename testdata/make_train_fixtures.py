@@ -350,7 +350,8 @@ def on_disk_grads(model):
                 break
         else:
             out[name] = g
-    out.update({key: np.concatenate([g for _, g in sorted(parts, key=lambda x: x[0])]) for key, parts in packed.items()})
+    for key, parts in packed.items():                      # the weight sets in their order
+        out[key] = np.concatenate([g for _, g in sorted(parts, key=lambda part: part[0])])
     return out
 
 
