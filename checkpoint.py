@@ -227,7 +227,10 @@ def load(path: str, like):
 
     def restore(path_, x):
         name = jax.tree_util.keystr(path_)
-        found = tuple(meta["leaves"][name]["shape"]) if name in meta["leaves"] else None
+        if name not in meta["leaves"]:
+            raise ValueError(f"checkpoint {path} has no state leaf {name}: another version of train.py "
+                             "wrote it (its optimizer state differs)")
+        found = tuple(meta["leaves"][name]["shape"])
         if found != x.shape:
             raise ValueError(f"checkpoint {path}: state leaf {name} has shape {x.shape}, "
                              f"checkpoint has {found}")

@@ -2521,6 +2521,9 @@ def test_train_checkpoint_round_trip_bf16_and_other_mesh(tmp_path):
     with pytest.raises(checkpoint.CorruptCheckpoint,
                        match=r"piece \['w'\]@0,0 holds float32, meta.json says bfloat16"):
         jax.block_until_ready(checkpoint.load(str(relabelled), placed))
+    # a state with a leaf the checkpoint lacks (another train.py's optimizer state) is named
+    with pytest.raises(ValueError, match=r"has no state leaf \['extra'\]: another version of train.py"):
+        checkpoint.load(str(tmp_path / "step_000003"), dict(placed, extra=placed["step"]))
     # saving a step that is already there (resume passed it over) sets it aside, never over another
     for position in (6, 7):
         checkpoint.save(str(tmp_path), 3, placed, {"data_position": position}, keep=1)
