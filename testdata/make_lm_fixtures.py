@@ -75,22 +75,27 @@ def fixture_path(name):
 # ----------------------------------------------------------------------------------------------
 # Everything below needs torch and the official package.
 
-def on_disk_spec(model):
-    """Kyutai's in-memory state_dict names -> the packed on-disk names and shapes, in order."""
-    spec, packed = [], {}
-    for name, value in model.state_dict().items():
+def pack_on_disk(named) -> dict:
+    """(in-memory name, numpy array) pairs in state_dict order -> {on-disk name: array}: the
+    per-step attention projections concatenated in their order under the packed name, which takes
+    the place of the first of them."""
+    out = {}
+    for name, value in named:
         for mem, disk in ((".self_attn.in_projs.", ".self_attn.in_proj_weight"),
                           (".self_attn.out_projs.", ".self_attn.out_proj.weight")):
             if mem in name:
                 key = name.split(mem)[0] + disk
-                if key not in packed:
-                    packed[key] = [0, tuple(value.shape[1:])]
-                    spec.append(key)
-                packed[key][0] += value.shape[0]
+                out[key] = np.concatenate([out[key], value]) if key in out else value
                 break
         else:
-            spec.append((name, tuple(value.shape)))
-    return [(s, (packed[s][0],) + packed[s][1]) if isinstance(s, str) else s for s in spec]
+            out[name] = value
+    return out
+
+
+def on_disk_spec(model):
+    """Kyutai's in-memory state_dict names -> the packed on-disk names and shapes, in order."""
+    packed = pack_on_disk((name, value.numpy()) for name, value in model.state_dict().items())
+    return [(name, tuple(value.shape)) for name, value in packed.items()]
 
 
 def make_codes(kw, rng, T, B=2):

@@ -336,25 +336,6 @@ def lora_names_stage(args):
 LOSS_CONFIGS, PROBE_SEED, TEXT_PADDING_WEIGHT, FIRST_CODEBOOK_WEIGHT = ("a", "c"), 99, 0.5, 100.0
 
 
-def on_disk_grads(model):
-    """The gradients of an LMModel's parameters under the on-disk names (per-step attention
-    projections packed as make_lm_fixtures.on_disk_spec packs the weights)."""
-    import numpy as np
-    out, packed = {}, {}
-    for name, p in model.named_parameters():
-        g = np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.numpy()
-        for mem, disk in ((".self_attn.in_projs.", ".self_attn.in_proj_weight"),
-                          (".self_attn.out_projs.", ".self_attn.out_proj.weight")):
-            if mem in name:
-                packed.setdefault(name.split(mem)[0] + disk, []).append((int(name.split(mem)[1].split(".")[0]), g))
-                break
-        else:
-            out[name] = g
-    for key, parts in packed.items():                      # the weight sets in their order
-        out[key] = np.concatenate([g for _, g in sorted(parts, key=lambda part: part[0])])
-    return out
-
-
 def loss_stage(args):
     import numpy as np
     import torch
@@ -390,7 +371,9 @@ def loss_stage(args):
             output.logits, codes_t[:, model.audio_offset:model.audio_offset + model.dep_q], output.mask,
             mode="audio", first_codebook_weight_multiplier=FIRST_CODEBOOK_WEIGHT)
         (text_loss + audio_loss).backward()
-        grads = on_disk_grads(model)
+        grads = make_lm_fixtures.pack_on_disk(             # under the on-disk names, as the weights
+            (n, np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.numpy())
+            for n, p in model.named_parameters())
         assert sorted(grads) == sorted(n for n, _ in disk_spec)
         probes = random_weights.random_tensors(disk_spec, PROBE_SEED)
         names = sorted(grads)
