@@ -99,7 +99,13 @@ def window_words(alignments, start_sec: float, duration_sec: float):
     return sorted(words, key=lambda a: a[1])
 
 
-def window_text(sp, alignments, start_sec: float, window_frames: int, real_frames: int) -> np.ndarray:
+def window_frames(window_sec: float) -> int:
+    """A window of `window_sec` seconds has ceil(window_sec * 12.5) frames, as moshi-finetune counts them:
+    a duration that is not a whole number of frames gets one more frame, with no audio in its tail."""
+    return math.ceil(window_sec * CODEC.frame_rate)
+
+
+def window_text(sp, alignments, start_sec: float, window_sec: float, real_frames: int) -> np.ndarray:
     """The text row [window_frames] of the window that starts at `start_sec`, as moshi-finetune builds it.
 
     `real_frames` is how many frames of audio the window really has (fewer in a file's last window).
@@ -108,12 +114,12 @@ def window_text(sp, alignments, start_sec: float, window_frames: int, real_frame
     keeps going as PAD past the end of the audio (and is trained on), and is IGNORE only beyond
     ceil(real_frames * 12.5) frames. We reproduce that quirk exactly (tested against its code).
     """
-    words = window_words(alignments, start_sec, window_frames / CODEC.frame_rate)
+    words = window_words(alignments, start_sec, window_sec)
     words = [(tokenize_word(sp, w), s, e) for w, s, e, spk in words if spk == MAIN_SPEAKER and s < e]
-    steps = math.ceil(real_frames * CODEC.frame_rate)
-    row = np.full(window_frames, depformer.ZERO_TOKEN, np.int32)
+    steps, frames = math.ceil(real_frames * CODEC.frame_rate), window_frames(window_sec)
+    row = np.full(frames, depformer.ZERO_TOKEN, np.int32)
     stream = text_stream(words, steps, LM.existing_text_padding_id, LM.existing_text_end_padding_id)
-    row[:len(stream)] = stream[:window_frames]
+    row[:len(stream)] = stream[:frames]
     return row
 
 
@@ -203,12 +209,13 @@ def to_samples(seconds: float, rate: int) -> int:
     return whole * rate + int(float(rate) * (seconds - whole))
 
 
-def cut_windows(wav: np.ndarray, rate: int, window_frames: int, duration: float):
+def cut_windows(wav: np.ndarray, rate: int, window_sec: float, duration: float):
     """[2, S] at `rate` and the manifest's duration -> (window starts in s, chunks [n, 2,
-    window_samples] at 24 kHz zero-padded, real frames per window [n]). A window that would start
+    window_frames * 1920] at 24 kHz zero-padded, real frames per window [n]). A window that would start
     past the audio's end is not there (sphn fails to seek to it and moshi-finetune goes on). At
     another rate each window is read whole (zero-padded) and resampled on its own, as sphn does."""
-    window_sec, out = window_frames / CODEC.frame_rate, window_frames * CODEC.frame_size
+    frames = window_frames(window_sec)
+    out = frames * CODEC.frame_size
     length = to_samples(window_sec, rate)
     starts = [s for s in window_starts(duration, window_sec) if to_samples(s, rate) < wav.shape[1]]
     chunks = np.zeros((len(starts), 2, out), np.float32)
@@ -220,7 +227,7 @@ def cut_windows(wav: np.ndarray, rate: int, window_frames: int, duration: float)
             piece = audio.resample(np.pad(piece, ((0, 0), (0, length - real))), rate, CODEC.sample_rate)
             real = piece.shape[1] if real == length else real * CODEC.sample_rate // rate
         chunks[i, :, :min(real, out)] = piece[:, :min(real, out)]
-        real_frames[i] = min(window_frames, -(-real // CODEC.frame_size))  # a last, partial frame counts
+        real_frames[i] = min(frames, -(-real // CODEC.frame_size))  # a last, partial frame counts
     return starts, chunks, real_frames
 
 
@@ -238,16 +245,17 @@ def encode_windows(params, cfg, batch: int, chunks: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(c).reshape(batch, 2 * K, -1) for c in codes])[:n]
 
 
-def file_tokens(wav, rate: int, alignments, sp, encode, window_frames: int, duration: float):
+def file_tokens(wav, rate: int, alignments, sp, encode, window_sec: float, duration: float):
     """One file [2, S] at `rate` and its manifest duration -> (int16 [17, n * window_frames], frames
     of real audio)."""
-    starts, chunks, real_frames = cut_windows(wav, rate, window_frames, duration)
-    codes = encode(chunks)[..., :window_frames]                  # [n, 16, window_frames]
-    if codes.shape[-1] != window_frames:
-        raise DataError(f"Mimi gave {codes.shape[-1]} frames for a {window_frames}-frame window")
+    starts, chunks, real_frames = cut_windows(wav, rate, window_sec, duration)
+    frames = window_frames(window_sec)
+    codes = encode(chunks)[..., :frames]                         # [n, 16, window_frames]
+    if codes.shape[-1] != frames:
+        raise DataError(f"Mimi gave {codes.shape[-1]} frames for a {frames}-frame window")
     # IGNORE past the audio each window really has
-    codes = np.where(np.arange(window_frames) < real_frames[:, None, None], codes, depformer.ZERO_TOKEN)
-    texts = [window_text(sp, alignments, s, window_frames, int(real)) for s, real in zip(starts, real_frames)]
+    codes = np.where(np.arange(frames) < real_frames[:, None, None], codes, depformer.ZERO_TOKEN)
+    texts = [window_text(sp, alignments, s, window_sec, int(real)) for s, real in zip(starts, real_frames)]
     windows = np.concatenate([np.stack(texts)[:, None], codes], axis=1)         # [n, 17, window_frames]
     tokens = np.concatenate(windows, axis=1)                                    # [17, n * window_frames]
     if tokens.max() > np.iinfo(np.int16).max:
@@ -255,7 +263,7 @@ def file_tokens(wav, rate: int, alignments, sp, encode, window_frames: int, dura
     return tokens.astype(np.int16), int(real_frames.sum())
 
 
-def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict: bool = False,
+def prepare(manifest: str, out_dir: str, sp, encode, window_sec: float, strict: bool = False,
             read_audio=audio.read_audio, meta: dict | None = None, log=print) -> dict:
     """Tokenize a whole manifest into out_dir/{tokens/NNNNNN.npy, index.json}; returns the index.
 
@@ -269,7 +277,7 @@ def prepare(manifest: str, out_dir: str, sp, encode, window_frames: int, strict:
     out_dir = f"{final}.tmp-{os.getpid()}"
     os.makedirs(os.path.join(out_dir, "tokens"))
     try:
-        index = _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, read_audio,
+        index = _prepare_into(out_dir, entries, manifest, sp, encode, window_sec, strict, read_audio,
                               meta, log)
         if os.path.isdir(final):
             os.rmdir(final)                          # empty, checked above
@@ -287,8 +295,9 @@ def check_new_folder(out_dir: str) -> None:
         raise DataError(f"--out {out_dir} is a file, not a folder")
 
 
-def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict, read_audio, meta, log):
+def _prepare_into(out_dir, entries, manifest, sp, encode, window_sec, strict, read_audio, meta, log):
     files, skipped, highest = [], [], {"text": -1, "audio": -1}      # the largest ids, for train's check
+    frames = window_frames(window_sec)
     for i, (wav_path, duration) in enumerate(entries):
         try:
             if not duration > 0:
@@ -304,19 +313,20 @@ def _prepare_into(out_dir, entries, manifest, sp, encode, window_frames, strict,
         if abs(wav.shape[1] / rate - duration) > 1 / CODEC.frame_rate:
             log(f"prepare: note: {wav_path} lasts {wav.shape[1] / rate:.2f} s, the manifest "
                 f"says {duration:.2f} s; windows follow the manifest, as in moshi-finetune")
-        tokens, real = file_tokens(wav, rate, alignments, sp, encode, window_frames, duration)
+        tokens, real = file_tokens(wav, rate, alignments, sp, encode, window_sec, duration)
         highest = {"text": max(highest["text"], int(tokens[0].max())),
                    "audio": max(highest["audio"], int(tokens[1:].max()))}
         name = os.path.join("tokens", f"{len(files):06d}.npy")
         with convert.atomic_open(os.path.join(out_dir, name)) as f:
             np.save(f, tokens)
-        files.append({"tokens": name, "source": wav_path, "windows": tokens.shape[1] // window_frames,
+        files.append({"tokens": name, "source": wav_path, "windows": tokens.shape[1] // frames,
                       "frames": real})
         log(f"prepare: [{i + 1}/{len(entries)}] {wav_path}: {files[-1]['windows']} windows, {real} frames")
     if not files:
         raise DataError(f"{manifest}: no usable file ({len(skipped)} skipped)")
-    index = {"format": "moshi-jax-tokens-v1", "window_frames": window_frames, "frame_rate": CODEC.frame_rate,
-             "streams": LM.num_streams, "text_padding_id": LM.existing_text_padding_id,
+    index = {"format": "moshi-jax-tokens-v1", "window_sec": window_sec, "window_frames": frames,
+             "frame_rate": CODEC.frame_rate, "streams": LM.num_streams,
+             "text_padding_id": LM.existing_text_padding_id,
              "end_of_padding_id": LM.existing_text_end_padding_id, "manifest": manifest,
              "max_token_ids": highest, "files": files, "skipped": skipped, **(meta or {})}
     with convert.atomic_open(os.path.join(out_dir, "index.json"), "w") as f:
@@ -369,7 +379,7 @@ class TokenWindows:
     def name(self, i: int) -> str:
         """A human name for window i: the source file and the seconds it covers."""
         info, w = self.locate(i)
-        sec = self.window_frames / CODEC.frame_rate
+        sec = self.index.get("window_sec", self.window_frames / CODEC.frame_rate)
         return f"{info['source']} [{w * sec:g}-{(w + 1) * sec:g} s]"
 
     def __getitem__(self, i: int) -> np.ndarray:
@@ -425,10 +435,8 @@ def main(argv=None, prog="data.py") -> dict:
 
 def prepare_main(args) -> dict:
     import sentencepiece
-    frames = args.duration_sec * CODEC.frame_rate
-    if not (frames >= 1 and frames == round(frames)):
-        raise DataError(f"--duration-sec {args.duration_sec}: must be a positive whole number of 80 ms "
-                        "frames")
+    if not (args.duration_sec > 0 and math.isfinite(args.duration_sec)):
+        raise DataError(f"--duration-sec {args.duration_sec}: must be a positive number of seconds")
     if args.encode_batch < 1:
         raise DataError(f"--encode-batch {args.encode_batch}: must be at least 1")
     check_new_folder(args.out)                                  # before Mimi loads (prepare checks again)
@@ -441,7 +449,7 @@ def prepare_main(args) -> dict:
     except (OSError, RuntimeError) as e:
         raise DataError(f"--tokenizer {args.tokenizer}: not a sentencepiece model ({e})") from None
     encode = functools.partial(encode_windows, params, cfg, args.encode_batch)
-    return prepare(args.manifest, args.out, sp, encode, round(frames), args.strict,
+    return prepare(args.manifest, args.out, sp, encode, args.duration_sec, args.strict,
                    meta={"tokenizer": args.tokenizer, "mimi": args.mimi})
 
 

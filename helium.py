@@ -191,8 +191,8 @@ def sin_embedding(positions, dim: int, max_period: float, dtype):
 
 def attention_mask(pos_q, pos_k, causal: bool, context: int | None):
     # pos_q [T], pos_k [S] (-1 = empty slot) -> bool [T, S], True = may attend
-    if not causal:
-        return jnp.broadcast_to(pos_k[None, :] >= 0, (pos_q.shape[0], pos_k.shape[0]))
+    if not causal:      # Kyutai masks nothing then: a stream also attends to its empty (zero) slots
+        return jnp.ones((pos_q.shape[0], pos_k.shape[0]), bool)
     delta = pos_q[:, None] - pos_k[None, :]
     allowed = (pos_k[None, :] >= 0) & (delta >= 0)
     if context is not None:

@@ -151,6 +151,7 @@ HELIUM_CONFIGS = {
     "lm": helium.TransformerConfig(32, 4, 2, int(4.125 * 32), context=5),
     "dep": helium.TransformerConfig(32, 4, 2, int(4.125 * 32), positional_embedding="none",
                                     weights_per_step=4, weights_per_step_schedule=(0, 1, 2, 2)),
+    "noncausal": helium.TransformerConfig(32, 4, 2, 64, causal=False, context=5),
 }
 
 
@@ -1370,17 +1371,17 @@ def test_train_interleaver_matches_moshi_finetune(tmp_path, capsys):
     for word, pieces in fixture["pieces"].items():
         assert data.tokenize_word(sp, word) == pieces
     for case in fixture["cases"]:
-        frames = round(case["window_sec"] * data.CODEC.frame_rate)
+        frames = data.window_frames(case["window_sec"])
         (tmp_path / "a.json").write_text(json.dumps({"alignments": case["alignments"]}))
         alignments = data.read_alignments(str(tmp_path / "a.json"))
         samples = round(case["file_sec"] * data.CODEC.sample_rate)
-        starts, chunks, real_frames = data.cut_windows(np.ones((2, samples), np.float32), 24000, frames,
+        starts, chunks, real_frames = data.cut_windows(np.ones((2, samples), np.float32), 24000, case["window_sec"],
                                                        case["manifest_sec"])
         assert starts == case["start_time_sec"], case["name"]
         assert (chunks.sum((1, 2)) / 2).tolist() == case["unpadded_len"], case["name"]
         for w, (start, real) in enumerate(zip(starts, real_frames)):
             assert (np.arange(frames) < real).astype(int).tolist() == case["audio_valid"][w], case["name"]
-            got = data.window_text(sp, alignments, start, frames, int(real))
+            got = data.window_text(sp, alignments, start, case["window_sec"], int(real))
             assert got.tolist() == case["text"][w], (case["name"], w)
     assert "not in time order" in capsys.readouterr().out
 
@@ -1395,7 +1396,7 @@ def test_data_windows_are_sphns_at_any_rate(tmp_path):
         soundfile.write(tmp_path / "w.wav", make.pcm16(make.signal(rate, make.WINDOW_FILE_SECONDS)).T, rate,
                         subtype="PCM_16")
         wav, sr = data.load_stereo(str(tmp_path / "w.wav"))
-        starts, chunks, real_frames = data.cut_windows(wav, sr, frames, make.WINDOW_FILE_SECONDS)
+        starts, chunks, real_frames = data.cut_windows(wav, sr, make.WINDOW_SECONDS, make.WINDOW_FILE_SECONDS)
         assert sr == rate and len(starts) == sum(k.startswith(f"window_{rate}_") for k in ref.files) == 3
         for k, real in enumerate(real_frames):
             want = ref[f"window_{rate}_{k}"][:, :frames * 1920]
@@ -1451,7 +1452,7 @@ def test_train_prepare_windows_and_bad_files(train_dataset, fast_compile):
     assert "unreadable audio" in reasons["broken.wav"]
     with pytest.raises(data.DataError, match="mono.wav"):
         data.prepare(str(root / "data.jsonl"), str(root / "strict"), _train_spm(),
-                      lambda chunks: np.zeros((len(chunks), 16, 16), np.int32), 16,
+                      lambda chunks: np.zeros((len(chunks), 16, 16), np.int32), 1.28,
                       strict=True, read_audio=audio.read_audio, log=lambda *_: None)
     ds = data.TokenWindows(train_dataset["prepared"])
     tokens = np.load(os.path.join(train_dataset["prepared"], index["files"][1]["tokens"]))
@@ -1463,7 +1464,7 @@ def test_train_prepare_windows_and_bad_files(train_dataset, fast_compile):
         window = ds[2 + w]
         assert window.tolist() == tokens[:, 16 * w:16 * (w + 1)].tolist()
         start = float(np.float32(1.28 * w))
-        assert window[0].tolist() == data.window_text(_train_spm(), alignments, start, 16, real).tolist()
+        assert window[0].tolist() == data.window_text(_train_spm(), alignments, start, 1.28, real).tolist()
         alone = wav[:, first:first + 16 * 1920][:, None]                              # the window, unpadded
         codes = np.asarray(mimi.encode(train_dataset["mimi"], TRAIN_MIMI, alone, num_codebooks=8))
         assert np.array_equal(window[1:, :real], codes.reshape(16, -1)[:, :real])
@@ -1482,7 +1483,7 @@ def test_data_prepare_refuses_bad_input_and_loses_nothing(train_dataset, tmp_pat
     a missing wav is reported as a missing wav, not as its missing .json."""
     root = train_dataset["root"]
     stub = lambda chunks: np.zeros((len(chunks), 16, 16), np.int32)                    # noqa: E731  no Mimi
-    prep = lambda out, **kw: data.prepare(str(root / "data.jsonl"), str(out), _train_spm(), stub, 16,   # noqa: E731
+    prep = lambda out, **kw: data.prepare(str(root / "data.jsonl"), str(out), _train_spm(), stub, 1.28,   # noqa: E731
                                           read_audio=audio.read_audio, log=print, **kw)
     before = {p: p.read_bytes() for p in (root / "prepared").rglob("*") if p.is_file()}
     with pytest.raises(data.DataError, match="prepared already holds index.json, tokens"):
@@ -1493,7 +1494,7 @@ def test_data_prepare_refuses_bad_input_and_loses_nothing(train_dataset, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == []                  # no half dataset, no tokens/
     cli = ["prepare", "--manifest", str(root / "data.jsonl"), "--mimi", str(root / "mimi.safetensors"),
            "--tokenizer", os.path.join(TESTDATA, "train_spm.model"), "--out", str(tmp_path / "out")]
-    for extra, message in ((["--duration-sec", "0"], "--duration-sec 0.0: must be a positive whole number"),
+    for extra, message in ((["--duration-sec", "0"], "--duration-sec 0.0: must be a positive number"),
                            (["--tokenizer", str(root / "talk0.json")], "not a sentencepiece model"),
                            (["--out", str(root / "prepared")], "already holds")):
         with pytest.raises(data.DataError, match=message):

@@ -3,7 +3,7 @@ and its norms applied to a bf16 input by a bf16 module (as in a model loaded in 
 
 Run with the official package (see DEVELOPERS.md): `~/oracle/bin/python testdata/make_helium_fixtures.py`.
 Random weights, fixed inputs; saves weights in Kyutai's naming plus batch and streaming outputs.
-The LM flavour streams 2 steps per call through a ring cache smaller than the sequence, which is
+The LM and non-causal flavours stream 2 steps per call through a ring cache smaller than the sequence, which is
 where Kyutai's streaming output departs from its batch output: we must match the streaming one.
 """
 import os
@@ -19,6 +19,9 @@ for name, kw in {
              positional_embedding="rope", gating="silu", norm="rms_norm_f32", max_period=10000),
   "dep": dict(d_model=32, num_heads=4, num_layers=2, dim_feedforward=int(4.125*32), causal=True, context=None,
              positional_embedding="none", gating="silu", norm="rms_norm_f32", weights_per_step=4, weights_per_step_schedule=[0,1,2,2]),
+  # no config ships it, but LMModel(causal=False) is accepted: then nothing is masked, not even empty ring slots
+  "noncausal": dict(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64, causal=False, context=5,
+                    positional_embedding="rope", gating="silu", norm="rms_norm_f32", max_period=10000),
 }.items():
     m = StreamingTransformer(**kw).eval()
     with torch.no_grad():

@@ -91,6 +91,11 @@ CASES = [
     ("extra_fields_and_nan_start", 0.8, 1.6, [["hello", [0.1, 0.3], "SPEAKER_MAIN", 0.9],
                                               ["never", [float("nan"), 0.5], "SPEAKER_MAIN"],
                                               ["there", [0.9, 1.0, 0.5], "SPEAKER_MAIN", "x"]]),
+    # a duration that is not whole frames: ceil(d * 12.5) frames (6.25 -> 7; 0.56 * 12.5 is 7.000000000000001
+    # in floats -> 8), the last with no audio, while windows still start every d seconds
+    ("window_not_whole_frames", 0.5, 1.3, [["hello", [0.1, 0.3], "SPEAKER_MAIN"], ["there", [0.45, 0.6], "SPEAKER_MAIN"],
+                                           ["time", [1.05, 1.2], "SPEAKER_MAIN"]]),
+    ("window_a_float_over_whole", 0.56, 1.2, [["cat", [0.3, 0.5], "SPEAKER_MAIN"], ["story", [0.6, 0.9], "SPEAKER_MAIN"]]),
 ]
 
 
