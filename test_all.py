@@ -2115,6 +2115,8 @@ def test_train_refuses_bad_input_before_touching_the_run_dir(train_dataset, tmp_
     with pytest.raises(ValueError, match=r"--ttt-layers \(5,\): TTT config: layers=\(5,\) names layer 5, but the "
                                          r"transformer has 2 layers"):
         _cli(train_dataset, run, "--resume", "--ttt-layers", "5")
+    with pytest.raises(ValueError, match="a train.py run directory, not a Kyutai checkpoint: continue it with"):
+        _cli(train_dataset, tmp_path / "other", "--init-from", str(run))
     assert _files(run) == before
     top = train_dataset["index"]["max_token_ids"]["text"]           # a text head too small for the data
     monkeypatch.setitem(moshi.PRESETS, "small_text", dataclasses.replace(TRAIN_CFG, text_card=top))
