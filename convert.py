@@ -13,8 +13,9 @@ the way the math reads. The parts, top to bottom:
 3. Mimi: `params, cfg = load_mimi(path, cfg=None)` (fp32 or bf16 files, both attention namings),
    `save_mimi(path, params, cfg)`. This part
    needs only mimi.py and helium.py: copied with them, it loads Mimi's released weights.
-4. The LM: `params = load_lm(path, cfg)`, `save_lm(path, params, cfg)`, and moshi-finetune's LoRA
-   adapter names. It needs no moshi.py: the config (moshi.LMConfig) comes in.
+4. The LM: `params = load_lm(path, cfg)`, `save_lm(path, params, cfg)` (Kyutai's -q8 int8 files
+   load too, for generation), and moshi-finetune's LoRA adapter names. It needs no moshi.py: the
+   config (moshi.LMConfig) comes in.
 
 Which files make up a model (a Hugging Face repo, a folder) and what its config.json says is repo.py's.
 `python convert.py inspect FILE` lists a checkpoint's tensors without loading them;
@@ -32,6 +33,7 @@ import tempfile
 import warnings
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes                        # ships with jax; it gives numpy a bfloat16
 import numpy as np
@@ -262,6 +264,7 @@ class Row(NamedTuple):
     ours: tuple | None = None   # the slice's shape here, where the layouts differ by a reshape
     axes: tuple | None = None   # or by this axis permutation, its own inverse (Mimi's convs)
     usage: str | None = None    # a codebook: the cluster_usage buffer that divides embedding_sum
+    keep: bool = False          # read in the file's dtype, whatever the model's (int8 and its fp32 scale)
 
 
 def row_keys(rows) -> dict:
@@ -300,7 +303,8 @@ def from_disk(rows, tensors: dict, what: str, cast=jnp.asarray, dtype=None) -> d
             leaves.setdefault(r.path, []).append(r)
     params = {}
     for path, group in leaves.items():
-        set_path(params, path, cast(_leaf(group, tensors, dtype)))
+        leaf = _leaf(group, tensors, dtype)
+        set_path(params, path, jnp.asarray(leaf) if group[0].keep else cast(leaf))
     return _as_lists(params)
 
 
@@ -343,9 +347,10 @@ def to_disk_names(tensors: dict, num_weight_sets=lambda name: 1) -> dict:
             if name.endswith(old):
                 name = name.removesuffix(old) + new
         for disk, mem in _PACKED.items():
-            if mem in name and name.endswith(".weight"):
+            if mem in name and name.endswith((".weight", ".weight_scb")):      # _scb: a -q8 scale
                 head, tail = name.split(mem)
-                groups.setdefault(head + disk, {})[int(tail.split(".")[0])] = value
+                suffix = "_scb" if name.endswith("_scb") else ""
+                groups.setdefault(head + disk + suffix, {})[int(tail.split(".")[0])] = value
                 break
         else:
             out[name] = value
@@ -530,14 +535,34 @@ def lm_keys(cfg) -> dict:
     return row_keys(_lm_rows(cfg))
 
 
-def load_lm(path, cfg, dtype=None, stacked: bool = True, lora=None):
+# Kyutai's -q8 checkpoints (kyutai/moshiko-pytorch-q8's model.q8.safetensors, config.json "quantize":
+# true) hold every nn.Linear of the LM as bitsandbytes int8: `weight` int8 [out, in] and `weight_scb`
+# fp32 [out], each row's absmax, so W = weight * weight_scb / 127 (bitsandbytes' int8_vectorwise_quant).
+# That is helium's int8 weight with scale = weight_scb / 127: each such matrix and its absmax load
+# into {"int8", "scale"} (load_lm divides), nothing rounded again. Embedding tables and norms stay
+# floats, in the model's dtype.
+
+def _int8_rows(rows, tensors) -> list:
+    out = []
+    for r in rows:
+        if r.name + "_scb" not in tensors:
+            out.append(r)
+            continue
+        scale_shape = r.ours[:-1] if r.ours else None
+        out += [r._replace(path=r.path + ("int8",), keep=True),
+                Row(r.name + "_scb", r.shape[:-1], r.path + ("scale",), r.index, scale_shape, keep=True)]
+    return out
+
+
+def load_lm(path, cfg, dtype=None, stacked: bool = True, lora=None, int8: bool = False):
     """A Kyutai LM checkpoint and its moshi.LMConfig (repo.lm_config reads a config.json; moshi.MOSHIKO
     is what Kyutai's loader assumes without one) -> params. dtype: None keeps the file's dtype (bf16
     for the released models); jnp.float32 etc. casts. Every naming of to_disk_names is accepted. Tensors are
     read one at a time from a memory map; `condition_provider.*` / `fuser.*` tensors are skipped with
     a warning. stacked=False returns the generation layout (see moshi.generation_params) without ever
     holding the stacked copy: what sample.py loads a 7B model with. lora: (path, rank, scaling) of
-    moshi-finetune adapters to merge in (merge_lora).
+    moshi-finetune adapters to merge in (merge_lora). int8: a -q8 checkpoint is accepted (see
+    _int8_rows), for generation: its matrices come as helium's int8 weights.
     """
     f = SafeTensorsFile(path)
     skipped = [k for k in f.keys() if k.startswith(("condition_provider.", "fuser."))]
@@ -547,10 +572,19 @@ def load_lm(path, cfg, dtype=None, stacked: bool = True, lora=None):
     dep_sets = cfg.depformer.transformer.num_weight_sets if cfg.dep_q else 1
     tensors = to_disk_names({k: f[k] for k in f.keys() if k not in skipped},
                             lambda name: dep_sets if name.startswith("depformer.") else 1)
+    rows = _lm_rows(cfg, stacked)
+    if any(k.endswith("_scb") for k in tensors):
+        if not int8 or lora:
+            use = "merge LoRA" if lora else "train"
+            raise CheckpointError(f"{path}: a bitsandbytes int8 checkpoint (a -q8 repo), which sample.py "
+                                  f"runs (without LoRA); to {use}, take the bf16 one")
+        rows = _int8_rows(rows, tensors)
     if lora:
         tensors = merge_lora(tensors, *lora)
     cast = lambda x: jnp.asarray(x, dtype=dtype or x.dtype)             # noqa: E731
-    return from_disk(_lm_rows(cfg, stacked), tensors, f"LM checkpoint {path}", cast)
+    params = from_disk(rows, tensors, f"LM checkpoint {path}", cast)
+    return jax.tree.map(lambda w: dict(w, scale=w["scale"] / 127) if isinstance(w, dict) else w, params,
+                        is_leaf=lambda w: isinstance(w, dict) and "int8" in w)         # absmax -> scale
 
 
 def save_lm(path, params, cfg) -> None:

@@ -78,7 +78,7 @@ def embed(table, tokens, low_rank=None):
 
 def audio_embedding(params, tokens, c):
     """Codebook c's embedding of tokens [B] (c may be traced): what step c + 1 conditions on."""
-    low_rank = params["emb_low_rank"][c] if "emb_low_rank" in params else None
+    low_rank = jax.tree.map(lambda w: w[c], params["emb_low_rank"]) if "emb_low_rank" in params else None
     return embed(params["emb"][c], tokens, low_rank)
 
 

@@ -326,22 +326,25 @@ def generation_params(params):
     return out
 
 
-def quantize_int8(params):
-    """The same model with int8 weights for generation (sample.py --quantize int8): every matrix the
-    temporal and depth transformers multiply by (their layers, the text head, the depformer's input
-    projections and heads) becomes helium.quantize_int8's; embedding tables and norms stay as they
-    are. Runs where the params are (sample.py: on the host, then places the result)."""
-    q = helium.quantize_int8
+def is_int8_matrix(path) -> bool:
+    """Whether params[path] (its keys from the top, list indices included) is a matrix int8 models
+    keep in int8: the temporal and depth transformers' attention and MLP weights, the text head, the
+    depformer's input projections and heads (not embedding tables, norms, or TTT's conv and P)."""
+    names = [k for k in path if isinstance(k, str)]
+    in_layer = names[:1] == ["transformer"] or names[:2] == ["depformer", "transformer"]
+    return (in_layer and len(names) > 2 and names[-2] in ("attn", "mlp")) or \
+        names in (["text_linear"], ["depformer", "input_proj"], ["depformer", "linears"])
 
-    def layers(stack):                                  # stacked or a list: per output channel either way
-        return [layers(p) for p in stack] if isinstance(stack, list) else \
-            {k: {n: q(w) for n, w in v.items()} if k in ("attn", "mlp") else v for k, v in stack.items()}
-    out = dict(params, transformer=layers(params["transformer"]), text_linear=q(params["text_linear"]))
-    if "transformer" in params.get("depformer", {}):
-        dep = params["depformer"]
-        out["depformer"] = dict(dep, transformer=layers(dep["transformer"]), input_proj=q(dep["input_proj"]),
-                                linears=q(dep["linears"]))
-    return out
+
+def quantize_int8(params, path=()):
+    """The same model with int8 weights for generation (sample.py --quantize int8): every matrix
+    is_int8_matrix names becomes helium.quantize_int8's (weights int8 already are kept). Runs where the
+    params are (sample.py: on the host, then places the result). Stacked or listed layers alike."""
+    if isinstance(params, dict):
+        return {k: quantize_int8(v, path + (k,)) for k, v in params.items()}
+    if isinstance(params, list):
+        return [quantize_int8(v, path + (i,)) for i, v in enumerate(params)]
+    return helium.quantize_int8(params) if is_int8_matrix(path) else params
 
 
 def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):

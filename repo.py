@@ -254,10 +254,10 @@ def mimi_config(d: dict):
 NOT_LM_KWARGS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
                  "version", "lm_gen_config", "tts_config", "stt_config", "model_id", "lora", "lora_rank",
                  "lora_scaling")
-# unused by Kyutai too
-_DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing")
+# unused by Kyutai too, or (quantize, of a -q8 repo) said by the file itself: its int8 tensors
+_DROPPED_LM_KWARGS = ("depformer_causal", "depformer_context", "gradient_checkpointing", "quantize")
 _UNSUPPORTED_LM_KWARGS = {"demux_second_text_stream": False, "norm_emb": False, "bias_proj": False,
-                          "quantize": False, "kv_repeat": 1, "depformer_kv_repeat": 1,
+                          "kv_repeat": 1, "depformer_kv_repeat": 1,
                           "cross_attention": False}
 _INHERITED_BY_DEPFORMER = ("num_layers", "gating", "max_period", "layer_scale")
 
@@ -304,9 +304,7 @@ def _lm_kwargs(config: dict, what: str, fields: dict) -> dict:
     for key, plain in _UNSUPPORTED_LM_KWARGS.items():
         value = kw.pop(key, None)
         if value not in (plain, None):
-            hint = ("; this is a bitsandbytes int8 checkpoint (a -q8 repo): take the bf16 one and pass "
-                    "--quantize int8") if key == "quantize" else ""
-            raise CheckpointError(f"{what}: {key}={value!r} is not supported (only {plain!r}){hint}")
+            raise CheckpointError(f"{what}: {key}={value!r} is not supported (only {plain!r})")
     ff = kw.get("depformer_dim_feedforward")
     if isinstance(ff, list):
         if len(set(ff)) != 1:

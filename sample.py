@@ -399,7 +399,7 @@ def load_models(args, log) -> Models:
         models.lm = jax.device_put(moshi.quantize_int8(models.lm))
     size = sum(x.nbytes for x in jax.tree.leaves(models.lm))
     shown = f"{size / 1e9:.2f} GB" if size > 1e8 else f"{size / 1e6:.1f} MB"
-    log(f"LM weights: {shown} ({args.quantize or args.dtype})")
+    log(f"LM weights: {shown} ({'int8' if isinstance(models.lm['text_linear'], dict) else args.dtype})")
     return models
 
 
@@ -422,8 +422,9 @@ def _load_models(args, log) -> Models:
         log(f"loading Moshi from {ckpt.moshi}" + (f" + LoRA {ckpt.lora[0]}" if ckpt.lora else ""))
         cfg = repo.lm_config_for(ckpt, log)
         # stacked=False: the layers come as lists, the layout gen_step reads in place
-        # (moshi.generation_params)
-        lm = _load(convert.load_lm, ckpt.moshi, cfg=cfg, dtype=dtype, stacked=False, lora=ckpt.lora)
+        # (moshi.generation_params); a -q8 checkpoint's matrices come as int8 (convert._int8_rows)
+        lm = _load(convert.load_lm, ckpt.moshi, cfg=cfg, dtype=dtype, stacked=False, lora=ckpt.lora,
+                   int8=True)
         log(f"loading Mimi from {ckpt.mimi}")
         mimi_cfg = repo.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)

@@ -891,6 +891,37 @@ def test_lm_bf16_checkpoint_matches_official_bf16(tmp_path):
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(up))
 
 
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_lm_q8_checkpoint_runs_as_kyutais_quantized_model(name, tmp_path):
+    """A -q8 checkpoint (every nn.Linear as bitsandbytes int8 + its absmax, from Kyutai's own
+    replace_linear_with_qlinear: testdata/make_lm_fixtures.py q8) loads for generation only, its int8
+    matrices as they are; greedy tokens equal the official quantized model's (which differ from its
+    float model's), forced text logits are within its fp16 matmul's rounding (10x closer than to the
+    float model's). Training and LoRA are refused by name."""
+    make, q = fixture("make_lm_fixtures"), np.load(os.path.join(TESTDATA, "lm_fixture_q8.npz"))
+    d = np.load(make.fixture_path(name))
+    tensors = make.checkpoint([(n, tuple(json.loads(s))) for n, s in zip(d["spec_names"], d["spec_shapes"])])
+    tensors.update({k.split("|", 1)[1]: q[k] for k in q.files if k.startswith(name + "|")})
+    path = tmp_path / "model.q8.safetensors"
+    convert.save_safetensors(path, tensors)
+    cfg = repo.lm_config(dict(json.loads(str(d["config_json"])), quantize=True))     # as a -q8 config.json
+    with pytest.raises(convert.CheckpointError, match="a bitsandbytes int8 checkpoint .* to train, take the bf16"):
+        convert.load_lm(path, cfg)
+    with pytest.raises(convert.CheckpointError, match="runs \\(without LoRA\\); to merge LoRA, take the bf16"):
+        convert.load_lm(path, cfg, int8=True, lora=(str(path), 2, 2.0))
+    params = convert.load_lm(path, cfg, dtype=jnp.float32, stacked=False, int8=True)
+    w = params["transformer"][0]["attn"]["in_proj"]
+    assert w["int8"].dtype == jnp.int8 and w["scale"].dtype == jnp.float32
+    assert np.array_equal(w["int8"], tensors["transformer.layers.0.self_attn.in_proj_weight"])
+    assert np.allclose(w["scale"] * 127, tensors["transformer.layers.0.self_attn.in_proj_weight_scb"], rtol=1e-6, atol=0)
+    assert jax.tree.all(jax.tree.map(np.array_equal, moshi.quantize_int8(params), params))     # kept as they are
+    tokens, _ = _greedy_run(params, cfg, d["gen_user"])
+    assert np.array_equal(tokens, q[f"{name}_gen_tokens"]) and not np.array_equal(tokens, d["gen_tokens"])
+    text_logits = _forced_run(params, cfg, d["codes"], lookahead=0)[0]                       # [B, T, V]
+    assert rel_err(text_logits, q[f"{name}_text_logits"][:, 0]) < 3e-3
+    assert rel_err(text_logits, d["text_logits"][:, 0]) > 1e-2
+
+
 @pytest.mark.parametrize("name,lookahead", [("b", 1), ("a", 1), ("c", 1), ("a", 0)])
 def test_lm_forced_generation_reproduces_official_forward(name, lookahead, tmp_path):
     """Forcing every stream from `codes` (text, Moshi's codebooks, the user's) must make each streaming
@@ -899,22 +930,32 @@ def test_lm_forced_generation_reproduces_official_forward(name, lookahead, tmp_p
     logit matches too; and the frames returned are the forced codes."""
     d, params, cfg = _lm_fixture(name, tmp_path)
     codes = d["codes"]
-    B, K, T = codes.shape
-    n_user = 8 if cfg.dep_q == cfg.n_q else cfg.n_q - cfg.dep_q         # PersonaPlex: user on 9..16
-    state, returned = moshi.init_gen_state(params, cfg, B, lookahead=lookahead), []
-    for n in range(T):
-        frame = codes[:, :, n - 1 + lookahead] if n - 1 + lookahead >= 0 else np.full((B, K), -2)
-        state, out, logits = moshi.gen_step(
-            params, cfg, state, jnp.asarray(frame[:, K - n_user:, None]), jax.random.key(0),
-            text=jnp.asarray(frame[:, 0]), moshi_codes=jnp.asarray(frame[:, 1:K - n_user]), return_logits=True)
-        returned.append(np.asarray(out))
-        assert rel_err(logits["text_logits"], d["text_logits"][:, 0, n]) < 1e-4, n
+    text_logits, audio_logits, returned = _forced_run(params, cfg, codes, lookahead)
+    for n in range(codes.shape[-1]):
+        assert rel_err(text_logits[:, n], d["text_logits"][:, 0, n]) < 1e-4, n
         for c in range(cfg.dep_q if lookahead else 0):
             t = n - cfg.delays[1 + c]
             if t >= 0:
-                assert rel_err(logits["audio_logits"][:, c], d["logits"][:, c, t]) < 1e-4, (n, c)
-    returned = np.stack(returned, axis=-1)[:, :, cfg.max_delay:]      # call n returns frame n - max_delay
-    assert np.array_equal(returned, codes[:, :1 + cfg.dep_q, :T - cfg.max_delay])
+                assert rel_err(audio_logits[:, n, c], d["logits"][:, c, t]) < 1e-4, (n, c)
+    returned = returned[:, :, cfg.max_delay:]                         # call n returns frame n - max_delay
+    assert np.array_equal(returned, codes[:, :1 + cfg.dep_q, :codes.shape[-1] - cfg.max_delay])
+
+
+def _forced_run(params, cfg, codes, lookahead):
+    """gen_step with every stream forced from codes [B, K, T] -> (text logits [B, T, V], audio logits
+    [B, T, dep_q, card], the frames returned [B, 1 + dep_q, T])."""
+    B, K, T = codes.shape
+    n_user = 8 if cfg.dep_q == cfg.n_q else cfg.n_q - cfg.dep_q         # PersonaPlex: user on 9..16
+    state, returned, logits = moshi.init_gen_state(params, cfg, B, lookahead=lookahead), [], []
+    for n in range(T):
+        frame = codes[:, :, n - 1 + lookahead] if n - 1 + lookahead >= 0 else np.full((B, K), -2)
+        state, out, step_logits = moshi.gen_step(
+            params, cfg, state, jnp.asarray(frame[:, K - n_user:, None]), jax.random.key(0),
+            text=jnp.asarray(frame[:, 0]), moshi_codes=jnp.asarray(frame[:, 1:K - n_user]), return_logits=True)
+        returned.append(np.asarray(out))
+        logits.append(step_logits)
+    text, audio = (np.stack([np.asarray(x[k]) for x in logits], 1) for k in ("text_logits", "audio_logits"))
+    return text, audio, np.stack(returned, axis=-1)
 
 
 def test_lm_kv_ring_is_kyutais_unless_the_model_is_personaplex(tmp_path):
@@ -1290,8 +1331,7 @@ def test_lm_configs_and_7b_footprint(tmp_path):
         repo.lm_config(str(tmp_path / "list.json"))
     with pytest.raises(ValueError, match="demux_second_text_stream"):
         repo.lm_config({"demux_second_stream": True})
-    with pytest.raises(ValueError, match="quantize=True is not supported .* take the bf16 one and pass --quantize int8"):
-        repo.lm_config({"quantize": True})                   # kyutai/moshiko-pytorch-q8 (bitsandbytes)
+    assert repo.lm_config({"quantize": True}) == repo.lm_config({})     # a -q8 repo's: its file says it
     with pytest.warns(UserWarning, match="conditioners"):
         repo.lm_config(dict(moshiko_json, conditioners={"description": {}}, fuser={"sum": ["description"]}))
     with pytest.raises(ValueError, match="3 delays for 2 streams"):
@@ -1787,6 +1827,22 @@ def test_sample_runs_with_int8_weights(sample_repo, tmp_path):
     answer = json.loads((tmp_path / "int8.json").read_text())["answers"][0]
     assert len(answer["text_tokens"]) == 25 and all(len(a) == 8 for a in answer["audio_tokens"])
     assert sizes["int8"] < 0.5 * sizes["fp32"]
+    # a -q8 repo (its linear layers int8 + absmax, config.json naming model.q8.safetensors) runs as it is
+    q8 = tmp_path / "moshiko-q8"
+    shutil.copytree(sample_repo, q8)
+    f = convert.SafeTensorsFile(q8 / "model.safetensors")
+    tensors = {k: np.asarray(f[k]) for k in f.keys()}
+    for name in [k for k, w in tensors.items() if w.ndim == 2 and "emb" not in k]:          # the nn.Linear weights
+        w = np.asarray(tensors[name], np.float32)
+        tensors[name + "_scb"] = np.abs(w).max(axis=-1)
+        tensors[name] = np.rint(w * 127 / tensors[name + "_scb"][:, None]).astype(np.int8)
+    convert.save_safetensors(q8 / "model.q8.safetensors", tensors)
+    (q8 / "model.safetensors").unlink()
+    config = json.loads((q8 / "config.json").read_text())
+    (q8 / "config.json").write_text(json.dumps(dict(config, moshi_name="model.q8.safetensors", quantize=True)))
+    log = _main(*common[:3], q8, *common[4:], "--out", tmp_path / "q8.wav")
+    assert float(re.search(r"LM weights: ([0-9.]+) MB \(int8\)", log).group(1)) == sizes["int8"]
+    assert soundfile.info(tmp_path / "q8.wav").frames == 48000
 
 
 def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):

@@ -78,13 +78,13 @@ def fixture_path(name):
 def pack_on_disk(named) -> dict:
     """(in-memory name, numpy array) pairs in state_dict order -> {on-disk name: array}: the
     per-step attention projections concatenated in their order under the packed name, which takes
-    the place of the first of them."""
+    the place of the first of them (their bitsandbytes scales, `..._scb`, likewise)."""
     out = {}
     for name, value in named:
         for mem, disk in ((".self_attn.in_projs.", ".self_attn.in_proj_weight"),
                           (".self_attn.out_projs.", ".self_attn.out_proj.weight")):
             if mem in name:
-                key = name.split(mem)[0] + disk
+                key = name.split(mem)[0] + disk + ("_scb" if name.endswith("_scb") else "")
                 out[key] = np.concatenate([out[key], value]) if key in out else value
                 break
         else:
@@ -171,5 +171,39 @@ def main():
               f"our save_lm output loads into LMModel with strict=True, bit-identical")
 
 
+def q8_main():
+    """`make_lm_fixtures.py q8` (the oracle venv plus `pip install bitsandbytes`, which runs on CPU):
+    configs a and c quantized by Kyutai's own replace_linear_with_qlinear (what LMModel(quantize=True)
+    does, and what a -q8 repo holds), run in fp32 (moshi 0.2.13 cannot run them in bf16: its loader
+    casts the fp32 scales to bf16, which QLinear refuses) -> lm_fixture_q8.npz: the int8 matrices and
+    their scales under their on-disk names (`a|...`; the other tensors are the float fixture's),
+    forward logits, greedy tokens."""
+    import torch
+    from moshi.models import lm
+    from moshi.utils.quantize import replace_linear_with_qlinear
+    out = {}
+    for name in ("a", "c"):
+        d = np.load(fixture_path(name))
+        kw = json.loads(str(d["config_json"]))
+        spec = [(n, tuple(json.loads(s))) for n, s in zip(d["spec_names"], d["spec_shapes"])]
+        tensors = checkpoint(spec)
+        model = lm.LMModel(**{k: v for k, v in kw.items() if k != "depformer_causal"}, dtype=torch.float32).eval()
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
+        replace_linear_with_qlinear(model)
+        packed = pack_on_disk((k, v.numpy()) for k, v in model.state_dict().items())
+        names = sorted(k.removesuffix("_scb") for k in packed if k.endswith("_scb"))
+        # the int8 tensors themselves (bitsandbytes' rounding of ties is its own): the tests load them
+        out.update({f"{name}|{k}": packed[k] for n in names for k in (n, n + "_scb")})
+        with torch.no_grad():
+            fwd = model(torch.from_numpy(d["codes"]))
+        out.update({f"{name}_text_logits": fwd.text_logits.float().numpy(),
+                    f"{name}_logits": fwd.logits.float().numpy(),
+                    f"{name}_gen_tokens": greedy_generation(torch, lm, model, d["gen_user"], 2)})
+        same = (out[f"{name}_gen_tokens"] == d["gen_tokens"]).mean()
+        print(f"{name}: {len(names)} int8 matrices; greedy tokens "
+              f"{same:.1%} equal to the float model's")
+    np.savez_compressed(os.path.join(HERE, "lm_fixture_q8.npz"), **out)
+
+
 if __name__ == "__main__":
-    main()
+    q8_main() if sys.argv[1:] == ["q8"] else main()
