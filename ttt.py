@@ -72,7 +72,8 @@ class TTTConfig:
     # branch ~3000x weaker for the same conv, i.e. near a no-op in a short finetune.
     lr: float = 3.0
     target: str = "hidden"               # hidden: the layer's own MLP input | embed: summed token embeddings
-    kernel_size: int = 5                 # conv taps at offsets -K//2 .. K-1-K//2 (5: -2..2, the official)
+    kernel_size: int = 5                 # conv taps at offsets -K//2 .. K-1-K//2 (5: -2..2, the official,
+    #                                      which runs odd K only; an even K reaches one frame further back)
     use_proj: bool = True                # learn P (D x D) after the conv; False: V̂ = the conv output
 
     def __post_init__(self):
