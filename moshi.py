@@ -327,9 +327,9 @@ def generation_params(params):
 
 
 def is_int8_matrix(path) -> bool:
-    """Whether params[path] (its keys from the top, list indices included) is a matrix int8 models
-    keep in int8: the temporal and depth transformers' attention and MLP weights, the text head, the
-    depformer's input projections and heads (not embedding tables, norms, or TTT's conv and P)."""
+    """Whether params[path] (its keys from the top, list indices included) is one of the matrices
+    quantize_int8 makes int8: the temporal and depth transformers' attention and MLP weights, the text
+    head, the depformer's input projections and heads (not embedding tables, norms, or TTT's conv and P)."""
     names = [k for k in path if isinstance(k, str)]
     in_layer = names[:1] == ["transformer"] or names[:2] == ["depformer", "transformer"]
     return (in_layer and len(names) > 2 and names[-2] in ("attn", "mlp")) or \
