@@ -33,7 +33,6 @@ import tempfile
 import warnings
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes                        # ships with jax; it gives numpy a bfloat16
 import numpy as np
@@ -539,8 +538,8 @@ def lm_keys(cfg) -> dict:
 # true) hold every nn.Linear of the LM as bitsandbytes int8: `weight` int8 [out, in] and `weight_scb`
 # fp32 [out], each row's absmax, so W = weight * weight_scb / 127 (bitsandbytes' int8_vectorwise_quant).
 # That is helium's int8 weight with scale = weight_scb / 127: each such matrix and its absmax load
-# into {"int8", "scale"} (load_lm divides), nothing rounded again. Embedding tables and norms stay
-# floats, in the model's dtype.
+# into {"int8", "scale"} (load_lm divides the absmax vectors), nothing rounded again. Embedding
+# tables and norms stay floats, in the model's dtype.
 
 def _int8_rows(rows, tensors) -> list:
     out = []
@@ -579,12 +578,12 @@ def load_lm(path, cfg, dtype=None, stacked: bool = True, lora=None, int8: bool =
             raise CheckpointError(f"{path}: a bitsandbytes int8 checkpoint (a -q8 repo), which sample.py "
                                   f"runs (without LoRA); to {use}, take the bf16 one")
         rows = _int8_rows(rows, tensors)
+        tensors.update({k: np.asarray(v, np.float32) / np.float32(127)             # absmax -> scale
+                        for k, v in tensors.items() if k.endswith("_scb")})
     if lora:
         tensors = merge_lora(tensors, *lora)
     cast = lambda x: jnp.asarray(x, dtype=dtype or x.dtype)             # noqa: E731
-    params = from_disk(rows, tensors, f"LM checkpoint {path}", cast)
-    return jax.tree.map(lambda w: dict(w, scale=w["scale"] / 127) if isinstance(w, dict) else w, params,
-                        is_leaf=lambda w: isinstance(w, dict) and "int8" in w)         # absmax -> scale
+    return from_disk(rows, tensors, f"LM checkpoint {path}", cast)
 
 
 def save_lm(path, params, cfg) -> None:
