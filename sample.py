@@ -8,7 +8,7 @@ microphone would:
         -> moshi.gen_step -> one text token + 8 audio codes for Moshi (one jitted call)
         -> mimi.decode_step -> 1920 samples of Moshi's voice
 
-It writes Moshi's voice to out.wav (as long as the input), streams its inner monologue (the text it
+It writes Moshi's voice to out.wav (one frame out per frame in), streams its inner monologue (the text it
 speaks from) to the terminal, and saves that text with frame timestamps to out.json. The loop is
 the one of Kyutai's offline `moshi/run_inference.py`, so with --greedy it gives the same tokens as
 the official package, frame for frame.
@@ -239,9 +239,11 @@ def read_voice_pt(path, cfg) -> tuple[np.ndarray, np.ndarray]:
 #
 # Moshiko follows Kyutai's run_inference.py: Kyutai's LMGen never shows the transformer the user
 # frame given to its first call (it reads initial tokens there), so the first frame is given twice.
-# One difference, on purpose: run_inference drops a trailing partial frame; we zero-pad it (as
-# PersonaPlex does) and cut Moshi's audio to the input's length, so the answer is exactly as long.
-# PersonaPlex follows NVIDIA's offline.py: the prompt first, then the user's frames, with the LM
+# Like run_inference, it hears only the prompt's whole frames (a trailing partial frame is dropped);
+# with --duration the prompt is cut, or followed by silence, to that many seconds, the last frame
+# zero-padded and the answer cut to the length asked for.
+# PersonaPlex follows NVIDIA's offline.py: it zero-pads the last frame and cuts Moshi's audio to the
+# input's length; the prompt comes first, then the user's frames, with the LM
 # state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state), and the LM and Mimi streaming
 # with the KV ring of NVIDIA's code, which sees one step less once full (helium.ring_positions; the
 # checkpoint decides, --kv-ring overrides). Both return one frame per input frame. Moshi's audio is
@@ -542,6 +544,11 @@ def run(args):
     num_samples = (max(1, round(args.duration * sr)) if args.duration
                    else audio.resampled_length(args.prompt, sr))
     prompt = persona_prompt_for(args, models, log)
+    if prompt is None and not args.duration:     # Moshiko, as run_inference.py: whole frames only
+        num_samples -= num_samples % F
+        if not num_samples:
+            raise SampleError(f"{args.prompt} is shorter than one frame ({F / sr * 1000:.0f} ms), and only "
+                              "whole frames are heard; --duration extends it with silence")
     sampling = sampling_for(args, models.gen_config, log)
     n_frames = -(-num_samples // F)
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {args.batch_size}, "
@@ -597,7 +604,7 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
         files.callback(display.close)
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for wav, row in zip(wavs, pcm):
-                wav.write(audio.to_pcm16(row[:num_samples - i * F]))               # as long as the input
+                wav.write(audio.to_pcm16(row[:num_samples - i * F]))               # num_samples in all
             display.frame(models.word(int(tokens[0, 0])))     # display.first: frame 0 done, compiled
             kept.append(tokens[:, :1 + models.codebooks])
         end = time.perf_counter()

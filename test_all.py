@@ -1600,13 +1600,15 @@ def _sample_models(repo, *extra):
     return args, sample.load_models(args, lambda msg: None)
 
 
-def _prompt_frames():
+def _prompt_frames(whole_frames_only=False):
     n = audio.resampled_length(fixture("make_sample_fixtures").PROMPT, 24000)
+    n -= n % 1920 if whole_frames_only else 0
     return audio.frames_of(audio.read_blocks(fixture("make_sample_fixtures").PROMPT, 24000, channel=0), n, 1920)
 
 
 def _run_converse(models, batch_size=1, prompt=None):
-    steps = list(sample.converse(models, _prompt_frames(), batch_size, moshi.Sampling(greedy=True), 0, prompt))
+    frames = _prompt_frames(whole_frames_only=prompt is None)      # as sample.run: Moshiko's, whole frames
+    steps = list(sample.converse(models, frames, batch_size, moshi.Sampling(greedy=True), 0, prompt))
     return np.stack([t for t, _ in steps], 1), np.concatenate([p for _, p in steps], 1)   # [B, T, K], [B, S]
 
 
@@ -1617,9 +1619,9 @@ def test_sample_matches_official_run_inference(sample_repo):
     _, models = _sample_models(sample_repo)
     assert models.lm_cfg == moshi.TINY and models.mimi_cfg == mimi.TINY
     tokens, pcm = _run_converse(models)
-    T = len(ref["tokens"])                        # the official loop drops the trailing partial frame,
-    assert tokens.shape == (1, T + 1, 9)          # we pad it: one frame more, the input's length in all
-    np.testing.assert_array_equal(tokens[0, :T], ref["tokens"])
+    T = len(ref["tokens"])                        # the official loop drops the trailing partial frame
+    assert tokens.shape == (1, T, 9)
+    np.testing.assert_array_equal(tokens[0], ref["tokens"])
     assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
 
 
@@ -1749,7 +1751,8 @@ def _main(*argv):
 
 
 def test_sample_cli_end_to_end(sample_repo, tmp_path):
-    """`sample.py --prompt hello.wav`: a wav as long as the input, a transcript; --greedy is reproducible,
+    """`sample.py --prompt hello.wav`: a wav of the input's whole frames (as run_inference.py: the
+    official tokens, no more), a transcript; --greedy is reproducible,
     and --batch-size 2 gives twice the --batch-size 1 answer; the steps compile once for all frames."""
     ref = np.load(os.path.join(TESTDATA, "sample_fixture.npz"))
     n_in = soundfile.info(fixture("make_sample_fixtures").PROMPT).frames
@@ -1761,10 +1764,10 @@ def test_sample_cli_end_to_end(sample_repo, tmp_path):
     _main(*common, "--out", tmp_path / "b.wav")
     _main(*common, "--out", tmp_path / "c.wav", "--batch-size", 2)
     a, sr = soundfile.read(tmp_path / "a.wav")
-    assert sr == 24000 and a.shape == (n_in,) and np.abs(a).max() > 0
+    assert n_in % 1920 and sr == 24000 and a.shape == (n_in // 1920 * 1920,) and np.abs(a).max() > 0
     transcript = json.loads((tmp_path / "a.json").read_text())
     answer = transcript["answers"][0]
-    assert answer["text_tokens"][:len(ref["tokens"])] == ref["tokens"][:, 0].tolist()   # the official text
+    assert answer["text_tokens"] == ref["tokens"][:, 0].tolist()                  # the official text
     assert answer["text"] == "".join(p["piece"] for p in answer["pieces"]) and answer["pieces"]
     assert all(p["token"] not in (0, 3) and p["time"] == round(p["frame"] * 0.08, 3) for p in answer["pieces"])
     assert answer["pieces"][0]["piece"] in log                 # streamed to the terminal
@@ -1772,7 +1775,7 @@ def test_sample_cli_end_to_end(sample_repo, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["answers"] == [dict(answer, wav=str(tmp_path / "b.wav"))]
     batched = json.loads((tmp_path / "c.json").read_text())["answers"]
     assert [b["text_tokens"] for b in batched] == [answer["text_tokens"]] * 2
-    assert answer["audio_tokens"][:len(ref["tokens"])] == ref["tokens"][:, 1:].tolist()   # Moshi's voice, the official
+    assert answer["audio_tokens"] == ref["tokens"][:, 1:].tolist()              # Moshi's voice, the official
     assert [b["audio_tokens"] for b in batched] == [answer["audio_tokens"]] * 2
     for i in range(2):       # a batch of 2 rounds floats differently: equal to the 16-bit sample, +-1
         assert np.abs(soundfile.read(tmp_path / f"c-{i}.wav")[0] - a).max() <= 1.5 / 32768
@@ -1857,6 +1860,10 @@ def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
     assert "holds no audio samples" in error_of("--prompt", empty, "--hf-repo", sample_repo)
     assert "cannot read" in error_of("--prompt", junk, "--hf-repo", sample_repo)
     assert "no such audio file" in error_of("--prompt", tmp_path / "missing.wav", "--hf-repo", sample_repo)
+    soundfile.write(tmp_path / "blip.wav", np.full(1900, 0.1, np.float32), 24000)   # 79 ms: no whole frame
+    err = error_of("--prompt", tmp_path / "blip.wav", "--hf-repo", sample_repo, "--out", tmp_path / "blip-out.wav")
+    assert "shorter than one frame (80 ms)" in err and "--duration" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("blip-out*"))
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)     # as on a machine without it
     err = error_of("--prompt", fixture("make_sample_fixtures").PROMPT)
     assert "huggingface_hub is not installed" in err and "--hf-repo DIR" in err and "Traceback" not in err
