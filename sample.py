@@ -281,7 +281,8 @@ class Models:
 def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, seed: int,
              prompt: Prompt | None = None):
     """Yield, for every input frame [frame_size], (tokens int32 [B, 1 + dep_q], pcm float32 [B, frame_size])
-    as numpy: the text token and audio codes of Moshi's answer frame, and its decoded audio."""
+    as numpy: the text token and audio codes of Moshi's answer frame, and its decoded audio (without a
+    prompt, max_delay - 1 frames fewer: the first frame given twice covers one step of the delay)."""
     lm, lm_cfg, K, B = models.lm, models.lm_cfg, models.codebooks, batch_size
     key = jax.random.key(seed)                     # gen_step folds in its step: one key per conversation
     lm_state = moshi.init_gen_state(lm, lm_cfg, B, lookahead=0 if prompt is None else 1)
@@ -296,6 +297,8 @@ def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, 
                                             jnp.asarray(frame)[None, None], K)
         for _ in range(2 if i == 0 and prompt is None else 1):    # Kyutai's LMGen never sees call 0's frame
             lm_state, tokens = moshi.gen_step(lm, lm_cfg, lm_state, rows(codes[0]), key, sampling=sampling)
+        if prompt is None and i + 1 < lm_cfg.max_delay:    # no frame out yet (LMGen's None): as run_inference,
+            continue                                        # nothing decoded, one frame less per extra delay
         dec_state, pcm = mimi.decode_step(models.mimi, models.mimi_cfg, dec_state, tokens[:, 1:1 + K, None])
         # A frame's results come to the host only once the next frame is queued: JAX dispatches
         # asynchronously, so the accelerator never idles while Python prints text and writes audio.

@@ -1625,6 +1625,17 @@ def test_sample_matches_official_run_inference(sample_repo):
     assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
 
 
+def test_sample_delay_of_two_gives_a_frame_less_as_lmgen(sample_repo):
+    """With max_delay 2, Kyutai's LMGen returns None on its first two calls (run_inference skips them):
+    the first frame given twice covers one, so the answer has one frame less, every token generated."""
+    _, models = _sample_models(sample_repo)
+    delays = (0, 0) + (2,) * 7 + (0,) + (2,) * 7
+    models.lm_cfg = dataclasses.replace(models.lm_cfg, delays=delays)
+    frames = list(_prompt_frames(whole_frames_only=True))
+    steps = list(sample.converse(models, frames, 1, moshi.Sampling(greedy=True), 0))
+    assert len(steps) == len(frames) - 1 and all((t >= 0).all() for t, _ in steps)
+
+
 def test_sample_matches_personaplex_offline(tmp_path):
     """NVIDIA's PersonaPlex offline.py (greedy): voice prompt at -24 LUFS, silences, <system> text prompt,
     then the user forced onto streams 9..16: the same 17 tokens for every frame, the same audio."""
