@@ -246,8 +246,9 @@ def read_voice_pt(path, cfg) -> tuple[np.ndarray, np.ndarray]:
 # input's length; the prompt comes first, then the user's frames, with the LM
 # state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state), and the LM and Mimi streaming
 # with the KV ring of NVIDIA's code, which sees one step less once full (helium.ring_positions; the
-# checkpoint decides, --kv-ring overrides). Both return one frame per input frame. Moshi's audio is
-# decoded from codebooks 1..8 (PersonaPlex also predicts the user's 8, which we ignore as it does).
+# checkpoint decides, --kv-ring overrides). Both return one frame per input frame (for delays past 1,
+# see converse). Moshi's audio is decoded from codebooks 1..8 (PersonaPlex also predicts the
+# user's 8, which we ignore as it does).
 
 @dataclasses.dataclass
 class Models:
