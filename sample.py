@@ -247,7 +247,7 @@ def read_voice_pt(path, cfg) -> tuple[np.ndarray, np.ndarray]:
 # state in PersonaPlex's "lookahead" mode (see moshi.init_gen_state), and the LM and Mimi streaming
 # with the KV ring of NVIDIA's code, which sees one step less once full (helium.ring_positions; the
 # checkpoint decides, --kv-ring overrides). Both return one frame per input frame (for delays past 1,
-# see converse). Moshi's audio is decoded from codebooks 1..8 (PersonaPlex also predicts the
+# see answer_frames). Moshi's audio is decoded from codebooks 1..8 (PersonaPlex also predicts the
 # user's 8, which we ignore as it does).
 
 @dataclasses.dataclass
@@ -279,11 +279,18 @@ class Models:
         return self.tokenizer.id_to_piece(token).replace("\u2581", " ")
 
 
+def answer_frames(lm_cfg, input_frames: int, prompt) -> int:
+    """How many frames converse answers `input_frames` with: as many, except without a prompt, where
+    Kyutai's LMGen returns nothing for its first max_delay calls and the first frame given twice
+    covers one of them (moshiko, max_delay 1: as many)."""
+    return max(0, input_frames - (max(0, lm_cfg.max_delay - 1) if prompt is None else 0))
+
+
 def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, seed: int,
              prompt: Prompt | None = None):
-    """Yield, for every input frame [frame_size], (tokens int32 [B, 1 + dep_q], pcm float32 [B, frame_size])
-    as numpy: the text token and audio codes of Moshi's answer frame, and its decoded audio (without a
-    prompt, max_delay - 1 frames fewer: the first frame given twice covers one step of the delay)."""
+    """Yield, for every answer frame (answer_frames of them), (tokens int32 [B, 1 + dep_q], pcm
+    float32 [B, frame_size]) as numpy: the text token and audio codes of Moshi's answer frame, and
+    its decoded audio."""
     lm, lm_cfg, K, B = models.lm, models.lm_cfg, models.codebooks, batch_size
     key = jax.random.key(seed)                     # gen_step folds in its step: one key per conversation
     lm_state = moshi.init_gen_state(lm, lm_cfg, B, lookahead=0 if prompt is None else 1)
@@ -555,6 +562,12 @@ def run(args):
                               "whole frames are heard; --duration extends it with silence")
     sampling = sampling_for(args, models.gen_config, log)
     n_frames = -(-num_samples // F)
+    out_frames = answer_frames(models.lm_cfg, n_frames, prompt)
+    if not out_frames:
+        d = models.lm_cfg.max_delay
+        raise SampleError(f"{args.prompt}: {n_frames} frame(s) of audio; this model's delays (up to {d}) need "
+                          f"{d} frames before it answers; --duration extends it with silence")
+    out_samples = min(num_samples, out_frames * F)
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {args.batch_size}, "
         f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
     answers, (start, first, end) = talk(args, models, outs, num_samples, sampling, prompt)
@@ -562,8 +575,8 @@ def run(args):
         json.dump({"prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
                    "frame_seconds": F / sr, "random_init": args.random_init, "answers": answers},
                   f, ensure_ascii=False, indent=1)
-    steady = (end - first) / max(1, n_frames - 1)
-    print(f"wrote {', '.join(outs)} ({num_samples / sr:.2f} s) and {transcript}. {n_frames} frames in "
+    steady = (end - first) / max(1, out_frames - 1)
+    print(f"wrote {', '.join(outs)} ({out_samples / sr:.2f} s) and {transcript}. {n_frames} frames in "
           f"{end - start:.1f} s (first frame {first - start:.1f} s, with compilation"
           f"{' and the PersonaPlex prompt' if prompt else ''}), then {1000 * steady:.1f} ms/frame: "
           f"real-time factor {steady * sr / F:.2f} (below 1 is faster than real time)"
@@ -604,7 +617,7 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
         tmps = [files.enter_context(convert.atomic_path(path, ".wav")) for path in outs]
         wavs = [files.enter_context(soundfile.SoundFile(tmp, "w", samplerate=sr, channels=1, format="WAV",
                                                          subtype="PCM_16")) for tmp in tmps]
-        display = Display(-(-num_samples // F), F / sr)
+        display = Display(answer_frames(models.lm_cfg, -(-num_samples // F), prompt), F / sr)
         files.callback(display.close)
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for wav, row in zip(wavs, pcm):

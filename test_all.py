@@ -1625,15 +1625,28 @@ def test_sample_matches_official_run_inference(sample_repo):
     assert rel_err(pcm[0, :ref["pcm_head"].size], ref["pcm_head"]) < 1e-4
 
 
-def test_sample_delay_of_two_gives_a_frame_less_as_lmgen(sample_repo):
+def test_sample_delay_of_two_gives_a_frame_less_as_lmgen(sample_repo, tmp_path, capsys):
     """With max_delay 2, Kyutai's LMGen returns None on its first two calls (run_inference skips them):
-    the first frame given twice covers one, so the answer has one frame less, every token generated."""
+    the first frame given twice covers one, so the answer has one frame less, every token generated;
+    the program writes and reports that length, and refuses by name a prompt too short to answer."""
     _, models = _sample_models(sample_repo)
     delays = (0, 0) + (2,) * 7 + (0,) + (2,) * 7
     models.lm_cfg = dataclasses.replace(models.lm_cfg, delays=delays)
     frames = list(_prompt_frames(whole_frames_only=True))
     steps = list(sample.converse(models, frames, 1, moshi.Sampling(greedy=True), 0))
-    assert len(steps) == len(frames) - 1 and all((t >= 0).all() for t, _ in steps)
+    assert len(steps) == len(frames) - 1 == sample.answer_frames(models.lm_cfg, len(frames), None)
+    assert all((t >= 0).all() for t, _ in steps)
+    delayed_repo = tmp_path / "delay2"
+    shutil.copytree(sample_repo, delayed_repo)
+    config = json.loads((delayed_repo / "config.json").read_text())
+    (delayed_repo / "config.json").write_text(json.dumps(dict(config, delays=list(delays))))
+    common = ("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", delayed_repo, "--greedy", "--dtype", "fp32")
+    log = _main(*common, "--out", tmp_path / "a.wav")
+    assert soundfile.info(tmp_path / "a.wav").frames == (len(frames) - 1) * 1920
+    assert f"({(len(frames) - 1) * 0.08:.2f} s)" in log and "[100%" in log
+    with pytest.raises(SystemExit):
+        sample.main([str(a) for a in (*common, "--duration", 0.08, "--out", tmp_path / "b.wav")])
+    assert "delays (up to 2) need 2 frames" in capsys.readouterr().err and not list(tmp_path.glob("b*"))
 
 
 def test_sample_matches_personaplex_offline(tmp_path):
