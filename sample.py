@@ -486,8 +486,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
-    if args.duration is not None and args.duration <= 0:
-        ap.error("--duration must be positive")
+    if args.duration is not None and not 0 < args.duration < float("inf"):
+        ap.error(f"--duration must be a positive number of seconds, got {args.duration}")
     if args.random_init and args.random_init not in moshi.PRESETS:
         ap.error(f"--random-init: unknown preset {args.random_init!r} "
                  f"(choose from {', '.join(moshi.PRESETS)})")

@@ -1937,6 +1937,9 @@ def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
     assert not stale.exists() and (tmp_path / "fresh.wav").exists()
     assert "--voice-prompt and --text-prompt are for PersonaPlex" in error_of(
         "--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", sample_repo, "--text-prompt", "hi", "--dtype", "fp32")
+    for flags, message in ((("--duration", "nan"), "--duration must be a positive number of seconds, got nan"),
+                           (("--duration", "0"), "--duration must be"), (("--batch-size", "0"), "--batch-size must")):
+        assert message in error_of("--prompt", fixture("make_sample_fixtures").PROMPT, *flags)
 
 
 # ================================================================================================
