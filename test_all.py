@@ -2121,6 +2121,28 @@ def _cli(dataset, run_dir, *extra):
                        "--keep-checkpoints", "2", *extra])
 
 
+def _held_out(train_dataset, tmp_path):
+    """An eval set of 12 windows (one batch of 8 and some): the prepared files, listed twice."""
+    held_out = tmp_path / "held_out"
+    shutil.copytree(train_dataset["prepared"], held_out)
+    index = json.loads((held_out / "index.json").read_text())
+    (held_out / "index.json").write_text(json.dumps(dict(index, files=index["files"] * 2)))
+    return str(held_out)
+
+
+def _eval_losses(record):
+    return [record[f"eval_{k}loss"] for k in ("", "text_", "audio_")]
+
+
+def _one_device_loss(params, cfg, eval_dir, batch=8):
+    """[loss, text, audio] of the first `batch` windows of a prepared folder, on one device, fp32."""
+    codes = jnp.asarray(data.read_batch(data.TokenWindows(eval_dir), np.arange(batch)[None])[0])
+    h = train.Hyper()
+    sums = train.loss_sums(moshi.forward(params, cfg, codes), codes, h.text_padding_weight,
+                           h.first_codebook_weight, h.padding_ids)
+    return train.loss_from_sums(sums)
+
+
 def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, monkeypatch, capsys, fast_compile):
     """Through the CLI on dp=2 x fsdp=4: a tiny model overfits 6 windows (loss more than halves);
     a run stopped after step 12 (and left with a half-written checkpoint, as if killed while saving)
@@ -2151,10 +2173,19 @@ def test_train_cli_overfits_resumes_and_stops_on_nan(train_dataset, tmp_path, mo
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000008", "step_000012"]
     (ckpts / "step_000016.tmp").mkdir()                                # killed mid-write: ignored
     (ckpts / "step_000016.tmp" / "process_00000.npz").write_bytes(b"partial")
-    rest = _cli(train_dataset, tmp_path / "resumed", "--resume")
+    held_out = _held_out(train_dataset, tmp_path)
+    capsys.readouterr()
+    rest = _cli(train_dataset, tmp_path / "resumed", "--resume", "--eval-data", str(held_out), "--eval-every", "6")
     assert [r["step"] for r in rest] == list(range(13, 25))
-    np.testing.assert_allclose([r["loss"] for r in rest], losses[12:], rtol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in rest], losses[12:], rtol=1e-6)   # evaluating changes nothing
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000016", "step_000024"]   # the last 2 kept
+    # the held-out loss: one batch (8 windows, in order) of the model at step 24, as one device computes it
+    evals = {r["step"]: r for r in rest if "eval_loss" in r}
+    assert sorted(evals) == [18, 24] and f"eval step 24 | loss {evals[24]['eval_loss']:.4f}" in capsys.readouterr().out
+    final = checkpoint.load(str(ckpts / "step_000024"), {"params": jax.tree.map(
+        lambda x: jax.device_put(np.zeros_like(x), one), exported)})["params"]
+    assert rel_err(_eval_losses(evals[24]), _one_device_loss(final, TRAIN_CFG, held_out)) < 1e-5
+    assert evals[24]["eval_perplexity"] == 2 ** evals[24]["eval_loss"]            # moshi-finetune's definition
     meta = checkpoint.read_meta(str(ckpts / "step_000024"))
     assert meta["step"] == 24 and meta["data_position"] == 24 * 8
     # a NaN loss stops the run with the step and the windows of its batch
@@ -2205,6 +2236,10 @@ def test_train_refuses_bad_input_before_touching_the_run_dir(train_dataset, tmp_
     with pytest.raises(ValueError, match=r"--ttt-layers \(5,\): TTT config: layers=\(5,\) names layer 5, but the "
                                          r"transformer has 2 layers"):
         _cli(train_dataset, run, "--resume", "--ttt-layers", "5")
+    with pytest.raises(ValueError, match="--eval-every and --eval-batches need --eval-data"):
+        _cli(train_dataset, run, "--resume", "--eval-every", "2")
+    with pytest.raises(ValueError, match=r"--eval-data .*: 6 windows, fewer than one batch \(8\)"):
+        _cli(train_dataset, run, "--resume", "--eval-data", train_dataset["prepared"])
     with pytest.raises(ValueError, match="a train.py run directory, not a Kyutai checkpoint: continue it with"):
         _cli(train_dataset, tmp_path / "other", "--init-from", str(run))
     assert _files(run) == before
@@ -2539,7 +2574,8 @@ def test_train_ttt_cli_warns_resumes_and_exports(train_dataset, tmp_path, monkey
     with_ttt = (*lora, "--ttt-layers", "every:1:1", "--ttt-chunk", "8")
     plain = _cli(train_dataset, tmp_path / "plain", *lora, "--stop-at", "1")
     capsys.readouterr()
-    full = _cli(train_dataset, tmp_path / "ttt", *with_ttt, "--export", str(tmp_path / "export"))
+    full = _cli(train_dataset, tmp_path / "ttt", *with_ttt, "--export", str(tmp_path / "export"),
+                "--eval-data", _held_out(train_dataset, tmp_path))
     out = capsys.readouterr().out
     assert out.count("warning: TTT: windows of 16 frames are not longer than the attention context (8) + one "
                      "TTT chunk (8) = 16 frames") == 1
@@ -2560,6 +2596,9 @@ def test_train_ttt_cli_warns_resumes_and_exports(train_dataset, tmp_path, monkey
     like = {"params": {"ttt": jax.tree.map(lambda x: jax.device_put(np.zeros_like(x), one), params["ttt"])}}
     saved = checkpoint.load(str(tmp_path / "ttt" / "checkpoints" / "step_000004"), like)["params"]["ttt"]
     assert _max_rel(saved, params["ttt"]) == 0 and np.abs(params["ttt"]["conv"]).max() > 0
+    # the held-out loss after the last step: the exported model's (LoRA merged, TTT), on one device
+    assert [r["step"] for r in full if "eval_loss" in r] == [4]
+    assert rel_err(_eval_losses(full[-1]), _one_device_loss(params, cfg, str(tmp_path / "held_out"))) < 1e-5
     with open(export / "config.json") as f:
         assert json.load(f)["ttt"]["layers"] == [1]
     # --init-from a checkpoint with TTT: its TTT weights load (no new init)

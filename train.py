@@ -353,7 +353,9 @@ def attention_of(h: Hyper) -> str:
 
 
 def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, specs):
-    """-> jitted step(state, frozen, batch [A, B, 17, T]) -> (state, [loss, text, audio, grad norm])."""
+    """-> (jitted step(state, frozen, batch [A, B, 17, T]) -> (state, [loss, text, audio, grad norm]),
+    jitted evaluate(trainable, frozen, batch [N, B, 17, T]) -> [loss, text, audio], the mean of the N
+    batches' losses, as moshi-finetune's evaluate averages its batches')."""
     lora_specs = move_ttt(trainable_specs, frozen_specs)[0] if h.lora_rank else None
 
     def loss_fn(trainable, frozen, codes):
@@ -374,8 +376,11 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
         grads, metrics = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, trainable), batch)
         return jax.tree.map(lambda g: g / batch.shape[0], grads), metrics.mean(axis=0)
 
-    sharded = jax.shard_map(local_grads, mesh=mesh, in_specs=(trainable_specs, frozen_specs, BATCH_SPEC),
-                            out_specs=(trainable_specs, P()))
+    in_specs = (trainable_specs, frozen_specs, BATCH_SPEC)
+    sharded = jax.shard_map(local_grads, mesh=mesh, in_specs=in_specs, out_specs=(trainable_specs, P()))
+    evaluate = jax.shard_map(lambda trainable, frozen, batch: jax.lax.map(
+        lambda codes: loss_fn(trainable, frozen, codes)[1], batch).mean(axis=0),
+        mesh=mesh, in_specs=in_specs, out_specs=P())
 
     def step(state, frozen, batch):
         grads, metrics = sharded(state["params"], frozen, batch)
@@ -384,7 +389,7 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
         metrics = jnp.concatenate([metrics, optax.tree.norm(grads)[None]])
         return {"params": params, "opt": opt}, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,)), jax.jit(evaluate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,6 +447,7 @@ class Plan:
     init_lora: object           # key -> LoRA adapters, sharded by adapter_specs (None: full fine-tuning)
     init_opt: object            # trainable -> optimizer state, sharded like it
     step: object                # (state, frozen, batch) -> (state, metrics)
+    evaluate: object            # (trainable, frozen, batches) -> [loss, text, audio]
 
 
 @functools.lru_cache(maxsize=None)
@@ -458,7 +464,7 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
     return Plan(abstract, specs, trainable_specs, frozen_specs,
                 jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=shardings(mesh, specs)),
                 jax.jit(make_lora, out_shardings=shardings(mesh, lora_specs)) if h.lora_rank else None,
-                jax.jit(tx.init), make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs))
+                jax.jit(tx.init), *make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs))
 
 
 def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
@@ -495,14 +501,20 @@ def train(args) -> list[dict]:
     mesh = make_mesh(**parse_mesh(args.mesh or f"fsdp={jax.device_count()}"))    # default: fsdp over all
     if (args.batch_size or mesh.size) % mesh.size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh size {mesh.size}")
-    ds = data.TokenWindows(args.data)
+    if (args.eval_every or args.eval_batches) and not args.eval_data:
+        raise ValueError("--eval-every and --eval-batches need --eval-data (a folder written by prepare)")
+    ds, eval_ds = (data.TokenWindows(d) if d else None for d in (args.data, args.eval_data))
+    if eval_ds is not None and len(eval_ds) < (args.batch_size or mesh.size):
+        raise ValueError(f"--eval-data {args.eval_data}: {len(eval_ds)} windows, fewer than one batch "
+                         f"({args.batch_size or mesh.size})")
     cfg, host_params = checkpoint.load_model(args)
     h = Hyper(padding_ids=(cfg.existing_text_padding_id, cfg.existing_text_end_padding_id),
               **{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyper) if f.name != "padding_ids"})
-    ds.check_fits(h.padding_ids, {"text": cfg.text_card_out or cfg.text_card, "audio": cfg.card})
+    for windows in filter(None, (ds, eval_ds)):
+        windows.check_fits(h.padding_ids, {"text": cfg.text_card_out or cfg.text_card, "audio": cfg.card})
     with jax.set_mesh(mesh):
         plan, state, frozen = build_state(args, h, mesh, cfg, host_params)
-        return run(args, h, mesh, cfg, ds, plan, state, frozen)
+        return run(args, h, mesh, cfg, (ds, eval_ds), plan, state, frozen)
 
 
 def start(args, cfg, state, window_frames: int, this: dict):
@@ -522,8 +534,21 @@ class NonFiniteLoss(RuntimeError):
     (and, for the loss and the gradient, the batch's windows)."""
 
 
+def evaluate(plan: Plan, state, frozen, ds: data.TokenWindows, args, cfg, sharding) -> dict:
+    """moshi-finetune's evaluation: the loss of the eval windows, in order (no shuffling), averaged
+    over batches of the run's batch size; as many batches as --eval-batches, by default its 40 per
+    device batches (40 // devices global ones), as many as the data holds. Its "perplexity" is
+    moshi-finetune's, 2 ** loss (the loss being in nats)."""
+    G = args.batch_size or sharding.mesh.size
+    n = min(args.eval_batches or max(1, 40 // sharding.mesh.size), len(ds) // G)
+    batches = make_batch(ds, np.arange(n * G).reshape(n, G), sharding, cfg)        # [n, G, 17, T]
+    loss, text, audio = np.asarray(plan.evaluate(state["params"], frozen, batches)).tolist()
+    return {"eval_loss": loss, "eval_text_loss": text, "eval_audio_loss": audio, "eval_perplexity": 2.0 ** loss}
+
+
 def log_step(args, rec: dict, max_steps: int, last: int, mfu, eta_s) -> None:
-    """metrics.jsonl gets every step; the console every --log-every steps and the last one."""
+    """metrics.jsonl gets every step; the console every --log-every steps and the last one, and
+    every evaluation."""
     if jax.process_index() != 0:
         return
     with open(os.path.join(args.run_dir, checkpoint.METRICS), "a") as f:
@@ -534,6 +559,9 @@ def log_step(args, rec: dict, max_steps: int, last: int, mfu, eta_s) -> None:
               f"audio {rec['audio_loss']:.4f}) | grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | "
               f"{rec['tokens_per_s']:,.0f} tok/s | MFU {mfu_text} | ETA "
               f"{time.strftime('%H:%M:%S', time.gmtime(eta_s))}", flush=True)
+    if "eval_loss" in rec:
+        print(f"eval step {rec['step']} | loss {rec['eval_loss']:.4f} (text {rec['eval_text_loss']:.4f}, "
+              f"audio {rec['eval_audio_loss']:.4f}) | perplexity {rec['eval_perplexity']:.3f}", flush=True)
 
 
 def check_finite(m, step: int, ds, ids, position: int) -> None:
@@ -561,8 +589,9 @@ def check_weights_finite(params, step: int, m) -> None:
                             f"{m[3]}): they were not saved; a smaller --lr?")
 
 
-def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, frozen) -> list[dict]:
-    G, A, T = args.batch_size or mesh.size, args.grad_accum, ds.window_frames
+def run(args, h: Hyper, mesh, cfg, datasets, plan: Plan, state, frozen) -> list[dict]:
+    (ds, eval_ds), G, A = datasets, args.batch_size or mesh.size, args.grad_accum
+    T = ds.window_frames
     this = checkpoint.run_meta(args, h, cfg)          # what the checkpoints record beside the state
     state, first, position = start(args, cfg, state, T, this)
     last = min(h.max_steps, args.stop_at or h.max_steps)
@@ -585,6 +614,8 @@ def run(args, h: Hyper, mesh, cfg, ds: data.TokenWindows, plan: Plan, state, fro
         losses = dict(zip(("loss", "text_loss", "audio_loss", "grad_norm"), m.tolist()))
         history.append({"step": step, **losses, "lr": float(lr_at(step - 1)), "step_time": times[-1],
                         "tokens_per_s": tokens_per_step / steady})
+        if eval_ds and (step == last or (args.eval_every and step % args.eval_every == 0)):
+            history[-1].update(evaluate(plan, state, frozen, eval_ds, args, cfg, batch_sharding))
         log_step(args, history[-1], h.max_steps, last, flops / steady / peak if peak else None,
                  steady * (h.max_steps - step))
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == last:
@@ -688,6 +719,10 @@ def train_parser():
     a("--batch-size", type=POSITIVE_INT, help="windows per micro-batch, whole mesh (default: one per device)")
     a("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
     a("--stop-at", type=POSITIVE_INT, help="stop after this step (a job time slice); continue with --resume")
+    a("--eval-data", help="held-out windows (a folder written by prepare): their loss after the last step")
+    a("--eval-every", type=COUNT, default=0, help="with --eval-data: also every this many steps (0: no)")
+    a("--eval-batches", type=POSITIVE_INT, help="with --eval-data: batches of --batch-size windows "
+      "(default: moshi-finetune's 40 per device, 40 // devices; at most what the data holds)")
     _hyper_flags(a)
     checkpoint.add_ttt_flags(a)
     a("--seed", type=int, default=0)
