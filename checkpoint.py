@@ -414,8 +414,9 @@ def load_model(args):
         return with_ttt(config, ttt_flags(args), f"--config {name}"), None
     if os.path.isdir(os.path.join(args.init_from, CHECKPOINTS)):
         raise ValueError(f"--init-from {args.init_from}: a train.py run directory, not a Kyutai checkpoint: "
-                         f"continue it with --run-dir {args.init_from} --resume, or start from its model with "
-                         f"`python train.py export --run-dir {args.init_from} --out DIR` and --init-from DIR")
+                         f"continue it with --run-dir {args.init_from} --resume, or start from its model "
+                         f"with `python train.py export --run-dir {args.init_from} --out DIR` and "
+                         "--init-from DIR")
     ckpt = repo.find_checkpoint(args.init_from, lm_only=True, flags={"repo": "--init-from", "lora": None})
     base = config or repo.lm_config_for(ckpt, print)
     cfg = with_ttt(base, ttt_flags(args), f"--init-from {args.init_from}")

@@ -305,8 +305,8 @@ def converse(models: Models, frames, batch_size: int, sampling: moshi.Sampling, 
                                             jnp.asarray(frame)[None, None], K)
         for _ in range(2 if i == 0 and prompt is None else 1):    # Kyutai's LMGen never sees call 0's frame
             lm_state, tokens = moshi.gen_step(lm, lm_cfg, lm_state, rows(codes[0]), key, sampling=sampling)
-        if prompt is None and i + 1 < lm_cfg.max_delay:    # no frame out yet (LMGen's None): as run_inference,
-            continue                                        # nothing decoded, one frame less per extra delay
+        if prompt is None and i + 1 < lm_cfg.max_delay:    # no frame out yet (LMGen's None): as
+            continue                                        # run_inference, nothing decoded (answer_frames)
         dec_state, pcm = mimi.decode_step(models.mimi, models.mimi_cfg, dec_state, tokens[:, 1:1 + K, None])
         # A frame's results come to the host only once the next frame is queued: JAX dispatches
         # asynchronously, so the accelerator never idles while Python prints text and writes audio.
@@ -565,8 +565,8 @@ def run(args):
     out_frames = answer_frames(models.lm_cfg, n_frames, prompt)
     if not out_frames:
         d = models.lm_cfg.max_delay
-        raise SampleError(f"{args.prompt}: {n_frames} frame(s) of audio; this model's delays (up to {d}) need "
-                          f"{d} frames before it answers; --duration extends it with silence")
+        raise SampleError(f"{args.prompt}: {n_frames} frame(s) of audio; this model's delays (up to {d}) "
+                          f"need {d} frames before it answers; --duration extends it with silence")
     out_samples = min(num_samples, out_frames * F)
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {args.batch_size}, "
         f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")

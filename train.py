@@ -355,7 +355,7 @@ def attention_of(h: Hyper) -> str:
 def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, specs):
     """-> (jitted step(state, frozen, batch [A, B, 17, T]) -> (state, [loss, text, audio, grad norm]),
     jitted evaluate(trainable, frozen, batch [N, B, 17, T]) -> [loss, text, audio], the mean of the N
-    batches' losses, as moshi-finetune's evaluate averages its batches')."""
+    batches' losses (moshi-finetune's evaluate averages its batches))."""
     lora_specs = move_ttt(trainable_specs, frozen_specs)[0] if h.lora_rank else None
 
     def loss_fn(trainable, frozen, codes):
@@ -543,7 +543,8 @@ def evaluate(plan: Plan, state, frozen, ds: data.TokenWindows, args, cfg, shardi
     n = min(args.eval_batches or max(1, 40 // sharding.mesh.size), len(ds) // G)
     batches = make_batch(ds, np.arange(n * G).reshape(n, G), sharding, cfg)        # [n, G, 17, T]
     loss, text, audio = np.asarray(plan.evaluate(state["params"], frozen, batches)).tolist()
-    return {"eval_loss": loss, "eval_text_loss": text, "eval_audio_loss": audio, "eval_perplexity": 2.0 ** loss}
+    return {"eval_loss": loss, "eval_text_loss": text, "eval_audio_loss": audio,
+            "eval_perplexity": 2.0 ** loss}
 
 
 def log_step(args, rec: dict, max_steps: int, last: int, mfu, eta_s) -> None:
