@@ -307,7 +307,8 @@ def run_meta(args, h, cfg) -> dict:
 
 
 # the same model, seed, training
-SAME_RUN = ("config", "init_from", "lm_config", "seed", "lora_rank", "lora_scaling")
+SAME_RUN = ("config", "init_from", "lm_config", "seed", "lora_rank", "lora_scaling", "lora_ft_embed")
+UNRECORDED = {"lora_ft_embed": False}     # what a setting older checkpoints do not record was then
 
 
 def begin(run_dir: str, like, resume: bool, overwrite: bool, this: dict, log=print):
@@ -345,7 +346,8 @@ def newest(run_dir: str, like, this: dict, log):
     from `this`) is an error, not a reason to fall back. One that cannot be read is named in a
     one-line warning, left where it is, and the one before it is tried; if none can be read,
     CorruptCheckpoint."""
-    field = lambda meta, k: meta[k] if k in meta else meta.get("hyper", {}).get(k)    # noqa: E731
+    def field(meta, k):
+        return meta[k] if k in meta else meta.get("hyper", {}).get(k, UNRECORDED.get(k))
     ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
     found = list_dir(ckpt_dir)
     for path in reversed(found):
@@ -483,21 +485,22 @@ def with_ttt(cfg, flags: dict, what: str):
         raise ValueError(f"{' '.join(f'{TTT_FLAGS[f]} {v}' for f, v in flags.items())}: {e}") from None
 
 
-def write_model(out_dir: str, cfg, params, adapters, dtype, lora_scaling: float) -> str:
+def write_model(out_dir: str, cfg, params, adapters, dtype, lora_scaling: float, whole=()) -> str:
     """Full model params (host arrays) -> out_dir/model.safetensors and config.json, which the
     official PyTorch, MLX and Rust stacks and sample.py load like a released checkpoint; with LoRA
     adapters, also out_dir/adapters/ as moshi-finetune's consolidated/ folder: lora.safetensors in
     its naming and a config.json with "lora": true, lora_rank and lora_scaling, for the base model
     (`--lora-weight out/adapters/lora.safetensors --config out/adapters/config.json`, here and in
-    Kyutai's scripts). A model with TTT layers is ours alone (their weights, config.json's "ttt"
-    entry), and the message says so."""
+    Kyutai's scripts), with the weights at paths `whole` that the run trained in full beside them
+    (--lora-ft-embed's embedding tables, which Kyutai's loader loads over the base's). A model with
+    TTT layers is ours alone (their weights, config.json's "ttt" entry), and the message says so."""
     path, dtype = os.path.join(out_dir, "model.safetensors"), jnp.dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)
     convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(dtype), params), cfg)
     with convert.atomic_open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(repo.lm_config_dict(cfg), moshi_name="model.safetensors"), f, indent=1)
     if adapters is not None:
-        tensors = {k: v.astype(dtype) for k, v in convert.lora_tensors(adapters, cfg).items()}
+        tensors = {k: v.astype(dtype) for k, v in convert.lora_tensors(adapters, cfg, params, whole).items()}
         rank = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight"))
         adapters_dir = os.path.join(out_dir, "adapters")
         os.makedirs(adapters_dir, exist_ok=True)

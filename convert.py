@@ -617,22 +617,32 @@ def lora_modules(cfg) -> dict:
     return out
 
 
-def lora_tensors(lora, cfg) -> dict:
+def lora_tensors(lora, cfg, params=None, whole=()) -> dict:
     """Our LoRA tree ({"a" [.., r, in], "b" [.., out, r]} at each adapted weight's path; host
-    arrays) -> {moshi-finetune name: array}."""
+    arrays) -> {moshi-finetune name: array}; with the weights at paths `whole` of params, which a
+    LoRA run trained in full, in Kyutai's names beside them (as moshi-finetune saves them)."""
     modules = lora_modules(cfg)
-    return {f"{module}.lora_{path[-1].upper()}.weight": np.asarray(x[index])
-            for path, x in walk(lora) for index, module in modules[path[:-1]]}    # path ends in "a" or "b"
+    tensors = {f"{module}.lora_{path[-1].upper()}.weight": np.asarray(x[index])
+               for path, x in walk(lora) for index, module in modules[path[:-1]]}   # path ends in "a" or "b"
+    return tensors | to_disk([r for r in _lm_rows(cfg) if r.path in whole], params, "lora_tensors")
 
 
 def merge_lora(tensors: dict, path, rank: int, scaling: float) -> dict:
     """On-disk LM tensors + moshi-finetune's adapters at `path` -> W + scaling * B @ A (in fp32, then
     in W's dtype), as Kyutai's loader fuses them. A packed attention weight [M * n, D] takes weight
-    set m's rows from the adapters of `...self_attn.in_projs.{m}`."""
+    set m's rows from the adapters of `...self_attn.in_projs.{m}`. Weights saved whole beside the
+    adapters (the embedding tables, with moshi-finetune's ft_embed) replace the base's, as Kyutai's
+    loader loads them over it."""
     adapters, out = SafeTensorsFile(path), dict(tensors)
     modules = sorted(k.removesuffix(".lora_A.weight") for k in adapters.keys() if k.endswith("lora_A.weight"))
-    if not modules or 2 * len(modules) != len(adapters.keys()):
+    whole = sorted(set(adapters.keys()) - {f"{m}.lora_{x}.weight" for m in modules for x in "AB"})
+    if not modules or any(f"{m}.lora_B.weight" not in adapters.header for m in modules):
         raise CheckpointError(f"{path}: not LoRA adapters (want <module>.lora_A.weight, .lora_B.weight)")
+    for key in whole:
+        if key not in out or out[key].shape != adapters.shape(key):
+            have = f", the LM's is {out[key].shape}" if key in out else ": the LM has no such weight"
+            raise CheckpointError(f"{path}: {key} {adapters.shape(key)}{have}")
+        out[key] = np.asarray(adapters[key]).astype(out[key].dtype)
     for module in modules:
         a, b = (np.asarray(adapters[f"{module}.lora_{x}.weight"], np.float32) for x in "AB")
         if a.shape[0] != rank or b.shape[1:] != (rank,):

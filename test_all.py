@@ -2605,6 +2605,36 @@ def test_train_ttt_cli_warns_resumes_and_exports(train_dataset, tmp_path, monkey
     assert "TTT on layers (1,)" in out and "init: TTT" not in out
 
 
+def test_train_lora_ft_embed_trains_the_embeddings_and_exports_them(train_dataset, tmp_path, monkeypatch,
+                                                                     fast_compile):
+    """--lora-ft-embed (moshi-finetune's lora.ft_embed): the embedding tables train in full beside
+    the adapters, every other weight stays the base's; export's adapters/lora.safetensors carries
+    them under Kyutai's names, so base + adapters, merged at load as Kyutai's loader does, is the
+    exported model; a run made so resumes only so."""
+    monkeypatch.setitem(moshi.PRESETS, "train_test", TRAIN_CFG)
+    base = tmp_path / "base"
+    base.mkdir()
+    convert.save_lm(base / "model.safetensors", moshi.init(jax.random.key(3), TRAIN_CFG), TRAIN_CFG)
+    (base / "config.json").write_text(json.dumps(repo.lm_config_dict(TRAIN_CFG)))
+    run = ("--init-from", str(base), "--lora-rank", "2", "--max-steps", "2", "--lora-ft-embed")
+    _cli(train_dataset, tmp_path / "ft", *run)
+    train.main(["export", "--run-dir", str(tmp_path / "ft"), "--out", str(tmp_path / "export"), "--dtype", "float32",
+                "--save-adapters"])
+    before = convert.load_lm(base / "model.safetensors", TRAIN_CFG)
+    after = convert.load_lm(tmp_path / "export" / "model.safetensors", TRAIN_CFG, jnp.float32)
+    tables = [("emb",), ("text_emb",), ("depformer", "emb"), ("depformer", "text_emb")]
+    assert all(_max_rel(convert.get_path(after, p), convert.get_path(before, p)) > 1e-4 for p in tables)
+    assert _max_rel(after["out_norm"], before["out_norm"]) == 0           # neither adapted nor trained
+    adapters = tmp_path / "export" / "adapters"
+    keys = convert.SafeTensorsFile(adapters / "lora.safetensors").keys()
+    assert {"emb.0.weight", "text_emb.weight", "depformer_emb.0.weight", "depformer_text_emb.weight"} <= set(keys)
+    found = repo.find_checkpoint(None, str(base / "model.safetensors"), config=str(adapters / "config.json"),
+                                 lora=str(adapters / "lora.safetensors"), lm_only=True)
+    assert _max_rel(convert.load_lm(found.moshi, TRAIN_CFG, jnp.float32, lora=found.lora), after) < 1e-6
+    with pytest.raises(ValueError, match="was made with lora_ft_embed=True, this run has False"):
+        _cli(train_dataset, tmp_path / "ft", *run[:-1], "--resume")
+
+
 # ================================================================================================
 # checkpoint.py
 #

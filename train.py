@@ -91,7 +91,8 @@ def loss_from_sums(sums):
 # In-Place TTT's own weights (params["ttt"]: each TTT layer's conv and P) are the exception: they
 # train in full, LoRA or not. They are new (no base model has them) and the conv starts at zero, so
 # freezing them, as moshi-finetune's LoRA freezes every weight outside its adapters, would leave
-# TTT a silent no-op. A LoRA run's trainable tree is therefore the adapters plus params["ttt"].
+# TTT a silent no-op. With lora_ft_embed (moshi-finetune's ft_embed) the embedding tables train in
+# full too. A LoRA run's trainable tree is therefore the adapters plus those whole weights.
 
 def is_layer_stack(tree) -> bool:
     """A helium layer stack: a dict with 'attn' and 'mlp' whose leaves have a leading layer axis."""
@@ -102,9 +103,13 @@ def inside_stack(tree, path) -> bool:
     return any(is_layer_stack(convert.get_path(tree, path[:i])) for i in range(len(path)))
 
 
+def is_adapter(tree) -> bool:
+    return isinstance(tree, dict) and set(tree) == {"a", "b"}
+
+
 def adapters(lora):
     """(path, {"a", "b"}) of every adapter of a LoRA tree (or of None: none)."""
-    return convert.walk(lora or {}, lambda d: set(d) == {"a", "b"})
+    return convert.walk(lora or {}, is_adapter)
 
 
 EMBEDDING_TABLES = ("emb", "text_emb")       # lookups, not matmuls: no LoRA (as in Kyutai)
@@ -148,13 +153,36 @@ def merged_params(params, lora, scaling: float):
     return out
 
 
-def move_ttt(source, dest):
-    """(source without its "ttt" entry, dest with it). A LoRA run's (frozen, trainable) trees are
-    move_ttt(params, adapters): the base without params["ttt"], the adapters with it; and the way
-    back, (adapters, params) = move_ttt(trainable, frozen). (Any trees shaped so: params and
-    adapters, or their PartitionSpecs.)"""
-    rest = {k: v for k, v in source.items() if k != "ttt"}
-    return rest, (dict(dest, ttt=source["ttt"]) if "ttt" in source else dest)
+def trained_whole(params, h) -> list:
+    """The paths of the weights a LoRA run trains in full beside its adapters: params["ttt"], and with
+    h.lora_ft_embed every embedding table (moshi-finetune's ft_embed trains every parameter whose
+    name holds "emb"; the low-rank projections of such tables keep their adapters instead)."""
+    paths = [("ttt",)] if "ttt" in params else []
+    embeddings = [path for path, _ in convert.walk(params) if path[-1] in EMBEDDING_TABLES]
+    return paths + (embeddings if h.lora_ft_embed else [])
+
+
+def _dicts_copied(tree):
+    return {k: _dicts_copied(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def to_trainable(params, lora, paths):
+    """A LoRA run's (frozen, trainable) trees from the model's params and the adapters: the weights
+    at `paths` (trained_whole) move from the params to the adapters' tree. (Any trees shaped so:
+    params and adapters, or their PartitionSpecs.)"""
+    frozen, trainable = _dicts_copied(params), _dicts_copied(lora)
+    for path in paths:
+        convert.set_path(trainable, path, convert.get_path(frozen, path[:-1]).pop(path[-1]))
+    return frozen, trainable
+
+
+def from_trainable(trainable, frozen):
+    """The way back: (adapters, the model's params), whatever of `trainable` is not an adapter
+    ({"a", "b"}) returning into the params."""
+    lora, params = {}, _dicts_copied(frozen)
+    for path, x in convert.walk(trainable, is_adapter):
+        convert.set_path(lora if is_adapter(x) else params, path, x)
+    return lora, params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +335,7 @@ class Hyper:
     padding_ids: tuple = (moshi.MOSHIKO.existing_text_padding_id, moshi.MOSHIKO.existing_text_end_padding_id)
     lora_rank: int = 0                    # 0: full fine-tuning
     lora_scaling: float = 2.0
+    lora_ft_embed: bool = False           # with LoRA, also train the embedding tables in full
     compute_dtype: str = "bfloat16"
     remat: bool = True
     # the temporal transformer's attention over whole windows: auto = Pallas on TPU, cuDNN on GPU
@@ -356,11 +385,11 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
     """-> (jitted step(state, frozen, batch [A, B, 17, T]) -> (state, [loss, text, audio, grad norm]),
     jitted evaluate(trainable, frozen, batch [N, B, 17, T]) -> [loss, text, audio], the mean of the N
     batches' losses (moshi-finetune's evaluate averages its batches))."""
-    lora_specs = move_ttt(trainable_specs, frozen_specs)[0] if h.lora_rank else None
+    lora_specs = from_trainable(trainable_specs, frozen_specs)[0] if h.lora_rank else None
 
     def loss_fn(trainable, frozen, codes):
         """Inside shard_map: (global loss, [loss, text, audio]) for this device's codes [b, 17, T]."""
-        lora, params = move_ttt(trainable, frozen) if h.lora_rank else (None, trainable)
+        lora, params = from_trainable(trainable, frozen) if h.lora_rank else (None, trainable)
         view = model_view(params, specs, lora_by_step(lora, cfg), lora_specs, h.lora_scaling,
                           jnp.dtype(h.compute_dtype))
         out = moshi.forward(view, cfg, codes, layer_hook=lambda layer: layer_hook(layer, h.lora_scaling),
@@ -459,7 +488,8 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
     master = jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32
     make_lora = lambda k: init_lora(k, abstract, h.lora_rank)                      # noqa: E731
     lora_specs = adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), fsdp) if h.lora_rank else {}
-    frozen_specs, trainable_specs = move_ttt(specs, lora_specs) if h.lora_rank else ({}, specs)
+    whole = trained_whole(abstract, h)
+    frozen_specs, trainable_specs = to_trainable(specs, lora_specs, whole) if h.lora_rank else ({}, specs)
     tx = optimizer(h)
     return Plan(abstract, specs, trainable_specs, frozen_specs,
                 jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=shardings(mesh, specs)),
@@ -470,7 +500,7 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
 def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
     """(state, frozen) from model params and an optional LoRA tree, host or device arrays. What
     trains is kept in fp32, a LoRA run's frozen base in the compute dtype (as make_plan inits it)."""
-    frozen, trainable = move_ttt(params, lora) if h.lora_rank else ({}, params)
+    frozen, trainable = to_trainable(params, lora, trained_whole(params, h)) if h.lora_rank else ({}, params)
     frozen = checkpoint.place(frozen, shardings(mesh, plan.frozen_specs), jnp.dtype(h.compute_dtype))
     trainable = checkpoint.place(trainable, shardings(mesh, plan.trainable_specs), jnp.float32)
     return {"params": trainable, "opt": plan.init_opt(trainable)}, frozen
@@ -631,14 +661,15 @@ def run(args, h: Hyper, mesh, cfg, datasets, plan: Plan, state, frozen) -> list[
 def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = False, dtype="bfloat16") -> str:
     """The trained model, LoRA merged in, written by checkpoint.write_model in Kyutai's naming (with
     save_adapters and LoRA, the adapters too, in moshi-finetune's). -> the model.safetensors path."""
-    lora, params = move_ttt(state["params"], frozen) if h.lora_rank else (None, state["params"])
+    lora, params = from_trainable(state["params"], frozen) if h.lora_rank else (None, state["params"])
     lora, params = jax.tree.map(checkpoint.to_host, (lora, params))       # every process takes part
     if jax.process_index() != 0:
         return os.path.join(out_dir, "model.safetensors")
     with jax.default_device(jax.devices("cpu")[0]):
         params = merged_params(params, lora, h.lora_scaling)
     adapters = lora if save_adapters else None
-    return checkpoint.write_model(out_dir, cfg, params, adapters, dtype, h.lora_scaling)
+    whole = [path for path in trained_whole(params, h) if path != ("ttt",)]      # TTT: not Kyutai's
+    return checkpoint.write_model(out_dir, cfg, params, adapters, dtype, h.lora_scaling, whole)
 
 
 def export_checkpoint(args) -> str:
@@ -698,6 +729,8 @@ def _hyper_flags(a) -> None:
          help="loss weight of the semantic codebook (moshi-finetune's example uses 100)")
     flag("lora_rank", type=COUNT, help="0: full fine-tuning; >0: LoRA on every linear layer")
     flag("lora_scaling", type=POSITIVE, help="LoRA multiplier: W + scaling * B @ A")
+    flag("lora_ft_embed", "--lora-ft-embed", action="store_true",
+         help="with LoRA, also train the embedding tables in full (moshi-finetune's lora.ft_embed)")
     flag("compute_dtype", "--dtype", choices=["bfloat16", "float32"],
          help="compute dtype (master weights are fp32)")
     flag("remat", "--no-remat", action="store_false",
