@@ -631,18 +631,20 @@ def merge_lora(tensors: dict, path, rank: int, scaling: float) -> dict:
     """On-disk LM tensors + moshi-finetune's adapters at `path` -> W + scaling * B @ A (in fp32, then
     in W's dtype), as Kyutai's loader fuses them. A packed attention weight [M * n, D] takes weight
     set m's rows from the adapters of `...self_attn.in_projs.{m}`. Weights saved whole beside the
-    adapters (the embedding tables, with moshi-finetune's ft_embed) replace the base's, as Kyutai's
-    loader loads them over it."""
+    adapters (the embedding tables, with moshi-finetune's ft_embed; an adapted weight as its
+    LoRALinear names it, `<module>.frozen_W.weight`) replace the base's, as Kyutai's loader loads
+    them over it, before the adapters merge."""
     adapters, out = SafeTensorsFile(path), dict(tensors)
     modules = sorted(k.removesuffix(".lora_A.weight") for k in adapters.keys() if k.endswith("lora_A.weight"))
     whole = sorted(set(adapters.keys()) - {f"{m}.lora_{x}.weight" for m in modules for x in "AB"})
     if not modules or any(f"{m}.lora_B.weight" not in adapters.header for m in modules):
         raise CheckpointError(f"{path}: not LoRA adapters (want <module>.lora_A.weight, .lora_B.weight)")
-    for key in whole:
-        if key not in out or out[key].shape != adapters.shape(key):
+    for name in whole:
+        key = name.replace(".frozen_W.", ".")
+        if key not in out or out[key].shape != adapters.shape(name):
             have = f", the LM's is {out[key].shape}" if key in out else ": the LM has no such weight"
-            raise CheckpointError(f"{path}: {key} {adapters.shape(key)}{have}")
-        out[key] = np.asarray(adapters[key]).astype(out[key].dtype)
+            raise CheckpointError(f"{path}: {name} {adapters.shape(name)}{have}")
+        out[key] = np.asarray(adapters[name]).astype(out[key].dtype)
     for module in modules:
         a, b = (np.asarray(adapters[f"{module}.lora_{x}.weight"], np.float32) for x in "AB")
         if a.shape[0] != rank or b.shape[1:] != (rank,):

@@ -2631,6 +2631,17 @@ def test_train_lora_ft_embed_trains_the_embeddings_and_exports_them(train_datase
     found = repo.find_checkpoint(None, str(base / "model.safetensors"), config=str(adapters / "config.json"),
                                  lora=str(adapters / "lora.safetensors"), lm_only=True)
     assert _max_rel(convert.load_lm(found.moshi, TRAIN_CFG, jnp.float32, lora=found.lora), after) < 1e-6
+    # a weight trained whole under LoRALinear's name for it replaces the base's too (here without adapters)
+    tensors = {k: np.asarray(v) for k, v in _load_safetensors(adapters / "lora.safetensors").items()
+               if not k.startswith("text_linear.lora_")}
+    replaced = np.full(before["text_linear"].shape, 0.5, np.float32)
+    convert.save_safetensors(tmp_path / "whole.safetensors", dict(tensors, **{"text_linear.frozen_W.weight": replaced}))
+    merged = convert.load_lm(found.moshi, TRAIN_CFG, jnp.float32, lora=(tmp_path / "whole.safetensors", 2, 2.0))
+    assert np.array_equal(merged["text_linear"], replaced)
+    bad = dict(tensors, **{"text_linear.frozen_W.weight": replaced[:3]})
+    convert.save_safetensors(tmp_path / "bad.safetensors", bad)
+    with pytest.raises(convert.CheckpointError, match=r"text_linear.frozen_W.weight \(3, 64\), the LM's is \(\d+, 64\)"):
+        convert.load_lm(found.moshi, TRAIN_CFG, jnp.float32, lora=(tmp_path / "bad.safetensors", 2, 2.0))
     with pytest.raises(ValueError, match="was made with lora_ft_embed=True, this run has False"):
         _cli(train_dataset, tmp_path / "ft", *run[:-1], "--resume")
 
