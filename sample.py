@@ -570,7 +570,7 @@ def run(args):
     out_samples = min(num_samples, out_frames * F)
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {args.batch_size}, "
         f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
-    answers, (start, first, end) = talk(args, models, outs, num_samples, sampling, prompt)
+    answers, (start, first, end) = talk(args, models, outs, num_samples, out_frames, sampling, prompt)
     with convert.atomic_open(transcript, "w", encoding="utf-8") as f:
         json.dump({"prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
                    "frame_seconds": F / sr, "random_init": args.random_init, "answers": answers},
@@ -603,7 +603,7 @@ def check_outputs(args, log) -> tuple[list[str], str]:
     return outs, transcript
 
 
-def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling, prompt):
+def talk(args, models: Models, outs, num_samples: int, out_frames: int, sampling: moshi.Sampling, prompt):
     """The conversation, frame by frame: each answer's audio streamed into its wav, the text shown
     as it comes and recorded. -> (answers, times: start, first frame done, last frame done)."""
     sr, F, B = models.mimi_cfg.sample_rate, models.mimi_cfg.frame_size, args.batch_size
@@ -617,7 +617,7 @@ def talk(args, models: Models, outs, num_samples: int, sampling: moshi.Sampling,
         tmps = [files.enter_context(convert.atomic_path(path, ".wav")) for path in outs]
         wavs = [files.enter_context(soundfile.SoundFile(tmp, "w", samplerate=sr, channels=1, format="WAV",
                                                          subtype="PCM_16")) for tmp in tmps]
-        display = Display(answer_frames(models.lm_cfg, -(-num_samples // F), prompt), F / sr)
+        display = Display(out_frames, F / sr)                      # answer_frames of them
         files.callback(display.close)
         for i, (tokens, pcm) in enumerate(converse(models, frames, B, sampling, args.seed, prompt)):
             for wav, row in zip(wavs, pcm):

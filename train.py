@@ -145,9 +145,13 @@ def merge_lora(w, ab, scaling: float):
     return (w.astype(jnp.float32) + scaling * delta).astype(w.dtype)
 
 
+def _dicts_copied(tree):
+    return {k: _dicts_copied(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
 def merged_params(params, lora, scaling: float):
     """The full weights a LoRA run stands for (what export writes)."""
-    out = jax.tree.map(lambda x: x, params)                      # a copy of the containers
+    out = _dicts_copied(params)
     for path, ab in adapters(lora):
         convert.set_path(out, path, merge_lora(convert.get_path(params, path), ab, scaling))
     return out
@@ -158,12 +162,9 @@ def trained_whole(params, h) -> list:
     h.lora_ft_embed every embedding table (moshi-finetune's ft_embed trains every parameter whose
     name holds "emb"; the low-rank projections of such tables keep their adapters instead)."""
     paths = [("ttt",)] if "ttt" in params else []
-    embeddings = [path for path, _ in convert.walk(params) if path[-1] in EMBEDDING_TABLES]
-    return paths + (embeddings if h.lora_ft_embed else [])
-
-
-def _dicts_copied(tree):
-    return {k: _dicts_copied(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+    if h.lora_ft_embed:
+        paths += [path for path, _ in convert.walk(params) if path[-1] in EMBEDDING_TABLES]
+    return paths
 
 
 def to_trainable(params, lora, paths):
@@ -529,14 +530,15 @@ def train(args) -> list[dict]:
     The command line is checked before the model is read or anything is written."""
     checkpoint.refuse_used(args.run_dir, args.resume, args.overwrite)
     mesh = make_mesh(**parse_mesh(args.mesh or f"fsdp={jax.device_count()}"))    # default: fsdp over all
-    if (args.batch_size or mesh.size) % mesh.size:
+    batch_size = args.batch_size or mesh.size
+    if batch_size % mesh.size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the mesh size {mesh.size}")
     if (args.eval_every or args.eval_batches) and not args.eval_data:
         raise ValueError("--eval-every and --eval-batches need --eval-data (a folder written by prepare)")
     ds, eval_ds = (data.TokenWindows(d) if d else None for d in (args.data, args.eval_data))
-    if eval_ds is not None and len(eval_ds) < (args.batch_size or mesh.size):
+    if eval_ds is not None and len(eval_ds) < batch_size:
         raise ValueError(f"--eval-data {args.eval_data}: {len(eval_ds)} windows, fewer than one batch "
-                         f"({args.batch_size or mesh.size})")
+                         f"({batch_size})")
     cfg, host_params = checkpoint.load_model(args)
     h = Hyper(padding_ids=(cfg.existing_text_padding_id, cfg.existing_text_end_padding_id),
               **{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyper) if f.name != "padding_ids"})
@@ -564,12 +566,11 @@ class NonFiniteLoss(RuntimeError):
     (and, for the loss and the gradient, the batch's windows)."""
 
 
-def evaluate(plan: Plan, state, frozen, ds: data.TokenWindows, args, cfg, sharding) -> dict:
+def evaluate(plan: Plan, state, frozen, ds: data.TokenWindows, G: int, args, cfg, sharding) -> dict:
     """moshi-finetune's evaluation: the loss of the eval windows, in order (no shuffling), averaged
     over batches of the run's batch size; as many batches as --eval-batches, by default its 40 per
     device batches (40 // devices global ones), as many as the data holds. Its "perplexity" is
     moshi-finetune's, 2 ** loss (the loss being in nats)."""
-    G = args.batch_size or sharding.mesh.size
     n = min(args.eval_batches or max(1, 40 // sharding.mesh.size), len(ds) // G)
     batches = make_batch(ds, np.arange(n * G).reshape(n, G), sharding, cfg)        # [n, G, 17, T]
     loss, text, audio = np.asarray(plan.evaluate(state["params"], frozen, batches)).tolist()
@@ -646,7 +647,7 @@ def run(args, h: Hyper, mesh, cfg, datasets, plan: Plan, state, frozen) -> list[
         history.append({"step": step, **losses, "lr": float(lr_at(step - 1)), "step_time": times[-1],
                         "tokens_per_s": tokens_per_step / steady})
         if eval_ds and (step == last or (args.eval_every and step % args.eval_every == 0)):
-            history[-1].update(evaluate(plan, state, frozen, eval_ds, args, cfg, batch_sharding))
+            history[-1].update(evaluate(plan, state, frozen, eval_ds, G, args, cfg, batch_sharding))
         log_step(args, history[-1], h.max_steps, last, flops / steady / peak if peak else None,
                  steady * (h.max_steps - step))
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == last:
