@@ -50,6 +50,7 @@ import data  # noqa: E402
 import depformer  # noqa: E402
 import flash  # noqa: E402
 import helium  # noqa: E402
+import lora  # noqa: E402
 import mimi  # noqa: E402
 import moshi  # noqa: E402
 import repo  # noqa: E402
@@ -2080,18 +2081,18 @@ def test_train_sharded_step_matches_one_device(lora_rank, fast_compile):
     h = train.Hyper(lr=0.5, eps=1.0, max_steps=10, max_norm=1e9, compute_dtype="float32",
                     lora_rank=lora_rank, lora_scaling=2.0, first_codebook_weight=100.0)
     params = jax.tree.map(np.asarray, moshi.init(jax.random.key(0), TRAIN_CFG))
-    lora = None
+    lora_tree = None
     if lora_rank:
-        lora = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
-                            train.init_lora(jax.random.key(1), params, lora_rank))
+        lora_tree = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
+                            lora.init(jax.random.key(1), params, lora_rank))
     codes = _train_codes(B=8, T=10, A=1 if lora_rank else 2)
-    _, one, m1, _ = _one_step(1, 1, h, params, lora, codes)
-    plan, eight, m8, layer_scans = _one_step(2, 4, h, params, lora, codes)
+    _, one, m1, _ = _one_step(1, 1, h, params, lora_tree, codes)
+    plan, eight, m8, layer_scans = _one_step(2, 4, h, params, lora_tree, codes)
     assert rel_err(m8, m1) < 1e-5 and m1[0] > 0                                 # loss, text, audio, grad norm
     adam = lambda state: state["opt"][1].inner_state[0]                        # noqa: E731
     assert _max_rel(adam(eight).mu, adam(one).mu) < 1e-5                      # the gradients, via Adam's mu
     assert _max_rel(eight["params"], one["params"]) < 1e-5
-    before = lora if lora_rank else params
+    before = lora_tree if lora_rank else params
     assert _max_rel(one["params"], before) > 1e-4                              # the step did change them
     # Gather on use, free after: the forward layer scans (temporal, depformer) all-gather each of a
     # layer's 4 matrices (LoRA: and their 8 adapters); the backward ones gather them again (remat
@@ -2386,34 +2387,34 @@ def test_lora_adapts_exactly_kyutais_linear_layers():
     for name, case in cases.items():
         cfg = repo.lm_config(case["config"])
         params = jax.eval_shape(lambda: moshi.init(jax.random.key(0), cfg))
-        modules = [m for path in train.lora_targets(params) for _, m in convert.lora_modules(cfg)[path]]
+        modules = [m for path in lora.targets(params) for _, m in convert.lora_modules(cfg)[path]]
         assert sorted(modules) == case["modules"], name
 
 
 def test_train_lora_with_a_depformer_weight_schedule(fast_compile):
     """Depformer steps that share a weight set (schedule [0, 1, 1]) share its adapters: one LoRA
     step on fsdp=2 gives the loss of the merged weights, and the adapters' gradient (via Adam's mu)
-    that plain autodiff through train.merged_params gives."""
+    that plain autodiff through lora.merged gives."""
     with open(os.path.join(TESTDATA, "lora_names.json")) as f:
         cfg = repo.lm_config(json.load(f)["schedule"]["config"])
     h = train.Hyper(lr=0.5, eps=1.0, max_steps=10, max_norm=1e9, compute_dtype="float32",
                     lora_rank=2, lora_scaling=2.0)
     params = jax.tree.map(np.asarray, moshi.init(jax.random.key(0), cfg))
-    lora = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
-                        train.init_lora(jax.random.key(1), params, h.lora_rank))
+    lora_tree = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
+                        lora.init(jax.random.key(1), params, h.lora_rank))
     rng = np.random.default_rng(0)
     codes = np.concatenate([rng.integers(0, cfg.text_card, (1, 4, 1, 8)),
                             rng.integers(0, cfg.card, (1, 4, cfg.n_q, 8))], axis=2).astype(np.int32)
 
     def loss_of(adapters):
-        out = moshi.forward(train.merged_params(params, adapters, h.lora_scaling), cfg, codes[0])
+        out = moshi.forward(lora.merged(params, adapters, h.lora_scaling), cfg, codes[0])
         sums = train.loss_sums(out, codes[0], h.text_padding_weight, h.first_codebook_weight, h.padding_ids)
         return train.loss_from_sums(sums)[0]
-    loss, grad = jax.jit(jax.value_and_grad(loss_of))(lora)
+    loss, grad = jax.jit(jax.value_and_grad(loss_of))(lora_tree)
     mesh = train.make_mesh(1, 2)
     with jax.set_mesh(mesh):
         plan = train.make_plan(cfg, mesh, h)
-        state, frozen = train.initial_state(plan, mesh, h, params, lora)
+        state, frozen = train.initial_state(plan, mesh, h, params, lora_tree)
         batch = jax.device_put(codes, jax.sharding.NamedSharding(mesh, train.BATCH_SPEC))
         state, metrics = plan.step(state, frozen, batch)
     assert rel_err(np.asarray(metrics)[0], loss) < 1e-5
@@ -2425,14 +2426,14 @@ def test_train_lora_with_a_depformer_weight_schedule(fast_compile):
 
 def _lora_from_tensors(tensors: dict, params, cfg, rank: int) -> dict:
     """{moshi-finetune name: array} -> our LoRA tree for `params` (every target must be present)."""
-    lora, modules = {}, convert.lora_modules(cfg)
-    for path, w in sorted(train.lora_targets(params).items()):
+    lora_tree, modules = {}, convert.lora_modules(cfg)
+    for path, w in sorted(lora.targets(params).items()):
         lead, (n_out, n_in) = w.shape[:-2], w.shape[-2:]
         a, b = np.zeros((*lead, rank, n_in), np.float32), np.zeros((*lead, n_out, rank), np.float32)
         for idx, module in modules[path]:
             a[idx], b[idx] = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
-        convert.set_path(lora, path, {"a": a, "b": b})
-    return lora
+        convert.set_path(lora_tree, path, {"a": a, "b": b})
+    return lora_tree
 
 
 def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
@@ -2460,9 +2461,9 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     base = random_weights.random_tensors([(k, tuple(s)) for k, s in meta["spec"]], meta["seed"])
     convert.save_safetensors(tmp_path / "base.safetensors", base)
     base = convert.load_lm(tmp_path / "base.safetensors", cfg, dtype=jnp.float32)
-    lora = _lora_from_tensors(_load_safetensors(os.path.join(folder, "adapters", "lora.safetensors")),
+    lora_tree = _lora_from_tensors(_load_safetensors(os.path.join(folder, "adapters", "lora.safetensors")),
                               base, cfg, meta["lora"]["rank"])
-    merged = train.merged_params(base, lora, meta["lora"]["scaling"])
+    merged = lora.merged(base, lora_tree, meta["lora"]["scaling"])
     assert _max_rel(merged, params) < 1e-6 and _max_rel(base, params) > 1e-2
     # the base + adapters/ as Kyutai's loader takes them (--lora-weight, --config: "lora": true,
     # lora_rank, lora_scaling), merged at load: the official route's logits
@@ -2486,7 +2487,7 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
     # today's train.export writes what the official package loaded strictly: the same files, tensor
     # names, shapes, dtypes and config.json (so a change to export cannot silently break that)
     h = train.Hyper(lora_rank=meta["lora"]["rank"], lora_scaling=meta["lora"]["scaling"])
-    train.export(str(tmp_path / "again"), cfg, {"params": jax.tree.map(jnp.asarray, lora)}, base, h,
+    train.export(str(tmp_path / "again"), cfg, {"params": jax.tree.map(jnp.asarray, lora_tree)}, base, h,
                  save_adapters=True, dtype="float32")
     for name in ("model.safetensors", "adapters/lora.safetensors"):
         ours, theirs = (convert.SafeTensorsFile(os.path.join(d, name)) for d in (tmp_path / "again", folder))
@@ -2508,11 +2509,11 @@ def test_train_export_loads_in_official_moshi(fast_compile, tmp_path):
         view = train.model_view(p, specs, l, lora_specs, meta["lora"]["scaling"], jnp.float32)
         o = moshi.forward(view, cfg, c, layer_hook=lambda layer: train.layer_hook(layer, meta["lora"]["scaling"]))
         return o["logits"], o["text_logits"]
-    lora_specs = train.adapter_specs(lora, 2)
+    lora_specs = train.adapter_specs(lora_tree, 2)
     with jax.set_mesh(mesh):
         fn = jax.jit(jax.shard_map(local_forward, mesh=mesh, in_specs=(specs, lora_specs, jax.P(train.AXES)),
                                    out_specs=(jax.P(train.AXES), jax.P(train.AXES))))
-        logits, text_logits = fn(checkpoint.place(base, named(specs)), checkpoint.place(lora, named(lora_specs)),
+        logits, text_logits = fn(checkpoint.place(base, named(specs)), checkpoint.place(lora_tree, named(lora_specs)),
                                  jax.device_put(codes, jax.sharding.NamedSharding(mesh, jax.P(train.AXES))))
     m, tm = official["mask"][..., None], official["text_mask"][..., None]
     assert rel_err(np.where(m, logits, 0), np.where(m, official["lora_logits"], 0)) < 1e-4
@@ -2532,22 +2533,22 @@ def test_train_ttt_lora_sharded_step_matches_one_device(fast_compile):
     rng = np.random.default_rng(0)
     live = dict(params, ttt={"conv": 0.3 * rng.standard_normal(params["ttt"]["conv"].shape).astype(np.float32),
                              "proj": params["ttt"]["proj"]})
-    lora = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
-                        train.init_lora(jax.random.key(1), params, h.lora_rank))
-    assert "ttt" not in lora
+    lora_tree = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)) * 0.05,
+                        lora.init(jax.random.key(1), params, h.lora_rank))
+    assert "ttt" not in lora_tree
     codes = _train_codes(B=8, T=10, A=1)
-    _, one, m1, _ = _one_step(1, 1, h, live, lora, codes, cfg)
-    _, four, m4, _ = _one_step(2, 2, h, live, lora, codes, cfg)
+    _, one, m1, _ = _one_step(1, 1, h, live, lora_tree, codes, cfg)
+    _, four, m4, _ = _one_step(2, 2, h, live, lora_tree, codes, cfg)
     mu1, mu4 = one["opt"][1].inner_state[0].mu, four["opt"][1].inner_state[0].mu
     assert rel_err(m4, m1) < 1e-5 and _max_rel(mu4, mu1) < 1e-5 and _max_rel(four["params"], one["params"]) < 1e-5
-    assert set(one["params"]) == set(lora) | {"ttt"} and set(one["params"]["ttt"]) == {"conv", "proj"}
+    assert set(one["params"]) == set(lora_tree) | {"ttt"} and set(one["params"]["ttt"]) == {"conv", "proj"}
     assert all(np.abs(mu1["ttt"][k]).max() > 0 for k in ("conv", "proj"))           # conv and P both learn
     assert all(s.data.shape[1] == cfg.dim // 2 for leaf in jax.tree.leaves(four["params"]["ttt"])
                for s in leaf.addressable_shards)                                       # [n, D/fsdp, ...]
     # moshi.init's TTT: the loss of the base model without TTT, and the conv moves off zero
-    _, fresh, m0, _ = _one_step(1, 1, h, params, lora, codes, cfg)
+    _, fresh, m0, _ = _one_step(1, 1, h, params, lora_tree, codes, cfg)
     base = {k: v for k, v in params.items() if k != "ttt"}
-    _, _, m_base, _ = _one_step(1, 1, h, base, lora, codes)
+    _, _, m_base, _ = _one_step(1, 1, h, base, lora_tree, codes)
     assert rel_err(m0[0], m_base[0]) < 1e-6 and np.abs(np.asarray(fresh["params"]["ttt"]["conv"])).max() > 0
 
 

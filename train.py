@@ -13,8 +13,8 @@ a run starts from (--init-from, --ttt-*) and the one export writes, the hosts' s
 This file is the training program: each step reads a batch of windows [B, 17, T], runs
 moshi.forward and the loss under `jax.shard_map` on a (dp, fsdp) device mesh, one process per
 host, and updates the weights (or LoRA adapters, and In-Place TTT's weights) with AdamW under
-moshi-finetune's OneCycle schedule. The sections: 1. the loss and LoRA, 2. sharding, 3. the train
-step, 4. the training loop, and the CLI.
+moshi-finetune's OneCycle schedule. The sections: 1. the loss, 2. sharding (of the weights and of
+the LoRA adapters, which lora.py defines), 3. the train step, 4. the training loop, and the CLI.
 
 Reference: kyutai-labs/moshi-finetune (finetune/loss.py, train.py, args.py, moshi/modules/lora.py).
 Run `python train.py --help` / `python train.py prepare --help` / `python train.py export --help`.
@@ -42,6 +42,7 @@ import checkpoint
 import convert
 import data
 import helium
+import lora
 import moshi
 
 
@@ -80,110 +81,6 @@ def loss_from_sums(sums):
     contributes 0 instead of 0/0."""
     text, audio = sums[0::2] / jnp.maximum(sums[1::2], 1e-9)
     return text + audio, text, audio
-
-
-# ----------------------------------------------------------------------------------------------
-# LoRA, as in moshi-finetune (moshi/modules/lora.py): every linear weight W [..., out, in] gets
-# A [..., r, in] and B [..., out, r] and acts as W + scaling * B @ A, `scaling` being the plain
-# multiplier (2.0 in their examples, not alpha / r). A starts kaiming-uniform (torch's default for
-# nn.Linear: U(-1/sqrt(in), 1/sqrt(in))), B at zero, so training starts from the base model.
-# Embeddings and norms get none. Only A and B are trained; the base stays frozen in bf16.
-# In-Place TTT's own weights (params["ttt"]: each TTT layer's conv and P) are the exception: they
-# train in full, LoRA or not. They are new (no base model has them) and the conv starts at zero, so
-# freezing them, as moshi-finetune's LoRA freezes every weight outside its adapters, would leave
-# TTT a silent no-op. With lora_ft_embed (moshi-finetune's ft_embed) the embedding tables train in
-# full too. A LoRA run's trainable tree is therefore the adapters plus those whole weights.
-
-def is_layer_stack(tree) -> bool:
-    """A helium layer stack: a dict with 'attn' and 'mlp' whose leaves have a leading layer axis."""
-    return isinstance(tree, dict) and "attn" in tree and "mlp" in tree
-
-
-def inside_stack(tree, path) -> bool:
-    return any(is_layer_stack(convert.get_path(tree, path[:i])) for i in range(len(path)))
-
-
-def is_adapter(tree) -> bool:
-    return isinstance(tree, dict) and set(tree) == {"a", "b"}
-
-
-def adapters(lora):
-    """(path, {"a", "b"}) of every adapter of a LoRA tree (or of None: none)."""
-    return convert.walk(lora or {}, is_adapter)
-
-
-EMBEDDING_TABLES = ("emb", "text_emb")       # lookups, not matmuls: no LoRA (as in Kyutai)
-
-
-def lora_targets(params) -> dict:
-    """{path: W} of every linear weight, as Kyutai's LoRA replaces every nn.Linear: the matrices of
-    the layer stacks ([L, (steps,) out, in]) and the heads and projections outside them (the
-    depformer's low-rank embedding projections included); not embedding tables, not norms."""
-    out = {}
-    for path, w in convert.walk({k: v for k, v in params.items() if k != "ttt"}):     # TTT: trained whole
-        is_norm = any("norm" in k for k in path)           # the depformer's per-step norms are 2-D too
-        plain = w.ndim >= 2 and path[-1] not in EMBEDDING_TABLES and not is_norm
-        if (w.ndim >= 3) if inside_stack(params, path) else plain:
-            out[path] = w
-    return out
-
-
-def init_lora(key, params, rank: int) -> dict:
-    """A nested dict mirroring params, with {"a", "b"} (fp32) at every LoRA target."""
-    lora, targets = {}, sorted(lora_targets(params).items())
-    for k, (path, w) in zip(jax.random.split(key, len(targets)), targets):
-        *lead, n_out, n_in = w.shape
-        bound = 1.0 / math.sqrt(n_in)
-        a = jax.random.uniform(k, (*lead, rank, n_in), jnp.float32, -bound, bound)
-        convert.set_path(lora, path, {"a": a, "b": jnp.zeros((*lead, n_out, rank), jnp.float32)})
-    return lora
-
-
-def merge_lora(w, ab, scaling: float):
-    """W + scaling * B @ A, computed in fp32 and returned in W's dtype."""
-    delta = jnp.einsum("...or,...ri->...oi", ab["b"].astype(jnp.float32), ab["a"].astype(jnp.float32))
-    return (w.astype(jnp.float32) + scaling * delta).astype(w.dtype)
-
-
-def _dicts_copied(tree):
-    return {k: _dicts_copied(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def merged_params(params, lora, scaling: float):
-    """The full weights a LoRA run stands for (what export writes)."""
-    out = _dicts_copied(params)
-    for path, ab in adapters(lora):
-        convert.set_path(out, path, merge_lora(convert.get_path(params, path), ab, scaling))
-    return out
-
-
-def trained_whole(params, h) -> list:
-    """The paths of the weights a LoRA run trains in full beside its adapters: params["ttt"], and with
-    h.lora_ft_embed every embedding table (moshi-finetune's ft_embed trains every parameter whose
-    name holds "emb"; the low-rank projections of such tables keep their adapters instead)."""
-    paths = [("ttt",)] if "ttt" in params else []
-    if h.lora_ft_embed:
-        paths += [path for path, _ in convert.walk(params) if path[-1] in EMBEDDING_TABLES]
-    return paths
-
-
-def to_trainable(params, lora, paths):
-    """A LoRA run's (frozen, trainable) trees from the model's params and the adapters: the weights
-    at `paths` (trained_whole) move from the params to the adapters' tree. (Any trees shaped so:
-    params and adapters, or their PartitionSpecs.)"""
-    frozen, trainable = _dicts_copied(params), _dicts_copied(lora)
-    for path in paths:
-        convert.set_path(trainable, path, convert.get_path(frozen, path[:-1]).pop(path[-1]))
-    return frozen, trainable
-
-
-def from_trainable(trainable, frozen):
-    """The way back: (adapters, the model's params), whatever of `trainable` is not an adapter
-    ({"a", "b"}) returning into the params."""
-    lora, params = {}, _dicts_copied(frozen)
-    for path, x in convert.walk(trainable, is_adapter):
-        convert.set_path(lora if is_adapter(x) else params, path, x)
-    return lora, params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +128,7 @@ def param_specs(params, fsdp: int, in_layer_stack: bool = False, path=()):
     applies); other matrices: their largest axis that fsdp divides; vectors, norms and scalars are
     replicated."""
     if isinstance(params, dict):
-        inside = in_layer_stack or is_layer_stack(params)
+        inside = in_layer_stack or lora.is_layer_stack(params)
         return {k: param_specs(v, fsdp, inside, path + (k,)) for k, v in params.items()}
     shape = params.shape
     if in_layer_stack:
@@ -254,16 +151,16 @@ def gather(x, spec):
 ADAPTER_AXES = {"a": -1, "b": -2}           # the axis fsdp splits: A's `in`, B's `out`
 
 
-def adapter_specs(lora, fsdp: int):
+def adapter_specs(adapters, fsdp: int):
     """LoRA adapters are split too: A [.., r, in] along `in`, B [.., out, r] along `out` (at rank 128
     moshiko's adapters are 0.4 B parameters: worth 1/fsdp of their fp32 + Adam state per device).
     In layer stacks the hook gathers them by that rule, so fsdp must divide; elsewhere an adapter
     it does not divide is replicated."""
     specs = {}
-    for path, ab in adapters(lora):
+    for path, ab in lora.adapters(adapters):
         for name, axis in ADAPTER_AXES.items():
             shape = ab[name].shape
-            if shape[axis] % fsdp and inside_stack(lora, path):
+            if shape[axis] % fsdp and lora.inside_stack(adapters, path):
                 raise ValueError(f"fsdp={fsdp} does not divide dim {axis} of LoRA {name.upper()} of "
                                  f"{'.'.join(path)} {shape}")
             spec = P() if shape[axis] % fsdp else split_spec(len(shape), axis)
@@ -275,41 +172,41 @@ def layer_hook(layer, lora_scaling: float):
     """Called by helium's layer scan on one layer's weights (leading layer axis gone): gather each
     matrix over fsdp, then its LoRA adapters if the layer carries them (under "lora"), and merge."""
     layer = dict(layer)
-    lora = layer.pop("lora", None)
+    adapters = layer.pop("lora", None)
     gather_axis = lambda w, axis: gather(w, split_spec(w.ndim, axis))                # noqa: E731
     layer = jax.tree.map(lambda w: gather_axis(w, -2) if w.ndim >= 2 else w, layer)    # [.., out, in]
-    for path, ab in adapters(lora):
+    for path, ab in lora.adapters(adapters):
         whole = {name: gather_axis(ab[name], axis) for name, axis in ADAPTER_AXES.items()}
-        convert.set_path(layer, path, merge_lora(convert.get_path(layer, path), whole, lora_scaling))
+        convert.set_path(layer, path, lora.merge(convert.get_path(layer, path), whole, lora_scaling))
     return layer
 
 
-def lora_by_step(lora, cfg):
+def lora_by_step(adapters, cfg):
     """With a depformer weight schedule, depformer.forward picks each step's weight set
     (helium.select_step_weights) before the layer hook merges LoRA into it: pick the adapters of
     the depformer's layers the same way, [L, sets, ...] -> [L, steps, ...]. A set shared by several
     steps gets the sum of their gradients, through the indexing, as its weights do."""
     schedule = cfg.depformer_weights_per_step_schedule
-    stack = (lora or {}).get("depformer", {}).get("transformer")
+    stack = (adapters or {}).get("depformer", {}).get("transformer")
     if schedule is None or stack is None:
-        return lora
+        return adapters
     stack = jax.tree.map(lambda a: a[:, np.asarray(schedule)], stack)
-    return dict(lora, depformer=dict(lora["depformer"], transformer=stack))
+    return dict(adapters, depformer=dict(adapters["depformer"], transformer=stack))
 
 
-def model_view(params, specs, lora, lora_specs, lora_scaling: float, dtype):
+def model_view(params, specs, adapters, lora_specs, lora_scaling: float, dtype):
     """Inside shard_map: the params moshi.forward gets. Weights outside the layer stacks are cast
     to the compute dtype, gathered whole and LoRA-merged here (embeddings, heads: used once per
     step); layer stacks are only cast, and carry their adapters under "lora", for the layer hook."""
     def view(p, s, l, ls):
-        if is_layer_stack(p):
+        if lora.is_layer_stack(p):
             p = jax.tree.map(lambda x: x.astype(dtype), p)
             return dict(p, lora=l) if l else p
         if isinstance(p, dict):
             return {k: view(v, s[k], (l or {}).get(k), (ls or {}).get(k)) for k, v in p.items()}
         w = gather(p.astype(dtype), s)
-        return merge_lora(w, {k: gather(l[k], ls[k]) for k in "ab"}, lora_scaling) if l else w
-    return view(params, specs, lora, lora_specs)
+        return lora.merge(w, {k: gather(l[k], ls[k]) for k in "ab"}, lora_scaling) if l else w
+    return view(params, specs, adapters, lora_specs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,12 +283,12 @@ def make_train_step(cfg, mesh, h: Hyper, tx, trainable_specs, frozen_specs, spec
     """-> (jitted step(state, frozen, batch [A, B, 17, T]) -> (state, [loss, text, audio, grad norm]),
     jitted evaluate(trainable, frozen, batch [N, B, 17, T]) -> [loss, text, audio], the mean of the N
     batches' losses (moshi-finetune's evaluate averages its batches))."""
-    lora_specs = from_trainable(trainable_specs, frozen_specs)[0] if h.lora_rank else None
+    lora_specs = lora.from_trainable(trainable_specs, frozen_specs)[0] if h.lora_rank else None
 
     def loss_fn(trainable, frozen, codes):
         """Inside shard_map: (global loss, [loss, text, audio]) for this device's codes [b, 17, T]."""
-        lora, params = from_trainable(trainable, frozen) if h.lora_rank else (None, trainable)
-        view = model_view(params, specs, lora_by_step(lora, cfg), lora_specs, h.lora_scaling,
+        adapters, params = lora.from_trainable(trainable, frozen) if h.lora_rank else (None, trainable)
+        view = model_view(params, specs, lora_by_step(adapters, cfg), lora_specs, h.lora_scaling,
                           jnp.dtype(h.compute_dtype))
         out = moshi.forward(view, cfg, codes, layer_hook=lambda layer: layer_hook(layer, h.lora_scaling),
                             remat=h.remat, attention=attention_of(h))
@@ -442,7 +339,7 @@ def flops_per_step(cfg, params, frames: int, window_frames: int) -> float:
     plus causal attention of the temporal transformer (12 L D T/2 per frame), plus, per TTT layer,
     its block-causal products (H Hᵀ and the product with V̂: 6 T/2 (Hd + D) per frame) and V̂'s
     depthwise conv and P (6 D (K + D) per frame)."""
-    matmul_params = sum(math.prod(w.shape) for w in lora_targets(params).values())
+    matmul_params = sum(math.prod(w.shape) for w in lora.targets(params).values())
     tcfg, D = cfg.temporal, cfg.temporal.d_model
     context = min(window_frames, tcfg.context or window_frames)
     attention = 12 * tcfg.num_layers * D * context / 2
@@ -487,10 +384,11 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
     specs = param_specs(abstract, fsdp)
     # a frozen LoRA base needs no fp32 master copy: it is kept in the compute dtype
     master = jnp.dtype(h.compute_dtype) if h.lora_rank else jnp.float32
-    make_lora = lambda k: init_lora(k, abstract, h.lora_rank)                      # noqa: E731
+    make_lora = lambda k: lora.init(k, abstract, h.lora_rank)                      # noqa: E731
     lora_specs = adapter_specs(jax.eval_shape(make_lora, jax.random.key(0)), fsdp) if h.lora_rank else {}
-    whole = trained_whole(abstract, h)
-    frozen_specs, trainable_specs = to_trainable(specs, lora_specs, whole) if h.lora_rank else ({}, specs)
+    whole = lora.trained_whole(abstract, h.lora_ft_embed)
+    frozen_specs, trainable_specs = (lora.to_trainable(specs, lora_specs, whole) if h.lora_rank
+                                     else ({}, specs))
     tx = optimizer(h)
     return Plan(abstract, specs, trainable_specs, frozen_specs,
                 jax.jit(lambda k: moshi.init(k, cfg, master), out_shardings=shardings(mesh, specs)),
@@ -498,10 +396,11 @@ def make_plan(cfg, mesh, h: Hyper) -> Plan:
                 jax.jit(tx.init), *make_train_step(cfg, mesh, h, tx, trainable_specs, frozen_specs, specs))
 
 
-def initial_state(plan: Plan, mesh, h: Hyper, params, lora=None):
+def initial_state(plan: Plan, mesh, h: Hyper, params, adapters=None):
     """(state, frozen) from model params and an optional LoRA tree, host or device arrays. What
     trains is kept in fp32, a LoRA run's frozen base in the compute dtype (as make_plan inits it)."""
-    frozen, trainable = to_trainable(params, lora, trained_whole(params, h)) if h.lora_rank else ({}, params)
+    whole = lora.trained_whole(params, h.lora_ft_embed)
+    frozen, trainable = lora.to_trainable(params, adapters, whole) if h.lora_rank else ({}, params)
     frozen = checkpoint.place(frozen, shardings(mesh, plan.frozen_specs), jnp.dtype(h.compute_dtype))
     trainable = checkpoint.place(trainable, shardings(mesh, plan.trainable_specs), jnp.float32)
     return {"params": trainable, "opt": plan.init_opt(trainable)}, frozen
@@ -521,8 +420,8 @@ def build_state(args, h: Hyper, mesh, cfg, host_params=None):
             host_params = dict(host_params, ttt=jax.jit(lambda k: moshi.init(k, cfg)["ttt"])(key_model))
         shapes = lambda tree: {name: x.shape for name, x in checkpoint.named_leaves(tree)}      # noqa: E731
         convert.check_keys(shapes(plan.abstract), shapes(host_params), f"--init-from {args.init_from}")
-    lora = plan.init_lora(key_lora) if h.lora_rank else None
-    return (plan, *initial_state(plan, mesh, h, host_params, lora))
+    adapters = plan.init_lora(key_lora) if h.lora_rank else None
+    return (plan, *initial_state(plan, mesh, h, host_params, adapters))
 
 
 def train(args) -> list[dict]:
@@ -662,15 +561,16 @@ def run(args, h: Hyper, mesh, cfg, datasets, plan: Plan, state, frozen) -> list[
 def export(out_dir: str, cfg, state, frozen, h: Hyper, save_adapters: bool = False, dtype="bfloat16") -> str:
     """The trained model, LoRA merged in, written by checkpoint.write_model in Kyutai's naming (with
     save_adapters and LoRA, the adapters too, in moshi-finetune's). -> the model.safetensors path."""
-    lora, params = from_trainable(state["params"], frozen) if h.lora_rank else (None, state["params"])
-    lora, params = jax.tree.map(checkpoint.to_host, (lora, params))       # every process takes part
+    trained = state["params"]
+    adapters, params = lora.from_trainable(trained, frozen) if h.lora_rank else (None, trained)
+    adapters, params = jax.tree.map(checkpoint.to_host, (adapters, params))   # every process takes part
     if jax.process_index() != 0:
         return os.path.join(out_dir, "model.safetensors")
     with jax.default_device(jax.devices("cpu")[0]):
-        params = merged_params(params, lora, h.lora_scaling)
-    adapters = lora if save_adapters else None
-    whole = [path for path in trained_whole(params, h) if path != ("ttt",)]      # TTT: not Kyutai's
-    return checkpoint.write_model(out_dir, cfg, params, adapters, dtype, h.lora_scaling, whole)
+        params = lora.merged(params, adapters, h.lora_scaling)
+    whole = [path for path in lora.trained_whole(params, h.lora_ft_embed) if path != ("ttt",)]   # TTT: ours
+    return checkpoint.write_model(out_dir, cfg, params, adapters if save_adapters else None, dtype,
+                                  h.lora_scaling, whole)
 
 
 def export_checkpoint(args) -> str:
