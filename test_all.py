@@ -18,7 +18,7 @@ One section per file, in the order the files import each other (a file's tests i
     repo.py        finding a repo's files as Kyutai's CheckpointInfo does, and what its configs say
     data.py        moshi-finetune's interleaver, prepare, the window iterator, bad input
     sample.py      run_inference.py's and PersonaPlex's loops, .pt voices, the CLI, bad input
-    train.py       the sharded step vs one device, LoRA, TTT, the CLI (overfit, resume, NaNs, bad input), export
+    train.py       the sharded step vs one device, LoRA (lora.py), TTT, the CLI (overfit, resume, NaNs, bad input), export
     checkpoint.py  sharded checkpoints on another mesh, --init-from, joining hosts
 """
 import contextlib
