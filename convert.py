@@ -9,7 +9,7 @@ the way the math reads. The parts, top to bottom:
    `atomic_open` / `atomic_path`, which sample.py, train.py and data.py also write their files with.
 2. The key mapping: each model's checkpoint is one table of `Row`s, from which the expected keys,
    loading (`from_disk`) and saving (`to_disk`) are derived; `get_path` / `set_path` / `walk`
-   move about our nested params (train.py's LoRA uses them too).
+   move about our nested params (lora.py and train.py use them too).
 3. Mimi: `params, cfg = load_mimi(path, cfg=None)` (fp32 or bf16 files, both attention namings),
    `save_mimi(path, params, cfg)`. This part
    needs only mimi.py and helium.py: copied with them, it loads Mimi's released weights.
@@ -77,7 +77,7 @@ class SafeTensorsFile:
         if os.path.getsize(self.path) < end:
             raise CheckpointError(f"{self.path}: truncated ({os.path.getsize(self.path):,} bytes, the header "
                                   f"describes {end:,}): an interrupted download or copy?")
-        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if header else None
+        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     def keys(self):
         return list(self.header)
@@ -112,8 +112,7 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                      # keep tensor data 8-byte aligned
     with atomic_open(path) as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
+        fh.write(len(blob).to_bytes(8, "little") + blob)
         fh.writelines(a.tobytes() for a in arrays.values())
 
 
@@ -272,7 +271,7 @@ def row_keys(rows) -> dict:
 
 
 def _to_ours(row: Row, tensors: dict, dtype):
-    x = np.asarray(tensors[row.name], dtype)
+    x = np.asarray(tensors[row.name], None if row.keep else dtype)
     if row.usage:                                                   # fp32, as Kyutai
         x = x / np.maximum(np.asarray(tensors[row.usage], dtype), np.float32(1e-5))[:, None]
     if row.axes:
@@ -291,10 +290,10 @@ def _leaf(rows: list, tensors: dict, dtype):
     return leaf
 
 
-def from_disk(rows, tensors: dict, what: str, cast=jnp.asarray, dtype=None) -> dict:
+def from_disk(rows, tensors: dict, what: str, dtype=None) -> dict:
     """On-disk {name: tensor} -> our params. The names and shapes are checked first (check_keys,
-    naming `what`); tensors are read one at a time (as `dtype`, if given), and each leaf, once
-    assembled from its rows, is cast once by `cast(numpy array)`."""
+    naming `what`); tensors are read one at a time (as `dtype`, if given, except the rows that
+    `keep` theirs), and each leaf, once assembled from its rows, becomes one jax array."""
     check_keys(row_keys(rows), {k: v.shape for k, v in tensors.items()}, what)
     leaves = {}
     for r in rows:
@@ -302,8 +301,7 @@ def from_disk(rows, tensors: dict, what: str, cast=jnp.asarray, dtype=None) -> d
             leaves.setdefault(r.path, []).append(r)
     params = {}
     for path, group in leaves.items():
-        leaf = _leaf(group, tensors, dtype)
-        set_path(params, path, jnp.asarray(leaf) if group[0].keep else cast(leaf))
+        set_path(params, path, jnp.asarray(_leaf(group, tensors, dtype)))
     return _as_lists(params)
 
 
@@ -574,16 +572,15 @@ def load_lm(path, cfg, dtype=None, stacked: bool = True, lora=None, int8: bool =
     rows = _lm_rows(cfg, stacked)
     if any(k.endswith("_scb") for k in tensors):
         if not int8 or lora:
-            use = "merge LoRA" if lora else "train"
             raise CheckpointError(f"{path}: a bitsandbytes int8 checkpoint (a -q8 repo), which sample.py "
-                                  f"runs (without LoRA); to {use}, take the bf16 one")
+                                  f"runs (without LoRA); to {'merge LoRA' if lora else 'train'}, "
+                                  "take the bf16 one")
         rows = _int8_rows(rows, tensors)
         tensors.update({k: np.asarray(v, np.float32) / np.float32(127)             # absmax -> scale
                         for k, v in tensors.items() if k.endswith("_scb")})
     if lora:
         tensors = merge_lora(tensors, *lora)
-    cast = lambda x: jnp.asarray(x, dtype=dtype or x.dtype)             # noqa: E731
-    return from_disk(rows, tensors, f"LM checkpoint {path}", cast)
+    return from_disk(rows, tensors, f"LM checkpoint {path}", dtype)
 
 
 def save_lm(path, params, cfg) -> None:
@@ -600,7 +597,7 @@ def save_lm(path, params, cfg) -> None:
 
 def lora_modules(cfg) -> dict:
     """{path of a weight in moshi.init's params: [(index into it, module name)]}, for every LM
-    weight (train.lora_targets picks those LoRA adapts)."""
+    weight (lora.targets picks those LoRA adapts)."""
     out = {}
     for r in _lm_rows(cfg):
         disk = next((disk for disk in _PACKED if r.name.endswith(disk)), None)

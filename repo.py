@@ -128,7 +128,7 @@ def with_uris(get, flags: dict, lm_only: bool):
                 raise CheckpointError(f"config.json names {name!r}: no such file")
             return path
         if name.startswith("hf://"):
-            owner, repo_name, *rest = name[len("hf://"):].split("/")
+            owner, repo_name, *rest = name.removeprefix("hf://").split("/")
             return _hub_files(f"{owner}/{repo_name}", flags, lm_only)("/".join(rest), optional)
         return get(name, optional)
     return resolve
