@@ -53,9 +53,9 @@ class Resampler:
     """Streaming resampler: `r(block)` takes input [..., n] and returns the output of the chunks that
     input completes [..., m] (float32); `r(block, final=True)` also flushes the last, zero-padded chunk."""
 
-    def __init__(self, sr_in: int, sr_out: int, chunk: int = 1024):
+    def __init__(self, sr_in: int, sr_out: int):
         g = math.gcd(sr_in, sr_out)
-        chunks = -(-chunk // (sr_in // g))
+        chunks = -(-1024 // (sr_in // g))                  # sphn's chunks: at least 1024 input samples
         self.n_in, self.n_out = chunks * sr_in // g, chunks * sr_out // g
         n = self.n_in
         cutoff = float(lowpass_cutoff(min(n, self.n_out)) * np.float32(min(1.0, self.n_out / n)))
@@ -65,7 +65,7 @@ class Resampler:
         h = window * np.sinc((x - n // 2) * cutoff)
         # the filter's spectrum, scaled for rubato's unnormalised FFTs, on the bins both sides share
         self.filter = np.fft.rfft(h / h.sum() / (2 * n), 2 * n)[:min(n + 1, self.n_out)]
-        self.pending = self.overlap = None                         # input of the unfinished chunk; tail
+        self.pending, self.overlap = None, 0.0                     # input of the unfinished chunk; tail
 
     def length(self, n_in: int) -> int:
         """Outputs for n_in input samples: ceil(n_in / chunk) chunks."""
@@ -74,21 +74,21 @@ class Resampler:
     def __call__(self, block, final: bool = False):
         block = np.asarray(block, np.float64)
         buf = block if self.pending is None else np.concatenate([self.pending, block], axis=-1)
-        m = -(-buf.shape[-1] // self.n_in) if final else buf.shape[-1] // self.n_in          # chunks now
-        buf = np.pad(buf, [(0, 0)] * (buf.ndim - 1) + [(0, max(0, m * self.n_in - buf.shape[-1]))])
+        if final:                                                       # the last chunk, zero-padded
+            buf = np.pad(buf, [(0, 0)] * (buf.ndim - 1) + [(0, -buf.shape[-1] % self.n_in)])
+        m = buf.shape[-1] // self.n_in                                                   # chunks now
         self.pending = buf[..., m * self.n_in:]
         chunks = buf[..., :m * self.n_in].reshape(*buf.shape[:-1], m, self.n_in)          # [..., m, n_in]
-        spectrum = np.zeros((*chunks.shape[:-1], self.n_out + 1), complex)
-        keep = len(self.filter)
-        spectrum[..., :keep] = np.fft.rfft(chunks, 2 * self.n_in)[..., :keep] * self.filter
+        # irfft zero-extends the spectrum to n_out + 1 bins
+        spectrum = np.fft.rfft(chunks, 2 * self.n_in)[..., :len(self.filter)] * self.filter
         y = np.fft.irfft(spectrum, 2 * self.n_out) * (2 * self.n_out)                 # [..., m, 2 n_out]
-        if self.overlap is None:
-            self.overlap = np.zeros((*y.shape[:-2], self.n_out))
-        tails = np.concatenate([self.overlap[..., None, :], y[..., :-1, self.n_out:]], axis=-2)[..., :m, :]
-        if m:
-            self.overlap = y[..., -1, self.n_out:]
-        out = y[..., :self.n_out] + tails                                                 # [..., m, n_out]
-        return out.reshape(*out.shape[:-2], m * self.n_out).astype(np.float32)
+        # overlap-add: each chunk's second half onto the next one's first, the last one's kept for later
+        out = np.zeros((*buf.shape[:-1], (m + 1) * self.n_out))
+        out[..., :m * self.n_out] += y[..., :self.n_out].reshape(*buf.shape[:-1], -1)
+        out[..., self.n_out:] += y[..., self.n_out:].reshape(*buf.shape[:-1], -1)
+        out[..., :self.n_out] += self.overlap
+        self.overlap = out[..., m * self.n_out:]
+        return out[..., :m * self.n_out].astype(np.float32)
 
 
 def resample(x, sr_in: int, sr_out: int):
@@ -123,12 +123,13 @@ def read_blocks(path, sample_rate: int | None, channel: int | None = None, block
     of input read at a time. channel: only that channel's [n], taken before resampling (Kyutai's and
     NVIDIA's scripts hear a stereo prompt's first channel)."""
     import soundfile as sf
-    sr, _, _ = audio_info(path)
+    sr = audio_info(path)[0]
     resampler = None if sample_rate in (None, sr) else Resampler(sr, sample_rate)
     blocksize = max(1, int(sr * block_seconds))
     try:
         with sf.SoundFile(os.fspath(path)) as f:
-            while True:
+            final = False
+            while not final:                                        # a short read is the file's end
                 block = f.read(blocksize, dtype="float32", always_2d=True).T                  # [channels, n]
                 final = block.shape[1] < blocksize
                 if channel is not None:
@@ -137,8 +138,6 @@ def read_blocks(path, sample_rate: int | None, channel: int | None = None, block
                     block = resampler(block, final=final)
                 if block.shape[-1]:
                     yield block
-                if final:
-                    return
     except (RuntimeError, TypeError, OSError) as e:      # a file that breaks off: soundfile's errors
         raise AudioError(f"{path}: cannot read audio ({e})") from e
 
@@ -181,9 +180,8 @@ def to_pcm16(wav) -> np.ndarray:
 def write_audio(path, wav, sample_rate: int) -> None:
     """Write [channels, samples] atomically, as 16-bit samples (to_pcm16)."""
     import soundfile as sf
-    wav = np.asarray(wav, np.float32)
-    if wav.ndim != 2:
-        raise AudioError(f"{path}: expected audio [channels, samples], got shape {wav.shape}")
+    if np.ndim(wav) != 2:
+        raise AudioError(f"{path}: expected audio [channels, samples], got shape {np.shape(wav)}")
     # Written under a temporary name beside `path`, then renamed: a crash leaves no half file. (The
     # other scripts use convert.atomic_path; audio.py imports no project file.) soundfile
     # creates the file itself, so it gets the usual permissions, and reads the format off its suffix.
@@ -215,24 +213,21 @@ def biquad_coefficients(kind: str, gain_db: float, q: float, fc: float, fs: int)
         b = [A * ((A + 1) + (A - 1) * cos + s), -2 * A * ((A - 1) + (A + 1) * cos),
              A * ((A + 1) + (A - 1) * cos - s)]
         a = [(A + 1) - (A - 1) * cos + s, 2 * ((A - 1) - (A + 1) * cos), (A + 1) - (A - 1) * cos - s]
-    elif kind == "high_pass":
+    else:                                                                               # "high_pass"
         b = [(1 + cos) / 2, -(1 + cos), (1 + cos) / 2]
         a = [1 + alpha, -2 * cos, 1 - alpha]
-    else:
-        raise ValueError(kind)
     return np.asarray(b) / a[0], np.asarray(a) / a[0]
 
 
 def biquad(x, b, a):
     """y[n] = b0 x[n] + b1 x[n-1] + b2 x[n-2] - a1 y[n-1] - a2 y[n-2] (direct form I, float64)."""
-    y = np.empty(len(x))
-    x1 = x2 = y1 = y2 = 0.0
+    y, x1, x2, y1, y2 = [], 0.0, 0.0, 0.0, 0.0
     b0, b1, b2, a1, a2 = map(float, (*b, *a[1:]))
-    for n, xn in enumerate(np.asarray(x, np.float64).tolist()):
+    for xn in np.asarray(x, np.float64).tolist():
         yn = b0 * xn + b1 * x1 + b2 * x2 - a1 * y1 - a2 * y2
         x2, x1, y2, y1 = x1, xn, y1, yn
-        y[n] = yn
-    return y
+        y.append(yn)
+    return np.array(y)
 
 
 def integrated_loudness(x, fs: int) -> float:
@@ -244,14 +239,14 @@ def integrated_loudness(x, fs: int) -> float:
     # a partial sum over a full block's length); we do the same to give the same numbers.
     count = int(round((len(y) / fs - 0.4) / 0.1)) + 1
     power = np.array([np.sum(np.square(y[int(i * hop): int(i * hop + block)])) / block for i in range(count)])
+    lufs = lambda p: -0.691 + 10 * np.log10(p)                                       # noqa: E731
     with np.errstate(divide="ignore"):
-        block_lufs = -0.691 + 10 * np.log10(power)
-        kept = power[block_lufs >= -70.0]
+        block_lufs = lufs(power)
+        kept = power[block_lufs >= -70.0]                                       # the absolute gate
         if len(kept) == 0:
             return -math.inf
-        relative_gate = -0.691 + 10 * np.log10(kept.mean()) - 10.0
-        kept = power[(block_lufs > relative_gate) & (block_lufs > -70.0)]
-        return float(-0.691 + 10 * np.log10(kept.mean())) if len(kept) else -math.inf
+        kept = power[(block_lufs > lufs(kept.mean()) - 10.0) & (block_lufs > -70.0)]   # the relative gate
+        return float(lufs(kept.mean())) if len(kept) else -math.inf
 
 
 def normalize_loudness(x, fs: int, target_lufs: float = -24.0):

@@ -102,7 +102,7 @@ def encode_audio(models, wav):
         state, c = mimi.encode_step(models.mimi, models.mimi_cfg, state, jnp.asarray(frame)[None, None],
                                     num_codebooks=models.codebooks)
         codes.append(np.asarray(c)[0, :, 0])
-    return np.stack(codes).astype(np.int32)
+    return np.stack(codes)
 
 
 def build_persona_prompt(models, voice_prompt: str | None, text_prompt: str) -> Prompt:
@@ -362,11 +362,10 @@ class Display:
         self.line, self.done, self.reported, self.first = "", 0, 0, 0.0
 
     def status(self) -> str:
-        pct = 100 * self.done // self.total
         rate = "compiling" if self.done < 2 else \
             f"{1000 * (time.perf_counter() - self.first) / (self.done - 1):5.0f} ms/frame"
         done, total = self.done * self.frame_seconds, self.total * self.frame_seconds
-        return f"[{pct:3d}% {done:6.1f}/{total:.1f} s {rate}]"
+        return f"[{100 * self.done // self.total:3d}% {done:6.1f}/{total:.1f} s {rate}]"
 
     def frame(self, piece: str | None):
         self.done += 1
@@ -417,7 +416,7 @@ def load_models(args, log) -> Models:
 
 
 def _load_models(args, log) -> Models:
-    dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     if args.random_init:
         log("!" * 88 + f"\n!! --random-init {args.random_init}: RANDOM WEIGHTS. Moshi will babble noise; "
             f"this is a demo of the pipeline.\n" + "!" * 88)
@@ -470,11 +469,10 @@ def parse_args(argv=None):
     add_weight_flags(ap.add_argument_group("weights"))
     g = ap.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=4242)
-    default, repos = moshi.Sampling(), "default: the repo's lm_gen_config, else"
-    g.add_argument("--temp", type=float, help=f"audio temperature ({repos} {default.temp})")
-    g.add_argument("--temp-text", type=float, help=f"text temperature ({repos} {default.temp_text})")
-    g.add_argument("--top-k", type=int, help=f"audio top-k ({repos} {default.top_k})")
-    g.add_argument("--top-k-text", type=int, help=f"text top-k ({repos} {default.top_k_text})")
+    for name, kind, what in [("temp", float, "audio temperature"), ("temp_text", float, "text temperature"),
+                             ("top_k", int, "audio top-k"), ("top_k_text", int, "text top-k")]:
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{what} (default: the repo's "
+                       f"lm_gen_config, else {getattr(moshi.Sampling(), name)})")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic; "
                    "also when the repo's lm_gen_config says use_sampling: false)")
     g.add_argument("--batch-size", type=int, default=1, help="independent answers to the same prompt, "
