@@ -4,7 +4,8 @@ init, merging them in, and the split of a LoRA run into the frozen base and what
 train.py trains these trees (sharded: its layer hook gathers and merges a layer's adapters just
 before the layer runs); convert.py names them on disk as moshi-finetune's consolidated/
 lora.safetensors. This file does no sharding and no I/O: copied with convert.py (for its path
-helpers), it is LoRA for any model whose params are nested dicts of [..., out, in] matrices.
+helpers), it is LoRA for any model made of helium's layers, whose params are nested dicts of
+[..., out, in] matrices (moshi.py's embedding tables are named below: lookups get no adapters).
 
 Reference: kyutai-labs/moshi-finetune (moshi/modules/lora.py, finetune/wrapped_model.py).
 """
