@@ -235,8 +235,8 @@ def load(path: str, like):
             raise ValueError(f"checkpoint {path}: state leaf {name} has shape {x.shape}, "
                              f"checkpoint has {found}")
         dtype = np.dtype(meta["leaves"][name]["dtype"])
-        block = functools.partial(_assemble, pieces.get(name, []), x.shape, dtype, f"{path}: {name}")
-        return jax.make_array_from_callback(x.shape, x.sharding, lambda index: block(index).astype(x.dtype))
+        return jax.make_array_from_callback(x.shape, x.sharding, lambda index: _assemble(
+            pieces.get(name, []), x.shape, dtype, f"{path}: {name}", index).astype(x.dtype))
     return jax.tree_util.tree_map_with_path(restore, like)
 
 
@@ -494,20 +494,20 @@ def write_model(out_dir: str, cfg, params, adapters, dtype, lora_scaling: float,
     Kyutai's scripts), with the weights at paths `whole` that the run trained in full beside them
     (--lora-ft-embed's embedding tables, which Kyutai's loader loads over the base's). A model with
     TTT layers is ours alone (their weights, config.json's "ttt" entry), and the message says so."""
+    def config_json(folder, **extra):
+        with convert.atomic_open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(dict(repo.lm_config_dict(cfg), **extra), f, indent=1)
     path, dtype = os.path.join(out_dir, "model.safetensors"), jnp.dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)
     convert.save_lm(path, jax.tree.map(lambda x: np.asarray(x).astype(dtype), params), cfg)
-    with convert.atomic_open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dict(repo.lm_config_dict(cfg), moshi_name="model.safetensors"), f, indent=1)
+    config_json(out_dir, moshi_name="model.safetensors")
     if adapters is not None:
         tensors = {k: v.astype(dtype) for k, v in convert.lora_tensors(adapters, cfg, params, whole).items()}
         rank = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight"))
         adapters_dir = os.path.join(out_dir, "adapters")
         os.makedirs(adapters_dir, exist_ok=True)
         convert.save_safetensors(os.path.join(adapters_dir, "lora.safetensors"), tensors, {"format": "pt"})
-        with convert.atomic_open(os.path.join(adapters_dir, "config.json"), "w") as f:
-            json.dump(dict(repo.lm_config_dict(cfg), lora=True, lora_rank=rank, lora_scaling=lora_scaling), f,
-                      indent=1)
+        config_json(adapters_dir, lora=True, lora_rank=rank, lora_scaling=lora_scaling)
     print(f"export: wrote {path}" + (" and adapters/" if adapters is not None else ""))
     if cfg.ttt is not None:
         print(f"export: {out_dir} has TTT layers: Kyutai's moshi package cannot load it; sample.py --hf-repo "

@@ -62,7 +62,7 @@ def tokenize_word(sp, word: str) -> list[int]:
     first, *rest = word.strip().split("\n")
     ids = sp.encode(first)
     for line in rest:
-        ids = ids + [sp.encode("\n")[-1]] + sp.encode(line)
+        ids += [sp.encode("\n")[-1]] + sp.encode(line)
     return ids
 
 
@@ -116,11 +116,10 @@ def window_text(sp, alignments, start_sec: float, window_sec: float, real_frames
     """
     words = window_words(alignments, start_sec, window_sec)
     words = [(tokenize_word(sp, w), s, e) for w, s, e, spk in words if spk == MAIN_SPEAKER and s < e]
-    steps, frames = math.ceil(real_frames * CODEC.frame_rate), window_frames(window_sec)
-    row = np.full(frames, depformer.ZERO_TOKEN, np.int32)
-    stream = text_stream(words, steps, LM.existing_text_padding_id, LM.existing_text_end_padding_id)
-    row[:len(stream)] = stream[:frames]
-    return row
+    frames = window_frames(window_sec)
+    stream = text_stream(words, window_frames(real_frames), LM.existing_text_padding_id,   # frames as seconds
+                         LM.existing_text_end_padding_id)
+    return np.array((stream + [depformer.ZERO_TOKEN] * frames)[:frames], np.int32)      # IGNORE past its end
 
 
 def read_alignments(json_path: str, log=print):
@@ -238,8 +237,7 @@ def encode_windows(params, cfg, batch: int, chunks: np.ndarray) -> np.ndarray:
     prepare_main binds the first three arguments."""
     n, _, S = chunks.shape
     K = LM.n_q // 2
-    padded = np.zeros((-(-n // batch) * batch, 2, S), np.float32)
-    padded[:n] = chunks
+    padded = np.pad(chunks, ((0, -n % batch), (0, 0), (0, 0)))
     codes = [mimi.encode(params, cfg, padded[i:i + batch].reshape(2 * batch, 1, S), K)
              for i in range(0, len(padded), batch)]
     return np.concatenate([np.asarray(c).reshape(batch, 2 * K, -1) for c in codes])[:n]
