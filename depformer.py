@@ -91,7 +91,7 @@ def forward(params, cfg: DepformerConfig, h, tokens, layer_hook: Callable | None
     B, T, _ = h.shape
     K = cfg.num_steps
     steps = tuple(range(K))
-    w_in = params["input_proj"][np.asarray([cfg.schedule[c] if cfg.multi_linear else 0 for c in steps])]
+    w_in = params["input_proj"][np.asarray(cfg.schedule if cfg.multi_linear else (0,) * K)]
     x = jnp.einsum("btd,ked->btke", h, w_in)                        # w_in [K, Dd, D] -> x [B, T, K, Dd]
     x = x + jnp.stack([embed(params["text_emb"], tokens[:, :, 0], params.get("text_emb_low_rank"))] +
                       [audio_embedding(params, tokens[:, :, c], c - 1) for c in steps[1:]], axis=2)
@@ -132,11 +132,11 @@ def step(params, cfg: DepformerConfig, cache, h, token_embedding, c):
     conditions on [B, Dd] -> (cache, logits [B, card]). Reads step c's slice of every weight that
     differs per step."""
     sched = jnp.asarray(cfg.schedule)
-    take = lambda w, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False), w)
+    take = lambda w, i: jax.tree.map(lambda a: a[i], w)                     # an int8 weight is a dict
     layers = params["transformer"]
     if cfg.transformer.weights_per_step:                    # [L, M, out, in] -> [L, 1, out, in]
         stacked = not isinstance(layers, list)              # (unstacked: [M, out, in] -> [1, out, in])
-        pick = lambda a: jax.lax.dynamic_index_in_dim(a, sched[c], axis=1 if stacked else 0, keepdims=True)
+        pick = lambda a: jax.lax.dynamic_slice_in_dim(a, sched[c], 1, axis=1 if stacked else 0)
         layers = (helium.map_step_weights(layers, pick) if stacked
                   else [helium.map_step_weights(p, pick) for p in layers])
     w_in = take(params["input_proj"], sched[c] if cfg.multi_linear else 0)
@@ -158,31 +158,29 @@ def generate(params, cfg: DepformerConfig, h, text_token, key, sample: Callable,
     for tokens it was given); the *sampled* tokens are returned all the same.
     Returns (tokens [B, K] int32, logits [B, K, card]).
     """
-    B, K = h.shape[0], cfg.num_steps
-    if forced is None:
-        forced, forced_mask = jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), bool)
+    K = cfg.num_steps
     keys = jax.random.split(key, K)
-    cache = helium.init_cache(cfg.transformer, B, h.dtype, capacity=K,
+    cache = helium.init_cache(cfg.transformer, h.shape[0], h.dtype, capacity=K,
                               stacked=not isinstance(params["transformer"], list))
 
-    def one_step(cache, c, token_embedding):
+    def one_step(cache, c, token_embedding):      # -> (cache, what step c + 1 reads), (token, logits)
         cache, logits = step(params, cfg, cache, h, token_embedding, c)
         token = sample(logits, keys[c])
-        return cache, token, logits, jnp.where(forced_mask[:, c], forced[:, c], token)
+        prev = token if forced is None else jnp.where(forced_mask[:, c], forced[:, c], token)
+        return (cache, prev), (token, logits)
 
     text_in = embed(params["text_emb"], text_token, params.get("text_emb_low_rank"))
-    cache, token, logits, prev = one_step(cache, 0, text_in)
+    carry, first = one_step(cache, 0, text_in)
     if K == 1:                             # one codebook: no later step, nor a table to condition it on
-        return token[:, None], logits[:, None]
+        return jax.tree.map(lambda a: a[:, None], first)
 
     def body(carry, c):
         cache, prev = carry
-        cache, token, logits, prev = one_step(cache, c, audio_embedding(params, prev, c - 1))
-        return (cache, prev), (token, logits)
+        return one_step(cache, c, audio_embedding(params, prev, c - 1))
 
-    _, (tokens, all_logits) = jax.lax.scan(body, (cache, prev), jnp.arange(1, K))
-    tokens = jnp.concatenate([token[:, None], jnp.moveaxis(tokens, 0, 1)], axis=1)
-    return tokens, jnp.concatenate([logits[:, None], jnp.moveaxis(all_logits, 0, 1)], axis=1)
+    _, rest = jax.lax.scan(body, carry, jnp.arange(1, K))                # [K - 1, B, ...] each
+    return jax.tree.map(lambda a, b: jnp.concatenate([a[:, None], jnp.moveaxis(b, 0, 1)], axis=1),
+                        first, rest)
 
 
 # ----------------------------------------------------------------------------------------------

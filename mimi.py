@@ -116,7 +116,8 @@ TINY = MimiConfig(dimension=16, n_filters=4, num_heads=2, num_layers=2, dim_feed
 
 # ----------------------------------------------------------------------------------------------
 # The layout: every conv of the codec as a small spec, in nested dicts that mirror the params.
-# init, the streaming state and convert.py's key mapping are all derived from it.
+# init, the streaming state and convert.py's key mapping are all derived from it (a spec is a leaf
+# to jax.tree: a plain dataclass is not a pytree).
 
 @dataclass(frozen=True)
 class Conv:
@@ -151,26 +152,25 @@ def _resblocks_layout(cfg: MimiConfig, dim: int) -> list:
              "conv2": Conv(hidden, dim, 1)} for j in range(cfg.n_residual_layers)]
 
 
+def _stages(cfg: MimiConfig) -> list:
+    """(width, ratio) of every SEANet stage in the encoder's order; the decoder runs them reversed."""
+    return [(cfg.n_filters * 2 ** i, ratio) for i, ratio in enumerate(reversed(cfg.ratios))]
+
+
 def encoder_layout(cfg: MimiConfig) -> dict:
     """SEANet encoder: conv, then per stage (residual blocks, strided conv doubling the width), conv."""
-    nf, stages = cfg.n_filters, []
-    for i, ratio in enumerate(reversed(cfg.ratios)):
-        width = nf * 2 ** i
-        stages.append({"res": _resblocks_layout(cfg, width),
-                       "down": Conv(width, 2 * width, 2 * ratio, stride=ratio)})
-    return {"conv_in": Conv(cfg.channels, nf, cfg.kernel_size), "stages": stages,
-            "conv_out": Conv(nf * 2 ** len(cfg.ratios), cfg.dimension, cfg.last_kernel_size)}
+    stages = [{"res": _resblocks_layout(cfg, w), "down": Conv(w, 2 * w, 2 * ratio, stride=ratio)}
+              for w, ratio in _stages(cfg)]
+    return {"conv_in": Conv(cfg.channels, cfg.n_filters, cfg.kernel_size), "stages": stages,
+            "conv_out": Conv(cfg.n_filters * 2 ** len(cfg.ratios), cfg.dimension, cfg.last_kernel_size)}
 
 
 def decoder_layout(cfg: MimiConfig) -> dict:
     """SEANet decoder: the mirror image, with transposed convs halving the width at each stage."""
-    nf, stages = cfg.n_filters, []
-    for i, ratio in enumerate(cfg.ratios):
-        width = nf * 2 ** (len(cfg.ratios) - i - 1)
-        stages.append({"up": Conv(2 * width, width, 2 * ratio, stride=ratio, transposed=True),
-                       "res": _resblocks_layout(cfg, width)})
-    return {"conv_in": Conv(cfg.dimension, nf * 2 ** len(cfg.ratios), cfg.kernel_size), "stages": stages,
-            "conv_out": Conv(nf, cfg.channels, cfg.last_kernel_size)}
+    stages = [{"up": Conv(2 * w, w, 2 * ratio, stride=ratio, transposed=True),
+               "res": _resblocks_layout(cfg, w)} for w, ratio in reversed(_stages(cfg))]
+    return {"conv_in": Conv(cfg.dimension, cfg.n_filters * 2 ** len(cfg.ratios), cfg.kernel_size),
+            "stages": stages, "conv_out": Conv(cfg.n_filters, cfg.channels, cfg.last_kernel_size)}
 
 
 def downsample_layout(cfg: MimiConfig) -> Conv:
@@ -315,12 +315,10 @@ def quantize(p, cfg: MimiConfig, latent, num_codebooks: int):
 
 
 def dequantize(p, cfg: MimiConfig, codes):
-    # codes [B, K, T] -> latent [B, T, D]: the sum of both RVQs' reconstructions
+    # codes [B, K, T] -> latent [B, T, D]: the sum of both RVQs' reconstructions (with no acoustic
+    # codes, the acoustic one is exact zeros)
     n_sem = cfg.num_semantic
-    latent = rvq_decode(p["semantic"], codes[:, :n_sem])
-    if codes.shape[1] > n_sem:
-        latent = latent + rvq_decode(p["acoustic"], codes[:, n_sem:])
-    return latent
+    return rvq_decode(p["semantic"], codes[:, :n_sem]) + rvq_decode(p["acoustic"], codes[:, n_sem:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,21 +328,20 @@ def dequantize(p, cfg: MimiConfig, codes):
 # window) kept as a list, the layout a streaming step reads in place (see helium's stack).
 
 def _conv_states(layout, batch_size: int):
-    return jax.tree.map(lambda c: jnp.zeros(c.state_shape(batch_size), jnp.float32), layout,
-                        is_leaf=lambda x: isinstance(x, Conv))
+    return jax.tree.map(lambda c: jnp.zeros(c.state_shape(batch_size), jnp.float32), layout)
 
 
 def encoder_state(cfg: MimiConfig, batch_size: int, capacity: int | None = None) -> dict:
     """Streaming state of the encoder (KV cache of `capacity` slots, default the context)."""
     return {"seanet": _conv_states(encoder_layout(cfg), batch_size),
             "transformer": helium.init_cache(cfg.transformer, batch_size, capacity=capacity, stacked=False),
-            "downsample": {"history": jnp.zeros(downsample_layout(cfg).state_shape(batch_size), jnp.float32),
+            "downsample": {"history": _conv_states(downsample_layout(cfg), batch_size),
                            "first": jnp.ones((batch_size,), bool)}}
 
 
 def decoder_state(cfg: MimiConfig, batch_size: int, capacity: int | None = None) -> dict:
     """Streaming state of the decoder (KV cache of `capacity` slots, default the context)."""
-    return {"upsample": jnp.zeros(upsample_layout(cfg).state_shape(batch_size), jnp.float32),
+    return {"upsample": _conv_states(upsample_layout(cfg), batch_size),
             "transformer": helium.init_cache(cfg.transformer, batch_size, capacity=capacity, stacked=False),
             "seanet": _conv_states(decoder_layout(cfg), batch_size)}
 
@@ -381,7 +378,7 @@ def _check_codes(cfg: MimiConfig, codes, what: str):
 
 
 def _check_wav(cfg: MimiConfig, wav, what: str, whole_frames: bool):
-    if wav.ndim != 3 or wav.shape[0] == 0 or wav.shape[1] != cfg.channels or wav.shape[2] == 0:
+    if wav.ndim != 3 or 0 in wav.shape or wav.shape[1] != cfg.channels:
         raise ValueError(f"{what}: expected audio [B>0, {cfg.channels}, samples>0], "
                          f"got shape {tuple(wav.shape)}")
     if whole_frames and wav.shape[2] % cfg.frame_size:
@@ -428,12 +425,13 @@ def decode_step(params, cfg: MimiConfig, state, codes):
 CHUNK_FRAMES = 125   # 10 s
 
 
-def _in_chunks(step, new_state, cfg: MimiConfig, x, n_frames: int, unit: int, chunk_frames: int):
-    """Run `(state, y) = step(state, x chunk)` over x [B, C, L] (n_frames frames of `unit` steps,
-    zero-padded here to whole chunks of chunk_frames frames) from a fresh `new_state(cfg, B, capacity)`,
-    and join the outputs along their last axis."""
+def _in_chunks(step, new_state, params, cfg: MimiConfig, x, n_frames: int, unit: int, chunk_frames: int):
+    """Run `(state, y) = step(params, cfg, state, x chunk)` over x [B, C, L] (n_frames frames of `unit`
+    steps, zero-padded here to whole chunks of chunk_frames frames) from a fresh
+    `new_state(cfg, B, capacity)`, and join the outputs along their last axis."""
     if not chunk_frames >= 1:
         raise ValueError(f"chunk_frames={chunk_frames}: must be at least 1")
+    cfg = replace(cfg, kv_ring="kyutai")              # see above: a ring rule that hides no key
     chunk = min(chunk_frames, n_frames)
     n_chunks = -(-n_frames // chunk)
     # KV slots so that every step of a chunk sees its whole window: the chunk plus the context
@@ -444,7 +442,7 @@ def _in_chunks(step, new_state, cfg: MimiConfig, x, n_frames: int, unit: int, ch
     x = jnp.pad(x, ((0, 0), (0, 0), (0, n_chunks * size - x.shape[2])))
     ys = []
     for i in range(n_chunks):
-        state, y = step(state, x[:, :, i * size:(i + 1) * size])
+        state, y = step(params, cfg, state, x[:, :, i * size:(i + 1) * size])
         ys.append(y)
     return jnp.concatenate(ys, axis=-1)
 
@@ -455,11 +453,10 @@ def encode(params, cfg: MimiConfig, wav, num_codebooks: int = 8, chunk_frames: i
     The audio is right-padded with zeros to whole frames, as Kyutai's `MimiModel.encode` does.
     """
     _check_wav(cfg, wav, "mimi.encode", whole_frames=False)
-    cfg = replace(cfg, kv_ring="kyutai")              # see above: a ring rule that hides no key
     n_frames = -(-wav.shape[2] // cfg.frame_size)
-    step = lambda state, x: encode_step(params, cfg, state, x, num_codebooks)             # noqa: E731
-    codes = _in_chunks(step, encoder_state, cfg, jnp.asarray(wav, jnp.float32), n_frames, cfg.frame_size,
-                       chunk_frames)
+    step = functools.partial(encode_step, num_codebooks=num_codebooks)
+    codes = _in_chunks(step, encoder_state, params, cfg, jnp.asarray(wav, jnp.float32), n_frames,
+                       cfg.frame_size, chunk_frames)
     return codes[:, :, :n_frames]
 
 
@@ -474,9 +471,8 @@ def decode(params, cfg: MimiConfig, codes, chunk_frames: int = CHUNK_FRAMES):
         if lo < 0 or hi >= cfg.codebook_size:
             raise ValueError(f"mimi.decode: codes must be in [0, {cfg.codebook_size}), "
                              f"got values in [{lo}, {hi}]")
-    cfg = replace(cfg, kv_ring="kyutai")              # see above: a ring rule that hides no key
-    step = functools.partial(decode_step, params, cfg)
-    wav = _in_chunks(step, decoder_state, cfg, jnp.asarray(codes, jnp.int32), T, 1, chunk_frames)
+    wav = _in_chunks(decode_step, decoder_state, params, cfg, jnp.asarray(codes, jnp.int32), T, 1,
+                     chunk_frames)
     return wav[:, :, :T * cfg.frame_size]
 
 
@@ -490,7 +486,7 @@ def init(key, cfg: MimiConfig) -> dict:
     d, D, bins, n_sem = cfg.codebook_dim, cfg.dimension, cfg.codebook_size, cfg.num_semantic
     convs = {"encoder": encoder_layout(cfg), "decoder": decoder_layout(cfg),
              "downsample": downsample_layout(cfg), "upsample": upsample_layout(cfg)}
-    specs, tree = jax.tree.flatten(convs, is_leaf=lambda x: isinstance(x, Conv))
+    specs, tree = jax.tree.flatten(convs)
     fan_in = [c.cin // c.groups * (max(1, c.kernel // c.stride) if c.transposed else c.kernel) for c in specs]
     rvq = lambda n: [((d, D), D ** -0.5), ((D, d), d ** -0.5), ((n, bins, d), 0.1)]
     draws = ([(c.weight_shape, f ** -0.5) for c, f in zip(specs, fan_in)]

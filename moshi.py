@@ -181,20 +181,18 @@ PRESETS = {"moshiko": MOSHIKO, "moshika": MOSHIKO, "personaplex": PERSONAPLEX,
 @partial(jax.jit, static_argnames=("cfg", "dtype"))        # eager, every random op would compile alone
 def init(key, cfg: LMConfig, dtype=jnp.float32):
     k = jax.random.split(key, 6)
-    D = cfg.dim
-    params = {"emb": helium.dense_init(k[0], (cfg.n_q, cfg.card + 1, D), dtype),
-              "text_emb": helium.dense_init(k[1], (cfg.text_card + 1, D), dtype),
+    D, dcfg, dense = cfg.dim, cfg.depformer, helium.dense_init
+    params = {"emb": dense(k[0], (cfg.n_q, cfg.card + 1, D), dtype),
+              "text_emb": dense(k[1], (cfg.text_card + 1, D), dtype),
               "transformer": helium.init(k[2], cfg.temporal, dtype),
               "out_norm": helium.init_norm(cfg.norm, D, dtype),
-              "text_linear": helium.dense_init(k[3], (cfg.text_card_out or cfg.text_card, D), dtype)}
+              "text_linear": dense(k[3], (cfg.text_card_out or cfg.text_card, D), dtype)}
     if cfg.dep_q:
-        params["depformer"] = depformer.init(k[4], cfg.depformer, dtype)
-    elif cfg.depformer.num_input_projs:          # no depformer, but Kyutai's checkpoint has its input
-        shape = (cfg.depformer.num_input_projs, cfg.depformer_dim, D)
-        params["depformer"] = {"input_proj": helium.dense_init(k[4], shape, dtype)}
+        params["depformer"] = depformer.init(k[4], dcfg, dtype)
+    elif dcfg.num_input_projs:          # no depformer, but Kyutai's checkpoint has its input
+        params["depformer"] = {"input_proj": dense(k[4], (dcfg.num_input_projs, dcfg.dim, D), dtype)}
     if cfg.extra_heads_num_heads:
-        shape = (cfg.extra_heads_num_heads, cfg.extra_heads_dim, D)
-        params["extra_heads"] = helium.dense_init(k[5], shape, dtype)
+        params["extra_heads"] = dense(k[5], (cfg.extra_heads_num_heads, cfg.extra_heads_dim, D), dtype)
     if cfg.ttt is not None:                    # one conv (and P) per TTT layer, stacked in layer order
         keys = jax.random.split(jax.random.fold_in(key, 7), len(cfg.ttt.layers))
         params["ttt"] = jax.vmap(lambda k: ttt.init_layer(k, D, cfg.ttt, dtype))(keys)
@@ -208,10 +206,8 @@ def init(key, cfg: LMConfig, dtype=jnp.float32):
 
 def embed_frames(params, cfg: LMConfig, tokens):
     """tokens [B, 1 + n_q, T] -> summed embeddings [B, T, D]."""
-    x = depformer.embed(params["emb"][0], tokens[:, 1])
-    for k in range(1, cfg.n_q):
-        x = x + depformer.embed(params["emb"][k], tokens[:, 1 + k])
-    return x + depformer.embed(params["text_emb"], tokens[:, 0])
+    audio = sum(depformer.embed(params["emb"][k], tokens[:, 1 + k]) for k in range(cfg.n_q))
+    return audio + depformer.embed(params["text_emb"], tokens[:, 0])
 
 
 def temporal(params, cfg: LMConfig, x, offset=0, cache=None, ttt_states=None, attention: str = "xla", **kw):
@@ -239,13 +235,14 @@ def delay(codes, delays, initial):
     return jnp.stack(rows, axis=1)
 
 
-def undelay(values, delays):
-    """values [B, K, T, ...] -> (aligned [B, K, T, ...], valid [B, K, T]); invalid positions hold 0."""
-    B, K, T = values.shape[:3]
+def undelay(values, delays, targets):
+    """values [B, K, T, ...] predicting targets [B, K, T] -> (aligned [B, K, T, ...], mask [B, K, T]):
+    False past a delay (where the values hold 0) and where the target is -1."""
+    K, T = values.shape[1:3]
     valid = jnp.arange(T) < T - np.asarray(delays)[:, None]                     # [K, T]
     rows = jnp.stack([jnp.roll(values[:, k], -d, axis=1) for k, d in enumerate(delays)], axis=1)
     ok = valid.reshape((1, K, T) + (1,) * (values.ndim - 3))
-    return jnp.where(ok, rows, jnp.zeros((), rows.dtype)), jnp.broadcast_to(valid, (B, K, T))
+    return jnp.where(ok, rows, jnp.zeros((), rows.dtype)), valid & (targets != depformer.ZERO_TOKEN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,19 +267,17 @@ def forward(params, cfg: LMConfig, codes, *, layer_hook: Callable | None = None,
         raise ValueError(f"moshi.forward: codes have {K} streams, the config has 1 + n_q = {cfg.num_streams}")
     codes = codes.astype(jnp.int32)
     initial = jnp.asarray(cfg.initial_tokens())
-    delayed = delay(codes, cfg.delays, initial)                                  # [B, K, T]
-    first = jnp.broadcast_to(initial[None, :, None], (B, K, 1))
-    inputs = jnp.concatenate([first, delayed[:, :, :-1]], axis=2)                # step t reads frame t - 1
+    inputs = delay(codes, [d + 1 for d in cfg.delays], initial)                  # step t reads frame t - 1
     _, _, h, text_logits = temporal(params, cfg, embed_frames(params, cfg, inputs), attention=attention,
                                     layer_hook=layer_hook, remat=remat)
-    text_logits, text_mask = undelay(text_logits[:, None], cfg.delays[:1])
-    out = {"text_logits": text_logits, "text_mask": text_mask & (codes[:, :1] != depformer.ZERO_TOKEN)}
+    text_logits, text_mask = undelay(text_logits[:, None], cfg.delays[:1], codes[:, :1])
+    out = {"text_logits": text_logits, "text_mask": text_mask}
     if cfg.dep_q:
-        dep_tokens = jnp.moveaxis(delayed[:, :cfg.dep_q], 1, 2)                   # [B, T, dep_q]
+        dep_tokens = jnp.moveaxis(delay(codes, cfg.delays, initial)[:, :cfg.dep_q], 1, 2)   # [B, T, dep_q]
         logits = depformer.forward(params["depformer"], cfg.depformer, h, dep_tokens,
                                    layer_hook=layer_hook, remat=remat)           # [B, T, dep_q, card]
-        logits, mask = undelay(jnp.moveaxis(logits, 2, 1), cfg.delays[1:1 + cfg.dep_q])
-        out.update(logits=logits, mask=mask & (codes[:, 1:1 + cfg.dep_q] != depformer.ZERO_TOKEN))
+        out["logits"], out["mask"] = undelay(jnp.moveaxis(logits, 2, 1), cfg.delays[1:1 + cfg.dep_q],
+                                             codes[:, 1:1 + cfg.dep_q])
     else:
         out.update(logits=jnp.zeros((B, 0, T, cfg.card), h.dtype), mask=jnp.zeros((B, 0, T), bool))
     return out
@@ -372,16 +367,15 @@ def _user_codebooks_read(cfg: LMConfig, n_user: int) -> int:
     return cfg.n_q - cfg.dep_q if cfg.n_q > cfg.dep_q else n_user
 
 
-def _write_given(state, cfg: LMConfig, user_codes, text, moshi_codes):
+def _write_given(state, cfg: LMConfig, delays, user_codes, text, moshi_codes):
     """Step 1: user codes land on the last n_user audio streams (always, as given); forced text and
-    Moshi codes (entries != -2) on stream 0 and streams 1..M; each at its delayed position."""
+    Moshi codes (entries != -2) on stream 0 and streams 1..M; each at its delayed position (delays:
+    cfg.delays as an int32 array)."""
     tokens, provided = state["tokens"], state["provided"]
-    delays = jnp.asarray(cfg.delays, jnp.int32)
-    if user_codes is not None:
-        user_codes = user_codes[:, :_user_codebooks_read(cfg, user_codes.shape[1])]
     groups = []
     if user_codes is not None and user_codes.shape[1]:
-        groups.append((np.arange(1 + cfg.n_q)[-user_codes.shape[1]:], user_codes[:, :, 0], False))
+        n_user = _user_codebooks_read(cfg, user_codes.shape[1])
+        groups.append((np.arange(1 + cfg.n_q)[-n_user:], user_codes[:, :n_user, 0], False))
     if text is not None:
         groups.append((np.arange(1), text[:, None], True))
     if moshi_codes is not None:
@@ -454,7 +448,7 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
     delays, initial = jnp.asarray(cfg.delays, jnp.int32), jnp.asarray(cfg.initial_tokens())
     G, nxt = 1 + cfg.dep_q, (n + 1) % size       # streams 0..G-1 are this model's; slot of position n + 1
     # 1. what this call is given, at its delayed positions
-    tokens, provided = _write_given(state, cfg, user_codes, text, moshi_codes)
+    tokens, provided = _write_given(state, cfg, delays, user_codes, text, moshi_codes)
     # 2. the temporal step on position n
     here = jnp.where(n <= delays, initial, tokens[:, :, n % size])                            # [B, K]
     x = embed_frames(params, cfg, here[:, :, None]) if embedding is None else embedding[:, None]   # [B, 1, D]
