@@ -123,10 +123,9 @@ def quantize_int8(w) -> dict:
 # rounds once at the end, and so does ours.
 
 def rms_norm(x, alpha, eps: float, fp32: bool):
-    dtype = x.dtype
     xf = x.astype(jnp.float32) if fp32 else x
     var = eps + jnp.mean(xf * xf, axis=-1, keepdims=True)
-    return (xf * (alpha.astype(var.dtype) * jax.lax.rsqrt(var))).astype(dtype)
+    return (xf * (alpha.astype(var.dtype) * jax.lax.rsqrt(var))).astype(x.dtype)
 
 
 def layer_norm(x, weight, bias, eps: float):
@@ -177,7 +176,7 @@ def sin_embedding(positions, dim: int, max_period: float, dtype):
     # Additive sinusoidal embedding [T, dim]; note the (half - 1) in the exponent, as in the reference.
     half = dim // 2
     pos = positions.astype(dtype)[:, None]
-    adim = jnp.arange(half, dtype=dtype)[None, :]
+    adim = jnp.arange(half, dtype=dtype)
     phase = pos / (jnp.asarray(max_period, dtype) ** (adim / (half - 1)))
     return jnp.concatenate([jnp.cos(phase), jnp.sin(phase)], axis=-1)
 
@@ -416,10 +415,8 @@ def init_cache(cfg: TransformerConfig, batch_size: int, dtype=jnp.float32, capac
     and the absolute position of the next step."""
     C = capacity or cfg.cache_capacity()
     shape = (batch_size, cfg.num_heads, C, cfg.head_dim)
-    if stacked:
-        zeros = lambda: jnp.zeros((cfg.num_layers,) + shape, dtype)
-    else:
-        zeros = lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+    zeros = lambda: (jnp.zeros((cfg.num_layers,) + shape, dtype) if stacked
+                     else [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
     return {"k": zeros(), "v": zeros(), "offset": jnp.zeros((), jnp.int32)}
 
 

@@ -80,17 +80,15 @@ class TTTConfig:
         # A list (from JSON, say) becomes a tuple: the config must be hashable to be static under jit.
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
-        _check(isinstance(self.layers, tuple) and all(_is_int(i) and i >= 0 for i in self.layers),
+        _check(isinstance(self.layers, tuple) and all(_is_int(i, 0) for i in self.layers),
                "layers", self.layers, "a tuple of layer indices >= 0")
         _check(list(self.layers) == sorted(set(self.layers)), "layers", self.layers,
                "increasing, without repeats")
-        _check(_is_int(self.chunk_size) and self.chunk_size >= 1, "chunk_size", self.chunk_size,
-               "an int >= 1")
+        _check(_is_int(self.chunk_size, 1), "chunk_size", self.chunk_size, "an int >= 1")
         _check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
                and math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a finite float > 0")
         _check(self.target in TARGETS, "target", self.target, " or ".join(map(repr, TARGETS)))
-        _check(_is_int(self.kernel_size) and self.kernel_size >= 1, "kernel_size", self.kernel_size,
-               "an int >= 1")
+        _check(_is_int(self.kernel_size, 1), "kernel_size", self.kernel_size, "an int >= 1")
         _check(isinstance(self.use_proj, bool), "use_proj", self.use_proj, "True or False")
 
     def check_num_layers(self, num_layers: int):
@@ -100,8 +98,9 @@ class TTTConfig:
                              f"transformer has {num_layers} layers (0..{num_layers - 1})")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+def _is_int(v, least: int) -> bool:
+    """v is an int (not a bool) >= least."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
 
 
 def _check(ok: bool, field: str, value, expected: str):
@@ -165,12 +164,11 @@ def sequence_targets(t, conv, proj, chunk_size: int):
 def fast_weight_mlp(x, t, w_in, w_out, conv, proj, *, chunk_size: int, lr: float):
     """x, t [B, T, D] (MLP input, target source T0) -> the TTT MLP's output [B, T, D] in x's dtype."""
     _check_inputs(x, t, w_in, w_out, conv, proj, chunk_size)
-    T = x.shape[1]
     h = hidden_rows(x, w_in)                                      # [B, T, Hd]
     base = helium.linear(h, w_out)                                # [B, T, D] the plain MLP
     v = sequence_targets(t, conv, proj, chunk_size)               # [B, T, D]
     scores = jnp.einsum("bph,bqh->bpq", h, h, preferred_element_type=jnp.float32)   # [B, T, T] fp32
-    chunk = jnp.arange(T) // chunk_size
+    chunk = jnp.arange(x.shape[1]) // chunk_size
     earlier = chunk[None, :] < chunk[:, None]                     # [T, T] M: q's chunk is before p's
     scores = jnp.where(earlier, scores, 0.0)
     fast = jnp.einsum("bpq,bqd->bpd", scores, v.astype(jnp.float32), precision=HIGHEST)   # [B, T, D]
@@ -189,7 +187,7 @@ def _check_inputs(x, t, w_in, w_out, conv, proj, chunk_size):
     for name, (got, want) in expect.items():
         if tuple(got) != want:
             raise ValueError(f"ttt: {name} has shape {tuple(got)}, expected {want} (x is {x.shape})")
-    if conv.ndim != 2 or not _is_int(chunk_size) or chunk_size < 1:
+    if conv.ndim != 2 or not _is_int(chunk_size, 1):
         raise ValueError(f"ttt: need conv [D, K] and an int chunk_size >= 1, got conv {conv.shape}, "
                          f"chunk_size={chunk_size!r}")
 
@@ -247,11 +245,11 @@ def fast_weight_mlp_step(state, x, t, w_in, w_out, conv, proj, *, chunk_size: in
     slot = state["frame"] % chunk_size
     h_buf = jax.lax.dynamic_update_slice_in_dim(state["h"], h.astype(state["h"].dtype), slot, axis=1)
     t_buf = jax.lax.dynamic_update_slice_in_dim(state["t"], t.astype(state["t"].dtype), slot, axis=1)
-    sum_dw = jax.lax.cond(
-        slot == chunk_size - 1,                                   # this frame completes the chunk
-        lambda s: s + chunk_delta(h_buf.astype(h.dtype), t_buf.astype(t.dtype), conv, proj),
-        lambda s: s,
-        state["sum_dw"])
+
+    def commit(s):
+        return s + chunk_delta(h_buf.astype(h.dtype), t_buf.astype(t.dtype), conv, proj)
+    # ΔW is committed only when this frame completes the chunk
+    sum_dw = jax.lax.cond(slot == chunk_size - 1, commit, lambda s: s, state["sum_dw"])
     # The buffers need no clearing: the next chunk overwrites every slot before it completes.
     return {"sum_dw": sum_dw, "h": h_buf, "t": t_buf, "frame": state["frame"] + 1}, y
 
@@ -286,36 +284,33 @@ def transformer(layers, fast, cfg, tcfg: TTTConfig, x, offset=0, cache=None, sta
     if cfg.positional_embedding == "sin":             # added once here, not again by every run
         x = x + helium.sin_embedding(offset + jnp.arange(x.shape[1]), x.shape[-1], cfg.max_period, x.dtype)
         cfg = dataclasses.replace(cfg, positional_embedding="none")
-    kv, new_states, start = [], [], 0
+    kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    parts, new_states, start = [], [], 0                # parts: the new kv of each run and TTT layer
     for n, i in enumerate(tcfg.layers + (cfg.num_layers,)):
         if i > start:                                 # the plain layers start..i-1
-            run = None if cache is None else {"k": _take(cache["k"], start, i),
-                                              "v": _take(cache["v"], start, i), "offset": offset}
+            run = None if kv is None else dict(_take(kv, start, i), offset=offset)
             run, x = helium.transformer(_take(layers, start, i), cfg, x, offset, run, layer_hook, remat)
-            kv.append(run)
+            parts.append(run)
         if i == cfg.num_layers:
             break
-        p = _take(layers, i, i + 1, single=True)
-        one = None if cache is None else {"k": _take(cache["k"], i, i + 1, True),
-                                          "v": _take(cache["v"], i, i + 1, True)}
+        p = _take(layers, i)
         step = jax.checkpoint(layer, static_argnums=(2, 3)) if remat else layer
-        one, state, x = step(layer_hook(p) if layer_hook else p, _take(fast, n, n + 1, True), cfg, tcfg, x,
-                             embed, offset, one, None if states is None else states[n])
-        kv.append(None if one is None
-                  else jax.tree.map(lambda a: [a] if isinstance(cache["k"], list) else a[None], one))
+        one, state, x = step(layer_hook(p) if layer_hook else p, _take(fast, n), cfg, tcfg, x, embed, offset,
+                             None if kv is None else _take(kv, i), None if states is None else states[n])
+        parts.append(None if one is None
+                     else jax.tree.map(lambda a: [a] if isinstance(cache["k"], list) else a[None], one))
         new_states.append(state)
         start = i + 1
     if cache is not None:
-        cache = {"k": _join([c["k"] for c in kv]), "v": _join([c["v"] for c in kv]),
-                 "offset": cache["offset"] + x.shape[1]}
+        cache = dict({n: _join([c[n] for c in parts]) for n in kv}, offset=cache["offset"] + x.shape[1])
     return cache, None if states is None else new_states, x
 
 
-def _take(tree, lo, hi, single=False):
-    """Entries lo..hi-1 of a stack (a list, or stacked leaves); single: entry lo itself."""
-    if isinstance(tree, list):
-        return tree[lo] if single else tree[lo:hi]
-    return jax.tree.map(lambda a: a[lo] if single else a[lo:hi], tree)
+def _take(tree, lo, hi=None):
+    """Entries lo..hi-1 of a stack (a list, or stacked leaves; a dict of lists holds one stack per
+    key); hi None: entry lo itself."""
+    index = lo if hi is None else slice(lo, hi)
+    return jax.tree.map(lambda a: a[index], tree, is_leaf=lambda a: isinstance(a, list))
 
 
 def _join(parts):
@@ -342,12 +337,11 @@ def init_layer(key, dim: int, cfg: TTTConfig, dtype=jnp.float32):
 # multiple of the chunk, the parallel form against the streaming form fed one frame at a time.
 
 def self_check(seed: int = 0, dim: int = 16, hidden: int = 24, frames: int = 11, lr: float = 0.5):
-    cfg = TINY
-    chunk = cfg.chunk_size
+    chunk = TINY.chunk_size
     k = jax.random.split(jax.random.key(seed), 6)
     w_in = helium.dense_init(k[0], (2 * hidden, dim))
     w_out = helium.dense_init(k[1], (dim, hidden))
-    conv = 0.3 * jax.random.normal(k[2], (dim, cfg.kernel_size))
+    conv = 0.3 * jax.random.normal(k[2], (dim, TINY.kernel_size))
     proj = helium.dense_init(k[3], (dim, dim))
     x, t = jax.random.normal(k[4], (2, frames, dim)), jax.random.normal(k[5], (2, frames, dim))
     errors = {}
@@ -355,7 +349,7 @@ def self_check(seed: int = 0, dim: int = 16, hidden: int = 24, frames: int = 11,
         args = [a.astype(dtype) for a in (w_in, w_out, conv, proj)]
         full = fast_weight_mlp(x.astype(dtype), t.astype(dtype), *args, chunk_size=chunk, lr=lr)
         step = jax.jit(lambda s, xi, ti: fast_weight_mlp_step(s, xi, ti, *args, chunk_size=chunk, lr=lr))
-        state, ys = init_state(2, dim, hidden, chunk_size=chunk, kernel_size=cfg.kernel_size), []
+        state, ys = init_state(2, dim, hidden, chunk_size=chunk, kernel_size=TINY.kernel_size), []
         for i in range(frames):
             state, y = step(state, x[:, i:i + 1].astype(dtype), t[:, i:i + 1].astype(dtype))
             ys.append(y)
