@@ -445,7 +445,7 @@ def train(args) -> list[dict]:
         windows.check_fits(h.padding_ids, {"text": cfg.text_card_out or cfg.text_card, "audio": cfg.card})
     with jax.set_mesh(mesh):
         plan, state, frozen = build_state(args, h, mesh, cfg, host_params)
-        return run(args, h, mesh, cfg, (ds, eval_ds), plan, state, frozen)
+        return run(args, h, mesh, cfg, (ds, eval_ds), batch_size, plan, state, frozen)
 
 
 def start(args, cfg, state, window_frames: int, this: dict):
@@ -520,8 +520,9 @@ def check_weights_finite(params, step: int, m) -> None:
                             f"{m[3]}): they were not saved; a smaller --lr?")
 
 
-def run(args, h: Hyper, mesh, cfg, datasets, plan: Plan, state, frozen) -> list[dict]:
-    (ds, eval_ds), G, A = datasets, args.batch_size or mesh.size, args.grad_accum
+def run(args, h: Hyper, mesh, cfg, datasets, G: int, plan: Plan, state, frozen) -> list[dict]:
+    """The steps, G windows per micro-batch (train() resolves --batch-size's default)."""
+    (ds, eval_ds), A = datasets, args.grad_accum
     T = ds.window_frames
     this = checkpoint.run_meta(args, h, cfg)          # what the checkpoints record beside the state
     state, first, position = start(args, cfg, state, T, this)
