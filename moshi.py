@@ -368,21 +368,23 @@ def _user_codebooks_read(cfg: LMConfig, n_user: int) -> int:
 
 
 def _write_given(state, cfg: LMConfig, delays, user_codes, text, moshi_codes):
-    """Step 1: user codes land on the last n_user audio streams (always, as given); forced text and
-    Moshi codes (entries != -2) on stream 0 and streams 1..M; each at its delayed position (delays:
+    """Step 1: user codes land on the last n_user audio streams (as given; on streams the model also
+    generates, only with PersonaPlex's lookahead: Kyutai's LMGen drops them); forced text and Moshi
+    codes (entries != -2) on stream 0 and streams 1..M; each at its delayed position (delays:
     cfg.delays as an int32 array)."""
     tokens, provided = state["tokens"], state["provided"]
     groups = []
     if user_codes is not None and user_codes.shape[1]:
         n_user = _user_codebooks_read(cfg, user_codes.shape[1])
-        groups.append((np.arange(1 + cfg.n_q)[-n_user:], user_codes[:, :n_user, 0], False))
+        values = user_codes[:, :n_user, 0]
+        read = jnp.logical_or(cfg.n_q > cfg.dep_q, state["lookahead"] == 1)
+        groups.append((np.arange(1 + cfg.n_q)[-n_user:], values, jnp.broadcast_to(read, values.shape)))
     if text is not None:
-        groups.append((np.arange(1), text[:, None], True))
+        groups.append((np.arange(1), text[:, None], text[:, None] != UNGENERATED))
     if moshi_codes is not None:
-        groups.append((np.arange(1, 1 + moshi_codes.shape[1]), moshi_codes, True))
-    for streams, values, only_forced in groups:                      # values [B, S] for streams [S]
+        groups.append((np.arange(1, 1 + moshi_codes.shape[1]), moshi_codes, moshi_codes != UNGENERATED))
+    for streams, values, mask in groups:                     # values, mask [B, S] for streams [S]
         values = values.astype(jnp.int32)
-        mask = values != UNGENERATED if only_forced else jnp.ones(values.shape, bool)
         slots = (state["step"] + state["lookahead"] + delays[streams]) % tokens.shape[-1]
         tokens = tokens.at[:, streams, slots].set(jnp.where(mask, values, tokens[:, streams, slots]))
         provided = provided.at[:, streams, slots].set(provided[:, streams, slots] | mask)
@@ -429,7 +431,8 @@ def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_cod
                  streams. A model with input-only streams reads the first n_q - dep_q given
                  (moshiko: 8 -> streams 9..16) and, as Kyutai's LMGen, drops any more. A model
                  whose depformer also writes those streams (PersonaPlex, dep_q = 16) gets them
-                 teacher-forced. None or [B, 0, 1] when there are none.
+                 teacher-forced with PersonaPlex's lookahead, and drops them with Kyutai's (as
+                 LMGen does). None or [B, 0, 1] when there are none.
     key          the conversation's PRNG key: call n draws from fold_in(key, n) (text, then one
                  key per codebook), so the same key may be passed to every call.
     text         int [B] or None: force this frame's text token (-2 = sample it).

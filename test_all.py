@@ -879,6 +879,9 @@ def test_lm_greedy_generation_matches_official(name, tmp_path):
     if name == "a":              # a codebook more than the model reads is dropped, as LMGen drops it
         extra = np.concatenate([d["gen_user"], d["gen_user"][:, :1]], axis=1)            # [B, 9, T]
         assert np.array_equal(_greedy_run(params, cfg, extra)[0], d["gen_tokens"])
+    if name == "b":              # dep_q = n_q: LMGen reads no user codebook, so 8 given change nothing
+        user = np.random.default_rng(0).integers(0, cfg.card, (2, 8, d["gen_tokens"].shape[-1]))
+        assert np.array_equal(_greedy_run(params, cfg, user)[0], d["gen_tokens"])
 
 
 def test_lm_bf16_checkpoint_matches_official_bf16(tmp_path):
