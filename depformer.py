@@ -110,9 +110,10 @@ def forward(params, cfg: DepformerConfig, h, tokens, layer_hook: Callable | None
 # (or temp <= 0) takes the argmax; ties go to the lowest index, as torch.argmax does.
 
 def sample_token(logits, key, temp: float, top_k: int, greedy: bool = False):
-    """logits [..., V] -> tokens [...] int32."""
+    """logits [..., V] -> tokens [...] int32. As Kyutai's sample_token: a temp that is not > 0 (NaN
+    too) takes the argmax, a top_k that is not in 1..V-1 keeps every token."""
     logits = logits.astype(jnp.float32)
-    if greedy or temp <= 0:
+    if greedy or not temp > 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temp
     if 0 < top_k < logits.shape[-1]:

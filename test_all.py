@@ -610,6 +610,9 @@ def test_lm_sampling_is_softmax_top_k():
     expected[top] = np.exp(np.asarray(logits)[top] / 0.5) / np.exp(np.asarray(logits)[top] / 0.5).sum()
     assert counts[[1, 3, 5]].sum() == 0 and np.abs(counts - expected).max() < 0.015
     assert int(depformer.sample_token(logits, jax.random.key(0), 0.8, 250, greedy=True)) == 0
+    for temp in (0.0, -1.0, float("nan")):           # Kyutai samples only when temp > 0, else argmax
+        assert np.all(np.asarray(depformer.sample_token(jnp.broadcast_to(logits, (50, 6)),
+                                                        jax.random.key(1), temp, 3)) == 0)
 
 
 def test_depformer_generation_equals_forward_for_one_and_three_codebooks():
