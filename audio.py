@@ -132,6 +132,9 @@ def read_blocks(path, sample_rate: int | None, channel: int | None = None, block
             while not final:                                        # a short read is the file's end
                 block = f.read(blocksize, dtype="float32", always_2d=True).T                  # [channels, n]
                 final = block.shape[1] < blocksize
+                if not np.isfinite(block).all():                    # they would spoil every code
+                    raise AudioError(f"{path}: NaN or infinite samples (from about "
+                                     f"{(f.tell() - block.shape[1]) / sr:.2f} s): not audio")
                 if channel is not None:
                     block = block[channel]
                 if resampler is not None:
@@ -186,6 +189,8 @@ def write_audio(path, wav, sample_rate: int) -> None:
     # other scripts use convert.atomic_path; audio.py imports no project file.) soundfile
     # creates the file itself, so it gets the usual permissions, and reads the format off its suffix.
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise AudioError(f"{path}: not a regular file (a folder, a device?): give a file name")
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}{'' if os.path.splitext(name)[1] else '.wav'}")
     try:
         sf.write(tmp, to_pcm16(wav).T, sample_rate)
@@ -268,6 +273,8 @@ def main(argv=None):
     ap.add_argument("--rate", type=int, required=True, help="the output's sample rate (Mimi's: 24000)")
     ap.add_argument("--mono", action="store_true", help="mix the channels down")
     args = ap.parse_args(argv)
+    if args.rate <= 0:
+        ap.error(f"--rate must be a positive number of samples per second, got {args.rate}")
     try:
         wav = read_audio(args.input, args.rate)
         write_audio(args.output, mix_down(wav) if args.mono else wav, args.rate)

@@ -290,6 +290,8 @@ def contents(run_dir: str) -> list[str]:
 def refuse_used(run_dir: str, resume: bool, overwrite: bool) -> None:
     """A used run_dir is neither written over nor continued unless the user says which: a
     ValueError naming what is there, raised before anything is loaded or written."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"--run-dir {run_dir} is a file, not a folder")
     held = contents(run_dir)
     if held and not (resume or overwrite):
         listing = " and ".join(filter(None, [", ".join(held[:-1]), held[-1]]))

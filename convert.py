@@ -70,6 +70,14 @@ class SafeTensorsFile:
                 header = json.loads(fh.read(n))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{self.path}: cannot read as safetensors ({e})") from e
+        entry = {"dtype", "shape", "data_offsets"}
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: not a safetensors file (its header is not a JSON object)")
+        bad = [k for k, v in header.items()
+               if k != "__metadata__" and not (isinstance(v, dict) and entry <= set(v))]
+        if bad:
+            raise CheckpointError(f"{self.path}: not a safetensors file (the entry of {bad[0]!r} "
+                                  "is not {dtype, shape, data_offsets})")
         self.metadata = header.pop("__metadata__", None) or {}
         self.header = header
         self._start = 8 + n
@@ -163,13 +171,18 @@ class OutputError(ValueError):
     """An output path that cannot be written: found before any work is done."""
 
 
-def check_writable(path, what: str) -> None:
-    """Fail now, not after the work: `path` must not be a folder, and its folder must exist and be
-    writable (the atomic writers create their temporary file there)."""
+def check_writable(path, what: str, inputs=()) -> None:
+    """Fail now, not after the work: `path` must not be a folder, a device or one of the `inputs`
+    (the atomic writers rename a new file over it), and its folder must exist and be writable (they
+    create their temporary file there)."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     if os.path.isdir(path):
         raise OutputError(f"{what} {path} is a folder, not a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise OutputError(f"{what} {path} is not a regular file (a device?): give a file name")
+    if os.path.exists(path) and any(i and os.path.exists(i) and os.path.samefile(path, i) for i in inputs):
+        raise OutputError(f"{what} {path} is also an input: give another name")
     if not os.path.isdir(folder):
         raise OutputError(f"{what} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
@@ -676,7 +689,7 @@ def mimi_round_trip(args) -> None:
     import audio                     # audio files: the command line's, not the Mimi loader's (mimi + helium)
     for path, what in ((args.output, "output"), (args.codes, "--codes")):
         if path:
-            check_writable(path, what)                     # before an hour of audio is encoded
+            check_writable(path, what, (args.input, args.weights))   # before an hour of audio is encoded
     params, cfg = load_mimi(args.weights)
     mimi._check_codebooks(cfg, args.num_codebooks)
     wav = audio.mix_down(audio.read_audio(args.input, cfg.sample_rate))[None]               # [1, 1, S]

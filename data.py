@@ -165,6 +165,8 @@ def read_manifest(path: str):
             try:
                 item = json.loads(line)
                 wav, duration = item["path"], float(item["duration"])
+                if not isinstance(wav, str):
+                    raise TypeError(f"path {wav!r} is not a string")
             except (ValueError, KeyError, TypeError) as e:
                 raise DataError(f"{path}:{lineno}: want {{\"path\": ..., \"duration\": ...}}: {e!r}") from e
             beside = os.path.join(os.path.dirname(os.path.abspath(path)), wav)     # an absolute wav itself

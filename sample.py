@@ -595,7 +595,7 @@ def check_outputs(args, log) -> tuple[list[str], str]:
     with contextlib.suppress(OSError):
         os.makedirs(folder, exist_ok=True)
     for path, what in [(p, "--out") for p in outs] + [(transcript, "the transcript (--out's name, .json)")]:
-        convert.check_writable(path, what)
+        convert.check_writable(path, what, (args.prompt, args.voice_prompt))
     for name in convert.remove_stale_temps(folder):
         log(f"removed {name}, left by a run that was killed while writing")
     return outs, transcript

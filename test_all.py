@@ -344,6 +344,26 @@ def test_audio_files_in_and_out(tmp_path):
         audio.read_audio(tmp_path / "missing.wav", 24000)
 
 
+def test_audio_refuses_non_finite_samples_device_targets_and_no_rate(tmp_path):
+    """NaN or infinite samples would zero every code Mimi makes of the file: named, with where they
+    start. A folder or device as the output is refused (the rename would replace a device node), as
+    is a rate that is no rate."""
+    import soundfile
+    wav = np.zeros((48000, 1), np.float32)
+    wav[30000:30100] = np.nan
+    soundfile.write(tmp_path / "nan.wav", wav, 24000, subtype="FLOAT")
+    with pytest.raises(audio.AudioError, match=r"nan.wav: NaN or infinite samples \(from about 1.00 s\)"):
+        audio.read_audio(tmp_path / "nan.wav", 16000)
+    (tmp_path / "adir.wav").mkdir()
+    for target in (tmp_path / "adir.wav", "/dev/null"):
+        with pytest.raises(audio.AudioError, match="not a regular file"):
+            audio.write_audio(target, np.zeros((1, 10)), 24000)
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    with pytest.raises(SystemExit):
+        audio.main([str(tmp_path / "nan.wav"), str(tmp_path / "o.wav"), "--rate", "0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.wav", "nan.wav"]
+
+
 def test_audio_reads_long_files_lazily(tmp_path):
     """The prompt, of any rate and channel count, through audio.read_blocks: one channel resampled as
     audio.read_audio does, block by block, in memory that does not grow with the file (a minute of
@@ -1123,6 +1143,22 @@ def test_safetensors_round_trip_and_atomic_write(tmp_path):
     assert path.stat().st_mode & 0o777 == _usual_mode()                                # not mkstemp's 0600
 
 
+def test_safetensors_header_that_is_not_one_and_outputs_that_are_inputs(tmp_path):
+    """A JSON header that is no safetensors header is named, not a TypeError or KeyError; an output
+    that is a device or one of the inputs is refused before any work."""
+    for name, header in [("list", []), ("entry", {"w": "x"}), ("offsets", {"w": {"dtype": "F32", "shape": [1]}})]:
+        blob = json.dumps(header).encode()
+        (tmp_path / name).write_bytes(len(blob).to_bytes(8, "little") + blob)
+        with pytest.raises(convert.CheckpointError, match=f"{name}: not a safetensors file"):
+            convert.SafeTensorsFile(tmp_path / name)
+    (tmp_path / "in.wav").write_bytes(b"x")
+    with pytest.raises(convert.OutputError, match="not a regular file"):
+        convert.check_writable("/dev/null", "--out")
+    with pytest.raises(convert.OutputError, match="in.wav is also an input"):
+        convert.check_writable(tmp_path / "in.wav", "--out", (None, str(tmp_path / "in.wav")))
+    convert.check_writable(tmp_path / "new.wav", "--out", (str(tmp_path / "in.wav"),))
+
+
 def _load_safetensors(path):
     """Every tensor of a file, as memory-mapped numpy views (nothing is read until used)."""
     f = convert.SafeTensorsFile(path)
@@ -1560,6 +1596,9 @@ def test_data_prepare_refuses_bad_input_and_loses_nothing(train_dataset, tmp_pat
     assert [w for w, *_ in kept] == ["late", "never", "blink", "early"]   # as moshi-finetune searches them
     with pytest.raises(data.DataError, match="gone.wav: audio file not found"):
         data.load_stereo(str(root / "gone.wav"))
+    (root / "num.jsonl").write_text('{"path": 5, "duration": 2}\n')
+    with pytest.raises(data.DataError, match="num.jsonl:1: .*path 5 is not a string"):
+        data.read_manifest(str(root / "num.jsonl"))
 
 
 # ================================================================================================
@@ -2217,6 +2256,9 @@ def test_train_refuses_bad_input_before_touching_the_run_dir(train_dataset, tmp_
                "or --overwrite to start over")
     with pytest.raises(ValueError, match=re.escape(refusal)):
         _cli(train_dataset, run)
+    assert _files(run) == before
+    with pytest.raises(ValueError, match="metrics.jsonl is a file, not a folder"):
+        _cli(train_dataset, run / "metrics.jsonl")
     assert _files(run) == before
     capsys.readouterr()
     for flag, value, expected in (("--lr", "-1", "a number > 0"), ("--batch-size", "0", "an integer >= 1"),
