@@ -59,6 +59,11 @@ class TransformerConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"transformer config: {name}={getattr(self, name)!r} is not supported "
                                  f"(only {', '.join(allowed)}: what the released models use)")
+        if self.num_heads < 1 or self.d_model % self.num_heads:
+            raise ValueError(f"transformer config: d_model={self.d_model} is not a multiple of "
+                             f"num_heads={self.num_heads}")
+        if self.context is not None and self.context < 1:
+            raise ValueError(f"transformer config: context={self.context} must be at least 1 (or none)")
 
     @property
     def head_dim(self) -> int:

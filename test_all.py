@@ -1364,7 +1364,9 @@ def test_lm_configs_and_7b_footprint(tmp_path):
     with pytest.raises(ValueError, match="unknown keys \\['dimm'\\]"):
         repo.lm_config({"dimm": 3})
     for bad, message in (({"dim": "64"}, "dim='64' should be int"), ({"num_heads": 4.0}, "num_heads=4.0 should be int"),
-                         ({"ttt": {"layers": [1], "chunk": 4}}, "TTTConfig.* unexpected keyword argument 'chunk'")):
+                         ({"ttt": {"layers": [1], "chunk": 4}}, "TTTConfig.* unexpected keyword argument 'chunk'"),
+                         ({"dim": 64, "num_heads": 5}, "d_model=64 is not a multiple of num_heads=5"),
+                         ({"context": 0}, "context=0 must be at least 1")):
         with pytest.raises(ValueError, match=message):                  # one line, not a traceback later
             repo.lm_config(bad)
     (tmp_path / "config.json").write_text(json.dumps({"dimm": 3}))
