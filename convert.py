@@ -176,16 +176,16 @@ def check_writable(path, what: str, inputs=()) -> None:
     (the atomic writers rename a new file over it), and its folder must exist and be writable (they
     create their temporary file there)."""
     path = os.path.abspath(path)
-    folder = os.path.dirname(path)
+    folder, exists = os.path.dirname(path), os.path.exists(path)
     if os.path.isdir(path):
         raise OutputError(f"{what} {path} is a folder, not a file name")
-    if os.path.exists(path) and not os.path.isfile(path):
+    if exists and not os.path.isfile(path):
         raise OutputError(f"{what} {path} is not a regular file (a device?): give a file name")
-    if os.path.exists(path) and any(i and os.path.exists(i) and os.path.samefile(path, i) for i in inputs):
+    if exists and any(i and os.path.exists(i) and os.path.samefile(path, i) for i in inputs):
         raise OutputError(f"{what} {path} is also an input: give another name")
     if not os.path.isdir(folder):
         raise OutputError(f"{what} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if not os.access(folder, os.W_OK | os.X_OK) or (exists and not os.access(path, os.W_OK)):
         raise OutputError(f"{what} {path}: not writable here (permissions)")
 
 

@@ -106,12 +106,12 @@ def forward(params, cfg: DepformerConfig, h, tokens, layer_hook: Callable | None
 
 # ----------------------------------------------------------------------------------------------
 # Sampling, as Kyutai's `sample_token`: softmax(logits / temp), keep the top k, draw one. Drawing
-# from the renormalised top k is a categorical over the top-k logits, which is what we do. Greedy
-# (or temp <= 0) takes the argmax; ties go to the lowest index, as torch.argmax does.
+# from the renormalised top k is a categorical over the top-k logits, which is what we do; a top_k
+# outside 1..V-1 keeps every token. Greedy, or a temp that is not > 0 (NaN too), takes the argmax;
+# ties go to the lowest index, as torch.argmax does.
 
 def sample_token(logits, key, temp: float, top_k: int, greedy: bool = False):
-    """logits [..., V] -> tokens [...] int32. As Kyutai's sample_token: a temp that is not > 0 (NaN
-    too) takes the argmax, a top_k that is not in 1..V-1 keeps every token."""
+    """logits [..., V] -> tokens [...] int32."""
     logits = logits.astype(jnp.float32)
     if greedy or not temp > 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -363,7 +363,8 @@ def init_gen_state(params, cfg: LMConfig, batch_size: int, lookahead: int = 0):
 
 def _user_codebooks_read(cfg: LMConfig, n_user: int) -> int:
     """How many of n_user given user codebooks the model reads: a model with input-only streams
-    the first n_q - dep_q (Kyutai's LMGen drops any more), one without them all (PersonaPlex)."""
+    the first n_q - dep_q (Kyutai's LMGen drops any more), one without them all (PersonaPlex; with
+    Kyutai's lookahead _write_given then masks them out, as LMGen reads none)."""
     return cfg.n_q - cfg.dep_q if cfg.n_q > cfg.dep_q else n_user
 
 
