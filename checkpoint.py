@@ -526,6 +526,9 @@ def list_main(where: str) -> None:
     ckpt_dir = os.path.join(where, CHECKPOINTS) if os.path.isdir(os.path.join(where, CHECKPOINTS)) else where
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{where}: no such run directory")
+    if not list_dir(ckpt_dir) and not any(step_of(n) is not None for n in os.listdir(ckpt_dir)):
+        raise FileNotFoundError(f"{where}: no checkpoints (neither a train.py --run-dir that saved one "
+                                "nor its checkpoints/ folder)")
     for path in list_dir(ckpt_dir):
         size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
         try:                     # meta.json, and every process file's zip directory (at its end: cheap)

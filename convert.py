@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import tempfile
 import warnings
 from typing import NamedTuple
@@ -142,9 +143,10 @@ def fsync(path) -> None:
 def atomic_path(path, suffix: str = ""):
     """`with atomic_path(path) as tmp:` a temporary file name beside `path`, for writers that want a
     name (soundfile, ...). Renamed over `path` when the block ends well, removed if it raises. The
-    name carries our process id, so that remove_stale_temps can tell a killed run's leftovers."""
+    name carries our process id and machine, so that remove_stale_temps can tell a killed run's
+    leftovers."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-{_host()}-", suffix=suffix)
     os.close(fd)
     try:
         yield tmp
@@ -189,13 +191,19 @@ def check_writable(path, what: str, inputs=()) -> None:
         raise OutputError(f"{what} {path}: not writable here (permissions)")
 
 
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")            # "-" separates a temporary name's fields
+
+
 def remove_stale_temps(folder) -> list:
-    """Remove the temporary files (".tmp-<pid>-...") that a run killed mid-write left in `folder`:
-    those whose process is gone. Returns their names."""
+    """Remove the temporary files (".tmp-<pid>-<host>-...") that a run killed mid-write left in
+    `folder`: this machine's whose process is gone (a folder shared with other machines keeps
+    theirs: their process ids mean nothing here). Returns their names."""
     removed = []
     for name in os.listdir(folder or "."):
-        pid = name.split("-")[1] if name.startswith(".tmp-") and name.count("-") >= 2 else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        fields = name.split("-")                                          # .tmp, pid, host, the rest
+        if (len(fields) > 3 and fields[0] == ".tmp" and fields[1].isdigit() and fields[2] == _host()
+                and int(fields[1]) != os.getpid() and not _alive(int(fields[1]))):
             os.unlink(os.path.join(folder, name))
             removed.append(name)
     return removed

@@ -133,6 +133,8 @@ def main(argv=None):
     ap.add_argument("--preset", default="moshiko", choices=sorted(moshi.PRESETS))
     ap.add_argument("--rank", type=int, default=128)
     args = ap.parse_args(argv)
+    if args.rank < 1:
+        ap.error(f"--rank must be at least 1, got {args.rank}")
     params = jax.eval_shape(lambda k: moshi.init(k, moshi.PRESETS[args.preset]), jax.random.key(0))
     found = targets(params)
     adapter_params = sum(math.prod(w.shape[:-2]) * args.rank * sum(w.shape[-2:]) for w in found.values())

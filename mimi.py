@@ -520,6 +520,12 @@ def main(argv=None):
     ap.add_argument("--num-codebooks", type=int, default=8)
     args = ap.parse_args(argv)
     cfg = MimiConfig() if args.full else TINY
+    try:
+        _check_codebooks(cfg, args.num_codebooks)
+    except ValueError as e:
+        ap.error(f"--num-codebooks: {e}")
+    if args.frames is not None and args.frames < 1:
+        ap.error(f"--frames must be at least 1, got {args.frames}")
     params = init(jax.random.key(0), cfg)
     F, frames = cfg.frame_size, args.frames or cfg.context // cfg.downsample_stride
     wav = 0.1 * jax.random.normal(jax.random.key(1), (2, 1, frames * F))                   # [B, 1, S]

@@ -421,6 +421,13 @@ class Sampling:
     top_k: int = 250
     top_k_text: int = 25
 
+    @property
+    def is_greedy(self) -> bool:
+        """Every token an argmax: asked for, or both temperatures 0 (or below), as in Kyutai's sampler."""
+        return self.greedy or not (self.temp > 0 or self.temp_text > 0)
+
+
+SEEDS = range(2**32)    # jax.random.key keeps 32 bits of a seed: a larger one would repeat a smaller one
 
 @partial(jax.jit, static_argnames=("cfg", "sampling", "return_logits"), donate_argnames=("state",))
 def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, embedding=None, *,

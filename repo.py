@@ -91,8 +91,16 @@ def find_checkpoint(repo=None, moshi=None, mimi=None, tokenizer=None, config=Non
     mimi_json_name = None if lm_only else raw.get("mimi_config_name")
     lm_kwargs = {k: v for k, v in raw.items() if k not in NOT_LM_KWARGS}    # file names and tool settings out
     return Checkpoint(**files, config=lm_kwargs if raw else None, model_type=model_type,
-                      gen_config=dict(raw.get("lm_gen_config") or {}), lora=lora_of(raw, lora, get, flags),
+                      gen_config=_object_of(raw, "lm_gen_config"), lora=lora_of(raw, lora, get, flags),
                       mimi_config=_read_json(get(mimi_json_name), mimi_json_name) if mimi_json_name else None)
+
+
+def _object_of(raw: dict, key: str) -> dict:
+    """config.json's entry `key`, which must be a JSON object ({} when absent or null)."""
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"config.json: {key} must be an object {{...}}, got {value!r}")
+    return value
 
 
 def lora_of(raw: dict, given: str | None, get, flags: dict):

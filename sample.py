@@ -441,6 +441,9 @@ def _load_models(args, log) -> Models:
         mimi_cfg = repo.mimi_config(ckpt.mimi_config) if ckpt.mimi_config else None
         mimi_params, mimi_cfg = _load(convert.load_mimi, ckpt.mimi, cfg=mimi_cfg)
         tokenizer = load_tokenizer(ckpt.tokenizer)
+    if tokenizer is not None and tokenizer.get_piece_size() != cfg.text_card:
+        log(f"warning: the tokenizer has {tokenizer.get_piece_size()} pieces, the LM {cfg.text_card} text "
+            "tokens: is it this model's tokenizer? (its text will read wrong)")
     # One codebase streams both: Mimi follows the LM's KV ring (--kv-ring overrides the checkpoint's).
     ring = args.kv_ring or cfg.kv_ring
     cfg, mimi_cfg = dataclasses.replace(cfg, kv_ring=ring), dataclasses.replace(mimi_cfg, kv_ring=ring)
@@ -486,9 +489,17 @@ def parse_args(argv=None):
         ap.error("--batch-size must be at least 1")
     if args.duration is not None and not 0 < args.duration < float("inf"):
         ap.error(f"--duration must be a positive number of seconds, got {args.duration}")
+    if args.seed not in moshi.SEEDS:
+        ap.error(f"--seed must be an integer from 0 to {moshi.SEEDS[-1]}, got {args.seed}")
+    if os.path.splitext(args.out)[1].lower() not in ("", ".wav"):
+        ap.error(f"--out {args.out}: the answer is written as a wav file; name it .wav")
     if args.random_init and args.random_init not in moshi.PRESETS:
         ap.error(f"--random-init: unknown preset {args.random_init!r} "
                  f"(choose from {', '.join(moshi.PRESETS)})")
+    ignored = [f"--{k.replace('_', '-')}" for k in ("hf_repo", "moshi_weight", "config", "lora_weight")
+               if args.random_init and getattr(args, k)]
+    if ignored:
+        ap.error(f"--random-init makes the LM's weights: {', '.join(ignored)} would be ignored")
     return args
 
 
@@ -538,6 +549,11 @@ def sampling_for(args, gen_config: dict, log) -> moshi.Sampling:
     unknown = sorted(set(gen_config) - set(defaults) - {"use_sampling"})
     if unknown:
         log(f"config.json lm_gen_config: {unknown} not supported here, ignored")
+    kinds = {bool: ("true or false", (bool,)), int: ("a whole number", (int,)), float: ("a number", (int, float))}
+    for k, v in gen_config.items():                # in JSON's types: true, 250, 0.7 (or 1)
+        words, types = kinds.get(bool if k == "use_sampling" else type(defaults.get(k)), ("", (type(v),)))
+        if type(v) not in types:
+            raise SampleError(f"config.json lm_gen_config: {k} must be {words}, got {v!r}")
     picked = {k: gen_config.get(k, v) if getattr(args, k) is None else getattr(args, k)
               for k, v in defaults.items()}
     return moshi.Sampling(args.greedy or gen_config.get("use_sampling") is False, **picked)
@@ -567,7 +583,7 @@ def run(args):
                           f"need {d} frames before it answers; --duration extends it with silence")
     out_samples = min(num_samples, out_frames * F)
     log(f"{args.prompt}: {num_samples / sr:.2f} s, {n_frames} frames; batch {args.batch_size}, "
-        f"{'greedy' if args.greedy else f'sampling (seed {args.seed})'}")
+        f"{'greedy' if sampling.is_greedy else f'sampling (seed {args.seed})'}")
     answers, (start, first, end) = talk(args, models, outs, num_samples, out_frames, sampling, prompt)
     with convert.atomic_open(transcript, "w", encoding="utf-8") as f:
         json.dump({"prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),

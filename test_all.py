@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tracemalloc
@@ -1323,6 +1324,11 @@ def test_mimi_command_line_round_trip(tmp_path, mimi_ref, capsys):
         convert.main(["mimi", str(tmp_path / "in.wav"), str(tmp_path / "x.wav")])     # no --weights: usage
     mimi.main(["--frames", "2"])
     assert "streaming vs batch: codes identical" in capsys.readouterr().out
+    for flags, message in ((["--num-codebooks", "0"], "--num-codebooks: num_codebooks=0: this Mimi has 8"),
+                           (["--frames", "0"], "--frames must be at least 1, got 0")):
+        with pytest.raises(SystemExit):
+            mimi.main(flags)
+        assert message in capsys.readouterr().err
 
 
 # ================================================================================================
@@ -1979,16 +1985,35 @@ def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
     # a run killed mid-write (kill -9) left a temporary file of ours: the next run removes it
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".tmp-{dead.pid}-abc.wav"
+    stale = tmp_path / f".tmp-{dead.pid}-{socket.gethostname().replace('-', '_')}-abc.wav"
     stale.write_bytes(b"half")
+    elsewhere = tmp_path / f".tmp-{dead.pid}-other_machine-abc.wav"    # a shared folder: not ours to judge
+    elsewhere.write_bytes(b"being written")
     _main("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", sample_repo, "--greedy", "--dtype", "fp32", "--duration", 0.5,
           "--out", tmp_path / "fresh.wav")
-    assert not stale.exists() and (tmp_path / "fresh.wav").exists()
+    assert not stale.exists() and (tmp_path / "fresh.wav").exists() and elsewhere.exists()
     assert "--voice-prompt and --text-prompt are for PersonaPlex" in error_of(
         "--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", sample_repo, "--text-prompt", "hi", "--dtype", "fp32")
     for flags, message in ((("--duration", "nan"), "--duration must be a positive number of seconds, got nan"),
-                           (("--duration", "0"), "--duration must be"), (("--batch-size", "0"), "--batch-size must")):
+                           (("--duration", "0"), "--duration must be"), (("--batch-size", "0"), "--batch-size must"),
+                           (("--seed", 2**32), "--seed must be an integer from 0 to 4294967295, got 4294967296"),
+                           (("--out", tmp_path / "a.mp3"), "the answer is written as a wav file; name it .wav"),
+                           (("--random-init", "tiny", "--hf-repo", sample_repo, "--config", "c.json"),
+                            "--random-init makes the LM's weights: --hf-repo, --config would be ignored")):
         assert message in error_of("--prompt", fixture("make_sample_fixtures").PROMPT, *flags)
+    # the repo's lm_gen_config: a JSON object of LMGen's settings, in their types
+    config, settings = tmp_path / "config.json", json.loads((sample_repo / "config.json").read_text())
+    for gen_config, message in (("hot", "lm_gen_config must be an object {...}, got 'hot'"),
+                                ({"temp": "0.7"}, "lm_gen_config: temp must be a number, got '0.7'"),
+                                ({"top_k": 25.0}, "lm_gen_config: top_k must be a whole number, got 25.0"),
+                                ({"use_sampling": 0}, "lm_gen_config: use_sampling must be true or false, got 0")):
+        config.write_text(json.dumps(dict(settings, lm_gen_config=gen_config)))
+        assert message in error_of("--prompt", fixture("make_sample_fixtures").PROMPT, "--hf-repo", sample_repo,
+                                   "--config", config)
+    args = sample.parse_args(["--prompt", "p.wav", "--temp", "0", "--temp-text", "0"])
+    picked = sample.sampling_for(args, {"temp": 1, "top_k": 5, "use_sampling": True}, print)
+    assert picked == moshi.Sampling(False, 0.0, 0.0, 5, 25) and picked.is_greedy      # both temperatures 0
+    assert not moshi.Sampling(temp=0).is_greedy
 
 
 # ================================================================================================
@@ -2265,7 +2290,8 @@ def test_train_refuses_bad_input_before_touching_the_run_dir(train_dataset, tmp_
     capsys.readouterr()
     for flag, value, expected in (("--lr", "-1", "a number > 0"), ("--batch-size", "0", "an integer >= 1"),
                                   ("--batch-size", "-2", "an integer >= 1"), ("--grad-accum", "0", "an integer >= 1"),
-                                  ("--max-steps", "0", "an integer >= 1"), ("--lora-scaling", "0", "a number > 0")):
+                                  ("--max-steps", "0", "an integer >= 1"), ("--lora-scaling", "0", "a number > 0"),
+                                  ("--seed", "-1", "an integer from 0 to 4294967295")):
         with pytest.raises(SystemExit):
             _cli(train_dataset, run, "--resume", flag, value)
         assert f"argument {flag}: expected {expected}, got '{value}'" in capsys.readouterr().err
@@ -2312,6 +2338,8 @@ def test_train_resume_passes_over_an_unreadable_checkpoint(train_dataset, tmp_pa
     npz.write_bytes(npz.read_bytes()[:1000])
     damaged, intact = npz.read_bytes(), _files(ckpts / "step_000008")
     capsys.readouterr()
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        checkpoint.main(["list", str(tmp_path)])                    # not a run dir
     checkpoint.main(["list", str(run)])
     listing = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines())
     assert listing["step_000008"].endswith(", complete") and f"UNREADABLE: {npz} is corrupt" in listing["step_000012"]

@@ -614,6 +614,7 @@ POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a number > 0")
 NON_NEGATIVE = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 FRACTION = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 BETA = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+SEED = checked(int, lambda v: v in moshi.SEEDS, f"an integer from 0 to {moshi.SEEDS[-1]}")
 
 
 def _hyper_flags(a) -> None:
@@ -661,7 +662,7 @@ def train_parser():
       "(default: moshi-finetune's 40 per device, 40 // devices; at most what the data holds)")
     _hyper_flags(a)
     checkpoint.add_ttt_flags(a)
-    a("--seed", type=int, default=0)
+    a("--seed", type=SEED, default=0)
     a("--log-every", type=POSITIVE_INT, default=1)
     a("--ckpt-every", type=COUNT, default=100, help="0: only at the end")
     a("--keep-checkpoints", type=COUNT, default=3, help="0: all")
