@@ -549,7 +549,8 @@ def sampling_for(args, gen_config: dict, log) -> moshi.Sampling:
     unknown = sorted(set(gen_config) - set(defaults) - {"use_sampling"})
     if unknown:
         log(f"config.json lm_gen_config: {unknown} not supported here, ignored")
-    kinds = {bool: ("true or false", (bool,)), int: ("a whole number", (int,)), float: ("a number", (int, float))}
+    kinds = {bool: ("true or false", (bool,)), int: ("a whole number", (int,)),
+             float: ("a number", (int, float))}
     for k, v in gen_config.items():                # in JSON's types: true, 250, 0.7 (or 1)
         words, types = kinds.get(bool if k == "use_sampling" else type(defaults.get(k)), ("", (type(v),)))
         if type(v) not in types:

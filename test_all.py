@@ -2014,6 +2014,11 @@ def test_sample_clear_errors(sample_repo, tmp_path, monkeypatch, capsys):
     picked = sample.sampling_for(args, {"temp": 1, "top_k": 5, "use_sampling": True}, print)
     assert picked == moshi.Sampling(False, 0.0, 0.0, 5, 25) and picked.is_greedy      # both temperatures 0
     assert not moshi.Sampling(temp=0).is_greedy
+    logged = []                                                  # another model's tokenizer: said at start-up
+    monkeypatch.setitem(moshi.PRESETS, "tiny_text_100", dataclasses.replace(moshi.TINY, text_card=100))
+    sample.load_models(sample.parse_args(["--prompt", "p.wav", "--random-init", "tiny_text_100", "--tokenizer",
+                                          str(sample_repo / "tokenizer_spm_32k_3.model")]), logged.append)
+    assert "the tokenizer has 96 pieces, the LM 100 text tokens" in " ".join(logged)
 
 
 # ================================================================================================
