@@ -526,7 +526,8 @@ def list_main(where: str) -> None:
     ckpt_dir = os.path.join(where, CHECKPOINTS) if os.path.isdir(os.path.join(where, CHECKPOINTS)) else where
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{where}: no such run directory")
-    if not list_dir(ckpt_dir) and not any(step_of(n) is not None for n in os.listdir(ckpt_dir)):
+    names = os.listdir(ckpt_dir)
+    if not any(n.startswith("step_") for n in names):          # not even a save that never finished
         raise FileNotFoundError(f"{where}: no checkpoints (neither a train.py --run-dir that saved one "
                                 "nor its checkpoints/ folder)")
     for path in list_dir(ckpt_dir):
@@ -540,7 +541,7 @@ def list_main(where: str) -> None:
         except CorruptCheckpoint as e:
             state = f"UNREADABLE: {e}"
         print(f"{os.path.basename(path)}  {size / 1e6:,.1f} MB  {state}")
-    others = sorted(n for n in os.listdir(ckpt_dir) if step_of(n) is None)
+    others = sorted(n for n in names if step_of(n) is None)
     if others:
         print("not checkpoints (.tmp: a save that never finished; .corrupt: passed over by resume): "
               + ", ".join(others))

@@ -199,10 +199,10 @@ def remove_stale_temps(folder) -> list:
     """Remove the temporary files (".tmp-<pid>-<host>-...") that a run killed mid-write left in
     `folder`: this machine's whose process is gone (a folder shared with other machines keeps
     theirs: their process ids mean nothing here). Returns their names."""
-    removed = []
+    removed, here = [], _host()
     for name in os.listdir(folder or "."):
         fields = name.split("-")                                          # .tmp, pid, host, the rest
-        if (len(fields) > 3 and fields[0] == ".tmp" and fields[1].isdigit() and fields[2] == _host()
+        if (len(fields) > 3 and fields[0] == ".tmp" and fields[1].isdigit() and fields[2] == here
                 and int(fields[1]) != os.getpid() and not _alive(int(fields[1]))):
             os.unlink(os.path.join(folder, name))
             removed.append(name)

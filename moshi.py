@@ -429,6 +429,7 @@ class Sampling:
 
 SEEDS = range(2**32)    # jax.random.key keeps 32 bits of a seed: a larger one would repeat a smaller one
 
+
 @partial(jax.jit, static_argnames=("cfg", "sampling", "return_logits"), donate_argnames=("state",))
 def gen_step(params, cfg: LMConfig, state, user_codes, key, text=None, moshi_codes=None, embedding=None, *,
              sampling: Sampling = Sampling(), return_logits: bool = False):
